@@ -1,0 +1,131 @@
+//! Command-line interface: `glatrain --config FILE` trains (the main form); subcommands for the rest.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Train gated-linear-attention language models (and their Transformer++ / Mamba baselines).
+///
+/// The main form trains the model described by a TOML config; `--resume` continues the same run
+/// from its newest complete checkpoint.
+///
+/// Exit codes: 0 success, 2 bad usage, config or input, 1 failure while running.
+#[derive(Debug, Parser)]
+#[command(
+    name = "glatrain",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:\n  glatrain --config configs/gla-tiny.toml\n  glatrain --config configs/gla-340m.toml --resume\n  glatrain --config configs/gla-tiny.toml --set train.lr=1e-3 --set run.name=lr1e-3\n  glatrain eval --checkpoint runs/gla-tiny/checkpoints/step-000600\n  glatrain preflight --config configs/gla-340m.toml"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub train: TrainArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Options of the main form (training).
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The run's TOML config (see configs/ and the README's key reference).
+    #[arg(long, short, value_name = "FILE", required = true)]
+    pub config: Option<PathBuf>,
+    /// Override a config value, e.g. `--set train.lr=1e-3` (repeatable; the value is TOML).
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub overrides: Vec<String>,
+    /// Continue from the newest complete checkpoint of this run.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train (the same as the main form).
+    Train(TrainArgs),
+    /// Validation perplexity and bits per byte of a checkpoint, overall and by position.
+    Eval(EvalArgs),
+    /// Generate text from a checkpoint.
+    Sample(SampleArgs),
+    /// Show each layer's kernel mode, why it was chosen, and its estimated cost.
+    Preflight(PreflightArgs),
+    /// Tokenize text files into token shards (and optionally train a BPE tokenizer).
+    Prepare(PrepareArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A checkpoint directory (runs/NAME/checkpoints/step-N) or a run directory (its newest).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// Validation data instead of the config's `data.valid` ("embedded", a shard dir or a .bin).
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<String>,
+    /// Number of validation batches (default: the whole validation set).
+    #[arg(long)]
+    pub batches: Option<usize>,
+    /// Where to write the loss-by-position plot (default: next to the checkpoint).
+    #[arg(long, value_name = "PNG")]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 200)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct PreflightArgs {
+    #[arg(long, short, value_name = "FILE")]
+    pub config: PathBuf,
+    #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+    pub overrides: Vec<String>,
+    /// Time each candidate kernel mode on the real shapes instead of deciding by rules.
+    #[arg(long)]
+    pub measure: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// Text files or directories (walked recursively).
+    #[arg(long, required = true, num_args = 1.., value_name = "PATH")]
+    pub input: Vec<PathBuf>,
+    /// "byte", a tokenizer.json path, or "bpe:VOCAB" to train a BPE tokenizer on the input.
+    #[arg(long, default_value = "byte")]
+    pub tokenizer: String,
+    /// Output directory (must not exist yet).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Tokens per shard file.
+    #[arg(long, default_value_t = glatrain_data::DEFAULT_SHARD_TOKENS)]
+    pub shard_tokens: u64,
+    /// Fraction of documents written to the validation split.
+    #[arg(long, default_value_t = glatrain_data::DEFAULT_VALID_FRACTION)]
+    pub valid_fraction: f64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// GLA kernels (each mode) against libtorch's SDPA flash attention on ANCHORS.md's shapes.
+    Gla {
+        /// Write the results as JSON here.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+}

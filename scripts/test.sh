@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: bootstrap (venv with torch==2.11.0 if missing), formatting and lint checks,
+# then every crate's tests in release mode (dependencies are built once, in release). On a machine
+# without a GPU the CUDA tests report "skipped: no CUDA device", but every kernel is still compiled
+# with NVRTC.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$GLATRAIN_ROOT"
+cargo fmt --all --check
+cargo clippy --release --locked --workspace --all-targets -- -D warnings
+cargo test --release --locked --workspace "$@"
