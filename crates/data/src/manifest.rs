@@ -1,0 +1,241 @@
+//! `manifest.json`: what a prepared dataset directory holds (tokenizer, vocab, shards with their
+//! token counts and sha256, source bytes per split for bits per byte).
+
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+use crate::shard::TokenDtype;
+
+/// File name of the manifest inside a dataset directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Value of the manifest's `format` field.
+pub const MANIFEST_FORMAT: &str = "glatrain-token-shards";
+/// Manifest format version this build writes and reads.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// A prepared dataset. Paths inside are relative to the manifest's directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`MANIFEST_FORMAT`].
+    pub format: String,
+    /// [`MANIFEST_VERSION`] when written by this build.
+    pub format_version: u32,
+    /// Where the text came from: `embedded:brown` or the input paths.
+    pub source: String,
+    /// The tokenizer the shards were made with.
+    pub tokenizer: TokenizerRecord,
+    /// Every token id is below this.
+    pub vocab_size: u32,
+    /// How the shards store tokens.
+    pub dtype: TokenDtype,
+    /// The training split.
+    pub train: SplitRecord,
+    /// The validation split, when there is one.
+    pub valid: Option<SplitRecord>,
+}
+
+/// How the tokens were produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenizerRecord {
+    /// The spec given to `prepare`: `byte`, `bpe:<vocab>` or the tokenizer.json path.
+    pub spec: String,
+    /// The tokenizer.json copied into the dataset directory; `None` for `byte`.
+    pub file: Option<String>,
+}
+
+/// One split: its shards and the size of the text they came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitRecord {
+    /// Documents in this split.
+    pub documents: u64,
+    /// UTF-8 bytes of the text that was tokenized (documents plus their separators).
+    pub source_bytes: u64,
+    /// Total tokens over the shards.
+    pub tokens: u64,
+    /// Shards in order.
+    pub shards: Vec<ShardRecord>,
+}
+
+/// One shard file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// Path relative to the manifest's directory, e.g. `train/train-000000.tokens`.
+    pub file: String,
+    /// Tokens in the file (must equal its header's count).
+    pub tokens: u64,
+    /// Hex sha256 of the whole file.
+    pub sha256: String,
+}
+
+impl Manifest {
+    /// Reads and checks `dir/manifest.json`.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
+        let bad = |what: String| DataError::Manifest {
+            path: path.clone(),
+            what,
+        };
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| bad(format!("invalid manifest: {e}")))?;
+        if manifest.format != MANIFEST_FORMAT {
+            return Err(bad(format!(
+                "format = {:?}, expected {MANIFEST_FORMAT:?}",
+                manifest.format
+            )));
+        }
+        if manifest.format_version != MANIFEST_VERSION {
+            return Err(DataError::UnsupportedVersion {
+                path,
+                found: manifest.format_version,
+                supported: MANIFEST_VERSION,
+            });
+        }
+        if manifest.vocab_size == 0 {
+            return Err(bad("vocab_size = 0".into()));
+        }
+        if manifest.dtype != TokenDtype::for_vocab(manifest.vocab_size) {
+            return Err(bad(format!(
+                "dtype = {:?} does not match vocab_size = {}",
+                manifest.dtype, manifest.vocab_size
+            )));
+        }
+        for (name, split) in manifest.splits() {
+            let sum: u64 = split.shards.iter().map(|s| s.tokens).sum();
+            if sum != split.tokens {
+                return Err(bad(format!(
+                    "{name}.tokens = {} but its shards hold {sum}",
+                    split.tokens
+                )));
+            }
+            for shard in &split.shards {
+                let relative = Path::new(&shard.file)
+                    .components()
+                    .all(|c| matches!(c, Component::Normal(_)));
+                if !relative || shard.file.is_empty() {
+                    return Err(bad(format!(
+                        "{name} shard file {:?} must be a path inside the dataset directory",
+                        shard.file
+                    )));
+                }
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Writes `dir/manifest.json` (pretty-printed).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = serde_json::to_string_pretty(self).expect("a manifest always serializes");
+        fs::write(&path, text + "\n").map_err(|e| DataError::io(&path, e))
+    }
+
+    /// `("train", train)` and, when present, `("valid", valid)`.
+    pub fn splits(&self) -> impl Iterator<Item = (&'static str, &SplitRecord)> {
+        std::iter::once(("train", &self.train)).chain(self.valid.as_ref().map(|v| ("valid", v)))
+    }
+
+    /// The tokenizer.json inside `dir`, if the dataset has one.
+    pub fn tokenizer_path(&self, dir: &Path) -> Option<PathBuf> {
+        self.tokenizer.file.as_ref().map(|f| dir.join(f))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT.into(),
+            format_version: MANIFEST_VERSION,
+            source: "embedded:brown".into(),
+            tokenizer: TokenizerRecord {
+                spec: "byte".into(),
+                file: None,
+            },
+            vocab_size: 256,
+            dtype: TokenDtype::U16,
+            train: SplitRecord {
+                documents: 2,
+                source_bytes: 10,
+                tokens: 10,
+                shards: vec![ShardRecord {
+                    file: "train/train-000000.tokens".into(),
+                    tokens: 10,
+                    sha256: "00".into(),
+                }],
+            },
+            valid: None,
+        }
+    }
+
+    #[test]
+    fn save_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        sample().save(dir.path()).unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), sample());
+    }
+
+    #[test]
+    fn bad_manifests_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        let err = Manifest::load(dir.path()).unwrap_err();
+        assert!(matches!(err, DataError::Missing { .. }), "{err}");
+
+        let cases: Vec<(Manifest, &str)> = vec![
+            (
+                Manifest {
+                    format_version: 9,
+                    ..sample()
+                },
+                "format version 9",
+            ),
+            (
+                Manifest {
+                    format: "x".into(),
+                    ..sample()
+                },
+                "format = \"x\"",
+            ),
+            (
+                Manifest {
+                    dtype: TokenDtype::U32,
+                    ..sample()
+                },
+                "dtype = U32",
+            ),
+            (
+                {
+                    let mut m = sample();
+                    m.train.tokens = 11;
+                    m
+                },
+                "train.tokens = 11 but its shards hold 10",
+            ),
+            (
+                {
+                    let mut m = sample();
+                    m.train.shards[0].file = "../elsewhere.tokens".into();
+                    m
+                },
+                "must be a path inside",
+            ),
+        ];
+        for (manifest, needle) in cases {
+            manifest.save(dir.path()).unwrap();
+            let err = Manifest::load(dir.path()).unwrap_err();
+            assert!(err.is_bad_input());
+            let msg = err.to_string();
+            assert!(msg.starts_with(&path.display().to_string()), "{msg}");
+            assert!(msg.contains(needle), "{msg} lacks {needle}");
+        }
+        fs::write(&path, "{ not json").unwrap();
+        let err = Manifest::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("invalid manifest"), "{err}");
+    }
+}

@@ -1,0 +1,404 @@
+//! Roofline estimates of one layer's sequence-mixing op (forward + backward, one micro-batch)
+//! and of the activation memory a layer keeps for backward.
+//!
+//! Time = max(bytes moved / (bandwidth * [`BANDWIDTH_EFFICIENCY`]),
+//!            FLOPs / (peak * [`COMPUTE_EFFICIENCY`]))
+//!        + the sequential chain of a schedule (steps that wait on the previous state)
+//!        + kernel launches.
+//! These are estimates, stated as such in the report; the measured mode replaces the time by
+//! measurements. Only the op differs between modes, so the projections and the MLP, the same for
+//! every mode, are left out of the time.
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::{DeviceKind, DeviceProfile};
+use crate::mode::Mode;
+use crate::shape::{LayerShape, ModelType};
+use crate::tiles::{
+    Padding, CHUNK_BLOCK_K, CHUNK_BLOCK_V, CHUNK_LAUNCHES, CHUNK_SIZE, FUSED_CHUNK_LAUNCHES,
+    FUSED_RECURRENT_LAUNCHES, GLA_USES_TENSOR_CORES, RECURRENT_BLOCK_K, RECURRENT_BLOCK_V,
+};
+
+/// Share of the measured copy bandwidth a streaming kernel reaches.
+pub const BANDWIDTH_EFFICIENCY: f64 = 0.8;
+/// Share of the peak FLOP/s a kernel's inner loops reach.
+pub const COMPUTE_EFFICIENCY: f64 = 0.6;
+/// Backward FLOPs per forward FLOP (FlashAttention's accounting: 2.5).
+pub const BACKWARD_FLOP_FACTOR: f64 = 2.5;
+/// Cost of one kernel launch on a busy stream.
+pub const LAUNCH_S: f64 = 4e-6;
+/// One dependent 64-token step of the chunk state pass (load, update, store the state).
+pub const CHUNK_STEP_S: f64 = 1e-6;
+/// One dependent token step of fused_recurrent (state update in registers, a cross-warp
+/// reduction for q.S; the next token's loads are prefetched).
+pub const RECURRENT_STEP_S: f64 = 0.3e-6;
+/// Blocks of one latency-bound sequential walk that an SM keeps resident at once.
+pub const RESIDENT_BLOCKS_PER_SM: f64 = 2.0;
+/// fused_chunk reaches full bandwidth only with this many blocks per SM (each block walks its
+/// sequence in order, so one block keeps too few loads in flight); fewer blocks scale it down.
+/// The rules use the same number: fused_chunk when its grid fills the GPU this many times.
+pub const FUSED_CHUNK_MIN_WAVES: f64 = 2.0;
+/// The reference ops (tensor ops in fp32) write and read every intermediate: this many times
+/// the chunk schedule's time.
+pub const REFERENCE_OVERHEAD: f64 = 4.0;
+/// Chunk length of the reference selective scan (`DEFAULT_CHUNK` in
+/// crates/ops/src/reference/selective_scan.rs): it materialises `[B, T/C, D, N, C, C]` decays.
+pub const SELECTIVE_SCAN_CHUNK: u64 = 16;
+/// Passes over the chunk states in forward+backward: written and read in forward, the adjoint
+/// states written and read in backward.
+const STATE_PASSES: u64 = 4;
+/// Sub-chunk of the intra-chunk attention (`CS` in kernels/gla.cu): tokens attend within it
+/// element-wise, across it through the state.
+const SUB_CHUNK: f64 = 16.0;
+
+/// One op's estimated cost.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    /// Forward + backward of one layer's op on one micro-batch.
+    pub time_ms: f64,
+    /// Bytes one layer keeps for backward: the block's activations plus the op's own (chunk
+    /// states, softmax statistics, scan decays).
+    pub memory_bytes: u64,
+}
+
+/// The estimate of `mode` for `shape` on `device`. `mode` must be an op of the shape's model
+/// type (GLA modes for GLA, SDPA for the Transformer, the scan for Mamba).
+pub fn estimate(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Estimate {
+    let seconds = match mode {
+        Mode::Chunk => gla_chunk_s(shape, device),
+        Mode::FusedChunk => gla_fused_chunk_s(shape, device),
+        Mode::FusedRecurrent => gla_recurrent_s(shape, device),
+        Mode::Reference => REFERENCE_OVERHEAD * gla_chunk_s(shape, &fp32_only(device)),
+        Mode::SdpaFlash | Mode::Sdpa => sdpa_s(shape, device, mode == Mode::SdpaFlash),
+        Mode::SelectiveScanReference => selective_scan_s(shape, device),
+    };
+    Estimate {
+        time_ms: seconds * 1e3,
+        memory_bytes: block_activation_bytes(shape) + op_memory_bytes(shape, mode),
+    }
+}
+
+/// Bytes of the fp32 chunk states that chunk mode materialises for one layer:
+/// `B * H * ceil(T / 64) * K * V * 4`.
+pub fn chunk_state_bytes(shape: &LayerShape) -> u64 {
+    shape.batch_heads()
+        * shape.seq_len.div_ceil(CHUNK_SIZE) as u64
+        * (shape.head_k_dim * shape.head_v_dim * 4) as u64
+}
+
+/// Blocks of the fused_chunk grid (one per batch, head and state tile).
+pub fn fused_chunk_blocks(shape: &LayerShape) -> u64 {
+    shape.batch_heads()
+        * shape.head_k_dim.div_ceil(CHUNK_BLOCK_K) as u64
+        * shape.head_v_dim.div_ceil(CHUNK_BLOCK_V) as u64
+}
+
+/// Whether libtorch's flash backend runs SDPA for this shape: CUDA, bf16/fp16, head dim <= 256.
+pub fn sdpa_uses_flash(shape: &LayerShape, device: &DeviceProfile) -> bool {
+    device.kind == DeviceKind::Cuda
+        && shape.act_bytes() == 2
+        && shape.head_k_dim.max(shape.head_v_dim) <= 256
+}
+
+/// Activation bytes one block (mixer + MLP + norms) keeps for backward, per layer. Counted per
+/// token, in activation precision unless noted:
+/// - GLA: 4d (two residual inputs, two norm outputs) + q, k (2 dk) + v, g (2 dv) + output,
+///   its norm and its gate (3 dv) + MLP gate, up, product (3 m) + gk in fp32 (4 bytes * dk),
+///   and the conv inputs (2 dk + dv) with `short_conv`;
+/// - Transformer: 4d + q and o (2 H D) + k, v (2 H_kv D) + 3m;
+/// - Mamba: 2d + x, z, conv output, its silu, y, gated y (6 d_inner) + delta in fp32.
+///
+/// Neglected: norm statistics and the rank-16 gate projection (< 1%).
+pub fn block_activation_bytes(shape: &LayerShape) -> u64 {
+    let a = shape.act_bytes();
+    let d = shape.hidden_size as u64;
+    let m = shape.mlp_size as u64;
+    let heads = shape.num_heads as u64;
+    let dk = heads * shape.head_k_dim as u64;
+    let dv = heads * shape.head_v_dim as u64;
+    let per_token = match shape.model_type {
+        ModelType::Gla => {
+            let conv = if shape.short_conv { 2 * dk + dv } else { 0 };
+            a * (4 * d + 2 * dk + 5 * dv + 3 * m + conv) + 4 * dk
+        }
+        ModelType::Transformer => {
+            let kv = shape.num_kv_heads as u64 * shape.head_k_dim as u64;
+            a * (4 * d + 2 * dk + 2 * kv + 3 * m)
+        }
+        // num_heads = d_inner for Mamba.
+        ModelType::Mamba => a * (2 * d + 6 * heads) + 4 * heads,
+    };
+    per_token * shape.tokens()
+}
+
+/// What the op itself keeps on top of the block's activations.
+fn op_memory_bytes(shape: &LayerShape, mode: Mode) -> u64 {
+    let token_heads = shape.tokens() * shape.num_heads as u64;
+    let k = shape.head_k_dim as u64;
+    match mode {
+        Mode::Chunk => chunk_state_bytes(shape),
+        Mode::FusedChunk | Mode::FusedRecurrent => 0,
+        // Chunk states, sub-chunk scores and the cumulative gates and gated q, k, all fp32.
+        Mode::Reference => chunk_state_bytes(shape) + token_heads * 4 * (SUB_CHUNK as u64 + 3 * k),
+        // The softmax log-sum-exp, fp32 per token and head.
+        Mode::SdpaFlash | Mode::Sdpa => token_heads * 4,
+        // Per token and channel: the [C, C] decays' row of C * N, plus N each of the states,
+        // exp(delta A) and delta B u, fp32.
+        Mode::SelectiveScanReference => token_heads * k * (SELECTIVE_SCAN_CHUNK + 3) * 4,
+    }
+}
+
+/// The device's FLOP/s for the GLA kernels' matmuls, derated.
+fn gla_flops_per_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
+    let peak = if GLA_USES_TENSOR_CORES && shape.act_bytes() == 2 {
+        device.peak_tensor_flops
+    } else {
+        device.peak_fp32_flops
+    };
+    peak * COMPUTE_EFFICIENCY
+}
+
+fn bandwidth(device: &DeviceProfile) -> f64 {
+    device.mem_bandwidth_bytes_per_s * BANDWIDTH_EFFICIENCY
+}
+
+/// Launch overhead: only CUDA launches kernels.
+fn launches_s(device: &DeviceProfile, launches: f64) -> f64 {
+    match device.kind {
+        DeviceKind::Cuda => launches * LAUNCH_S,
+        DeviceKind::Cpu => 0.0,
+    }
+}
+
+/// How many rounds a latency-bound sequential walk of `blocks` blocks takes.
+fn rounds(blocks: u64, device: &DeviceProfile) -> f64 {
+    (blocks as f64 / (device.sm_count.max(1) as f64 * RESIDENT_BLOCKS_PER_SM))
+        .ceil()
+        .max(1.0)
+}
+
+/// Bytes every GLA schedule moves per (token, head) in forward+backward: forward reads q, k, v
+/// and the fp32 gate and writes o; backward reads q, k, v, g, do and writes dq, dk, dv and the
+/// fp32 dg. At bf16, K = V = 128 this is 4352 bytes (~1.14 GB at 8 x 2048 x 16: ANCHORS.md).
+fn gla_io_per_token_head(shape: &LayerShape) -> f64 {
+    let (a, k, v) = (
+        shape.act_bytes() as f64,
+        shape.head_k_dim as f64,
+        shape.head_v_dim as f64,
+    );
+    a * (6.0 * k + 5.0 * v) + 12.0 * k
+}
+
+/// Forward FLOPs per (token, head) of the chunked schedules on padded tiles: attention inside
+/// the sub-chunk (causal, half of it on average), q.S and the state update (2 K V each).
+fn gla_chunked_fwd_flops(shape: &LayerShape) -> f64 {
+    let p = Padding::for_tiles(shape.head_k_dim, shape.head_v_dim);
+    let (kp, vp) = (p.k_padded as f64, p.v_padded as f64);
+    SUB_CHUNK * (kp + vp) + 4.0 * kp * vp
+}
+
+fn gla_chunk_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
+    let n = (shape.tokens() * shape.num_heads as u64) as f64;
+    let (a, k, v) = (
+        shape.act_bytes() as f64,
+        shape.head_k_dim as f64,
+        shape.head_v_dim as f64,
+    );
+    // The sequential state passes re-read k, v, g (forward) and q, do, g (backward).
+    let reread = 2.0 * (a * (k + v) + 4.0 * k);
+    let bytes = n * (gla_io_per_token_head(shape) + reread)
+        + (STATE_PASSES * chunk_state_bytes(shape)) as f64;
+    let p = Padding::for_tiles(shape.head_k_dim, shape.head_v_dim);
+    // The state pass adds one more state update (2 K V) to the forward.
+    let fwd = gla_chunked_fwd_flops(shape) + 2.0 * (p.k_padded * p.v_padded) as f64;
+    let flops = n * fwd * (1.0 + BACKWARD_FLOP_FACTOR);
+    let roofline = (bytes / bandwidth(device)).max(flops / gla_flops_per_s(shape, device));
+    // The state pass (forward) and the adjoint pass (backward) walk the chunks in order.
+    let chain = 2.0
+        * shape.seq_len.div_ceil(CHUNK_SIZE) as f64
+        * CHUNK_STEP_S
+        * rounds(fused_chunk_blocks(shape), device);
+    roofline + chain + launches_s(device, CHUNK_LAUNCHES as f64)
+}
+
+fn gla_fused_chunk_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
+    let n = (shape.tokens() * shape.num_heads as u64) as f64;
+    let bytes = n * gla_io_per_token_head(shape);
+    let flops = n * gla_chunked_fwd_flops(shape) * (1.0 + BACKWARD_FLOP_FACTOR);
+    let fill = (fused_chunk_blocks(shape) as f64
+        / (FUSED_CHUNK_MIN_WAVES * device.sm_count.max(1) as f64))
+        .min(1.0);
+    let roofline = (bytes / bandwidth(device)).max(flops / gla_flops_per_s(shape, device));
+    roofline / fill + launches_s(device, FUSED_CHUNK_LAUNCHES as f64)
+}
+
+fn gla_recurrent_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
+    let n = (shape.tokens() * shape.num_heads as u64) as f64;
+    let bytes = n * gla_io_per_token_head(shape);
+    let kp = shape.head_k_dim.div_ceil(RECURRENT_BLOCK_K) * RECURRENT_BLOCK_K;
+    let vp = shape.head_v_dim.div_ceil(RECURRENT_BLOCK_V) * RECURRENT_BLOCK_V;
+    // Scalar fp32: decay and update (3 K V) and q.S (2 K V) per token.
+    let flops = n * 5.0 * (kp * vp) as f64 * (1.0 + BACKWARD_FLOP_FACTOR);
+    let blocks = shape.batch_heads()
+        * shape.head_k_dim.div_ceil(RECURRENT_BLOCK_K) as u64
+        * shape.head_v_dim.div_ceil(RECURRENT_BLOCK_V) as u64;
+    // Forward walk, backward reverse walk (dk, dv), backward forward walk (dq).
+    let chain = 3.0 * shape.seq_len as f64 * RECURRENT_STEP_S * rounds(blocks, device);
+    let roofline =
+        (bytes / bandwidth(device)).max(flops / (device.peak_fp32_flops * COMPUTE_EFFICIENCY));
+    roofline.max(chain) + launches_s(device, FUSED_RECURRENT_LAUNCHES as f64)
+}
+
+/// Causal softmax attention: 4 B H T^2 D / 2 FLOPs forward (K for the scores, V for the
+/// values: 2 B H T^2 (K + V) / 2), 2.5x that backward; q, k, v, o, do, dq, dk, dv moved once.
+fn sdpa_s(shape: &LayerShape, device: &DeviceProfile, flash: bool) -> f64 {
+    let (b, h, t) = (
+        shape.batch as f64,
+        shape.num_heads as f64,
+        shape.seq_len as f64,
+    );
+    let (k, v) = (shape.head_k_dim as f64, shape.head_v_dim as f64);
+    let fwd = 2.0 * b * h * t * t * (k + v) / 2.0;
+    let flops = fwd * (1.0 + BACKWARD_FLOP_FACTOR);
+    let peak = if flash {
+        device.peak_tensor_flops
+    } else {
+        device.peak_fp32_flops
+    };
+    let bytes = b * t * h * shape.act_bytes() as f64 * 4.0 * (k + v);
+    let roofline = (bytes / bandwidth(device)).max(flops / (peak * COMPUTE_EFFICIENCY));
+    // Forward, backward preprocessing, backward.
+    roofline + launches_s(device, 3.0)
+}
+
+/// The reference selective scan: per (token, channel) the decays and states of
+/// [`op_memory_bytes`] are written in forward and read in backward, and the sequential walk
+/// over chunks launches a few ops per chunk.
+fn selective_scan_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
+    let n = (shape.tokens() * shape.num_heads as u64) as f64;
+    let states = shape.head_k_dim as f64;
+    let c = SELECTIVE_SCAN_CHUNK as f64;
+    let bytes = 2.0 * n * states * (c + 3.0) * 4.0;
+    let flops = n * states * (2.0 * c + 4.0) * (1.0 + BACKWARD_FLOP_FACTOR);
+    let roofline =
+        (bytes / bandwidth(device)).max(flops / (device.peak_fp32_flops * COMPUTE_EFFICIENCY));
+    let steps = shape.seq_len.div_ceil(SELECTIVE_SCAN_CHUNK as usize) as f64;
+    roofline + launches_s(device, 2.0 * 4.0 * steps)
+}
+
+/// `device` with its tensor cores ignored (the reference ops keep states in fp32).
+fn fp32_only(device: &DeviceProfile) -> DeviceProfile {
+    DeviceProfile {
+        peak_tensor_flops: device.peak_fp32_flops,
+        ..device.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use glatrain_config::Precision;
+
+    pub(crate) fn gla(b: usize, t: usize, h: usize, k: usize, v: usize) -> LayerShape {
+        LayerShape {
+            model_type: ModelType::Gla,
+            num_layers: 1,
+            batch: b,
+            seq_len: t,
+            num_heads: h,
+            num_kv_heads: h,
+            head_k_dim: k,
+            head_v_dim: v,
+            hidden_size: h * v,
+            mlp_size: 0,
+            short_conv: false,
+            dtype: Precision::Bf16,
+            device: "cuda".into(),
+            decoding: false,
+        }
+    }
+
+    #[test]
+    fn gla_traffic_matches_the_anchor_floor() {
+        // ANCHORS.md: 8 x 2048 x 16 x 128 moves ~1.14 GB forward+backward.
+        let s = gla(8, 2048, 16, 128, 128);
+        let bytes = gla_io_per_token_head(&s) * (s.tokens() * 16) as f64;
+        assert!((bytes - 1.14e9).abs() < 0.01e9, "{bytes}");
+        assert_eq!(chunk_state_bytes(&s), 8 * 16 * 32 * 128 * 128 * 4);
+        assert_eq!(fused_chunk_blocks(&s), 8 * 16 * 2 * 2);
+    }
+
+    #[test]
+    fn sdpa_grows_quadratically_and_gla_linearly_in_t() {
+        let h100 = DeviceProfile::h100_sxm();
+        let t2k = gla(4, 2048, 16, 128, 128);
+        let t8k = gla(4, 8192, 16, 128, 128);
+        let ratio =
+            |mode| estimate(&t8k, &h100, mode).time_ms / estimate(&t2k, &h100, mode).time_ms;
+        let sdpa = ratio(Mode::SdpaFlash);
+        assert!((sdpa - 16.0).abs() < 0.5, "{sdpa}");
+        let chunk = ratio(Mode::Chunk);
+        assert!((3.5..=4.5).contains(&chunk), "{chunk}");
+        // The SDPA FLOP count of ANCHORS.md's 1 x 16384 x 16 x 128 row: 4 B H T^2 D / 2 * 3.5.
+        let s = gla(1, 16384, 16, 128, 128);
+        let flops = 4.0 * 16.0 * 16384f64.powi(2) * 128.0 / 2.0 * 3.5;
+        let expected_ms = flops / (h100.peak_tensor_flops * COMPUTE_EFFICIENCY) * 1e3;
+        let got = estimate(&s, &h100, Mode::SdpaFlash).time_ms;
+        assert!((got - expected_ms).abs() < 0.02, "{got} vs {expected_ms}");
+    }
+
+    #[test]
+    fn fused_chunk_slows_down_when_its_grid_does_not_fill_the_gpu() {
+        let h100 = DeviceProfile::h100_sxm();
+        // Few blocks: chunk mode's parallelism over chunks wins.
+        let few = gla(1, 16384, 4, 64, 64);
+        assert!(
+            estimate(&few, &h100, Mode::FusedChunk).time_ms
+                > estimate(&few, &h100, Mode::Chunk).time_ms
+        );
+        // Many blocks: fused_chunk moves no states and wins.
+        let many = gla(64, 2048, 16, 128, 128);
+        assert!(
+            estimate(&many, &h100, Mode::FusedChunk).time_ms
+                < estimate(&many, &h100, Mode::Chunk).time_ms
+        );
+        // Recurrent at long T is a long dependent chain.
+        let long = gla(2, 8192, 16, 128, 128);
+        assert!(
+            estimate(&long, &h100, Mode::FusedRecurrent).time_ms
+                > 2.0 * estimate(&long, &h100, Mode::Chunk).time_ms
+        );
+    }
+
+    #[test]
+    fn memory_counts_states_only_for_the_modes_that_keep_them() {
+        let h100 = DeviceProfile::h100_sxm();
+        let s = gla(8, 2048, 4, 128, 256);
+        let block = block_activation_bytes(&s);
+        assert_eq!(estimate(&s, &h100, Mode::FusedChunk).memory_bytes, block);
+        assert_eq!(
+            estimate(&s, &h100, Mode::Chunk).memory_bytes,
+            block + chunk_state_bytes(&s)
+        );
+        assert!(estimate(&s, &h100, Mode::Reference).memory_bytes > block + chunk_state_bytes(&s));
+        // Per token: 4d + 2dk + 5dv + 3m at 2 bytes, plus gk in fp32 (d = 1024, no MLP here).
+        let per_token = 2 * (4 * 1024 + 2 * 512 + 5 * 1024) + 4 * 512;
+        assert_eq!(block, per_token * 8 * 2048);
+    }
+
+    #[test]
+    fn flash_needs_cuda_half_precision_and_head_dim_up_to_256() {
+        let h100 = DeviceProfile::h100_sxm();
+        assert!(sdpa_uses_flash(&gla(1, 64, 1, 256, 256), &h100));
+        assert!(!sdpa_uses_flash(&gla(1, 64, 1, 512, 512), &h100));
+        let fp32 = LayerShape {
+            dtype: Precision::Fp32,
+            ..gla(1, 64, 1, 64, 64)
+        };
+        assert!(!sdpa_uses_flash(&fp32, &h100));
+        assert!(!sdpa_uses_flash(
+            &gla(1, 64, 1, 64, 64),
+            &DeviceProfile::cpu()
+        ));
+    }
+}

@@ -1,0 +1,43 @@
+//! The preflight: before the first step, pick each layer's op (GLA kernel mode, or the
+//! baselines' op), estimate its time and memory, pad tiny head dims instead of failing, give
+//! advice where softmax attention would be faster, and refuse configs that cannot fit.
+//!
+//! ```text
+//! ResolvedConfig --layer_shapes--> LayerShape per distinct layer
+//!     --choose_mode (rules) or measure (ModeTimer, cached)--> Decision
+//!     --Report::rules / Report::measured--> table + preflight.json + errors (exit 2)
+//! ```
+//!
+//! No libtorch here: the measured mode times kernels through [`ModeTimer`], which the CLI
+//! implements on top of the ops crate.
+
+mod atomic;
+mod device;
+mod error;
+mod estimate;
+mod measure;
+mod mode;
+mod params;
+mod report;
+mod rules;
+mod shape;
+pub mod tiles;
+
+pub use device::{DeviceKind, DeviceProfile};
+pub use error::PreflightError;
+pub use estimate::{
+    block_activation_bytes, chunk_state_bytes, estimate, fused_chunk_blocks, Estimate,
+    BACKWARD_FLOP_FACTOR, BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY,
+};
+pub use measure::{default_cache_dir, measure, ModeTimer, MEASURE_RECURRENT_MAX_T};
+pub use mode::{Mode, Source};
+pub use params::parameter_count;
+pub use report::{
+    MemoryEstimate, Report, Row, BYTES_PER_PARAMETER, CUDA_RUNTIME_BYTES, ESTIMATE_NOTE,
+};
+pub use rules::{
+    choose_mode, softmax_advice, Decision, BAD_FIT_FACTOR, FUSED_RECURRENT_MAX_T,
+    STATE_MEMORY_FRACTION,
+};
+pub use shape::{layer_shapes, LayerShape, ModelType};
+pub use tiles::Padding;

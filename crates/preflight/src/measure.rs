@@ -1,0 +1,397 @@
+//! The measured mode: time each candidate schedule on the real shape and keep the fastest,
+//! cached on disk so the next run decides instantly.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use glatrain_config::KernelMode;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::atomic::write_atomic;
+use crate::device::{DeviceKind, DeviceProfile};
+use crate::error::PreflightError;
+use crate::estimate::estimate;
+use crate::mode::{Mode, Source};
+use crate::report::ms;
+use crate::rules::{choose_mode, softmax_advice, Decision};
+use crate::shape::{LayerShape, ModelType};
+use crate::tiles::Padding;
+
+/// fused_recurrent is timed only up to this T: beyond it, a token-by-token walk is far from the
+/// fastest and its timing would only slow the preflight down.
+pub const MEASURE_RECURRENT_MAX_T: usize = 1024;
+/// Bumped when the cache entry's layout or the meaning of its key changes.
+const CACHE_FORMAT: u32 = 1;
+
+/// Times the GLA op on the device (implemented by the CLI on top of the ops crate).
+pub trait ModeTimer {
+    /// Milliseconds of one forward + backward of the GLA op with `shape`'s B, T, H, K, V and
+    /// dtype in `mode` (a representative figure such as a median after warm-up), or why it
+    /// could not run.
+    fn time_ms(&mut self, shape: &LayerShape, mode: KernelMode) -> Result<f64, String>;
+    /// Identifies the kernels that run (e.g. a hash of their sources): a new version
+    /// invalidates every cached decision.
+    fn kernel_version(&self) -> String;
+}
+
+/// The cache directory: `$GLATRAIN_CACHE_DIR/preflight`, else `~/.cache/glatrain/preflight`;
+/// `None` when neither variable is set.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    cache_dir_from(
+        std::env::var_os("GLATRAIN_CACHE_DIR"),
+        std::env::var_os("HOME"),
+    )
+}
+
+/// [`default_cache_dir`] for given values of `GLATRAIN_CACHE_DIR` and `HOME` (empty = unset).
+fn cache_dir_from(cache_dir: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
+    if let Some(dir) = cache_dir.filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("preflight"));
+    }
+    let home = home.filter(|d| !d.is_empty())?;
+    Some(PathBuf::from(home).join(".cache/glatrain/preflight"))
+}
+
+/// One cached decision; `key` guards against a file-name collision.
+#[derive(Debug, Serialize, Deserialize)]
+struct CacheEntry {
+    key: String,
+    decision: Decision,
+}
+
+/// The modes worth timing for `shape`.
+fn candidates(shape: &LayerShape) -> Vec<KernelMode> {
+    let mut modes = vec![KernelMode::Chunk, KernelMode::FusedChunk];
+    if shape.decoding || shape.seq_len <= MEASURE_RECURRENT_MAX_T {
+        modes.push(KernelMode::FusedRecurrent);
+    }
+    modes
+}
+
+/// What identifies a measurement: the GPU, the shape, the dtype and the kernels.
+fn cache_key(shape: &LayerShape, device: &DeviceProfile, kernel_version: &str) -> String {
+    format!(
+        "format={CACHE_FORMAT}|gpu={}|B={}|T={}|H={}|K={}|V={}|dtype={}|decoding={}|kernels={kernel_version}",
+        device.name,
+        shape.batch,
+        shape.seq_len,
+        shape.num_heads,
+        shape.head_k_dim,
+        shape.head_v_dim,
+        shape.dtype_name(),
+        shape.decoding
+    )
+}
+
+fn cache_path(cache_dir: &Path, key: &str) -> PathBuf {
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    cache_dir.join(format!("{}.json", &digest[..32]))
+}
+
+/// Times each candidate mode of a GLA `shape` with `timer` and picks the fastest; the decision
+/// is cached in `cache_dir` (written atomically) under (GPU name, shape, dtype, kernel
+/// version), and a cached decision is returned at once with [`Source::Cached`].
+///
+/// Candidates: chunk, fused_chunk, and fused_recurrent for T <= [`MEASURE_RECURRENT_MAX_T`] or
+/// decoding. A candidate that fails is skipped with a warning. Shapes with nothing to measure
+/// (Transformer, Mamba, or a CPU device) get [`choose_mode`]'s decision. Forced modes are the
+/// caller's to respect: call [`choose_mode`] for them.
+///
+/// # Errors
+/// [`PreflightError::Measure`] when no candidate could be timed. A cache that cannot be read or
+/// written only adds a warning.
+pub fn measure(
+    shape: &LayerShape,
+    device: &DeviceProfile,
+    timer: &mut dyn ModeTimer,
+    cache_dir: &Path,
+) -> Result<Decision, PreflightError> {
+    if shape.model_type != ModelType::Gla || device.kind == DeviceKind::Cpu {
+        return Ok(choose_mode(shape, device, KernelMode::Auto));
+    }
+    let version = timer.kernel_version();
+    let key = cache_key(shape, device, &version);
+    let path = cache_path(cache_dir, &key);
+    let mut warnings = Vec::new();
+    match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<CacheEntry>(&bytes) {
+            Ok(entry) if entry.key == key => {
+                let mut decision = entry.decision;
+                decision.source = Source::Cached;
+                return Ok(decision);
+            }
+            Ok(_) => warnings.push(format!(
+                "{}: cache entry of another shape; measuring again",
+                path.display()
+            )),
+            Err(e) => warnings.push(format!(
+                "{}: unreadable cache entry ({e}); measuring again",
+                path.display()
+            )),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warnings.push(format!(
+            "{}: cannot read the cache ({e}); measuring again",
+            path.display()
+        )),
+    }
+
+    let mut timings = Vec::new();
+    let mut failures = Vec::new();
+    for kernel_mode in candidates(shape) {
+        match timer.time_ms(shape, kernel_mode) {
+            Ok(t) if t.is_finite() && t > 0.0 => timings.push((kernel_mode, t)),
+            Ok(t) => failures.push(format!("{}: the timer returned {t} ms", kernel_mode.name())),
+            Err(e) => failures.push(format!("{}: {e}", kernel_mode.name())),
+        }
+    }
+    let Some(&(best, best_ms)) = timings.iter().min_by(|a, b| a.1.total_cmp(&b.1)) else {
+        return Err(PreflightError::Measure {
+            shape: describe(shape),
+            failures: failures.join("; "),
+        });
+    };
+    warnings.extend(
+        failures
+            .iter()
+            .map(|f| format!("measuring {}: {f}", describe(shape))),
+    );
+    let mode = Mode::from_kernel_mode(best).expect("candidates are GLA kernel modes");
+    let listed: Vec<String> = timings
+        .iter()
+        .map(|(m, t)| format!("{} {}", m.name(), ms(*t)))
+        .collect();
+    let mut decision = Decision {
+        mode,
+        source: Source::Measured,
+        reason: format!(
+            "measured on {} (kernels {version}): {}; fastest: {}",
+            device.name,
+            listed.join(", "),
+            mode.name()
+        ),
+        est_time_ms: best_ms,
+        est_memory_bytes: estimate(shape, device, mode).memory_bytes,
+        padding: Padding::for_tiles(shape.head_k_dim, shape.head_v_dim),
+        advice: softmax_advice(shape, device, mode, best_ms),
+        warnings: Vec::new(),
+    };
+    let entry = CacheEntry {
+        key,
+        decision: decision.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&entry).expect("a decision serializes");
+    if let Err(e) = write_atomic(&path, &json) {
+        warnings.push(format!(
+            "{}: cannot cache the measurement ({e})",
+            path.display()
+        ));
+    }
+    decision.warnings = warnings;
+    Ok(decision)
+}
+
+/// "B 8 T 2048 H 4 K 128 V 256 bf16", for messages.
+fn describe(shape: &LayerShape) -> String {
+    format!(
+        "B {} T {} H {} K {} V {} {}",
+        shape.batch,
+        shape.seq_len,
+        shape.num_heads,
+        shape.head_k_dim,
+        shape.head_v_dim,
+        shape.dtype_name()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use glatrain_config::Precision;
+
+    /// A deterministic timer: fixed times per mode, counting its calls.
+    struct FakeTimer {
+        chunk: Result<f64, String>,
+        fused_chunk: Result<f64, String>,
+        fused_recurrent: Result<f64, String>,
+        calls: Vec<KernelMode>,
+        version: String,
+    }
+
+    impl FakeTimer {
+        fn new(chunk: f64, fused_chunk: f64, fused_recurrent: f64) -> Self {
+            Self {
+                chunk: Ok(chunk),
+                fused_chunk: Ok(fused_chunk),
+                fused_recurrent: Ok(fused_recurrent),
+                calls: Vec::new(),
+                version: "v1".into(),
+            }
+        }
+    }
+
+    impl ModeTimer for FakeTimer {
+        fn time_ms(&mut self, _shape: &LayerShape, mode: KernelMode) -> Result<f64, String> {
+            self.calls.push(mode);
+            match mode {
+                KernelMode::Chunk => self.chunk.clone(),
+                KernelMode::FusedChunk => self.fused_chunk.clone(),
+                KernelMode::FusedRecurrent => self.fused_recurrent.clone(),
+                other => Err(format!("{other:?} is not timed")),
+            }
+        }
+        fn kernel_version(&self) -> String {
+            self.version.clone()
+        }
+    }
+
+    fn shape(t: usize) -> LayerShape {
+        LayerShape {
+            model_type: ModelType::Gla,
+            num_layers: 24,
+            batch: 8,
+            seq_len: t,
+            num_heads: 4,
+            num_kv_heads: 4,
+            head_k_dim: 128,
+            head_v_dim: 256,
+            hidden_size: 1024,
+            mlp_size: 2816,
+            short_conv: false,
+            dtype: Precision::Bf16,
+            device: "cuda".into(),
+            decoding: false,
+        }
+    }
+
+    #[test]
+    fn picks_the_fastest_caches_it_and_reuses_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let h100 = DeviceProfile::h100_sxm();
+        let mut timer = FakeTimer::new(0.9, 0.6, 3.0);
+        let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
+        assert_eq!(
+            (d.mode, d.source, d.est_time_ms),
+            (Mode::FusedChunk, Source::Measured, 0.6)
+        );
+        // T = 2048 > 1024: fused_recurrent is not timed.
+        assert_eq!(timer.calls, [KernelMode::Chunk, KernelMode::FusedChunk]);
+        assert!(
+            d.reason
+                .contains("chunk 0.900 ms, fused_chunk 0.600 ms; fastest: fused_chunk"),
+            "{}",
+            d.reason
+        );
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        // Second call: from the cache, without timing anything.
+        let mut second = FakeTimer::new(0.1, 0.1, 0.1);
+        let cached = measure(&shape(2048), &h100, &mut second, dir.path()).unwrap();
+        assert!(second.calls.is_empty());
+        assert_eq!(cached.source, Source::Cached);
+        assert_eq!(
+            (cached.mode, cached.est_time_ms, &cached.reason),
+            (d.mode, d.est_time_ms, &d.reason)
+        );
+
+        // Another kernel version, GPU or shape measures again.
+        second.version = "v2".into();
+        assert_eq!(
+            measure(&shape(2048), &h100, &mut second, dir.path())
+                .unwrap()
+                .source,
+            Source::Measured
+        );
+        assert_eq!(second.calls.len(), 2);
+        let mut third = FakeTimer::new(0.5, 0.6, 0.2);
+        let d = measure(&shape(512), &DeviceProfile::h200(), &mut third, dir.path()).unwrap();
+        assert_eq!(
+            third.calls.len(),
+            3,
+            "T = 512: fused_recurrent is a candidate"
+        );
+        assert_eq!((d.mode, d.source), (Mode::FusedRecurrent, Source::Measured));
+    }
+
+    #[test]
+    fn failures_are_skipped_or_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let h100 = DeviceProfile::h100_sxm();
+        let mut timer = FakeTimer::new(0.9, 0.6, 3.0);
+        timer.fused_chunk = Err("launch failed".into());
+        let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
+        assert_eq!(d.mode, Mode::Chunk);
+        assert_eq!(
+            d.warnings,
+            ["measuring B 8 T 2048 H 4 K 128 V 256 bf16: fused_chunk: launch failed"]
+        );
+
+        let mut broken = FakeTimer::new(f64::NAN, 0.0, 1.0);
+        let err = measure(&shape(4096), &h100, &mut broken, dir.path()).unwrap_err();
+        assert!(!err.is_bad_input());
+        assert!(
+            err.to_string()
+                .contains("chunk: the timer returned NaN ms; fused_chunk: the timer returned 0 ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_cache_entry_is_measured_again_and_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let h100 = DeviceProfile::h100_sxm();
+        let key = cache_key(&shape(2048), &h100, "v1");
+        std::fs::write(cache_path(dir.path(), &key), "{ not json").unwrap();
+        let mut timer = FakeTimer::new(0.9, 0.6, 3.0);
+        let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
+        assert_eq!(d.source, Source::Measured);
+        assert!(
+            d.warnings[0].contains("unreadable cache entry"),
+            "{:?}",
+            d.warnings
+        );
+        let mut again = FakeTimer::new(0.1, 0.1, 0.1);
+        assert_eq!(
+            measure(&shape(2048), &h100, &mut again, dir.path())
+                .unwrap()
+                .source,
+            Source::Cached
+        );
+    }
+
+    #[test]
+    fn nothing_to_measure_on_cpu_or_for_baselines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut timer = FakeTimer::new(0.9, 0.6, 3.0);
+        let d = measure(&shape(2048), &DeviceProfile::cpu(), &mut timer, dir.path()).unwrap();
+        assert_eq!((d.mode, d.source), (Mode::Reference, Source::Rules));
+        let t = LayerShape {
+            model_type: ModelType::Transformer,
+            ..shape(2048)
+        };
+        assert_eq!(
+            measure(&t, &DeviceProfile::h100_sxm(), &mut timer, dir.path())
+                .unwrap()
+                .mode,
+            Mode::SdpaFlash
+        );
+        assert!(timer.calls.is_empty());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn cache_dir_follows_the_environment() {
+        let some = |s: &str| Some(OsString::from(s));
+        assert_eq!(
+            cache_dir_from(some("/c"), some("/home/u")),
+            Some(PathBuf::from("/c/preflight"))
+        );
+        assert_eq!(
+            cache_dir_from(some(""), some("/home/u")),
+            Some(PathBuf::from("/home/u/.cache/glatrain/preflight"))
+        );
+        assert_eq!(cache_dir_from(None, None), None);
+    }
+}

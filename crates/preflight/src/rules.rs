@@ -1,0 +1,669 @@
+//! The rules that pick a layer's op, all in [`choose_mode`], and the [`Decision`] they explain.
+
+use glatrain_config::KernelMode;
+use serde::{Deserialize, Serialize};
+
+use crate::device::{DeviceKind, DeviceProfile};
+use crate::estimate::{
+    chunk_state_bytes, estimate, fused_chunk_blocks, sdpa_uses_flash, FUSED_CHUNK_MIN_WAVES,
+};
+use crate::mode::{Mode, Source};
+use crate::report::{human_bytes, ms};
+use crate::shape::{LayerShape, ModelType};
+use crate::tiles::{Padding, CHUNK_SIZE};
+
+/// Longest sequence that runs token by token: up to one chunk, the chunked schedules have no
+/// chunks to spread over and fused_recurrent needs no state pass.
+pub const FUSED_RECURRENT_MAX_T: usize = 64;
+/// Chunk states of all layers of a shape may take at most this share of the device memory
+/// before fused_chunk (no stored states) is preferred.
+pub const STATE_MEMORY_FRACTION: f64 = 0.25;
+/// A forced mode estimated this many times slower than the automatic choice gets a warning.
+pub const BAD_FIT_FACTOR: f64 = 2.0;
+/// How far the advice looks for the sequence length from which GLA is estimated faster than
+/// softmax attention.
+const CROSSOVER_MAX_T: usize = 1 << 22;
+
+/// The op chosen for one layer shape, with the why and what it costs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub mode: Mode,
+    /// Rules, forced by the config, measured or cached.
+    pub source: Source,
+    /// One sentence: which rule (or measurement) decided, with the numbers it compared.
+    pub reason: String,
+    /// Forward + backward of one layer's op per micro-batch: a roofline estimate for rules and
+    /// forced decisions, the measured time for measured and cached ones.
+    pub est_time_ms: f64,
+    /// Bytes one layer keeps for backward (the block's activations plus chunk states, ...).
+    pub est_memory_bytes: u64,
+    pub padding: Padding,
+    /// Where softmax attention is estimated faster for the same shape: both numbers. The model
+    /// is never switched.
+    pub advice: Option<String>,
+    /// Forced modes that fit badly, config keys that do not apply, measurement problems.
+    pub warnings: Vec<String>,
+}
+
+/// Picks the op of one layer shape. The rules, in order (the first that applies decides):
+///
+/// 1. **Baselines.** Transformer layers run causal SDPA (flash backend on CUDA in bf16/fp16 with
+///    head dim <= 256, else whichever backend libtorch picks); Mamba layers run the reference
+///    selective scan. `kernels.mode` concerns GLA only; a forced mode here is reported as
+///    not applying.
+/// 2. **CPU -> reference.** The CUDA kernels need a GPU; the reference tensor ops run anywhere.
+///    A forced CUDA mode on CPU is reported and replaced.
+/// 3. **Forced -> respected.** `kernels.mode` other than `auto` is what the user asked for; it
+///    is reported as forced, with a warning when the rules below would pick a mode estimated
+///    [`BAD_FIT_FACTOR`] times faster, or when forced chunk mode's states exceed the memory
+///    share of rule 6 (e.g. fused_recurrent at T = 8192 walks 8192 dependent steps).
+/// 4. **Decoding -> fused_recurrent.** One token per call: the state stays in registers, there
+///    is nothing to chunk.
+/// 5. **T <= 64 -> fused_recurrent.** At most one chunk: no parallelism over chunks to gain,
+///    and no state pass to pay for.
+/// 6. **Chunk states too large -> fused_chunk.** Chunk mode stores `B H ceil(T/64) K V` fp32
+///    states per layer for backward; when those of all layers exceed
+///    [`STATE_MEMORY_FRACTION`] of the device memory, fused_chunk keeps the state on chip.
+/// 7. **The grid fills the GPU -> fused_chunk.** fused_chunk runs one block per (batch, head,
+///    state tile) walking the whole sequence; with at least [`FUSED_CHUNK_MIN_WAVES`] blocks
+///    per SM it streams at full bandwidth and moves no states.
+/// 8. **Otherwise -> chunk.** Too few (batch, head) pairs to fill the SMs: chunk mode also runs
+///    in parallel over the chunks, at the cost of storing the states.
+pub fn choose_mode(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decision {
+    match shape.model_type {
+        ModelType::Transformer | ModelType::Mamba => baseline(shape, device, forced),
+        ModelType::Gla => gla(shape, device, forced),
+    }
+}
+
+fn baseline(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decision {
+    let (mode, reason) = match shape.model_type {
+        ModelType::Transformer if sdpa_uses_flash(shape, device) => (
+            Mode::SdpaFlash,
+            "softmax attention: causal SDPA, flash backend (CUDA, bf16/fp16, head dim <= 256)"
+                .to_owned(),
+        ),
+        ModelType::Transformer => (
+            Mode::Sdpa,
+            format!(
+                "softmax attention: causal SDPA; no flash backend for {} {} with head dim {}, \
+                 libtorch picks another",
+                device.kind.name(),
+                shape.dtype_name(),
+                shape.head_k_dim
+            ),
+        ),
+        _ => (
+            Mode::SelectiveScanReference,
+            "Mamba: the selective scan in tensor ops (chunks of 16 tokens)".to_owned(),
+        ),
+    };
+    let mut d = decide(shape, device, mode, Source::Rules, reason);
+    d.padding = Padding::none(shape.head_k_dim, shape.head_v_dim);
+    if forced != KernelMode::Auto {
+        d.warnings.push(format!(
+            "kernels.mode = \"{}\" applies to GLA layers only; {} layers run {}",
+            forced.name(),
+            shape.model_type.name(),
+            mode.name()
+        ));
+    }
+    d
+}
+
+fn gla(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decision {
+    if device.kind == DeviceKind::Cpu {
+        let source = if forced == KernelMode::Reference {
+            Source::Forced
+        } else {
+            Source::Rules
+        };
+        let mut d = decide(
+            shape,
+            device,
+            Mode::Reference,
+            source,
+            "CPU: the CUDA kernels need a GPU; the reference tensor ops run anywhere".into(),
+        );
+        if !matches!(forced, KernelMode::Auto | KernelMode::Reference) {
+            d.warnings.push(format!(
+                "kernels.mode = \"{}\" needs CUDA; on CPU the reference op runs",
+                forced.name()
+            ));
+        }
+        return d;
+    }
+    if let Some(mode) = Mode::from_kernel_mode(forced) {
+        return forced_decision(shape, device, mode);
+    }
+    let (mode, reason) = gla_rule(shape, device);
+    with_advice(
+        decide(shape, device, mode, Source::Rules, reason),
+        shape,
+        device,
+    )
+}
+
+/// Rules 4 to 8 for a GLA shape on CUDA: the mode and why.
+fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
+    let t = shape.seq_len;
+    if shape.decoding {
+        return (
+            Mode::FusedRecurrent,
+            "decoding: one token per call, the state stays in registers".into(),
+        );
+    }
+    if t <= FUSED_RECURRENT_MAX_T {
+        return (
+            Mode::FusedRecurrent,
+            format!(
+                "T = {t} <= {FUSED_RECURRENT_MAX_T}: one chunk at most, token by token with the \
+                 state in registers needs no state pass"
+            ),
+        );
+    }
+    if let Some(reason) = states_too_large(shape, device) {
+        return (
+            Mode::FusedChunk,
+            format!("{reason}; fused_chunk keeps the state on chip"),
+        );
+    }
+    let blocks = fused_chunk_blocks(shape);
+    let waves = blocks as f64 / device.sm_count.max(1) as f64;
+    let grid = format!(
+        "B*H*state tiles = {}*{}*{} = {blocks} blocks = {waves:.1} waves of {} SMs",
+        shape.batch,
+        shape.num_heads,
+        blocks / shape.batch_heads().max(1),
+        device.sm_count
+    );
+    if waves >= FUSED_CHUNK_MIN_WAVES {
+        (
+            Mode::FusedChunk,
+            format!(
+                "{grid} (>= {FUSED_CHUNK_MIN_WAVES}): fused_chunk fills the GPU without storing \
+                 chunk states"
+            ),
+        )
+    } else {
+        (
+            Mode::Chunk,
+            format!(
+                "{grid} (< {FUSED_CHUNK_MIN_WAVES}): chunk mode also runs the {} chunks of {CHUNK_SIZE} \
+                 tokens in parallel",
+                t.div_ceil(CHUNK_SIZE)
+            ),
+        )
+    }
+}
+
+/// Rule 6's test: `Some(why)` when the chunk states of all layers of the shape take more than
+/// [`STATE_MEMORY_FRACTION`] of the device memory (never when the memory is unknown).
+fn states_too_large(shape: &LayerShape, device: &DeviceProfile) -> Option<String> {
+    let all_layers = chunk_state_bytes(shape) * shape.num_layers as u64;
+    let budget = STATE_MEMORY_FRACTION * device.memory_bytes as f64;
+    (device.memory_bytes > 0 && all_layers as f64 > budget).then(|| {
+        format!(
+            "chunk mode would store {} of fp32 states for {} layers ({} each), over {:.0}% of the \
+             {} of {}",
+            human_bytes(all_layers),
+            shape.num_layers,
+            human_bytes(chunk_state_bytes(shape)),
+            100.0 * STATE_MEMORY_FRACTION,
+            human_bytes(device.memory_bytes),
+            device.name
+        )
+    })
+}
+
+fn forced_decision(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Decision {
+    let reason = format!("kernels.mode = \"{}\" in the config", mode.name());
+    let mut d = with_advice(
+        decide(shape, device, mode, Source::Forced, reason),
+        shape,
+        device,
+    );
+    let (auto_mode, _) = gla_rule(shape, device);
+    let auto = estimate(shape, device, auto_mode);
+    if mode != auto_mode && d.est_time_ms >= BAD_FIT_FACTOR * auto.time_ms {
+        d.warnings.push(format!(
+            "kernels.mode = \"{}\" is a bad fit at B = {}, T = {}, H = {}: estimated {} vs {} for \
+             {} (the automatic choice); set kernels.mode = \"auto\"",
+            mode.name(),
+            shape.batch,
+            shape.seq_len,
+            shape.num_heads,
+            ms(d.est_time_ms),
+            ms(auto.time_ms),
+            auto_mode.name()
+        ));
+    }
+    if mode == Mode::Chunk {
+        if let Some(why) = states_too_large(shape, device) {
+            d.warnings.push(format!(
+                "kernels.mode = \"chunk\": {why}; fused_chunk stores none"
+            ));
+        }
+    }
+    d
+}
+
+/// A decision for `mode` with the roofline estimate and the padding of the GLA tiles (none for
+/// the reference op, which works on the real shapes).
+fn decide(
+    shape: &LayerShape,
+    device: &DeviceProfile,
+    mode: Mode,
+    source: Source,
+    reason: String,
+) -> Decision {
+    let e = estimate(shape, device, mode);
+    let padding = match mode {
+        Mode::Chunk | Mode::FusedChunk | Mode::FusedRecurrent => {
+            Padding::for_tiles(shape.head_k_dim, shape.head_v_dim)
+        }
+        _ => Padding::none(shape.head_k_dim, shape.head_v_dim),
+    };
+    Decision {
+        mode,
+        source,
+        reason,
+        est_time_ms: e.time_ms,
+        est_memory_bytes: e.memory_bytes,
+        padding,
+        advice: None,
+        warnings: Vec::new(),
+    }
+}
+
+/// Adds the softmax-attention advice to a GLA decision on CUDA (see [`softmax_advice`]).
+fn with_advice(mut d: Decision, shape: &LayerShape, device: &DeviceProfile) -> Decision {
+    d.advice = softmax_advice(shape, device, d.mode, d.est_time_ms);
+    d
+}
+
+/// When causal softmax attention (SDPA) is estimated faster than `gla_ms` (GLA in `mode`) for
+/// the same B, T, H, K, V on `device`: a sentence with both numbers and the sequence length
+/// from which GLA is estimated faster. `None` on CPU and for decoding.
+pub fn softmax_advice(
+    shape: &LayerShape,
+    device: &DeviceProfile,
+    mode: Mode,
+    gla_ms: f64,
+) -> Option<String> {
+    if device.kind != DeviceKind::Cuda || shape.decoding {
+        return None;
+    }
+    let sdpa = sdpa_mode(shape, device);
+    let sdpa_ms = estimate(shape, device, sdpa).time_ms;
+    if sdpa_ms >= gla_ms {
+        return None;
+    }
+    let crossover = crossover_seq_len(shape, device, mode);
+    let from = match crossover {
+        Some(t) => format!("GLA is estimated faster from T = {t} (its cost grows linearly in T, softmax's quadratically)"),
+        None => format!("GLA is not estimated faster up to T = {CROSSOVER_MAX_T}"),
+    };
+    Some(format!(
+        "softmax attention would be faster at this shape: {} {} vs GLA {} {} fwd+bwd per layer \
+         (B = {}, T = {}, H = {}, K = {}, V = {}); {from}. glatrain trains the configured model; \
+         this is advice only",
+        sdpa.name(),
+        ms(sdpa_ms),
+        mode.name(),
+        ms(gla_ms),
+        shape.batch,
+        shape.seq_len,
+        shape.num_heads,
+        shape.head_k_dim,
+        shape.head_v_dim
+    ))
+}
+
+fn sdpa_mode(shape: &LayerShape, device: &DeviceProfile) -> Mode {
+    if sdpa_uses_flash(shape, device) {
+        Mode::SdpaFlash
+    } else {
+        Mode::Sdpa
+    }
+}
+
+/// The smallest power-of-two multiple of T at which GLA, in the mode the rules pick at that
+/// length (the reference op stays the reference op), is estimated faster than SDPA.
+fn crossover_seq_len(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Option<usize> {
+    let mut probe = shape.clone();
+    while probe.seq_len < CROSSOVER_MAX_T {
+        probe.seq_len *= 2;
+        let gla_mode = if mode == Mode::Reference {
+            mode
+        } else {
+            gla_rule(&probe, device).0
+        };
+        if estimate(&probe, device, gla_mode).time_ms
+            < estimate(&probe, device, sdpa_mode(&probe, device)).time_ms
+        {
+            return Some(probe.seq_len);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::estimate::RECURRENT_STEP_S;
+    use glatrain_config::Precision;
+
+    const GIB: u64 = 1 << 30;
+
+    fn gla_shape(b: usize, t: usize, h: usize, k: usize, v: usize) -> LayerShape {
+        LayerShape {
+            model_type: ModelType::Gla,
+            num_layers: 24,
+            batch: b,
+            seq_len: t,
+            num_heads: h,
+            num_kv_heads: h,
+            head_k_dim: k,
+            head_v_dim: v,
+            hidden_size: h * v,
+            mlp_size: 0,
+            short_conv: false,
+            dtype: Precision::Bf16,
+            device: "cuda".into(),
+            decoding: false,
+        }
+    }
+
+    /// A hidden-size config's GLA shape: expand_k 0.5, expand_v 1.
+    fn from_hidden(hidden: usize, heads: usize, b: usize, t: usize) -> LayerShape {
+        LayerShape {
+            hidden_size: hidden,
+            ..gla_shape(b, t, heads, hidden / 2 / heads, hidden / heads)
+        }
+    }
+
+    fn small_gpu() -> DeviceProfile {
+        DeviceProfile::generic_cuda("Small GPU", 20, 16 * GIB)
+    }
+
+    fn auto(shape: &LayerShape, device: &DeviceProfile) -> Decision {
+        choose_mode(shape, device, KernelMode::Auto)
+    }
+
+    #[test]
+    fn cpu_runs_the_reference_op_for_every_gla_shape() {
+        let cpu = DeviceProfile::cpu();
+        for (hidden, heads, t) in [(32, 2, 64), (256, 4, 2048), (1024, 4, 16384)] {
+            let d = auto(&from_hidden(hidden, heads, 2, t), &cpu);
+            assert_eq!((d.mode, d.source), (Mode::Reference, Source::Rules));
+            assert!(d.reason.starts_with("CPU"), "{}", d.reason);
+            assert_eq!(d.padding.wasted_fraction, 0.0);
+            assert_eq!(d.advice, None);
+            assert!(d.warnings.is_empty());
+        }
+        let d = choose_mode(&from_hidden(64, 2, 2, 128), &cpu, KernelMode::Chunk);
+        assert_eq!(d.mode, Mode::Reference);
+        assert_eq!(
+            d.warnings,
+            ["kernels.mode = \"chunk\" needs CUDA; on CPU the reference op runs"]
+        );
+        let d = choose_mode(&from_hidden(64, 2, 2, 128), &cpu, KernelMode::Reference);
+        assert_eq!((d.mode, d.source), (Mode::Reference, Source::Forced));
+    }
+
+    #[test]
+    fn short_sequences_and_decoding_run_token_by_token() {
+        for device in [DeviceProfile::h100_sxm(), small_gpu()] {
+            for (hidden, heads) in [(32, 2), (1024, 4), (2048, 16)] {
+                let d = auto(&from_hidden(hidden, heads, 8, 64), &device);
+                assert_eq!(d.mode, Mode::FusedRecurrent, "hidden {hidden}");
+                assert!(d.reason.contains("T = 64 <= 64"), "{}", d.reason);
+            }
+            let decode = LayerShape {
+                decoding: true,
+                seq_len: 1,
+                ..from_hidden(1024, 4, 8, 2048)
+            };
+            let d = auto(&decode, &device);
+            assert_eq!(d.mode, Mode::FusedRecurrent);
+            assert!(d.reason.starts_with("decoding"), "{}", d.reason);
+            assert_eq!(d.advice, None);
+        }
+        assert_eq!(
+            auto(&from_hidden(1024, 4, 8, 65), &DeviceProfile::h100_sxm()).mode,
+            Mode::Chunk
+        );
+    }
+
+    #[test]
+    fn chunk_when_batch_times_heads_is_small_fused_chunk_when_it_fills_the_gpu() {
+        let h100 = DeviceProfile::h100_sxm();
+        // GLA-340M: 8 * 4 * (2 * 4 tiles) = 256 blocks < 2 waves of 132 SMs.
+        let d = auto(&from_hidden(1024, 4, 8, 2048), &h100);
+        assert_eq!(d.mode, Mode::Chunk, "{}", d.reason);
+        assert!(
+            d.reason
+                .contains("8*4*8 = 256 blocks = 1.9 waves of 132 SMs"),
+            "{}",
+            d.reason
+        );
+        // The same shape fills a 20-SM GPU 12.8 times.
+        let d = auto(&from_hidden(1024, 4, 8, 2048), &small_gpu());
+        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+        assert!(
+            d.reason.contains("256 blocks = 12.8 waves of 20 SMs"),
+            "{}",
+            d.reason
+        );
+        // Large B*H fills the H100 too.
+        let d = auto(&gla_shape(32, 2048, 16, 64, 64), &h100);
+        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+        assert!(d.reason.contains("512 blocks = 3.9 waves"), "{}", d.reason);
+        // One long sequence: B*H = 16.
+        for t in [4096, 16384] {
+            assert_eq!(
+                auto(&gla_shape(1, t, 16, 128, 128), &h100).mode,
+                Mode::Chunk
+            );
+        }
+        // Tiny and huge head dims take the same rules, padded, never an error.
+        for (hidden, heads, k) in [(32, 2, 8), (32, 4, 4), (32, 16, 1)] {
+            let d = auto(&from_hidden(hidden, heads, 1, 4096), &h100);
+            assert_eq!(d.mode, Mode::Chunk, "hidden {hidden}: {}", d.reason);
+            assert_eq!(d.padding.k_padded, 16, "K = {k}");
+            assert!(d.est_time_ms.is_finite() && d.est_time_ms > 0.0);
+        }
+        // Head dims of 1024: 256 state tiles per head fill the GPU even at B*H = 2.
+        let d = auto(&gla_shape(1, 4096, 2, 1024, 1024), &h100);
+        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+        assert!(d.reason.contains("1*2*256 = 512 blocks"), "{}", d.reason);
+        assert_eq!(d.padding.wasted_fraction, 0.0);
+    }
+
+    #[test]
+    fn seed_cases_sweep() {
+        // Hidden 32..1024 (head dims 1..1024), T 64..16K, B*H from 1 to 1024, on the H100, a
+        // 20-SM GPU and the CPU: every shape gets a mode, a finite estimate and whole tiles.
+        let (h100, small, cpu) = (DeviceProfile::h100_sxm(), small_gpu(), DeviceProfile::cpu());
+        let mut seen = std::collections::HashSet::new();
+        for hidden in [32, 64, 128, 256, 512, 1024] {
+            for heads in [1, 2, 4, 8, 16]
+                .into_iter()
+                .filter(|h| (hidden / 2) % h == 0)
+            {
+                for t in [64, 128, 2048, 16384] {
+                    for b in [1, 8, 64] {
+                        let s = from_hidden(hidden, heads, b, t);
+                        let on = |device: &DeviceProfile| auto(&s, device);
+                        let (big, little, host) = (on(&h100), on(&small), on(&cpu));
+                        let case = format!("hidden {hidden} H {heads} T {t} B {b}");
+                        assert_eq!(host.mode, Mode::Reference, "{case}");
+                        for d in [&big, &little, &host] {
+                            assert!(d.est_time_ms.is_finite() && d.est_time_ms > 0.0, "{case}");
+                            assert!(
+                                d.est_memory_bytes >= crate::estimate::block_activation_bytes(&s),
+                                "{case}"
+                            );
+                            assert!(
+                                d.padding.k_padded >= s.head_k_dim
+                                    && d.padding.v_padded >= s.head_v_dim,
+                                "{case}"
+                            );
+                            assert!(!d.reason.is_empty() && d.warnings.is_empty(), "{case}");
+                        }
+                        for d in [&big, &little] {
+                            assert_eq!(d.padding.k_padded % 16, 0, "{case}");
+                            assert!(d.padding.k_padded < s.head_k_dim + 16, "{case}");
+                            if t <= 64 {
+                                assert_eq!(d.mode, Mode::FusedRecurrent, "{case}");
+                            } else {
+                                assert!(matches!(d.mode, Mode::Chunk | Mode::FusedChunk), "{case}");
+                            }
+                        }
+                        // Fewer SMs and less memory fill up sooner: whatever takes fused_chunk
+                        // on the H100 takes it on the small GPU.
+                        if big.mode == Mode::FusedChunk {
+                            assert_eq!(little.mode, Mode::FusedChunk, "{case}: {}", little.reason);
+                        }
+                        seen.insert((big.mode, little.mode));
+                    }
+                }
+            }
+        }
+        // The sweep reaches every GPU outcome, including the two GPUs disagreeing.
+        for pair in [
+            (Mode::FusedRecurrent, Mode::FusedRecurrent),
+            (Mode::Chunk, Mode::Chunk),
+            (Mode::Chunk, Mode::FusedChunk),
+            (Mode::FusedChunk, Mode::FusedChunk),
+        ] {
+            assert!(seen.contains(&pair), "{pair:?} never chosen");
+        }
+    }
+
+    #[test]
+    fn large_chunk_states_switch_to_fused_chunk() {
+        let h100 = DeviceProfile::h100_sxm();
+        // 128 blocks would pick chunk, but 24 layers of 1 * 2 * 1024 * 512 * 512 * 4 bytes of
+        // states (48 GiB) take more than a quarter of the 80 GiB.
+        let s = gla_shape(1, 65536, 2, 512, 512);
+        let d = auto(&s, &h100);
+        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+        assert!(
+            d.reason
+                .contains("48.0 GiB of fp32 states for 24 layers (2.0 GiB each)"),
+            "{}",
+            d.reason
+        );
+        // The same shape on an unknown-memory device keeps the parallelism rule.
+        assert_eq!(
+            auto(&s, &h100.clone().with_memory_bytes(0)).mode,
+            Mode::Chunk
+        );
+        // Forcing chunk there is respected, with a warning.
+        let d = choose_mode(&s, &h100, KernelMode::Chunk);
+        assert_eq!((d.mode, d.source), (Mode::Chunk, Source::Forced));
+        assert!(
+            d.warnings
+                .iter()
+                .any(|w| w.contains("fused_chunk stores none")),
+            "{:?}",
+            d.warnings
+        );
+    }
+
+    #[test]
+    fn forced_modes_are_respected_and_bad_fits_warned() {
+        let h100 = DeviceProfile::h100_sxm();
+        let long = gla_shape(2, 8192, 16, 128, 128);
+        let d = choose_mode(&long, &h100, KernelMode::FusedRecurrent);
+        assert_eq!((d.mode, d.source), (Mode::FusedRecurrent, Source::Forced));
+        assert_eq!(d.reason, "kernels.mode = \"fused_recurrent\" in the config");
+        // 3 walks of 8192 dependent steps.
+        assert!(d.est_time_ms >= 3.0 * 8192.0 * RECURRENT_STEP_S * 1e3);
+        assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+        assert!(
+            d.warnings[0].contains("bad fit at B = 2, T = 8192"),
+            "{}",
+            d.warnings[0]
+        );
+        assert!(
+            d.warnings[0].contains("for chunk (the automatic choice)"),
+            "{}",
+            d.warnings[0]
+        );
+        // Forcing what the rules pick anyway gives no warning.
+        let d = choose_mode(&long, &h100, KernelMode::Chunk);
+        assert_eq!((d.mode, d.source), (Mode::Chunk, Source::Forced));
+        assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+        // Forced fused_chunk at small B*H: slower, but within the bad-fit factor.
+        let d = choose_mode(&long, &h100, KernelMode::FusedChunk);
+        assert_eq!(d.source, Source::Forced);
+        // Forced reference on a GPU is respected.
+        let d = choose_mode(&long, &h100, KernelMode::Reference);
+        assert_eq!((d.mode, d.source), (Mode::Reference, Source::Forced));
+    }
+
+    #[test]
+    fn baselines_get_one_row_each() {
+        let h100 = DeviceProfile::h100_sxm();
+        let t = LayerShape {
+            model_type: ModelType::Transformer,
+            ..gla_shape(8, 2048, 16, 64, 64)
+        };
+        let d = auto(&t, &h100);
+        assert_eq!((d.mode, d.source), (Mode::SdpaFlash, Source::Rules));
+        let d = auto(
+            &LayerShape {
+                dtype: Precision::Fp32,
+                ..t.clone()
+            },
+            &h100,
+        );
+        assert_eq!(d.mode, Mode::Sdpa);
+        assert!(
+            d.reason.contains("no flash backend for cuda fp32"),
+            "{}",
+            d.reason
+        );
+        let d = choose_mode(&t, &h100, KernelMode::Chunk);
+        assert_eq!(d.mode, Mode::SdpaFlash);
+        assert_eq!(d.warnings, ["kernels.mode = \"chunk\" applies to GLA layers only; transformer layers run sdpa_flash"]);
+
+        let m = LayerShape {
+            model_type: ModelType::Mamba,
+            ..gla_shape(8, 2048, 2048, 16, 1)
+        };
+        let d = auto(&m, &DeviceProfile::cpu());
+        assert_eq!(d.mode, Mode::SelectiveScanReference);
+        assert!(d.est_memory_bytes > 0 && d.est_time_ms > 0.0);
+    }
+
+    #[test]
+    fn softmax_advice_for_small_head_dims_at_short_t_only() {
+        let h100 = DeviceProfile::h100_sxm();
+        // ANCHORS.md: 8 x 2048 x 16 x 32, SDPA flash 0.85 ms vs FLA chunk 2.41 ms.
+        let d = auto(&gla_shape(8, 2048, 16, 32, 32), &h100);
+        let advice = d.advice.expect("advice at head dim 32, T = 2048");
+        assert!(
+            advice.starts_with("softmax attention would be faster at this shape: sdpa_flash "),
+            "{advice}"
+        );
+        assert!(
+            advice.contains(&format!("vs GLA chunk {} fwd+bwd", ms(d.est_time_ms))),
+            "{advice}"
+        );
+        assert!(
+            advice.contains("GLA is estimated faster from T = "),
+            "{advice}"
+        );
+        assert!(advice.contains("advice only"), "{advice}");
+        // Long sequences at head dim 128: GLA wins by far.
+        let d = auto(&gla_shape(1, 16384, 16, 128, 128), &h100);
+        assert_eq!(d.advice, None);
+        // Forced modes get the advice too.
+        let d = choose_mode(&gla_shape(8, 2048, 16, 32, 32), &h100, KernelMode::Chunk);
+        assert!(d.advice.is_some());
+    }
+}

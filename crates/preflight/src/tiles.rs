@@ -1,0 +1,127 @@
+//! What the preflight assumes about the GLA kernels, in one place, and the padding it implies.
+//!
+//! These numbers must match `kernels/gla.cu` (and its launcher in `crates/ops/src/cuda`): when a
+//! kernel changes its tiles, grid or schedule, change them here too.
+
+use serde::{Deserialize, Serialize};
+
+/// Tile sides along K and V: head dims are padded to a multiple of these (and to at least one
+/// tile). 16 is the k-side of a bf16 tensor-core `mma.m16n8k16`; Triton's `tl.dot` asserts on
+/// smaller tiles, glatrain pads.
+pub const TILE_K: usize = 16;
+/// See [`TILE_K`].
+pub const TILE_V: usize = 16;
+/// Tokens per chunk of the `chunk` schedule: one fp32 `K x V` state is stored per chunk
+/// (`LC` in kernels/gla.cu).
+pub const CHUNK_SIZE: usize = 64;
+/// State tile of one `chunk` / `fused_chunk` block (`BK x BV` in kernels/gla.cu): the grid is
+/// `ceil(K / 64) * ceil(V / 64) * B * H` blocks (times chunks for the parallel passes).
+pub const CHUNK_BLOCK_K: usize = 64;
+/// See [`CHUNK_BLOCK_K`].
+pub const CHUNK_BLOCK_V: usize = 64;
+/// State tile of one `fused_recurrent` block (`R_ROWS x R_COLS` in kernels/gla.cu).
+pub const RECURRENT_BLOCK_K: usize = 32;
+/// See [`RECURRENT_BLOCK_K`].
+pub const RECURRENT_BLOCK_V: usize = 32;
+/// Whether the GLA kernels' matmuls run on tensor cores. kernels/gla.cu v1 uses scalar fp32
+/// FMAs from shared memory, so the roofline uses the fp32 peak; set to true with the mma version.
+pub const GLA_USES_TENSOR_CORES: bool = false;
+/// Kernel launches per forward+backward, per schedule (chunk: state pass + outputs; state
+/// adjoint pass + gradients; gate gradient; launcher reductions of the tile partials).
+pub const CHUNK_LAUNCHES: u32 = 7;
+/// See [`CHUNK_LAUNCHES`] (one forward walk, one backward walk, gate gradient, reductions).
+pub const FUSED_CHUNK_LAUNCHES: u32 = 5;
+/// See [`CHUNK_LAUNCHES`].
+pub const FUSED_RECURRENT_LAUNCHES: u32 = 5;
+
+/// How a layer's head dims are padded to whole tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Padding {
+    /// `head_k_dim` rounded up to a multiple of [`TILE_K`].
+    pub k_padded: usize,
+    /// `head_v_dim` rounded up to a multiple of [`TILE_V`].
+    pub v_padded: usize,
+    /// Share of the padded `K x V` state tile (and of the tensor-core work) that is padding:
+    /// `1 - K V / (K_padded V_padded)`.
+    pub wasted_fraction: f64,
+}
+
+impl Padding {
+    /// Padding of GLA head dims `k x v` to whole tiles (each >= 1).
+    pub fn for_tiles(k: usize, v: usize) -> Self {
+        let k_padded = k.max(1).div_ceil(TILE_K) * TILE_K;
+        let v_padded = v.max(1).div_ceil(TILE_V) * TILE_V;
+        let wasted_fraction = 1.0 - (k * v) as f64 / (k_padded * v_padded) as f64;
+        Self {
+            k_padded,
+            v_padded,
+            wasted_fraction,
+        }
+    }
+
+    /// No padding (ops that do not use glatrain's tiles: libtorch's SDPA, the reference ops).
+    pub fn none(k: usize, v: usize) -> Self {
+        Self {
+            k_padded: k,
+            v_padded: v,
+            wasted_fraction: 0.0,
+        }
+    }
+
+    /// The table's cell: "-" without padding, else e.g. "K 8->16 50%".
+    pub fn describe(&self, k: usize, v: usize) -> String {
+        let mut parts = Vec::new();
+        if self.k_padded != k {
+            parts.push(format!("K {k}->{}", self.k_padded));
+        }
+        if self.v_padded != v {
+            parts.push(format!("V {v}->{}", self.v_padded));
+        }
+        if parts.is_empty() {
+            "-".into()
+        } else {
+            format!("{} {:.0}%", parts.join(" "), 100.0 * self.wasted_fraction)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_dims_pad_to_whole_tiles() {
+        // (K, padded K, wasted share of the K side)
+        for (k, padded, waste) in [
+            (1, 16, 15.0 / 16.0),
+            (4, 16, 0.75),
+            (8, 16, 0.5),
+            (60, 64, 4.0 / 64.0),
+            (100, 112, 12.0 / 112.0),
+            (128, 128, 0.0),
+        ] {
+            let p = Padding::for_tiles(k, 64);
+            assert_eq!((p.k_padded, p.v_padded), (padded, 64), "K = {k}");
+            assert!(
+                (p.wasted_fraction - waste).abs() < 1e-12,
+                "K = {k}: {}",
+                p.wasted_fraction
+            );
+        }
+        // Both sides padded: the waste is of the whole state tile.
+        let p = Padding::for_tiles(8, 8);
+        assert_eq!((p.k_padded, p.v_padded), (16, 16));
+        assert!((p.wasted_fraction - 0.75).abs() < 1e-12);
+    }
+
+    #[test]
+    fn padding_is_described_for_the_table() {
+        assert_eq!(Padding::for_tiles(8, 16).describe(8, 16), "K 8->16 50%");
+        assert_eq!(
+            Padding::for_tiles(100, 60).describe(100, 60),
+            "K 100->112 V 60->64 16%"
+        );
+        assert_eq!(Padding::for_tiles(128, 256).describe(128, 256), "-");
+        assert_eq!(Padding::none(64, 64).describe(64, 64), "-");
+    }
+}
