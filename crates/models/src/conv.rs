@@ -1,0 +1,109 @@
+//! Causal depthwise 1-D convolution over the time axis followed by silu: GLA's optional short
+//! convolution on q, k, v (flash-linear-attention's `ShortConvolution`, weight `[D, 1, K]`) and
+//! Mamba's `conv1d` (with a bias). The state for decoding is the last `K - 1` inputs.
+
+use tch::{nn, Tensor};
+
+/// `y_t = silu(b + sum_{j<K} w_j * x_{t-K+1+j})`, with zeros (or the cached inputs) before the
+/// first token.
+#[derive(Debug)]
+pub struct CausalConv {
+    /// `[D, 1, K]`.
+    pub weight: Tensor,
+    /// `[D]`, when the layer has one.
+    pub bias: Option<Tensor>,
+    channels: i64,
+    kernel: i64,
+}
+
+impl CausalConv {
+    /// Variables `<path>.weight` (and `<path>.bias`) with the given initialisers.
+    pub fn new(
+        p: &nn::Path,
+        channels: i64,
+        kernel: i64,
+        weight: nn::Init,
+        bias: Option<nn::Init>,
+    ) -> Self {
+        Self {
+            weight: p.var("weight", &[channels, 1, kernel], weight),
+            bias: bias.map(|init| p.var("bias", &[channels], init)),
+            channels,
+            kernel,
+        }
+    }
+
+    /// Runs the convolution over a whole chunk of time steps. `state` holds the `K - 1` inputs
+    /// that precede `x` (None = zeros, the start of a sequence); the returned state holds the
+    /// last `K - 1` inputs, ready for the next call.
+    ///
+    /// # Shapes
+    /// `x: [B, T, D]`, `state: [B, D, K-1]` -> (`y: [B, T, D]`, `state: [B, D, K-1]`).
+    pub fn forward(&self, x: &Tensor, state: Option<&Tensor>) -> (Tensor, Tensor) {
+        let t = x.size()[1];
+        let xt = x.transpose(1, 2); // [B, D, T]
+        let padded = match state {
+            Some(s) => Tensor::cat(&[s.to_kind(xt.kind()), xt], 2),
+            None => xt.constant_pad_nd([self.kernel - 1, 0]),
+        }; // [B, D, T + K - 1]
+        let y = padded.conv1d(
+            &self.weight,
+            self.bias.as_ref(),
+            [1],
+            [0],
+            [1],
+            self.channels,
+        ); // [B, D, T]
+        let new_state = padded.narrow(2, t, self.kernel - 1);
+        (y.silu().transpose(1, 2), new_state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn conv(bias: bool) -> (nn::VarStore, CausalConv) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.5,
+        };
+        let c = CausalConv::new(&(vs.root() / "conv1d"), 3, 4, init, bias.then_some(init));
+        (vs, c)
+    }
+
+    #[test]
+    fn matches_the_direct_sum() {
+        let (_vs, c) = conv(true);
+        let x = Tensor::randn([2, 6, 3], (Kind::Float, Device::Cpu));
+        let (y, _) = c.forward(&x, None);
+        let w = c.weight.squeeze_dim(1); // [D, K]
+        for t in 0..6 {
+            let mut acc = c.bias.as_ref().unwrap().unsqueeze(0).repeat([2, 1]);
+            for j in 0..4 {
+                let src = t - 3 + j;
+                if src >= 0 {
+                    acc += x.select(1, src) * w.select(1, j);
+                }
+            }
+            assert!(
+                y.select(1, t).allclose(&acc.silu(), 1e-5, 1e-6, false),
+                "t={t}"
+            );
+        }
+    }
+
+    #[test]
+    fn chunks_with_state_equal_one_pass() {
+        let (_vs, c) = conv(false);
+        let x = Tensor::randn([2, 7, 3], (Kind::Float, Device::Cpu));
+        let (full, _) = c.forward(&x, None);
+        let (a, s) = c.forward(&x.narrow(1, 0, 3), None);
+        let (b, s) = c.forward(&x.narrow(1, 3, 1), Some(&s));
+        let (d, _) = c.forward(&x.narrow(1, 4, 3), Some(&s));
+        let pieces = Tensor::cat(&[a, b, d], 1);
+        assert!(pieces.allclose(&full, 1e-6, 1e-6, false));
+    }
+}

@@ -1,0 +1,443 @@
+//! Gated linear attention: the layer and the language model, with flash-linear-attention's
+//! module structure and parameter names (`GLAForCausalLM`), so weights can be exchanged:
+//!
+//! ```text
+//! model.embeddings.weight                          [vocab, hidden]
+//! model.layers.N.attn_norm.weight                  [hidden]
+//! model.layers.N.attn.q_proj.weight                [key_dim, hidden]
+//! model.layers.N.attn.k_proj.weight                [key_dim, hidden]
+//! model.layers.N.attn.v_proj.weight                [value_dim, hidden]
+//! model.layers.N.attn.g_proj.weight                [value_dim, hidden]     (use_output_gate)
+//! model.layers.N.attn.{q,k,v}_conv1d.weight        [dim, 1, conv_size]     (use_short_conv)
+//! model.layers.N.attn.gk_proj.0.weight             [gate_low_rank_dim, hidden]
+//! model.layers.N.attn.gk_proj.1.weight / .bias     [key_dim, gate_low_rank_dim] / [key_dim]
+//! model.layers.N.attn.g_norm_swish_gate.weight     [head_v_dim]            (g_norm without gate)
+//! model.layers.N.attn.o_proj.weight                [hidden, value_dim]
+//! model.layers.N.mlp_norm.weight                   [hidden]
+//! model.layers.N.mlp.{gate,up,down}_proj.weight
+//! model.norm.weight                                [hidden]
+//! lm_head.weight                                   [vocab, hidden]         (untied only)
+//! ```
+//!
+//! Initialisation as FLA's `GLAPreTrainedModel._init_weights`: linear, convolution and
+//! embedding weights `N(0, initializer_range)`, biases (the gate's) zero, norms one. FLA's
+//! current default applies no depth rescaling of `o_proj` / `down_proj`
+//! (`prenorm_residual_strategy = None`), so neither does this.
+
+use crate::cache::{DecodeCache, LayerCaches};
+use crate::conv::CausalConv;
+use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::linear::{Embedding, Linear, LmHead};
+use crate::mlp::SwiGlu;
+use crate::norm::RmsNorm;
+use crate::CausalLm;
+use glatrain_config::{GlaConfig, KernelMode, ModelConfig};
+use glatrain_ops::reference::gla::{default_scale, gla_chunked, gla_recurrent, DEFAULT_CHUNK};
+use tch::{nn, Kind, Tensor};
+
+/// Checks that `cfg` describes a buildable model; errors name the offending key.
+pub fn validate(cfg: &GlaConfig) -> Result<(), ModelError> {
+    require_positive("vocab_size", cfg.vocab_size)?;
+    require_positive("hidden_size", cfg.hidden_size)?;
+    require_positive("num_layers", cfg.num_layers)?;
+    require_positive("num_heads", cfg.num_heads)?;
+    require_positive("gate_low_rank_dim", cfg.gate_low_rank_dim)?;
+    require_positive("intermediate_size", cfg.mlp_size())?;
+    if cfg.use_short_conv {
+        require_positive("conv_size", cfg.conv_size)?;
+    }
+    for (key, expand, dim, what) in [
+        ("expand_k", cfg.expand_k, cfg.key_dim(), "key_dim"),
+        ("expand_v", cfg.expand_v, cfg.value_dim(), "value_dim"),
+    ] {
+        if !(expand.is_finite() && dim >= 1) {
+            return Err(ModelError::bad(
+                key,
+                expand,
+                format!(
+                    "{what} = hidden_size {} * {key} must be at least 1",
+                    cfg.hidden_size
+                ),
+            ));
+        }
+        if dim % cfg.num_heads != 0 {
+            return Err(ModelError::bad(
+                "num_heads",
+                cfg.num_heads,
+                format!(
+                    "{what} {dim} (hidden_size {} * {key} {expand}) is not divisible by it",
+                    cfg.hidden_size
+                ),
+            ));
+        }
+    }
+    if !(cfg.gate_logit_normalizer.is_finite() && cfg.gate_logit_normalizer > 0.0) {
+        return Err(ModelError::bad(
+            "gate_logit_normalizer",
+            cfg.gate_logit_normalizer,
+            "must be a positive number",
+        ));
+    }
+    check_norm_and_init(cfg.norm_eps, cfg.initializer_range)
+}
+
+/// Runs the GLA function for `mode`: the single place where the layer calls an op.
+///
+/// Today every mode runs the tensor-op reference (which computes in fp32 whatever the input
+/// dtype): `FusedRecurrent` and single-token calls (decoding) the token-by-token recurrence,
+/// every other mode the chunked form. `gk` goes in as fp32; the output comes back in `v`'s
+/// dtype (the activation dtype); the state stays fp32.
+///
+/// # Shapes
+/// `q, k, gk: [B, T, H, K]`, `v: [B, T, H, V]`, `initial_state: [B, H, K, V]` fp32 ->
+/// (`o: [B, T, H, V]`, `final_state: [B, H, K, V]` fp32).
+pub fn gla_op(
+    mode: KernelMode,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    gk: &Tensor,
+    initial_state: Option<&Tensor>,
+    scale: f64,
+) -> (Tensor, Tensor) {
+    let gk = gk.to_kind(Kind::Float);
+    let (o, state) = if mode == KernelMode::FusedRecurrent || q.size()[1] == 1 {
+        gla_recurrent(q, k, v, &gk, initial_state, scale)
+    } else {
+        gla_chunked(q, k, v, &gk, initial_state, scale, DEFAULT_CHUNK)
+    };
+    (o.to_kind(v.kind()), state)
+}
+
+/// Per-layer decoding state: the short convolutions' last inputs and the recurrent state.
+#[derive(Debug, Default)]
+pub struct GlaLayerCache {
+    /// q, k, v convolution states `[B, D, conv_size - 1]` (with `use_short_conv`).
+    conv: Option<[Tensor; 3]>,
+    /// `[B, H, head_k_dim, head_v_dim]` fp32.
+    state: Option<Tensor>,
+}
+
+/// The q, k, v short convolutions (`q_conv1d`, `k_conv1d`, `v_conv1d`; no bias, silu).
+#[derive(Debug)]
+struct QkvConv {
+    q: CausalConv,
+    k: CausalConv,
+    v: CausalConv,
+}
+
+/// flash-linear-attention's `GatedLinearAttention` layer.
+#[derive(Debug)]
+pub struct GlaAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    g_proj: Option<Linear>,
+    gk_down: Linear,
+    gk_up: Linear,
+    o_proj: Linear,
+    conv: Option<QkvConv>,
+    /// `g_norm_swish_gate` with the output gate, `g_norm` without.
+    out_norm: RmsNorm,
+    num_heads: i64,
+    head_k_dim: i64,
+    head_v_dim: i64,
+    gate_logit_normalizer: f64,
+    mode: KernelMode,
+}
+
+impl GlaAttention {
+    /// Variables under `p` (a block's `attn`). `cfg` must have passed [`validate`].
+    pub fn new(p: &nn::Path, cfg: &GlaConfig, mode: KernelMode) -> Self {
+        let hidden = cfg.hidden_size as i64;
+        let key_dim = cfg.key_dim() as i64;
+        let value_dim = cfg.value_dim() as i64;
+        let rank = cfg.gate_low_rank_dim as i64;
+        let std = cfg.initializer_range;
+        let normal = nn::Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        };
+        let conv = cfg.use_short_conv.then(|| {
+            let k = cfg.conv_size as i64;
+            QkvConv {
+                q: CausalConv::new(&(p / "q_conv1d"), key_dim, k, normal, None),
+                k: CausalConv::new(&(p / "k_conv1d"), key_dim, k, normal, None),
+                v: CausalConv::new(&(p / "v_conv1d"), value_dim, k, normal, None),
+            }
+        });
+        let head_v_dim = cfg.head_v_dim() as i64;
+        let norm_name = if cfg.use_output_gate {
+            "g_norm_swish_gate"
+        } else {
+            "g_norm"
+        };
+        Self {
+            q_proj: Linear::normal(&(p / "q_proj"), hidden, key_dim, false, std),
+            k_proj: Linear::normal(&(p / "k_proj"), hidden, key_dim, false, std),
+            v_proj: Linear::normal(&(p / "v_proj"), hidden, value_dim, false, std),
+            g_proj: cfg
+                .use_output_gate
+                .then(|| Linear::normal(&(p / "g_proj"), hidden, value_dim, false, std)),
+            gk_down: Linear::normal(&(p / "gk_proj" / 0), hidden, rank, false, std),
+            gk_up: Linear::normal(&(p / "gk_proj" / 1), rank, key_dim, true, std),
+            o_proj: Linear::normal(&(p / "o_proj"), value_dim, hidden, false, std),
+            conv,
+            out_norm: RmsNorm::new(&(p / norm_name), head_v_dim, cfg.norm_eps),
+            num_heads: cfg.num_heads as i64,
+            head_k_dim: cfg.head_k_dim() as i64,
+            head_v_dim,
+            gate_logit_normalizer: cfg.gate_logit_normalizer,
+            mode,
+        }
+    }
+
+    /// The forget-gate logs `logsigmoid(x W1 W2 + b) / gate_logit_normalizer`, in fp32.
+    ///
+    /// # Shapes
+    /// `x: [B, T, hidden]` -> `[B, T, key_dim]` fp32, every entry <= 0.
+    pub fn forget_gate(&self, x: &Tensor) -> Tensor {
+        let logits = self.gk_up.forward(&self.gk_down.forward(x));
+        logits.to_kind(Kind::Float).log_sigmoid() / self.gate_logit_normalizer
+    }
+
+    /// Mixes the sequence; with a cache, continues from (and updates) its states.
+    ///
+    /// # Shapes
+    /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
+    pub fn forward(&self, x: &Tensor, mut cache: Option<&mut GlaLayerCache>) -> Tensor {
+        let (b, t, _) = x.size3().expect("GLA layer input must be [B, T, hidden]");
+        let (h, dk, dv) = (self.num_heads, self.head_k_dim, self.head_v_dim);
+        let (mut q, mut k, mut v) = (
+            self.q_proj.forward(x),
+            self.k_proj.forward(x),
+            self.v_proj.forward(x),
+        );
+        if let Some(conv) = &self.conv {
+            let prev = cache.as_mut().and_then(|c| c.conv.take());
+            let [pq, pk, pv] =
+                prev.map_or([None, None, None], |[a, b, c]| [Some(a), Some(b), Some(c)]);
+            let (cq, sq) = conv.q.forward(&q, pq.as_ref());
+            let (ck, sk) = conv.k.forward(&k, pk.as_ref());
+            let (cv, sv) = conv.v.forward(&v, pv.as_ref());
+            (q, k, v) = (cq, ck, cv);
+            if let Some(c) = cache.as_mut() {
+                c.conv = Some([sq, sk, sv]);
+            }
+        }
+        let gk = self.forget_gate(x).reshape([b, t, h, dk]);
+        let q = q.reshape([b, t, h, dk]);
+        let k = k.reshape([b, t, h, dk]);
+        let v = v.reshape([b, t, h, dv]);
+        let initial_state = cache.as_mut().and_then(|c| c.state.take());
+        let scale = default_scale(dk);
+        let (o, state) = gla_op(self.mode, &q, &k, &v, &gk, initial_state.as_ref(), scale);
+        if let Some(c) = cache {
+            c.state = Some(state);
+        }
+        let o = match &self.g_proj {
+            Some(g_proj) => {
+                let g = g_proj.forward(x).reshape([b, t, h, dv]);
+                self.out_norm.forward_gated(&o, &g)
+            }
+            None => self.out_norm.forward(&o),
+        };
+        self.o_proj.forward(&o.reshape([b, t, h * dv]))
+    }
+}
+
+/// `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`.
+#[derive(Debug)]
+struct GlaBlock {
+    attn_norm: RmsNorm,
+    attn: GlaAttention,
+    mlp_norm: RmsNorm,
+    mlp: SwiGlu,
+}
+
+impl GlaBlock {
+    fn forward(&self, x: &Tensor, cache: Option<&mut GlaLayerCache>) -> Tensor {
+        let x = x + self.attn.forward(&self.attn_norm.forward(x), cache);
+        &x + self.mlp.forward(&self.mlp_norm.forward(&x))
+    }
+}
+
+/// flash-linear-attention's `GLAForCausalLM`.
+#[derive(Debug)]
+pub struct GlaModel {
+    config: ModelConfig,
+    embeddings: Embedding,
+    layers: Vec<GlaBlock>,
+    norm: RmsNorm,
+    lm_head: LmHead,
+}
+
+impl GlaModel {
+    /// Creates the variables under `root` (paths as in the module docs).
+    pub fn new(root: &nn::Path, cfg: &GlaConfig, mode: KernelMode) -> Result<Self, ModelError> {
+        validate(cfg)?;
+        let hidden = cfg.hidden_size as i64;
+        let vocab = cfg.vocab_size as i64;
+        let std = cfg.initializer_range;
+        let model = root / "model";
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let p = &model / "layers" / i;
+                GlaBlock {
+                    attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
+                    attn: GlaAttention::new(&(&p / "attn"), cfg, mode),
+                    mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
+                    mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
+                }
+            })
+            .collect();
+        Ok(Self {
+            config: ModelConfig::Gla(cfg.clone()),
+            embeddings: Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
+            layers,
+            norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
+            lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+        })
+    }
+
+    fn run(&self, tokens: &Tensor, caches: Option<&mut [GlaLayerCache]>) -> Tensor {
+        let mut x = self.embeddings.forward(tokens);
+        match caches {
+            Some(caches) => {
+                for (layer, cache) in self.layers.iter().zip(caches) {
+                    x = layer.forward(&x, Some(cache));
+                }
+            }
+            None => {
+                for layer in &self.layers {
+                    x = layer.forward(&x, None);
+                }
+            }
+        }
+        self.lm_head
+            .forward(&self.norm.forward(&x), &self.embeddings)
+    }
+}
+
+impl CausalLm for GlaModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward(&self, tokens: &Tensor) -> Tensor {
+        self.run(tokens, None)
+    }
+
+    fn new_cache(&self, batch: i64) -> DecodeCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|_| GlaLayerCache::default())
+            .collect();
+        DecodeCache::new(batch, LayerCaches::Gla(layers))
+    }
+
+    fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
+        cache.advance(tokens);
+        let message = cache.wrong_family("gla");
+        match &mut cache.layers {
+            LayerCaches::Gla(layers) => self.run(tokens, Some(layers)),
+            _ => panic!("{message}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn tiny(use_output_gate: bool) -> GlaConfig {
+        GlaConfig {
+            vocab_size: 11,
+            hidden_size: 16,
+            num_layers: 1,
+            num_heads: 2,
+            use_output_gate,
+            ..GlaConfig::default()
+        }
+    }
+
+    #[test]
+    fn forget_gate_is_logsigmoid_over_the_normalizer() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = tiny(true);
+        let attn = GlaAttention::new(&vs.root(), &cfg, KernelMode::Reference);
+        let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
+        let gk = attn.forget_gate(&x);
+        assert_eq!(gk.size(), [2, 3, 8]);
+        assert!(gk.max().double_value(&[]) <= 0.0);
+        let logits = x
+            .matmul(&attn.gk_down.weight.tr())
+            .matmul(&attn.gk_up.weight.tr());
+        let want = (logits + attn.gk_up.bias.as_ref().unwrap()).log_sigmoid() / 16.0;
+        assert!(gk.allclose(&want, 1e-5, 1e-7, false));
+    }
+
+    #[test]
+    fn variable_names_follow_flash_linear_attention() {
+        for gate in [true, false] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let cfg = GlaConfig {
+                use_short_conv: true,
+                ..tiny(gate)
+            };
+            GlaModel::new(&vs.root(), &cfg, KernelMode::Reference).unwrap();
+            let mut names: Vec<String> = vs.variables().into_keys().collect();
+            names.sort();
+            let norm = if gate { "g_norm_swish_gate" } else { "g_norm" };
+            let mut want: Vec<String> = [
+                "attn.gk_proj.0.weight",
+                "attn.gk_proj.1.bias",
+                "attn.gk_proj.1.weight",
+                "attn.k_conv1d.weight",
+                "attn.k_proj.weight",
+                "attn.o_proj.weight",
+                "attn.q_conv1d.weight",
+                "attn.q_proj.weight",
+                "attn.v_conv1d.weight",
+                "attn.v_proj.weight",
+                "attn_norm.weight",
+                "mlp.down_proj.weight",
+                "mlp.gate_proj.weight",
+                "mlp.up_proj.weight",
+                "mlp_norm.weight",
+            ]
+            .iter()
+            .map(|n| format!("model.layers.0.{n}"))
+            .collect();
+            want.push(format!("model.layers.0.attn.{norm}.weight"));
+            if gate {
+                want.push("model.layers.0.attn.g_proj.weight".into());
+            }
+            want.extend(["model.embeddings.weight".into(), "model.norm.weight".into()]);
+            want.sort();
+            assert_eq!(names, want);
+        }
+    }
+
+    #[test]
+    fn decoding_with_short_conv_matches_the_full_pass() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = GlaConfig {
+            use_short_conv: true,
+            ..tiny(true)
+        };
+        let attn = GlaAttention::new(&vs.root(), &cfg, KernelMode::Chunk);
+        let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+        let full = attn.forward(&x, None);
+        let mut cache = GlaLayerCache::default();
+        let first = attn.forward(&x.narrow(1, 0, 3), Some(&mut cache));
+        let mut pieces = vec![first];
+        for t in 3..5 {
+            pieces.push(attn.forward(&x.narrow(1, t, 1), Some(&mut cache)));
+        }
+        let pieces = Tensor::cat(&pieces, 1);
+        assert!(pieces.allclose(&full, 1e-4, 1e-6, false));
+    }
+}

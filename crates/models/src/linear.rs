@@ -1,0 +1,157 @@
+//! Linear and embedding layers whose variables sit at the checkpoint paths of the Hugging Face
+//! layouts (`<path>.weight`, `<path>.bias`). Weights are stored `[out, in]` as in PyTorch.
+
+use tch::{nn, Kind, Tensor};
+
+/// `y = x W^T (+ b)`; under autocast the matmul runs in the autocast dtype.
+#[derive(Debug)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, when the layer has one.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer with weight `N(0, std)` and (if `bias`) a zero bias: the initialisation of
+    /// flash-linear-attention and Hugging Face LLaMA.
+    pub fn normal(p: &nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Self {
+        Self::with_init(
+            p,
+            in_dim,
+            out_dim,
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+            bias.then_some(nn::Init::Const(0.0)),
+        )
+    }
+
+    /// A layer with explicit initialisers for the weight and the optional bias.
+    pub fn with_init(
+        p: &nn::Path,
+        in_dim: i64,
+        out_dim: i64,
+        weight: nn::Init,
+        bias: Option<nn::Init>,
+    ) -> Self {
+        Self {
+            weight: p.var("weight", &[out_dim, in_dim], weight),
+            bias: bias.map(|init| p.var("bias", &[out_dim], init)),
+        }
+    }
+
+    /// # Shapes
+    /// `x: [..., in]` -> `[..., out]`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// PyTorch's default `nn.Linear` / `nn.Conv1d` weight initialisation (`kaiming_uniform_` with
+/// `a = sqrt(5)`): uniform in `+-1/sqrt(fan_in)`, scaled by `gain`.
+pub fn torch_default_uniform(fan_in: i64, gain: f64) -> nn::Init {
+    let bound = gain / (fan_in as f64).sqrt();
+    nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// Token embedding table, `N(0, std)`.
+#[derive(Debug)]
+pub struct Embedding {
+    /// `[vocab, hidden]`.
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    /// Variable `<path>.weight` `[vocab, hidden]`.
+    pub fn new(p: &nn::Path, vocab: i64, hidden: i64, std: f64) -> Self {
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        };
+        Self {
+            weight: p.var("weight", &[vocab, hidden], init),
+        }
+    }
+
+    /// # Shapes
+    /// `tokens: [B, T]` (i64) -> `[B, T, hidden]` in the table's dtype.
+    pub fn forward(&self, tokens: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, tokens, -1, false, false)
+    }
+}
+
+/// The output projection to the vocabulary: either its own `lm_head.weight` or the embedding
+/// table (tied). Logits come back in fp32 whatever the compute dtype, for the loss.
+#[derive(Debug)]
+pub enum LmHead {
+    /// Logits from the embedding table (`tie_embeddings`).
+    Tied,
+    /// Its own `lm_head.weight`.
+    Own(Linear),
+}
+
+impl LmHead {
+    /// `lm_head.weight` `[vocab, hidden]` with `N(0, std)`, unless `tied`.
+    pub fn new(p: &nn::Path, tied: bool, vocab: i64, hidden: i64, std: f64) -> Self {
+        if tied {
+            LmHead::Tied
+        } else {
+            LmHead::Own(Linear::normal(p, hidden, vocab, false, std))
+        }
+    }
+
+    /// # Shapes
+    /// `h: [..., hidden]` -> `[..., vocab]` fp32.
+    pub fn forward(&self, h: &Tensor, embeddings: &Embedding) -> Tensor {
+        let weight = match self {
+            LmHead::Tied => &embeddings.weight,
+            LmHead::Own(linear) => &linear.weight,
+        };
+        h.linear(weight, None::<&Tensor>).to_kind(Kind::Float)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn linear_matches_matmul_and_paths_mirror_checkpoint_keys() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let lin = Linear::normal(&(vs.root() / "attn" / "q_proj"), 3, 5, true, 0.02);
+        let x = Tensor::randn([2, 4, 3], (Kind::Float, Device::Cpu));
+        let want = x.matmul(&lin.weight.tr()) + lin.bias.as_ref().unwrap();
+        assert!(lin.forward(&x).allclose(&want, 1e-6, 1e-6, false));
+        let mut names: Vec<String> = vs.variables().into_keys().collect();
+        names.sort();
+        assert_eq!(names, ["attn.q_proj.bias", "attn.q_proj.weight"]);
+        assert_eq!(
+            lin.bias
+                .as_ref()
+                .unwrap()
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[]),
+            0.0
+        );
+    }
+
+    #[test]
+    fn tied_head_uses_the_embedding_table_and_returns_fp32() {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let emb = Embedding::new(&(vs.root() / "embeddings"), 7, 4, 0.02);
+        let head = LmHead::new(&(vs.root() / "lm_head"), true, 7, 4, 0.02);
+        assert_eq!(vs.variables().len(), 1);
+        vs.bfloat16();
+        let h = Tensor::randn([2, 4], (Kind::BFloat16, Device::Cpu));
+        let logits = head.forward(&h, &emb);
+        assert_eq!(logits.kind(), Kind::Float);
+        assert_eq!(logits.size(), [2, 7]);
+    }
+}

@@ -1,0 +1,346 @@
+//! Mamba (v1) with Hugging Face's `MambaForCausalLM` names: `backbone.embeddings`,
+//! `backbone.layers.N.norm`, `backbone.layers.N.mixer.{in_proj, conv1d, x_proj, dt_proj,
+//! A_log, D, out_proj}`, `backbone.norm_f`, `lm_head`. Residual blocks `x + mixer(norm(x))`,
+//! no MLP.
+//!
+//! Initialisation as the reference `mamba_ssm`: `in_proj`, `x_proj` and `conv1d` keep
+//! PyTorch's default uniform(+-1/sqrt(fan_in)) (the conv bias too); `out_proj` the same divided
+//! by sqrt(num_layers) (GPT-2 prenorm rescaling, one residual per layer); `dt_proj.weight`
+//! uniform(+-dt_rank^-0.5) and `dt_proj.bias` the inverse softplus of a log-uniform dt in
+//! `[dt_min, dt_max]` clamped below at `dt_init_floor`; `A_log = log(1..=d_state)` per
+//! channel; `D = 1`; embeddings `N(0, initializer_range)` (the only use of that key, as in
+//! `mamba_ssm`); norms one.
+
+use crate::cache::{DecodeCache, LayerCaches};
+use crate::conv::CausalConv;
+use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
+use crate::norm::RmsNorm;
+use crate::CausalLm;
+use glatrain_config::{MambaConfig, ModelConfig};
+use glatrain_ops::reference::selective_scan::{
+    selective_scan_chunked, selective_scan_sequential, DEFAULT_CHUNK as SCAN_CHUNK,
+};
+use tch::{nn, Kind, Tensor};
+
+/// Checks that `cfg` describes a buildable model; errors name the offending key.
+pub fn validate(cfg: &MambaConfig) -> Result<(), ModelError> {
+    require_positive("vocab_size", cfg.vocab_size)?;
+    require_positive("hidden_size", cfg.hidden_size)?;
+    require_positive("num_layers", cfg.num_layers)?;
+    require_positive("d_state", cfg.d_state)?;
+    require_positive("expand", cfg.expand)?;
+    require_positive("conv_size", cfg.conv_size)?;
+    require_positive("dt_rank", cfg.dt_rank())?;
+    if !(cfg.dt_min.is_finite() && cfg.dt_min > 0.0) {
+        return Err(ModelError::bad(
+            "dt_min",
+            cfg.dt_min,
+            "must be a positive number",
+        ));
+    }
+    if !(cfg.dt_max.is_finite() && cfg.dt_max >= cfg.dt_min) {
+        return Err(ModelError::bad(
+            "dt_max",
+            cfg.dt_max,
+            format!("must be a number >= dt_min {}", cfg.dt_min),
+        ));
+    }
+    if !(cfg.dt_init_floor.is_finite() && cfg.dt_init_floor > 0.0) {
+        return Err(ModelError::bad(
+            "dt_init_floor",
+            cfg.dt_init_floor,
+            "must be a positive number",
+        ));
+    }
+    check_norm_and_init(cfg.norm_eps, cfg.initializer_range)
+}
+
+/// Runs the selective scan: the one place the mixer calls an op. Single-token calls
+/// (decoding) take the sequential recurrence, longer ones the chunked form; the reference
+/// computes in fp32 whatever the input dtype (`delta` and `a` go in as fp32).
+///
+/// # Shapes
+/// `u, delta: [B, T, D]`, `a: [D, N]`, `b, c: [B, T, N]`, `d: [D]`, `initial_state: [B, D, N]`
+/// -> (`y: [B, T, D]` in `u`'s dtype, `state: [B, D, N]` fp32).
+pub fn scan_op(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+    initial_state: Option<&Tensor>,
+) -> (Tensor, Tensor) {
+    let (delta, a) = (delta.to_kind(Kind::Float), a.to_kind(Kind::Float));
+    if u.size()[1] == 1 {
+        selective_scan_sequential(u, &delta, &a, b, c, d, initial_state)
+    } else {
+        selective_scan_chunked(u, &delta, &a, b, c, d, initial_state, SCAN_CHUNK)
+    }
+}
+
+/// Per-layer decoding state.
+#[derive(Debug, Default)]
+pub struct MambaLayerCache {
+    /// The convolution's last inputs, `[B, d_inner, conv_size - 1]`.
+    conv: Option<Tensor>,
+    /// The SSM state, `[B, d_inner, d_state]` fp32.
+    ssm: Option<Tensor>,
+}
+
+/// The selective-SSM mixer of one layer.
+#[derive(Debug)]
+pub struct MambaMixer {
+    in_proj: Linear,
+    conv1d: CausalConv,
+    x_proj: Linear,
+    dt_proj: Linear,
+    /// `[d_inner, d_state]`, fp32 at creation.
+    a_log: Tensor,
+    /// `[d_inner]`.
+    d: Tensor,
+    out_proj: Linear,
+    d_inner: i64,
+    d_state: i64,
+    dt_rank: i64,
+}
+
+impl MambaMixer {
+    /// Variables under `p` (a block's `mixer`). `cfg` must have passed [`validate`].
+    pub fn new(p: &nn::Path, cfg: &MambaConfig) -> Self {
+        let hidden = cfg.hidden_size as i64;
+        let e = cfg.d_inner() as i64;
+        let n = cfg.d_state as i64;
+        let r = cfg.dt_rank() as i64;
+        let k = cfg.conv_size as i64;
+        let dt_std = (r as f64).powf(-0.5);
+        let dt_weight = nn::Init::Uniform {
+            lo: -dt_std,
+            up: dt_std,
+        };
+        let opts = (Kind::Float, p.device());
+        let a_log = Tensor::arange_start(1, n + 1, opts)
+            .log()
+            .unsqueeze(0)
+            .repeat([e, 1]);
+        let dt_bias = inverse_softplus_dt(e, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor, p);
+        let dt_proj = Linear {
+            weight: (p / "dt_proj").var("weight", &[e, r], dt_weight),
+            bias: Some((p / "dt_proj").var_copy("bias", &dt_bias)),
+        };
+        let out_gain = 1.0 / (cfg.num_layers as f64).sqrt();
+        Self {
+            in_proj: Linear::with_init(
+                &(p / "in_proj"),
+                hidden,
+                2 * e,
+                torch_default_uniform(hidden, 1.0),
+                None,
+            ),
+            conv1d: CausalConv::new(
+                &(p / "conv1d"),
+                e,
+                k,
+                torch_default_uniform(k, 1.0),
+                Some(torch_default_uniform(k, 1.0)),
+            ),
+            x_proj: Linear::with_init(
+                &(p / "x_proj"),
+                e,
+                r + 2 * n,
+                torch_default_uniform(e, 1.0),
+                None,
+            ),
+            dt_proj,
+            a_log: p.var_copy("A_log", &a_log),
+            d: p.ones("D", &[e]),
+            out_proj: Linear::with_init(
+                &(p / "out_proj"),
+                e,
+                hidden,
+                torch_default_uniform(e, out_gain),
+                None,
+            ),
+            d_inner: e,
+            d_state: n,
+            dt_rank: r,
+        }
+    }
+
+    /// Mixes the sequence; with a cache, continues from (and updates) its states.
+    ///
+    /// # Shapes
+    /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
+    pub fn forward(&self, x: &Tensor, mut cache: Option<&mut MambaLayerCache>) -> Tensor {
+        let (e, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let xz = self.in_proj.forward(x).split_with_sizes([e, e], -1); // 2 x [B, T, E]
+        let prev_conv = cache.as_mut().and_then(|c| c.conv.take());
+        let (u, conv_state) = self.conv1d.forward(&xz[0], prev_conv.as_ref());
+        let parts = self.x_proj.forward(&u).split_with_sizes([r, n, n], -1);
+        // As mamba_ssm: the dt projection's matmul in the compute dtype, bias and softplus
+        // in fp32.
+        let dt = parts[0].linear(&self.dt_proj.weight, None::<&Tensor>);
+        let bias = self.dt_proj.bias.as_ref().expect("dt_proj has a bias");
+        let delta = (dt.to_kind(Kind::Float) + bias.to_kind(Kind::Float)).softplus();
+        let a = -self.a_log.to_kind(Kind::Float).exp();
+        let prev_ssm = cache.as_mut().and_then(|c| c.ssm.take());
+        let (y, ssm_state) = scan_op(
+            &u,
+            &delta,
+            &a,
+            &parts[1],
+            &parts[2],
+            &self.d,
+            prev_ssm.as_ref(),
+        );
+        if let Some(c) = cache {
+            c.conv = Some(conv_state);
+            c.ssm = Some(ssm_state);
+        }
+        let y = y.to_kind(u.kind()) * xz[1].silu();
+        self.out_proj.forward(&y)
+    }
+}
+
+/// `dt_proj.bias`: softplus^-1(dt) with dt log-uniform in `[dt_min, dt_max]`, at least `floor`.
+fn inverse_softplus_dt(e: i64, dt_min: f64, dt_max: f64, floor: f64, p: &nn::Path) -> Tensor {
+    let u = Tensor::rand([e], (Kind::Float, p.device()));
+    let dt = (u * (dt_max.ln() - dt_min.ln()) + dt_min.ln())
+        .exp()
+        .clamp_min(floor);
+    // softplus^-1(y) = y + log(1 - exp(-y)) = y + log(-expm1(-y)).
+    &dt + (-(-&dt).expm1()).log()
+}
+
+/// `x + mixer(norm(x))`.
+#[derive(Debug)]
+struct Block {
+    norm: RmsNorm,
+    mixer: MambaMixer,
+}
+
+/// Mamba language model.
+#[derive(Debug)]
+pub struct MambaModel {
+    config: ModelConfig,
+    embeddings: Embedding,
+    layers: Vec<Block>,
+    norm_f: RmsNorm,
+    lm_head: LmHead,
+}
+
+impl MambaModel {
+    /// Creates the variables under `root` (paths as in the module docs).
+    pub fn new(root: &nn::Path, cfg: &MambaConfig) -> Result<Self, ModelError> {
+        validate(cfg)?;
+        let hidden = cfg.hidden_size as i64;
+        let vocab = cfg.vocab_size as i64;
+        let std = cfg.initializer_range;
+        let backbone = root / "backbone";
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let p = &backbone / "layers" / i;
+                Block {
+                    norm: RmsNorm::new(&(&p / "norm"), hidden, cfg.norm_eps),
+                    mixer: MambaMixer::new(&(&p / "mixer"), cfg),
+                }
+            })
+            .collect();
+        Ok(Self {
+            config: ModelConfig::Mamba(cfg.clone()),
+            embeddings: Embedding::new(&(&backbone / "embeddings"), vocab, hidden, std),
+            layers,
+            norm_f: RmsNorm::new(&(&backbone / "norm_f"), hidden, cfg.norm_eps),
+            lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+        })
+    }
+
+    fn run(&self, tokens: &Tensor, caches: Option<&mut [MambaLayerCache]>) -> Tensor {
+        let mut x = self.embeddings.forward(tokens);
+        let mut caches = caches.map(|c| c.iter_mut());
+        for layer in &self.layers {
+            let cache = caches.as_mut().and_then(|c| c.next());
+            x = &x + layer.mixer.forward(&layer.norm.forward(&x), cache);
+        }
+        self.lm_head
+            .forward(&self.norm_f.forward(&x), &self.embeddings)
+    }
+}
+
+impl CausalLm for MambaModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward(&self, tokens: &Tensor) -> Tensor {
+        self.run(tokens, None)
+    }
+
+    fn new_cache(&self, batch: i64) -> DecodeCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|_| MambaLayerCache::default())
+            .collect();
+        DecodeCache::new(batch, LayerCaches::Mamba(layers))
+    }
+
+    fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
+        cache.advance(tokens);
+        let message = cache.wrong_family("mamba");
+        match &mut cache.layers {
+            LayerCaches::Mamba(layers) => self.run(tokens, Some(layers)),
+            _ => panic!("{message}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn tiny() -> MambaConfig {
+        MambaConfig {
+            vocab_size: 13,
+            hidden_size: 16,
+            num_layers: 4,
+            d_state: 4,
+            dt_min: 1e-3,
+            dt_max: 1e-1,
+            ..MambaConfig::default()
+        }
+    }
+
+    #[test]
+    fn dt_bias_inverts_softplus_into_the_configured_range() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mixer = MambaMixer::new(&vs.root(), &tiny());
+        let dt = mixer.dt_proj.bias.as_ref().unwrap().softplus();
+        let (lo, hi) = (dt.min().double_value(&[]), dt.max().double_value(&[]));
+        assert!(
+            lo >= 1e-3 * 0.999 && hi <= 1e-1 * 1.001,
+            "dt in [{lo}, {hi}]"
+        );
+        let a = -mixer.a_log.exp();
+        let want = -Tensor::arange_start(1, 5, (Kind::Float, Device::Cpu));
+        assert!(a.get(7).allclose(&want, 1e-6, 1e-6, false));
+        assert_eq!(mixer.a_log.kind(), Kind::Float);
+    }
+
+    #[test]
+    fn initial_bounds_follow_mamba_ssm() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let cfg = tiny();
+        let mixer = MambaMixer::new(&vs.root(), &cfg);
+        let max_abs = |t: &Tensor| t.abs().max().double_value(&[]);
+        // out_proj: 1/sqrt(d_inner) / sqrt(num_layers) = 1/sqrt(32) / 2.
+        assert!(max_abs(&mixer.out_proj.weight) <= 1.0 / 32f64.sqrt() / 2.0);
+        assert!(max_abs(&mixer.out_proj.weight) > 1.0 / 32f64.sqrt() / 4.0);
+        let dt_bound = 1.0 / (cfg.dt_rank() as f64).sqrt();
+        assert!(max_abs(&mixer.dt_proj.weight) <= dt_bound);
+        assert!(max_abs(&mixer.conv1d.weight) <= 0.5, "1/sqrt(conv_size 4)");
+        assert_eq!(mixer.d.sum(Kind::Float).double_value(&[]), 32.0);
+    }
+}

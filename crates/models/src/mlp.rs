@@ -1,0 +1,56 @@
+//! The SwiGLU feed-forward block of GLA and Transformer++ (`mlp.gate_proj`, `mlp.up_proj`,
+//! `mlp.down_proj`, no biases).
+
+use crate::linear::Linear;
+use tch::{nn, Tensor};
+
+/// `down(silu(gate(x)) * up(x))`.
+#[derive(Debug)]
+pub struct SwiGlu {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl SwiGlu {
+    /// All three weights `N(0, std)`.
+    pub fn new(p: &nn::Path, hidden: i64, intermediate: i64, std: f64) -> Self {
+        Self {
+            gate_proj: Linear::normal(&(p / "gate_proj"), hidden, intermediate, false, std),
+            up_proj: Linear::normal(&(p / "up_proj"), hidden, intermediate, false, std),
+            down_proj: Linear::normal(&(p / "down_proj"), intermediate, hidden, false, std),
+        }
+    }
+
+    /// # Shapes
+    /// `x: [..., hidden]` -> `[..., hidden]`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let h = self.gate_proj.forward(x).silu() * self.up_proj.forward(x);
+        self.down_proj.forward(&h)
+    }
+}
+
+/// Parameters of one [`SwiGlu`].
+pub fn swiglu_parameters(hidden: i64, intermediate: i64) -> i64 {
+    3 * hidden * intermediate
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn shape_and_parameter_count() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mlp = SwiGlu::new(&(vs.root() / "mlp"), 8, 24, 0.02);
+        let x = Tensor::randn([2, 3, 8], (Kind::Float, Device::Cpu));
+        assert_eq!(mlp.forward(&x).size(), [2, 3, 8]);
+        let n: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        assert_eq!(n, swiglu_parameters(8, 24));
+    }
+}

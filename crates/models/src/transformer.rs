@@ -1,0 +1,314 @@
+//! Transformer++ (LLaMA style) with flash-linear-attention's `TransformerForCausalLM` names:
+//! `model.embeddings`, `model.layers.N.{attn_norm, attn.{q,k,v,o}_proj, mlp_norm,
+//! mlp.{gate,up,down}_proj}`, `model.norm`, `lm_head`. RMSNorm, RoPE, SwiGLU, no biases,
+//! grouped-query attention through `num_kv_heads`, causal `scaled_dot_product_attention`
+//! (libtorch picks a flash kernel for bf16/fp16 on CUDA).
+//!
+//! Initialisation as Hugging Face LLaMA and FLA: every linear and embedding weight
+//! `N(0, initializer_range)`, norms one, no depth rescaling.
+
+use crate::cache::{DecodeCache, LayerCaches};
+use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::linear::{Embedding, Linear, LmHead};
+use crate::mlp::SwiGlu;
+use crate::norm::RmsNorm;
+use crate::rope::Rotary;
+use crate::CausalLm;
+use glatrain_config::{ModelConfig, TransformerConfig};
+use tch::{nn, Kind, Tensor};
+
+/// Checks that `cfg` describes a buildable model; errors name the offending key.
+pub fn validate(cfg: &TransformerConfig) -> Result<(), ModelError> {
+    require_positive("vocab_size", cfg.vocab_size)?;
+    require_positive("hidden_size", cfg.hidden_size)?;
+    require_positive("num_layers", cfg.num_layers)?;
+    require_positive("num_heads", cfg.num_heads)?;
+    require_positive("num_kv_heads", cfg.kv_heads())?;
+    require_positive("intermediate_size", cfg.mlp_size())?;
+    if cfg.hidden_size % cfg.num_heads != 0 {
+        return Err(ModelError::bad(
+            "num_heads",
+            cfg.num_heads,
+            format!("hidden_size {} is not divisible by it", cfg.hidden_size),
+        ));
+    }
+    if cfg.head_dim() % 2 != 0 {
+        return Err(ModelError::bad(
+            "num_heads",
+            cfg.num_heads,
+            format!(
+                "head_dim = hidden_size {} / num_heads = {} is odd; rotary embeddings need it even",
+                cfg.hidden_size,
+                cfg.head_dim()
+            ),
+        ));
+    }
+    if cfg.num_heads % cfg.kv_heads() != 0 {
+        return Err(ModelError::bad(
+            "num_kv_heads",
+            cfg.kv_heads(),
+            format!("num_heads {} is not divisible by it", cfg.num_heads),
+        ));
+    }
+    if !(cfg.rope_theta.is_finite() && cfg.rope_theta > 0.0) {
+        return Err(ModelError::bad(
+            "rope_theta",
+            cfg.rope_theta,
+            "must be a positive number",
+        ));
+    }
+    check_norm_and_init(cfg.norm_eps, cfg.initializer_range)
+}
+
+/// Per-layer key/value cache, `[B, kv_heads, T_past, head_dim]` each.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+/// Multi-head (grouped-query) causal self-attention with rotary positions.
+#[derive(Debug)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    /// Variables under `p` (a block's `attn`). `cfg` must have passed [`validate`].
+    pub fn new(p: &nn::Path, cfg: &TransformerConfig) -> Self {
+        let hidden = cfg.hidden_size as i64;
+        let (h, hkv, d) = (
+            cfg.num_heads as i64,
+            cfg.kv_heads() as i64,
+            cfg.head_dim() as i64,
+        );
+        let std = cfg.initializer_range;
+        Self {
+            q_proj: Linear::normal(&(p / "q_proj"), hidden, h * d, false, std),
+            k_proj: Linear::normal(&(p / "k_proj"), hidden, hkv * d, false, std),
+            v_proj: Linear::normal(&(p / "v_proj"), hidden, hkv * d, false, std),
+            o_proj: Linear::normal(&(p / "o_proj"), h * d, hidden, false, std),
+            num_heads: h,
+            num_kv_heads: hkv,
+            head_dim: d,
+        }
+    }
+
+    /// Attends causally over the cached keys (positions `0 .. past`) and `x` (positions
+    /// `past .. past + T`); `rope` must cover the latter. With a cache, appends `x`'s keys and
+    /// values to it.
+    ///
+    /// # Shapes
+    /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rotary,
+        past: i64,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("attention input must be [B, T, hidden]");
+        let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2); // [B, n, T, d]
+        let q = rope.apply(&heads(self.q_proj.forward(x), h));
+        let mut k = rope.apply(&heads(self.k_proj.forward(x), hkv));
+        let mut v = heads(self.v_proj.forward(x), hkv);
+        if let Some(cache) = cache {
+            if let (Some(pk), Some(pv)) = (cache.k.take(), cache.v.take()) {
+                k = Tensor::cat(&[pk, k], 2);
+                v = Tensor::cat(&[pv, v], 2);
+            }
+            cache.k = Some(k.shallow_clone());
+            cache.v = Some(v.shallow_clone());
+        }
+        // SDPA's is_causal aligns the mask top-left, which is right only without a past; a
+        // single query sees every key; a block after a past needs the explicit offset mask.
+        let mask = (past > 0 && t > 1).then(|| {
+            let opts = (Kind::Int64, x.device());
+            let q_pos = Tensor::arange_start(past, past + t, opts).unsqueeze(1);
+            let k_pos = Tensor::arange(past + t, opts).unsqueeze(0);
+            k_pos.le_tensor(&q_pos) // [T, past + T], true = attend
+        });
+        let is_causal = past == 0 && t > 1;
+        let o = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            mask.as_ref(),
+            0.0,
+            is_causal,
+            None,
+            hkv != h,
+        ); // [B, H, T, d]
+        self.o_proj
+            .forward(&o.transpose(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+/// `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`.
+#[derive(Debug)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    mlp: SwiGlu,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, rope: &Rotary, past: i64, cache: Option<&mut KvCache>) -> Tensor {
+        let x = x + self
+            .attn
+            .forward(&self.attn_norm.forward(x), rope, past, cache);
+        &x + self.mlp.forward(&self.mlp_norm.forward(&x))
+    }
+}
+
+/// LLaMA-style Transformer++ language model.
+#[derive(Debug)]
+pub struct TransformerModel {
+    config: ModelConfig,
+    embeddings: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: LmHead,
+    head_dim: i64,
+    rope_theta: f64,
+}
+
+impl TransformerModel {
+    /// Creates the variables under `root` (paths as in the module docs).
+    pub fn new(root: &nn::Path, cfg: &TransformerConfig) -> Result<Self, ModelError> {
+        validate(cfg)?;
+        let hidden = cfg.hidden_size as i64;
+        let vocab = cfg.vocab_size as i64;
+        let std = cfg.initializer_range;
+        let model = root / "model";
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let p = &model / "layers" / i;
+                Block {
+                    attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
+                    attn: Attention::new(&(&p / "attn"), cfg),
+                    mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
+                    mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
+                }
+            })
+            .collect();
+        Ok(Self {
+            config: ModelConfig::Transformer(cfg.clone()),
+            embeddings: Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
+            layers,
+            norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
+            lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            head_dim: cfg.head_dim() as i64,
+            rope_theta: cfg.rope_theta,
+        })
+    }
+
+    fn run(&self, tokens: &Tensor, past: i64, caches: Option<&mut [KvCache]>) -> Tensor {
+        let t = tokens.size()[1];
+        let rope = Rotary::new(self.head_dim, self.rope_theta, past, t, tokens.device());
+        let mut x = self.embeddings.forward(tokens);
+        let mut caches = caches.map(|c| c.iter_mut());
+        for layer in &self.layers {
+            let cache = caches.as_mut().and_then(|c| c.next());
+            x = layer.forward(&x, &rope, past, cache);
+        }
+        self.lm_head
+            .forward(&self.norm.forward(&x), &self.embeddings)
+    }
+}
+
+impl CausalLm for TransformerModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward(&self, tokens: &Tensor) -> Tensor {
+        self.run(tokens, 0, None)
+    }
+
+    fn new_cache(&self, batch: i64) -> DecodeCache {
+        let layers = self.layers.iter().map(|_| KvCache::default()).collect();
+        DecodeCache::new(batch, LayerCaches::Transformer(layers))
+    }
+
+    fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
+        let past = cache.advance(tokens);
+        let message = cache.wrong_family("transformer");
+        match &mut cache.layers {
+            LayerCaches::Transformer(layers) => self.run(tokens, past, Some(layers)),
+            _ => panic!("{message}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn slow_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+        // q, k, v: [B, H, T, d]
+        let t = q.size()[2];
+        let d = q.size()[3] as f64;
+        let scores = q.matmul(&k.transpose(2, 3)) / d.sqrt();
+        let future = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).triu(1);
+        scores
+            .masked_fill(&future, f64::NEG_INFINITY)
+            .softmax(-1, Kind::Float)
+            .matmul(v)
+    }
+
+    #[test]
+    fn grouped_query_attention_matches_repeated_heads() {
+        let cfg = TransformerConfig {
+            hidden_size: 16,
+            num_heads: 4,
+            num_kv_heads: Some(2),
+            ..TransformerConfig::default()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let attn = Attention::new(&vs.root(), &cfg);
+        let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+        let rope = Rotary::new(4, cfg.rope_theta, 0, 5, Device::Cpu);
+        let got = attn.forward(&x, &rope, 0, None);
+        let heads = |y: Tensor, n: i64| y.reshape([2, 5, n, 4]).transpose(1, 2);
+        let q = rope.apply(&heads(attn.q_proj.forward(&x), 4));
+        let k = rope.apply(&heads(attn.k_proj.forward(&x), 2));
+        let v = heads(attn.v_proj.forward(&x), 2);
+        let k = k.repeat_interleave_self_int(2, 1, None);
+        let v = v.repeat_interleave_self_int(2, 1, None);
+        let o = slow_causal_attention(&q, &k, &v)
+            .transpose(1, 2)
+            .reshape([2, 5, 16]);
+        let want = attn.o_proj.forward(&o);
+        assert!(got.allclose(&want, 1e-5, 1e-6, false));
+    }
+
+    #[test]
+    fn odd_head_dim_and_bad_kv_heads_are_rejected_by_key() {
+        let odd = TransformerConfig {
+            hidden_size: 12,
+            num_heads: 4,
+            ..TransformerConfig::default()
+        };
+        let e = validate(&odd).unwrap_err().to_string();
+        assert!(
+            e.starts_with("model.num_heads = 4:") && e.contains("odd"),
+            "{e}"
+        );
+        let kv = TransformerConfig {
+            num_kv_heads: Some(3),
+            ..TransformerConfig::default()
+        };
+        let e = validate(&kv).unwrap_err().to_string();
+        assert!(e.starts_with("model.num_kv_heads = 3:"), "{e}");
+    }
+}
