@@ -11,6 +11,7 @@
 mod error;
 mod keys;
 mod overrides;
+mod params;
 mod resolved;
 pub mod schema;
 mod validate;

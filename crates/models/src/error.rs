@@ -2,7 +2,7 @@
 
 /// A `[model]` table that describes an impossible model. The message names the key, its value
 /// and why it is rejected; the CLI prefixes the config file's path.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// A key whose value (alone or together with others) gives an impossible shape.
     #[error("model.{key} = {value}: {reason}")]
@@ -14,13 +14,21 @@ pub enum ModelError {
         /// What is wrong, with the derived sizes involved.
         reason: String,
     },
+    /// glatrain's CUDA kernels cannot run on the model's device (no driver, no NVRTC).
+    #[error("GLA kernels cannot run on cuda:{ordinal} (set kernels.mode = \"reference\" to use tensor ops): {source}")]
+    Kernels {
+        ordinal: usize,
+        source: glatrain_ops::cuda::CudaError,
+    },
 }
 
 impl ModelError {
-    /// Every variant comes from the user's config: the CLI exits 2.
+    /// Shapes come from the user's config (the CLI exits 2); a device that cannot run the
+    /// kernels is a failure of the environment.
     pub fn is_bad_input(&self) -> bool {
         match self {
             ModelError::BadShape { .. } => true,
+            ModelError::Kernels { .. } => false,
         }
     }
 

@@ -33,7 +33,8 @@ use crate::norm::RmsNorm;
 use crate::CausalLm;
 use glatrain_config::{GlaConfig, KernelMode, ModelConfig};
 use glatrain_ops::reference::gla::{default_scale, gla_chunked, gla_recurrent, DEFAULT_CHUNK};
-use tch::{nn, Kind, Tensor};
+use glatrain_ops::GlaMode;
+use tch::{nn, Device, Kind, Tensor};
 
 /// Checks that `cfg` describes a buildable model; errors name the offending key.
 pub fn validate(cfg: &GlaConfig) -> Result<(), ModelError> {
@@ -83,14 +84,21 @@ pub fn validate(cfg: &GlaConfig) -> Result<(), ModelError> {
 
 /// Runs the GLA function for `mode`: the single place where the layer calls an op.
 ///
-/// Today every mode runs the tensor-op reference (which computes in fp32 whatever the input
-/// dtype): `FusedRecurrent` and single-token calls (decoding) the token-by-token recurrence,
-/// every other mode the chunked form. `gk` goes in as fp32; the output comes back in `v`'s
-/// dtype (the activation dtype); the state stays fp32.
+/// On CUDA every mode but `Reference` runs glatrain's kernels through the autograd op
+/// (`glatrain_ops::gla`), single-token calls (decoding) as `FusedRecurrent`; `Auto` means the
+/// preflight did not run (evaluation, sampling, tests) and takes `Chunk`. On the CPU the
+/// tensor-op reference runs: the token-by-token recurrence for `FusedRecurrent` and decoding, the
+/// chunked form otherwise. `gk` goes in as fp32; the output comes back in `v`'s dtype (the
+/// activation dtype); the state, returned when `want_state`, stays fp32.
 ///
 /// # Shapes
 /// `q, k, gk: [B, T, H, K]`, `v: [B, T, H, V]`, `initial_state: [B, H, K, V]` fp32 ->
 /// (`o: [B, T, H, V]`, `final_state: [B, H, K, V]` fp32).
+///
+/// # Panics
+/// When the kernels reject inputs the layer built itself (a bug), or cannot run on a device
+/// the model was built for (checked by [`GlaModel::new`]).
+#[allow(clippy::too_many_arguments)]
 pub fn gla_op(
     mode: KernelMode,
     q: &Tensor,
@@ -99,12 +107,36 @@ pub fn gla_op(
     gk: &Tensor,
     initial_state: Option<&Tensor>,
     scale: f64,
-) -> (Tensor, Tensor) {
+    want_state: bool,
+) -> (Tensor, Option<Tensor>) {
     let gk = gk.to_kind(Kind::Float);
-    let (o, state) = if mode == KernelMode::FusedRecurrent || q.size()[1] == 1 {
-        gla_recurrent(q, k, v, &gk, initial_state, scale)
+    let decoding = q.size()[1] == 1;
+    let (o, state) = if q.device() == Device::Cpu {
+        let (o, state) = if mode == KernelMode::FusedRecurrent || decoding {
+            gla_recurrent(q, k, v, &gk, initial_state, scale)
+        } else {
+            gla_chunked(q, k, v, &gk, initial_state, scale, DEFAULT_CHUNK)
+        };
+        (o, want_state.then_some(state))
     } else {
-        gla_chunked(q, k, v, &gk, initial_state, scale, DEFAULT_CHUNK)
+        let op_mode = match mode {
+            KernelMode::Reference => GlaMode::Reference,
+            _ if decoding => GlaMode::FusedRecurrent,
+            KernelMode::FusedRecurrent => GlaMode::FusedRecurrent,
+            KernelMode::FusedChunk => GlaMode::FusedChunk,
+            KernelMode::Chunk | KernelMode::Auto => GlaMode::Chunk,
+        };
+        glatrain_ops::gla(
+            q,
+            k,
+            v,
+            &gk,
+            initial_state,
+            Some(scale),
+            op_mode,
+            want_state,
+        )
+        .unwrap_or_else(|e| panic!("GLA op failed on the layer's own inputs: {e}"))
     };
     (o.to_kind(v.kind()), state)
 }
@@ -231,9 +263,19 @@ impl GlaAttention {
         let v = v.reshape([b, t, h, dv]);
         let initial_state = cache.as_mut().and_then(|c| c.state.take());
         let scale = default_scale(dk);
-        let (o, state) = gla_op(self.mode, &q, &k, &v, &gk, initial_state.as_ref(), scale);
+        let want_state = cache.is_some();
+        let (o, state) = gla_op(
+            self.mode,
+            &q,
+            &k,
+            &v,
+            &gk,
+            initial_state.as_ref(),
+            scale,
+            want_state,
+        );
         if let Some(c) = cache {
-            c.state = Some(state);
+            c.state = state;
         }
         let o = match &self.g_proj {
             Some(g_proj) => {
@@ -276,6 +318,10 @@ impl GlaModel {
     /// Creates the variables under `root` (paths as in the module docs).
     pub fn new(root: &nn::Path, cfg: &GlaConfig, mode: KernelMode) -> Result<Self, ModelError> {
         validate(cfg)?;
+        if let (Device::Cuda(ordinal), false) = (root.device(), mode == KernelMode::Reference) {
+            glatrain_ops::cuda::Device::get(ordinal)
+                .map_err(|source| ModelError::Kernels { ordinal, source })?;
+        }
         let hidden = cfg.hidden_size as i64;
         let vocab = cfg.vocab_size as i64;
         let std = cfg.initializer_range;

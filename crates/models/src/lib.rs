@@ -23,7 +23,7 @@ pub mod transformer;
 
 pub use cache::DecodeCache;
 pub use error::ModelError;
-pub use params::{count_parameters, no_weight_decay, parameter_count};
+pub use params::{count_parameters, no_weight_decay};
 
 use glatrain_config::{KernelMode, ModelConfig};
 use tch::{nn, Tensor};

@@ -30,11 +30,6 @@ impl SwiGlu {
     }
 }
 
-/// Parameters of one [`SwiGlu`].
-pub fn swiglu_parameters(hidden: i64, intermediate: i64) -> i64 {
-    3 * hidden * intermediate
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,6 +46,7 @@ mod tests {
             .iter()
             .map(|t| t.numel() as i64)
             .sum();
-        assert_eq!(n, swiglu_parameters(8, 24));
+        // gate_proj, up_proj and down_proj, each hidden x intermediate.
+        assert_eq!(n, 3 * 8 * 24);
     }
 }

@@ -2,7 +2,7 @@
 //! decoding, finite gradients for every parameter, parameter counts, config errors, dtypes.
 
 use glatrain_config::{GlaConfig, KernelMode, MambaConfig, ModelConfig, TransformerConfig};
-use glatrain_models::{build, count_parameters, parameter_count, CausalLm};
+use glatrain_models::{build, count_parameters, CausalLm};
 use tch::{nn, Device, Kind, Tensor};
 
 const VOCAB: usize = 37;
@@ -239,7 +239,11 @@ fn parameter_formula_matches_the_var_store() {
     ));
     for (name, cfg) in cases {
         let (vs, _model) = make(&cfg, KernelMode::Chunk);
-        assert_eq!(count_parameters(&vs), parameter_count(&cfg), "{name}");
+        assert_eq!(
+            count_parameters(&vs) as u64,
+            cfg.parameter_count(),
+            "{name}"
+        );
     }
 }
 
@@ -262,7 +266,7 @@ fn published_sizes_from_the_design_shapes() {
         ),
     ];
     for (name, cfg, published) in cases {
-        let n = parameter_count(&cfg) as f64;
+        let n = cfg.parameter_count() as f64;
         println!(
             "{name}: {:.1}M parameters (published {:.0}M)",
             n / 1e6,
@@ -278,7 +282,7 @@ fn published_sizes_from_the_design_shapes() {
         vocab_size: 50280,
         ..MambaConfig::default()
     });
-    let n = parameter_count(&mamba) as f64;
+    let n = mamba.parameter_count() as f64;
     println!("Mamba-370M (vocab 50280): {:.1}M parameters", n / 1e6);
     assert!((n / 370e6 - 1.0).abs() <= 0.02, "Mamba-370M: {n}");
 }
@@ -314,7 +318,7 @@ fn shipped_configs_have_their_published_sizes() {
         };
         let cfg: ModelConfig = model.clone().try_into().unwrap();
         glatrain_models::validate(&cfg).unwrap();
-        let n = parameter_count(&cfg) as f64;
+        let n = cfg.parameter_count() as f64;
         let stem = path.file_stem().unwrap().to_string_lossy();
         match size_in_name(&stem) {
             Some(published) => {

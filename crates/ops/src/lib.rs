@@ -1,1 +1,8 @@
+//! Sequence-mixing ops.
+pub mod autocast;
+pub mod cuda;
+pub mod gla;
+pub mod reference;
+pub mod testing;
 
+pub use gla::{gla, GlaMode, OpError};

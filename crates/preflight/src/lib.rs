@@ -17,7 +17,6 @@ mod error;
 mod estimate;
 mod measure;
 mod mode;
-mod params;
 mod report;
 mod rules;
 mod shape;
@@ -31,7 +30,6 @@ pub use estimate::{
 };
 pub use measure::{default_cache_dir, measure, ModeTimer, MEASURE_RECURRENT_MAX_T};
 pub use mode::{Mode, Source};
-pub use params::parameter_count;
 pub use report::{
     MemoryEstimate, Report, Row, BYTES_PER_PARAMETER, CUDA_RUNTIME_BYTES, ESTIMATE_NOTE,
 };

@@ -12,7 +12,6 @@ use crate::device::{DeviceKind, DeviceProfile};
 use crate::error::PreflightError;
 use crate::measure::{measure, ModeTimer};
 use crate::mode::{Mode, Source};
-use crate::params::parameter_count;
 use crate::rules::{choose_mode, Decision};
 use crate::shape::{layer_shapes, LayerShape};
 
@@ -106,7 +105,7 @@ impl Report {
     /// The report of `rows`: the memory estimate and its check, and the warnings gathered.
     fn assemble(cfg: &ResolvedConfig, device: &DeviceProfile, rows: Vec<Row>) -> Report {
         let c = &cfg.config;
-        let parameters = parameter_count(&c.model);
+        let parameters = c.model.parameter_count();
         let first = rows.first().map(|r| &r.shape);
         let tokens = first.map_or(0, LayerShape::tokens);
         let act_bytes = first.map_or(4, LayerShape::act_bytes);

@@ -1,0 +1,150 @@
+// The C++ side of glatrain-ops: what tch cannot express.
+//
+// - `glatrain_set_autocast_dtype`: choose the CUDA autocast dtype (tch's autocast is fp16 only).
+// - `GlaFunction`: a torch::autograd::Function whose forward and backward call back into Rust
+//   (the CUDA GLA launchers), so `loss.backward()` from Rust reaches the custom kernels.
+//
+// Tensors cross the boundary as `at::Tensor*` (tch's C_tensor). Tensors handed to Rust are
+// borrowed for the duration of the call; tensors Rust returns are `new at::Tensor` that this file
+// takes ownership of (and vice versa for the outputs of `glatrain_gla_apply`).
+
+#include <ATen/autocast_mode.h>
+#include <torch/torch.h>
+
+#include <cstring>
+#include <string>
+
+namespace {
+
+// Fills a caller buffer with a NUL-terminated message (truncated to fit).
+void write_error(char* buf, size_t len, const char* msg) {
+  if (buf == nullptr || len == 0) return;
+  std::strncpy(buf, msg, len - 1);
+  buf[len - 1] = '\0';
+}
+
+// Rust callbacks: return 0 on success, else non-zero with a message written to `err`.
+// Forward: (q, k, v, g, h0 or null, scale, mode, out o, out final state) -> status.
+using GlaForwardFn = int (*)(const at::Tensor*, const at::Tensor*, const at::Tensor*,
+                             const at::Tensor*, const at::Tensor*, double, int64_t, at::Tensor**,
+                             at::Tensor**, char*, size_t);
+// Backward: (q, k, v, g, h0 or null, final state, do, dht or null, scale, mode,
+//            out dq, dk, dv, dg, dh0 (left null when h0 is null)) -> status.
+using GlaBackwardFn = int (*)(const at::Tensor*, const at::Tensor*, const at::Tensor*,
+                              const at::Tensor*, const at::Tensor*, const at::Tensor*,
+                              const at::Tensor*, const at::Tensor*, double, int64_t, at::Tensor**,
+                              at::Tensor**, at::Tensor**, at::Tensor**, at::Tensor**, char*,
+                              size_t);
+
+constexpr size_t kErrLen = 4096;
+
+// Takes ownership of a tensor that Rust allocated with `new` (through tch); null gives undefined.
+at::Tensor take(at::Tensor* t) {
+  if (t == nullptr) return at::Tensor();
+  at::Tensor out = *t;
+  delete t;
+  return out;
+}
+
+const at::Tensor* opt(const at::Tensor& t) { return t.defined() ? &t : nullptr; }
+
+struct GlaFunction : public torch::autograd::Function<GlaFunction> {
+  // `h0` is always a defined tensor (autograd's C++ Function rejects undefined inputs); without
+  // an initial state it is an empty placeholder and `has_h0` is false.
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const at::Tensor& g,
+                                                const at::Tensor& h0_or_empty, bool has_h0,
+                                                double scale, int64_t mode, int64_t fwd_fn,
+                                                int64_t bwd_fn) {
+    auto fwd = reinterpret_cast<GlaForwardFn>(fwd_fn);
+    const at::Tensor h0 = has_h0 ? h0_or_empty : at::Tensor();
+    at::Tensor* o = nullptr;
+    at::Tensor* ht = nullptr;
+    char err[kErrLen] = {0};
+    int rc = fwd(&q, &k, &v, &g, opt(h0), scale, mode, &o, &ht, err, kErrLen);
+    at::Tensor o_t = take(o);
+    at::Tensor ht_t = take(ht);
+    TORCH_CHECK(rc == 0, err);
+    // Gradients may be absent (an unused output): backward handles undefined grads itself.
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({q, k, v, g, h0, ht_t});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["mode"] = mode;
+    ctx->saved_data["bwd_fn"] = bwd_fn;
+    return {o_t, ht_t};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& q = saved[0];
+    const at::Tensor& k = saved[1];
+    const at::Tensor& v = saved[2];
+    const at::Tensor& g = saved[3];
+    const at::Tensor& h0 = saved[4];
+    const at::Tensor& ht = saved[5];
+    double scale = ctx->saved_data["scale"].toDouble();
+    int64_t mode = ctx->saved_data["mode"].toInt();
+    auto bwd = reinterpret_cast<GlaBackwardFn>(ctx->saved_data["bwd_fn"].toInt());
+
+    at::Tensor d_o = grads[0];
+    if (!d_o.defined()) {
+      // Only the final state was used: the outputs contribute nothing.
+      std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end());
+      shape[3] = v.size(3);
+      d_o = at::zeros(shape, v.options());
+    }
+    at::Tensor dht = grads[1];
+    at::Tensor *dq = nullptr, *dk = nullptr, *dv = nullptr, *dg = nullptr, *dh0 = nullptr;
+    char err[kErrLen] = {0};
+    int rc = bwd(&q, &k, &v, &g, opt(h0), &ht, &d_o, opt(dht), scale, mode, &dq, &dk, &dv, &dg,
+                 &dh0, err, kErrLen);
+    at::Tensor dq_t = take(dq), dk_t = take(dk), dv_t = take(dv), dg_t = take(dg);
+    at::Tensor dh0_t = take(dh0);
+    TORCH_CHECK(rc == 0, err);
+    return {dq_t, dk_t, dv_t, dg_t, dh0_t, at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Sets the dtype CUDA autocast casts to (at::ScalarType as int). Returns 0, or 1 with a message.
+int glatrain_set_autocast_dtype(int scalar_type, char* err, size_t err_len) {
+  try {
+    at::autocast::set_autocast_dtype(at::kCUDA, static_cast<at::ScalarType>(scalar_type));
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+// The CUDA autocast dtype now in effect (at::ScalarType as int).
+int glatrain_get_autocast_dtype() {
+  return static_cast<int>(at::autocast::get_autocast_dtype(at::kCUDA));
+}
+
+// Runs GLA as an autograd function. `h0` may be null. On success returns 0 and sets `*o` and
+// `*ht` to new tensors owned by the caller; else returns 1 with a message in `err`.
+int glatrain_gla_apply(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                       const at::Tensor* g, const at::Tensor* h0, double scale, int64_t mode,
+                       GlaForwardFn fwd, GlaBackwardFn bwd, at::Tensor** o, at::Tensor** ht,
+                       char* err, size_t err_len) {
+  try {
+    at::Tensor h0_t = h0 != nullptr ? *h0 : at::empty({0}, g->options());
+    auto outs = GlaFunction::apply(*q, *k, *v, *g, h0_t, h0 != nullptr, scale, mode,
+                                   reinterpret_cast<int64_t>(fwd), reinterpret_cast<int64_t>(bwd));
+    *o = new at::Tensor(outs[0]);
+    *ht = new at::Tensor(outs[1]);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,90 @@
+//! The dtype of CUDA autocast regions.
+//!
+//! tch's `autocast` always casts to fp16; libtorch lets the dtype be chosen per device type.
+//! [`set_autocast_dtype`] sets it (through the C++ shim) for every later `tch::autocast(true, ..)`.
+
+use std::ffi::{c_char, c_int, CStr};
+
+extern "C" {
+    fn glatrain_set_autocast_dtype(scalar_type: c_int, err: *mut c_char, err_len: usize) -> c_int;
+    fn glatrain_get_autocast_dtype() -> c_int;
+}
+
+/// Why the autocast dtype could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum AutocastError {
+    /// Only fp16 and bf16 are autocast dtypes on CUDA.
+    #[error("autocast dtype {0:?} is not supported: use Kind::BFloat16 or Kind::Half")]
+    Unsupported(tch::Kind),
+    /// libtorch refused it.
+    #[error("libtorch refused autocast dtype {kind:?}: {message}")]
+    Torch {
+        /// The dtype asked for.
+        kind: tch::Kind,
+        /// libtorch's message.
+        message: String,
+    },
+}
+
+impl AutocastError {
+    /// True when the dtype came from the user (a config value) rather than an internal failure.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, Self::Unsupported(_))
+    }
+}
+
+/// c10::ScalarType numbers of the autocast dtypes.
+const SCALAR_HALF: c_int = 5;
+const SCALAR_BFLOAT16: c_int = 15;
+
+/// Sets the dtype that CUDA autocast regions (`tch::autocast(true, ..)`) cast matmuls to.
+///
+/// Process-wide; `Kind::BFloat16` or `Kind::Half`.
+pub fn set_autocast_dtype(kind: tch::Kind) -> Result<(), AutocastError> {
+    let scalar = match kind {
+        tch::Kind::Half => SCALAR_HALF,
+        tch::Kind::BFloat16 => SCALAR_BFLOAT16,
+        other => return Err(AutocastError::Unsupported(other)),
+    };
+    let mut err = [0 as c_char; 1024];
+    // SAFETY: the shim writes at most `err.len()` bytes, NUL-terminated, into `err`.
+    let rc = unsafe { glatrain_set_autocast_dtype(scalar, err.as_mut_ptr(), err.len()) };
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: on failure the shim wrote a NUL-terminated message into `err`.
+    let message = unsafe { CStr::from_ptr(err.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    Err(AutocastError::Torch { kind, message })
+}
+
+/// The dtype CUDA autocast regions cast to now.
+pub fn autocast_dtype() -> tch::Kind {
+    // SAFETY: reads a process-wide setting; no arguments.
+    match unsafe { glatrain_get_autocast_dtype() } {
+        SCALAR_BFLOAT16 => tch::Kind::BFloat16,
+        SCALAR_HALF => tch::Kind::Half,
+        _ => tch::Kind::Float,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_and_reads_back_bf16_then_fp16() {
+        set_autocast_dtype(tch::Kind::BFloat16).unwrap();
+        assert_eq!(autocast_dtype(), tch::Kind::BFloat16);
+        set_autocast_dtype(tch::Kind::Half).unwrap();
+        assert_eq!(autocast_dtype(), tch::Kind::Half);
+    }
+
+    #[test]
+    fn rejects_non_half_dtypes() {
+        let err = set_autocast_dtype(tch::Kind::Double).unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(err.to_string().contains("Double"));
+    }
+}

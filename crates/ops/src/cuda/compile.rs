@@ -1,0 +1,301 @@
+//! Kernel sources and their compilation: NVRTC to CUBIN for one architecture, cached on disk.
+//!
+//! Sources are embedded in the binary (`include_str!` of `kernels/`). For iterating on a kernel
+//! without rebuilding Rust, `GLATRAIN_KERNEL_DIR=<dir>` makes the launchers read `<dir>/<file>`
+//! instead. CUBIN (not PTX) is produced so the driver does not JIT at load time. The cache lives
+//! in `$GLATRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/glatrain/kernels`, else
+//! `~/.cache/glatrain/kernels`, one file per (source text, options, NVRTC version, arch).
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::path::PathBuf;
+
+use cudarc::nvrtc::{result, sys};
+use sha2::{Digest, Sha256};
+
+use super::{catch_library_panic, CudaError};
+
+/// A kernel source file under `kernels/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelSource {
+    /// `kernels/gla.cu`: every GLA kernel.
+    Gla,
+}
+
+impl KernelSource {
+    /// Every source, for the compile-everything check.
+    pub const ALL: [KernelSource; 1] = [KernelSource::Gla];
+
+    /// The file name under `kernels/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            KernelSource::Gla => "gla.cu",
+        }
+    }
+
+    fn embedded(self) -> &'static str {
+        match self {
+            KernelSource::Gla => include_str!("../../../../kernels/gla.cu"),
+        }
+    }
+
+    /// The source text: `$GLATRAIN_KERNEL_DIR/<file>` when that variable is set, else embedded.
+    pub fn text(self) -> Result<String, CudaError> {
+        match std::env::var_os("GLATRAIN_KERNEL_DIR") {
+            Some(dir) => {
+                let path = PathBuf::from(&dir).join(self.file_name());
+                std::fs::read_to_string(&path).map_err(|e| CudaError::Override {
+                    dir: dir.to_string_lossy().into_owned(),
+                    file: self.file_name().to_string(),
+                    message: e.to_string(),
+                })
+            }
+            None => Ok(self.embedded().to_string()),
+        }
+    }
+}
+
+/// The element type a kernel module is instantiated for (one module per dtype).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelDtype {
+    /// fp32 inputs.
+    F32,
+    /// bf16 inputs.
+    Bf16,
+    /// fp16 inputs.
+    F16,
+}
+
+impl KernelDtype {
+    /// Every dtype, for the compile-everything check.
+    pub const ALL: [KernelDtype; 3] = [KernelDtype::F32, KernelDtype::Bf16, KernelDtype::F16];
+
+    /// The dtype of a tch kind, if kernels exist for it.
+    pub fn of(kind: tch::Kind) -> Option<Self> {
+        match kind {
+            tch::Kind::Float => Some(Self::F32),
+            tch::Kind::BFloat16 => Some(Self::Bf16),
+            tch::Kind::Half => Some(Self::F16),
+            _ => None,
+        }
+    }
+
+    /// The suffix of kernel names (`gla_chunk_fwd_bf16`).
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+
+    fn define(self) -> &'static str {
+        match self {
+            Self::F32 => "-DGLA_DTYPE_F32",
+            Self::Bf16 => "-DGLA_DTYPE_BF16",
+            Self::F16 => "-DGLA_DTYPE_F16",
+        }
+    }
+}
+
+fn options(dtype: KernelDtype, arch: &str) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+        dtype.define().to_string(),
+    ]
+}
+
+extern "C" {
+    fn dlopen(filename: *const c_char, flags: c_int) -> *mut std::ffi::c_void;
+}
+
+/// Loads `libnvrtc-builtins.so.<major>.<minor>` by name from this binary, once.
+///
+/// libnvrtc opens its builtins library with a plain `dlopen` that searches only its own paths;
+/// the binary's RUNPATH (set to the torch wheel's `nvidia/cu13/lib` by glatrain-build) does not
+/// apply to it. Loading the library from here first, where the RUNPATH does apply, lets
+/// libnvrtc's later `dlopen` find it already loaded. A failure is left for NVRTC to report.
+fn preload_builtins(major: c_int, minor: c_int) {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        const RTLD_NOW: c_int = 2;
+        const RTLD_GLOBAL: c_int = 0x100;
+        let name = CString::new(format!("libnvrtc-builtins.so.{major}.{minor}"))
+            .expect("no NUL in the library name");
+        // SAFETY: dlopen with a valid C string; the handle is kept for the process lifetime.
+        unsafe { dlopen(name.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
+    });
+}
+
+fn nvrtc_version() -> Result<(c_int, c_int), CudaError> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: nvrtcVersion writes two ints through valid pointers.
+    let rc = catch_library_panic("loading libnvrtc", || unsafe {
+        sys::nvrtcVersion(&mut major, &mut minor)
+    })?;
+    rc.result()
+        .map_err(|e| CudaError::Library(format!("nvrtcVersion: {e:?}")))?;
+    preload_builtins(major, minor);
+    Ok((major, minor))
+}
+
+/// Compiles `source` for `dtype` and `arch` (e.g. `sm_90`) to CUBIN, bypassing the cache.
+pub fn compile_uncached(
+    source: KernelSource,
+    dtype: KernelDtype,
+    arch: &str,
+) -> Result<Vec<u8>, CudaError> {
+    compile_text(&source.text()?, source, dtype, arch)
+}
+
+fn compile_text(
+    text: &str,
+    source: KernelSource,
+    dtype: KernelDtype,
+    arch: &str,
+) -> Result<Vec<u8>, CudaError> {
+    nvrtc_version()?;
+    let opts = options(dtype, arch);
+    let src = CString::new(text).map_err(|_| CudaError::Compile {
+        source_name: source.file_name().to_string(),
+        arch: arch.to_string(),
+        options: opts.join(" "),
+        log: "the source contains a NUL byte".to_string(),
+    })?;
+    let name = CString::new(source.file_name()).expect("file names have no NUL");
+    let prog = catch_library_panic("loading libnvrtc", || {
+        result::create_program(&src, Some(&name))
+    })?
+    .map_err(|e| CudaError::Library(format!("nvrtcCreateProgram: {e:?}")))?;
+    // SAFETY: `prog` was created above and is destroyed exactly once, below; `src` and `name`
+    // outlive it.
+    let compiled = unsafe { result::compile_program(prog, &opts) };
+    // SAFETY: as above; the log and CUBIN getters write into buffers of the sizes NVRTC reports.
+    let out = unsafe {
+        match compiled {
+            Err(_) => {
+                let log = result::get_program_log(prog)
+                    .map(|raw| CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned())
+                    .unwrap_or_else(|e| format!("(no log: {e:?})"));
+                Err(CudaError::Compile {
+                    source_name: source.file_name().to_string(),
+                    arch: arch.to_string(),
+                    options: opts.join(" "),
+                    log,
+                })
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                sys::nvrtcGetCUBINSize(prog, &mut size)
+                    .result()
+                    .map_err(|e| CudaError::Library(format!("nvrtcGetCUBINSize: {e:?}")))
+                    .and_then(|()| {
+                        let mut cubin = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char)
+                            .result()
+                            .map_err(|e| CudaError::Library(format!("nvrtcGetCUBIN: {e:?}")))
+                            .map(|()| cubin)
+                    })
+            }
+        }
+    };
+    // SAFETY: `prog` is valid and not used after this.
+    unsafe { result::destroy_program(prog) }
+        .map_err(|e| CudaError::Library(format!("nvrtcDestroyProgram: {e:?}")))?;
+    out
+}
+
+/// The cache directory (see the module docs).
+pub fn cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("GLATRAIN_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("glatrain").join("kernels"))
+}
+
+/// The CUBIN of `source` for `dtype` and `arch`, from the disk cache or freshly compiled (and
+/// then cached; a cache that cannot be written only costs the next run a compilation).
+pub fn cubin(source: KernelSource, dtype: KernelDtype, arch: &str) -> Result<Vec<u8>, CudaError> {
+    let text = source.text()?;
+    let (major, minor) = nvrtc_version()?;
+    let mut hasher = Sha256::new();
+    hasher.update(text.as_bytes());
+    hasher.update(options(dtype, arch).join(" ").as_bytes());
+    hasher.update(format!("nvrtc {major}.{minor}").as_bytes());
+    let key = hex::encode(&hasher.finalize()[..16]);
+    let file = format!(
+        "{}-{}-{key}-{arch}.cubin",
+        source.file_name(),
+        dtype.suffix()
+    );
+    let path = cache_dir().map(|d| d.join(file));
+    if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        return Ok(bytes);
+    }
+    let cubin = compile_text(&text, source, dtype, arch)?;
+    if let Some(path) = path {
+        if let Err(e) = write_atomically(&path, &cubin) {
+            eprintln!(
+                "glatrain: warning: cannot cache a compiled kernel at {}: {e}",
+                path.display()
+            );
+        }
+    }
+    Ok(cubin)
+}
+
+/// Writes through a temporary file and a rename, so concurrent processes never read half a file.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".tmp-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_of_kind() {
+        assert_eq!(
+            KernelDtype::of(tch::Kind::BFloat16),
+            Some(KernelDtype::Bf16)
+        );
+        assert_eq!(KernelDtype::of(tch::Kind::Half), Some(KernelDtype::F16));
+        assert_eq!(KernelDtype::of(tch::Kind::Float), Some(KernelDtype::F32));
+        assert_eq!(KernelDtype::of(tch::Kind::Double), None);
+    }
+
+    #[test]
+    fn compile_error_carries_the_log() {
+        let err = compile_text(
+            "this is not CUDA",
+            KernelSource::Gla,
+            KernelDtype::F32,
+            "sm_90",
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("gla.cu") && msg.contains("sm_90"), "{msg}");
+        assert!(msg.contains("error"), "{msg}");
+    }
+
+    #[test]
+    fn cache_dir_prefers_the_variable() {
+        // Read-only check of the resolution order (the variable may be set by the environment).
+        if let Some(dir) = std::env::var_os("GLATRAIN_CACHE_DIR") {
+            assert_eq!(cache_dir(), Some(PathBuf::from(dir)));
+        } else {
+            assert!(cache_dir().is_some_and(|d| d.ends_with("glatrain/kernels")));
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! CUDA side of the ops: kernel sources compiled at run time by NVRTC, cached on disk, loaded
+//! once per process and device, and launched on the legacy default stream that libtorch uses.
+//!
+//! - [`compile`]: the embedded sources (overridable from disk with `GLATRAIN_KERNEL_DIR`), NVRTC
+//!   compilation to CUBIN for the device's architecture, and the on-disk cache.
+//! - [`gla`]: the GLA launchers (forward and backward for each schedule) over tch tensors.
+//!
+//! libtorch and cudarc share the device's primary context, and both launch on the legacy default
+//! stream, so kernels here are ordered with libtorch's ops without any synchronisation.
+
+pub mod compile;
+pub mod gla;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+
+pub use compile::{KernelDtype, KernelSource};
+
+/// Why a CUDA kernel could not be compiled, loaded or launched.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    /// NVRTC rejected a kernel source.
+    #[error("NVRTC could not compile {source_name} for {arch} ({options}):\n{log}")]
+    Compile {
+        /// The kernel source (file name under kernels/).
+        source_name: String,
+        /// Target architecture, e.g. `sm_90`.
+        arch: String,
+        /// The options passed to NVRTC.
+        options: String,
+        /// NVRTC's log.
+        log: String,
+    },
+    /// libnvrtc or libcuda could not be loaded, or an NVRTC call other than compilation failed.
+    #[error("NVRTC/CUDA library unavailable or failing: {0}")]
+    Library(String),
+    /// A CUDA driver call failed.
+    #[error("CUDA driver error in {what}: {message}")]
+    Driver {
+        /// The operation that failed.
+        what: String,
+        /// The driver's error.
+        message: String,
+    },
+    /// A kernel source override could not be read.
+    #[error("GLATRAIN_KERNEL_DIR={dir}: cannot read {file}: {message}")]
+    Override {
+        /// The directory in `GLATRAIN_KERNEL_DIR`.
+        dir: String,
+        /// The file looked for.
+        file: String,
+        /// The I/O error.
+        message: String,
+    },
+    /// A libtorch operation inside a launcher failed.
+    #[error("libtorch error in a CUDA launcher: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+impl CudaError {
+    /// CUDA failures are never the user's input: the CLI exits 1.
+    pub fn is_bad_input(&self) -> bool {
+        false
+    }
+
+    fn driver(what: &str, err: impl std::fmt::Debug) -> Self {
+        Self::Driver {
+            what: what.to_string(),
+            message: format!("{err:?}"),
+        }
+    }
+}
+
+/// Runs a cudarc call that may panic when a shared library is missing (its dynamic loading
+/// panics), turning the panic into [`CudaError::Library`].
+fn catch_library_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, CudaError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".to_string());
+        CudaError::Library(format!("{what}: {message}"))
+    })
+}
+
+/// One device's context (the primary one, shared with libtorch), its legacy default stream and
+/// the modules loaded on it.
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: String,
+    modules: Mutex<HashMap<(KernelSource, KernelDtype), Arc<CudaModule>>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("arch", &self.arch)
+            .finish()
+    }
+}
+
+impl Device {
+    /// The device with this ordinal, created on first use and kept for the process.
+    pub fn get(ordinal: usize) -> Result<Arc<Device>, CudaError> {
+        static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
+        let devices = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let ctx = catch_library_panic("loading libcuda", || CudaContext::new(ordinal))?
+            .map_err(|e| CudaError::driver("cuDevicePrimaryCtxRetain", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?;
+        let stream = ctx.default_stream();
+        let device = Arc::new(Device {
+            ctx,
+            stream,
+            arch: format!("sm_{major}{minor}"),
+            modules: Mutex::new(HashMap::new()),
+        });
+        map.insert(ordinal, device.clone());
+        Ok(device)
+    }
+
+    /// The NVRTC architecture name of this device, e.g. `sm_90`.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// The legacy default stream (the one libtorch launches on unless told otherwise).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context (shared with libtorch).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Binds the context to the calling thread (autograd's backward runs on its own thread).
+    pub fn bind(&self) -> Result<(), CudaError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))
+    }
+
+    /// The kernel `name` of `source` for `dtype`, compiling (or reading the disk cache) and
+    /// loading the module on first use.
+    pub fn function(
+        &self,
+        source: KernelSource,
+        dtype: KernelDtype,
+        name: &str,
+    ) -> Result<CudaFunction, CudaError> {
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            match modules.get(&(source, dtype)) {
+                Some(m) => m.clone(),
+                None => {
+                    let cubin = compile::cubin(source, dtype, &self.arch)?;
+                    let module = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                        .map_err(|e| CudaError::driver("cuModuleLoadData", e))?;
+                    modules.insert((source, dtype), module.clone());
+                    module
+                }
+            }
+        };
+        let full = format!("{name}_{}", dtype.suffix());
+        module
+            .load_function(&full)
+            .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({full})"), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_panics_become_errors() {
+        let err = catch_library_panic("loading libfoo", || panic!("no libfoo.so")).unwrap_err();
+        assert!(matches!(err, CudaError::Library(_)));
+        assert!(
+            err.to_string().contains("loading libfoo: no libfoo.so"),
+            "{err}"
+        );
+        assert!(!err.is_bad_input());
+        assert_eq!(catch_library_panic("x", || 7).unwrap(), 7);
+    }
+}

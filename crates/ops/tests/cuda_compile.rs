@@ -1,0 +1,54 @@
+//! Every kernel source compiles with NVRTC, for every dtype, for sm_90 (H100) and sm_80 (A100).
+//!
+//! Runs on machines without a GPU: only libnvrtc is needed (the torch wheel ships it, and the
+//! test binary has an rpath to it), so a kernel that does not compile fails CI.
+
+use glatrain_ops::cuda::compile::compile_uncached;
+use glatrain_ops::cuda::{KernelDtype, KernelSource};
+
+#[test]
+fn every_kernel_compiles_for_sm90_and_sm80() {
+    let mut jobs = Vec::new();
+    for source in KernelSource::ALL {
+        for dtype in KernelDtype::ALL {
+            for arch in ["sm_90", "sm_80"] {
+                jobs.push((source, dtype, arch));
+            }
+        }
+    }
+    // Two at a time: the compilations are independent and CI machines have a few cores.
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .chunks(jobs.len().div_ceil(2))
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .filter_map(|&(source, dtype, arch)| {
+                            let start = std::time::Instant::now();
+                            let result = compile_uncached(source, dtype, arch);
+                            println!(
+                                "{} {dtype:?} {arch}: {:.2} s",
+                                source.file_name(),
+                                start.elapsed().as_secs_f64()
+                            );
+                            match result {
+                                Ok(cubin) if cubin.len() > 1000 => None,
+                                Ok(cubin) => Some(format!(
+                                    "{} {dtype:?} {arch}: suspiciously small CUBIN ({} bytes)",
+                                    source.file_name(),
+                                    cubin.len()
+                                )),
+                                Err(e) => Some(e.to_string()),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

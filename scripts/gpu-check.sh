@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# GPU check of glatrain-ops: every test binary (the CUDA kernel tests against the f64 reference
+# among them), then the GLA benchmark, with a summary.
+#
+#   scripts/gpu-check.sh                 build here, then run (a machine with cargo, a GPU, torch)
+#   scripts/gpu-check.sh build [DIR]     build the test binaries and the benchmark into DIR
+#                                        (default .device/ops), with the kernel sources
+#   scripts/gpu-check.sh run [DIR] [OUT] run what `build` left in DIR on a GPU machine with
+#                                        PyTorch 2.11 (no Rust needed); logs and JSON go to OUT
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cmd=${1:-all}
+DIR=${2:-$ROOT/.device/ops}
+
+build() {
+  # shellcheck source=env.sh
+  source "$ROOT/scripts/env.sh"
+  cd "$ROOT"
+  rm -rf "$DIR" && mkdir -p "$DIR/tests" "$DIR/kernels"
+  cargo build --release -p glatrain-ops --example bench_gla
+  cargo test --release -p glatrain-ops --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
+        print(m["executable"])' |
+    while read -r exe; do cp "$exe" "$DIR/tests/"; done
+  cp target/release/examples/bench_gla "$DIR/"
+  cp kernels/*.cu "$DIR/kernels/"
+  strip --strip-debug "$DIR"/tests/* "$DIR/bench_gla"
+  du -sh "$DIR"
+}
+
+run() {
+  local out=${1:-$ROOT/.device/out}
+  mkdir -p "$out"
+  local torch_dir
+  torch_dir=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+  # libtorch, and the wheel's libnvrtc for run-time kernel compilation.
+  export LD_LIBRARY_PATH="$torch_dir/lib:$torch_dir/../nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+  export GLATRAIN_KERNEL_DIR="$DIR/kernels"
+  export GLATRAIN_CACHE_DIR=${GLATRAIN_CACHE_DIR:-/tmp/glatrain-kernel-cache}
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+  local summary=() failed=0
+  for t in "$DIR"/tests/*; do
+    local name start status
+    name=$(basename "$t")
+    start=$SECONDS
+    if timeout 300 "$t" --test-threads=1 --nocapture >"$out/test-$name.log" 2>&1; then status=ok; else status=FAILED; failed=1; fi
+    summary+=("$(printf '%-40s %-7s %4d s' "$name" "$status" $((SECONDS - start)))")
+    tail -n 25 "$out/test-$name.log"
+  done
+  local bench_status=ok
+  timeout 300 "$DIR/bench_gla" "$out/bench.json" 2>&1 | tee "$out/bench.log" || { bench_status=FAILED; failed=1; }
+  echo "== summary =="
+  printf '%s\n' "${summary[@]}"
+  echo "bench_gla: $bench_status ($out/bench.json)"
+  return $failed
+}
+
+case $cmd in
+  build) build ;;
+  run) run "${3:-}" ;;
+  all) build && run ;;
+  *) echo "usage: $0 [build [DIR] | run [DIR] [OUT]]" >&2; exit 2 ;;
+esac
