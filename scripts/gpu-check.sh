@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of glatrain-ops: every test binary (the CUDA kernel tests against the f64 reference
-# among them), then the GLA benchmark, with a summary.
+# among them), then the GLA benchmark (`glatrain bench gla`), with a summary.
 #
 #   scripts/gpu-check.sh                 build here, then run (a machine with cargo, a GPU, torch)
-#   scripts/gpu-check.sh build [DIR]     build the test binaries and the benchmark into DIR
+#   scripts/gpu-check.sh build [DIR]     build the test binaries and the glatrain CLI into DIR
 #                                        (default .device/ops), with the kernel sources
 #   scripts/gpu-check.sh run [DIR] [OUT] run what `build` left in DIR on a GPU machine with
 #                                        PyTorch 2.11 (no Rust needed); logs and JSON go to OUT
@@ -17,7 +17,7 @@ build() {
   source "$ROOT/scripts/env.sh"
   cd "$ROOT"
   rm -rf "$DIR" && mkdir -p "$DIR/tests" "$DIR/kernels"
-  cargo build --release -p glatrain-ops --example bench_gla
+  cargo build --release -p glatrain
   cargo test --release -p glatrain-ops --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
@@ -26,9 +26,9 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
         print(m["executable"])' |
     while read -r exe; do cp "$exe" "$DIR/tests/"; done
-  cp target/release/examples/bench_gla "$DIR/"
+  cp target/release/glatrain "$DIR/"
   cp kernels/*.cu "$DIR/kernels/"
-  strip --strip-debug "$DIR"/tests/* "$DIR/bench_gla"
+  strip --strip-debug "$DIR"/tests/* "$DIR/glatrain"
   du -sh "$DIR"
 }
 
@@ -52,10 +52,10 @@ run() {
     tail -n 25 "$out/test-$name.log"
   done
   local bench_status=ok
-  timeout 300 "$DIR/bench_gla" "$out/bench.json" 2>&1 | tee "$out/bench.log" || { bench_status=FAILED; failed=1; }
+  timeout 300 "$DIR/glatrain" bench gla --json "$out/bench.json" 2>&1 | tee "$out/bench.log" || { bench_status=FAILED; failed=1; }
   echo "== summary =="
   printf '%s\n' "${summary[@]}"
-  echo "bench_gla: $bench_status ($out/bench.json)"
+  echo "glatrain bench gla: $bench_status ($out/bench.json)"
   return $failed
 }
 

@@ -64,7 +64,8 @@ pub struct EvalArgs {
     /// Validation data instead of the config's `data.valid` ("embedded", a shard dir or a .bin).
     #[arg(long, value_name = "PATH")]
     pub data: Option<String>,
-    /// Number of validation batches (default: the whole validation set).
+    /// Number of validation batches: 0 = the whole validation set (default: the config's
+    /// `train.eval_batches`).
     #[arg(long)]
     pub batches: Option<usize>,
     /// Where to write the loss-by-position plot (default: next to the checkpoint).

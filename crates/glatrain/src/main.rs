@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{BenchCommand, Cli, Command, EvalArgs, PrepareArgs, SampleArgs, TrainArgs};
+use cli::{
+    BenchCommand, Cli, Command, EvalArgs, PreflightArgs, PrepareArgs, SampleArgs, TrainArgs,
+};
 
 /// Any failure a command can end with.
 #[derive(Debug, thiserror::Error)]
@@ -18,9 +20,8 @@ enum AppError {
     Data(#[from] glatrain_data::DataError),
     #[error(transparent)]
     Train(#[from] glatrain_train::TrainError),
-    /// A subcommand whose implementation has not landed yet.
-    #[error("`glatrain {0}` is not available yet in this version")]
-    NotAvailable(&'static str),
+    #[error(transparent)]
+    Bench(#[from] glatrain_ops::bench::BenchError),
 }
 
 impl AppError {
@@ -29,7 +30,7 @@ impl AppError {
             AppError::Config(e) => e.is_bad_input(),
             AppError::Data(e) => e.is_bad_input(),
             AppError::Train(e) => e.is_bad_input(),
-            AppError::NotAvailable(_) => true,
+            AppError::Bench(e) => e.is_bad_input(),
         };
         if bad_input {
             2
@@ -47,8 +48,12 @@ fn main() -> ExitCode {
         Some(Command::Eval(args)) => eval(args),
         Some(Command::Sample(args)) => sample(args),
         Some(Command::Prepare(args)) => prepare(args),
-        Some(Command::Preflight(_)) => Err(AppError::NotAvailable("preflight")),
-        Some(Command::Bench(BenchCommand::Gla { .. })) => Err(AppError::NotAvailable("bench gla")),
+        Some(Command::Preflight(args)) => preflight(args),
+        Some(Command::Bench(BenchCommand::Gla { json })) => {
+            glatrain_ops::bench::run_gla_bench(json.as_deref())
+                .map(drop)
+                .map_err(AppError::from)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -71,6 +76,16 @@ fn train(args: TrainArgs) -> Result<(), AppError> {
     let summary = glatrain_train::train(cfg, &opts)?;
     println!("{}", glatrain_train::describe_summary(&summary));
     Ok(())
+}
+
+fn preflight(args: PreflightArgs) -> Result<(), AppError> {
+    let cfg = glatrain_config::load(&args.config, &args.overrides)?;
+    let device = glatrain_train::session::resolve_device(&cfg.config.run.device, &cfg.source)?;
+    let report = glatrain_train::preflight::report(&cfg, device, args.measure)?;
+    print!("{}", report.render_table());
+    report
+        .check()
+        .map_err(|e| AppError::Train(glatrain_train::TrainError::from(e)))
 }
 
 fn eval(args: EvalArgs) -> Result<(), AppError> {

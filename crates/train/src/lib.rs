@@ -1,1 +1,31 @@
+//! The glatrain trainer: AdamW with tensor state, learning-rate schedules, mixed precision with
+//! dynamic loss scaling, atomic checkpoints with exact resume, evaluation (perplexity, bits per
+//! byte, loss by position), sampling, and metrics (TensorBoard, JSON lines, progress).
+//!
+//! Entry points: [`train`], [`evaluate`], [`sample`]. They print progress to stderr themselves
+//! and return [`TrainError`]s (with `is_bad_input()`) rather than exiting.
 
+pub mod checkpoint;
+pub mod datasets;
+pub mod error;
+pub mod eval;
+pub mod flops;
+pub mod interrupt;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod precision;
+pub mod preflight;
+pub mod progress;
+pub mod sample;
+pub mod scaler;
+pub mod schedule;
+pub mod session;
+pub mod state;
+pub mod sysinfo;
+pub mod trainer;
+
+pub use error::TrainError;
+pub use eval::{evaluate, EvalReport, PositionBucket};
+pub use sample::sample;
+pub use trainer::{describe_summary, train, TrainOptions, TrainSummary};

@@ -86,6 +86,14 @@ fn catch_library_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, CudaEr
     })
 }
 
+/// A GPU's name, multiprocessor count and memory, read from the driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceProperties {
+    pub name: String,
+    pub sm_count: usize,
+    pub memory_bytes: u64,
+}
+
 /// One device's context (the primary one, shared with libtorch), its legacy default stream and
 /// the modules loaded on it.
 pub struct Device {
@@ -142,6 +150,29 @@ impl Device {
     /// The context (shared with libtorch).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// What the preflight needs to know about the GPU: its name, multiprocessor count and
+    /// memory.
+    pub fn properties(&self) -> Result<DeviceProperties, CudaError> {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        let name = self
+            .ctx
+            .name()
+            .map_err(|e| CudaError::driver("cuDeviceGetName", e))?;
+        let sm_count = self
+            .ctx
+            .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?;
+        let memory_bytes = self
+            .ctx
+            .total_mem()
+            .map_err(|e| CudaError::driver("cuDeviceTotalMem", e))?;
+        Ok(DeviceProperties {
+            name,
+            sm_count: sm_count.max(0) as usize,
+            memory_bytes: memory_bytes as u64,
+        })
     }
 
     /// Binds the context to the calling thread (autograd's backward runs on its own thread).

@@ -1,0 +1,619 @@
+//! Benchmark of the GLA kernels next to libtorch's SDPA (flash) on the ANCHORS.md shapes, and the
+//! CUDA-event timer it uses.
+//!
+//! For each B x T x H x D (K = V = D, bf16 q/k/v, f32 log gates) and each mode: forward, and
+//! forward + backward (`sum(o * do).backward()`, the same for SDPA), as CUDA-event medians after
+//! warm-up, on the legacy default stream that libtorch uses. Also the first call's wall time
+//! (NVRTC compilation into an empty cache, then module load), and each shape's memory floor.
+//! [`run_gla_bench`] prints a table as it goes and can write the report as JSON.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::DriverError;
+use serde_json::{json, Value};
+use tch::{Device, Kind, TchError, Tensor};
+
+use crate::cuda::compile::compile_uncached;
+use crate::cuda::{CudaError, Device as CudaDevice, KernelDtype, KernelSource};
+use crate::gla::{gla, GlaMode, OpError};
+
+/// Device-to-device copy bandwidth of an H100 SXM measured on the bench machine (bytes read +
+/// written), used for the memory floor.
+const COPY_BYTES_PER_S: f64 = 3.0e12;
+
+/// B, T, H, D of the ANCHORS.md rows.
+const SHAPES: [(i64, i64, i64, i64); 6] = [
+    (8, 2048, 16, 32),
+    (8, 2048, 16, 64),
+    (8, 2048, 16, 128),
+    (4, 4096, 16, 128),
+    (2, 8192, 16, 128),
+    (1, 16384, 16, 128),
+];
+
+/// FLA chunk_gla fwd+bwd from ANCHORS.md (ms), for the same shapes.
+const FLA_FWD_BWD_MS: [f64; 6] = [2.41, 2.81, 3.69, 3.74, 3.97, 4.53];
+
+/// Why the benchmark could not run or write its report.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// libtorch sees no CUDA device.
+    #[error("bench gla: no CUDA device (libtorch reports none); the benchmark needs a GPU")]
+    NoCuda,
+    /// A CUDA driver call, NVRTC compilation or kernel launch failed.
+    #[error("bench gla: {0}")]
+    Cuda(#[from] CudaError),
+    /// The GLA op failed.
+    #[error("bench gla: {0}")]
+    Op(#[from] OpError),
+    /// A libtorch operation (allocation, SDPA, backward) failed.
+    #[error("bench gla: libtorch: {0}")]
+    Torch(#[from] TchError),
+    /// The temporary kernel cache for the first-call measurement could not be made.
+    #[error("bench gla: cannot create the temporary kernel cache {dir}: {message}")]
+    Cache {
+        /// The directory.
+        dir: PathBuf,
+        /// The I/O error.
+        message: String,
+    },
+    /// The JSON report could not be written.
+    #[error("bench gla: cannot write {path}: {message}")]
+    Write {
+        /// The report's path (from `--json`).
+        path: PathBuf,
+        /// The I/O error.
+        message: String,
+    },
+}
+
+impl BenchError {
+    /// True only when the report path given by the user cannot be written; a missing GPU or a
+    /// failing kernel is not the user's input.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, BenchError::Write { .. })
+    }
+}
+
+/// Times GPU work on the legacy default stream (the one libtorch and the GLA kernels launch on)
+/// with CUDA events.
+#[derive(Debug)]
+pub struct CudaTimer {
+    dev: Arc<CudaDevice>,
+}
+
+impl CudaTimer {
+    /// A timer on the device with this ordinal; fails when the driver or the device is missing.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        Ok(Self {
+            dev: CudaDevice::get(ordinal)?,
+        })
+    }
+
+    /// Median over `iters` event-timed calls of `f`, after `warmup` untimed calls, in ms. Each
+    /// call is bracketed by its own pair of events, so host-side gaps between calls are not
+    /// counted; `f` must launch its work on the legacy default stream. Errors from `f` and from
+    /// the driver are returned at once.
+    ///
+    /// # Panics
+    ///
+    /// If `iters` is 0 (there is no median of nothing).
+    pub fn median_ms<E: From<CudaError>>(
+        &self,
+        warmup: usize,
+        iters: usize,
+        mut f: impl FnMut() -> Result<(), E>,
+    ) -> Result<f64, E> {
+        assert!(iters > 0, "CudaTimer::median_ms: iters must be at least 1");
+        for _ in 0..warmup {
+            f()?;
+        }
+        let ctx = self.dev.context();
+        let stream = self.dev.stream();
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            let start = ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver_error("cuEventCreate", e))?;
+            let end = ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| driver_error("cuEventCreate", e))?;
+            start
+                .record(stream)
+                .map_err(|e| driver_error("cuEventRecord", e))?;
+            f()?;
+            end.record(stream)
+                .map_err(|e| driver_error("cuEventRecord", e))?;
+            let ms = start
+                .elapsed_ms(&end)
+                .map_err(|e| driver_error("cuEventElapsedTime", e))?;
+            times.push(f64::from(ms));
+        }
+        Ok(median(&mut times))
+    }
+}
+
+fn driver_error(what: &str, err: DriverError) -> CudaError {
+    CudaError::Driver {
+        what: what.to_string(),
+        message: format!("{err:?}"),
+    }
+}
+
+/// The upper median of a non-empty slice (sorted in place).
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+/// One shape and mode of the benchmark.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchRow {
+    /// B, T, H, D (K = V = D).
+    pub shape: [i64; 4],
+    /// `chunk`, `fused_chunk`, `fused_recurrent` or `sdpa_flash`.
+    pub mode: &'static str,
+    /// Forward median, ms.
+    pub fwd_ms: f64,
+    /// Forward + backward median, ms.
+    pub fwd_bwd_ms: f64,
+    /// Memory floor of the forward, ms.
+    pub floor_fwd_ms: f64,
+    /// Memory floor of forward + backward, ms.
+    pub floor_fwd_bwd_ms: f64,
+    /// FLA chunk_gla forward + backward on this shape from ANCHORS.md, ms.
+    pub fla_fwd_bwd_ms: f64,
+}
+
+/// Column titles of [`BenchRow::table_line`].
+pub fn table_header() -> String {
+    format!(
+        "{:<20} {:<15} {:>9} {:>11} {:>9} {:>10} {:>10}",
+        "B x T x H x D", "mode", "fwd ms", "fwd+bwd ms", "floor ms", "x floor", "vs FLA"
+    )
+}
+
+impl BenchRow {
+    /// The row as printed under [`table_header`]: fwd+bwd against its floor and against FLA.
+    pub fn table_line(&self) -> String {
+        let [b, t, h, d] = self.shape;
+        format!(
+            "{:<20} {:<15} {:>9.3} {:>11.3} {:>9.3} {:>10.1} {:>10.2}",
+            format!("{b} x {t} x {h} x {d}"),
+            self.mode,
+            self.fwd_ms,
+            self.fwd_bwd_ms,
+            self.floor_fwd_bwd_ms,
+            self.fwd_bwd_ms / self.floor_fwd_bwd_ms,
+            self.fwd_bwd_ms / self.fla_fwd_bwd_ms
+        )
+    }
+
+    fn to_json(&self) -> Value {
+        let [b, t, h, d] = self.shape;
+        json!({
+            "shape": {"B": b, "T": t, "H": h, "K": d, "V": d},
+            "mode": self.mode,
+            "fwd_ms": self.fwd_ms,
+            "fwd_bwd_ms": self.fwd_bwd_ms,
+            "floor_fwd_ms": self.floor_fwd_ms,
+            "floor_fwd_bwd_ms": self.floor_fwd_bwd_ms,
+            "fla_chunk_fwd_bwd_ms_anchor": self.fla_fwd_bwd_ms,
+        })
+    }
+}
+
+/// What [`run_gla_bench`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchReport {
+    /// The GPU's name as the driver gives it.
+    pub gpu: String,
+    /// UTC date of the run, `YYYY-MM-DD`.
+    pub date: String,
+    /// Wall time of the first GLA call: NVRTC compilation of the bf16 module into an empty
+    /// cache, module load and run, s.
+    pub first_call_s: f64,
+    /// NVRTC compilation of the bf16 module alone, s.
+    pub nvrtc_compile_s: f64,
+    /// One row per shape and mode.
+    pub rows: Vec<BenchRow>,
+}
+
+impl BenchReport {
+    /// The report as JSON, with the method described in words.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "gpu": self.gpu,
+            "date": self.date,
+            "dtype": "bf16 q/k/v, f32 log gates",
+            "timing": "CUDA-event median after warm-up; fwd+bwd = forward + sum(o*do).backward()",
+            "floor": "bytes moved once at 3.0 TB/s: fwd 12 B/elem, fwd+bwd 34 B/elem of B*T*H*D",
+            "first_call_s": self.first_call_s,
+            "nvrtc_compile_s": self.nvrtc_compile_s,
+            "rows": self.rows.iter().map(BenchRow::to_json).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Writes [`Self::to_json`] (pretty-printed) to `path`, creating its parent directories.
+    pub fn write_json(&self, path: &Path) -> Result<(), BenchError> {
+        let write_err = |e: std::io::Error| BenchError::Write {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        create_parent(path).map_err(write_err)?;
+        let text =
+            serde_json::to_string_pretty(&self.to_json()).map_err(|e| BenchError::Write {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        std::fs::write(path, text + "\n").map_err(write_err)
+    }
+}
+
+fn create_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir),
+        _ => Ok(()),
+    }
+}
+
+/// Memory floors (forward, forward + backward) in ms of a B x T x H x D shape: the forward reads
+/// q, k, v (bf16) and g (f32) and writes o (bf16), 12 B/elem; the backward also reads do and
+/// writes dq, dk, dv (bf16) and dg (f32), 34 B/elem in all.
+fn floors_ms(b: i64, t: i64, h: i64, d: i64) -> (f64, f64) {
+    let n = (b * t * h * d) as f64;
+    (
+        12.0 * n / COPY_BYTES_PER_S * 1e3,
+        34.0 * n / COPY_BYTES_PER_S * 1e3,
+    )
+}
+
+/// Runs the GLA benchmark on CUDA device 0: every ANCHORS.md shape, each GLA mode that supports
+/// it and SDPA flash, printing a table as it goes; writes the report as JSON to `json_out` when
+/// given (parent directories are created).
+///
+/// The first-call time is meaningful only while the bf16 GLA module is not yet loaded in this
+/// process: it points `GLATRAIN_CACHE_DIR` at an empty temporary directory for that call (then
+/// restores it and removes the directory), so call this before any other GLA work.
+///
+/// # Errors
+///
+/// [`BenchError::NoCuda`] without a CUDA device; CUDA, op or libtorch failures; a report that
+/// cannot be written.
+pub fn run_gla_bench(json_out: Option<&Path>) -> Result<BenchReport, BenchError> {
+    if !tch::Cuda::is_available() {
+        return Err(BenchError::NoCuda);
+    }
+    // Fail before the long run, not after it, when the report's directory cannot be made.
+    if let Some(path) = json_out {
+        create_parent(path).map_err(|e| BenchError::Write {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    let dev = Device::Cuda(0);
+    let cuda = CudaDevice::get(0)?;
+    let gpu = cuda
+        .context()
+        .name()
+        .map_err(|e| driver_error("cuDeviceGetName", e))?;
+    let timer = CudaTimer { dev: cuda.clone() };
+    let _guard = tch::no_grad_guard();
+
+    let (first_call_s, nvrtc_compile_s) = first_call_times(&cuda, dev)?;
+    println!("first call (NVRTC compile of the bf16 module + load + run): {first_call_s:.2} s");
+    println!("NVRTC compile of the bf16 module alone: {nvrtc_compile_s:.2} s");
+
+    let mut rows = Vec::new();
+    println!("{}", table_header());
+    for (&(b, t, h, d), &fla_fwd_bwd_ms) in SHAPES.iter().zip(&FLA_FWD_BWD_MS) {
+        let (floor_fwd_ms, floor_fwd_bwd_ms) = floors_ms(b, t, h, d);
+        let shape = [b, t, h, d];
+        let q = Tensor::f_randn(shape, (Kind::BFloat16, dev))?;
+        let k = Tensor::f_randn(shape, (Kind::BFloat16, dev))?;
+        let v = Tensor::f_randn(shape, (Kind::BFloat16, dev))?;
+        let g = log_gates(&shape, dev)?;
+        let d_o = Tensor::f_randn(shape, (Kind::BFloat16, dev))?;
+        let iters = if t * b >= 16384 { 10 } else { 20 };
+
+        let mut modes: Vec<(&'static str, Option<GlaMode>)> = vec![
+            ("chunk", Some(GlaMode::Chunk)),
+            ("fused_chunk", Some(GlaMode::FusedChunk)),
+        ];
+        if d <= 64 {
+            modes.push(("fused_recurrent", Some(GlaMode::FusedRecurrent)));
+        }
+        modes.push(("sdpa_flash", None));
+        for (name, mode) in modes {
+            let fwd_ms = timer.median_ms(3, iters, || attention(mode, &q, &k, &v, &g).map(drop))?;
+            let leaves = [&q, &k, &v, &g]
+                .iter()
+                .map(|x| x.f_detach()?.f_set_requires_grad(true))
+                .collect::<Result<Vec<Tensor>, TchError>>()?;
+            let fwd_bwd_ms = timer.median_ms(2, iters, || -> Result<(), BenchError> {
+                tch::with_grad(|| {
+                    let o = attention(mode, &leaves[0], &leaves[1], &leaves[2], &leaves[3])?;
+                    let loss = o.f_mul(&d_o)?.f_sum(Kind::Float)?;
+                    // Returns the gradients without accumulating them into the leaves.
+                    Tensor::f_run_backward(&[&loss], &leaves, false, false)?;
+                    Ok(())
+                })
+            })?;
+            let row = BenchRow {
+                shape,
+                mode: name,
+                fwd_ms,
+                fwd_bwd_ms,
+                floor_fwd_ms,
+                floor_fwd_bwd_ms,
+                fla_fwd_bwd_ms,
+            };
+            println!("{}", row.table_line());
+            rows.push(row);
+        }
+    }
+    let report = BenchReport {
+        gpu,
+        date: civil_date(days_since_epoch()),
+        first_call_s,
+        nvrtc_compile_s,
+        rows,
+    };
+    if let Some(path) = json_out {
+        report.write_json(path)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(report)
+}
+
+/// Log gates in (-inf, 0), mild enough that decays stay well inside f32 over long sequences.
+fn log_gates(shape: &[i64], dev: Device) -> Result<Tensor, TchError> {
+    Tensor::f_randn(shape, (Kind::Float, dev))?
+        .f_log_sigmoid()?
+        .f_div_scalar(16.0)
+}
+
+/// Wall time of a first GLA call into an empty kernel cache (NVRTC compilation of the bf16
+/// module, load, run), then of the compilation alone, in s.
+fn first_call_times(cuda: &CudaDevice, dev: Device) -> Result<(f64, f64), BenchError> {
+    let cache = TempCache::new()?;
+    let small = Tensor::f_randn([1, 64, 1, 128], (Kind::BFloat16, dev))?;
+    let gsmall = log_gates(&[1, 64, 1, 128], dev)?;
+    let t0 = Instant::now();
+    let (o, _) = gla(
+        &small,
+        &small,
+        &small,
+        &gsmall,
+        None,
+        None,
+        GlaMode::Chunk,
+        false,
+    )?;
+    // Reading a value back waits for the kernel.
+    o.f_sum(Kind::Float)?.f_double_value(&[])?;
+    let first_call_s = t0.elapsed().as_secs_f64();
+    drop(cache);
+    let t0 = Instant::now();
+    compile_uncached(KernelSource::Gla, KernelDtype::Bf16, cuda.arch())?;
+    Ok((first_call_s, t0.elapsed().as_secs_f64()))
+}
+
+/// Points `GLATRAIN_CACHE_DIR` at a fresh temporary directory; on drop, restores the previous
+/// value and removes the directory.
+struct TempCache {
+    dir: PathBuf,
+    previous: Option<std::ffi::OsString>,
+}
+
+impl TempCache {
+    fn new() -> Result<Self, BenchError> {
+        let dir = std::env::temp_dir().join(format!("glatrain-bench-cache-{}", std::process::id()));
+        // A leftover from an earlier process with the same id would make the cache warm.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| BenchError::Cache {
+            dir: dir.clone(),
+            message: e.to_string(),
+        })?;
+        let previous = std::env::var_os("GLATRAIN_CACHE_DIR");
+        std::env::set_var("GLATRAIN_CACHE_DIR", &dir);
+        Ok(Self { dir, previous })
+    }
+}
+
+impl Drop for TempCache {
+    fn drop(&mut self) {
+        match &self.previous {
+            Some(v) => std::env::set_var("GLATRAIN_CACHE_DIR", v),
+            None => std::env::remove_var("GLATRAIN_CACHE_DIR"),
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// GLA in `mode`, or causal SDPA (libtorch's flash kernel for bf16) when `mode` is None.
+///
+/// # Shapes
+///
+/// q, k, v, g: [B, T, H, D]; returns o: [B, T, H, D].
+fn attention(
+    mode: Option<GlaMode>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+) -> Result<Tensor, BenchError> {
+    match mode {
+        Some(m) => Ok(gla(q, k, v, g, None, None, m, false)?.0),
+        None => {
+            // [B, T, H, D] -> [B, H, T, D] views; SDPA handles the strides.
+            let o = Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &q.f_transpose(1, 2)?,
+                &k.f_transpose(1, 2)?,
+                &v.f_transpose(1, 2)?,
+                None,
+                0.0,
+                true,
+                None,
+                false,
+            )?;
+            Ok(o.f_transpose(1, 2)?)
+        }
+    }
+}
+
+fn days_since_epoch() -> i64 {
+    // A clock before 1970 reads as day 0 rather than failing the benchmark.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+        .div_euclid(86_400)
+}
+
+/// `YYYY-MM-DD` of a day counted from 1970-01-01 (Howard Hinnant's civil-from-days).
+fn civil_date(days: i64) -> String {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_is_the_upper_middle_value() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 3.0);
+        assert_eq!(median(&mut [5.0]), 5.0);
+    }
+
+    #[test]
+    fn civil_date_handles_epoch_leap_days_and_centuries() {
+        assert_eq!(civil_date(0), "1970-01-01");
+        assert_eq!(civil_date(11_016), "2000-02-29");
+        assert_eq!(civil_date(11_017), "2000-03-01");
+        assert_eq!(civil_date(19_782), "2024-02-29");
+        assert_eq!(civil_date(20_417), "2025-11-25");
+        assert_eq!(civil_date(-1), "1969-12-31");
+    }
+
+    #[test]
+    fn floor_matches_the_anchor() {
+        // ANCHORS.md: 8 x 2048 x 16 x 128 forward+backward moves ~1.14 GB = ~0.38 ms.
+        let (fwd, fwd_bwd) = floors_ms(8, 2048, 16, 128);
+        assert!((fwd_bwd - 0.380).abs() < 1e-3, "{fwd_bwd}");
+        assert!((fwd / fwd_bwd - 12.0 / 34.0).abs() < 1e-12);
+    }
+
+    fn sample_report() -> BenchReport {
+        let (floor_fwd_ms, floor_fwd_bwd_ms) = floors_ms(8, 2048, 16, 128);
+        BenchReport {
+            gpu: "NVIDIA H100 80GB HBM3".into(),
+            date: "2026-11-25".into(),
+            first_call_s: 1.5,
+            nvrtc_compile_s: 1.2,
+            rows: vec![BenchRow {
+                shape: [8, 2048, 16, 128],
+                mode: "chunk",
+                fwd_ms: 0.5,
+                fwd_bwd_ms: 1.52,
+                floor_fwd_ms,
+                floor_fwd_bwd_ms,
+                fla_fwd_bwd_ms: 3.69,
+            }],
+        }
+    }
+
+    #[test]
+    fn table_line_shows_ratios_to_floor_and_fla() {
+        let line = sample_report().rows[0].table_line();
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        // "8 x 2048 x 16 x 128" is 7 words, then mode, fwd, fwd+bwd, floor, x floor, vs FLA.
+        assert_eq!(
+            &cols[7..],
+            ["chunk", "0.500", "1.520", "0.380", "4.0", "0.41"]
+        );
+        assert_eq!(
+            table_header().split_whitespace().count(),
+            "B x T x H x D mode fwd ms fwd+bwd ms floor ms x floor vs FLA"
+                .split_whitespace()
+                .count()
+        );
+    }
+
+    #[test]
+    fn report_json_round_trips_through_a_new_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results/gla.json");
+        let report = sample_report();
+        report.write_json(&path).unwrap();
+        let read: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(read, report.to_json());
+        assert_eq!(read["rows"][0]["shape"]["K"], 128);
+        assert_eq!(read["rows"][0]["fla_chunk_fwd_bwd_ms_anchor"], 3.69);
+        assert_eq!(read["first_call_s"], 1.5);
+    }
+
+    #[test]
+    fn unwritable_report_path_is_bad_input_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        // A path under a regular file cannot be created.
+        let path = file.join("gla.json");
+        let err = sample_report().write_json(&path).unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bench_without_cuda_says_so() {
+        if tch::Cuda::is_available() {
+            println!("skipped: a CUDA device is present");
+            return;
+        }
+        let err = run_gla_bench(None).unwrap_err();
+        assert!(matches!(err, BenchError::NoCuda), "{err}");
+        assert!(!err.is_bad_input());
+        assert!(err.to_string().contains("no CUDA device"), "{err}");
+    }
+
+    #[test]
+    fn timer_measures_gpu_work_and_passes_errors_on() {
+        if !tch::Cuda::is_available() {
+            println!("skipped: no CUDA device");
+            return;
+        }
+        let timer = CudaTimer::new(0).unwrap();
+        let a = Tensor::randn([1024, 1024], (Kind::Float, Device::Cuda(0)));
+        let mut calls = 0;
+        let ms = timer
+            .median_ms(2, 5, || -> Result<(), BenchError> {
+                calls += 1;
+                Ok(a.f_matmul(&a).map(drop)?)
+            })
+            .unwrap();
+        assert_eq!(calls, 7);
+        assert!(ms > 0.0 && ms < 1000.0, "{ms}");
+        let err = timer
+            .median_ms(0, 3, || -> Result<(), BenchError> {
+                Err(BenchError::NoCuda)
+            })
+            .unwrap_err();
+        assert!(matches!(err, BenchError::NoCuda));
+    }
+}

@@ -1,0 +1,130 @@
+//! The trainer's error type.
+
+use std::path::PathBuf;
+
+use crate::checkpoint::CheckpointError;
+use crate::metrics::MetricsError;
+use crate::precision::PrecisionError;
+
+/// Everything `train`, `evaluate` and `sample` can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Config(#[from] glatrain_config::ConfigError),
+    #[error(transparent)]
+    Data(#[from] glatrain_data::DataError),
+    #[error("{source_name}: {source}")]
+    Model {
+        source_name: String,
+        source: Box<glatrain_models::ModelError>,
+    },
+    #[error(transparent)]
+    Precision(#[from] PrecisionError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// A config key whose value cannot be used here (device, thread count, ...).
+    #[error("{source_name}: {key} = {value}: {reason}")]
+    BadValue {
+        source_name: String,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// A command-line argument that cannot be used (prompt, sampling settings, ...).
+    #[error("{0}")]
+    BadArgument(String),
+    /// A checkpoint that does not fit the model being built.
+    #[error("{dir}: {reason}")]
+    CheckpointMismatch { dir: PathBuf, reason: String },
+    /// A fresh run would overwrite checkpoints of an earlier one.
+    #[error(
+        "{run_dir} already has checkpoints (newest: {newest}): pass --resume to continue that run, \
+         or choose another run.name / run.out_dir"
+    )]
+    RunExists { run_dir: PathBuf, newest: String },
+    /// Too many steps in a row had non-finite gradients.
+    #[error(
+        "stopping at step {step}: {count} consecutive steps had non-finite gradients \
+         (train.max_consecutive_skips = {limit}; last loss {loss}, loss scale {scale}). \
+         Lower train.lr, use train.precision = \"bf16\" or \"fp32\", or check the data"
+    )]
+    TooManySkips {
+        step: u64,
+        count: u64,
+        limit: u64,
+        loss: f64,
+        scale: f64,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The preflight refused the config (e.g. it cannot fit in the device's memory).
+    #[error(transparent)]
+    Preflight(#[from] glatrain_preflight::PreflightError),
+    /// glatrain's CUDA kernels cannot run on the device.
+    #[error("GLA kernels: {0}")]
+    Kernels(glatrain_ops::cuda::CudaError),
+}
+
+impl TrainError {
+    /// True for errors caused by the user's config, data, checkpoint or arguments (the CLI exits
+    /// 2), false for internal failures (exit 1).
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            TrainError::Config(e) => e.is_bad_input(),
+            TrainError::Data(e) => e.is_bad_input(),
+            TrainError::Model { source, .. } => source.is_bad_input(),
+            TrainError::Precision(e) => e.is_bad_input(),
+            TrainError::Checkpoint(e) => e.is_bad_input(),
+            TrainError::Preflight(e) => e.is_bad_input(),
+            TrainError::Kernels(e) => e.is_bad_input(),
+            TrainError::BadValue { .. }
+            | TrainError::BadArgument(_)
+            | TrainError::CheckpointMismatch { .. }
+            | TrainError::RunExists { .. } => true,
+            TrainError::TooManySkips { .. }
+            | TrainError::Metrics(_)
+            | TrainError::Io { .. }
+            | TrainError::Torch(_) => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification_and_messages() {
+        let e = TrainError::TooManySkips {
+            step: 12,
+            count: 20,
+            limit: 20,
+            loss: f64::NAN,
+            scale: 1.0,
+        };
+        assert!(!e.is_bad_input());
+        let msg = e.to_string();
+        assert!(
+            msg.contains("max_consecutive_skips = 20") && msg.contains("step 12"),
+            "{msg}"
+        );
+        let e = TrainError::BadValue {
+            source_name: "configs/x.toml".into(),
+            key: "run.device",
+            value: "\"cuda\"".into(),
+            reason: "no CUDA device is available".into(),
+        };
+        assert!(e.is_bad_input());
+        assert_eq!(
+            e.to_string(),
+            "configs/x.toml: run.device = \"cuda\": no CUDA device is available"
+        );
+    }
+}

@@ -1,0 +1,170 @@
+//! The preflight as the trainer and `glatrain preflight` run it: the device's profile, the
+//! report (by rules, or by timing the GLA kernels on the real shapes), and the kernel mode the
+//! model is built with.
+
+use glatrain_config::{KernelMode, Precision, PreflightPolicy, ResolvedConfig};
+use glatrain_ops::bench::CudaTimer;
+use glatrain_ops::cuda::{CudaError, KernelSource};
+use glatrain_ops::GlaMode;
+use glatrain_preflight::{
+    default_cache_dir, DeviceProfile, LayerShape, ModeTimer, ModelType, Report,
+};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::TrainError;
+
+/// Warm-up and timed iterations per candidate mode: seconds in all, not minutes.
+const WARMUP_ITERS: usize = 2;
+const TIMED_ITERS: usize = 5;
+
+/// The profile of `device` for the rules: a known GPU's rates with the device's own SM count
+/// and memory, or the CPU.
+pub fn device_profile(device: Device) -> Result<DeviceProfile, TrainError> {
+    match device {
+        Device::Cuda(ordinal) => {
+            let props = glatrain_ops::cuda::Device::get(ordinal)
+                .and_then(|d| d.properties())
+                .map_err(TrainError::Kernels)?;
+            Ok(DeviceProfile::from_cuda_device(
+                &props.name,
+                props.sm_count,
+                props.memory_bytes,
+            ))
+        }
+        _ => Ok(DeviceProfile::cpu()),
+    }
+}
+
+/// The preflight report of `cfg` on `device`: timed when `measure` is set or the config asks
+/// for it (`kernels.preflight = "measure"`) and the device is a GPU, by rules otherwise.
+pub fn report(cfg: &ResolvedConfig, device: Device, measure: bool) -> Result<Report, TrainError> {
+    let profile = device_profile(device)?;
+    let measure = measure || cfg.config.kernels.preflight == PreflightPolicy::Measure;
+    match (measure, device, default_cache_dir()) {
+        (true, Device::Cuda(ordinal), Some(cache)) => {
+            let mut timer = KernelTimer {
+                device,
+                timer: CudaTimer::new(ordinal).map_err(TrainError::Kernels)?,
+            };
+            Ok(Report::measured(cfg, &profile, &mut timer, &cache)?)
+        }
+        _ => Ok(Report::rules(cfg, &profile)),
+    }
+}
+
+/// The kernel mode to build the model with: the GLA row's decision (every GLA layer has the
+/// same shape), else the config's.
+pub fn chosen_mode(report: &Report, cfg: &ResolvedConfig) -> KernelMode {
+    report
+        .rows
+        .iter()
+        .find(|row| row.shape.model_type == ModelType::Gla && !row.shape.decoding)
+        .and_then(|row| row.decision.mode.kernel_mode())
+        .unwrap_or(cfg.config.kernels.mode)
+}
+
+/// Times one forward + backward of the GLA op for the measured preflight (CUDA-event median).
+struct KernelTimer {
+    device: Device,
+    timer: CudaTimer,
+}
+
+/// A failed timing run, as the preflight reports it.
+struct TimingError(String);
+
+impl From<CudaError> for TimingError {
+    fn from(e: CudaError) -> Self {
+        TimingError(e.to_string())
+    }
+}
+
+impl ModeTimer for KernelTimer {
+    fn time_ms(&mut self, shape: &LayerShape, mode: KernelMode) -> Result<f64, String> {
+        let mode = match mode {
+            KernelMode::Chunk => GlaMode::Chunk,
+            KernelMode::FusedChunk => GlaMode::FusedChunk,
+            KernelMode::FusedRecurrent => GlaMode::FusedRecurrent,
+            KernelMode::Reference => GlaMode::Reference,
+            KernelMode::Auto => return Err("auto is not a kernel mode".into()),
+        };
+        let kind = match shape.dtype {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+            Precision::Fp16 => Kind::Half,
+        };
+        let (b, t, h) = (
+            shape.batch as i64,
+            shape.seq_len as i64,
+            shape.num_heads as i64,
+        );
+        let (dk, dv) = (shape.head_k_dim as i64, shape.head_v_dim as i64);
+        let dev = self.device;
+        let q = Tensor::randn([b, t, h, dk], (kind, dev)).set_requires_grad(true);
+        let k = Tensor::randn([b, t, h, dk], (kind, dev)).set_requires_grad(true);
+        let v = Tensor::randn([b, t, h, dv], (kind, dev)).set_requires_grad(true);
+        let gk = (Tensor::randn([b, t, h, dk], (Kind::Float, dev)).log_sigmoid() / 16.0)
+            .set_requires_grad(true);
+        let d_o = Tensor::randn([b, t, h, dv], (kind, dev));
+        // The product with a fixed output gradient and its sum cost the same in every mode, so
+        // they shift all candidates alike and leave the ranking intact.
+        let run = || -> Result<(), TimingError> {
+            let (o, _) = glatrain_ops::gla(&q, &k, &v, &gk, None, None, mode, false)
+                .map_err(|e| TimingError(e.to_string()))?;
+            let loss = (o * &d_o).sum(Kind::Float);
+            Tensor::f_run_backward(&[loss], &[&q, &k, &v, &gk], false, false)
+                .map_err(|e| TimingError(e.to_string()))?;
+            Ok(())
+        };
+        self.timer
+            .median_ms(WARMUP_ITERS, TIMED_ITERS, run)
+            .map_err(|TimingError(message)| message)
+    }
+
+    fn kernel_version(&self) -> String {
+        let mut hash = Sha256::new();
+        for source in KernelSource::ALL {
+            hash.update(source.file_name());
+            hash.update(source.text().unwrap_or_default());
+        }
+        hex::encode(&hash.finalize()[..8])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(mode: &str) -> ResolvedConfig {
+        let text = format!(
+            "[model]\ntype = \"gla\"\nvocab_size = 256\nhidden_size = 32\nnum_layers = 1\n\
+             num_heads = 4\n[run]\ndevice = \"cpu\"\n[kernels]\nmode = \"{mode}\"\n\
+             [train]\nprecision = \"fp32\"\nmicro_batch_size = 2\n[data]\nseq_len = 16\n"
+        );
+        glatrain_config::from_str(&text, "tiny.toml", &[]).unwrap()
+    }
+
+    #[test]
+    fn cpu_runs_the_reference_op_whatever_the_policy() {
+        let cfg = tiny("auto");
+        let report = report(&cfg, Device::Cpu, true).unwrap();
+        assert_eq!(chosen_mode(&report, &cfg), KernelMode::Reference);
+        assert!(
+            report.render_table().contains("reference"),
+            "{}",
+            report.render_table()
+        );
+    }
+
+    #[test]
+    fn a_forced_mode_is_reported_as_forced() {
+        let cfg = tiny("reference");
+        let report = report(&cfg, Device::Cpu, false).unwrap();
+        assert_eq!(chosen_mode(&report, &cfg), KernelMode::Reference);
+        assert!(
+            report.render_table().contains("forced"),
+            "{}",
+            report.render_table()
+        );
+    }
+}

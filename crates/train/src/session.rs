@@ -1,0 +1,210 @@
+//! Setting up a run on a device: the device from `run.device`, libtorch's thread count, the
+//! model in a fresh VarStore, and copying checkpoint weights into it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use glatrain_config::{KernelMode, ResolvedConfig};
+use glatrain_models::CausalLm;
+use tch::{nn::VarStore, Device, Tensor};
+
+use crate::error::TrainError;
+
+/// The device named by `spec` ("auto", "cpu", "cuda", "cuda:N"); `source` names the config in
+/// errors.
+pub fn resolve_device(spec: &str, source: &str) -> Result<Device, TrainError> {
+    let bad = |reason: String| TrainError::BadValue {
+        source_name: source.to_string(),
+        key: "run.device",
+        value: format!("{spec:?}"),
+        reason,
+    };
+    let cuda = |ordinal: usize| {
+        if !tch::Cuda::is_available() {
+            return Err(bad(
+                "no CUDA device is available here (use \"cpu\" or \"auto\")".into(),
+            ));
+        }
+        let count = tch::Cuda::device_count() as usize;
+        if ordinal >= count {
+            return Err(bad(format!("there are {count} CUDA devices (0..{count})")));
+        }
+        Ok(Device::Cuda(ordinal))
+    };
+    match spec {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => cuda(n),
+            _ => Err(bad(
+                "expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"".into()
+            )),
+        },
+    }
+}
+
+/// Applies `run.cpu_threads` (0 keeps libtorch's default) and returns the count in effect.
+pub fn apply_threads(cfg: &ResolvedConfig) -> i32 {
+    let n = cfg.config.run.cpu_threads;
+    if n > 0 {
+        tch::set_num_threads(n as i32);
+    }
+    tch::get_num_threads()
+}
+
+/// A model and the VarStore holding its parameters.
+pub struct BuiltModel {
+    pub vs: VarStore,
+    pub model: Box<dyn CausalLm>,
+}
+
+impl std::fmt::Debug for BuiltModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuiltModel")
+            .field("model", &self.model.config().type_name())
+            .field("device", &self.vs.device())
+            .finish()
+    }
+}
+
+/// Serialises seeding and initialisation: libtorch's generator is process-wide, so two models
+/// built at once on different threads (parallel tests, a library user's threads) would draw from
+/// it interleaved and neither would get the initialisation its seed promises.
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+
+/// Seeds libtorch with `run.seed` and builds the configured model on `device`, its GLA layers
+/// running kernel `mode` (the preflight's choice; `kernels.mode` where no preflight ran). The
+/// same seed gives the same initial weights whatever other threads of the process do with
+/// glatrain.
+pub fn build_model(
+    cfg: &ResolvedConfig,
+    device: Device,
+    mode: KernelMode,
+) -> Result<BuiltModel, TrainError> {
+    // A panic while holding the lock poisons it without corrupting anything it guards.
+    let _init = INIT_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::manual_seed(cfg.config.run.seed as i64);
+    let vs = VarStore::new(device);
+    let model = glatrain_models::build(&vs.root(), &cfg.config.model, mode).map_err(|source| {
+        TrainError::Model {
+            source_name: cfg.source.clone(),
+            source: Box::new(source),
+        }
+    })?;
+    Ok(BuiltModel { vs, model })
+}
+
+/// The VarStore's variables sorted by name.
+pub fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Copies checkpoint `weights` into `vs`. The names and shapes must match exactly; the error
+/// names the checkpoint directory and the first tensor that differs.
+pub fn load_weights(
+    vs: &VarStore,
+    weights: &BTreeMap<String, Tensor>,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    let mismatch = |reason: String| TrainError::CheckpointMismatch {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let vars = named_variables(vs);
+    for (name, var) in &vars {
+        let src = weights.get(name).ok_or_else(|| {
+            mismatch(format!(
+                "weights.safetensors has no tensor `{name}` that the model needs"
+            ))
+        })?;
+        if src.size() != var.size() {
+            return Err(mismatch(format!(
+                "tensor `{name}` has shape {:?} in the checkpoint, the model's is {:?}",
+                src.size(),
+                var.size()
+            )));
+        }
+    }
+    if let Some(extra) = weights
+        .keys()
+        .find(|k| !vars.iter().any(|(name, _)| name == *k))
+    {
+        return Err(mismatch(format!(
+            "weights.safetensors has a tensor `{extra}` that the model does not have"
+        )));
+    }
+    tch::no_grad(|| {
+        for (name, mut var) in vars {
+            var.copy_(&weights[&name]);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn, Kind};
+
+    #[test]
+    fn devices() {
+        assert_eq!(resolve_device("cpu", "x.toml").unwrap(), Device::Cpu);
+        let err = resolve_device("tpu", "x.toml").unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(
+            err.to_string().starts_with("x.toml: run.device = \"tpu\""),
+            "{err}"
+        );
+        if !tch::Cuda::is_available() {
+            let err = resolve_device("cuda:0", "x.toml").unwrap_err().to_string();
+            assert!(err.contains("no CUDA device"), "{err}");
+            assert_eq!(resolve_device("auto", "x.toml").unwrap(), Device::Cpu);
+        }
+    }
+
+    #[test]
+    fn weights_must_match_by_name_and_shape() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _w = (vs.root() / "a").zeros("weight", &[2, 3]);
+        let dir = Path::new("runs/x/checkpoints/step-1");
+        let good: BTreeMap<String, Tensor> = [(
+            "a.weight".to_string(),
+            Tensor::ones([2, 3], (Kind::Float, Device::Cpu)),
+        )]
+        .into();
+        load_weights(&vs, &good, dir).unwrap();
+        assert_eq!(
+            named_variables(&vs)[0].1.sum(Kind::Float).double_value(&[]),
+            6.0
+        );
+
+        let wrong: BTreeMap<String, Tensor> = [(
+            "a.weight".to_string(),
+            Tensor::ones([3, 2], (Kind::Float, Device::Cpu)),
+        )]
+        .into();
+        let err = load_weights(&vs, &wrong, dir).unwrap_err().to_string();
+        assert!(
+            err.contains("step-1") && err.contains("a.weight") && err.contains("[3, 2]"),
+            "{err}"
+        );
+
+        let missing = BTreeMap::new();
+        let err = load_weights(&vs, &missing, dir).unwrap_err().to_string();
+        assert!(err.contains("no tensor `a.weight`"), "{err}");
+
+        let mut extra = good;
+        extra.insert(
+            "b.bias".into(),
+            Tensor::ones([1], (Kind::Float, Device::Cpu)),
+        );
+        let err = load_weights(&vs, &extra, dir).unwrap_err().to_string();
+        assert!(err.contains("`b.bias`"), "{err}");
+    }
+}
