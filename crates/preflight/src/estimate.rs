@@ -37,7 +37,10 @@ pub const RESIDENT_BLOCKS_PER_SM: f64 = 2.0;
 /// fused_chunk reaches full bandwidth only with this many blocks per SM (each block walks its
 /// sequence in order, so one block keeps too few loads in flight); fewer blocks scale it down.
 /// The rules use the same number: fused_chunk when its grid fills the GPU this many times.
-pub const FUSED_CHUNK_MIN_WAVES: f64 = 2.0;
+/// Measured on an H100 (bench/results/gla-h100-2026-11-25.json, 2026-11-25): fused_chunk beats
+/// chunk from 256 blocks (1.9 waves; GLA-340M's layer 4.77 vs 7.30 ms fwd+bwd) up, chunk wins
+/// at 64 blocks (0.5 waves; 1 x 16384 x 16 x 128: 19.5 vs 25.6 ms).
+pub const FUSED_CHUNK_MIN_WAVES: f64 = 1.0;
 /// The reference ops (tensor ops in fp32) write and read every intermediate: this many times
 /// the chunk schedule's time.
 pub const REFERENCE_OVERHEAD: f64 = 4.0;

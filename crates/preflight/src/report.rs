@@ -382,7 +382,7 @@ mod tests {
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         report.check().unwrap();
         assert_eq!(report.rows.len(), 1);
-        assert_eq!(report.rows[0].decision.mode, Mode::Chunk);
+        assert_eq!(report.rows[0].decision.mode, Mode::FusedChunk);
         let table = report.render_table();
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("glatrain preflight: configs/gla-340m.toml on NVIDIA H100 80GB HBM3 (cuda, 132 SMs, 80.0 GiB)"), "{table}");
@@ -393,7 +393,7 @@ mod tests {
             ("layers", "24"),
             ("K", "128"),
             ("V", "256"),
-            ("mode", "chunk"),
+            ("mode", "fused_chunk"),
             ("pad waste", "-"),
         ] {
             let at = header.find(&format!("  {col} ")).map_or(0, |i| i + 2);
@@ -403,7 +403,7 @@ mod tests {
             );
         }
         assert!(
-            row.contains("  bf16   cuda    chunk  rules   -          ~"),
+            row.contains("  bf16   cuda    fused_chunk  rules   -          ~"),
             "{table}"
         );
         assert!(table.contains("(est. time: roofline estimate"), "{table}");
@@ -415,9 +415,10 @@ mod tests {
             report.memory.activation_bytes,
             24 * report.rows[0].decision.est_memory_bytes
         );
-        assert!(
-            report.rows[0].decision.est_memory_bytes
-                > block_activation_bytes(&report.rows[0].shape)
+        // fused_chunk keeps no chunk states: the layer's memory is its block activations.
+        assert_eq!(
+            report.rows[0].decision.est_memory_bytes,
+            block_activation_bytes(&report.rows[0].shape)
         );
     }
 

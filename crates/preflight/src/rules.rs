@@ -432,16 +432,16 @@ mod tests {
         }
         assert_eq!(
             auto(&from_hidden(1024, 4, 8, 65), &DeviceProfile::h100_sxm()).mode,
-            Mode::Chunk
+            Mode::FusedChunk
         );
     }
 
     #[test]
     fn chunk_when_batch_times_heads_is_small_fused_chunk_when_it_fills_the_gpu() {
         let h100 = DeviceProfile::h100_sxm();
-        // GLA-340M: 8 * 4 * (2 * 4 tiles) = 256 blocks < 2 waves of 132 SMs.
+        // GLA-340M: 8 * 4 * (2 * 4 tiles) = 256 blocks >= 1 wave of 132 SMs.
         let d = auto(&from_hidden(1024, 4, 8, 2048), &h100);
-        assert_eq!(d.mode, Mode::Chunk, "{}", d.reason);
+        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
         assert!(
             d.reason
                 .contains("8*4*8 = 256 blocks = 1.9 waves of 132 SMs"),
