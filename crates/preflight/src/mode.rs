@@ -20,7 +20,7 @@ pub enum Mode {
     /// Transformer: causal `scaled_dot_product_attention` where the flash backend does not
     /// apply (CPU, fp32, head dim > 256); libtorch picks another backend.
     Sdpa,
-    /// Mamba: the selective scan in tensor ops (chunked form).
+    /// Mamba: the selective scan in tensor ops (sequential on a CPU, chunked on a GPU).
     SelectiveScanReference,
 }
 

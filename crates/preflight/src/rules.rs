@@ -95,7 +95,17 @@ fn baseline(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> D
         ),
         _ => (
             Mode::SelectiveScanReference,
-            "Mamba: the selective scan in tensor ops (chunks of 16 tokens)".to_owned(),
+            match device.kind {
+                DeviceKind::Cpu => {
+                    "Mamba: the selective scan in tensor ops, token by token \
+                                   (on a CPU faster than the chunked form)"
+                }
+                DeviceKind::Cuda => {
+                    "Mamba: the selective scan in tensor ops, chunked \
+                                    (no CUDA scan kernel yet)"
+                }
+            }
+            .to_owned(),
         ),
     };
     let mut d = decide(shape, device, mode, Source::Rules, reason);
