@@ -169,8 +169,8 @@ impl Report {
         self.errors.first().map_or(Ok(()), |e| Err(e.clone()))
     }
 
-    /// The report as an aligned text table, followed by the memory line, advice, warnings and
-    /// errors.
+    /// The report as an aligned text table, followed by the memory line, advice and warnings.
+    /// Errors are not in it: [`Report::check`] returns them for the caller to report once.
     pub fn render_table(&self) -> String {
         let d = &self.device;
         let mut out = format!(
@@ -281,9 +281,6 @@ impl Report {
         }
         for w in &self.warnings {
             out.push_str(&format!("warning: {w}\n"));
-        }
-        for e in &self.errors {
-            out.push_str(&format!("error: {e}\n"));
         }
         out
     }
@@ -462,7 +459,10 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("activations of 24 layers"), "{msg}");
-        assert!(report.render_table().contains(&format!("error: {msg}")));
+        assert!(
+            !report.render_table().contains("error:"),
+            "reported once, by check()"
+        );
         // The same config fits with a smaller micro-batch.
         let cfg = resolved(
             GLA_340M,
