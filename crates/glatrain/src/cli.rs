@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand};
     version,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  glatrain --config configs/gla-tiny.toml\n  glatrain --config configs/gla-340m.toml --resume\n  glatrain --config configs/gla-tiny.toml --set train.lr=1e-3 --set run.name=lr1e-3\n  glatrain eval --checkpoint runs/gla-tiny/checkpoints/step-000600\n  glatrain preflight --config configs/gla-340m.toml"
+    after_help = "Examples:\n  glatrain --config configs/gla-tiny.toml\n  glatrain --config configs/gla-340m.toml --resume\n  glatrain --config configs/gla-tiny.toml --set train.lr=1e-3 --set run.name=lr1e-3\n  glatrain eval --checkpoint runs/gla-tiny\n  glatrain preflight --config configs/gla-340m.toml"
 )]
 pub struct Cli {
     #[command(flatten)]
