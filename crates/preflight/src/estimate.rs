@@ -298,10 +298,11 @@ fn fp32_only(device: &DeviceProfile) -> DeviceProfile {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use glatrain_config::Precision;
 
+    /// A one-layer bf16 GLA shape on CUDA with `hidden_size = h * v` and no MLP.
     pub(crate) fn gla(b: usize, t: usize, h: usize, k: usize, v: usize) -> LayerShape {
         LayerShape {
             model_type: ModelType::Gla,

@@ -368,20 +368,8 @@ mod tests {
 
     fn gla_shape(b: usize, t: usize, h: usize, k: usize, v: usize) -> LayerShape {
         LayerShape {
-            model_type: ModelType::Gla,
             num_layers: 24,
-            batch: b,
-            seq_len: t,
-            num_heads: h,
-            num_kv_heads: h,
-            head_k_dim: k,
-            head_v_dim: v,
-            hidden_size: h * v,
-            mlp_size: 0,
-            short_conv: false,
-            dtype: Precision::Bf16,
-            device: "cuda".into(),
-            decoding: false,
+            ..crate::estimate::tests::gla(b, t, h, k, v)
         }
     }
 
