@@ -122,9 +122,7 @@ pub fn gla_op(
         let op_mode = match mode {
             KernelMode::Reference => GlaMode::Reference,
             _ if decoding => GlaMode::FusedRecurrent,
-            KernelMode::FusedRecurrent => GlaMode::FusedRecurrent,
-            KernelMode::FusedChunk => GlaMode::FusedChunk,
-            KernelMode::Chunk | KernelMode::Auto => GlaMode::Chunk,
+            _ => op_mode(mode),
         };
         glatrain_ops::gla(
             q,
@@ -139,6 +137,16 @@ pub fn gla_op(
         .unwrap_or_else(|e| panic!("GLA op failed on the layer's own inputs: {e}"))
     };
     (o.to_kind(v.kind()), state)
+}
+
+/// The ops' mode for a config kernel mode; `Auto` (no preflight ran) takes `Chunk`.
+pub fn op_mode(mode: KernelMode) -> GlaMode {
+    match mode {
+        KernelMode::Reference => GlaMode::Reference,
+        KernelMode::FusedRecurrent => GlaMode::FusedRecurrent,
+        KernelMode::FusedChunk => GlaMode::FusedChunk,
+        KernelMode::Chunk | KernelMode::Auto => GlaMode::Chunk,
+    }
 }
 
 /// Per-layer decoding state: the short convolutions' last inputs and the recurrent state.

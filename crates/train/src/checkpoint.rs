@@ -283,6 +283,10 @@ pub fn list(root: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
 /// Reads and checks `dir`'s manifest against the files on disk: every required file present,
 /// sizes and sha256 equal.
 pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        dir: dir.to_path_buf(),
+        reason,
+    };
     let manifest_path = dir.join(MANIFEST_FILE);
     if !manifest_path.exists() {
         return Err(CheckpointError::Incomplete {
@@ -290,53 +294,36 @@ pub fn verify(dir: &Path) -> Result<Manifest, CheckpointError> {
         });
     }
     let text = fs::read_to_string(&manifest_path).map_err(read_err(&manifest_path))?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| CheckpointError::Corrupt {
-        dir: dir.to_path_buf(),
-        reason: format!("{MANIFEST_FILE} does not parse: {e}"),
-    })?;
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| corrupt(format!("{MANIFEST_FILE} does not parse: {e}")))?;
     if manifest.format_version != FORMAT_VERSION {
-        return Err(CheckpointError::Corrupt {
-            dir: dir.to_path_buf(),
-            reason: format!(
-                "{MANIFEST_FILE} has format_version {}, this build reads {FORMAT_VERSION}",
-                manifest.format_version
-            ),
-        });
+        return Err(corrupt(format!(
+            "{MANIFEST_FILE} has format_version {}, this build reads {FORMAT_VERSION}",
+            manifest.format_version
+        )));
     }
     for name in REQUIRED_FILES {
         if !manifest.files.contains_key(name) {
-            return Err(CheckpointError::Corrupt {
-                dir: dir.to_path_buf(),
-                reason: format!("{MANIFEST_FILE} does not list {name}"),
-            });
+            return Err(corrupt(format!("{MANIFEST_FILE} does not list {name}")));
         }
     }
     for (name, want) in &manifest.files {
         let path = dir.join(name);
         if !path.exists() {
-            return Err(CheckpointError::Corrupt {
-                dir: dir.to_path_buf(),
-                reason: format!("{name} is missing"),
-            });
+            return Err(corrupt(format!("{name} is missing")));
         }
         let got = sha256_file(&path)?;
         if got.bytes != want.bytes {
-            return Err(CheckpointError::Corrupt {
-                dir: dir.to_path_buf(),
-                reason: format!(
-                    "{name} has {} bytes, the manifest says {}",
-                    got.bytes, want.bytes
-                ),
-            });
+            return Err(corrupt(format!(
+                "{name} has {} bytes, the manifest says {}",
+                got.bytes, want.bytes
+            )));
         }
         if got.sha256 != want.sha256 {
-            return Err(CheckpointError::Corrupt {
-                dir: dir.to_path_buf(),
-                reason: format!(
-                    "{name} sha256 {} does not match the manifest's {}",
-                    got.sha256, want.sha256
-                ),
-            });
+            return Err(corrupt(format!(
+                "{name} sha256 {} does not match the manifest's {}",
+                got.sha256, want.sha256
+            )));
         }
     }
     Ok(manifest)

@@ -5,7 +5,6 @@
 use glatrain_config::{KernelMode, Precision, PreflightPolicy, ResolvedConfig};
 use glatrain_ops::bench::CudaTimer;
 use glatrain_ops::cuda::{CudaError, KernelSource};
-use glatrain_ops::GlaMode;
 use glatrain_preflight::{
     default_cache_dir, DeviceProfile, LayerShape, ModeTimer, ModelType, Report,
 };
@@ -81,13 +80,10 @@ impl From<CudaError> for TimingError {
 
 impl ModeTimer for KernelTimer {
     fn time_ms(&mut self, shape: &LayerShape, mode: KernelMode) -> Result<f64, String> {
-        let mode = match mode {
-            KernelMode::Chunk => GlaMode::Chunk,
-            KernelMode::FusedChunk => GlaMode::FusedChunk,
-            KernelMode::FusedRecurrent => GlaMode::FusedRecurrent,
-            KernelMode::Reference => GlaMode::Reference,
-            KernelMode::Auto => return Err("auto is not a kernel mode".into()),
-        };
+        if mode == KernelMode::Auto {
+            return Err("auto is not a kernel mode".into());
+        }
+        let mode = glatrain_models::gla::op_mode(mode);
         let kind = match shape.dtype {
             Precision::Fp32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
