@@ -128,5 +128,11 @@ pub enum BenchCommand {
         /// Write the results as JSON here.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Only this shape, `BxTxHxD` (an ANCHORS.md row, e.g. 8x2048x16x128); repeatable.
+        #[arg(long = "shape", value_name = "BxTxHxD")]
+        shapes: Vec<String>,
+        /// Only this mode: chunk, fused_chunk, fused_recurrent or sdpa_flash; repeatable.
+        #[arg(long = "mode", value_name = "MODE")]
+        modes: Vec<String>,
     },
 }

@@ -49,8 +49,13 @@ fn main() -> ExitCode {
         Some(Command::Sample(args)) => sample(args),
         Some(Command::Prepare(args)) => prepare(args),
         Some(Command::Preflight(args)) => preflight(args),
-        Some(Command::Bench(BenchCommand::Gla { json })) => {
-            glatrain_ops::bench::run_gla_bench(json.as_deref())
+        Some(Command::Bench(BenchCommand::Gla {
+            json,
+            shapes,
+            modes,
+        })) => {
+            let filter = glatrain_ops::bench::BenchFilter { shapes, modes };
+            glatrain_ops::bench::run_gla_bench(json.as_deref(), &filter)
                 .map(drop)
                 .map_err(AppError::from)
         }

@@ -24,17 +24,18 @@ void write_error(char* buf, size_t len, const char* msg) {
 }
 
 // Rust callbacks: return 0 on success, else non-zero with a message written to `err`.
-// Forward: (q, k, v, g, h0 or null, scale, mode, out o, out final state) -> status.
+// Forward: (q, k, v, g, h0 or null, scale, mode, out o, out final state, out saved (left null
+// when the schedule keeps nothing for the backward)) -> status.
 using GlaForwardFn = int (*)(const at::Tensor*, const at::Tensor*, const at::Tensor*,
                              const at::Tensor*, const at::Tensor*, double, int64_t, at::Tensor**,
-                             at::Tensor**, char*, size_t);
-// Backward: (q, k, v, g, h0 or null, final state, do, dht or null, scale, mode,
+                             at::Tensor**, at::Tensor**, char*, size_t);
+// Backward: (q, k, v, g, h0 or null, final state, saved or null, do, dht or null, scale, mode,
 //            out dq, dk, dv, dg, dh0 (left null when h0 is null)) -> status.
 using GlaBackwardFn = int (*)(const at::Tensor*, const at::Tensor*, const at::Tensor*,
                               const at::Tensor*, const at::Tensor*, const at::Tensor*,
-                              const at::Tensor*, const at::Tensor*, double, int64_t, at::Tensor**,
-                              at::Tensor**, at::Tensor**, at::Tensor**, at::Tensor**, char*,
-                              size_t);
+                              const at::Tensor*, const at::Tensor*, const at::Tensor*, double,
+                              int64_t, at::Tensor**, at::Tensor**, at::Tensor**, at::Tensor**,
+                              at::Tensor**, char*, size_t);
 
 constexpr size_t kErrLen = 4096;
 
@@ -61,14 +62,16 @@ struct GlaFunction : public torch::autograd::Function<GlaFunction> {
     const at::Tensor h0 = has_h0 ? h0_or_empty : at::Tensor();
     at::Tensor* o = nullptr;
     at::Tensor* ht = nullptr;
+    at::Tensor* saved = nullptr;
     char err[kErrLen] = {0};
-    int rc = fwd(&q, &k, &v, &g, opt(h0), scale, mode, &o, &ht, err, kErrLen);
+    int rc = fwd(&q, &k, &v, &g, opt(h0), scale, mode, &o, &ht, &saved, err, kErrLen);
     at::Tensor o_t = take(o);
     at::Tensor ht_t = take(ht);
+    at::Tensor saved_t = take(saved);
     TORCH_CHECK(rc == 0, err);
     // Gradients may be absent (an unused output): backward handles undefined grads itself.
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({q, k, v, g, h0, ht_t});
+    ctx->save_for_backward({q, k, v, g, h0, ht_t, saved_t});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["mode"] = mode;
     ctx->saved_data["bwd_fn"] = bwd_fn;
@@ -84,6 +87,7 @@ struct GlaFunction : public torch::autograd::Function<GlaFunction> {
     const at::Tensor& g = saved[3];
     const at::Tensor& h0 = saved[4];
     const at::Tensor& ht = saved[5];
+    const at::Tensor& kept = saved[6];
     double scale = ctx->saved_data["scale"].toDouble();
     int64_t mode = ctx->saved_data["mode"].toInt();
     auto bwd = reinterpret_cast<GlaBackwardFn>(ctx->saved_data["bwd_fn"].toInt());
@@ -98,8 +102,8 @@ struct GlaFunction : public torch::autograd::Function<GlaFunction> {
     at::Tensor dht = grads[1];
     at::Tensor *dq = nullptr, *dk = nullptr, *dv = nullptr, *dg = nullptr, *dh0 = nullptr;
     char err[kErrLen] = {0};
-    int rc = bwd(&q, &k, &v, &g, opt(h0), &ht, &d_o, opt(dht), scale, mode, &dq, &dk, &dv, &dg,
-                 &dh0, err, kErrLen);
+    int rc = bwd(&q, &k, &v, &g, opt(h0), &ht, opt(kept), &d_o, opt(dht), scale, mode, &dq, &dk,
+                 &dv, &dg, &dh0, err, kErrLen);
     at::Tensor dq_t = take(dq), dk_t = take(dk), dv_t = take(dv), dg_t = take(dg);
     at::Tensor dh0_t = take(dh0);
     TORCH_CHECK(rc == 0, err);

@@ -60,6 +60,16 @@ pub enum BenchError {
         /// The I/O error.
         message: String,
     },
+    /// A `--shape` or `--mode` filter names something the benchmark does not run.
+    #[error("bench gla: {flag} {value:?} is not one of: {allowed}")]
+    Filter {
+        /// The command-line flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What the flag accepts.
+        allowed: String,
+    },
     /// The JSON report could not be written.
     #[error("bench gla: cannot write {path}: {message}")]
     Write {
@@ -74,7 +84,7 @@ impl BenchError {
     /// True only when the report path given by the user cannot be written; a missing GPU or a
     /// failing kernel is not the user's input.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, BenchError::Write { .. })
+        matches!(self, BenchError::Write { .. } | BenchError::Filter { .. })
     }
 }
 
@@ -271,8 +281,57 @@ fn floors_ms(b: i64, t: i64, h: i64, d: i64) -> (f64, f64) {
     )
 }
 
+/// Every mode the benchmark can time.
+const MODES: [&str; 4] = ["chunk", "fused_chunk", "fused_recurrent", "sdpa_flash"];
+
+/// Which rows to run: shapes as `BxTxHxD` (ANCHORS.md rows) and modes; empty means all.
+#[derive(Debug, Clone, Default)]
+pub struct BenchFilter {
+    /// Shapes to run, e.g. `8x2048x16x128`.
+    pub shapes: Vec<String>,
+    /// Modes to run (`chunk`, `fused_chunk`, `fused_recurrent`, `sdpa_flash`).
+    pub modes: Vec<String>,
+}
+
+impl BenchFilter {
+    /// Checks every name before the (long) run starts.
+    fn validate(&self) -> Result<(), BenchError> {
+        for shape in &self.shapes {
+            if !SHAPES.iter().any(|&s| shape_name(s) == *shape) {
+                return Err(BenchError::Filter {
+                    flag: "--shape",
+                    value: shape.clone(),
+                    allowed: SHAPES.map(shape_name).join(", "),
+                });
+            }
+        }
+        for mode in &self.modes {
+            if !MODES.contains(&mode.as_str()) {
+                return Err(BenchError::Filter {
+                    flag: "--mode",
+                    value: mode.clone(),
+                    allowed: MODES.join(", "),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn keeps_shape(&self, shape: (i64, i64, i64, i64)) -> bool {
+        self.shapes.is_empty() || self.shapes.contains(&shape_name(shape))
+    }
+
+    fn keeps_mode(&self, mode: &str) -> bool {
+        self.modes.is_empty() || self.modes.iter().any(|m| m == mode)
+    }
+}
+
+fn shape_name((b, t, h, d): (i64, i64, i64, i64)) -> String {
+    format!("{b}x{t}x{h}x{d}")
+}
+
 /// Runs the GLA benchmark on CUDA device 0: every ANCHORS.md shape, each GLA mode that supports
-/// it and SDPA flash, printing a table as it goes; writes the report as JSON to `json_out` when
+/// it and SDPA flash (or the rows `filter` keeps), printing a table as it goes; writes the report as JSON to `json_out` when
 /// given (parent directories are created).
 ///
 /// The first-call time is meaningful only while the bf16 GLA module is not yet loaded in this
@@ -283,7 +342,11 @@ fn floors_ms(b: i64, t: i64, h: i64, d: i64) -> (f64, f64) {
 ///
 /// [`BenchError::NoCuda`] without a CUDA device; CUDA, op or libtorch failures; a report that
 /// cannot be written.
-pub fn run_gla_bench(json_out: Option<&Path>) -> Result<BenchReport, BenchError> {
+pub fn run_gla_bench(
+    json_out: Option<&Path>,
+    filter: &BenchFilter,
+) -> Result<BenchReport, BenchError> {
+    filter.validate()?;
     if !tch::Cuda::is_available() {
         return Err(BenchError::NoCuda);
     }
@@ -304,12 +367,15 @@ pub fn run_gla_bench(json_out: Option<&Path>) -> Result<BenchReport, BenchError>
     let _guard = tch::no_grad_guard();
 
     let (first_call_s, nvrtc_compile_s) = first_call_times(&cuda, dev)?;
-    println!("first call (NVRTC compile of the bf16 module + load + run): {first_call_s:.2} s");
+    println!("first call (forward + backward; NVRTC compile of the bf16 module + load + run): {first_call_s:.2} s");
     println!("NVRTC compile of the bf16 module alone: {nvrtc_compile_s:.2} s");
 
     let mut rows = Vec::new();
     println!("{}", table_header());
     for (&(b, t, h, d), &fla_fwd_bwd_ms) in SHAPES.iter().zip(&FLA_FWD_BWD_MS) {
+        if !filter.keeps_shape((b, t, h, d)) {
+            continue;
+        }
         let (floor_fwd_ms, floor_fwd_bwd_ms) = floors_ms(b, t, h, d);
         let shape = [b, t, h, d];
         let q = Tensor::f_randn(shape, (Kind::BFloat16, dev))?;
@@ -327,6 +393,7 @@ pub fn run_gla_bench(json_out: Option<&Path>) -> Result<BenchReport, BenchError>
             modes.push(("fused_recurrent", Some(GlaMode::FusedRecurrent)));
         }
         modes.push(("sdpa_flash", None));
+        modes.retain(|(name, _)| filter.keeps_mode(name));
         for (name, mode) in modes {
             let fwd_ms = timer.median_ms(3, iters, || attention(mode, &q, &k, &v, &g).map(drop))?;
             let leaves = [&q, &k, &v, &g]
@@ -376,29 +443,27 @@ fn log_gates(shape: &[i64], dev: Device) -> Result<Tensor, TchError> {
         .f_div_scalar(16.0)
 }
 
-/// Wall time of a first GLA call into an empty kernel cache (NVRTC compilation of the bf16
-/// module, load, run), then of the compilation alone, in s.
+/// Wall time of a first GLA training call (forward and backward, bf16, `chunk`) into an empty
+/// kernel cache: NVRTC compilation of the module, load, run. Then of the compilation alone, in s.
 fn first_call_times(cuda: &CudaDevice, dev: Device) -> Result<(f64, f64), BenchError> {
     let cache = TempCache::new()?;
-    let small = Tensor::f_randn([1, 64, 1, 128], (Kind::BFloat16, dev))?;
-    let gsmall = log_gates(&[1, 64, 1, 128], dev)?;
+    let shape = [1, 64, 1, 128];
+    let leaf = |x: Tensor| x.f_set_requires_grad(true);
+    let q = leaf(Tensor::f_randn(shape, (Kind::BFloat16, dev))?)?;
+    let g = leaf(log_gates(&shape, dev)?)?;
     let t0 = Instant::now();
-    let (o, _) = gla(
-        &small,
-        &small,
-        &small,
-        &gsmall,
-        None,
-        None,
-        GlaMode::Chunk,
-        false,
-    )?;
-    // Reading a value back waits for the kernel.
-    o.f_sum(Kind::Float)?.f_double_value(&[])?;
+    tch::with_grad(|| -> Result<(), BenchError> {
+        let (o, _) = gla(&q, &q, &q, &g, None, None, GlaMode::Chunk, false)?;
+        let loss = o.f_sum(Kind::Float)?;
+        let grads = Tensor::f_run_backward(&[&loss], &[&q, &g], false, false)?;
+        // Reading a value back waits for the kernels.
+        grads[1].f_sum(Kind::Float)?.f_double_value(&[])?;
+        Ok(())
+    })?;
     let first_call_s = t0.elapsed().as_secs_f64();
     drop(cache);
     let t0 = Instant::now();
-    compile_uncached(KernelSource::Gla, KernelDtype::Bf16, cuda.arch())?;
+    compile_uncached(KernelSource::GlaTensorCore, KernelDtype::Bf16, cuda.arch())?;
     Ok((first_call_s, t0.elapsed().as_secs_f64()))
 }
 
@@ -581,12 +646,34 @@ mod tests {
     }
 
     #[test]
+    fn unknown_filters_are_bad_input_before_anything_runs() {
+        let shape = BenchFilter {
+            shapes: vec!["8x2048x16x100".to_string()],
+            modes: vec![],
+        };
+        let err = run_gla_bench(None, &shape).unwrap_err();
+        assert!(err.is_bad_input());
+        let text = err.to_string();
+        assert!(text.contains("--shape \"8x2048x16x100\""), "{text}");
+        assert!(text.contains("8x2048x16x128"), "{text}");
+        let mode = BenchFilter {
+            shapes: vec!["8x2048x16x128".to_string()],
+            modes: vec!["flash".to_string()],
+        };
+        let err = run_gla_bench(None, &mode).unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(err.to_string().contains("--mode \"flash\""), "{err}");
+        assert!(BenchFilter::default().keeps_mode("sdpa_flash"));
+        assert!(mode.keeps_shape((8, 2048, 16, 128)) && !mode.keeps_shape((8, 2048, 16, 64)));
+    }
+
+    #[test]
     fn bench_without_cuda_says_so() {
         if tch::Cuda::is_available() {
             println!("skipped: a CUDA device is present");
             return;
         }
-        let err = run_gla_bench(None).unwrap_err();
+        let err = run_gla_bench(None, &BenchFilter::default()).unwrap_err();
         assert!(matches!(err, BenchError::NoCuda), "{err}");
         assert!(!err.is_bad_input());
         assert!(err.to_string().contains("no CUDA device"), "{err}");

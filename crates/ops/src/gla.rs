@@ -265,11 +265,13 @@ type ForwardFn = extern "C" fn(
     i64,
     *mut *mut C_tensor,
     *mut *mut C_tensor,
+    *mut *mut C_tensor,
     *mut c_char,
     usize,
 ) -> c_int;
 
 type BackwardFn = extern "C" fn(
+    *const C_tensor,
     *const C_tensor,
     *const C_tensor,
     *const C_tensor,
@@ -403,6 +405,7 @@ extern "C" fn forward_cb(
     mode: i64,
     o: *mut *mut C_tensor,
     ht: *mut *mut C_tensor,
+    saved: *mut *mut C_tensor,
     err: *mut c_char,
     len: usize,
 ) -> c_int {
@@ -412,10 +415,14 @@ extern "C" fn forward_cb(
         let (q, k, v, g) = (q.expect("q"), k.expect("k"), v.expect("v"), g.expect("g"));
         let schedule = GlaMode::from_code(mode).expect("the shim passes a kernel mode");
         let out = kernels::forward(&q, &k, &v, &g, h0.as_deref(), scale, schedule)?;
-        // SAFETY: `o` and `ht` are valid out-pointers from the shim, which takes ownership.
+        // SAFETY: `o`, `ht` and `saved` are valid out-pointers from the shim, which takes
+        // ownership of what is written.
         unsafe {
             *o = hand_over(out.o);
             *ht = hand_over(out.final_state);
+            if let Some(t) = out.saved {
+                *saved = hand_over(t);
+            }
         }
         Ok(())
     })
@@ -429,6 +436,7 @@ extern "C" fn backward_cb(
     g: *const C_tensor,
     h0: *const C_tensor,
     ht: *const C_tensor,
+    saved: *const C_tensor,
     d_o: *const C_tensor,
     dht: *const C_tensor,
     scale: f64,
@@ -442,8 +450,8 @@ extern "C" fn backward_cb(
     len: usize,
 ) -> c_int {
     guarded(err, len, || {
-        // SAFETY: the shim passes live tensors (h0 and dht may be null) for this call.
-        let (q, k, v, g, h0, ht, d_o, dht) = unsafe {
+        // SAFETY: the shim passes live tensors (h0, saved and dht may be null) for this call.
+        let (q, k, v, g, h0, ht, saved, d_o, dht) = unsafe {
             (
                 borrow(q),
                 borrow(k),
@@ -451,6 +459,7 @@ extern "C" fn backward_cb(
                 borrow(g),
                 borrow(h0),
                 borrow(ht),
+                borrow(saved),
                 borrow(d_o),
                 borrow(dht),
             )
@@ -467,6 +476,7 @@ extern "C" fn backward_cb(
             &g,
             h0.as_deref(),
             &ht,
+            saved.as_deref(),
             &d_o,
             dht.as_ref(),
             scale,

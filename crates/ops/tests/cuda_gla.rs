@@ -229,6 +229,24 @@ fn bf16_at_model_head_dims() {
 }
 
 #[test]
+fn half_precision_chunk_over_head_dims_and_lengths() {
+    // The bf16/fp16 `chunk` schedule has its own kernels (kernels/gla_tc.cu): every head dim and
+    // length of the fp32 test, in both half precisions.
+    let cases = [
+        case(1, 1, 1, 1, 1, true, true),
+        case(1, 7, 2, 8, 16, false, true),
+        case(1, 63, 1, 16, 32, true, false),
+        case(2, 64, 2, 32, 60, true, true),
+        case(1, 65, 1, 60, 100, false, false),
+        case(1, 1000, 2, 64, 128, true, true),
+        case(1, 4096, 1, 128, 128, true, true),
+        case(1, 65, 1, 256, 512, false, true),
+        case(1, 64, 1, 1024, 1024, true, true),
+    ];
+    run(&cases, &[GlaMode::Chunk], &[Kind::BFloat16, Kind::Half]);
+}
+
+#[test]
 fn mismatched_devices_are_bad_input() {
     let Some(dev) = cuda() else { return };
     let q = Tensor::randn([1, 4, 1, 8], (Kind::Float, dev));

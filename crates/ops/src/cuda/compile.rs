@@ -17,24 +17,36 @@ use super::{catch_library_panic, CudaError};
 /// A kernel source file under `kernels/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelSource {
-    /// `kernels/gla.cu`: every GLA kernel.
+    /// `kernels/gla.cu`: every GLA schedule (the only one for fp32 inputs).
     Gla,
+    /// `kernels/gla_tc.cu`: the `chunk` schedule on bf16/fp16 tensor cores.
+    GlaTensorCore,
 }
 
 impl KernelSource {
     /// Every source, for the compile-everything check.
-    pub const ALL: [KernelSource; 1] = [KernelSource::Gla];
+    pub const ALL: [KernelSource; 2] = [KernelSource::Gla, KernelSource::GlaTensorCore];
 
     /// The file name under `kernels/`.
     pub fn file_name(self) -> &'static str {
         match self {
             KernelSource::Gla => "gla.cu",
+            KernelSource::GlaTensorCore => "gla_tc.cu",
+        }
+    }
+
+    /// The input dtypes this source is instantiated for.
+    pub fn dtypes(self) -> &'static [KernelDtype] {
+        match self {
+            KernelSource::Gla => &KernelDtype::ALL,
+            KernelSource::GlaTensorCore => &[KernelDtype::Bf16, KernelDtype::F16],
         }
     }
 
     fn embedded(self) -> &'static str {
         match self {
             KernelSource::Gla => include_str!("../../../../kernels/gla.cu"),
+            KernelSource::GlaTensorCore => include_str!("../../../../kernels/gla_tc.cu"),
         }
     }
 

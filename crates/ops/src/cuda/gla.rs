@@ -11,8 +11,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
-use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use tch::{Kind, Tensor};
 
 use super::{CudaError, Device, KernelDtype, KernelSource};
@@ -28,7 +26,7 @@ pub enum Schedule {
     FusedRecurrent,
 }
 
-/// Threads per block of every GLA kernel.
+/// Threads per block of the `gla.cu` kernels.
 const THREADS: u32 = 256;
 /// State tile of the recurrent kernels (rows x columns).
 const RECURRENT_TILE: i64 = 32;
@@ -100,7 +98,12 @@ fn poison() -> bool {
 
 /// An fp32 output buffer on `like`'s device (NaN-filled under `GLATRAIN_POISON=1`).
 fn buffer(shape: &[i64], like: &Tensor) -> Tensor {
-    let opts = (Kind::Float, like.device());
+    buffer_of(shape, Kind::Float, like)
+}
+
+/// An output buffer of `kind` on `like`'s device (NaN-filled under `GLATRAIN_POISON=1`).
+fn buffer_of(shape: &[i64], kind: Kind, like: &Tensor) -> Tensor {
+    let opts = (kind, like.device());
     if poison() {
         Tensor::full(shape, f64::NAN, opts)
     } else {
@@ -157,23 +160,28 @@ macro_rules! launch {
     ($dev:expr, $f:expr, $grid:expr; $($arg:ident),* $(,)?) => {
         launch!($dev, $f, $grid, 0; $($arg),*)
     };
-    ($dev:expr, $f:expr, $grid:expr, $smem:expr; $($arg:ident),* $(,)?) => {{
+    ($dev:expr, $f:expr, $grid:expr, $smem:expr; $($arg:ident),* $(,)?) => {
+        launch!($dev, $f, $grid, $smem, THREADS; $($arg),*)
+    };
+    ($dev:expr, $f:expr, $grid:expr, $smem:expr, $threads:expr; $($arg:ident),* $(,)?) => {{
         let (gx, gy, gz): (i64, i64, i64) = $grid;
         let smem: u32 = $smem;
-        let cfg = LaunchConfig {
+        let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (gx as u32, gy as u32, gz as u32),
-            block_dim: (THREADS, 1, 1),
+            block_dim: ($threads, 1, 1),
             shared_mem_bytes: smem,
         };
-        let f: &CudaFunction = &$f;
+        let f: &cudarc::driver::CudaFunction = &$f;
         if smem > 0 {
             f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )
-            .map_err(|e| CudaError::driver("cuFuncSetAttribute", e))?;
+            .map_err(|e| $crate::cuda::CudaError::driver("cuFuncSetAttribute", e))?;
         }
         let mut builder = $dev.stream().launch_builder(f);
+        #[allow(unused_imports)]
+        use cudarc::driver::PushKernelArg;
         $( builder.arg(&$arg); )*
         // SAFETY: the argument list matches the kernel's signature in kernels/gla.cu (pointers
         // as u64 device addresses of live, contiguous tensors of the stated shapes, then i32
@@ -181,9 +189,12 @@ macro_rules! launch {
         // their reuse after it on the same stream.
         unsafe { builder.launch(cfg) }
             .map(|_| ())
-            .map_err(|e| CudaError::driver("cuLaunchKernel", e))
+            .map_err(|e| $crate::cuda::CudaError::driver("cuLaunchKernel", e))
     }};
 }
+
+// The bf16/fp16 `chunk` schedule (kernels/gla_tc.cu); after `launch!`, which it uses.
+mod tensor_core;
 
 /// Outputs of [`forward`].
 #[derive(Debug)]
@@ -192,6 +203,9 @@ pub struct Forward {
     pub o: Tensor,
     /// `[B, H, K, V]` f32.
     pub final_state: Tensor,
+    /// What the schedule keeps for [`backward`] (the bf16/fp16 `chunk` schedule: its chunk
+    /// states and A, so the backward need not compute them again).
+    pub saved: Option<Tensor>,
 }
 
 /// GLA forward.
@@ -216,10 +230,14 @@ pub fn forward(
         return Ok(Forward {
             o: Tensor::zeros([d.b, d.t, d.h, d.v], (v.kind(), v.device())),
             final_state,
+            saved: None,
         });
     }
     let dev = device_of(q)?;
     let dt = dtype_of(q)?;
+    if schedule == Schedule::Chunk && dt != KernelDtype::F32 {
+        return tensor_core::forward(&dev, dt, d, q, k, v, g, h0, scale);
+    }
     let (bb, tt, hh, kk, vv) = (d.b as i32, d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let sc = scale as f32;
     let (qp, kp, vp, gp, h0p) = (ptr(q), ptr(k), ptr(v), ptr(g), opt_ptr(h0));
@@ -263,6 +281,7 @@ pub fn forward(
     Ok(Forward {
         o: reduce_parts(o_part, v.kind()),
         final_state: ht,
+        saved: None,
     })
 }
 
@@ -285,7 +304,8 @@ pub struct Backward {
 /// state, when the final state was used).
 ///
 /// # Shapes
-/// As [`forward`]; `final_state`, `dht`: `[B, H, K, V]` f32; `d_o`: `[B, T, H, V]` in v's dtype.
+/// As [`forward`]; `final_state`, `dht`: `[B, H, K, V]` f32; `d_o`: `[B, T, H, V]` in v's dtype;
+/// `saved`: [`Forward::saved`] of the same inputs.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &Tensor,
@@ -294,6 +314,7 @@ pub fn backward(
     g: &Tensor,
     h0: Option<&Tensor>,
     final_state: &Tensor,
+    saved: Option<&Tensor>,
     d_o: &Tensor,
     dht: Option<&Tensor>,
     scale: f64,
@@ -314,6 +335,22 @@ pub fn backward(
     }
     let dev = device_of(q)?;
     let dt = dtype_of(q)?;
+    // The final-state term of the gate gradient: sum over V of S_T * dS_T, on every token.
+    let fterm = dht.map(|x| (final_state * x).sum_dim_intlist(-1, false, Kind::Float));
+    if schedule == Schedule::Chunk && dt != KernelDtype::F32 {
+        let inputs = tensor_core::BackwardInputs {
+            q,
+            k,
+            v,
+            g,
+            h0,
+            saved,
+            d_o,
+            dht,
+            fterm,
+        };
+        return tensor_core::backward(&dev, dt, d, inputs, scale);
+    }
     let (bb, tt, hh, kk, vv) = (d.b as i32, d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let sc = scale as f32;
     let (qp, kp, vp, gp, h0p) = (ptr(q), ptr(k), ptr(v), ptr(g), opt_ptr(h0));
@@ -366,8 +403,6 @@ pub fn backward(
     let dq = reduce_parts(dq_part, Kind::Float);
     let dk = reduce_parts(dk_part, Kind::Float);
     let dv = reduce_parts(dv_part, v.kind());
-    // The final-state term of the gate gradient: sum over V of S_T * dS_T, on every token.
-    let fterm = dht.map(|x| (final_state * x).sum_dim_intlist(-1, false, Kind::Float));
     let dg = buffer(&[d.b, d.t, d.h, d.k], q);
     let (dqf, dkf, fp, dgp) = (ptr(&dq), ptr(&dk), opt_ptr(fterm.as_ref()), ptr(&dg));
     let f = dev.function(KernelSource::Gla, dt, "gla_dg")?;

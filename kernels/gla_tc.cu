@@ -1,0 +1,1117 @@
+// Gated linear attention, `chunk` schedule on tensor cores, for bf16 and fp16 inputs.
+//
+//   S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t
+//   q, k, g: [B, T, H, K]   v, o: [B, T, H, V]   g: fp32 log gates (<= 0)   states fp32 in registers
+//
+// fp32 inputs use the 3xTF32 kernels of gla.cu; this file holds the bf16 / fp16 path (the one
+// training uses). Compiled at run time by NVRTC, one module per dtype, no CUDA headers.
+//
+// The chunked form (chunk C = 64 tokens, b = inclusive cumulative gate inside the chunk, b_L its
+// last row, h_n the state entering chunk n, A the chunk's gated causal q k^T):
+//   h_{n+1} = exp(b_L) h_n + (k exp(b_L - b))^T v                       states    (sequential)
+//   o       = scale (q exp(b)) h_n + A v,  A_ts = scale sum_i q_ti k_si exp(b_ti - b_si), s <= t
+//   dh_n    = exp(b_L) dh_{n+1} + scale (q exp(b))^T do                  states    (reverse)
+//   dv      = A^T do + (k exp(b_L - b)) dh_{n+1}
+//   dA      = scale do v^T (s <= t)
+//   dq      = scale (do h_n^T) exp(b) + sum_{s<=t} dA_ts k_s exp(b_t - b_s)
+//   dk      = (v dh_{n+1}^T) exp(b_L - b) + sum_{t>=s} dA_ts q_t exp(b_t - b_s)
+//   dg_t    = sum_{s >= t in the chunk} (q_s dq_s - k_s dk_s) + sum_V h_{n+1} dh_{n+1}
+//             (see tc_bwd_dqk; h_NT, dh_NT: the final state and its gradient)
+// Kernels: tc_states (forward: h_n per chunk in the input dtype, and the final state; reverse:
+// dh_{n+1} per chunk and dh_0), then per (chunk, tile) in parallel: tc_fwd_o, tc_bwd_dv and
+// tc_bwd_dqk (dq, dk and dg). 128 threads; warp w owns rows
+// 16 w .. 16 w + 15 of every 64-row product; 64 x 64 tiles over K and V (zero-padded, any size).
+//
+// Intra-chunk products (A, and the dA-weighted sums of dq and dk) are rebased per 16-token
+// block: for the rows of block w the reference is r = b at the block's first token, so
+// q exp(b_t - r) <= 1 and, for s in earlier blocks, k exp(r - b_s) <= 1. Inside the diagonal block
+// k exp(r - b_s) can exceed 1 by at most exp(span), span = b_first - b_last of the block; where a
+// channel's span exceeds SPAN_LIMIT its diagonal terms are taken exactly (an exp per pair) instead.
+// These products take fp32 operands split into two bf16 halves (x = hi + lo, three mma: fp32-like
+// accuracy and range); the state products (q h, A v, k dh, ...) take input-dtype operands.
+
+typedef unsigned short u16;
+
+struct bf16 { u16 bits; };
+struct f16 { u16 bits; };
+
+#define TC_C 64          // chunk length (tokens)
+#define TC_T 64          // K / V tile
+#define TC_THREADS 128
+#define LDF 72           // fp32 row stride of shared tiles (float2 fragment loads conflict-free)
+#define LDH 72           // 16-bit row stride (144-byte rows: ldmatrix conflict-free)
+#define SPAN_LIMIT 60.f  // largest in-block gate span taken through rebased products
+
+__device__ __forceinline__ float h2f(bf16 x) { return __int_as_float(((unsigned)x.bits) << 16); }
+__device__ __forceinline__ float h2f(f16 x) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+  return f;
+}
+
+// Two floats as one register of two 16-bit values (lo in the low half), rounded to nearest.
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+__device__ __forceinline__ unsigned pack_f16(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Elements of a 16-bit shared tile (row stride LDH) as fp32: one, or the pair at (r, c), (r, c + 1)
+// (c even: one 32-bit load).
+template <typename T>
+__device__ __forceinline__ float elem(const u16* X, int r, int c) {
+  T a;
+  a.bits = X[r * LDH + c];
+  return h2f(a);
+}
+template <typename T>
+__device__ __forceinline__ float2 pair(const u16* X, int r, int c) {
+  const unsigned w = *reinterpret_cast<const unsigned*>(X + r * LDH + c);
+  T a, b;
+  a.bits = (u16)(w & 0xffffu);
+  b.bits = (u16)(w >> 16);
+  return make_float2(h2f(a), h2f(b));
+}
+
+// D += A B, m16n8k16, fp32 accumulators. Fragment layouts (g = lane / 4, c = lane % 4):
+//   a[0] = A(g, 2c..2c+1)  a[1] = A(g+8, 2c..)  a[2] = A(g, 2c+8..)  a[3] = A(g+8, 2c+8..)
+//   b[0] = B(2c..2c+1, g)  b[1] = B(2c+8.., g)
+//   d[0..1] = D(g, 2c..2c+1)  d[2..3] = D(g+8, 2c..2c+1)
+__device__ __forceinline__ void mma_bf16(float d[4], const unsigned a[4], unsigned b0,
+                                         unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_f16(float d[4], const unsigned a[4], unsigned b0,
+                                        unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The input dtype's tensor-core operations.
+template <typename T> struct Op;
+template <> struct Op<bf16> {
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) { return pack_bf16(lo, hi); }
+  static __device__ __forceinline__ void mma(float d[4], const unsigned a[4], unsigned b0,
+                                             unsigned b1) {
+    mma_bf16(d, a, b0, b1);
+  }
+};
+template <> struct Op<f16> {
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) { return pack_f16(lo, hi); }
+  static __device__ __forceinline__ void mma(float d[4], const unsigned a[4], unsigned b0,
+                                             unsigned b1) {
+    mma_f16(d, a, b0, b1);
+  }
+};
+
+// x = hi + lo in bf16 pairs (about 16 significant bits, fp32 range).
+struct Split {
+  unsigned hi, lo;
+};
+__device__ __forceinline__ Split split(float x0, float x1) {
+  Split s;
+  s.hi = pack_bf16(x0, x1);
+  const float h0 = __uint_as_float(s.hi << 16), h1 = __uint_as_float(s.hi & 0xffff0000u);
+  s.lo = pack_bf16(x0 - h0, x1 - h1);
+  return s;
+}
+
+// D += A B with split operands: lo*hi + hi*lo + hi*hi (the lo*lo term is below fp32 rounding of
+// the bf16 pair's precision).
+__device__ __forceinline__ void mma_split(float d[4], const Split a[4], Split b0, Split b1) {
+  const unsigned ahi[4] = {a[0].hi, a[1].hi, a[2].hi, a[3].hi};
+  const unsigned alo[4] = {a[0].lo, a[1].lo, a[2].lo, a[3].lo};
+  mma_bf16(d, alo, b0.hi, b1.hi);
+  mma_bf16(d, ahi, b0.lo, b1.lo);
+  mma_bf16(d, ahi, b0.hi, b1.hi);
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned r;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ void ldsm_x4(unsigned r[4], const u16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(unsigned r[4], const u16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// Fragments from 16-bit shared tiles (row stride LDH). The names say how the tile is stored:
+// `mk` holds A as [m][k], `km` as [k][m]; `nk` holds B as [n][k], `kn` as [k][n]. The B loaders
+// fetch two n-tiles at once: b[0..1] for columns n0..n0+7, b[2..3] for n0+8..n0+15.
+__device__ __forceinline__ void a_mk(unsigned a[4], const u16* X, int m0, int k0) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4(a, X + (m0 + (lane & 15)) * LDH + k0 + (lane >> 4) * 8);
+}
+__device__ __forceinline__ void a_km(unsigned a[4], const u16* X, int m0, int k0) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4_t(a, X + (k0 + (lane & 7) + ((lane >> 4) << 3)) * LDH + m0 + ((lane >> 3) & 1) * 8);
+}
+__device__ __forceinline__ void b_nk(unsigned b[4], const u16* X, int k0, int n0) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4(b, X + (n0 + (lane & 7) + ((lane >> 4) << 3)) * LDH + k0 + ((lane >> 3) & 1) * 8);
+}
+__device__ __forceinline__ void b_kn(unsigned b[4], const u16* X, int k0, int n0) {
+  const int lane = threadIdx.x & 31;
+  ldsm_x4_t(b, X + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDH + n0 + (lane >> 4) * 8);
+}
+
+// acc[8][4] += A (16 x 64 k, rows m0..) * B (64 k x 64 n) over k in [k_begin, k_end).
+template <typename T, bool A_KM, bool B_KN>
+__device__ __forceinline__ void warp_gemm(float acc[8][4], const u16* A, const u16* B, int m0,
+                                          int k_begin = 0, int k_end = 64) {
+#pragma unroll
+  for (int k0 = 0; k0 < 64; k0 += 16) {
+    if (k0 < k_begin || k0 >= k_end) continue;
+    unsigned a[4];
+    if (A_KM) a_km(a, A, m0, k0); else a_mk(a, A, m0, k0);
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      unsigned b[4];
+      if (B_KN) b_kn(b, B, k0, 16 * n); else b_nk(b, B, k0, 16 * n);
+      Op<T>::mma(acc[2 * n], a, b[0], b[1]);
+      Op<T>::mma(acc[2 * n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+__device__ __forceinline__ void zero(float acc[8][4]) {
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+}
+
+// Row (relative to the warp's 16) and column of accumulator element e of n-tile n.
+__device__ __forceinline__ int acc_row(int e) { return ((threadIdx.x & 31) >> 2) + 8 * (e >> 1); }
+__device__ __forceinline__ int acc_col(int n, int e) {
+  return 8 * n + 2 * (threadIdx.x & 3) + (e & 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// tile loads
+// ---------------------------------------------------------------------------------------------
+// A [64 rows x 64 columns] tile of a [rows, H, D] tensor: row r at x + (row0 + r * H) * D, columns
+// col0 .., zero past `nrows` rows and D columns. Where rows are 16-byte aligned (D % 8 == 0 for
+// 16-bit data, K % 4 == 0 for gates) the copies are asynchronous (cp.async, zero-filled outside
+// the tensor): every tile of a step is in flight at once, and `copies_done` waits for them all.
+// Other sizes take a synchronous element-by-element path into the same layout.
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+// Waits for this thread's copies, then for every thread's (a barrier).
+__device__ __forceinline__ void copies_done() {
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Waits until at most `pending` of this thread's committed copy groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
+}
+
+template <typename T>
+__device__ void copy_tile(u16* dst, const T* x, long long row0, int nrows, int H, int D, int col0) {
+  const u16* src = reinterpret_cast<const u16*>(x);
+  if (D % 8 == 0) {
+#pragma unroll
+    for (int it = 0; it < 4; ++it) {
+      const int e = threadIdx.x + TC_THREADS * it, r = e >> 3, c = (e & 7) * 8;
+      const bool ok = r < nrows && col0 + c < D;
+      cp_async16(dst + r * LDH + c, ok ? src + (row0 + (long long)r * H) * D + col0 + c : src, ok);
+    }
+  } else {
+    for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
+      const int r = e >> 6, c = e & 63;
+      dst[r * LDH + c] =
+          (r < nrows && col0 + c < D) ? src[(row0 + (long long)r * H) * D + col0 + c] : (u16)0;
+    }
+  }
+}
+
+// The chunk's raw gates, channels col0 .. col0 + 63 (zero past the sequence and K).
+__device__ void copy_gates(float* bs, const float* g, long long row0, int nrows, int H, int K,
+                           int col0) {
+  if (K % 4 == 0) {
+#pragma unroll
+    for (int it = 0; it < 8; ++it) {
+      const int e = threadIdx.x + TC_THREADS * it, r = e >> 4, c = (e & 15) * 4;
+      const bool ok = r < nrows && col0 + c < K;
+      cp_async16(bs + r * LDF + c, ok ? g + (row0 + (long long)r * H) * K + col0 + c : g, ok);
+    }
+  } else {
+    for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
+      const int r = e >> 6, c = e & 63;
+      bs[r * LDF + c] = (r < nrows && col0 + c < K) ? g[(row0 + (long long)r * H) * K + col0 + c]
+                                                    : 0.f;
+    }
+  }
+}
+
+// In place: raw gates to their inclusive cumulative sum over the chunk's tokens (padding rows
+// then repeat the last valid row, so row 63 is the chunk total). Thread (cg, rg) sums channels
+// 4 cg .. 4 cg + 3 of rows 8 rg .. 8 rg + 7, then adds the totals of the row groups before it.
+// Call after copies_done(); ends with a barrier. `tot`: 8 x 64 floats.
+__device__ void cumsum_gates(float* bs, float* tot) {
+  const int cg = threadIdx.x & 15, rg = threadIdx.x >> 4, c = 4 * cg;
+  float4 x[8];
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    x[r] = *reinterpret_cast<const float4*>(bs + (8 * rg + r) * LDF + c);
+    if (r > 0) {
+      x[r].x += x[r - 1].x;
+      x[r].y += x[r - 1].y;
+      x[r].z += x[r - 1].z;
+      x[r].w += x[r - 1].w;
+    }
+  }
+  *reinterpret_cast<float4*>(tot + rg * 64 + c) = x[7];
+  __syncthreads();
+  float4 before = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int p = 0; p < rg; ++p) {
+    const float4 u = *reinterpret_cast<const float4*>(tot + p * 64 + c);
+    before.x += u.x;
+    before.y += u.y;
+    before.z += u.z;
+    before.w += u.w;
+  }
+#pragma unroll
+  for (int r = 0; r < 8; ++r)
+    *reinterpret_cast<float4*>(bs + (8 * rg + r) * LDF + c) =
+        make_float4(x[r].x + before.x, x[r].y + before.y, x[r].z + before.z, x[r].w + before.w);
+  __syncthreads();
+}
+
+// An fp32 [rows][D] tile (row r at src + r * D, columns col0 ..) as hi + lo tiles of the input
+// dtype, zero-padded: the boundary states given in fp32 (h0, dht) keep their precision.
+template <typename T>
+__device__ void load_split(u16* hi, u16* lo, const float* src, int nrows, int D, int col0) {
+  for (int e = threadIdx.x; e < 64 * 32; e += TC_THREADS) {
+    const int r = e >> 5, c = (e & 31) * 2;
+    float x0 = 0.f, x1 = 0.f;
+    if (r < nrows) {
+      if (col0 + c < D) x0 = src[(long long)r * D + col0 + c];
+      if (col0 + c + 1 < D) x1 = src[(long long)r * D + col0 + c + 1];
+    }
+    const unsigned p = Op<T>::pack(x0, x1);
+    T a, b;
+    a.bits = (u16)(p & 0xffffu);
+    b.bits = (u16)(p >> 16);
+    *reinterpret_cast<unsigned*>(hi + r * LDH + c) = p;
+    *reinterpret_cast<unsigned*>(lo + r * LDH + c) = Op<T>::pack(x0 - h2f(a), x1 - h2f(b));
+  }
+}
+
+// Channels of the 16-token block at row r0 whose gate span exceeds SPAN_LIMIT, as a 64-bit mask
+// (the same value in every lane of the warp).
+__device__ __forceinline__ unsigned long long wide_spans(const float* bs, int r0) {
+  const int lane = threadIdx.x & 31;
+  const float* first = bs + r0 * LDF;
+  const float* last = bs + (r0 + 15) * LDF;
+  const unsigned lo = __ballot_sync(0xffffffffu, first[lane] - last[lane] > SPAN_LIMIT);
+  const unsigned hi = __ballot_sync(0xffffffffu, first[lane + 32] - last[lane + 32] > SPAN_LIMIT);
+  return ((unsigned long long)hi << 32) | lo;
+}
+
+// The exact (one exp per pair) diagonal-block terms of the channels in `wide`, whose gate span is
+// too large to rebase. Rare, so kept out of line: the common path stays small.
+template <typename T>
+__device__ __noinline__ float wide_pair(const u16* qh, const u16* kh, const float* bs,
+                                        unsigned long long wide, int t, int s) {
+  float x = 0.f;
+  for (unsigned long long m = wide; m != 0ull; m &= m - 1ull) {
+    const int i = __ffsll((long long)m) - 1;
+    x += elem<T>(qh, t, i) * elem<T>(kh, s, i) * __expf(bs[t * LDF + i] - bs[s * LDF + i]);
+  }
+  return x;
+}
+
+// sum_{s = s0 .. t} dA[t][s] x[s][i] exp(b[t][i] - b[s][i]) (dq's diagonal block, x = k).
+template <typename T>
+__device__ __noinline__ float wide_dq(const float* dA, const u16* x, const float* bs, int s0,
+                                      int t, int i) {
+  float acc = 0.f;
+  for (int s = s0; s <= t; ++s)
+    acc += dA[t * LDF + s] * elem<T>(x, s, i) * __expf(bs[t * LDF + i] - bs[s * LDF + i]);
+  return acc;
+}
+
+// sum_{t = s .. t1} dA[t][s] x[t][i] exp(b[t][i] - b[s][i]) (dk's diagonal block, x = q).
+template <typename T>
+__device__ __noinline__ float wide_dk(const float* dA, const u16* x, const float* bs, int s,
+                                      int t1, int i) {
+  float acc = 0.f;
+  for (int t = s; t <= t1; ++t)
+    acc += dA[t * LDF + s] * elem<T>(x, t, i) * __expf(bs[t * LDF + i] - bs[s * LDF + i]);
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A = scale * causal(q k^T with gates): one K-tile's contribution to the warp's 16 rows
+// ---------------------------------------------------------------------------------------------
+// qh, kh: q and k of the chunk (16-bit tiles), bs: cumulative gates (this K-tile). Rows of block w are
+// rebased to r = bs[16 w]: a = q exp(b_t - r) (<= 1), b = k exp(r - b_s) for s <= 16 w + 15.
+// Columns past the diagonal block stay zero; the caller masks s > t and applies the scale.
+template <typename T>
+__device__ void accumulate_A(float acc[8][4], const u16* qh, const u16* kh, const float* bs) {
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  const int r0 = 16 * w;
+  const unsigned long long wide = wide_spans(bs, r0);
+#pragma unroll 1
+  for (int k0 = 0; k0 < 64; k0 += 16) {
+    const int ch[4] = {k0 + 2 * c, k0 + 2 * c + 1, k0 + 2 * c + 8, k0 + 2 * c + 9};
+    float ref[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) ref[u] = bs[r0 * LDF + ch[u]];
+    Split a[4];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int t = r0 + g + 8 * rr, u0 = 2 * half;
+        const float2 qv = pair<T>(qh, t, ch[u0]);
+        const float2 bv = *reinterpret_cast<const float2*>(bs + t * LDF + ch[u0]);
+        a[rr + 2 * half] = split(qv.x * __expf(bv.x - ref[u0]), qv.y * __expf(bv.y - ref[u0 + 1]));
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      if (n > 2 * w + 1) continue;
+      const int s = 8 * n + g;
+      const bool diag = n >= 2 * w;
+      float kv[4];
+#pragma unroll
+      for (int u = 0; u < 4; u += 2) {
+        const float2 k2 = pair<T>(kh, s, ch[u]);
+        const float2 b2 = *reinterpret_cast<const float2*>(bs + s * LDF + ch[u]);
+        kv[u] = k2.x * __expf(ref[u] - b2.x);
+        kv[u + 1] = k2.y * __expf(ref[u + 1] - b2.y);
+      }
+      if (diag) {
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if ((wide >> ch[u]) & 1ull) kv[u] = 0.f;
+      }
+      mma_split(acc[n], a, split(kv[0], kv[1]), split(kv[2], kv[3]));
+    }
+  }
+  // Channels too wide to rebase: their diagonal-block terms, one exp per pair.
+  if (wide != 0ull) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      if (n != 2 * w && n != 2 * w + 1) continue;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = r0 + acc_row(e), s = acc_col(n, e);
+        if (s <= t) acc[n][e] += wide_pair<T>(qh, kh, bs, wide, t, s);
+      }
+    }
+  }
+}
+
+// Zeroes s > t and applies the scale (the warp's 16 rows of A).
+__device__ __forceinline__ void finish_A(float acc[8][4], float scale) {
+  const int r0 = 16 * (threadIdx.x >> 5);
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      acc[n][e] = acc_col(n, e) <= r0 + acc_row(e) ? acc[n][e] * scale : 0.f;
+}
+
+// Stores the warp's 16 x 64 accumulator rows (rows r0 .. of the tile) into a [rows, H, D] tensor,
+// row r at out + (row0 + r * H) * D, columns col0 ..; rows past `nrows` and columns past D skipped.
+template <typename T>
+__device__ __forceinline__ void store_rows(T* out, const float acc[8][4], long long row0,
+                                           int nrows, int H, int D, int col0) {
+  const int r0 = 16 * (threadIdx.x >> 5);
+  u16* dst = reinterpret_cast<u16*>(out);
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; e += 2) {
+      const int r = r0 + acc_row(e), c = col0 + acc_col(n, e);
+      if (r >= nrows) continue;
+      const unsigned p = Op<T>::pack(acc[n][e], acc[n][e + 1]);
+      const long long at = (row0 + (long long)r * H) * D + c;
+      if (c + 1 < D && D % 2 == 0) {
+        *reinterpret_cast<unsigned*>(dst + at) = p;
+      } else {
+        if (c < D) dst[at] = (u16)(p & 0xffffu);
+        if (c + 1 < D) dst[at + 1] = (u16)(p >> 16);
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// chunk states
+// ---------------------------------------------------------------------------------------------
+// Grid (ceil(V/64), ceil(K/64), B*H). The 64 x 64 state tile lives in registers (warp w: rows
+// 16 w .. of the K-tile). Per chunk n (in reverse order for the adjoint):
+//   forward:  states[n] = h_n (input dtype);  h = exp(b_L) h + (k exp(b_L - b))^T v
+//   reverse:  states[n] = dh_{n+1};           dh = exp(b_L) dh + (scale q exp(b))^T do
+// `last` (fp32): the final state, or dh_0. The scaled x enters the tensor cores as hi + lo halves.
+// The next chunk's tiles load while the current one is multiplied (gates and y by cp.async into a
+// second buffer, x through registers).
+struct StateSmem {
+  float bs[TC_C * LDF];  // gates of the chunk being prepared
+  u16 xhi[TC_C * LDH];
+  u16 xlo[TC_C * LDH];   // before x is built, its first 2 KB hold the cumulative-sum totals
+  u16 y[2][TC_C * LDH];
+};
+
+// The x tile of one chunk held in registers between its load and its scaling: thread pieces
+// (tid + 128 i) / 8 (row), 8 columns each. K % 8 == 0 only.
+struct XRows {
+  uint4 v[4];
+};
+
+template <typename T>
+__device__ __forceinline__ void fetch_x(XRows& out, const T* x, long long row0, int nrows, int H,
+                                        int K, int col0) {
+  const u16* src = reinterpret_cast<const u16*>(x);
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    const int e = threadIdx.x + TC_THREADS * it, r = e >> 3, c = (e & 7) * 8;
+    out.v[it] = make_uint4(0, 0, 0, 0);
+    if (r < nrows && col0 + c < K)
+      out.v[it] = *reinterpret_cast<const uint4*>(src + (row0 + (long long)r * H) * K + col0 + c);
+  }
+}
+
+// x (a channel pair of row r) scaled by its decay, into the hi + lo tiles.
+template <typename T>
+__device__ __forceinline__ void put_x(StateSmem& sm, int r, int c, float x0, float x1,
+                                      float xscale, int reverse) {
+  const float b0 = sm.bs[r * LDF + c], b1 = sm.bs[r * LDF + c + 1];
+  const float f0 = reverse ? b0 : sm.bs[63 * LDF + c] - b0;
+  const float f1 = reverse ? b1 : sm.bs[63 * LDF + c + 1] - b1;
+  const float v0 = x0 * xscale * __expf(f0), v1 = x1 * xscale * __expf(f1);
+  const unsigned p = Op<T>::pack(v0, v1);
+  T a, b;
+  a.bits = (u16)(p & 0xffffu);
+  b.bits = (u16)(p >> 16);
+  *reinterpret_cast<unsigned*>(sm.xhi + r * LDH + c) = p;
+  *reinterpret_cast<unsigned*>(sm.xlo + r * LDH + c) = Op<T>::pack(v0 - h2f(a), v1 - h2f(b));
+}
+
+template <typename T>
+__device__ void tc_states(const T* x, const T* y, const float* g, const float* s0, T* states,
+                          float* last, int Tn, int H, int K, int V, float xscale, int reverse) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  StateSmem& sm = *reinterpret_cast<StateSmem*>(smem_raw);
+  const int iv = blockIdx.x, ik = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / H, h = bh % H;
+  const int NT = (Tn + TC_C - 1) / TC_C;
+  const long long KV = (long long)K * V;
+  const int w = threadIdx.x >> 5, r0 = 16 * w;
+  const int col_k = ik * TC_T, col_v = iv * TC_T, krows = min(TC_T, K - col_k);
+  const bool vec = K % 8 == 0;
+
+  float acc[8][4];
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = col_k + r0 + acc_row(e), j = col_v + acc_col(n, e);
+      acc[n][e] = (s0 != nullptr && i < K && j < V) ? s0[bh * KV + (long long)i * V + j] : 0.f;
+    }
+
+  XRows xr;
+  auto issue = [&](int step) {
+    const int n = reverse ? NT - 1 - step : step;
+    const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
+    const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+    copy_gates(sm.bs, g, row0, nrows, H, K, col_k);
+    copy_tile(sm.y[step & 1], y, row0, nrows, H, V, col_v);
+    if (vec) fetch_x(xr, x, row0, nrows, H, K, col_k);
+  };
+  issue(0);
+  for (int step = 0; step < NT; ++step) {
+    const int n = reverse ? NT - 1 - step : step;
+    const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
+    const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+    copies_done();
+    cumsum_gates(sm.bs, reinterpret_cast<float*>(sm.xlo));
+    store_rows<T>(states + ((long long)bh * NT + n) * KV + (long long)col_k * V, acc, 0, krows, 1,
+                  V, col_v);
+    // The walk goes on from the stored (rounded) state, which the chunk's outputs and gradients
+    // use: the backward is then the exact gradient of one slightly perturbed function, and the
+    // gate gradient's boundary terms (h_{n+1} dh_{n+1}) match dq and dk instead of cancelling
+    // against them inexactly. The first step keeps an fp32 initial state as given.
+    if (step > 0) {
+#pragma unroll
+      for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+        for (int e = 0; e < 4; e += 2) {
+          const unsigned p = Op<T>::pack(acc[nn][e], acc[nn][e + 1]);
+          T lo, hi;
+          lo.bits = (u16)(p & 0xffffu);
+          hi.bits = (u16)(p >> 16);
+          acc[nn][e] = h2f(lo);
+          acc[nn][e + 1] = h2f(hi);
+        }
+    }
+    if (vec) {
+#pragma unroll
+      for (int it = 0; it < 4; ++it) {
+        const int e = threadIdx.x + TC_THREADS * it, r = e >> 3, c = (e & 7) * 8;
+        const unsigned wv[4] = {xr.v[it].x, xr.v[it].y, xr.v[it].z, xr.v[it].w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          T lo, hi;
+          lo.bits = (u16)(wv[u] & 0xffffu);
+          hi.bits = (u16)(wv[u] >> 16);
+          put_x<T>(sm, r, c + 2 * u, h2f(lo), h2f(hi), xscale, reverse);
+        }
+      }
+    } else {
+      const u16* xs = reinterpret_cast<const u16*>(x);
+      for (int e = threadIdx.x; e < 64 * 32; e += TC_THREADS) {
+        const int r = e >> 5, c = (e & 31) * 2;
+        T x0, x1;
+        x0.bits = x1.bits = 0;
+        if (r < nrows) {
+          const long long base = (row0 + (long long)r * H) * K + col_k + c;
+          if (col_k + c < K) x0.bits = xs[base];
+          if (col_k + c + 1 < K) x1.bits = xs[base + 1];
+        }
+        put_x<T>(sm, r, c, h2f(x0), h2f(x1), xscale, reverse);
+      }
+    }
+    const float d0 = __expf(sm.bs[63 * LDF + r0 + ((threadIdx.x & 31) >> 2)]);
+    const float d1 = __expf(sm.bs[63 * LDF + r0 + ((threadIdx.x & 31) >> 2) + 8]);
+    __syncthreads();  // x is built and the gates are read: the next chunk may load
+    if (step + 1 < NT) issue(step + 1);
+#pragma unroll
+    for (int nn = 0; nn < 8; ++nn) {
+      acc[nn][0] *= d0;
+      acc[nn][1] *= d0;
+      acc[nn][2] *= d1;
+      acc[nn][3] *= d1;
+    }
+    warp_gemm<T, true, true>(acc, sm.xhi, sm.y[step & 1], r0);
+    warp_gemm<T, true, true>(acc, sm.xlo, sm.y[step & 1], r0);
+    __syncthreads();
+  }
+  if (last != nullptr) {
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = col_k + r0 + acc_row(e), j = col_v + acc_col(n, e);
+        if (i < K && j < V) last[bh * KV + (long long)i * V + j] = acc[n][e];
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A, once per chunk
+// ---------------------------------------------------------------------------------------------
+// Grid (chunks, B*H): A of the chunk over all K-tiles, stored in the input dtype as
+// [B*H, chunks, 64 (t), 64 (s)] (zero above the diagonal and on padding rows), for tc_fwd_o and
+// tc_bwd_dv, which read it through ldmatrix.
+struct AttnSmem {
+  float bs[TC_C * LDF];
+  u16 q[TC_C * LDH];
+  u16 k[TC_C * LDH];
+  float tot[8 * 64];
+};
+
+template <typename T>
+__device__ void tc_attn(const T* q, const T* k, const float* g, T* attn, int Tn, int H, int K,
+                        float scale) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  AttnSmem& sm = *reinterpret_cast<AttnSmem*>(smem_raw);
+  const int n = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / H, h = bh % H;
+  const int NT = (Tn + TC_C - 1) / TC_C;
+  const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
+  const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+  float acc[8][4];
+  zero(acc);
+  for (int col_k = 0; col_k < K; col_k += TC_T) {
+    copy_tile(sm.q, q, row0, nrows, H, K, col_k);
+    copy_tile(sm.k, k, row0, nrows, H, K, col_k);
+    copy_gates(sm.bs, g, row0, nrows, H, K, col_k);
+    copies_done();
+    cumsum_gates(sm.bs, sm.tot);
+    accumulate_A<T>(acc, sm.q, sm.k, sm.bs);
+    __syncthreads();
+  }
+  finish_A(acc, scale);
+  store_rows<T>(attn + ((long long)bh * NT + n) * TC_C * TC_C, acc, 0, TC_C, 1, TC_C, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward output
+// ---------------------------------------------------------------------------------------------
+// Grid (ceil(V/64), chunks, B*H): o[chunk, V-tile] = scale (q exp(b)) h_n + A v.
+struct FwdSmem {
+  float bs[TC_C * LDF];
+  u16 q[TC_C * LDH];
+  u16 hs[TC_T * LDH];  // h_n tile [channel][v]
+  u16 lo[TC_T * LDH];  // h0's low half (chunk 0 with an initial state)
+  u16 a[TC_C * LDH];   // A [t][s], loaded with the first K-tile
+  u16 v[TC_C * LDH];   // loaded with the last K-tile
+  float tot[8 * 64];
+};
+
+// Builds the A-operand fragments of (q exp(b) * scale) in the input dtype for k-step k0 of the
+// warp's rows (qh: 16-bit q tile, bs: fp32 gates).
+template <typename T>
+__device__ __forceinline__ void qg_fragment(unsigned a[4], const u16* qh, const float* bs, int r0,
+                                            int k0, float scale) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int t = r0 + g + 8 * rr, col = k0 + 2 * c + 8 * half;
+      const float2 qv = pair<T>(qh, t, col);
+      const float2 bv = *reinterpret_cast<const float2*>(bs + t * LDF + col);
+      a[rr + 2 * half] =
+          Op<T>::pack(qv.x * scale * __expf(bv.x), qv.y * scale * __expf(bv.y));
+    }
+}
+
+template <typename T>
+__device__ void tc_fwd_o(const T* q, const T* v, const float* g, const T* hs, const T* attn,
+                         const float* h0, T* o, int Tn, int H, int K, int V, float scale) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  FwdSmem& sm = *reinterpret_cast<FwdSmem*>(smem_raw);
+  const int iv = blockIdx.x, n = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / H, h = bh % H;
+  const int NT = (Tn + TC_C - 1) / TC_C;
+  const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
+  const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+  const int r0 = 16 * (threadIdx.x >> 5), col_v = iv * TC_T;
+  const T* h_n = hs + ((long long)bh * NT + n) * K * V;
+  const bool exact = n == 0 && h0 != nullptr;
+
+  float acc[8][4];
+  zero(acc);
+  for (int col_k = 0; col_k < K; col_k += TC_T) {
+    const int krows = min(TC_T, K - col_k);
+    copy_tile(sm.q, q, row0, nrows, H, K, col_k);
+    if (exact)
+      load_split<T>(sm.hs, sm.lo, h0 + ((long long)bh * K + col_k) * V, krows, V, col_v);
+    else
+      copy_tile(sm.hs, h_n + (long long)col_k * V, 0, krows, 1, V, col_v);
+    copy_gates(sm.bs, g, row0, nrows, H, K, col_k);
+    if (col_k == 0) copy_tile(sm.a, attn + ((long long)bh * NT + n) * TC_C * TC_C, 0, TC_C, 1,
+                              TC_C, 0);
+    if (col_k + TC_T >= K) copy_tile(sm.v, v, row0, nrows, H, V, col_v);
+    copies_done();
+    cumsum_gates(sm.bs, sm.tot);
+#pragma unroll
+    for (int k0 = 0; k0 < 64; k0 += 16) {
+      unsigned a[4];
+      qg_fragment<T>(a, sm.q, sm.bs, r0, k0, scale);
+#pragma unroll
+      for (int nn = 0; nn < 4; ++nn) {
+        unsigned bb[4];
+        b_kn(bb, sm.hs, k0, 16 * nn);
+        Op<T>::mma(acc[2 * nn], a, bb[0], bb[1]);
+        Op<T>::mma(acc[2 * nn + 1], a, bb[2], bb[3]);
+        if (exact) {
+          b_kn(bb, sm.lo, k0, 16 * nn);
+          Op<T>::mma(acc[2 * nn], a, bb[0], bb[1]);
+          Op<T>::mma(acc[2 * nn + 1], a, bb[2], bb[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // A v over the blocks s <= t of the warp's rows.
+  warp_gemm<T, false, true>(acc, sm.a, sm.v, r0, 0, r0 + 16);
+  store_rows<T>(o, acc, row0, nrows, H, V, col_v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward: dv
+// ---------------------------------------------------------------------------------------------
+// Grid (ceil(V/64), chunks, B*H): dv = A^T do + (k exp(b_L - b)) dh_{n+1}; warp w owns rows s.
+struct DvSmem {
+  float bs[TC_C * LDF];
+  u16 k[TC_C * LDH];
+  u16 dh[TC_T * LDH];    // dh_{n+1} tile [channel][v]
+  u16 lo[TC_T * LDH];    // dht's low half (last chunk with a final-state gradient)
+  u16 a[TC_C * LDH];     // A [t][s], loaded with the first K-tile
+  u16 d_o[TC_C * LDH];   // loaded with the last K-tile
+  float tot[8 * 64];
+};
+
+template <typename T>
+__device__ void tc_bwd_dv(const T* k, const float* g, const T* d_o, const T* dhs, const T* attn,
+                          const float* dht, T* dv, int Tn, int H, int K, int V) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DvSmem& sm = *reinterpret_cast<DvSmem*>(smem_raw);
+  const int iv = blockIdx.x, n = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / H, h = bh % H;
+  const int NT = (Tn + TC_C - 1) / TC_C;
+  const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
+  const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+  const int lane = threadIdx.x & 31, g8 = lane >> 2, c = lane & 3;
+  const int r0 = 16 * (threadIdx.x >> 5), col_v = iv * TC_T;
+  const T* dh_n = dhs + ((long long)bh * NT + n) * K * V;
+  const bool exact = n == NT - 1 && dht != nullptr;
+
+  float acc[8][4];
+  zero(acc);
+  for (int col_k = 0; col_k < K; col_k += TC_T) {
+    const int krows = min(TC_T, K - col_k);
+    copy_tile(sm.k, k, row0, nrows, H, K, col_k);
+    if (exact)
+      load_split<T>(sm.dh, sm.lo, dht + ((long long)bh * K + col_k) * V, krows, V, col_v);
+    else
+      copy_tile(sm.dh, dh_n + (long long)col_k * V, 0, krows, 1, V, col_v);
+    copy_gates(sm.bs, g, row0, nrows, H, K, col_k);
+    if (col_k == 0) copy_tile(sm.a, attn + ((long long)bh * NT + n) * TC_C * TC_C, 0, TC_C, 1,
+                              TC_C, 0);
+    if (col_k + TC_T >= K) copy_tile(sm.d_o, d_o, row0, nrows, H, V, col_v);
+    copies_done();
+    cumsum_gates(sm.bs, sm.tot);
+    // (k exp(b_L - b)) dh: A operand rows s of this warp.
+#pragma unroll
+    for (int k0 = 0; k0 < 64; k0 += 16) {
+      unsigned a[4];
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+          const int s = r0 + g8 + 8 * rr, col = k0 + 2 * c + 8 * half;
+          const float2 kv = pair<T>(sm.k, s, col);
+          const float2 bv = *reinterpret_cast<const float2*>(sm.bs + s * LDF + col);
+          const float2 L = *reinterpret_cast<const float2*>(sm.bs + 63 * LDF + col);
+          a[rr + 2 * half] = Op<T>::pack(kv.x * __expf(L.x - bv.x), kv.y * __expf(L.y - bv.y));
+        }
+#pragma unroll
+      for (int nn = 0; nn < 4; ++nn) {
+        unsigned bb[4];
+        b_kn(bb, sm.dh, k0, 16 * nn);
+        Op<T>::mma(acc[2 * nn], a, bb[0], bb[1]);
+        Op<T>::mma(acc[2 * nn + 1], a, bb[2], bb[3]);
+        if (exact) {
+          b_kn(bb, sm.lo, k0, 16 * nn);
+          Op<T>::mma(acc[2 * nn], a, bb[0], bb[1]);
+          Op<T>::mma(acc[2 * nn + 1], a, bb[2], bb[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // A^T do: the A operand (s, t) = A[t][s] ([k][m] storage), nonzero only for t >= s.
+  warp_gemm<T, true, true>(acc, sm.a, sm.d_o, r0, r0, 64);
+  store_rows<T>(dv, acc, row0, nrows, H, V, col_v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// backward: dq, dk and the per-token gate-gradient terms
+// ---------------------------------------------------------------------------------------------
+// Grid (ceil(K/64), chunks, B*H). Pass 1 over V-tiles: dA = do v^T, dq = do h_n^T,
+// dk = v dh_{n+1}^T (warp w: rows 16 w ..). Pass 2 on this K-tile: the gate factors, then the
+// intra-chunk sums through dA in shared memory, rebased per block like A:
+//   dq_t = exp(b_t - r) sum_{s <= t} dA_ts (k_s exp(r - b_s)),        r = b at block start
+//   dk_s = exp(r' - b_s) sum_{t >= s} dA_ts (q_t exp(b_t - r')),      r' = b at block end
+// Writes dq, dk (input dtype) and dg. With B the cumulative gate over the whole sequence,
+// dL/dB_t = q_t dq_t - k_t dk_t and dg_t = sum_{s >= t} dL/dB_s. The part of that sum past
+// this chunk equals sum_V h_{n+1} dh_{n+1} (shifting B after the chunk scales h_{n+1}; for the
+// last chunk, the final state and its gradient), so
+//   dg_t = sum_{s >= t in the chunk} (q_s dq_s - k_s dk_s) + boundary[n]:
+// no long cancelling sums, and no pass over the whole sequence (h_{n+1} and dh_{n+1} as stored;
+// for the last chunk, the launcher's `fterm`).
+struct DqkSmem {
+  union {
+    struct {
+      u16 d_o[TC_C * LDH];
+      u16 v[TC_C * LDH];
+      u16 h[TC_T * LDH];   // h_n [channel][v]
+      u16 dh[TC_T * LDH];  // dh_{n+1} [channel][v]
+      u16 hlo[TC_T * LDH];   // h0's low half (chunk 0 with an initial state)
+      u16 dhlo[TC_T * LDH];  // dht's low half (last chunk with a final-state gradient)
+      u16 h1[TC_T * LDH];    // h_{n+1} [channel][v] (not on the last chunk)
+    } p1;
+    struct {
+      float bs[TC_C * LDF];
+      u16 q[TC_C * LDH];
+      u16 k[TC_C * LDH];
+      float dA[TC_C * LDF];  // dA [t][s], then q dq - k dk [t][channel]
+    } p2;
+  } u;
+  float tot[8 * 64];
+  float boundary[64];  // sum_V h_{n+1} dh_{n+1} per channel
+};
+
+template <typename T>
+__device__ void tc_bwd_dqk(const T* q, const T* k, const T* v, const float* g, const T* d_o,
+                           const T* hs, const T* dhs, const float* h0, const float* dht,
+                           const float* fterm, T* dq, T* dk, float* dg, int Tn, int H, int K,
+                           int V, float scale) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DqkSmem& sm = *reinterpret_cast<DqkSmem*>(smem_raw);
+  const int ik = blockIdx.x, n = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / H, h = bh % H;
+  const int NT = (Tn + TC_C - 1) / TC_C;
+  const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
+  const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+  const int w = threadIdx.x >> 5, lane = threadIdx.x & 31, g8 = lane >> 2, c = lane & 3;
+  const int r0 = 16 * w, col_k = ik * TC_T;
+  const long long state = ((long long)bh * NT + n) * K * V + (long long)col_k * V;
+  const int krows = min(TC_T, K - col_k);
+
+  // The fp32 boundary states (h0 for chunk 0, dht for the last) are used as hi + lo halves.
+  const bool exact_h = n == 0 && h0 != nullptr, exact_dh = n == NT - 1 && dht != nullptr;
+  const long long given = ((long long)bh * K + col_k) * V;
+  float dA[8][4], aq[8][4], ak[8][4];
+  zero(dA);
+  zero(aq);
+  zero(ak);
+  const bool last_chunk = n == NT - 1;
+  // Thread (channel tid / 2, half tid % 2) sums h_{n+1} dh_{n+1} over half of each V-tile.
+  float boundary = 0.f;
+  for (int vt = 0; vt * TC_T < V; ++vt) {
+    const int col_v = vt * TC_T;
+    if (!last_chunk) copy_tile(sm.u.p1.h1, hs + state + (long long)K * V, 0, krows, 1, V, col_v);
+    copy_tile(sm.u.p1.d_o, d_o, row0, nrows, H, V, col_v);
+    copy_tile(sm.u.p1.v, v, row0, nrows, H, V, col_v);
+    if (exact_h)
+      load_split<T>(sm.u.p1.h, sm.u.p1.hlo, h0 + given, krows, V, col_v);
+    else
+      copy_tile(sm.u.p1.h, hs + state, 0, krows, 1, V, col_v);
+    if (exact_dh)
+      load_split<T>(sm.u.p1.dh, sm.u.p1.dhlo, dht + given, krows, V, col_v);
+    else
+      copy_tile(sm.u.p1.dh, dhs + state, 0, krows, 1, V, col_v);
+    copies_done();
+    warp_gemm<T, false, false>(dA, sm.u.p1.d_o, sm.u.p1.v, r0);
+    warp_gemm<T, false, false>(aq, sm.u.p1.d_o, sm.u.p1.h, r0);
+    if (exact_h) warp_gemm<T, false, false>(aq, sm.u.p1.d_o, sm.u.p1.hlo, r0);
+    warp_gemm<T, false, false>(ak, sm.u.p1.v, sm.u.p1.dh, r0);
+    if (exact_dh) warp_gemm<T, false, false>(ak, sm.u.p1.v, sm.u.p1.dhlo, r0);
+    if (!last_chunk) {
+      const int i = threadIdx.x >> 1, j0 = (threadIdx.x & 1) * 32;
+#pragma unroll 8
+      for (int j = j0; j < j0 + 32; j += 2) {
+        const float2 hv = pair<T>(sm.u.p1.h1, i, j), dv = pair<T>(sm.u.p1.dh, i, j);
+        boundary += hv.x * dv.x + hv.y * dv.y;
+      }
+    }
+    __syncthreads();
+  }
+  boundary += __shfl_xor_sync(0xffffffffu, boundary, 1);
+  if ((threadIdx.x & 1) == 0) {
+    const int i = threadIdx.x >> 1;
+    if (last_chunk)
+      boundary = (fterm != nullptr && col_k + i < K) ? fterm[(long long)bh * K + col_k + i] : 0.f;
+    sm.boundary[i] = boundary;
+  }
+  copy_tile(sm.u.p2.q, q, row0, nrows, H, K, col_k);
+  copy_tile(sm.u.p2.k, k, row0, nrows, H, K, col_k);
+  copy_gates(sm.u.p2.bs, g, row0, nrows, H, K, col_k);
+  float* dAs = sm.u.p2.dA;
+#pragma unroll
+  for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = r0 + acc_row(e), s = acc_col(nn, e);
+      dAs[t * LDF + s] = s <= t ? dA[nn][e] * scale : 0.f;
+    }
+  copies_done();
+  cumsum_gates(sm.u.p2.bs, sm.tot);
+  const float* bs = sm.u.p2.bs;
+  const u16* qh = sm.u.p2.q;
+  const u16* kh = sm.u.p2.k;
+  const unsigned long long wide = wide_spans(bs, r0);
+
+  // dq: rows t of block w, k = s in [0, r0 + 16), n = channel.
+  float acc[8][4];
+  zero(acc);
+#pragma unroll 1
+  for (int k0 = 0; k0 <= r0; k0 += 16) {
+    const bool diag = k0 == r0;
+    Split a[4];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int t = r0 + g8 + 8 * rr, s = k0 + 2 * c + 8 * half;
+        const float2 d2 = *reinterpret_cast<const float2*>(dAs + t * LDF + s);
+        a[rr + 2 * half] = split(d2.x, d2.y);
+      }
+#pragma unroll
+    for (int nn = 0; nn < 8; ++nn) {
+      const int i = 8 * nn + g8;
+      const float ref = bs[r0 * LDF + i];
+      const bool skip = diag && ((wide >> i) & 1ull);
+      float kv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int s = k0 + 2 * c + (u & 1) + 8 * (u >> 1);
+        kv[u] = skip ? 0.f : elem<T>(kh, s, i) * __expf(ref - bs[s * LDF + i]);
+      }
+      mma_split(acc[nn], a, split(kv[0], kv[1]), split(kv[2], kv[3]));
+    }
+  }
+#pragma unroll
+  for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = r0 + acc_row(e), i = acc_col(nn, e);
+      const float bt = bs[t * LDF + i];
+      float x = aq[nn][e] * scale * __expf(bt) + acc[nn][e] * __expf(bt - bs[r0 * LDF + i]);
+      if ((wide >> i) & 1ull) x += wide_dq<T>(dAs, kh, bs, r0, t, i);
+      aq[nn][e] = x;
+    }
+
+  // dk: rows s of block w, k = t in [r0, 64), n = channel.
+  zero(acc);
+#pragma unroll 1
+  for (int k0 = r0; k0 < 64; k0 += 16) {
+    const bool diag = k0 == r0;
+    Split a[4];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int s = r0 + g8 + 8 * rr, t = k0 + 2 * c + 8 * half;
+        a[rr + 2 * half] = split(dAs[t * LDF + s], dAs[(t + 1) * LDF + s]);
+      }
+#pragma unroll
+    for (int nn = 0; nn < 8; ++nn) {
+      const int i = 8 * nn + g8;
+      const float ref = bs[(r0 + 15) * LDF + i];
+      const bool skip = diag && ((wide >> i) & 1ull);
+      float qv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int t = k0 + 2 * c + (u & 1) + 8 * (u >> 1);
+        qv[u] = skip ? 0.f : elem<T>(qh, t, i) * __expf(bs[t * LDF + i] - ref);
+      }
+      mma_split(acc[nn], a, split(qv[0], qv[1]), split(qv[2], qv[3]));
+    }
+  }
+#pragma unroll
+  for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int s = r0 + acc_row(e), i = acc_col(nn, e);
+      const float bsv = bs[s * LDF + i];
+      float x = ak[nn][e] * __expf(bs[63 * LDF + i] - bsv) +
+                acc[nn][e] * __expf(bs[(r0 + 15) * LDF + i] - bsv);
+      if ((wide >> i) & 1ull) x += wide_dk<T>(dAs, qh, bs, s, r0 + 15, i);
+      ak[nn][e] = x;
+    }
+
+  // dg: q dq - k dk (fp32, before dq and dk are rounded) into shared memory, then the reverse
+  // cumulative sum over the chunk's tokens plus the boundary term (thread = channel, half).
+  store_rows<T>(dq, aq, row0, nrows, H, K, col_k);
+  store_rows<T>(dk, ak, row0, nrows, H, K, col_k);
+  __syncthreads();  // every warp is done reading dA
+#pragma unroll
+  for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int t = r0 + acc_row(e), i = acc_col(nn, e);
+      dAs[t * LDF + i] = elem<T>(qh, t, i) * aq[nn][e] - elem<T>(kh, t, i) * ak[nn][e];
+    }
+  __syncthreads();
+  {
+    const int i = threadIdx.x & 63, half = threadIdx.x >> 6;
+    float run[32];
+    float acc_after = 0.f;
+#pragma unroll
+    for (int r = 31; r >= 0; --r) {
+      acc_after += dAs[(32 * half + r) * LDF + i];
+      run[r] = acc_after;
+    }
+    if (half == 1) sm.tot[i] = acc_after;
+    __syncthreads();
+    const float after = sm.boundary[i] + (half == 0 ? sm.tot[i] : 0.f);
+    if (col_k + i < K) {
+#pragma unroll
+      for (int r = 0; r < 32; ++r) {
+        const int t = 32 * half + r;
+        if (t < nrows) dg[(row0 + (long long)t * H) * K + col_k + i] = run[r] + after;
+      }
+    }
+  }
+}
+
+// Shared-memory sizes the launcher passes (crates/ops/src/cuda/gla.rs); a kernel given less traps.
+static_assert(sizeof(StateSmem) == 55296, "update STATES_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
+static_assert(sizeof(AttnSmem) == 38912, "update ATTN_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
+static_assert(sizeof(FwdSmem) == 66560, "update FWD_O_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
+static_assert(sizeof(DvSmem) == 66560, "update BWD_DV_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
+static_assert(sizeof(DqkSmem) == 66816, "update BWD_DQK_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
+
+__device__ __forceinline__ void require_smem(unsigned bytes) {
+  unsigned r;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  if (r < bytes) __trap();
+}
+
+#define TC_INSTANTIATE(T, NAME)                                                                   \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, 4) gla_tc_states_##NAME(               \
+      const T* x, const T* y, const float* g, const float* s0, T* states, float* last, int Tn,    \
+      int H, int K, int V, float xscale, int reverse) {                                           \
+    require_smem(sizeof(StateSmem));                                                              \
+    tc_states<T>(x, y, g, s0, states, last, Tn, H, K, V, xscale, reverse);                        \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, 4) gla_tc_attn_##NAME(                \
+      const T* q, const T* k, const float* g, T* attn, int Tn, int H, int K, float scale) {       \
+    require_smem(sizeof(AttnSmem));                                                               \
+    tc_attn<T>(q, k, g, attn, Tn, H, K, scale);                                                   \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, 3) gla_tc_fwd_o_##NAME(                \
+      const T* q, const T* v, const float* g, const T* hs, const T* attn, const float* h0, T* o,  \
+      int Tn, int H, int K, int V, float scale) {                                                 \
+    require_smem(sizeof(FwdSmem));                                                                \
+    tc_fwd_o<T>(q, v, g, hs, attn, h0, o, Tn, H, K, V, scale);                                    \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, 3) gla_tc_bwd_dv_##NAME(               \
+      const T* k, const float* g, const T* d_o, const T* dhs, const T* attn, const float* dht,    \
+      T* dv, int Tn, int H, int K, int V) {                                                       \
+    require_smem(sizeof(DvSmem));                                                                 \
+    tc_bwd_dv<T>(k, g, d_o, dhs, attn, dht, dv, Tn, H, K, V);                                     \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(TC_THREADS, 3) gla_tc_bwd_dqk_##NAME(                 \
+      const T* q, const T* k, const T* v, const float* g, const T* d_o, const T* hs,              \
+      const T* dhs, const float* h0, const float* dht, const float* fterm, T* dq, T* dk,          \
+      float* dg, int Tn, int H, int K, int V, float scale) {                                      \
+    require_smem(sizeof(DqkSmem));                                                                \
+    tc_bwd_dqk<T>(q, k, v, g, d_o, hs, dhs, h0, dht, fterm, dq, dk, dg, Tn, H, K, V, scale);      \
+  }
+
+#if defined(GLA_DTYPE_BF16)
+TC_INSTANTIATE(bf16, bf16)
+#elif defined(GLA_DTYPE_F16)
+TC_INSTANTIATE(f16, f16)
+#else
+#error "gla_tc.cu is for bf16 and fp16: compile with -DGLA_DTYPE_BF16 or -DGLA_DTYPE_F16"
+#endif
