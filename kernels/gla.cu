@@ -58,6 +58,8 @@
 //       in the backward). Predicted up to 2x on the mma phases; got 1.15x.
 //         chunk        3.89 / 14.32                        3.49
 //         fused_chunk  2.10 / 9.27                         3.30
+// Since v6, bf16/fp16 `chunk` runs the tensor-core schedule of kernels/gla_tc.cu (its header has
+// v6 onwards); the kernels here serve fp32 (every mode) and fused_chunk / fused_recurrent.
 // Status (v5): correct in every mode/dtype/head dim tested, but fwd+bwd is 2.5x (fused_chunk) to
 // 3.9x (chunk) FLA's time at 8 x 2048 x 16 x 128, ~24x the memory floor, and SDPA flash is faster
 // at every shape; the target (<= 0.5x FLA) is not met.
@@ -786,53 +788,75 @@ __device__ void gate_grad(const T* q, const T* k, const float* dq, const float* 
 }
 
 // ---------------------------------------------------------------------------------------------
-// entry points, one per dtype
+// entry points
 // ---------------------------------------------------------------------------------------------
-#define GLA_INSTANTIATE(T, NAME)                                                                  \
-  extern "C" __global__ void __launch_bounds__(R_WARPS * 32)                                      \
-      gla_recurrent_fwd_##NAME(const T* q, const T* k, const T* v, const float* g,                \
-                               const float* h0, float* o_part, float* ht, int B, int Tn, int H,   \
-                               int K, int V, float scale) {                                       \
-    recurrent_fwd<T>(q, k, v, g, h0, o_part, ht, B, Tn, H, K, V, scale);                          \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(R_WARPS * 32) gla_recurrent_bwd_##NAME(            \
-      const T* q, const T* k, const T* v, const float* g, const float* h0, const T* d_o,          \
-      const float* dht, float* dq_part, float* dk_part, float* dv_part, float* dh0, int B,        \
-      int Tn, int H, int K, int V, float scale) {                                                 \
-    recurrent_bwd<T>(q, k, v, g, h0, d_o, dht, dq_part, dk_part, dv_part, dh0, B, Tn, H, K, V,    \
-                     scale);                                                                      \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(NTHREADS, 2)                                       \
-      gla_chunk_fwd_##NAME(const T* q, const T* k, const T* v, const float* g, const float* h0,   \
-                           const float* hs, float* o_part, float* ht, int B, int Tn, int H,       \
-                           int K, int V, float scale, int flags) {                                \
-    chunk_fwd<T>(q, k, v, g, h0, hs, o_part, ht, B, Tn, H, K, V, scale, flags);                   \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(NTHREADS, 2) gla_chunk_bwd_##NAME(                 \
-      const T* q, const T* k, const T* v, const float* g, const float* h0, const T* d_o,          \
-      const float* dht, const float* hs, const float* dhs, float* dq_part, float* dk_part,        \
-      float* dv_part, float* dh0, int B, int Tn, int H, int K, int V, float scale, int flags) {   \
-    chunk_bwd<T>(q, k, v, g, h0, d_o, dht, hs, dhs, dq_part, dk_part, dv_part, dh0, B, Tn, H, K,  \
-                 V, scale, flags);                                                                \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(NTHREADS) gla_chunk_states_##NAME(                 \
-      const T* x, const T* y, const float* g, const float* s0, float* states, float* last, int B, \
-      int Tn, int H, int K, int V, float yscale, int reverse) {                                   \
-    chunk_states<T>(x, y, g, s0, states, last, B, Tn, H, K, V, yscale, reverse);                  \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(256)                                               \
-      gla_dg_##NAME(const T* q, const T* k, const float* dq, const float* dk,                     \
-                    const float* fterm, float* dg, int B, int Tn, int H, int K) {                 \
-    gate_grad<T>(q, k, dq, dk, fterm, dg, B, Tn, H, K);                                           \
-  }
-
-// One dtype per compilation (the launcher compiles only what a run uses: faster first call).
+// One dtype per compilation, and with -DGLA_KERNEL=i only the i-th kernel of the list below (the
+// launcher compiles the kernels as separate programs, in parallel: a faster first call); without
+// it, all of them.
 #if defined(GLA_DTYPE_F32)
-GLA_INSTANTIATE(float, f32)
+typedef float input_t;
+#define ENTRY(base) base##_f32
 #elif defined(GLA_DTYPE_BF16)
-GLA_INSTANTIATE(bf16, bf16)
+typedef bf16 input_t;
+#define ENTRY(base) base##_bf16
 #elif defined(GLA_DTYPE_F16)
-GLA_INSTANTIATE(f16, f16)
+typedef f16 input_t;
+#define ENTRY(base) base##_f16
 #else
 #error "compile with -DGLA_DTYPE_F32, -DGLA_DTYPE_BF16 or -DGLA_DTYPE_F16"
+#endif
+#ifndef GLA_KERNEL
+#define GLA_KERNEL -1
+#endif
+
+#if GLA_KERNEL < 0 || GLA_KERNEL == 0
+extern "C" __global__ void __launch_bounds__(R_WARPS * 32)
+    ENTRY(gla_recurrent_fwd)(const input_t* q, const input_t* k, const input_t* v,
+                             const float* g, const float* h0, float* o_part, float* ht, int B,
+                             int Tn, int H, int K, int V, float scale) {
+  recurrent_fwd<input_t>(q, k, v, g, h0, o_part, ht, B, Tn, H, K, V, scale);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 1
+extern "C" __global__ void __launch_bounds__(R_WARPS * 32)
+    ENTRY(gla_recurrent_bwd)(const input_t* q, const input_t* k, const input_t* v,
+                             const float* g, const float* h0, const input_t* d_o,
+                             const float* dht, float* dq_part, float* dk_part, float* dv_part,
+                             float* dh0, int B, int Tn, int H, int K, int V, float scale) {
+  recurrent_bwd<input_t>(q, k, v, g, h0, d_o, dht, dq_part, dk_part, dv_part, dh0, B, Tn, H, K,
+                         V, scale);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 2
+extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
+    ENTRY(gla_chunk_fwd)(const input_t* q, const input_t* k, const input_t* v, const float* g,
+                         const float* h0, const float* hs, float* o_part, float* ht, int B,
+                         int Tn, int H, int K, int V, float scale, int flags) {
+  chunk_fwd<input_t>(q, k, v, g, h0, hs, o_part, ht, B, Tn, H, K, V, scale, flags);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 3
+extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
+    ENTRY(gla_chunk_bwd)(const input_t* q, const input_t* k, const input_t* v, const float* g,
+                         const float* h0, const input_t* d_o, const float* dht, const float* hs,
+                         const float* dhs, float* dq_part, float* dk_part, float* dv_part,
+                         float* dh0, int B, int Tn, int H, int K, int V, float scale, int flags) {
+  chunk_bwd<input_t>(q, k, v, g, h0, d_o, dht, hs, dhs, dq_part, dk_part, dv_part, dh0, B, Tn, H,
+                     K, V, scale, flags);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 4
+extern "C" __global__ void __launch_bounds__(NTHREADS)
+    ENTRY(gla_chunk_states)(const input_t* x, const input_t* y, const float* g, const float* s0,
+                            float* states, float* last, int B, int Tn, int H, int K, int V,
+                            float yscale, int reverse) {
+  chunk_states<input_t>(x, y, g, s0, states, last, B, Tn, H, K, V, yscale, reverse);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 5
+extern "C" __global__ void __launch_bounds__(256)
+    ENTRY(gla_dg)(const input_t* q, const input_t* k, const float* dq, const float* dk,
+                  const float* fterm, float* dg, int B, int Tn, int H, int K) {
+  gate_grad<input_t>(q, k, dq, dk, fterm, dg, B, Tn, H, K);
+}
 #endif

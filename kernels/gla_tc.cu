@@ -4,7 +4,7 @@
 //   q, k, g: [B, T, H, K]   v, o: [B, T, H, V]   g: fp32 log gates (<= 0)   states fp32 in registers
 //
 // fp32 inputs use the 3xTF32 kernels of gla.cu; this file holds the bf16 / fp16 path (the one
-// training uses). Compiled at run time by NVRTC, one module per dtype, no CUDA headers.
+// training uses). Compiled at run time by NVRTC, one program per kernel and dtype, no CUDA headers.
 //
 // The chunked form (chunk C = 64 tokens, b = inclusive cumulative gate inside the chunk, b_L its
 // last row, h_n the state entering chunk n, A the chunk's gated causal q k^T):
@@ -17,10 +17,11 @@
 //   dk      = (v dh_{n+1}^T) exp(b_L - b) + sum_{t>=s} dA_ts q_t exp(b_t - b_s)
 //   dg_t    = sum_{s >= t in the chunk} (q_s dq_s - k_s dk_s) + sum_V h_{n+1} dh_{n+1}
 //             (see tc_bwd_dqk; h_NT, dh_NT: the final state and its gradient)
-// Kernels: tc_states (forward: h_n per chunk in the input dtype, and the final state; reverse:
-// dh_{n+1} per chunk and dh_0), then per (chunk, tile) in parallel: tc_fwd_o, tc_bwd_dv and
-// tc_bwd_dqk (dq, dk and dg). 128 threads; warp w owns rows
+// Kernels: forward tc_states (h_n per chunk, kept for the backward, and the final state),
+// tc_attn (A once per chunk, kept), tc_fwd_o; backward tc_states in reverse (dh_{n+1} per chunk
+// and dh_0), tc_bwd_dv, tc_bwd_dqk (dq, dk and dg). 128 threads; warp w owns rows
 // 16 w .. 16 w + 15 of every 64-row product; 64 x 64 tiles over K and V (zero-padded, any size).
+// Tiles arrive by cp.async (one round trip per step); fragments by ldmatrix; mma.sync m16n8k16.
 //
 // Intra-chunk products (A, and the dA-weighted sums of dq and dk) are rebased per 16-token
 // block: for the rows of block w the reference is r = b at the block's first token, so
@@ -28,7 +29,47 @@
 // k exp(r - b_s) can exceed 1 by at most exp(span), span = b_first - b_last of the block; where a
 // channel's span exceeds SPAN_LIMIT its diagonal terms are taken exactly (an exp per pair) instead.
 // These products take fp32 operands split into two bf16 halves (x = hi + lo, three mma: fp32-like
-// accuracy and range); the state products (q h, A v, k dh, ...) take input-dtype operands.
+// accuracy and range); the state products (q h, A v, k dh, ...) take input-dtype operands, and
+// fp32 boundary states given by the caller (h0, dht) enter as hi + lo halves.
+//
+// Versions (B x T x H x D = 8 x 2048 x 16 x 128, bf16, fwd / fwd+bwd ms, CUDA-event medians;
+// floor 0.38 ms; FLA chunk_gla 1.12 / 3.69 ms and SDPA flash 0.28 / 1.39 ms on the same H100).
+// v1-v5 are the 3xTF32 kernels in gla.cu (best: fused_chunk 2.10 / 9.27).
+//   v6  this design, first version: bf16 mma + ldmatrix, split-bf16 intra products,
+//       per-tile global loads, A recomputed per V-tile in fwd_o and dv, dg by a
+//       reverse cumulative sum over the whole sequence (which failed the 2x-naive
+//       bound: long cancelling sums).                       H200  1.92 / 6.53
+//   v7  register diet (gates loaded in one round, 128-thread launch bounds; 255
+//       registers had left 2 blocks per SM); dg from in-chunk sums plus the
+//       h_{n+1} dh_{n+1} boundary term.                     H200  0.89 / 3.82
+//   v8  cp.async for every tile (one round trip per K-tile instead of one per tile),
+//       q and k kept as 16-bit tiles.                       H200  0.72 / 3.73
+//   v9  dq/dk kernel's rare wide-span fallbacks out of line: 20K -> 10K SASS
+//       instructions (instruction-cache misses; the kernel went 1.87 -> 0.92 ms).
+//                                                           H100  0.74 / 3.00
+//   v10 the forward keeps its chunk states for the backward (no second forward walk);
+//       state walk software-pipelined (next chunk's tiles load during the mma).
+//                                                           H200  0.76 / 2.55
+//   v11 A once per chunk (tc_attn, kept for the backward) instead of once per
+//       V-tile in fwd_o and again in dv.                    H200  0.69 / 2.24
+//   v12 wide-span fallback call sites moved behind one warp-uniform branch (a call
+//       site in an unrolled loop cost ~0.2 ms even when never taken); walks continue
+//       from the rounded states they store (the backward is then the exact gradient
+//       of one perturbed function).                         H100  0.70 / 2.30
+// Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
+// traffic), the boundary term in the reverse walk (exposed loads in a sequential kernel), fewer
+// registers per thread for more blocks per SM (spills cost more than the occupancy gained).
+// Status (v12, H100): fwd+bwd 0.43x FLA at D = 32, 0.46x at D = 64, 0.64x at D = 128
+// (8 x 2048), 1.08x at 1 x 16384 x 16 x 128; 6.2x the floor at D = 128. Forward is 2.5x SDPA
+// flash at T = 2048 and on par from T = 16384. What limits it (ncu): the sequential state walks
+// (~0.3 ms each, one 64-token chunk per ~10 us step: loads, a gate scan, two barriers, 64 mma
+// per warp), and tc_bwd_dqk (~1 ms: the per-element rebasing exps and split-bf16 products of
+// the intra-chunk sums, 12 warps per SM to hide their latency). Next: chunk-parallel state walks
+// (segments in parallel plus a short carry pass) for small B*H, wgmma with the walk's state in
+// a warpgroup, and dq and dk intra sums from precomputed rebased tiles.
+// Precision: every test shape is within 2x of the naive same-precision computation except dg
+// at T = 65, K = 256, V = 512 (1.4x over the bound in bf16 and fp16): the chunk states are kept
+// in the input dtype (as FLA does), and the gate gradient's boundary terms inherit their rounding.
 
 typedef unsigned short u16;
 
@@ -984,10 +1025,19 @@ __device__ void tc_bwd_dqk(const T* q, const T* k, const T* v, const float* g, c
     for (int e = 0; e < 4; ++e) {
       const int t = r0 + acc_row(e), i = acc_col(nn, e);
       const float bt = bs[t * LDF + i];
-      float x = aq[nn][e] * scale * __expf(bt) + acc[nn][e] * __expf(bt - bs[r0 * LDF + i]);
-      if ((wide >> i) & 1ull) x += wide_dq<T>(dAs, kh, bs, r0, t, i);
-      aq[nn][e] = x;
+      aq[nn][e] = aq[nn][e] * scale * __expf(bt) + acc[nn][e] * __expf(bt - bs[r0 * LDF + i]);
     }
+  // Rare (warp-uniform): channels too wide to rebase, their diagonal block one exp per pair. Kept
+  // out of the loop above so that the common path has no call sites.
+  if (wide != 0ull) {
+#pragma unroll
+    for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t = r0 + acc_row(e), i = acc_col(nn, e);
+        if ((wide >> i) & 1ull) aq[nn][e] += wide_dq<T>(dAs, kh, bs, r0, t, i);
+      }
+  }
 
   // dk: rows s of block w, k = t in [r0, 64), n = channel.
   zero(acc);
@@ -1022,11 +1072,18 @@ __device__ void tc_bwd_dqk(const T* q, const T* k, const T* v, const float* g, c
     for (int e = 0; e < 4; ++e) {
       const int s = r0 + acc_row(e), i = acc_col(nn, e);
       const float bsv = bs[s * LDF + i];
-      float x = ak[nn][e] * __expf(bs[63 * LDF + i] - bsv) +
-                acc[nn][e] * __expf(bs[(r0 + 15) * LDF + i] - bsv);
-      if ((wide >> i) & 1ull) x += wide_dk<T>(dAs, qh, bs, s, r0 + 15, i);
-      ak[nn][e] = x;
+      ak[nn][e] = ak[nn][e] * __expf(bs[63 * LDF + i] - bsv) +
+                  acc[nn][e] * __expf(bs[(r0 + 15) * LDF + i] - bsv);
     }
+  if (wide != 0ull) {
+#pragma unroll
+    for (int nn = 0; nn < 8; ++nn)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int s = r0 + acc_row(e), i = acc_col(nn, e);
+        if ((wide >> i) & 1ull) ak[nn][e] += wide_dk<T>(dAs, qh, bs, s, r0 + 15, i);
+      }
+  }
 
   // dg: q dq - k dk (fp32, before dq and dk are rounded) into shared memory, then the reverse
   // cumulative sum over the chunk's tokens plus the boundary term (thread = channel, half).
@@ -1076,42 +1133,64 @@ __device__ __forceinline__ void require_smem(unsigned bytes) {
   if (r < bytes) __trap();
 }
 
-#define TC_INSTANTIATE(T, NAME)                                                                   \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS, 4) gla_tc_states_##NAME(               \
-      const T* x, const T* y, const float* g, const float* s0, T* states, float* last, int Tn,    \
-      int H, int K, int V, float xscale, int reverse) {                                           \
-    require_smem(sizeof(StateSmem));                                                              \
-    tc_states<T>(x, y, g, s0, states, last, Tn, H, K, V, xscale, reverse);                        \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS, 4) gla_tc_attn_##NAME(                \
-      const T* q, const T* k, const float* g, T* attn, int Tn, int H, int K, float scale) {       \
-    require_smem(sizeof(AttnSmem));                                                               \
-    tc_attn<T>(q, k, g, attn, Tn, H, K, scale);                                                   \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS, 3) gla_tc_fwd_o_##NAME(                \
-      const T* q, const T* v, const float* g, const T* hs, const T* attn, const float* h0, T* o,  \
-      int Tn, int H, int K, int V, float scale) {                                                 \
-    require_smem(sizeof(FwdSmem));                                                                \
-    tc_fwd_o<T>(q, v, g, hs, attn, h0, o, Tn, H, K, V, scale);                                    \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS, 3) gla_tc_bwd_dv_##NAME(               \
-      const T* k, const float* g, const T* d_o, const T* dhs, const T* attn, const float* dht,    \
-      T* dv, int Tn, int H, int K, int V) {                                                       \
-    require_smem(sizeof(DvSmem));                                                                 \
-    tc_bwd_dv<T>(k, g, d_o, dhs, attn, dht, dv, Tn, H, K, V);                                     \
-  }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(TC_THREADS, 3) gla_tc_bwd_dqk_##NAME(                 \
-      const T* q, const T* k, const T* v, const float* g, const T* d_o, const T* hs,              \
-      const T* dhs, const float* h0, const float* dht, const float* fterm, T* dq, T* dk,          \
-      float* dg, int Tn, int H, int K, int V, float scale) {                                      \
-    require_smem(sizeof(DqkSmem));                                                                \
-    tc_bwd_dqk<T>(q, k, v, g, d_o, hs, dhs, h0, dht, fterm, dq, dk, dg, Tn, H, K, V, scale);      \
-  }
-
+// Entry points. One dtype per compilation, and with -DGLA_KERNEL=i only the i-th kernel of the
+// list below (the launcher compiles the kernels as separate programs, in parallel: a faster
+// first call); without it, all of them.
 #if defined(GLA_DTYPE_BF16)
-TC_INSTANTIATE(bf16, bf16)
+typedef bf16 input_t;
+#define ENTRY(base) base##_bf16
 #elif defined(GLA_DTYPE_F16)
-TC_INSTANTIATE(f16, f16)
+typedef f16 input_t;
+#define ENTRY(base) base##_f16
 #else
 #error "gla_tc.cu is for bf16 and fp16: compile with -DGLA_DTYPE_BF16 or -DGLA_DTYPE_F16"
+#endif
+#ifndef GLA_KERNEL
+#define GLA_KERNEL -1
+#endif
+
+#if GLA_KERNEL < 0 || GLA_KERNEL == 0
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
+    ENTRY(gla_tc_states)(const input_t* x, const input_t* y, const float* g, const float* s0,
+                         input_t* states, float* last, int Tn, int H, int K, int V, float xscale,
+                         int reverse) {
+  require_smem(sizeof(StateSmem));
+  tc_states<input_t>(x, y, g, s0, states, last, Tn, H, K, V, xscale, reverse);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 1
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
+    ENTRY(gla_tc_attn)(const input_t* q, const input_t* k, const float* g, input_t* attn, int Tn, int H,
+                       int K, float scale) {
+  require_smem(sizeof(AttnSmem));
+  tc_attn<input_t>(q, k, g, attn, Tn, H, K, scale);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 2
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
+    ENTRY(gla_tc_fwd_o)(const input_t* q, const input_t* v, const float* g, const input_t* hs,
+                        const input_t* attn, const float* h0, input_t* o, int Tn, int H, int K, int V,
+                        float scale) {
+  require_smem(sizeof(FwdSmem));
+  tc_fwd_o<input_t>(q, v, g, hs, attn, h0, o, Tn, H, K, V, scale);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 3
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
+    ENTRY(gla_tc_bwd_dv)(const input_t* k, const float* g, const input_t* d_o, const input_t* dhs,
+                         const input_t* attn, const float* dht, input_t* dv, int Tn, int H, int K,
+                         int V) {
+  require_smem(sizeof(DvSmem));
+  tc_bwd_dv<input_t>(k, g, d_o, dhs, attn, dht, dv, Tn, H, K, V);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 4
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
+    ENTRY(gla_tc_bwd_dqk)(const input_t* q, const input_t* k, const input_t* v, const float* g,
+                          const input_t* d_o, const input_t* hs, const input_t* dhs, const float* h0,
+                          const float* dht, const float* fterm, input_t* dq, input_t* dk, float* dg,
+                          int Tn, int H, int K, int V, float scale) {
+  require_smem(sizeof(DqkSmem));
+  tc_bwd_dqk<input_t>(q, k, v, g, d_o, hs, dhs, h0, dht, fterm, dq, dk, dg, Tn, H, K, V, scale);
+}
 #endif

@@ -335,8 +335,9 @@ fn shape_name((b, t, h, d): (i64, i64, i64, i64)) -> String {
 /// given (parent directories are created).
 ///
 /// The first-call time is meaningful only while the bf16 GLA module is not yet loaded in this
-/// process: it points `GLATRAIN_CACHE_DIR` at an empty temporary directory for that call (then
-/// restores it and removes the directory), so call this before any other GLA work.
+/// process and CUDA is not yet initialised (call this before any other CUDA work): it disables
+/// NVRTC's own cache for the process and points `GLATRAIN_CACHE_DIR` at an empty temporary
+/// directory for that call (then restores it and removes the directory).
 ///
 /// # Errors
 ///
@@ -347,6 +348,10 @@ pub fn run_gla_bench(
     filter: &BenchFilter,
 ) -> Result<BenchReport, BenchError> {
     filter.validate()?;
+    // CUDA 13 keeps NVRTC results in its own cache (~/.nv/ComputeCache), which would make the
+    // first-call measurement a cache hit. The driver reads this variable when CUDA initialises,
+    // which the next line does.
+    std::env::set_var("CUDA_CACHE_DISABLE", "1");
     if !tch::Cuda::is_available() {
         return Err(BenchError::NoCuda);
     }
@@ -443,8 +448,9 @@ fn log_gates(shape: &[i64], dev: Device) -> Result<Tensor, TchError> {
         .f_div_scalar(16.0)
 }
 
-/// Wall time of a first GLA training call (forward and backward, bf16, `chunk`) into an empty
-/// kernel cache: NVRTC compilation of the module, load, run. Then of the compilation alone, in s.
+/// Wall time of a first GLA training call (forward and backward, bf16, `chunk`) with empty kernel
+/// caches: NVRTC compilation of the module's kernels (in parallel), load, run. Then of the
+/// compilation alone, in s.
 fn first_call_times(cuda: &CudaDevice, dev: Device) -> Result<(f64, f64), BenchError> {
     let cache = TempCache::new()?;
     let shape = [1, 64, 1, 128];
@@ -467,8 +473,8 @@ fn first_call_times(cuda: &CudaDevice, dev: Device) -> Result<(f64, f64), BenchE
     Ok((first_call_s, t0.elapsed().as_secs_f64()))
 }
 
-/// Points `GLATRAIN_CACHE_DIR` at a fresh temporary directory; on drop, restores the previous
-/// value and removes the directory.
+/// Points `GLATRAIN_CACHE_DIR` (our CUBIN cache) at a fresh temporary directory; on drop,
+/// restores the variable and removes the directory.
 struct TempCache {
     dir: PathBuf,
     previous: Option<std::ffi::OsString>,

@@ -6,7 +6,7 @@
 //! than the fp32 bound (where the naive error happens to be ~0, e.g. a single token). Kernel output buffers are
 //! poisoned with NaN first, so an unwritten element fails. Skips on machines without CUDA.
 
-use glatrain_ops::cuda::gla::set_poison_outputs;
+use glatrain_ops::cuda::gla::{self as kernels, set_poison_outputs, Schedule};
 use glatrain_ops::reference::gla::{gla_chunked, DEFAULT_CHUNK};
 use glatrain_ops::testing::{rel_rms, Rng};
 use glatrain_ops::{gla, GlaMode};
@@ -244,6 +244,66 @@ fn half_precision_chunk_over_head_dims_and_lengths() {
         case(1, 64, 1, 1024, 1024, true, true),
     ];
     run(&cases, &[GlaMode::Chunk], &[Kind::BFloat16, Kind::Half]);
+}
+
+#[test]
+fn backward_recomputes_what_the_forward_did_not_keep() {
+    // The bf16/fp16 chunk schedule keeps its chunk states and A for the backward; given none,
+    // the backward computes them again, with the same results bit for bit.
+    let Some(dev) = cuda() else { return };
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let c = case(2, 130, 3, 64, 96, true, true);
+        let x = inputs(&c, 11, dev);
+        let half = |t: &Tensor| t.to_kind(kind);
+        let full = |t: &Tensor| t.to_kind(Kind::Float);
+        let (q, k, v, d_o) = (half(&x.q), half(&x.k), half(&x.v), half(&x.d_o));
+        let (g, h0, dht) = (
+            full(&x.g),
+            x.h0.as_ref().map(full),
+            x.dht.as_ref().map(full),
+        );
+        let scale = 0.125;
+        let fwd = kernels::forward(&q, &k, &v, &g, h0.as_ref(), scale, Schedule::Chunk).unwrap();
+        let kept = fwd
+            .saved
+            .as_ref()
+            .expect("the chunk schedule keeps its states");
+        let backward = |saved: Option<&Tensor>| {
+            kernels::backward(
+                &q,
+                &k,
+                &v,
+                &g,
+                h0.as_ref(),
+                &fwd.final_state,
+                saved,
+                &d_o,
+                dht.as_ref(),
+                scale,
+                Schedule::Chunk,
+            )
+            .unwrap()
+        };
+        let (with, without) = (backward(Some(kept)), backward(None));
+        let pairs = [
+            ("dq", &with.dq, &without.dq),
+            ("dk", &with.dk, &without.dk),
+            ("dv", &with.dv, &without.dv),
+            ("dg", &with.dg, &without.dg),
+            (
+                "dh0",
+                with.dh0.as_ref().unwrap(),
+                without.dh0.as_ref().unwrap(),
+            ),
+        ];
+        for (name, a, b) in pairs {
+            assert!(a.isfinite().all().int64_value(&[]) == 1, "{kind:?} {name}");
+            assert!(
+                a.equal(b),
+                "{kind:?} {name} differs without the kept tensors"
+            );
+        }
+    }
 }
 
 #[test]

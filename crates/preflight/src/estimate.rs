@@ -15,8 +15,9 @@ use crate::device::{DeviceKind, DeviceProfile};
 use crate::mode::Mode;
 use crate::shape::{LayerShape, ModelType};
 use crate::tiles::{
-    Padding, CHUNK_BLOCK_K, CHUNK_BLOCK_V, CHUNK_LAUNCHES, CHUNK_SIZE, FUSED_CHUNK_LAUNCHES,
-    FUSED_RECURRENT_LAUNCHES, GLA_USES_TENSOR_CORES, RECURRENT_BLOCK_K, RECURRENT_BLOCK_V,
+    gla_uses_tensor_cores, Padding, CHUNK_BLOCK_K, CHUNK_BLOCK_V, CHUNK_LAUNCHES, CHUNK_SIZE,
+    FUSED_CHUNK_LAUNCHES, FUSED_RECURRENT_LAUNCHES, RECURRENT_BLOCK_K, RECURRENT_BLOCK_V,
+    TENSOR_CORE_CHUNK_LAUNCHES,
 };
 
 /// Share of the measured copy bandwidth a streaming kernel reaches.
@@ -36,8 +37,9 @@ pub const RECURRENT_STEP_S: f64 = 0.3e-6;
 pub const RESIDENT_BLOCKS_PER_SM: f64 = 2.0;
 /// fused_chunk reaches full bandwidth only with this many blocks per SM (each block walks its
 /// sequence in order, so one block keeps too few loads in flight); fewer blocks scale it down.
-/// The rules use the same number: fused_chunk when its grid fills the GPU this many times.
-/// Measured on an H100 (bench/results/gla-h100-2026-11-25.json, 2026-11-25): fused_chunk beats
+/// The rules use the same number for fp32 inputs: fused_chunk when its grid fills the GPU this
+/// many times. Measured on an H100 with kernels/gla.cu's chunk kernels, which fp32 inputs still
+/// run (bench/results/gla-h100-2026-11-25.json, 2026-11-25, bf16 inputs then): fused_chunk beats
 /// chunk from 256 blocks (1.9 waves; GLA-340M's layer 4.77 vs 7.30 ms fwd+bwd) up, chunk wins
 /// at 64 blocks (0.5 waves; 1 x 16384 x 16 x 128: 19.5 vs 25.6 ms).
 pub const FUSED_CHUNK_MIN_WAVES: f64 = 1.0;
@@ -47,8 +49,8 @@ pub const REFERENCE_OVERHEAD: f64 = 4.0;
 /// Chunk length of the reference selective scan (`DEFAULT_CHUNK` in
 /// crates/ops/src/reference/selective_scan.rs): it materialises `[B, T/C, D, N, C, C]` decays.
 pub const SELECTIVE_SCAN_CHUNK: u64 = 16;
-/// Passes over the chunk states in forward+backward: written and read in forward, the adjoint
-/// states written and read in backward.
+/// Passes over the chunk states (and, in bf16/fp16, the chunks' A) in forward+backward: written
+/// and read in forward, the adjoint states written and read in backward.
 const STATE_PASSES: u64 = 4;
 /// Sub-chunk of the intra-chunk attention (`CS` in kernels/gla.cu): tokens attend within it
 /// element-wise, across it through the state.
@@ -68,10 +70,11 @@ pub struct Estimate {
 /// type (GLA modes for GLA, SDPA for the Transformer, the scan for Mamba).
 pub fn estimate(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Estimate {
     let seconds = match mode {
-        Mode::Chunk => gla_chunk_s(shape, device),
+        Mode::Chunk => gla_chunk_s(shape, device, tensor_core_chunk(shape)),
         Mode::FusedChunk => gla_fused_chunk_s(shape, device),
         Mode::FusedRecurrent => gla_recurrent_s(shape, device),
-        Mode::Reference => REFERENCE_OVERHEAD * gla_chunk_s(shape, &fp32_only(device)),
+        // The reference ops keep their states in fp32, as the fp32 kernels do.
+        Mode::Reference => REFERENCE_OVERHEAD * gla_chunk_s(shape, device, false),
         Mode::SdpaFlash | Mode::Sdpa => sdpa_s(shape, device, mode == Mode::SdpaFlash),
         Mode::SelectiveScanReference => selective_scan_s(shape, device),
     };
@@ -81,12 +84,31 @@ pub fn estimate(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Estim
     }
 }
 
-/// Bytes of the fp32 chunk states that chunk mode materialises for one layer:
-/// `B * H * ceil(T / 64) * K * V * 4`.
+/// Bytes that chunk mode materialises for one layer, by input precision:
+/// - bf16/fp16 (kernels/gla_tc.cu): the chunk states in the input dtype,
+///   `B * H * ceil(T / 64) * K * V * 2`, plus each chunk's A, `B * H * ceil(T / 64) * 64 * 64 * 2`,
+///   both kept from the forward to the backward;
+/// - fp32 (kernels/gla.cu): fp32 chunk states, `B * H * ceil(T / 64) * K * V * 4`, allocated in
+///   the forward and again in the backward (kept for neither; counted as if kept).
 pub fn chunk_state_bytes(shape: &LayerShape) -> u64 {
-    shape.batch_heads()
-        * shape.seq_len.div_ceil(CHUNK_SIZE) as u64
-        * (shape.head_k_dim * shape.head_v_dim * 4) as u64
+    chunk_bytes(shape, tensor_core_chunk(shape))
+}
+
+/// Whether the shape's chunk mode runs the bf16/fp16 tensor-core schedule (kernels/gla_tc.cu)
+/// rather than the fp32 kernels of kernels/gla.cu.
+pub(crate) fn tensor_core_chunk(shape: &LayerShape) -> bool {
+    gla_uses_tensor_cores(Mode::Chunk, shape.act_bytes())
+}
+
+/// [`chunk_state_bytes`] of the tensor-core schedule (`tensor_cores`) or of fp32 states.
+fn chunk_bytes(shape: &LayerShape, tensor_cores: bool) -> u64 {
+    let chunks = shape.batch_heads() * shape.seq_len.div_ceil(CHUNK_SIZE) as u64;
+    let states = chunks * (shape.head_k_dim * shape.head_v_dim) as u64;
+    if tensor_cores {
+        shape.act_bytes() * (states + chunks * (CHUNK_SIZE * CHUNK_SIZE) as u64)
+    } else {
+        4 * states
+    }
 }
 
 /// Blocks of the fused_chunk grid (one per batch, head and state tile).
@@ -142,7 +164,7 @@ fn op_memory_bytes(shape: &LayerShape, mode: Mode) -> u64 {
         Mode::Chunk => chunk_state_bytes(shape),
         Mode::FusedChunk | Mode::FusedRecurrent => 0,
         // Chunk states, sub-chunk scores and the cumulative gates and gated q, k, all fp32.
-        Mode::Reference => chunk_state_bytes(shape) + token_heads * 4 * (SUB_CHUNK as u64 + 3 * k),
+        Mode::Reference => chunk_bytes(shape, false) + token_heads * 4 * (SUB_CHUNK as u64 + 3 * k),
         // The softmax log-sum-exp, fp32 per token and head.
         Mode::SdpaFlash | Mode::Sdpa => token_heads * 4,
         // Per token and channel: the [C, C] decays' row of C * N, plus N each of the states,
@@ -151,9 +173,10 @@ fn op_memory_bytes(shape: &LayerShape, mode: Mode) -> u64 {
     }
 }
 
-/// The device's FLOP/s for the GLA kernels' matmuls, derated.
-fn gla_flops_per_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
-    let peak = if GLA_USES_TENSOR_CORES && shape.act_bytes() == 2 {
+/// The device's FLOP/s for the GLA kernels' matmuls, derated: the tensor peak for kernels on
+/// bf16/fp16 tensor cores (see [`gla_uses_tensor_cores`]), else the fp32 peak.
+fn gla_flops_per_s(device: &DeviceProfile, tensor_cores: bool) -> f64 {
+    let peak = if tensor_cores {
         device.peak_tensor_flops
     } else {
         device.peak_fp32_flops
@@ -200,7 +223,9 @@ fn gla_chunked_fwd_flops(shape: &LayerShape) -> f64 {
     SUB_CHUNK * (kp + vp) + 4.0 * kp * vp
 }
 
-fn gla_chunk_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
+/// The chunk schedule: the bf16/fp16 one on tensor cores (`tensor_cores`, kernels/gla_tc.cu) or
+/// the fp32 one (kernels/gla.cu).
+fn gla_chunk_s(shape: &LayerShape, device: &DeviceProfile, tensor_cores: bool) -> f64 {
     let n = (shape.tokens() * shape.num_heads as u64) as f64;
     let (a, k, v) = (
         shape.act_bytes() as f64,
@@ -210,18 +235,23 @@ fn gla_chunk_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
     // The sequential state passes re-read k, v, g (forward) and q, do, g (backward).
     let reread = 2.0 * (a * (k + v) + 4.0 * k);
     let bytes = n * (gla_io_per_token_head(shape) + reread)
-        + (STATE_PASSES * chunk_state_bytes(shape)) as f64;
+        + (STATE_PASSES * chunk_bytes(shape, tensor_cores)) as f64;
     let p = Padding::for_tiles(shape.head_k_dim, shape.head_v_dim);
     // The state pass adds one more state update (2 K V) to the forward.
     let fwd = gla_chunked_fwd_flops(shape) + 2.0 * (p.k_padded * p.v_padded) as f64;
     let flops = n * fwd * (1.0 + BACKWARD_FLOP_FACTOR);
-    let roofline = (bytes / bandwidth(device)).max(flops / gla_flops_per_s(shape, device));
+    let roofline = (bytes / bandwidth(device)).max(flops / gla_flops_per_s(device, tensor_cores));
     // The state pass (forward) and the adjoint pass (backward) walk the chunks in order.
     let chain = 2.0
         * shape.seq_len.div_ceil(CHUNK_SIZE) as f64
         * CHUNK_STEP_S
         * rounds(fused_chunk_blocks(shape), device);
-    roofline + chain + launches_s(device, CHUNK_LAUNCHES as f64)
+    let launches = if tensor_cores {
+        TENSOR_CORE_CHUNK_LAUNCHES
+    } else {
+        CHUNK_LAUNCHES
+    };
+    roofline + chain + launches_s(device, launches as f64)
 }
 
 fn gla_fused_chunk_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
@@ -231,7 +261,8 @@ fn gla_fused_chunk_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
     let fill = (fused_chunk_blocks(shape) as f64
         / (FUSED_CHUNK_MIN_WAVES * device.sm_count.max(1) as f64))
         .min(1.0);
-    let roofline = (bytes / bandwidth(device)).max(flops / gla_flops_per_s(shape, device));
+    let tensor_cores = gla_uses_tensor_cores(Mode::FusedChunk, shape.act_bytes());
+    let roofline = (bytes / bandwidth(device)).max(flops / gla_flops_per_s(device, tensor_cores));
     roofline / fill + launches_s(device, FUSED_CHUNK_LAUNCHES as f64)
 }
 
@@ -289,14 +320,6 @@ fn selective_scan_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
     roofline + launches_s(device, 2.0 * 4.0 * steps)
 }
 
-/// `device` with its tensor cores ignored (the reference ops keep states in fp32).
-fn fp32_only(device: &DeviceProfile) -> DeviceProfile {
-    DeviceProfile {
-        peak_tensor_flops: device.peak_fp32_flops,
-        ..device.clone()
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -322,14 +345,42 @@ pub(crate) mod tests {
         }
     }
 
+    /// `shape` in fp32 (the kernels of kernels/gla.cu for every mode).
+    pub(crate) fn fp32(shape: LayerShape) -> LayerShape {
+        LayerShape {
+            dtype: Precision::Fp32,
+            ..shape
+        }
+    }
+
     #[test]
     fn gla_traffic_matches_the_anchor_floor() {
         // ANCHORS.md: 8 x 2048 x 16 x 128 moves ~1.14 GB forward+backward.
         let s = gla(8, 2048, 16, 128, 128);
         let bytes = gla_io_per_token_head(&s) * (s.tokens() * 16) as f64;
         assert!((bytes - 1.14e9).abs() < 0.01e9, "{bytes}");
-        assert_eq!(chunk_state_bytes(&s), 8 * 16 * 32 * 128 * 128 * 4);
         assert_eq!(fused_chunk_blocks(&s), 8 * 16 * 2 * 2);
+    }
+
+    #[test]
+    fn chunk_states_take_the_input_dtype_and_the_chunks_a_in_half_precision() {
+        // bf16 / fp16 (kernels/gla_tc.cu): 2-byte states plus a 64 x 64 2-byte A per chunk.
+        let s = gla(8, 2048, 16, 128, 128);
+        assert_eq!(
+            chunk_state_bytes(&s),
+            8 * 16 * 32 * (128 * 128 + 64 * 64) * 2
+        );
+        let fp16 = LayerShape {
+            dtype: Precision::Fp16,
+            ..s.clone()
+        };
+        assert_eq!(chunk_state_bytes(&fp16), chunk_state_bytes(&s));
+        // fp32 (kernels/gla.cu): 4-byte states, no A.
+        assert_eq!(chunk_state_bytes(&fp32(s)), 8 * 16 * 32 * 128 * 128 * 4);
+        // A partial last chunk counts whole; A dominates at tiny head dims.
+        let tiny = gla(1, 65, 1, 8, 8);
+        assert_eq!(chunk_state_bytes(&tiny), 2 * (8 * 8 + 64 * 64) * 2);
+        assert_eq!(chunk_state_bytes(&fp32(tiny)), 2 * 8 * 8 * 4);
     }
 
     #[test]
@@ -352,16 +403,16 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn fused_chunk_slows_down_when_its_grid_does_not_fill_the_gpu() {
+    fn fp32_fused_chunk_slows_down_when_its_grid_does_not_fill_the_gpu() {
         let h100 = DeviceProfile::h100_sxm();
         // Few blocks: chunk mode's parallelism over chunks wins.
-        let few = gla(1, 16384, 4, 64, 64);
+        let few = fp32(gla(1, 16384, 4, 64, 64));
         assert!(
             estimate(&few, &h100, Mode::FusedChunk).time_ms
                 > estimate(&few, &h100, Mode::Chunk).time_ms
         );
         // Many blocks: fused_chunk moves no states and wins.
-        let many = gla(64, 2048, 16, 128, 128);
+        let many = fp32(gla(64, 2048, 16, 128, 128));
         assert!(
             estimate(&many, &h100, Mode::FusedChunk).time_ms
                 < estimate(&many, &h100, Mode::Chunk).time_ms
@@ -375,6 +426,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn half_precision_chunk_is_estimated_faster_than_fused_chunk_at_the_benchmark_shapes() {
+        // Measured on an H100 (fwd+bwd): chunk 2.2 / 4.7 ms vs fused_chunk 9.3 / 25.6 ms. The
+        // estimate agrees on the order at head dim 128, many blocks included. (At 8 x 2048 x 16
+        // x 64, measured 1.2 vs 3.5 ms, it does not: fused_chunk's roofline leaves out the
+        // per-step latency that limits kernels/gla.cu.)
+        let h100 = DeviceProfile::h100_sxm();
+        for s in [
+            gla(8, 2048, 16, 128, 128),
+            gla(1, 16384, 16, 128, 128),
+            gla(64, 2048, 16, 128, 128),
+        ] {
+            let chunk = estimate(&s, &h100, Mode::Chunk).time_ms;
+            let fused = estimate(&s, &h100, Mode::FusedChunk).time_ms;
+            assert!(
+                chunk < fused,
+                "B {} T {}: {chunk} vs {fused}",
+                s.batch,
+                s.seq_len
+            );
+        }
+    }
+
+    #[test]
     fn memory_counts_states_only_for_the_modes_that_keep_them() {
         let h100 = DeviceProfile::h100_sxm();
         let s = gla(8, 2048, 4, 128, 256);
@@ -385,6 +459,11 @@ pub(crate) mod tests {
             block + chunk_state_bytes(&s)
         );
         assert!(estimate(&s, &h100, Mode::Reference).memory_bytes > block + chunk_state_bytes(&s));
+        // The reference op's states are fp32 whatever the input dtype.
+        let reference = |s: &LayerShape| {
+            estimate(s, &h100, Mode::Reference).memory_bytes - block_activation_bytes(s)
+        };
+        assert_eq!(reference(&s), reference(&fp32(s.clone())));
         // Per token: 4d + 2dk + 5dv + 3m at 2 bytes, plus gk in fp32 (d = 1024, no MLP here).
         let per_token = 2 * (4 * 1024 + 2 * 512 + 5 * 1024) + 4 * 512;
         assert_eq!(block, per_token * 8 * 2048);
@@ -395,11 +474,7 @@ pub(crate) mod tests {
         let h100 = DeviceProfile::h100_sxm();
         assert!(sdpa_uses_flash(&gla(1, 64, 1, 256, 256), &h100));
         assert!(!sdpa_uses_flash(&gla(1, 64, 1, 512, 512), &h100));
-        let fp32 = LayerShape {
-            dtype: Precision::Fp32,
-            ..gla(1, 64, 1, 64, 64)
-        };
-        assert!(!sdpa_uses_flash(&fp32, &h100));
+        assert!(!sdpa_uses_flash(&fp32(gla(1, 64, 1, 64, 64)), &h100));
         assert!(!sdpa_uses_flash(
             &gla(1, 64, 1, 64, 64),
             &DeviceProfile::cpu()

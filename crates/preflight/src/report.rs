@@ -359,7 +359,7 @@ pub(crate) fn ms(t: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::estimate::block_activation_bytes;
+    use crate::estimate::{block_activation_bytes, chunk_state_bytes};
 
     /// GLA-340M's shapes (configs/gla-340m.toml): hidden 1024, 24 layers, 4 heads, expand_k
     /// 0.5, expand_v 1, seq_len 2048, micro batch 8, bf16.
@@ -379,7 +379,7 @@ mod tests {
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         report.check().unwrap();
         assert_eq!(report.rows.len(), 1);
-        assert_eq!(report.rows[0].decision.mode, Mode::FusedChunk);
+        assert_eq!(report.rows[0].decision.mode, Mode::Chunk);
         let table = report.render_table();
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("glatrain preflight: configs/gla-340m.toml on NVIDIA H100 80GB HBM3 (cuda, 132 SMs, 80.0 GiB)"), "{table}");
@@ -390,7 +390,7 @@ mod tests {
             ("layers", "24"),
             ("K", "128"),
             ("V", "256"),
-            ("mode", "fused_chunk"),
+            ("mode", "chunk"),
             ("pad waste", "-"),
         ] {
             let at = header.find(&format!("  {col} ")).map_or(0, |i| i + 2);
@@ -400,7 +400,7 @@ mod tests {
             );
         }
         assert!(
-            row.contains("  bf16   cuda    fused_chunk  rules   -          ~"),
+            row.contains("  bf16   cuda    chunk  rules   -          ~"),
             "{table}"
         );
         assert!(table.contains("(est. time: roofline estimate"), "{table}");
@@ -412,10 +412,28 @@ mod tests {
             report.memory.activation_bytes,
             24 * report.rows[0].decision.est_memory_bytes
         );
-        // fused_chunk keeps no chunk states: the layer's memory is its block activations.
+        // bf16 chunk keeps its chunk states and A for backward.
+        let shape = &report.rows[0].shape;
         assert_eq!(
             report.rows[0].decision.est_memory_bytes,
-            block_activation_bytes(&report.rows[0].shape)
+            block_activation_bytes(shape) + chunk_state_bytes(shape)
+        );
+        // In fp32 the waves rule takes fused_chunk, which keeps no chunk states: the layer's
+        // memory is its block activations.
+        let fp32 = Report::rules(
+            &resolved(GLA_340M, &["train.precision=fp32"]),
+            &DeviceProfile::h100_sxm(),
+        );
+        let row = &fp32.rows[0];
+        assert_eq!(
+            row.decision.mode,
+            Mode::FusedChunk,
+            "{}",
+            row.decision.reason
+        );
+        assert_eq!(
+            row.decision.est_memory_bytes,
+            block_activation_bytes(&row.shape)
         );
     }
 

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{DeviceKind, DeviceProfile};
 use crate::estimate::{
-    chunk_state_bytes, estimate, fused_chunk_blocks, sdpa_uses_flash, FUSED_CHUNK_MIN_WAVES,
+    chunk_state_bytes, estimate, fused_chunk_blocks, sdpa_uses_flash, tensor_core_chunk,
+    FUSED_CHUNK_MIN_WAVES,
 };
 use crate::mode::{Mode, Source};
 use crate::report::{human_bytes, ms};
@@ -61,14 +62,19 @@ pub struct Decision {
 ///    is nothing to chunk.
 /// 5. **T <= 64 -> fused_recurrent.** At most one chunk: no parallelism over chunks to gain,
 ///    and no state pass to pay for.
-/// 6. **Chunk states too large -> fused_chunk.** Chunk mode stores `B H ceil(T/64) K V` fp32
-///    states per layer for backward; when those of all layers exceed
-///    [`STATE_MEMORY_FRACTION`] of the device memory, fused_chunk keeps the state on chip.
-/// 7. **The grid fills the GPU -> fused_chunk.** fused_chunk runs one block per (batch, head,
-///    state tile) walking the whole sequence; with at least [`FUSED_CHUNK_MIN_WAVES`] blocks
-///    per SM it streams at full bandwidth and moves no states.
-/// 8. **Otherwise -> chunk.** Too few (batch, head) pairs to fill the SMs: chunk mode also runs
-///    in parallel over the chunks, at the cost of storing the states.
+/// 6. **Chunk states too large -> fused_chunk.** Chunk mode materialises `B H ceil(T/64) K V`
+///    states per layer ([`chunk_state_bytes`]): in bf16/fp16 in the input dtype, plus each
+///    chunk's `64 x 64` A, both kept for backward; in fp32, fp32 states. When those of all
+///    layers exceed [`STATE_MEMORY_FRACTION`] of the device memory, fused_chunk keeps the state
+///    on chip.
+/// 7. **bf16/fp16 -> chunk.** The tensor-core chunk schedule (kernels/gla_tc.cu) was measured
+///    faster than fused_chunk at every benchmark shape, whatever the grid.
+/// 8. **fp32: the grid fills the GPU -> fused_chunk.** fp32 runs kernels/gla.cu's 3xTF32
+///    kernels; fused_chunk runs one block per (batch, head, state tile) walking the whole
+///    sequence, and with at least [`FUSED_CHUNK_MIN_WAVES`] blocks per SM it streams at full
+///    bandwidth and moves no states.
+/// 9. **fp32 otherwise -> chunk.** Too few (batch, head) pairs to fill the SMs: chunk mode also
+///    runs in parallel over the chunks, at the cost of storing the states.
 pub fn choose_mode(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decision {
     match shape.model_type {
         ModelType::Transformer | ModelType::Mamba => baseline(shape, device, forced),
@@ -154,7 +160,7 @@ fn gla(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decisi
     )
 }
 
-/// Rules 4 to 8 for a GLA shape on CUDA: the mode and why.
+/// Rules 4 to 9 for a GLA shape on CUDA: the mode and why.
 fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
     let t = shape.seq_len;
     if shape.decoding {
@@ -178,10 +184,23 @@ fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
             format!("{reason}; fused_chunk keeps the state on chip"),
         );
     }
+    if tensor_core_chunk(shape) {
+        // Forward+backward on an H100, bf16 (bench/results/gla-h100-2026-11-26.json):
+        // 8x2048x16x128 chunk 2.3 vs fused_chunk 9.5 ms, 1x16384x16x128 4.9 vs 25.7 ms,
+        // 8x2048x16x64 1.3 vs 3.5 ms.
+        return (
+            Mode::Chunk,
+            format!(
+                "{}: the tensor-core chunk schedule, measured faster than fused_chunk at every \
+                 benchmark shape",
+                shape.dtype_name()
+            ),
+        );
+    }
     let blocks = fused_chunk_blocks(shape);
     let waves = blocks as f64 / device.sm_count.max(1) as f64;
     let grid = format!(
-        "B*H*state tiles = {}*{}*{} = {blocks} blocks = {waves:.1} waves of {} SMs",
+        "fp32: B*H*state tiles = {}*{}*{} = {blocks} blocks = {waves:.1} waves of {} SMs",
         shape.batch,
         shape.num_heads,
         blocks / shape.batch_heads().max(1),
@@ -214,9 +233,13 @@ fn states_too_large(shape: &LayerShape, device: &DeviceProfile) -> Option<String
     let budget = STATE_MEMORY_FRACTION * device.memory_bytes as f64;
     (device.memory_bytes > 0 && all_layers as f64 > budget).then(|| {
         format!(
-            "chunk mode would store {} of fp32 states for {} layers ({} each), over {:.0}% of the \
-             {} of {}",
+            "chunk mode would store {} of {} for {} layers ({} each), over {:.0}% of the {} of {}",
             human_bytes(all_layers),
+            if tensor_core_chunk(shape) {
+                format!("{} states and chunk A matrices", shape.dtype_name())
+            } else {
+                "fp32 states".to_owned()
+            },
             shape.num_layers,
             human_bytes(chunk_state_bytes(shape)),
             100.0 * STATE_MEMORY_FRACTION,
@@ -361,6 +384,7 @@ fn crossover_seq_len(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::estimate::tests::fp32;
     use crate::estimate::RECURRENT_STEP_S;
     use glatrain_config::Precision;
 
@@ -428,26 +452,69 @@ mod tests {
             assert!(d.reason.starts_with("decoding"), "{}", d.reason);
             assert_eq!(d.advice, None);
         }
+        // One token more: two chunks, the chunked schedules.
+        let two_chunks = from_hidden(1024, 4, 8, 65);
+        let h100 = DeviceProfile::h100_sxm();
+        assert_eq!(auto(&two_chunks, &h100).mode, Mode::Chunk);
+        assert_eq!(auto(&fp32(two_chunks), &h100).mode, Mode::FusedChunk);
+    }
+
+    /// Rule 7's reason.
+    const TENSOR_CORE_CHUNK: &str =
+        "the tensor-core chunk schedule, measured faster than fused_chunk at every benchmark shape";
+
+    #[test]
+    fn half_precision_runs_the_tensor_core_chunk_schedule_whatever_the_grid() {
+        let h100 = DeviceProfile::h100_sxm();
+        // GLA-340M in bf16: 256 fused_chunk blocks fill the H100 1.9 times, but chunk is faster.
+        let s = from_hidden(1024, 4, 8, 2048);
+        let d = auto(&s, &h100);
+        assert_eq!((d.mode, d.source), (Mode::Chunk, Source::Rules));
+        assert_eq!(d.reason, format!("bf16: {TENSOR_CORE_CHUNK}"));
+        // Its states and A are kept for backward.
         assert_eq!(
-            auto(&from_hidden(1024, 4, 8, 65), &DeviceProfile::h100_sxm()).mode,
-            Mode::FusedChunk
+            d.est_memory_bytes,
+            crate::estimate::block_activation_bytes(&s) + chunk_state_bytes(&s)
         );
+        let fp16 = LayerShape {
+            dtype: Precision::Fp16,
+            ..s.clone()
+        };
+        assert_eq!(
+            auto(&fp16, &h100).reason,
+            format!("fp16: {TENSOR_CORE_CHUNK}")
+        );
+        // The same shape in fp32 (kernels/gla.cu) still takes fused_chunk, by the waves rule
+        // (its reason: the next test).
+        assert_eq!(auto(&fp32(s.clone()), &h100).mode, Mode::FusedChunk);
+        // Many blocks, a small GPU, one long sequence, tiny and huge head dims: chunk in bf16.
+        for (s, device) in [
+            (s, small_gpu()),
+            (gla_shape(32, 2048, 16, 64, 64), h100.clone()),
+            (gla_shape(1, 16384, 16, 128, 128), h100.clone()),
+            (from_hidden(32, 16, 1, 4096), h100.clone()),
+            (gla_shape(1, 4096, 2, 1024, 1024), h100.clone()),
+        ] {
+            let d = auto(&s, &device);
+            assert_eq!(d.mode, Mode::Chunk, "{}", d.reason);
+            assert_eq!(d.reason, format!("bf16: {TENSOR_CORE_CHUNK}"));
+        }
     }
 
     #[test]
-    fn chunk_when_batch_times_heads_is_small_fused_chunk_when_it_fills_the_gpu() {
+    fn fp32_chunk_when_batch_times_heads_is_small_fused_chunk_when_it_fills_the_gpu() {
         let h100 = DeviceProfile::h100_sxm();
+        let auto32 = |s: LayerShape, device: &DeviceProfile| auto(&fp32(s), device);
         // GLA-340M: 8 * 4 * (2 * 4 tiles) = 256 blocks >= 1 wave of 132 SMs.
-        let d = auto(&from_hidden(1024, 4, 8, 2048), &h100);
+        let d = auto32(from_hidden(1024, 4, 8, 2048), &h100);
         assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
-        assert!(
-            d.reason
-                .contains("8*4*8 = 256 blocks = 1.9 waves of 132 SMs"),
-            "{}",
-            d.reason
+        assert_eq!(
+            d.reason,
+            "fp32: B*H*state tiles = 8*4*8 = 256 blocks = 1.9 waves of 132 SMs (>= 1): \
+             fused_chunk fills the GPU without storing chunk states"
         );
         // The same shape fills a 20-SM GPU 12.8 times.
-        let d = auto(&from_hidden(1024, 4, 8, 2048), &small_gpu());
+        let d = auto32(from_hidden(1024, 4, 8, 2048), &small_gpu());
         assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
         assert!(
             d.reason.contains("256 blocks = 12.8 waves of 20 SMs"),
@@ -455,25 +522,31 @@ mod tests {
             d.reason
         );
         // Large B*H fills the H100 too.
-        let d = auto(&gla_shape(32, 2048, 16, 64, 64), &h100);
+        let d = auto32(gla_shape(32, 2048, 16, 64, 64), &h100);
         assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
         assert!(d.reason.contains("512 blocks = 3.9 waves"), "{}", d.reason);
         // One long sequence: B*H = 16.
         for t in [4096, 16384] {
-            assert_eq!(
-                auto(&gla_shape(1, t, 16, 128, 128), &h100).mode,
-                Mode::Chunk
+            let d = auto32(gla_shape(1, t, 16, 128, 128), &h100);
+            assert_eq!(d.mode, Mode::Chunk);
+            assert!(
+                d.reason.contains(&format!(
+                    "64 blocks = 0.5 waves of 132 SMs (< 1): chunk mode also runs the {} chunks",
+                    t / 64
+                )),
+                "{}",
+                d.reason
             );
         }
         // Tiny and huge head dims take the same rules, padded, never an error.
         for (hidden, heads, k) in [(32, 2, 8), (32, 4, 4), (32, 16, 1)] {
-            let d = auto(&from_hidden(hidden, heads, 1, 4096), &h100);
+            let d = auto32(from_hidden(hidden, heads, 1, 4096), &h100);
             assert_eq!(d.mode, Mode::Chunk, "hidden {hidden}: {}", d.reason);
             assert_eq!(d.padding.k_padded, 16, "K = {k}");
             assert!(d.est_time_ms.is_finite() && d.est_time_ms > 0.0);
         }
         // Head dims of 1024: 256 state tiles per head fill the GPU even at B*H = 2.
-        let d = auto(&gla_shape(1, 4096, 2, 1024, 1024), &h100);
+        let d = auto32(gla_shape(1, 4096, 2, 1024, 1024), &h100);
         assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
         assert!(d.reason.contains("1*2*256 = 512 blocks"), "{}", d.reason);
         assert_eq!(d.padding.wasted_fraction, 0.0);
@@ -481,8 +554,9 @@ mod tests {
 
     #[test]
     fn seed_cases_sweep() {
-        // Hidden 32..1024 (head dims 1..1024), T 64..16K, B*H from 1 to 1024, on the H100, a
-        // 20-SM GPU and the CPU: every shape gets a mode, a finite estimate and whole tiles.
+        // Hidden 32..1024 (head dims 1..1024), T 64..16K, B*H from 1 to 1024, bf16 and fp32, on
+        // the H100, a 20-SM GPU and the CPU: every shape gets a mode, a finite estimate and whole
+        // tiles.
         let (h100, small, cpu) = (DeviceProfile::h100_sxm(), small_gpu(), DeviceProfile::cpu());
         let mut seen = std::collections::HashSet::new();
         for hidden in [32, 64, 128, 256, 512, 1024] {
@@ -492,83 +566,130 @@ mod tests {
             {
                 for t in [64, 128, 2048, 16384] {
                     for b in [1, 8, 64] {
-                        let s = from_hidden(hidden, heads, b, t);
-                        let on = |device: &DeviceProfile| auto(&s, device);
-                        let (big, little, host) = (on(&h100), on(&small), on(&cpu));
-                        let case = format!("hidden {hidden} H {heads} T {t} B {b}");
-                        assert_eq!(host.mode, Mode::Reference, "{case}");
-                        for d in [&big, &little, &host] {
-                            assert!(d.est_time_ms.is_finite() && d.est_time_ms > 0.0, "{case}");
-                            assert!(
-                                d.est_memory_bytes >= crate::estimate::block_activation_bytes(&s),
-                                "{case}"
-                            );
-                            assert!(
-                                d.padding.k_padded >= s.head_k_dim
-                                    && d.padding.v_padded >= s.head_v_dim,
-                                "{case}"
-                            );
-                            assert!(!d.reason.is_empty() && d.warnings.is_empty(), "{case}");
-                        }
-                        for d in [&big, &little] {
-                            assert_eq!(d.padding.k_padded % 16, 0, "{case}");
-                            assert!(d.padding.k_padded < s.head_k_dim + 16, "{case}");
-                            if t <= 64 {
-                                assert_eq!(d.mode, Mode::FusedRecurrent, "{case}");
-                            } else {
-                                assert!(matches!(d.mode, Mode::Chunk | Mode::FusedChunk), "{case}");
+                        for dtype in [Precision::Bf16, Precision::Fp32] {
+                            let s = LayerShape {
+                                dtype,
+                                ..from_hidden(hidden, heads, b, t)
+                            };
+                            let on = |device: &DeviceProfile| auto(&s, device);
+                            let (big, little, host) = (on(&h100), on(&small), on(&cpu));
+                            let case = format!("hidden {hidden} H {heads} T {t} B {b} {dtype:?}");
+                            assert_eq!(host.mode, Mode::Reference, "{case}");
+                            for d in [&big, &little, &host] {
+                                assert!(d.est_time_ms.is_finite() && d.est_time_ms > 0.0, "{case}");
+                                assert!(
+                                    d.est_memory_bytes
+                                        >= crate::estimate::block_activation_bytes(&s),
+                                    "{case}"
+                                );
+                                assert!(
+                                    d.padding.k_padded >= s.head_k_dim
+                                        && d.padding.v_padded >= s.head_v_dim,
+                                    "{case}"
+                                );
+                                assert!(!d.reason.is_empty() && d.warnings.is_empty(), "{case}");
                             }
+                            for d in [&big, &little] {
+                                assert_eq!(d.padding.k_padded % 16, 0, "{case}");
+                                assert!(d.padding.k_padded < s.head_k_dim + 16, "{case}");
+                                if t <= 64 {
+                                    assert_eq!(d.mode, Mode::FusedRecurrent, "{case}");
+                                } else {
+                                    assert!(
+                                        matches!(d.mode, Mode::Chunk | Mode::FusedChunk),
+                                        "{case}"
+                                    );
+                                }
+                                // In bf16 only rule 6 (states too large) takes fused_chunk.
+                                if dtype == Precision::Bf16 && d.mode == Mode::FusedChunk {
+                                    assert!(
+                                        d.reason.starts_with("chunk mode would store "),
+                                        "{case}: {}",
+                                        d.reason
+                                    );
+                                }
+                            }
+                            // Fewer SMs and less memory fill up sooner: whatever takes
+                            // fused_chunk on the H100 takes it on the small GPU.
+                            if big.mode == Mode::FusedChunk {
+                                assert_eq!(
+                                    little.mode,
+                                    Mode::FusedChunk,
+                                    "{case}: {}",
+                                    little.reason
+                                );
+                            }
+                            seen.insert((s.dtype_name(), big.mode, little.mode));
                         }
-                        // Fewer SMs and less memory fill up sooner: whatever takes fused_chunk
-                        // on the H100 takes it on the small GPU.
-                        if big.mode == Mode::FusedChunk {
-                            assert_eq!(little.mode, Mode::FusedChunk, "{case}: {}", little.reason);
-                        }
-                        seen.insert((big.mode, little.mode));
                     }
                 }
             }
         }
-        // The sweep reaches every GPU outcome, including the two GPUs disagreeing.
-        for pair in [
-            (Mode::FusedRecurrent, Mode::FusedRecurrent),
-            (Mode::Chunk, Mode::Chunk),
-            (Mode::Chunk, Mode::FusedChunk),
-            (Mode::FusedChunk, Mode::FusedChunk),
-        ] {
-            assert!(seen.contains(&pair), "{pair:?} never chosen");
+        // The sweep reaches every GPU outcome in both precisions, including the two GPUs
+        // disagreeing (bf16: by the states' memory only; fp32: by the waves too).
+        for dtype in ["bf16", "fp32"] {
+            for (big, little) in [
+                (Mode::FusedRecurrent, Mode::FusedRecurrent),
+                (Mode::Chunk, Mode::Chunk),
+                (Mode::Chunk, Mode::FusedChunk),
+                (Mode::FusedChunk, Mode::FusedChunk),
+            ] {
+                assert!(
+                    seen.contains(&(dtype, big, little)),
+                    "{dtype}: {big:?} on the H100, {little:?} on the small GPU never chosen"
+                );
+            }
         }
     }
 
     #[test]
     fn large_chunk_states_switch_to_fused_chunk() {
         let h100 = DeviceProfile::h100_sxm();
-        // 128 blocks would pick chunk, but 24 layers of 1 * 2 * 1024 * 512 * 512 * 4 bytes of
-        // states (48 GiB) take more than a quarter of the 80 GiB.
+        // 24 layers of 1 * 2 * 1024 chunks of 512 x 512 states take more than a quarter of the
+        // 80 GiB: in fp32 (4 bytes) 48 GiB, in bf16 (2 bytes, plus 2-byte 64 x 64 A per chunk)
+        // 24.4 GiB. Otherwise fp32 would pick chunk (128 blocks < 1 wave), bf16 too (rule 7).
         let s = gla_shape(1, 65536, 2, 512, 512);
+        for (s, states) in [
+            (
+                fp32(s.clone()),
+                "48.0 GiB of fp32 states for 24 layers (2.0 GiB each)",
+            ),
+            (
+                s,
+                "24.4 GiB of bf16 states and chunk A matrices for 24 layers (1.0 GiB each)",
+            ),
+        ] {
+            let d = auto(&s, &h100);
+            assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+            assert_eq!(
+                d.reason,
+                format!(
+                    "chunk mode would store {states}, over 25% of the 80.0 GiB of NVIDIA H100 \
+                     80GB HBM3; fused_chunk keeps the state on chip"
+                )
+            );
+            // The same shape on an unknown-memory device keeps the later rules.
+            assert_eq!(
+                auto(&s, &h100.clone().with_memory_bytes(0)).mode,
+                Mode::Chunk
+            );
+            // Forcing chunk there is respected, with a warning.
+            let d = choose_mode(&s, &h100, KernelMode::Chunk);
+            assert_eq!((d.mode, d.source), (Mode::Chunk, Source::Forced));
+            assert!(
+                d.warnings
+                    .iter()
+                    .any(|w| w.contains(states) && w.contains("fused_chunk stores none")),
+                "{:?}",
+                d.warnings
+            );
+        }
+        // Half the sequence: 24 GiB of fp32 states are too many, 12.2 GiB of bf16 ones are not.
+        let s = gla_shape(1, 32768, 2, 512, 512);
+        assert_eq!(auto(&fp32(s.clone()), &h100).mode, Mode::FusedChunk);
         let d = auto(&s, &h100);
-        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
-        assert!(
-            d.reason
-                .contains("48.0 GiB of fp32 states for 24 layers (2.0 GiB each)"),
-            "{}",
-            d.reason
-        );
-        // The same shape on an unknown-memory device keeps the parallelism rule.
-        assert_eq!(
-            auto(&s, &h100.clone().with_memory_bytes(0)).mode,
-            Mode::Chunk
-        );
-        // Forcing chunk there is respected, with a warning.
-        let d = choose_mode(&s, &h100, KernelMode::Chunk);
-        assert_eq!((d.mode, d.source), (Mode::Chunk, Source::Forced));
-        assert!(
-            d.warnings
-                .iter()
-                .any(|w| w.contains("fused_chunk stores none")),
-            "{:?}",
-            d.warnings
-        );
+        assert_eq!(d.mode, Mode::Chunk, "{}", d.reason);
+        assert_eq!(d.reason, format!("bf16: {TENSOR_CORE_CHUNK}"));
     }
 
     #[test]
@@ -612,13 +733,7 @@ mod tests {
         };
         let d = auto(&t, &h100);
         assert_eq!((d.mode, d.source), (Mode::SdpaFlash, Source::Rules));
-        let d = auto(
-            &LayerShape {
-                dtype: Precision::Fp32,
-                ..t.clone()
-            },
-            &h100,
-        );
+        let d = auto(&fp32(t.clone()), &h100);
         assert_eq!(d.mode, Mode::Sdpa);
         assert!(
             d.reason.contains("no flash backend for cuda fp32"),

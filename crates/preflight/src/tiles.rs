@@ -1,9 +1,12 @@
 //! What the preflight assumes about the GLA kernels, in one place, and the padding it implies.
 //!
-//! These numbers must match `kernels/gla.cu` (and its launcher in `crates/ops/src/cuda`): when a
-//! kernel changes its tiles, grid or schedule, change them here too.
+//! These numbers must match `kernels/gla.cu`, `kernels/gla_tc.cu` (the bf16/fp16 `chunk`
+//! schedule) and their launchers in `crates/ops/src/cuda`: when a kernel changes its tiles, grid
+//! or schedule, change them here too.
 
 use serde::{Deserialize, Serialize};
+
+use crate::mode::Mode;
 
 /// Tile sides along K and V: head dims are padded to a multiple of these (and to at least one
 /// tile). 16 is the k-side of a bf16 tensor-core `mma.m16n8k16`; Triton's `tl.dot` asserts on
@@ -11,11 +14,12 @@ use serde::{Deserialize, Serialize};
 pub const TILE_K: usize = 16;
 /// See [`TILE_K`].
 pub const TILE_V: usize = 16;
-/// Tokens per chunk of the `chunk` schedule: one fp32 `K x V` state is stored per chunk
-/// (`LC` in kernels/gla.cu).
+/// Tokens per chunk of the `chunk` schedule: one `K x V` state is stored per chunk (`LC` in
+/// kernels/gla.cu, `TC_C` in kernels/gla_tc.cu).
 pub const CHUNK_SIZE: usize = 64;
-/// State tile of one `chunk` / `fused_chunk` block (`BK x BV` in kernels/gla.cu): the grid is
-/// `ceil(K / 64) * ceil(V / 64) * B * H` blocks (times chunks for the parallel passes).
+/// State tile of one `chunk` / `fused_chunk` block (`BK x BV` in kernels/gla.cu, `TC_T` in
+/// kernels/gla_tc.cu): the grid is `ceil(K / 64) * ceil(V / 64) * B * H` blocks (times chunks for
+/// the parallel passes).
 pub const CHUNK_BLOCK_K: usize = 64;
 /// See [`CHUNK_BLOCK_K`].
 pub const CHUNK_BLOCK_V: usize = 64;
@@ -23,12 +27,22 @@ pub const CHUNK_BLOCK_V: usize = 64;
 pub const RECURRENT_BLOCK_K: usize = 32;
 /// See [`RECURRENT_BLOCK_K`].
 pub const RECURRENT_BLOCK_V: usize = 32;
-/// Whether the GLA kernels' matmuls run on tensor cores. kernels/gla.cu v1 uses scalar fp32
-/// FMAs from shared memory, so the roofline uses the fp32 peak; set to true with the mma version.
-pub const GLA_USES_TENSOR_CORES: bool = false;
-/// Kernel launches per forward+backward, per schedule (chunk: state pass + outputs; state
-/// adjoint pass + gradients; gate gradient; launcher reductions of the tile partials).
+/// Whether `mode`'s GLA kernels run their matmuls on bf16/fp16 tensor cores for inputs of
+/// `act_bytes` bytes per element, so that the roofline takes the device's tensor peak. Only the
+/// bf16/fp16 `chunk` schedule does (kernels/gla_tc.cu: `mma.m16n8k16` in the input dtype, the
+/// intra-chunk products as three mma on bf16 halves). fp32 `chunk` and `fused_chunk` at any
+/// precision run kernels/gla.cu's 3xTF32 products (three tf32 mma for one fp32-accurate one:
+/// about the fp32 peak), fused_recurrent scalar fp32 FMAs: the roofline takes the fp32 peak.
+pub fn gla_uses_tensor_cores(mode: Mode, act_bytes: u64) -> bool {
+    mode == Mode::Chunk && act_bytes == 2
+}
+/// Kernel launches per forward+backward, per schedule. fp32 chunk (kernels/gla.cu): state pass +
+/// outputs; state adjoint pass + gradients; gate gradient; launcher reductions of the tile
+/// partials.
 pub const CHUNK_LAUNCHES: u32 = 7;
+/// bf16/fp16 chunk (kernels/gla_tc.cu): forward state walk, A, outputs; backward adjoint state
+/// walk, dv, dq/dk/dg. Every kernel writes whole results: no reductions of tile partials.
+pub const TENSOR_CORE_CHUNK_LAUNCHES: u32 = 6;
 /// See [`CHUNK_LAUNCHES`] (one forward walk, one backward walk, gate gradient, reductions).
 pub const FUSED_CHUNK_LAUNCHES: u32 = 5;
 /// See [`CHUNK_LAUNCHES`].

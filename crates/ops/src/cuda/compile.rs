@@ -2,8 +2,10 @@
 //!
 //! Sources are embedded in the binary (`include_str!` of `kernels/`). For iterating on a kernel
 //! without rebuilding Rust, `GLATRAIN_KERNEL_DIR=<dir>` makes the launchers read `<dir>/<file>`
-//! instead. CUBIN (not PTX) is produced so the driver does not JIT at load time. The cache lives
-//! in `$GLATRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/glatrain/kernels`, else
+//! instead. Each kernel of a source is its own NVRTC program (`-DGLA_KERNEL=<index>` selects it),
+//! and a source's kernels are compiled in parallel: the first call waits for the slowest kernel,
+//! not for all of them. CUBIN (not PTX) is produced so the driver does not JIT at load time. The
+//! cache lives in `$GLATRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/glatrain/kernels`, else
 //! `~/.cache/glatrain/kernels`, one file per (source text, options, NVRTC version, arch).
 
 use std::ffi::{c_char, c_int, CStr, CString};
@@ -32,6 +34,28 @@ impl KernelSource {
         match self {
             KernelSource::Gla => "gla.cu",
             KernelSource::GlaTensorCore => "gla_tc.cu",
+        }
+    }
+
+    /// The kernels of this source, in the order of their `GLA_KERNEL` index (the names without
+    /// the dtype suffix).
+    pub fn kernels(self) -> &'static [&'static str] {
+        match self {
+            KernelSource::Gla => &[
+                "gla_recurrent_fwd",
+                "gla_recurrent_bwd",
+                "gla_chunk_fwd",
+                "gla_chunk_bwd",
+                "gla_chunk_states",
+                "gla_dg",
+            ],
+            KernelSource::GlaTensorCore => &[
+                "gla_tc_states",
+                "gla_tc_attn",
+                "gla_tc_fwd_o",
+                "gla_tc_bwd_dv",
+                "gla_tc_bwd_dqk",
+            ],
         }
     }
 
@@ -109,12 +133,35 @@ impl KernelDtype {
     }
 }
 
-fn options(dtype: KernelDtype, arch: &str) -> Vec<String> {
+fn options(dtype: KernelDtype, arch: &str, kernel: usize) -> Vec<String> {
     vec![
         format!("--gpu-architecture={arch}"),
         "-std=c++17".to_string(),
         dtype.define().to_string(),
+        format!("-DGLA_KERNEL={kernel}"),
     ]
+}
+
+/// Runs `f` for every kernel index of `source` on its own thread (NVRTC compiles independent
+/// programs concurrently), in index order.
+fn each_kernel<T: Send>(
+    source: KernelSource,
+    f: impl Fn(usize) -> Result<T, CudaError> + Sync,
+) -> Result<Vec<T>, CudaError> {
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..source.kernels().len())
+            .map(|i| scope.spawn(move || f(i)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(CudaError::Library("kernel compilation panicked".into()))
+                })
+            })
+            .collect()
+    })
 }
 
 extern "C" {
@@ -151,13 +198,15 @@ fn nvrtc_version() -> Result<(c_int, c_int), CudaError> {
     Ok((major, minor))
 }
 
-/// Compiles `source` for `dtype` and `arch` (e.g. `sm_90`) to CUBIN, bypassing the cache.
+/// Compiles every kernel of `source` for `dtype` and `arch` (e.g. `sm_90`) to CUBIN, in
+/// parallel, bypassing the cache: one CUBIN per kernel, in [`KernelSource::kernels`] order.
 pub fn compile_uncached(
     source: KernelSource,
     dtype: KernelDtype,
     arch: &str,
-) -> Result<Vec<u8>, CudaError> {
-    compile_text(&source.text()?, source, dtype, arch)
+) -> Result<Vec<Vec<u8>>, CudaError> {
+    let text = source.text()?;
+    each_kernel(source, |i| compile_text(&text, source, dtype, arch, i))
 }
 
 fn compile_text(
@@ -165,9 +214,10 @@ fn compile_text(
     source: KernelSource,
     dtype: KernelDtype,
     arch: &str,
+    kernel: usize,
 ) -> Result<Vec<u8>, CudaError> {
     nvrtc_version()?;
-    let opts = options(dtype, arch);
+    let opts = options(dtype, arch, kernel);
     let src = CString::new(text).map_err(|_| CudaError::Compile {
         source_name: source.file_name().to_string(),
         arch: arch.to_string(),
@@ -228,26 +278,45 @@ pub fn cache_dir() -> Option<PathBuf> {
     Some(base.join("glatrain").join("kernels"))
 }
 
-/// The CUBIN of `source` for `dtype` and `arch`, from the disk cache or freshly compiled (and
-/// then cached; a cache that cannot be written only costs the next run a compilation).
-pub fn cubin(source: KernelSource, dtype: KernelDtype, arch: &str) -> Result<Vec<u8>, CudaError> {
+/// The CUBINs of every kernel of `source` for `dtype` and `arch` ([`KernelSource::kernels`]
+/// order), each from the disk cache or freshly compiled (in parallel, then cached; a cache that
+/// cannot be written only costs the next run a compilation).
+pub fn cubins(
+    source: KernelSource,
+    dtype: KernelDtype,
+    arch: &str,
+) -> Result<Vec<Vec<u8>>, CudaError> {
     let text = source.text()?;
     let (major, minor) = nvrtc_version()?;
+    each_kernel(source, |i| {
+        cubin(&text, source, dtype, arch, i, (major, minor))
+    })
+}
+
+fn cubin(
+    text: &str,
+    source: KernelSource,
+    dtype: KernelDtype,
+    arch: &str,
+    kernel: usize,
+    (major, minor): (c_int, c_int),
+) -> Result<Vec<u8>, CudaError> {
     let mut hasher = Sha256::new();
     hasher.update(text.as_bytes());
-    hasher.update(options(dtype, arch).join(" ").as_bytes());
+    hasher.update(options(dtype, arch, kernel).join(" ").as_bytes());
     hasher.update(format!("nvrtc {major}.{minor}").as_bytes());
     let key = hex::encode(&hasher.finalize()[..16]);
     let file = format!(
-        "{}-{}-{key}-{arch}.cubin",
+        "{}-{}-{}-{key}-{arch}.cubin",
         source.file_name(),
+        source.kernels()[kernel],
         dtype.suffix()
     );
     let path = cache_dir().map(|d| d.join(file));
     if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
         return Ok(bytes);
     }
-    let cubin = compile_text(&text, source, dtype, arch)?;
+    let cubin = compile_text(text, source, dtype, arch, kernel)?;
     if let Some(path) = path {
         if let Err(e) = write_atomically(&path, &cubin) {
             eprintln!(
@@ -294,11 +363,30 @@ mod tests {
             KernelSource::Gla,
             KernelDtype::F32,
             "sm_90",
+            2,
         )
         .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("gla.cu") && msg.contains("sm_90"), "{msg}");
-        assert!(msg.contains("error"), "{msg}");
+        assert!(
+            msg.contains("-DGLA_KERNEL=2") && msg.contains("error"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn every_kernel_is_its_own_program() {
+        for source in KernelSource::ALL {
+            let text = source.embedded();
+            for (i, name) in source.kernels().iter().enumerate() {
+                // The entry point is defined, and selected by its index.
+                assert!(text.contains(&format!("ENTRY({name})(")), "{name}");
+                assert!(text.contains(&format!("GLA_KERNEL == {i}\n")), "{name}");
+                assert!(
+                    options(KernelDtype::Bf16, "sm_90", i).contains(&format!("-DGLA_KERNEL={i}"))
+                );
+            }
+        }
     }
 
     #[test]

@@ -94,13 +94,16 @@ pub struct DeviceProperties {
     pub memory_bytes: u64,
 }
 
+/// The loaded modules of one source and dtype: one per kernel, in [`KernelSource::kernels`] order.
+type SourceModules = Vec<Arc<CudaModule>>;
+
 /// One device's context (the primary one, shared with libtorch), its legacy default stream and
 /// the modules loaded on it.
 pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
-    modules: Mutex<HashMap<(KernelSource, KernelDtype), Arc<CudaModule>>>,
+    modules: Mutex<HashMap<(KernelSource, KernelDtype), SourceModules>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -182,25 +185,37 @@ impl Device {
             .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))
     }
 
-    /// The kernel `name` of `source` for `dtype`, compiling (or reading the disk cache) and
-    /// loading the module on first use.
+    /// The kernel `name` of `source` for `dtype`. On the first use of a (source, dtype), all of
+    /// its kernels are compiled (in parallel, or read from the disk cache) and loaded, so a
+    /// training step waits once.
     pub fn function(
         &self,
         source: KernelSource,
         dtype: KernelDtype,
         name: &str,
     ) -> Result<CudaFunction, CudaError> {
+        let index = source
+            .kernels()
+            .iter()
+            .position(|k| *k == name)
+            .ok_or_else(|| {
+                CudaError::Library(format!("{} has no kernel {name}", source.file_name()))
+            })?;
         let module = {
             let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
             match modules.get(&(source, dtype)) {
-                Some(m) => m.clone(),
+                Some(m) => m[index].clone(),
                 None => {
-                    let cubin = compile::cubin(source, dtype, &self.arch)?;
-                    let module = self
-                        .ctx
-                        .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-                        .map_err(|e| CudaError::driver("cuModuleLoadData", e))?;
-                    modules.insert((source, dtype), module.clone());
+                    let loaded = compile::cubins(source, dtype, &self.arch)?
+                        .into_iter()
+                        .map(|cubin| {
+                            self.ctx
+                                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                                .map_err(|e| CudaError::driver("cuModuleLoadData", e))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let module = loaded[index].clone();
+                    modules.insert((source, dtype), loaded);
                     module
                 }
             }
