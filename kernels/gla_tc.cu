@@ -56,17 +56,22 @@
 //       site in an unrolled loop cost ~0.2 ms even when never taken); walks continue
 //       from the rounded states they store (the backward is then the exact gradient
 //       of one perturbed function).                         H100  0.70 / 2.30
+//   v13 segmented state walks when the (batch, head, tile) grid is under one wave: segments
+//       walk from zero in parallel, tc_carry joins them, tc_fixup adds the carried state
+//       (1 x 16384 x 16 x 128: 4.70 -> 3.10 ms).            H100  0.69 / 2.28
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic), the boundary term in the reverse walk (exposed loads in a sequential kernel), fewer
 // registers per thread for more blocks per SM (spills cost more than the occupancy gained).
-// Status (v12, H100): fwd+bwd 0.43x FLA at D = 32, 0.46x at D = 64, 0.64x at D = 128
-// (8 x 2048), 1.08x at 1 x 16384 x 16 x 128; 6.2x the floor at D = 128. Forward is 2.5x SDPA
-// flash at T = 2048 and on par from T = 16384. What limits it (ncu): the sequential state walks
-// (~0.3 ms each, one 64-token chunk per ~10 us step: loads, a gate scan, two barriers, 64 mma
-// per warp), and tc_bwd_dqk (~1 ms: the per-element rebasing exps and split-bf16 products of
-// the intra-chunk sums, 12 warps per SM to hide their latency). Next: chunk-parallel state walks
-// (segments in parallel plus a short carry pass) for small B*H, wgmma with the walk's state in
-// a warpgroup, and dq and dk intra sums from precomputed rebased tiles.
+// Status (v13, H100, bench/results/gla-h100-2026-11-26.json): fwd+bwd 0.36x FLA at D = 32,
+// 0.45x at D = 64; at D = 128 0.62x (8 x 2048) to 0.72x (2 x 8192), 6.0x the floor; faster than
+// SDPA flash from T = 8192 (fwd+bwd) and T = 16384 (fwd: 1.13 vs 1.73 ms), 2.2x slower at
+// T = 2048 (fwd 0.69 vs 0.31 ms). Cold first call (NVRTC, kernels compiled in parallel, the
+// dq/dk kernel the slowest): 2.0 s. What limits it (ncu): the state walks (~0.3 ms each at
+// 8 x 2048: one 64-token chunk per ~10 us step, a gate scan, two barriers, 64 mma per warp) and
+// tc_bwd_dqk (~1 ms: the per-element rebasing exps and split-bf16 products of the intra-chunk
+// sums, with 12 warps per SM to hide their latency). Next: wgmma with the walk's state in a
+// warpgroup, dq and dk intra sums from precomputed rebased tiles, a lighter dq/dk kernel to
+// compile (its NVRTC time is the first call's).
 // Precision: every test shape is within 2x of the naive same-precision computation except dg
 // at T = 65, K = 256, V = 512 (1.4x over the bound in bf16 and fp16): the chunk states are kept
 // in the input dtype (as FLA does), and the gate gradient's boundary terms inherit their rounding.
@@ -563,12 +568,15 @@ __device__ __forceinline__ void put_x(StateSmem& sm, int r, int c, float x0, flo
 
 template <typename T>
 __device__ void tc_states(const T* x, const T* y, const float* g, const float* s0, T* states,
-                          float* last, int Tn, int H, int K, int V, float xscale, int reverse) {
+                          float* last, float* seg_last, float* seg_decay, float* cum, int seg_len,
+                          int Tn, int H, int K, int V, float xscale, int reverse) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   StateSmem& sm = *reinterpret_cast<StateSmem*>(smem_raw);
-  const int iv = blockIdx.x, ik = blockIdx.y, bh = blockIdx.z;
+  const int NT = (Tn + TC_C - 1) / TC_C, S = (NT + seg_len - 1) / seg_len;
+  const int iv = blockIdx.x, ik = blockIdx.y, bh = blockIdx.z / S, seg = blockIdx.z % S;
   const int b = bh / H, h = bh % H;
-  const int NT = (Tn + TC_C - 1) / TC_C;
+  const int first = seg * seg_len, end = min(NT, first + seg_len);
+  const bool writes_decay = iv == 0 && (threadIdx.x & 3) == 0;
   const long long KV = (long long)K * V;
   const int w = threadIdx.x >> 5, r0 = 16 * w;
   const int col_k = ik * TC_T, col_v = iv * TC_T, krows = min(TC_T, K - col_k);
@@ -580,8 +588,12 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int i = col_k + r0 + acc_row(e), j = col_v + acc_col(n, e);
-      acc[n][e] = (s0 != nullptr && i < K && j < V) ? s0[bh * KV + (long long)i * V + j] : 0.f;
+      acc[n][e] = (seg == 0 && s0 != nullptr && i < K && j < V)
+                      ? s0[bh * KV + (long long)i * V + j]
+                      : 0.f;
     }
+  // Decay from the segment's start to the current chunk, for the rows g and g + 8 of this lane.
+  float run[2] = {1.f, 1.f};
 
   XRows xr;
   auto issue = [&](int step) {
@@ -592,8 +604,8 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
     copy_tile(sm.y[step & 1], y, row0, nrows, H, V, col_v);
     if (vec) fetch_x(xr, x, row0, nrows, H, K, col_k);
   };
-  issue(0);
-  for (int step = 0; step < NT; ++step) {
+  issue(first);
+  for (int step = first; step < end; ++step) {
     const int n = reverse ? NT - 1 - step : step;
     const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
     const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
@@ -601,6 +613,13 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
     cumsum_gates(sm.bs, reinterpret_cast<float*>(sm.xlo));
     store_rows<T>(states + ((long long)bh * NT + n) * KV + (long long)col_k * V, acc, 0, krows, 1,
                   V, col_v);
+    if (cum != nullptr && writes_decay) {
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int i = r0 + ((threadIdx.x & 31) >> 2) + 8 * u;
+        if (i < krows) cum[((long long)bh * NT + n) * K + col_k + i] = run[u];
+      }
+    }
     // The walk goes on from the stored (rounded) state, which the chunk's outputs and gradients
     // use: the backward is then the exact gradient of one slightly perturbed function, and the
     // gate gradient's boundary terms (h_{n+1} dh_{n+1}) match dq and dk instead of cancelling
@@ -648,7 +667,9 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
     const float d0 = __expf(sm.bs[63 * LDF + r0 + ((threadIdx.x & 31) >> 2)]);
     const float d1 = __expf(sm.bs[63 * LDF + r0 + ((threadIdx.x & 31) >> 2) + 8]);
     __syncthreads();  // x is built and the gates are read: the next chunk may load
-    if (step + 1 < NT) issue(step + 1);
+    if (step + 1 < end) issue(step + 1);
+    run[0] *= d0;
+    run[1] *= d1;
 #pragma unroll
     for (int nn = 0; nn < 8; ++nn) {
       acc[nn][0] *= d0;
@@ -660,14 +681,67 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
     warp_gemm<T, true, true>(acc, sm.xlo, sm.y[step & 1], r0);
     __syncthreads();
   }
-  if (last != nullptr) {
+  // Unsegmented, the walk's end state is `last`; segmented, it goes to seg_last with the
+  // segment's decay, for tc_carry.
+  float* out = seg_last != nullptr ? seg_last + ((long long)bh * S + seg) * KV
+                                   : (last != nullptr ? last + bh * KV : nullptr);
+  if (out != nullptr) {
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = col_k + r0 + acc_row(e), j = col_v + acc_col(n, e);
-        if (i < K && j < V) last[bh * KV + (long long)i * V + j] = acc[n][e];
+        if (i < K && j < V) out[(long long)i * V + j] = acc[n][e];
       }
+  }
+  if (seg_last != nullptr && writes_decay) {
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int i = r0 + ((threadIdx.x & 31) >> 2) + 8 * u;
+      if (i < krows) seg_decay[((long long)bh * S + seg) * K + col_k + i] = run[u];
+    }
+  }
+}
+
+// Segmented walks (few (batch, head) pairs, long sequences): every segment of seg_len chunks
+// walks from a zero state in parallel (tc_states), then tc_carry walks the S segments per state
+// tile, C_0 = 0, C_{s+1} = seg_decay_s C_s + seg_last_s (segment 0 starts from s0), writing
+// C_s and, at the end, `last`; tc_fixup adds cum_n C_s to every state of segment s >= 1.
+// Carry grid (ceil(V/64), ceil(K/64), B*H); each thread 32 state elements of the tile.
+__device__ void tc_carry(const float* seg_last, const float* seg_decay, float* carry, float* last,
+                         int S, int K, int V) {
+  const int iv = blockIdx.x, ik = blockIdx.y, bh = blockIdx.z;
+  const long long KV = (long long)K * V;
+  for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
+    const int i = ik * TC_T + e / 64, j = iv * TC_T + e % 64;
+    if (i >= K || j >= V) continue;
+    const long long at = (long long)i * V + j;
+    float c = 0.f;
+    for (int seg = 0; seg < S; ++seg) {
+      if (seg > 0) carry[((long long)bh * S + seg) * KV + at] = c;
+      c = seg_decay[((long long)bh * S + seg) * K + i] * c + seg_last[((long long)bh * S + seg) * KV + at];
+    }
+    if (last != nullptr) last[bh * KV + at] = c;
+  }
+}
+
+// Grid (chunks, B*H): states[n] += cum[n] (rows) * carry[segment of n], for segments >= 1.
+template <typename T>
+__device__ void tc_fixup(T* states, const float* cum, const float* carry, int seg_len, int Tn,
+                         int K, int V, int reverse) {
+  const int n = blockIdx.x, bh = blockIdx.y;
+  const int NT = (Tn + TC_C - 1) / TC_C, S = (NT + seg_len - 1) / seg_len;
+  const int seg = (reverse ? NT - 1 - n : n) / seg_len;
+  if (seg == 0) return;
+  const long long KV = (long long)K * V;
+  u16* st = reinterpret_cast<u16*>(states) + ((long long)bh * NT + n) * KV;
+  const float* c = carry + ((long long)bh * S + seg) * KV;
+  const float* dn = cum + ((long long)bh * NT + n) * K;
+  for (long long e = threadIdx.x; e < KV; e += TC_THREADS) {
+    T v;
+    v.bits = st[e];
+    const float x = h2f(v) + dn[e / V] * c[e];
+    st[e] = (u16)(Op<T>::pack(x, 0.f) & 0xffffu);
   }
 }
 
@@ -1152,10 +1226,12 @@ typedef f16 input_t;
 #if GLA_KERNEL < 0 || GLA_KERNEL == 0
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
     ENTRY(gla_tc_states)(const input_t* x, const input_t* y, const float* g, const float* s0,
-                         input_t* states, float* last, int Tn, int H, int K, int V, float xscale,
+                         input_t* states, float* last, float* seg_last, float* seg_decay,
+                         float* cum, int seg_len, int Tn, int H, int K, int V, float xscale,
                          int reverse) {
   require_smem(sizeof(StateSmem));
-  tc_states<input_t>(x, y, g, s0, states, last, Tn, H, K, V, xscale, reverse);
+  tc_states<input_t>(x, y, g, s0, states, last, seg_last, seg_decay, cum, seg_len, Tn, H, K, V,
+                     xscale, reverse);
 }
 #endif
 #if GLA_KERNEL < 0 || GLA_KERNEL == 1
@@ -1192,5 +1268,19 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
                           int Tn, int H, int K, int V, float scale) {
   require_smem(sizeof(DqkSmem));
   tc_bwd_dqk<input_t>(q, k, v, g, d_o, hs, dhs, h0, dht, fterm, dq, dk, dg, Tn, H, K, V, scale);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 5
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+    ENTRY(gla_tc_carry)(const float* seg_last, const float* seg_decay, float* carry, float* last,
+                        int S, int K, int V) {
+  tc_carry(seg_last, seg_decay, carry, last, S, K, V);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 6
+extern "C" __global__ void __launch_bounds__(TC_THREADS)
+    ENTRY(gla_tc_fixup)(input_t* states, const float* cum, const float* carry, int seg_len,
+                        int Tn, int K, int V, int reverse) {
+  tc_fixup<input_t>(states, cum, carry, seg_len, Tn, K, V, reverse);
 }
 #endif

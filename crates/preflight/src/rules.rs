@@ -186,7 +186,7 @@ fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
     }
     if tensor_core_chunk(shape) {
         // Forward+backward on an H100, bf16 (bench/results/gla-h100-2026-11-26.json):
-        // 8x2048x16x128 chunk 2.3 vs fused_chunk 9.5 ms, 1x16384x16x128 4.9 vs 25.7 ms,
+        // 8x2048x16x128 chunk 2.3 vs fused_chunk 9.4 ms, 1x16384x16x128 3.1 vs 25.7 ms,
         // 8x2048x16x64 1.3 vs 3.5 ms.
         return (
             Mode::Chunk,

@@ -55,6 +55,8 @@ impl KernelSource {
                 "gla_tc_fwd_o",
                 "gla_tc_bwd_dv",
                 "gla_tc_bwd_dqk",
+                "gla_tc_carry",
+                "gla_tc_fixup",
             ],
         }
     }

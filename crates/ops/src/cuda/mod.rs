@@ -103,6 +103,7 @@ pub struct Device {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
+    sm_count: usize,
     modules: Mutex<HashMap<(KernelSource, KernelDtype), SourceModules>>,
 }
 
@@ -130,10 +131,17 @@ impl Device {
             .compute_capability()
             .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?;
         let stream = ctx.default_stream();
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?
+            .max(1) as usize;
         let device = Arc::new(Device {
             ctx,
             stream,
             arch: format!("sm_{major}{minor}"),
+            sm_count,
             modules: Mutex::new(HashMap::new()),
         });
         map.insert(ordinal, device.clone());
@@ -143,6 +151,11 @@ impl Device {
     /// The NVRTC architecture name of this device, e.g. `sm_90`.
     pub fn arch(&self) -> &str {
         &self.arch
+    }
+
+    /// The number of streaming multiprocessors (launchers size grids by it).
+    pub fn sm_count(&self) -> usize {
+        self.sm_count
     }
 
     /// The legacy default stream (the one libtorch launches on unless told otherwise).
