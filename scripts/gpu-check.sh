@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of glatrain-ops: every test binary (the CUDA kernel tests against the f64 reference
-# among them), then the GLA benchmark (`glatrain bench gla`), with a summary.
+# GPU check: every test binary of glatrain-ops and glatrain-models (the CUDA kernel tests against
+# the f64 reference, the models under bf16 autocast), then the GLA benchmark (`glatrain bench
+# gla`), with a summary.
 #
 #   scripts/gpu-check.sh                 build here, then run (a machine with cargo, a GPU, torch)
 #   scripts/gpu-check.sh build [DIR]     build the test binaries and the glatrain CLI into DIR
@@ -18,7 +19,7 @@ build() {
   cd "$ROOT"
   rm -rf "$DIR" && mkdir -p "$DIR/tests" "$DIR/kernels"
   cargo build --release -p glatrain
-  cargo test --release -p glatrain-ops --no-run --message-format=json 2>/dev/null |
+  cargo test --release -p glatrain-ops -p glatrain-models --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
