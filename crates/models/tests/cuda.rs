@@ -61,7 +61,7 @@ fn bf16_autocast_on_cuda_stays_close_to_fp32_and_trains() {
         let model = build(&vs.root(), &cfg, KernelMode::Chunk).unwrap();
         let x = Tensor::randint(VOCAB, [2, 100], (Kind::Int64, device));
         let reference = tch::no_grad(|| model.forward(&x));
-        let logits = tch::autocast(true, || model.forward(&x));
+        let logits = glatrain_ops::autocast::autocast(|| model.forward(&x));
         assert_eq!(logits.kind(), Kind::Float, "{name}: logits must be fp32");
         // Autocast rounds weights and activations at each matmul: the whole-model-cast test's
         // budget (~sqrt(12) * 2^-9 = 7e-3 for independent roundings) with 2x room.

@@ -1,6 +1,8 @@
 // The C++ side of glatrain-ops: what tch cannot express.
 //
 // - `glatrain_set_autocast_dtype`: choose the CUDA autocast dtype (tch's autocast is fp16 only).
+// - `glatrain_autocast_enter` / `_exit`: a CUDA autocast region through the current API (tch's
+//   `autocast` calls deprecated functions that print warnings).
 // - `GlaFunction`: a torch::autograd::Function whose forward and backward call back into Rust
 //   (the CUDA GLA launchers), so `loss.backward()` from Rust reaches the custom kernels.
 //
@@ -125,6 +127,22 @@ int glatrain_set_autocast_dtype(int scalar_type, char* err, size_t err_len) {
     write_error(err, err_len, e.what());
     return 1;
   }
+}
+
+// Enters a CUDA autocast region (what torch.autocast's __enter__ does, with the per-device API
+// that replaced the deprecated one tch calls). Returns whether autocast was on before, for
+// glatrain_autocast_exit.
+int glatrain_autocast_enter() {
+  const bool previous = at::autocast::is_autocast_enabled(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::increment_nesting();
+  return previous ? 1 : 0;
+}
+
+// Leaves the region: clears the cast cache when the outermost region ends, restores the state.
+void glatrain_autocast_exit(int previous) {
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(at::kCUDA, previous != 0);
 }
 
 // The CUDA autocast dtype now in effect (at::ScalarType as int).

@@ -1,13 +1,16 @@
-//! The dtype of CUDA autocast regions.
+//! CUDA autocast regions and their dtype.
 //!
-//! tch's `autocast` always casts to fp16; libtorch lets the dtype be chosen per device type.
-//! [`set_autocast_dtype`] sets it (through the C++ shim) for every later `tch::autocast(true, ..)`.
+//! tch's `autocast` always casts to fp16 and calls libtorch functions that are deprecated (each
+//! call prints a warning); libtorch lets the dtype be chosen per device type. [`set_autocast_dtype`]
+//! sets it (through the C++ shim) and [`autocast`] runs a closure in a CUDA autocast region.
 
 use std::ffi::{c_char, c_int, CStr};
 
 extern "C" {
     fn glatrain_set_autocast_dtype(scalar_type: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn glatrain_get_autocast_dtype() -> c_int;
+    fn glatrain_autocast_enter() -> c_int;
+    fn glatrain_autocast_exit(previous: c_int);
 }
 
 /// Why the autocast dtype could not be set.
@@ -69,6 +72,21 @@ pub fn autocast_dtype() -> tch::Kind {
     }
 }
 
+/// Runs `f` in a CUDA autocast region (matmuls and the like compute in [`autocast_dtype`]).
+/// Regions nest; the previous state comes back when `f` returns or panics.
+pub fn autocast<T>(f: impl FnOnce() -> T) -> T {
+    struct Region(c_int);
+    impl Drop for Region {
+        fn drop(&mut self) {
+            // SAFETY: pairs the enter call that created this region, on the same thread.
+            unsafe { glatrain_autocast_exit(self.0) }
+        }
+    }
+    // SAFETY: no arguments; the returned state goes back to the shim on drop.
+    let _region = Region(unsafe { glatrain_autocast_enter() });
+    f()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +97,21 @@ mod tests {
         assert_eq!(autocast_dtype(), tch::Kind::BFloat16);
         set_autocast_dtype(tch::Kind::Half).unwrap();
         assert_eq!(autocast_dtype(), tch::Kind::Half);
+    }
+
+    #[test]
+    fn regions_nest_and_casts_happen_on_cuda() {
+        let nested = autocast(|| autocast(|| 7));
+        assert_eq!(nested, 7);
+        if !tch::Cuda::is_available() {
+            println!("skipped the cast check: no CUDA device");
+            return;
+        }
+        set_autocast_dtype(tch::Kind::BFloat16).unwrap();
+        let a = tch::Tensor::randn([8, 8], (tch::Kind::Float, tch::Device::Cuda(0)));
+        assert_eq!(autocast(|| a.matmul(&a)).kind(), tch::Kind::BFloat16);
+        // Outside the region (also after a nested one ended) nothing is cast.
+        assert_eq!(a.matmul(&a).kind(), tch::Kind::Float);
     }
 
     #[test]

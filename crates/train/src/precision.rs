@@ -1,16 +1,17 @@
 //! Numeric precision of the forward/backward pass.
 //!
 //! Design: master weights, gradients and optimizer state are always fp32. `bf16` and `fp16` run
-//! the forward pass under libtorch's CUDA autocast, with the autocast dtype set through
-//! `glatrain_ops::autocast::set_autocast_dtype` (tch's own autocast is fp16-only). Autocast casts
+//! the forward pass in a libtorch CUDA autocast region (`glatrain_ops::autocast`), with the
+//! autocast dtype set through `glatrain_ops::autocast::set_autocast_dtype` (tch's own autocast is
+//! fp16-only and calls deprecated libtorch functions). Autocast casts
 //! each fp32 weight to the half type once per forward (its cast cache), runs matmuls and
 //! attention in half precision and keeps reductions, norms and the loss in fp32; backward
 //! produces fp32 gradients for the fp32 leaves. This is PyTorch AMP's design, used by the
 //! reference trainers (flame/torchtitan), and it needs no second copy of the weights.
 //! `fp16` adds dynamic loss scaling ([`crate::scaler::LossScaler`]).
 //!
-//! libtorch's CPU autocast does not cover these models' ops reliably and tch's `autocast` is a
-//! no-op without CUDA, so half precision on CPU is refused with an error naming
+//! libtorch's CPU autocast does not cover these models' ops reliably and the CUDA autocast region
+//! does nothing on CPU tensors, so half precision on CPU is refused with an error naming
 //! `train.precision` rather than silently running fp32.
 
 use glatrain_config::Precision;
@@ -106,7 +107,7 @@ impl MixedPrecision {
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
         match self.autocast_kind() {
             None => f(),
-            Some(_) => tch::autocast(true, f),
+            Some(_) => glatrain_ops::autocast::autocast(f),
         }
     }
 }
