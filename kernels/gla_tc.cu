@@ -784,6 +784,42 @@ __device__ void tc_attn(const T* q, const T* k, const float* g, T* attn, int Tn,
 }
 
 // ---------------------------------------------------------------------------------------------
+// the K-tile step shared by tc_fwd_o and tc_bwd_dv
+// ---------------------------------------------------------------------------------------------
+// Shared tiles of one K-tile step: the chunk's rows of x (q or k), the state tile (h_n or
+// dh_{n+1}) and, for an fp32 boundary state, its low half; the gates and their scan totals; A;
+// the chunk's tile of y (v or do).
+struct KTile {
+  u16* x;
+  u16* state;
+  u16* lo;
+  float* bs;
+  float* tot;
+  u16* a;
+  u16* y;
+};
+
+// Loads K-tile col_k: x, the state tile (from `state_n` in the input dtype, or split from the fp32
+// `exact` [K, V] when given), the gates as their cumulative sum; A with the first K-tile and y
+// with the last (so they arrive with a step's copies). Ends with everything in shared memory.
+template <typename T>
+__device__ void load_ktile(const KTile& t, const T* x, const T* y, const float* g,
+                           const T* state_n, const float* exact, const T* attn_n, long long row0,
+                           int nrows, int H, int K, int V, int col_k, int col_v) {
+  const int krows = min(TC_T, K - col_k);
+  copy_tile(t.x, x, row0, nrows, H, K, col_k);
+  if (exact != nullptr)
+    load_split<T>(t.state, t.lo, exact + (long long)col_k * V, krows, V, col_v);
+  else
+    copy_tile(t.state, state_n + (long long)col_k * V, 0, krows, 1, V, col_v);
+  copy_gates(t.bs, g, row0, nrows, H, K, col_k);
+  if (col_k == 0) copy_tile(t.a, attn_n, 0, TC_C, 1, TC_C, 0);
+  if (col_k + TC_T >= K) copy_tile(t.y, y, row0, nrows, H, V, col_v);
+  copies_done();
+  cumsum_gates(t.bs, t.tot);
+}
+
+// ---------------------------------------------------------------------------------------------
 // forward output
 // ---------------------------------------------------------------------------------------------
 // Grid (ceil(V/64), chunks, B*H): o[chunk, V-tile] = scale (q exp(b)) h_n + A v.
@@ -832,18 +868,10 @@ __device__ void tc_fwd_o(const T* q, const T* v, const float* g, const T* hs, co
   float acc[8][4];
   zero(acc);
   for (int col_k = 0; col_k < K; col_k += TC_T) {
-    const int krows = min(TC_T, K - col_k);
-    copy_tile(sm.q, q, row0, nrows, H, K, col_k);
-    if (exact)
-      load_split<T>(sm.hs, sm.lo, h0 + ((long long)bh * K + col_k) * V, krows, V, col_v);
-    else
-      copy_tile(sm.hs, h_n + (long long)col_k * V, 0, krows, 1, V, col_v);
-    copy_gates(sm.bs, g, row0, nrows, H, K, col_k);
-    if (col_k == 0) copy_tile(sm.a, attn + ((long long)bh * NT + n) * TC_C * TC_C, 0, TC_C, 1,
-                              TC_C, 0);
-    if (col_k + TC_T >= K) copy_tile(sm.v, v, row0, nrows, H, V, col_v);
-    copies_done();
-    cumsum_gates(sm.bs, sm.tot);
+    const KTile tile = {sm.q, sm.hs, sm.lo, sm.bs, sm.tot, sm.a, sm.v};
+    load_ktile<T>(tile, q, v, g, h_n, exact ? h0 + (long long)bh * K * V : nullptr,
+                  attn + ((long long)bh * NT + n) * TC_C * TC_C, row0, nrows, H, K, V, col_k,
+                  col_v);
 #pragma unroll
     for (int k0 = 0; k0 < 64; k0 += 16) {
       unsigned a[4];
@@ -900,18 +928,10 @@ __device__ void tc_bwd_dv(const T* k, const float* g, const T* d_o, const T* dhs
   float acc[8][4];
   zero(acc);
   for (int col_k = 0; col_k < K; col_k += TC_T) {
-    const int krows = min(TC_T, K - col_k);
-    copy_tile(sm.k, k, row0, nrows, H, K, col_k);
-    if (exact)
-      load_split<T>(sm.dh, sm.lo, dht + ((long long)bh * K + col_k) * V, krows, V, col_v);
-    else
-      copy_tile(sm.dh, dh_n + (long long)col_k * V, 0, krows, 1, V, col_v);
-    copy_gates(sm.bs, g, row0, nrows, H, K, col_k);
-    if (col_k == 0) copy_tile(sm.a, attn + ((long long)bh * NT + n) * TC_C * TC_C, 0, TC_C, 1,
-                              TC_C, 0);
-    if (col_k + TC_T >= K) copy_tile(sm.d_o, d_o, row0, nrows, H, V, col_v);
-    copies_done();
-    cumsum_gates(sm.bs, sm.tot);
+    const KTile tile = {sm.k, sm.dh, sm.lo, sm.bs, sm.tot, sm.a, sm.d_o};
+    load_ktile<T>(tile, k, d_o, g, dh_n, exact ? dht + (long long)bh * K * V : nullptr,
+                  attn + ((long long)bh * NT + n) * TC_C * TC_C, row0, nrows, H, K, V, col_k,
+                  col_v);
     // (k exp(b_L - b)) dh: A operand rows s of this warp.
 #pragma unroll
     for (int k0 = 0; k0 < 64; k0 += 16) {
