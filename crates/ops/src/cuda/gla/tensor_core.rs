@@ -3,8 +3,7 @@
 //! Forward: chunk states (h_n per 64-token chunk, in the input dtype) and each chunk's A, then the
 //! outputs of every chunk in parallel; states and A are kept for the backward (the autograd shim
 //! saves them). Backward: the adjoint states (reverse walk), then dv and dq/dk/dg per chunk in
-//! parallel. Every kernel
-//! writes full (not partial) results, so nothing is summed over tiles here.
+//! parallel. Every kernel writes full (not partial) results, so nothing is summed over tiles here.
 
 use std::sync::Arc;
 
