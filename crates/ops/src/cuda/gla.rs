@@ -335,8 +335,6 @@ pub fn backward(
     }
     let dev = device_of(q)?;
     let dt = dtype_of(q)?;
-    // The final-state term of the gate gradient: sum over V of S_T * dS_T, on every token.
-    let fterm = dht.map(|x| (final_state * x).sum_dim_intlist(-1, false, Kind::Float));
     if schedule == Schedule::Chunk && dt != KernelDtype::F32 {
         let inputs = tensor_core::BackwardInputs {
             q,
@@ -347,10 +345,11 @@ pub fn backward(
             saved,
             d_o,
             dht,
-            fterm,
         };
         return tensor_core::backward(&dev, dt, d, inputs, scale);
     }
+    // The final-state term of the gate gradient: sum over V of S_T * dS_T, on every token.
+    let fterm = dht.map(|x| (final_state * x).sum_dim_intlist(-1, false, Kind::Float));
     let (bb, tt, hh, kk, vv) = (d.b as i32, d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let sc = scale as f32;
     let (qp, kp, vp, gp, h0p) = (ptr(q), ptr(k), ptr(v), ptr(g), opt_ptr(h0));

@@ -21,7 +21,7 @@ const STATES_SMEM: u32 = 55_296;
 const ATTN_SMEM: u32 = 38_912;
 const FWD_O_SMEM: u32 = 66_560;
 const BWD_DV_SMEM: u32 = 66_560;
-const BWD_DQK_SMEM: u32 = 66_816;
+const BWD_DQK_SMEM: u32 = 58_624;
 /// K / V tile.
 const TILE: i64 = 64;
 /// Largest grid z (batch x heads).
@@ -220,8 +220,6 @@ pub(super) struct BackwardInputs<'a> {
     pub saved: Option<&'a Tensor>,
     pub d_o: &'a Tensor,
     pub dht: Option<&'a Tensor>,
-    /// `[B, H, K]`: sum over V of the final state times its gradient.
-    pub fterm: Option<Tensor>,
 }
 
 pub(super) fn backward(
@@ -235,7 +233,7 @@ pub(super) fn backward(
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
     let (qp, kp, vp, gp, h0p) = (ptr(x.q), ptr(x.k), ptr(x.v), ptr(x.g), opt_ptr(x.h0));
-    let (dop, dhtp, fp) = (ptr(x.d_o), opt_ptr(x.dht), opt_ptr(x.fterm.as_ref()));
+    let (dop, dhtp) = (ptr(x.d_o), opt_ptr(x.dht));
     let sc = scale as f32;
     let kept = match x.saved {
         Some(buf) => Kept::view(d, buf),
@@ -272,7 +270,7 @@ pub(super) fn backward(
         kp, gp, dop, dhsp, ap, dhtp, dvp, tt, hh, kk, vv)?;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_bwd_dqk")?;
     launch!(dev, f, (nk, nc, bh), BWD_DQK_SMEM, THREADS;
-        qp, kp, vp, gp, dop, hsp, dhsp, h0p, dhtp, fp, dqp, dkp, dgp, tt, hh, kk, vv, sc)?;
+        qp, kp, vp, gp, dop, hsp, dhsp, h0p, dhtp, dqp, dkp, dgp, tt, hh, kk, vv, sc)?;
     Ok(Backward {
         dq,
         dk,
