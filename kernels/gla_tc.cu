@@ -61,9 +61,15 @@
 //       walk from zero in parallel, tc_carry joins them, tc_fixup adds the carried state
 //       (1 x 16384 x 16 x 128: 4.70 -> 3.10 ms).            H100  0.69 / 2.28
 //   v14 dg's boundary term from tiles the dq/dk kernel holds anyway, exp(b_L) h_n dh_{n+1}
-//       plus the chunk's k dk' (no h_{n+1} load; the one case over the 2x-naive bound at
-//       K = 256, V = 512, from 2.4x to 1.2x the naive bf16 error).
-//                                                           H100  0.72 / 2.19
+//       plus the chunk's k dk' (no h_{n+1} load). The one case over the 2x-naive bound (dg at
+//       K = 256, V = 512) now passes; a CPU simulation of the kernel's roundings puts its
+//       error at 1.2x the naive bf16 error, from 2.4x.            H100  0.72 / 2.19
+//   v15 one 64-bit base per tile load or store, rows at 32-bit offsets (a third of the walk's
+//       instructions had been 64-bit address arithmetic); the walk scales x 8 channels per
+//       thread with vector shared loads and stores; subnormals flushed (--ftz=true: each exp
+//       had carried a 3-instruction range fix-up). ncu per kernel: walks 0.33 -> 0.25 ms,
+//       attn 0.21 -> 0.18, fwd_o and dv 0.25 -> 0.22, dq/dk 0.91 -> 0.63.
+//                                                           H100  0.58 / 1.76
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic), the boundary term in the reverse walk (exposed loads in a sequential kernel), fewer
 // registers per thread for more blocks per SM (spills cost more than the occupancy gained).
@@ -287,21 +293,25 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
 }
 
+// One 64-bit base per call; each thread's rows then sit at 32-bit multiples of the row stride
+// (a tile spans 64 rows of a [rows, H, D] tensor: 64 H D < 2^31 elements, checked by the launcher).
 template <typename T>
 __device__ void copy_tile(u16* dst, const T* x, long long row0, int nrows, int H, int D, int col0) {
-  const u16* src = reinterpret_cast<const u16*>(x);
+  const u16* base = reinterpret_cast<const u16*>(x) + row0 * D + col0;
+  const int stride = H * D;
   if (D % 8 == 0) {
+    const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
+    const bool col_ok = col0 + c < D;
 #pragma unroll
     for (int it = 0; it < 4; ++it) {
-      const int e = threadIdx.x + TC_THREADS * it, r = e >> 3, c = (e & 7) * 8;
-      const bool ok = r < nrows && col0 + c < D;
-      cp_async16(dst + r * LDH + c, ok ? src + (row0 + (long long)r * H) * D + col0 + c : src, ok);
+      const int rr = r + 16 * it;
+      const bool ok = col_ok && rr < nrows;
+      cp_async16(dst + rr * LDH + c, ok ? base + rr * stride + c : base, ok);
     }
   } else {
     for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
       const int r = e >> 6, c = e & 63;
-      dst[r * LDH + c] =
-          (r < nrows && col0 + c < D) ? src[(row0 + (long long)r * H) * D + col0 + c] : (u16)0;
+      dst[r * LDH + c] = (r < nrows && col0 + c < D) ? base[r * stride + c] : (u16)0;
     }
   }
 }
@@ -309,18 +319,21 @@ __device__ void copy_tile(u16* dst, const T* x, long long row0, int nrows, int H
 // The chunk's raw gates, channels col0 .. col0 + 63 (zero past the sequence and K).
 __device__ void copy_gates(float* bs, const float* g, long long row0, int nrows, int H, int K,
                            int col0) {
+  const float* base = g + row0 * K + col0;
+  const int stride = H * K;
   if (K % 4 == 0) {
+    const int r = threadIdx.x >> 4, c = (threadIdx.x & 15) * 4;
+    const bool col_ok = col0 + c < K;
 #pragma unroll
     for (int it = 0; it < 8; ++it) {
-      const int e = threadIdx.x + TC_THREADS * it, r = e >> 4, c = (e & 15) * 4;
-      const bool ok = r < nrows && col0 + c < K;
-      cp_async16(bs + r * LDF + c, ok ? g + (row0 + (long long)r * H) * K + col0 + c : g, ok);
+      const int rr = r + 8 * it;
+      const bool ok = col_ok && rr < nrows;
+      cp_async16(bs + rr * LDF + c, ok ? base + rr * stride + c : base, ok);
     }
   } else {
     for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
       const int r = e >> 6, c = e & 63;
-      bs[r * LDF + c] = (r < nrows && col0 + c < K) ? g[(row0 + (long long)r * H) * K + col0 + c]
-                                                    : 0.f;
+      bs[r * LDF + c] = (r < nrows && col0 + c < K) ? base[r * stride + c] : 0.f;
     }
   }
 }
@@ -345,7 +358,9 @@ __device__ void cumsum_gates(float* bs, float* tot) {
   *reinterpret_cast<float4*>(tot + rg * 64 + c) = x[7];
   __syncthreads();
   float4 before = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int p = 0; p < rg; ++p) {
+#pragma unroll
+  for (int p = 0; p < 7; ++p) {
+    if (p >= rg) break;
     const float4 u = *reinterpret_cast<const float4*>(tot + p * 64 + c);
     before.x += u.x;
     before.y += u.y;
@@ -501,23 +516,27 @@ __device__ __forceinline__ void finish_A(float acc[8][4], float scale) {
 template <typename T>
 __device__ __forceinline__ void store_rows(T* out, const float acc[8][4], long long row0,
                                            int nrows, int H, int D, int col0) {
-  const int r0 = 16 * (threadIdx.x >> 5);
-  u16* dst = reinterpret_cast<u16*>(out);
+  const int lane = threadIdx.x & 31, c = col0 + 2 * (lane & 3);
+  const int r = 16 * (threadIdx.x >> 5) + (lane >> 2);
+  u16* base = reinterpret_cast<u16*>(out) + row0 * D + c;
+  const bool whole = D % 2 == 0 && col0 + 64 <= D;
 #pragma unroll
-  for (int n = 0; n < 8; ++n)
+  for (int half = 0; half < 2; ++half) {
+    const int rr = r + 8 * half;
+    if (rr >= nrows) continue;
+    u16* dst = base + rr * H * D;
 #pragma unroll
-    for (int e = 0; e < 4; e += 2) {
-      const int r = r0 + acc_row(e), c = col0 + acc_col(n, e);
-      if (r >= nrows) continue;
-      const unsigned p = Op<T>::pack(acc[n][e], acc[n][e + 1]);
-      const long long at = (row0 + (long long)r * H) * D + c;
-      if (c + 1 < D && D % 2 == 0) {
-        *reinterpret_cast<unsigned*>(dst + at) = p;
+    for (int n = 0; n < 8; ++n) {
+      const unsigned p = Op<T>::pack(acc[n][2 * half], acc[n][2 * half + 1]);
+      if (whole) {
+        *reinterpret_cast<unsigned*>(dst + 8 * n) = p;
       } else {
-        if (c < D) dst[at] = (u16)(p & 0xffffu);
-        if (c + 1 < D) dst[at + 1] = (u16)(p >> 16);
+        const int cc = c + 8 * n;
+        if (cc < D) dst[8 * n] = (u16)(p & 0xffffu);
+        if (cc + 1 < D) dst[8 * n + 1] = (u16)(p >> 16);
       }
     }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -537,8 +556,8 @@ struct StateSmem {
   u16 y[2][TC_C * LDH];
 };
 
-// The x tile of one chunk held in registers between its load and its scaling: thread pieces
-// (tid + 128 i) / 8 (row), 8 columns each. K % 8 == 0 only.
+// The x tile of one chunk, held in registers between its load and its scaling: thread rows
+// tid / 8 + 16 i, columns 8 (tid % 8) .. + 7 (zero past the sequence and K).
 struct XRows {
   uint4 v[4];
 };
@@ -546,30 +565,50 @@ struct XRows {
 template <typename T>
 __device__ __forceinline__ void fetch_x(XRows& out, const T* x, long long row0, int nrows, int H,
                                         int K, int col0) {
-  const u16* src = reinterpret_cast<const u16*>(x);
+  const u16* base = reinterpret_cast<const u16*>(x) + row0 * K + col0;
+  const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8, stride = H * K;
 #pragma unroll
   for (int it = 0; it < 4; ++it) {
-    const int e = threadIdx.x + TC_THREADS * it, r = e >> 3, c = (e & 7) * 8;
+    const int rr = r + 16 * it;
     out.v[it] = make_uint4(0, 0, 0, 0);
-    if (r < nrows && col0 + c < K)
-      out.v[it] = *reinterpret_cast<const uint4*>(src + (row0 + (long long)r * H) * K + col0 + c);
+    if (rr >= nrows || col0 + c >= K) continue;
+    const u16* src = base + rr * stride + c;
+    if (K % 8 == 0) {
+      out.v[it] = *reinterpret_cast<const uint4*>(src);
+    } else {
+      unsigned w[4] = {0, 0, 0, 0};
+      for (int j = 0; j < 8 && col0 + c + j < K; ++j) w[j >> 1] |= (unsigned)src[j] << (16 * (j & 1));
+      out.v[it] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
   }
 }
 
-// x (a channel pair of row r) scaled by its decay, into the hi + lo tiles.
+// Row r, columns c .. c + 7 of x, scaled by their decays (last: the chunk's total gates of those
+// columns), into the hi + lo tiles.
 template <typename T>
-__device__ __forceinline__ void put_x(StateSmem& sm, int r, int c, float x0, float x1,
+__device__ __forceinline__ void put_x(StateSmem& sm, int r, int c, uint4 xv, const float last[8],
                                       float xscale, int reverse) {
-  const float b0 = sm.bs[r * LDF + c], b1 = sm.bs[r * LDF + c + 1];
-  const float f0 = reverse ? b0 : sm.bs[63 * LDF + c] - b0;
-  const float f1 = reverse ? b1 : sm.bs[63 * LDF + c + 1] - b1;
-  const float v0 = x0 * xscale * __expf(f0), v1 = x1 * xscale * __expf(f1);
-  const unsigned p = Op<T>::pack(v0, v1);
-  T a, b;
-  a.bits = (u16)(p & 0xffffu);
-  b.bits = (u16)(p >> 16);
-  *reinterpret_cast<unsigned*>(sm.xhi + r * LDH + c) = p;
-  *reinterpret_cast<unsigned*>(sm.xlo + r * LDH + c) = Op<T>::pack(v0 - h2f(a), v1 - h2f(b));
+  const float4 b0 = *reinterpret_cast<const float4*>(sm.bs + r * LDF + c);
+  const float4 b1 = *reinterpret_cast<const float4*>(sm.bs + r * LDF + c + 4);
+  const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+  const unsigned words[4] = {xv.x, xv.y, xv.z, xv.w};
+  unsigned hi[4], lo[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    T x0, x1;
+    x0.bits = (u16)(words[u] & 0xffffu);
+    x1.bits = (u16)(words[u] >> 16);
+    const float f0 = reverse ? b[2 * u] : last[2 * u] - b[2 * u];
+    const float f1 = reverse ? b[2 * u + 1] : last[2 * u + 1] - b[2 * u + 1];
+    const float v0 = h2f(x0) * xscale * __expf(f0), v1 = h2f(x1) * xscale * __expf(f1);
+    hi[u] = Op<T>::pack(v0, v1);
+    T h0, h1;
+    h0.bits = (u16)(hi[u] & 0xffffu);
+    h1.bits = (u16)(hi[u] >> 16);
+    lo[u] = Op<T>::pack(v0 - h2f(h0), v1 - h2f(h1));
+  }
+  *reinterpret_cast<uint4*>(sm.xhi + r * LDH + c) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+  *reinterpret_cast<uint4*>(sm.xlo + r * LDH + c) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
 }
 
 template <typename T>
@@ -586,7 +625,6 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
   const long long KV = (long long)K * V;
   const int w = threadIdx.x >> 5, r0 = 16 * w;
   const int col_k = ik * TC_T, col_v = iv * TC_T, krows = min(TC_T, K - col_k);
-  const bool vec = K % 8 == 0;
 
   float acc[8][4];
 #pragma unroll
@@ -608,7 +646,7 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
     const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
     copy_gates(sm.bs, g, row0, nrows, H, K, col_k);
     copy_tile(sm.y[step & 1], y, row0, nrows, H, V, col_v);
-    if (vec) fetch_x(xr, x, row0, nrows, H, K, col_k);
+    fetch_x(xr, x, row0, nrows, H, K, col_k);
   };
   issue(first);
   for (int step = first; step < end; ++step) {
@@ -627,9 +665,8 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
       }
     }
     // The walk goes on from the stored (rounded) state, which the chunk's outputs and gradients
-    // use: the backward is then the exact gradient of one slightly perturbed function, and the
-    // gate gradient's boundary terms (h_{n+1} dh_{n+1}) match dq and dk instead of cancelling
-    // against them inexactly. The first step keeps an fp32 initial state as given.
+    // use: the backward is then the exact gradient of one slightly perturbed function. The first
+    // step keeps an fp32 initial state as given.
     if (step > 0) {
 #pragma unroll
       for (int nn = 0; nn < 8; ++nn)
@@ -643,32 +680,13 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
           acc[nn][e + 1] = h2f(hi);
         }
     }
-    if (vec) {
+    {
+      const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
+      const float4 l0 = *reinterpret_cast<const float4*>(sm.bs + 63 * LDF + c);
+      const float4 l1 = *reinterpret_cast<const float4*>(sm.bs + 63 * LDF + c + 4);
+      const float last[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
 #pragma unroll
-      for (int it = 0; it < 4; ++it) {
-        const int e = threadIdx.x + TC_THREADS * it, r = e >> 3, c = (e & 7) * 8;
-        const unsigned wv[4] = {xr.v[it].x, xr.v[it].y, xr.v[it].z, xr.v[it].w};
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          T lo, hi;
-          lo.bits = (u16)(wv[u] & 0xffffu);
-          hi.bits = (u16)(wv[u] >> 16);
-          put_x<T>(sm, r, c + 2 * u, h2f(lo), h2f(hi), xscale, reverse);
-        }
-      }
-    } else {
-      const u16* xs = reinterpret_cast<const u16*>(x);
-      for (int e = threadIdx.x; e < 64 * 32; e += TC_THREADS) {
-        const int r = e >> 5, c = (e & 31) * 2;
-        T x0, x1;
-        x0.bits = x1.bits = 0;
-        if (r < nrows) {
-          const long long base = (row0 + (long long)r * H) * K + col_k + c;
-          if (col_k + c < K) x0.bits = xs[base];
-          if (col_k + c + 1 < K) x1.bits = xs[base + 1];
-        }
-        put_x<T>(sm, r, c, h2f(x0), h2f(x1), xscale, reverse);
-      }
+      for (int it = 0; it < 4; ++it) put_x<T>(sm, r + 16 * it, c, xr.v[it], last, xscale, reverse);
     }
     const float d0 = __expf(sm.bs[63 * LDF + r0 + ((threadIdx.x & 31) >> 2)]);
     const float d1 = __expf(sm.bs[63 * LDF + r0 + ((threadIdx.x & 31) >> 2) + 8]);

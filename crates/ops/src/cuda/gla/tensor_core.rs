@@ -11,7 +11,7 @@ use tch::Tensor;
 
 use super::{
     buffer, buffer_of, opt_ptr, ptr, tiles, Backward, CudaError, Device, Dims, Forward,
-    KernelDtype, KernelSource,
+    KernelDtype, KernelSource, CHUNK_LEN,
 };
 
 /// Threads per block.
@@ -41,6 +41,19 @@ fn check_grid(d: Dims) -> Result<(), CudaError> {
                 d.b,
                 d.h,
                 d.b * d.h
+            ),
+        });
+    }
+    // The kernels address a tile's rows with 32-bit offsets from one base pointer.
+    let row_stride = d.h * d.k.max(d.v);
+    if row_stride * CHUNK_LEN > i64::from(i32::MAX) {
+        return Err(CudaError::Driver {
+            what: "GLA launch".to_string(),
+            message: format!(
+                "heads x head dim = {} x {} = {row_stride} elements per token is more than the \
+                 kernels address (64 tokens must span under 2^31 elements)",
+                d.h,
+                d.k.max(d.v)
             ),
         });
     }
