@@ -70,6 +70,13 @@
 //       had carried a 3-instruction range fix-up). ncu per kernel: walks 0.33 -> 0.25 ms,
 //       attn 0.21 -> 0.18, fwd_o and dv 0.25 -> 0.22, dq/dk 0.91 -> 0.63.
 //                                                           H100  0.58 / 1.76
+//   v16 shared addresses through __cvta_generic_to_shared (folded into 32-bit offsets instead of
+//       converting 64-bit generic pointers) and cp.async sources without a select; the
+//       segmented walks' carry (one element per thread) and fixup (8 elements per thread, no
+//       64-bit division) went from 76 and 220 us to 9 and 85 us at 1 x 16384; segments sized
+//       to fill the walk's 4 blocks per SM (4 x 4096 is now segmented too).
+//                                                           H100  0.54 / 1.63
+//       (1 x 16384: 0.66 / 1.92, 2 x 8192: 0.64 / 1.83, 4 x 4096: 0.62 / 1.78)
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic), the boundary term in the reverse walk (exposed loads in a sequential kernel), fewer
 // registers per thread for more blocks per SM (spills cost more than the occupancy gained).
@@ -196,10 +203,10 @@ __device__ __forceinline__ void mma_split(float d[4], const Split a[4], Split b0
   mma_bf16(d, ahi, b0.hi, b1.hi);
 }
 
+// The shared-window address of p (through the builtin, so that the compiler folds the offset
+// arithmetic into 32-bit shared addresses instead of converting a generic 64-bit pointer).
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned r;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(r) : "l"(p));
-  return r;
+  return (unsigned)__cvta_generic_to_shared(p);
 }
 
 __device__ __forceinline__ void ldsm_x4(unsigned r[4], const u16* p) {
@@ -274,6 +281,7 @@ __device__ __forceinline__ int acc_col(int n, int e) {
 // the tensor): every tile of a step is in flight at once, and `copies_done` waits for them all.
 // Other sizes take a synchronous element-by-element path into the same layout.
 
+// An invalid copy reads nothing (source size 0) and zero-fills: its address is never dereferenced.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
                "r"(valid ? 16 : 0));
@@ -302,12 +310,11 @@ __device__ void copy_tile(u16* dst, const T* x, long long row0, int nrows, int H
   if (D % 8 == 0) {
     const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
     const bool col_ok = col0 + c < D;
+    const u16* src = base + r * stride + c;
 #pragma unroll
-    for (int it = 0; it < 4; ++it) {
-      const int rr = r + 16 * it;
-      const bool ok = col_ok && rr < nrows;
-      cp_async16(dst + rr * LDH + c, ok ? base + rr * stride + c : base, ok);
-    }
+    for (int it = 0; it < 4; ++it)
+      cp_async16(dst + (r + 16 * it) * LDH + c, src + it * 16 * stride,
+                 col_ok && r + 16 * it < nrows);
   } else {
     for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
       const int r = e >> 6, c = e & 63;
@@ -324,12 +331,10 @@ __device__ void copy_gates(float* bs, const float* g, long long row0, int nrows,
   if (K % 4 == 0) {
     const int r = threadIdx.x >> 4, c = (threadIdx.x & 15) * 4;
     const bool col_ok = col0 + c < K;
+    const float* src = base + r * stride + c;
 #pragma unroll
-    for (int it = 0; it < 8; ++it) {
-      const int rr = r + 8 * it;
-      const bool ok = col_ok && rr < nrows;
-      cp_async16(bs + rr * LDF + c, ok ? base + rr * stride + c : base, ok);
-    }
+    for (int it = 0; it < 8; ++it)
+      cp_async16(bs + (r + 8 * it) * LDF + c, src + it * 8 * stride, col_ok && r + 8 * it < nrows);
   } else {
     for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
       const int r = e >> 6, c = e & 63;
@@ -729,27 +734,25 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
 
 // Segmented walks (few (batch, head) pairs, long sequences): every segment of seg_len chunks
 // walks from a zero state in parallel (tc_states), then tc_carry walks the S segments per state
-// tile, C_0 = 0, C_{s+1} = seg_decay_s C_s + seg_last_s (segment 0 starts from s0), writing
+// element, C_0 = 0, C_{s+1} = seg_decay_s C_s + seg_last_s (segment 0 starts from s0), writing
 // C_s and, at the end, `last`; tc_fixup adds cum_n C_s to every state of segment s >= 1.
-// Carry grid (ceil(V/64), ceil(K/64), B*H); each thread 32 state elements of the tile.
+// Carry grid (ceil(K V / 128), B*H): one state element per thread.
 __device__ void tc_carry(const float* seg_last, const float* seg_decay, float* carry, float* last,
                          int S, int K, int V) {
-  const int iv = blockIdx.x, ik = blockIdx.y, bh = blockIdx.z;
-  const long long KV = (long long)K * V;
-  for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
-    const int i = ik * TC_T + e / 64, j = iv * TC_T + e % 64;
-    if (i >= K || j >= V) continue;
-    const long long at = (long long)i * V + j;
-    float c = 0.f;
-    for (int seg = 0; seg < S; ++seg) {
-      if (seg > 0) carry[((long long)bh * S + seg) * KV + at] = c;
-      c = seg_decay[((long long)bh * S + seg) * K + i] * c + seg_last[((long long)bh * S + seg) * KV + at];
-    }
-    if (last != nullptr) last[bh * KV + at] = c;
+  const int bh = blockIdx.y, KV = K * V, e = blockIdx.x * TC_THREADS + threadIdx.x;
+  if (e >= KV) return;
+  const int i = e / V;
+  float c = 0.f;
+  for (int seg = 0; seg < S; ++seg) {
+    const long long at = (long long)bh * S + seg;
+    if (seg > 0) carry[at * KV + e] = c;
+    c = seg_decay[at * K + i] * c + seg_last[at * KV + e];
   }
+  if (last != nullptr) last[(long long)bh * KV + e] = c;
 }
 
-// Grid (chunks, B*H): states[n] += cum[n] (rows) * carry[segment of n], for segments >= 1.
+// Grid (chunks, B*H): states[n] += cum[n] (rows) * carry[segment of n], for segments >= 1; eight
+// elements per thread and step where rows hold whole 16-byte groups (V % 8 == 0).
 template <typename T>
 __device__ void tc_fixup(T* states, const float* cum, const float* carry, int seg_len, int Tn,
                          int K, int V, int reverse) {
@@ -757,15 +760,33 @@ __device__ void tc_fixup(T* states, const float* cum, const float* carry, int se
   const int NT = (Tn + TC_C - 1) / TC_C, S = (NT + seg_len - 1) / seg_len;
   const int seg = (reverse ? NT - 1 - n : n) / seg_len;
   if (seg == 0) return;
-  const long long KV = (long long)K * V;
+  const int KV = K * V;
   u16* st = reinterpret_cast<u16*>(states) + ((long long)bh * NT + n) * KV;
   const float* c = carry + ((long long)bh * S + seg) * KV;
   const float* dn = cum + ((long long)bh * NT + n) * K;
-  for (long long e = threadIdx.x; e < KV; e += TC_THREADS) {
-    T v;
-    v.bits = st[e];
-    const float x = h2f(v) + dn[e / V] * c[e];
-    st[e] = (u16)(Op<T>::pack(x, 0.f) & 0xffffu);
+  if (V % 8 == 0) {
+    for (int e = 8 * threadIdx.x; e < KV; e += 8 * TC_THREADS) {
+      const float d = dn[e / V];
+      const uint4 w = *reinterpret_cast<const uint4*>(st + e);
+      const float4 c0 = *reinterpret_cast<const float4*>(c + e);
+      const float4 c1 = *reinterpret_cast<const float4*>(c + e + 4);
+      const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+      unsigned words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        T a, b;
+        a.bits = (u16)(words[u] & 0xffffu);
+        b.bits = (u16)(words[u] >> 16);
+        words[u] = Op<T>::pack(h2f(a) + d * cv[2 * u], h2f(b) + d * cv[2 * u + 1]);
+      }
+      *reinterpret_cast<uint4*>(st + e) = make_uint4(words[0], words[1], words[2], words[3]);
+    }
+  } else {
+    for (int e = threadIdx.x; e < KV; e += TC_THREADS) {
+      T v;
+      v.bits = st[e];
+      st[e] = (u16)(Op<T>::pack(h2f(v) + dn[e / V] * c[e], 0.f) & 0xffffu);
+    }
   }
 }
 

@@ -114,23 +114,18 @@ fn attention(
 }
 
 /// A walk splits into segments (walked in parallel, then joined by `gla_tc_carry` and
-/// `gla_tc_fixup`) when its grid has fewer blocks than the GPU has SMs, into enough segments for
-/// this many blocks per SM (H100: 1 x 16384 x 16 x 128 went 4.7 -> 3.2 ms forward+backward and
-/// 2 x 8192 3.3 -> 2.9 ms; at 4 x 4096, 1.9 blocks per SM unsegmented, two segments cost more
-/// than they gained)...
-const WALK_BLOCKS_PER_SM: i64 = 2;
+/// `gla_tc_fixup`) when its (batch, head, state tile) grid leaves room for whole copies of itself
+/// on the GPU at this many blocks per SM (the walk kernel's occupancy)...
+const WALK_BLOCKS_PER_SM: i64 = 4;
 /// ... keeping at least this many chunks per segment.
 const MIN_SEGMENT_CHUNKS: i64 = 8;
 
-/// Chunks per segment of a walk over `d` on `dev`: all of them when the (batch, head, state
-/// tile) grid fills the GPU or the sequence is short.
+/// Chunks per segment of a walk over `d` on `dev`: all of them when the grid fills the GPU or
+/// the sequence is short.
 fn segment_len(dev: &Device, d: Dims) -> i64 {
     let blocks = tiles(d.k, TILE) * tiles(d.v, TILE) * d.b * d.h;
-    let sms = dev.sm_count() as i64;
-    if blocks >= sms {
-        return d.chunks();
-    }
-    let segments = ((WALK_BLOCKS_PER_SM * sms + blocks - 1) / blocks)
+    let slots = WALK_BLOCKS_PER_SM * dev.sm_count() as i64;
+    let segments = (slots / blocks)
         .min(d.chunks() / MIN_SEGMENT_CHUNKS)
         .min(MAX_GRID_Z / (d.b * d.h))
         .max(1);
@@ -174,7 +169,8 @@ fn walk(
         xp, yp, gp, s0, sp, last, lp, dp, cump, seg_len, tt, hh, kk, vv, xscale, reverse)?;
     let nseg = segments as i32;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_carry")?;
-    launch!(dev, f, (nv, nk, bh), 0, THREADS; lp, dp, cp, last, nseg, kk, vv)?;
+    let elements = tiles(d.k * d.v, i64::from(THREADS));
+    launch!(dev, f, (elements, bh, 1), 0, THREADS; lp, dp, cp, last, nseg, kk, vv)?;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fixup")?;
     launch!(dev, f, (nc, bh, 1), 0, THREADS; sp, cump, cp, seg_len, tt, kk, vv, reverse)
 }
