@@ -77,6 +77,13 @@
 //       to fill the walk's 4 blocks per SM (4 x 4096 is now segmented too).
 //                                                           H100  0.54 / 1.63
 //       (1 x 16384: 0.66 / 1.92, 2 x 8192: 0.64 / 1.83, 4 x 4096: 0.62 / 1.78)
+//   v17 tc_attn also writes the state products' operands, qs = scale q exp(b) and
+//       ks = k exp(b_L - b) in the input dtype, and the chunk decays exp(b_L) (kept for the
+//       backward): the walks and the output kernels read neither gates nor q and k, scan
+//       nothing and take no exps. A walk step is two cp.async tiles, one barrier and 32 mma per
+//       warp (the scaled x used to enter as hi + lo halves: 64). fwd_o and dv are one kernel
+//       body (tc_out). ncu: walks 0.24 -> 0.13 ms, fwd_o and dv 0.21 -> 0.14, attn
+//       0.17 -> 0.22.                                         H100  0.48 / 1.45
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic), the boundary term in the reverse walk (exposed loads in a sequential kernel), fewer
 // registers per thread for more blocks per SM (spills cost more than the occupancy gained).
@@ -548,78 +555,28 @@ __device__ __forceinline__ void store_rows(T* out, const float acc[8][4], long l
 // chunk states
 // ---------------------------------------------------------------------------------------------
 // Grid (ceil(V/64), ceil(K/64), B*H). The 64 x 64 state tile lives in registers (warp w: rows
-// 16 w .. of the K-tile). Per chunk n (in reverse order for the adjoint):
-//   forward:  states[n] = h_n (input dtype);  h = exp(b_L) h + (k exp(b_L - b))^T v
-//   reverse:  states[n] = dh_{n+1};           dh = exp(b_L) dh + (scale q exp(b))^T do
-// `last` (fp32): the final state, or dh_0. The scaled x enters the tensor cores as hi + lo halves.
-// The next chunk's tiles load while the current one is multiplied (gates and y by cp.async into a
-// second buffer, x through registers).
+// 16 w .. of the K-tile). Per chunk n (in reverse order for the adjoint), with x already scaled
+// by tc_attn (ks = k exp(b_L - b), qs = scale q exp(b)) and d = exp(b_L):
+//   forward:  states[n] = h_n (input dtype);  h = d h + ks^T v
+//   reverse:  states[n] = dh_{n+1};           dh = d dh + qs^T do
+// `last` (fp32): the final state, or dh_0. Every tile of a step arrives by cp.async into one of
+// two buffers while the previous step multiplies: one barrier per step.
 struct StateSmem {
-  float bs[TC_C * LDF];  // gates of the chunk being prepared
-  u16 xhi[TC_C * LDH];
-  u16 xlo[TC_C * LDH];   // before x is built, its first 2 KB hold the cumulative-sum totals
+  u16 x[2][TC_C * LDH];
   u16 y[2][TC_C * LDH];
+  float decay[2][TC_T];
 };
 
-// The x tile of one chunk, held in registers between its load and its scaling: thread rows
-// tid / 8 + 16 i, columns 8 (tid % 8) .. + 7 (zero past the sequence and K).
-struct XRows {
-  uint4 v[4];
-};
-
-template <typename T>
-__device__ __forceinline__ void fetch_x(XRows& out, const T* x, long long row0, int nrows, int H,
-                                        int K, int col0) {
-  const u16* base = reinterpret_cast<const u16*>(x) + row0 * K + col0;
-  const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8, stride = H * K;
-#pragma unroll
-  for (int it = 0; it < 4; ++it) {
-    const int rr = r + 16 * it;
-    out.v[it] = make_uint4(0, 0, 0, 0);
-    if (rr >= nrows || col0 + c >= K) continue;
-    const u16* src = base + rr * stride + c;
-    if (K % 8 == 0) {
-      out.v[it] = *reinterpret_cast<const uint4*>(src);
-    } else {
-      unsigned w[4] = {0, 0, 0, 0};
-      for (int j = 0; j < 8 && col0 + c + j < K; ++j) w[j >> 1] |= (unsigned)src[j] << (16 * (j & 1));
-      out.v[it] = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-  }
-}
-
-// Row r, columns c .. c + 7 of x, scaled by their decays (last: the chunk's total gates of those
-// columns), into the hi + lo tiles.
-template <typename T>
-__device__ __forceinline__ void put_x(StateSmem& sm, int r, int c, uint4 xv, const float last[8],
-                                      float xscale, int reverse) {
-  const float4 b0 = *reinterpret_cast<const float4*>(sm.bs + r * LDF + c);
-  const float4 b1 = *reinterpret_cast<const float4*>(sm.bs + r * LDF + c + 4);
-  const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-  const unsigned words[4] = {xv.x, xv.y, xv.z, xv.w};
-  unsigned hi[4], lo[4];
-#pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    T x0, x1;
-    x0.bits = (u16)(words[u] & 0xffffu);
-    x1.bits = (u16)(words[u] >> 16);
-    const float f0 = reverse ? b[2 * u] : last[2 * u] - b[2 * u];
-    const float f1 = reverse ? b[2 * u + 1] : last[2 * u + 1] - b[2 * u + 1];
-    const float v0 = h2f(x0) * xscale * __expf(f0), v1 = h2f(x1) * xscale * __expf(f1);
-    hi[u] = Op<T>::pack(v0, v1);
-    T h0, h1;
-    h0.bits = (u16)(hi[u] & 0xffffu);
-    h1.bits = (u16)(hi[u] >> 16);
-    lo[u] = Op<T>::pack(v0 - h2f(h0), v1 - h2f(h1));
-  }
-  *reinterpret_cast<uint4*>(sm.xhi + r * LDH + c) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-  *reinterpret_cast<uint4*>(sm.xlo + r * LDH + c) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+// A 4-byte copy, zero-filled when invalid (its address is then never dereferenced).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0));
 }
 
 template <typename T>
-__device__ void tc_states(const T* x, const T* y, const float* g, const float* s0, T* states,
+__device__ void tc_states(const T* x, const T* y, const float* decay, const float* s0, T* states,
                           float* last, float* seg_last, float* seg_decay, float* cum, int seg_len,
-                          int Tn, int H, int K, int V, float xscale, int reverse) {
+                          int Tn, int H, int K, int V, int reverse) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   StateSmem& sm = *reinterpret_cast<StateSmem*>(smem_raw);
   const int NT = (Tn + TC_C - 1) / TC_C, S = (NT + seg_len - 1) / seg_len;
@@ -628,7 +585,7 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
   const int first = seg * seg_len, end = min(NT, first + seg_len);
   const bool writes_decay = iv == 0 && (threadIdx.x & 3) == 0;
   const long long KV = (long long)K * V;
-  const int w = threadIdx.x >> 5, r0 = 16 * w;
+  const int w = threadIdx.x >> 5, r0 = 16 * w, g8 = (threadIdx.x & 31) >> 2;
   const int col_k = ik * TC_T, col_v = iv * TC_T, krows = min(TC_T, K - col_k);
 
   float acc[8][4];
@@ -644,28 +601,28 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
   // Decay from the segment's start to the current chunk, for the rows g and g + 8 of this lane.
   float run[2] = {1.f, 1.f};
 
-  XRows xr;
   auto issue = [&](int step) {
     const int n = reverse ? NT - 1 - step : step;
     const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
     const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
-    copy_gates(sm.bs, g, row0, nrows, H, K, col_k);
+    copy_tile(sm.x[step & 1], x, row0, nrows, H, K, col_k);
     copy_tile(sm.y[step & 1], y, row0, nrows, H, V, col_v);
-    fetch_x(xr, x, row0, nrows, H, K, col_k);
+    if (threadIdx.x < TC_T)
+      cp_async4(&sm.decay[step & 1][threadIdx.x],
+                decay + ((long long)bh * NT + n) * K + col_k + threadIdx.x, threadIdx.x < krows);
   };
   issue(first);
   for (int step = first; step < end; ++step) {
     const int n = reverse ? NT - 1 - step : step;
-    const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
-    const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+    // This step's tiles are in, and every warp is done with the other buffer.
     copies_done();
-    cumsum_gates(sm.bs, reinterpret_cast<float*>(sm.xlo));
+    if (step + 1 < end) issue(step + 1);
     store_rows<T>(states + ((long long)bh * NT + n) * KV + (long long)col_k * V, acc, 0, krows, 1,
                   V, col_v);
     if (cum != nullptr && writes_decay) {
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
-        const int i = r0 + ((threadIdx.x & 31) >> 2) + 8 * u;
+        const int i = r0 + g8 + 8 * u;
         if (i < krows) cum[((long long)bh * NT + n) * K + col_k + i] = run[u];
       }
     }
@@ -685,18 +642,7 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
           acc[nn][e + 1] = h2f(hi);
         }
     }
-    {
-      const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
-      const float4 l0 = *reinterpret_cast<const float4*>(sm.bs + 63 * LDF + c);
-      const float4 l1 = *reinterpret_cast<const float4*>(sm.bs + 63 * LDF + c + 4);
-      const float last[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
-#pragma unroll
-      for (int it = 0; it < 4; ++it) put_x<T>(sm, r + 16 * it, c, xr.v[it], last, xscale, reverse);
-    }
-    const float d0 = __expf(sm.bs[63 * LDF + r0 + ((threadIdx.x & 31) >> 2)]);
-    const float d1 = __expf(sm.bs[63 * LDF + r0 + ((threadIdx.x & 31) >> 2) + 8]);
-    __syncthreads();  // x is built and the gates are read: the next chunk may load
-    if (step + 1 < end) issue(step + 1);
+    const float d0 = sm.decay[step & 1][r0 + g8], d1 = sm.decay[step & 1][r0 + g8 + 8];
     run[0] *= d0;
     run[1] *= d1;
 #pragma unroll
@@ -706,9 +652,7 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
       acc[nn][2] *= d1;
       acc[nn][3] *= d1;
     }
-    warp_gemm<T, true, true>(acc, sm.xhi, sm.y[step & 1], r0);
-    warp_gemm<T, true, true>(acc, sm.xlo, sm.y[step & 1], r0);
-    __syncthreads();
+    warp_gemm<T, true, true>(acc, sm.x[step & 1], sm.y[step & 1], r0);
   }
   // Unsegmented, the walk's end state is `last`; segmented, it goes to seg_last with the
   // segment's decay, for tc_carry.
@@ -726,7 +670,7 @@ __device__ void tc_states(const T* x, const T* y, const float* g, const float* s
   if (seg_last != nullptr && writes_decay) {
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
-      const int i = r0 + ((threadIdx.x & 31) >> 2) + 8 * u;
+      const int i = r0 + g8 + 8 * u;
       if (i < krows) seg_decay[((long long)bh * S + seg) * K + col_k + i] = run[u];
     }
   }
@@ -791,11 +735,13 @@ __device__ void tc_fixup(T* states, const float* cum, const float* carry, int se
 }
 
 // ---------------------------------------------------------------------------------------------
-// A, once per chunk
+// A and the scaled operands, once per chunk
 // ---------------------------------------------------------------------------------------------
 // Grid (chunks, B*H): A of the chunk over all K-tiles, stored in the input dtype as
-// [B*H, chunks, 64 (t), 64 (s)] (zero above the diagonal and on padding rows), for tc_fwd_o and
-// tc_bwd_dv, which read it through ldmatrix.
+// [B*H, chunks, 64 (t), 64 (s)] (zero above the diagonal and on padding rows); on the way, the
+// operands of the state products in the input dtype, qs = scale q exp(b) and ks = k exp(b_L - b)
+// ([B, T, H, K] like q), and the chunk's decay exp(b_L) (fp32, [B*H, chunks, K]): the walks and
+// the output kernels then read neither the gates nor q and k.
 struct AttnSmem {
   float bs[TC_C * LDF];
   u16 q[TC_C * LDH];
@@ -803,9 +749,60 @@ struct AttnSmem {
   float tot[8 * 64];
 };
 
+// Eight values of row r, columns col .. col + 7 of a [rows, H, D] tensor (row r at
+// base + r * H * D), as the input dtype; columns past D skipped.
 template <typename T>
-__device__ void tc_attn(const T* q, const T* k, const float* g, T* attn, int Tn, int H, int K,
-                        float scale) {
+__device__ __forceinline__ void store8(u16* base, int r, int H, int D, int col, const float v[8]) {
+  unsigned w[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) w[u] = Op<T>::pack(v[2 * u], v[2 * u + 1]);
+  u16* dst = base + r * H * D + col;
+  if (D % 8 == 0) {
+    *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+  } else {
+    for (int j = 0; j < 8 && col + j < D; ++j) dst[j] = (u16)(w[j >> 1] >> (16 * (j & 1)));
+  }
+}
+
+// qs and ks of this K-tile (cumulative gates in bs): thread rows tid / 8 + 16 i, columns
+// 8 (tid % 8) .. + 7.
+template <typename T>
+__device__ void write_scaled(const AttnSmem& sm, T* qs, T* ks, long long row0, int nrows, int H,
+                             int K, int col_k, float scale) {
+  const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
+  if (col_k + c >= K) return;
+  u16* qbase = reinterpret_cast<u16*>(qs) + row0 * K;
+  u16* kbase = reinterpret_cast<u16*>(ks) + row0 * K;
+  const float4 l0 = *reinterpret_cast<const float4*>(sm.bs + 63 * LDF + c);
+  const float4 l1 = *reinterpret_cast<const float4*>(sm.bs + 63 * LDF + c + 4);
+  const float last[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    const int rr = r + 16 * it;
+    if (rr >= nrows) break;
+    const float4 b0 = *reinterpret_cast<const float4*>(sm.bs + rr * LDF + c);
+    const float4 b1 = *reinterpret_cast<const float4*>(sm.bs + rr * LDF + c + 4);
+    const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+    const uint4 qw = *reinterpret_cast<const uint4*>(sm.q + rr * LDH + c);
+    const uint4 kw = *reinterpret_cast<const uint4*>(sm.k + rr * LDH + c);
+    const unsigned qu[4] = {qw.x, qw.y, qw.z, qw.w}, ku[4] = {kw.x, kw.y, kw.z, kw.w};
+    float qv[8], kv[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      T qe, ke;
+      qe.bits = (u16)(qu[j >> 1] >> (16 * (j & 1)));
+      ke.bits = (u16)(ku[j >> 1] >> (16 * (j & 1)));
+      qv[j] = h2f(qe) * scale * __expf(bv[j]);
+      kv[j] = h2f(ke) * __expf(last[j] - bv[j]);
+    }
+    store8<T>(qbase, rr, H, K, col_k + c, qv);
+    store8<T>(kbase, rr, H, K, col_k + c, kv);
+  }
+}
+
+template <typename T>
+__device__ void tc_attn(const T* q, const T* k, const float* g, T* attn, T* qs, T* ks,
+                        float* decay, int Tn, int H, int K, float scale) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   AttnSmem& sm = *reinterpret_cast<AttnSmem*>(smem_raw);
   const int n = blockIdx.x, bh = blockIdx.y;
@@ -821,6 +818,10 @@ __device__ void tc_attn(const T* q, const T* k, const float* g, T* attn, int Tn,
     copy_gates(sm.bs, g, row0, nrows, H, K, col_k);
     copies_done();
     cumsum_gates(sm.bs, sm.tot);
+    if (threadIdx.x < TC_T && col_k + threadIdx.x < K)
+      decay[((long long)bh * NT + n) * K + col_k + threadIdx.x] =
+          __expf(sm.bs[63 * LDF + threadIdx.x]);
+    write_scaled<T>(sm, qs, ks, row0, nrows, H, K, col_k, scale);
     accumulate_A<T>(acc, sm.q, sm.k, sm.bs);
     __syncthreads();
   }
@@ -829,186 +830,59 @@ __device__ void tc_attn(const T* q, const T* k, const float* g, T* attn, int Tn,
 }
 
 // ---------------------------------------------------------------------------------------------
-// the K-tile step shared by tc_fwd_o and tc_bwd_dv
+// forward output and dv: a state product plus an intra-chunk product
 // ---------------------------------------------------------------------------------------------
-// Shared tiles of one K-tile step: the chunk's rows of x (q or k), the state tile (h_n or
-// dh_{n+1}) and, for an fp32 boundary state, its low half; the gates and their scan totals; A;
-// the chunk's tile of y (v or do).
-struct KTile {
-  u16* x;
-  u16* state;
-  u16* lo;
-  float* bs;
-  float* tot;
-  u16* a;
-  u16* y;
+// Grid (ceil(V/64), chunks, B*H); warp w owns rows 16 w .. of the chunk:
+//   o  = qs h_n + A v              (tc_out<T, false>; chunk 0 takes an fp32 h0 exactly)
+//   dv = ks dh_{n+1} + A^T do      (tc_out<T, true>; the last chunk takes an fp32 dht exactly)
+// Per K-tile: x (qs or ks), the state tile and, for an fp32 boundary state, its low half; A
+// arrives with the first K-tile and y (v or do) with the last.
+struct OutSmem {
+  u16 x[TC_C * LDH];
+  u16 state[TC_T * LDH];  // [channel][v]
+  u16 lo[TC_T * LDH];     // the fp32 boundary state's low half
+  u16 a[TC_C * LDH];      // A [t][s]
+  u16 y[TC_C * LDH];
 };
 
-// Loads K-tile col_k: x, the state tile (from `state_n` in the input dtype, or split from the fp32
-// `exact` [K, V] when given), the gates as their cumulative sum; A with the first K-tile and y
-// with the last (so they arrive with a step's copies). Ends with everything in shared memory.
-template <typename T>
-__device__ void load_ktile(const KTile& t, const T* x, const T* y, const float* g,
-                           const T* state_n, const float* exact, const T* attn_n, long long row0,
-                           int nrows, int H, int K, int V, int col_k, int col_v) {
-  const int krows = min(TC_T, K - col_k);
-  copy_tile(t.x, x, row0, nrows, H, K, col_k);
-  if (exact != nullptr)
-    load_split<T>(t.state, t.lo, exact + (long long)col_k * V, krows, V, col_v);
+template <typename T, bool ADJOINT>
+__device__ void tc_out(const T* xs, const T* y, const T* states, const T* attn,
+                       const float* boundary, T* out, int Tn, int H, int K, int V) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  OutSmem& sm = *reinterpret_cast<OutSmem*>(smem_raw);
+  const int iv = blockIdx.x, n = blockIdx.y, bh = blockIdx.z;
+  const int b = bh / H, h = bh % H;
+  const int NT = (Tn + TC_C - 1) / TC_C;
+  const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
+  const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+  const int r0 = 16 * (threadIdx.x >> 5), col_v = iv * TC_T;
+  const T* state_n = states + ((long long)bh * NT + n) * K * V;
+  const float* exact =
+      boundary != nullptr && n == (ADJOINT ? NT - 1 : 0) ? boundary + (long long)bh * K * V : nullptr;
+
+  float acc[8][4];
+  zero(acc);
+  for (int col_k = 0; col_k < K; col_k += TC_T) {
+    const int krows = min(TC_T, K - col_k);
+    copy_tile(sm.x, xs, row0, nrows, H, K, col_k);
+    if (exact != nullptr)
+      load_split<T>(sm.state, sm.lo, exact + (long long)col_k * V, krows, V, col_v);
+    else
+      copy_tile(sm.state, state_n + (long long)col_k * V, 0, krows, 1, V, col_v);
+    if (col_k == 0) copy_tile(sm.a, attn + ((long long)bh * NT + n) * TC_C * TC_C, 0, TC_C, 1, TC_C, 0);
+    if (col_k + TC_T >= K) copy_tile(sm.y, y, row0, nrows, H, V, col_v);
+    copies_done();
+    warp_gemm<T, false, true>(acc, sm.x, sm.state, r0);
+    if (exact != nullptr) warp_gemm<T, false, true>(acc, sm.x, sm.lo, r0);
+    __syncthreads();
+  }
+  // A v over the blocks s <= t of the warp's rows t, or A^T do over the blocks t >= s of its
+  // rows s (the A operand (s, t) = A[t][s]: [k][m] storage).
+  if (ADJOINT)
+    warp_gemm<T, true, true>(acc, sm.a, sm.y, r0, r0, 64);
   else
-    copy_tile(t.state, state_n + (long long)col_k * V, 0, krows, 1, V, col_v);
-  copy_gates(t.bs, g, row0, nrows, H, K, col_k);
-  if (col_k == 0) copy_tile(t.a, attn_n, 0, TC_C, 1, TC_C, 0);
-  if (col_k + TC_T >= K) copy_tile(t.y, y, row0, nrows, H, V, col_v);
-  copies_done();
-  cumsum_gates(t.bs, t.tot);
-}
-
-// ---------------------------------------------------------------------------------------------
-// forward output
-// ---------------------------------------------------------------------------------------------
-// Grid (ceil(V/64), chunks, B*H): o[chunk, V-tile] = scale (q exp(b)) h_n + A v.
-struct FwdSmem {
-  float bs[TC_C * LDF];
-  u16 q[TC_C * LDH];
-  u16 hs[TC_T * LDH];  // h_n tile [channel][v]
-  u16 lo[TC_T * LDH];  // h0's low half (chunk 0 with an initial state)
-  u16 a[TC_C * LDH];   // A [t][s], loaded with the first K-tile
-  u16 v[TC_C * LDH];   // loaded with the last K-tile
-  float tot[8 * 64];
-};
-
-// Builds the A-operand fragments of (q exp(b) * scale) in the input dtype for k-step k0 of the
-// warp's rows (qh: 16-bit q tile, bs: fp32 gates).
-template <typename T>
-__device__ __forceinline__ void qg_fragment(unsigned a[4], const u16* qh, const float* bs, int r0,
-                                            int k0, float scale) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-#pragma unroll
-  for (int half = 0; half < 2; ++half)
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      const int t = r0 + g + 8 * rr, col = k0 + 2 * c + 8 * half;
-      const float2 qv = pair<T>(qh, t, col);
-      const float2 bv = *reinterpret_cast<const float2*>(bs + t * LDF + col);
-      a[rr + 2 * half] =
-          Op<T>::pack(qv.x * scale * __expf(bv.x), qv.y * scale * __expf(bv.y));
-    }
-}
-
-template <typename T>
-__device__ void tc_fwd_o(const T* q, const T* v, const float* g, const T* hs, const T* attn,
-                         const float* h0, T* o, int Tn, int H, int K, int V, float scale) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  FwdSmem& sm = *reinterpret_cast<FwdSmem*>(smem_raw);
-  const int iv = blockIdx.x, n = blockIdx.y, bh = blockIdx.z;
-  const int b = bh / H, h = bh % H;
-  const int NT = (Tn + TC_C - 1) / TC_C;
-  const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
-  const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
-  const int r0 = 16 * (threadIdx.x >> 5), col_v = iv * TC_T;
-  const T* h_n = hs + ((long long)bh * NT + n) * K * V;
-  const bool exact = n == 0 && h0 != nullptr;
-
-  float acc[8][4];
-  zero(acc);
-  for (int col_k = 0; col_k < K; col_k += TC_T) {
-    const KTile tile = {sm.q, sm.hs, sm.lo, sm.bs, sm.tot, sm.a, sm.v};
-    load_ktile<T>(tile, q, v, g, h_n, exact ? h0 + (long long)bh * K * V : nullptr,
-                  attn + ((long long)bh * NT + n) * TC_C * TC_C, row0, nrows, H, K, V, col_k,
-                  col_v);
-#pragma unroll
-    for (int k0 = 0; k0 < 64; k0 += 16) {
-      unsigned a[4];
-      qg_fragment<T>(a, sm.q, sm.bs, r0, k0, scale);
-#pragma unroll
-      for (int nn = 0; nn < 4; ++nn) {
-        unsigned bb[4];
-        b_kn(bb, sm.hs, k0, 16 * nn);
-        Op<T>::mma(acc[2 * nn], a, bb[0], bb[1]);
-        Op<T>::mma(acc[2 * nn + 1], a, bb[2], bb[3]);
-        if (exact) {
-          b_kn(bb, sm.lo, k0, 16 * nn);
-          Op<T>::mma(acc[2 * nn], a, bb[0], bb[1]);
-          Op<T>::mma(acc[2 * nn + 1], a, bb[2], bb[3]);
-        }
-      }
-    }
-    __syncthreads();
-  }
-  // A v over the blocks s <= t of the warp's rows.
-  warp_gemm<T, false, true>(acc, sm.a, sm.v, r0, 0, r0 + 16);
-  store_rows<T>(o, acc, row0, nrows, H, V, col_v);
-}
-
-// ---------------------------------------------------------------------------------------------
-// backward: dv
-// ---------------------------------------------------------------------------------------------
-// Grid (ceil(V/64), chunks, B*H): dv = A^T do + (k exp(b_L - b)) dh_{n+1}; warp w owns rows s.
-struct DvSmem {
-  float bs[TC_C * LDF];
-  u16 k[TC_C * LDH];
-  u16 dh[TC_T * LDH];    // dh_{n+1} tile [channel][v]
-  u16 lo[TC_T * LDH];    // dht's low half (last chunk with a final-state gradient)
-  u16 a[TC_C * LDH];     // A [t][s], loaded with the first K-tile
-  u16 d_o[TC_C * LDH];   // loaded with the last K-tile
-  float tot[8 * 64];
-};
-
-template <typename T>
-__device__ void tc_bwd_dv(const T* k, const float* g, const T* d_o, const T* dhs, const T* attn,
-                          const float* dht, T* dv, int Tn, int H, int K, int V) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  DvSmem& sm = *reinterpret_cast<DvSmem*>(smem_raw);
-  const int iv = blockIdx.x, n = blockIdx.y, bh = blockIdx.z;
-  const int b = bh / H, h = bh % H;
-  const int NT = (Tn + TC_C - 1) / TC_C;
-  const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
-  const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
-  const int lane = threadIdx.x & 31, g8 = lane >> 2, c = lane & 3;
-  const int r0 = 16 * (threadIdx.x >> 5), col_v = iv * TC_T;
-  const T* dh_n = dhs + ((long long)bh * NT + n) * K * V;
-  const bool exact = n == NT - 1 && dht != nullptr;
-
-  float acc[8][4];
-  zero(acc);
-  for (int col_k = 0; col_k < K; col_k += TC_T) {
-    const KTile tile = {sm.k, sm.dh, sm.lo, sm.bs, sm.tot, sm.a, sm.d_o};
-    load_ktile<T>(tile, k, d_o, g, dh_n, exact ? dht + (long long)bh * K * V : nullptr,
-                  attn + ((long long)bh * NT + n) * TC_C * TC_C, row0, nrows, H, K, V, col_k,
-                  col_v);
-    // (k exp(b_L - b)) dh: A operand rows s of this warp.
-#pragma unroll
-    for (int k0 = 0; k0 < 64; k0 += 16) {
-      unsigned a[4];
-#pragma unroll
-      for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          const int s = r0 + g8 + 8 * rr, col = k0 + 2 * c + 8 * half;
-          const float2 kv = pair<T>(sm.k, s, col);
-          const float2 bv = *reinterpret_cast<const float2*>(sm.bs + s * LDF + col);
-          const float2 L = *reinterpret_cast<const float2*>(sm.bs + 63 * LDF + col);
-          a[rr + 2 * half] = Op<T>::pack(kv.x * __expf(L.x - bv.x), kv.y * __expf(L.y - bv.y));
-        }
-#pragma unroll
-      for (int nn = 0; nn < 4; ++nn) {
-        unsigned bb[4];
-        b_kn(bb, sm.dh, k0, 16 * nn);
-        Op<T>::mma(acc[2 * nn], a, bb[0], bb[1]);
-        Op<T>::mma(acc[2 * nn + 1], a, bb[2], bb[3]);
-        if (exact) {
-          b_kn(bb, sm.lo, k0, 16 * nn);
-          Op<T>::mma(acc[2 * nn], a, bb[0], bb[1]);
-          Op<T>::mma(acc[2 * nn + 1], a, bb[2], bb[3]);
-        }
-      }
-    }
-    __syncthreads();
-  }
-  // A^T do: the A operand (s, t) = A[t][s] ([k][m] storage), nonzero only for t >= s.
-  warp_gemm<T, true, true>(acc, sm.a, sm.d_o, r0, r0, 64);
-  store_rows<T>(dv, acc, row0, nrows, H, V, col_v);
+    warp_gemm<T, false, true>(acc, sm.a, sm.y, r0, 0, r0 + 16);
+  store_rows<T>(out, acc, row0, nrows, H, V, col_v);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1273,10 +1147,9 @@ __device__ void tc_bwd_dqk(const T* q, const T* k, const T* v, const float* g, c
 }
 
 // Shared-memory sizes the launcher passes (crates/ops/src/cuda/gla.rs); a kernel given less traps.
-static_assert(sizeof(StateSmem) == 55296, "update STATES_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
+static_assert(sizeof(StateSmem) == 37376, "update STATES_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
 static_assert(sizeof(AttnSmem) == 38912, "update ATTN_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
-static_assert(sizeof(FwdSmem) == 66560, "update FWD_O_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
-static_assert(sizeof(DvSmem) == 66560, "update BWD_DV_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
+static_assert(sizeof(OutSmem) == 46080, "update OUT_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
 static_assert(sizeof(DqkSmem) == 58624, "update BWD_DQK_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
 
 __device__ __forceinline__ void require_smem(unsigned bytes) {
@@ -1303,39 +1176,39 @@ typedef f16 input_t;
 
 #if GLA_KERNEL < 0 || GLA_KERNEL == 0
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
-    ENTRY(gla_tc_states)(const input_t* x, const input_t* y, const float* g, const float* s0,
+    ENTRY(gla_tc_states)(const input_t* x, const input_t* y, const float* decay, const float* s0,
                          input_t* states, float* last, float* seg_last, float* seg_decay,
-                         float* cum, int seg_len, int Tn, int H, int K, int V, float xscale,
-                         int reverse) {
+                         float* cum, int seg_len, int Tn, int H, int K, int V, int reverse) {
   require_smem(sizeof(StateSmem));
-  tc_states<input_t>(x, y, g, s0, states, last, seg_last, seg_decay, cum, seg_len, Tn, H, K, V,
-                     xscale, reverse);
+  tc_states<input_t>(x, y, decay, s0, states, last, seg_last, seg_decay, cum, seg_len, Tn, H, K,
+                     V, reverse);
 }
 #endif
 #if GLA_KERNEL < 0 || GLA_KERNEL == 1
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
-    ENTRY(gla_tc_attn)(const input_t* q, const input_t* k, const float* g, input_t* attn, int Tn, int H,
-                       int K, float scale) {
+    ENTRY(gla_tc_attn)(const input_t* q, const input_t* k, const float* g, input_t* attn,
+                       input_t* qs, input_t* ks, float* decay, int Tn, int H, int K,
+                       float scale) {
   require_smem(sizeof(AttnSmem));
-  tc_attn<input_t>(q, k, g, attn, Tn, H, K, scale);
+  tc_attn<input_t>(q, k, g, attn, qs, ks, decay, Tn, H, K, scale);
 }
 #endif
 #if GLA_KERNEL < 0 || GLA_KERNEL == 2
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
-    ENTRY(gla_tc_fwd_o)(const input_t* q, const input_t* v, const float* g, const input_t* hs,
-                        const input_t* attn, const float* h0, input_t* o, int Tn, int H, int K, int V,
-                        float scale) {
-  require_smem(sizeof(FwdSmem));
-  tc_fwd_o<input_t>(q, v, g, hs, attn, h0, o, Tn, H, K, V, scale);
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
+    ENTRY(gla_tc_fwd_o)(const input_t* qs, const input_t* v, const input_t* hs,
+                        const input_t* attn, const float* h0, input_t* o, int Tn, int H, int K,
+                        int V) {
+  require_smem(sizeof(OutSmem));
+  tc_out<input_t, false>(qs, v, hs, attn, h0, o, Tn, H, K, V);
 }
 #endif
 #if GLA_KERNEL < 0 || GLA_KERNEL == 3
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
-    ENTRY(gla_tc_bwd_dv)(const input_t* k, const float* g, const input_t* d_o, const input_t* dhs,
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
+    ENTRY(gla_tc_bwd_dv)(const input_t* ks, const input_t* d_o, const input_t* dhs,
                          const input_t* attn, const float* dht, input_t* dv, int Tn, int H, int K,
                          int V) {
-  require_smem(sizeof(DvSmem));
-  tc_bwd_dv<input_t>(k, g, d_o, dhs, attn, dht, dv, Tn, H, K, V);
+  require_smem(sizeof(OutSmem));
+  tc_out<input_t, true>(ks, d_o, dhs, attn, dht, dv, Tn, H, K, V);
 }
 #endif
 #if GLA_KERNEL < 0 || GLA_KERNEL == 4

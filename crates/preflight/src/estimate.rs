@@ -86,8 +86,9 @@ pub fn estimate(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Estim
 
 /// Bytes that chunk mode materialises for one layer, by input precision:
 /// - bf16/fp16 (kernels/gla_tc.cu): the chunk states in the input dtype,
-///   `B * H * ceil(T / 64) * K * V * 2`, plus each chunk's A, `B * H * ceil(T / 64) * 64 * 64 * 2`,
-///   both kept from the forward to the backward;
+///   `B * H * ceil(T / 64) * K * V * 2`, each chunk's A, `B * H * ceil(T / 64) * 64 * 64 * 2`,
+///   the gate-scaled q and k, `2 * B * T * H * K * 2`, and the f32 chunk decays,
+///   `B * H * ceil(T / 64) * K * 4`, all kept from the forward to the backward;
 /// - fp32 (kernels/gla.cu): fp32 chunk states, `B * H * ceil(T / 64) * K * V * 4`, allocated in
 ///   the forward and again in the backward (kept for neither; counted as if kept).
 pub fn chunk_state_bytes(shape: &LayerShape) -> u64 {
@@ -105,7 +106,10 @@ fn chunk_bytes(shape: &LayerShape, tensor_cores: bool) -> u64 {
     let chunks = shape.batch_heads() * shape.seq_len.div_ceil(CHUNK_SIZE) as u64;
     let states = chunks * (shape.head_k_dim * shape.head_v_dim) as u64;
     if tensor_cores {
-        shape.act_bytes() * (states + chunks * (CHUNK_SIZE * CHUNK_SIZE) as u64)
+        let attn = chunks * (CHUNK_SIZE * CHUNK_SIZE) as u64;
+        let scaled_qk = 2 * shape.batch_heads() * (shape.seq_len * shape.head_k_dim) as u64;
+        let decays = 4 * chunks * shape.head_k_dim as u64;
+        shape.act_bytes() * (states + attn + scaled_qk) + decays
     } else {
         4 * states
     }
@@ -363,12 +367,15 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn chunk_states_take_the_input_dtype_and_the_chunks_a_in_half_precision() {
-        // bf16 / fp16 (kernels/gla_tc.cu): 2-byte states plus a 64 x 64 2-byte A per chunk.
+    fn chunk_mode_keeps_states_a_and_scaled_q_k_in_half_precision() {
+        // bf16 / fp16 (kernels/gla_tc.cu): 2-byte states, a 64 x 64 2-byte A per chunk, 2-byte
+        // scaled q and k, a 4-byte decay per chunk and channel.
         let s = gla(8, 2048, 16, 128, 128);
         assert_eq!(
             chunk_state_bytes(&s),
             8 * 16 * 32 * (128 * 128 + 64 * 64) * 2
+                + 2 * 8 * 16 * 2048 * 128 * 2
+                + 8 * 16 * 32 * 128 * 4
         );
         let fp16 = LayerShape {
             dtype: Precision::Fp16,
@@ -379,7 +386,10 @@ pub(crate) mod tests {
         assert_eq!(chunk_state_bytes(&fp32(s)), 8 * 16 * 32 * 128 * 128 * 4);
         // A partial last chunk counts whole; A dominates at tiny head dims.
         let tiny = gla(1, 65, 1, 8, 8);
-        assert_eq!(chunk_state_bytes(&tiny), 2 * (8 * 8 + 64 * 64) * 2);
+        assert_eq!(
+            chunk_state_bytes(&tiny),
+            2 * (8 * 8 + 64 * 64) * 2 + 2 * 65 * 8 * 2 + 2 * 8 * 4
+        );
         assert_eq!(chunk_state_bytes(&fp32(tiny)), 2 * 8 * 8 * 4);
     }
 

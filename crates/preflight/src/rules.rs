@@ -236,7 +236,10 @@ fn states_too_large(shape: &LayerShape, device: &DeviceProfile) -> Option<String
             "chunk mode would store {} of {} for {} layers ({} each), over {:.0}% of the {} of {}",
             human_bytes(all_layers),
             if tensor_core_chunk(shape) {
-                format!("{} states and chunk A matrices", shape.dtype_name())
+                format!(
+                    "{} chunk states, A matrices and scaled q, k",
+                    shape.dtype_name()
+                )
             } else {
                 "fp32 states".to_owned()
             },
@@ -646,8 +649,8 @@ mod tests {
     fn large_chunk_states_switch_to_fused_chunk() {
         let h100 = DeviceProfile::h100_sxm();
         // 24 layers of 1 * 2 * 1024 chunks of 512 x 512 states take more than a quarter of the
-        // 80 GiB: in fp32 (4 bytes) 48 GiB, in bf16 (2 bytes, plus 2-byte 64 x 64 A per chunk)
-        // 24.4 GiB. Otherwise fp32 would pick chunk (128 blocks < 1 wave), bf16 too (rule 7).
+        // 80 GiB: in fp32 (4 bytes) 48 GiB, in bf16 (2 bytes, plus 2-byte 64 x 64 A per chunk,
+        // the gate-scaled q and k and f32 chunk decays) 30.5 GiB. Otherwise fp32 would pick chunk (128 blocks < 1 wave), bf16 too (rule 7).
         let s = gla_shape(1, 65536, 2, 512, 512);
         for (s, states) in [
             (
@@ -656,7 +659,7 @@ mod tests {
             ),
             (
                 s,
-                "24.4 GiB of bf16 states and chunk A matrices for 24 layers (1.0 GiB each)",
+                "30.5 GiB of bf16 chunk states, A matrices and scaled q, k for 24 layers (1.3 GiB each)",
             ),
         ] {
             let d = auto(&s, &h100);

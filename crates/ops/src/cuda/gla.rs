@@ -204,7 +204,8 @@ pub struct Forward {
     /// `[B, H, K, V]` f32.
     pub final_state: Tensor,
     /// What the schedule keeps for [`backward`] (the bf16/fp16 `chunk` schedule: its chunk
-    /// states and A, so the backward need not compute them again).
+    /// states, A, gate-scaled q and k and chunk decays, so the backward need not compute them
+    /// again).
     pub saved: Option<Tensor>,
 }
 

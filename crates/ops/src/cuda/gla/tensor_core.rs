@@ -1,9 +1,11 @@
 //! Launchers of the bf16/fp16 `chunk` schedule (`kernels/gla_tc.cu`).
 //!
-//! Forward: chunk states (h_n per 64-token chunk, in the input dtype) and each chunk's A, then the
-//! outputs of every chunk in parallel; states and A are kept for the backward (the autograd shim
-//! saves them). Backward: the adjoint states (reverse walk), then dv and dq/dk/dg per chunk in
-//! parallel. Every kernel writes full (not partial) results, so nothing is summed over tiles here.
+//! Forward: each chunk's A with the gate-scaled operands of the state products (qs, ks) and the
+//! chunk decays, then the chunk states (h_n per 64-token chunk, in the input dtype), then the
+//! outputs of every chunk in parallel; all but the outputs are kept for the backward (the autograd
+//! shim saves them). Backward: the adjoint states (reverse walk), then dv and dq/dk/dg per chunk
+//! in parallel. Every kernel writes full (not partial) results, so nothing is summed over tiles
+//! here.
 
 use std::sync::Arc;
 
@@ -17,10 +19,9 @@ use super::{
 /// Threads per block.
 const THREADS: u32 = 128;
 /// Dynamic shared memory per kernel; `kernels/gla_tc.cu` static_asserts the same values.
-const STATES_SMEM: u32 = 55_296;
+const STATES_SMEM: u32 = 37_376;
 const ATTN_SMEM: u32 = 38_912;
-const FWD_O_SMEM: u32 = 66_560;
-const BWD_DV_SMEM: u32 = 66_560;
+const OUT_SMEM: u32 = 46_080;
 const BWD_DQK_SMEM: u32 = 58_624;
 /// K / V tile.
 const TILE: i64 = 64;
@@ -65,52 +66,77 @@ fn states_buffer(d: Dims, like: &Tensor) -> Tensor {
     buffer_of(&[d.b, d.h, d.chunks(), d.k, d.v], like.kind(), like)
 }
 
-/// What the forward keeps for the backward, in one buffer of the input dtype: the chunk states
-/// (`[B, H, chunks, K, V]`) followed, 16-byte aligned (the kernels copy A in 16-byte pieces), by
-/// each chunk's A (`[B, H, chunks, 64, 64]`).
+/// What the forward keeps for the backward, in one buffer of the input dtype, each part 16-byte
+/// aligned (the kernels copy in 16-byte pieces): the chunk states (`[B, H, chunks, K, V]`), each
+/// chunk's A (`[B, H, chunks, 64, 64]`), qs = scale q exp(b) and ks = k exp(b_L - b) (`[B, T, H,
+/// K]`, b the cumulative gate inside the chunk) and the chunk decays exp(b_L) (`[B, H, chunks,
+/// K]` f32, two elements of the buffer each).
 struct Kept {
     states: Tensor,
     attn: Tensor,
+    qs: Tensor,
+    ks: Tensor,
+    decay: Tensor,
 }
 
 impl Kept {
-    /// Elements of the states part (rounded up to 8, for A's alignment) and of the A part.
-    fn sizes(d: Dims) -> (i64, i64) {
+    /// Element counts of the parts, in buffer order.
+    fn sizes(d: Dims) -> [i64; 5] {
         let chunks = d.b * d.h * d.chunks();
-        ((chunks * d.k * d.v + 7) / 8 * 8, chunks * TILE * TILE)
+        let operand = d.b * d.t * d.h * d.k;
+        [
+            chunks * d.k * d.v,
+            chunks * TILE * TILE,
+            operand,
+            operand,
+            2 * chunks * d.k,
+        ]
     }
 
     fn new(d: Dims, like: &Tensor) -> (Tensor, Self) {
-        let (states, attn) = Self::sizes(d);
-        let buf = buffer_of(&[states + attn], like.kind(), like);
+        let total = Self::sizes(d).iter().map(|n| aligned(*n)).sum::<i64>();
+        let buf = buffer_of(&[total], like.kind(), like);
         let kept = Self::view(d, &buf);
         (buf, kept)
     }
 
     fn view(d: Dims, buf: &Tensor) -> Self {
-        let (states, attn) = Self::sizes(d);
-        let chunks = d.b * d.h * d.chunks();
+        let mut start = 0;
+        let [states, attn, qs, ks, decay] = Self::sizes(d).map(|n| {
+            let part = buf.narrow(0, start, n);
+            start += aligned(n);
+            part
+        });
         Kept {
-            states: buf.narrow(0, 0, chunks * d.k * d.v),
-            attn: buf.narrow(0, states, attn),
+            states,
+            attn,
+            qs,
+            ks,
+            decay,
         }
     }
 }
 
-/// A of every chunk (`gla_tc_attn`) into `attn`.
+/// `n` elements of a 16-bit buffer rounded up to whole 16-byte pieces.
+fn aligned(n: i64) -> i64 {
+    (n + 7) / 8 * 8
+}
+
+/// A of every chunk, qs, ks and the chunk decays (`gla_tc_attn`) into `kept`.
 fn attention(
     dev: &Arc<Device>,
     dt: KernelDtype,
     d: Dims,
     (q, k, g): (&Tensor, &Tensor, &Tensor),
-    attn: &Tensor,
+    kept: &Kept,
     scale: f32,
 ) -> Result<(), CudaError> {
     let (tt, hh, kk) = (d.t as i32, d.h as i32, d.k as i32);
-    let (qp, kp, gp, ap) = (ptr(q), ptr(k), ptr(g), ptr(attn));
+    let (qp, kp, gp, ap) = (ptr(q), ptr(k), ptr(g), ptr(&kept.attn));
+    let (qsp, ksp, dp) = (ptr(&kept.qs), ptr(&kept.ks), ptr(&kept.decay));
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_attn")?;
     launch!(dev, f, (d.chunks(), d.b * d.h, 1), ATTN_SMEM, THREADS;
-        qp, kp, gp, ap, tt, hh, kk, scale)
+        qp, kp, gp, ap, qsp, ksp, dp, tt, hh, kk, scale)
 }
 
 /// A walk splits into segments (walked in parallel, then joined by `gla_tc_carry` and
@@ -132,25 +158,25 @@ fn segment_len(dev: &Device, d: Dims) -> i64 {
     (d.chunks() + segments - 1) / segments
 }
 
-/// One state walk (`gla_tc_states`): x scaled by its decay against y, from `s0` (0: zeros),
-/// writing every chunk's state to `states` and the last one to `last` (0: not wanted). Few
-/// (batch, head) pairs and many chunks: the sequence is walked in segments in parallel, then
-/// their end states are carried across segments and added to the later segments' states.
+/// One state walk (`gla_tc_states`): the scaled x (`Kept::ks` or `Kept::qs`) against y, with the
+/// chunk decays, from `s0` (0: zeros), writing every chunk's state to `states` and the last one
+/// to `last` (0: not wanted). Few (batch, head) pairs and many chunks: the sequence is walked in
+/// segments in parallel, then their end states are carried across segments and added to the
+/// later segments' states.
 #[allow(clippy::too_many_arguments)]
 fn walk(
     dev: &Arc<Device>,
     dt: KernelDtype,
     d: Dims,
-    (x, g, y): (&Tensor, &Tensor, &Tensor),
+    (x, y, decay): (&Tensor, &Tensor, &Tensor),
     s0: u64,
     states: &Tensor,
     last: u64,
-    xscale: f32,
     reverse: i32,
 ) -> Result<(), CudaError> {
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
-    let (xp, gp, yp, sp) = (ptr(x), ptr(g), ptr(y), ptr(states));
+    let (xp, yp, dcp, sp) = (ptr(x), ptr(y), ptr(decay), ptr(states));
     let len = segment_len(dev, d);
     let segments = (nc + len - 1) / len;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_states")?;
@@ -158,21 +184,39 @@ fn walk(
     if segments == 1 {
         let nullp = 0u64;
         return launch!(dev, f, (nv, nk, bh), STATES_SMEM, THREADS;
-            xp, yp, gp, s0, sp, last, nullp, nullp, nullp, seg_len, tt, hh, kk, vv, xscale, reverse);
+            xp, yp, dcp, s0, sp, last, nullp, nullp, nullp, seg_len, tt, hh, kk, vv, reverse);
     }
-    let seg_last = buffer(&[bh, segments, d.k, d.v], x);
-    let carry = buffer(&[bh, segments, d.k, d.v], x);
-    let seg_decay = buffer(&[bh, segments, d.k], x);
-    let cum = buffer(&[bh, nc, d.k], x);
+    let seg_last = buffer(&[bh, segments, d.k, d.v], y);
+    let carry = buffer(&[bh, segments, d.k, d.v], y);
+    let seg_decay = buffer(&[bh, segments, d.k], y);
+    let cum = buffer(&[bh, nc, d.k], y);
     let (lp, cp, dp, cump) = (ptr(&seg_last), ptr(&carry), ptr(&seg_decay), ptr(&cum));
     launch!(dev, f, (nv, nk, bh * segments), STATES_SMEM, THREADS;
-        xp, yp, gp, s0, sp, last, lp, dp, cump, seg_len, tt, hh, kk, vv, xscale, reverse)?;
+        xp, yp, dcp, s0, sp, last, lp, dp, cump, seg_len, tt, hh, kk, vv, reverse)?;
     let nseg = segments as i32;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_carry")?;
     let elements = tiles(d.k * d.v, i64::from(THREADS));
     launch!(dev, f, (elements, bh, 1), 0, THREADS; lp, dp, cp, last, nseg, kk, vv)?;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fixup")?;
     launch!(dev, f, (nc, bh, 1), 0, THREADS; sp, cump, cp, seg_len, tt, kk, vv, reverse)
+}
+
+/// Everything the forward keeps, into `kept`: A, qs, ks and the decays, then the chunk states
+/// (from `h0`; the final state into `ht`, 0: not wanted).
+#[allow(clippy::too_many_arguments)]
+fn chunk_states(
+    dev: &Arc<Device>,
+    dt: KernelDtype,
+    d: Dims,
+    (q, k, v, g): (&Tensor, &Tensor, &Tensor, &Tensor),
+    h0: u64,
+    kept: &Kept,
+    ht: u64,
+    scale: f32,
+) -> Result<(), CudaError> {
+    attention(dev, dt, d, (q, k, g), kept, scale)?;
+    let operands = (&kept.ks, v, &kept.decay);
+    walk(dev, dt, d, operands, h0, &kept.states, ht, FORWARD)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -190,27 +234,15 @@ pub(super) fn forward(
     check_grid(d)?;
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nv, nc, bh) = (tiles(d.v, TILE), d.chunks(), d.b * d.h);
-    let (qp, vp, gp, h0p) = (ptr(q), ptr(v), ptr(g), opt_ptr(h0));
+    let (vp, h0p) = (ptr(v), opt_ptr(h0));
     let (buf, kept) = Kept::new(d, q);
     let ht = buffer(&[d.b, d.h, d.k, d.v], q);
     let o = buffer_of(&[d.b, d.t, d.h, d.v], v.kind(), v);
-    let (hsp, ap, op) = (ptr(&kept.states), ptr(&kept.attn), ptr(&o));
-    let sc = scale as f32;
-    walk(
-        dev,
-        dt,
-        d,
-        (k, g, v),
-        h0p,
-        &kept.states,
-        ptr(&ht),
-        1.0,
-        FORWARD,
-    )?;
-    attention(dev, dt, d, (q, k, g), &kept.attn, sc)?;
+    chunk_states(dev, dt, d, (q, k, v, g), h0p, &kept, ptr(&ht), scale as f32)?;
+    let (qsp, hsp, ap, op) = (ptr(&kept.qs), ptr(&kept.states), ptr(&kept.attn), ptr(&o));
     let out = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fwd_o")?;
-    launch!(dev, out, (nv, nc, bh), FWD_O_SMEM, THREADS;
-        qp, vp, gp, hsp, ap, h0p, op, tt, hh, kk, vv, sc)?;
+    launch!(dev, out, (nv, nc, bh), OUT_SMEM, THREADS;
+        qsp, vp, hsp, ap, h0p, op, tt, hh, kk, vv)?;
     Ok(Forward {
         o,
         final_state: ht,
@@ -249,18 +281,8 @@ pub(super) fn backward(
         None => {
             // The views keep the buffer's storage alive.
             let (_, kept) = Kept::new(d, x.q);
-            walk(
-                dev,
-                dt,
-                d,
-                (x.k, x.g, x.v),
-                h0p,
-                &kept.states,
-                0,
-                1.0,
-                FORWARD,
-            )?;
-            attention(dev, dt, d, (x.q, x.k, x.g), &kept.attn, sc)?;
+            let inputs = (x.q, x.k, x.v, x.g);
+            chunk_states(dev, dt, d, inputs, h0p, &kept, 0, sc)?;
             kept
         }
     };
@@ -270,13 +292,14 @@ pub(super) fn backward(
     let dk = buffer_of(&x.k.size(), x.k.kind(), x.k);
     let dv = buffer_of(&x.v.size(), x.v.kind(), x.v);
     let dg = buffer(&x.g.size(), x.q);
-    let (hsp, ap) = (ptr(&kept.states), ptr(&kept.attn));
+    let (hsp, ap, ksp) = (ptr(&kept.states), ptr(&kept.attn), ptr(&kept.ks));
     let (dhsp, dh0p) = (ptr(&dhs), opt_ptr(dh0.as_ref()));
     let (dqp, dkp, dvp, dgp) = (ptr(&dq), ptr(&dk), ptr(&dv), ptr(&dg));
-    walk(dev, dt, d, (x.q, x.g, x.d_o), dhtp, &dhs, dh0p, sc, REVERSE)?;
+    let operands = (&kept.qs, x.d_o, &kept.decay);
+    walk(dev, dt, d, operands, dhtp, &dhs, dh0p, REVERSE)?;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_bwd_dv")?;
-    launch!(dev, f, (nv, nc, bh), BWD_DV_SMEM, THREADS;
-        kp, gp, dop, dhsp, ap, dhtp, dvp, tt, hh, kk, vv)?;
+    launch!(dev, f, (nv, nc, bh), OUT_SMEM, THREADS;
+        ksp, dop, dhsp, ap, dhtp, dvp, tt, hh, kk, vv)?;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_bwd_dqk")?;
     launch!(dev, f, (nk, nc, bh), BWD_DQK_SMEM, THREADS;
         qp, kp, vp, gp, dop, hsp, dhsp, h0p, dhtp, dqp, dkp, dgp, tt, hh, kk, vv, sc)?;
