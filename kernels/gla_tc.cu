@@ -18,11 +18,13 @@
 //   dg_t    = sum_{s >= t in the chunk} (q_s dq_s - k_s dk_s)
 //             + sum_{s in the chunk} k_s dk'_s + exp(b_L) sum_V h_n dh_{n+1}
 //             (dk' = the state part of dk, (v dh_{n+1}^T) exp(b_L - b); see tc_bwd_dqk)
-// Kernels: forward tc_states (h_n per chunk, kept for the backward, and the final state),
-// tc_attn (A once per chunk, kept), tc_fwd_o; backward tc_states in reverse (dh_{n+1} per chunk
-// and dh_0), tc_bwd_dv, tc_bwd_dqk (dq, dk and dg). 128 threads; warp w owns rows
-// 16 w .. 16 w + 15 of every 64-row product; 64 x 64 tiles over K and V (zero-padded, any size).
-// Tiles arrive by cp.async (one round trip per step); fragments by ldmatrix; mma.sync m16n8k16.
+// Kernels: forward tc_attn (A once per chunk; the state products' operands qs = scale q exp(b),
+// ks = k exp(b_L - b) and the chunk decays exp(b_L)), tc_states (h_n per chunk and the final
+// state), tc_fwd_o; backward tc_states in reverse (dh_{n+1} per chunk and dh_0), tc_bwd_dv,
+// tc_bwd_dqk (dq, dk and dg). Everything but o is kept for the backward. 128 threads; warp w owns
+// rows 16 w .. 16 w + 15 of every 64-row product; 64 x 64 tiles over K and V (zero-padded, any
+// size). Tiles arrive by cp.async (one round trip per step); fragments by ldmatrix; mma.sync
+// m16n8k16. Subnormals are flushed (--ftz=true).
 //
 // Intra-chunk products (A, and the dA-weighted sums of dq and dk) are rebased per 16-token
 // block: for the rows of block w the reference is r = b at the block's first token, so
@@ -30,7 +32,7 @@
 // k exp(r - b_s) can exceed 1 by at most exp(span), span = b_first - b_last of the block; where a
 // channel's span exceeds SPAN_LIMIT its diagonal terms are taken exactly (an exp per pair) instead.
 // These products take fp32 operands split into two bf16 halves (x = hi + lo, three mma: fp32-like
-// accuracy and range); the state products (q h, A v, k dh, ...) take input-dtype operands, and
+// accuracy and range); the state products (qs h, A v, ks dh, ...) take input-dtype operands, and
 // fp32 boundary states given by the caller (h0, dht) enter as hi + lo halves.
 //
 // Versions (B x T x H x D = 8 x 2048 x 16 x 128, bf16, fwd / fwd+bwd ms, CUDA-event medians;
@@ -90,18 +92,28 @@
 //       instructions, its NVRTC compile ~20% shorter; cold first call 1.41-1.93 s over three
 //       runs on one H100 machine (2.0-2.65 s before, on others).
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
-// traffic), the boundary term in the reverse walk (exposed loads in a sequential kernel), fewer
-// registers per thread for more blocks per SM (spills cost more than the occupancy gained).
-// Status (v13, H100, bench/results/gla-h100-2026-11-26.json): fwd+bwd 0.36x FLA at D = 32,
-// 0.45x at D = 64; at D = 128 0.62x (8 x 2048) to 0.72x (2 x 8192), 6.0x the floor; faster than
-// SDPA flash from T = 8192 (fwd+bwd) and T = 16384 (fwd: 1.13 vs 1.73 ms), 2.2x slower at
-// T = 2048 (fwd 0.69 vs 0.31 ms). Cold first call (NVRTC, kernels compiled in parallel, the
-// dq/dk kernel the slowest): 2.0 s. What limits it (ncu): the state walks (~0.3 ms each at
-// 8 x 2048: one 64-token chunk per ~10 us step, a gate scan, two barriers, 64 mma per warp) and
-// tc_bwd_dqk (~1 ms: the per-element rebasing exps and split-bf16 products of the intra-chunk
-// sums, with 12 warps per SM to hide their latency). Next: wgmma with the walk's state in a
-// warpgroup, dq and dk intra sums from precomputed rebased tiles, a lighter dq/dk kernel to
-// compile (its NVRTC time is the first call's).
+// traffic; v17 does it inside tc_attn, which reads q, k and the gates anyway), the boundary term
+// in the reverse walk (exposed loads in a sequential kernel), fewer registers per thread for more
+// blocks per SM (spills cost more than the occupancy gained). Session 3 (H100): TF32 mma
+// (m16n8k8) for the rebased intra products instead of split bf16: no faster (dq/dk 0.56 ->
+// 0.58 ms, attn unchanged; those kernels wait on latency, not on the tensor cores) and fp16 dg
+// 2.6x the naive error; tc_bwd_dqk with 8 warps (two per row block, one per half of the
+// channels; 2 blocks of 8 warps per SM instead of 3 of 4): 0.56 -> 0.73 ms, fewer blocks to
+// overlap one block's loads with another's math (its compile, 1.0 s instead of 1.8, was shorter).
+// Status (v18, H100, bench/results/gla-h100-2026-11-26.json), fwd / fwd+bwd: D = 32 0.20 / 0.61
+// (0.25x FLA), D = 64 0.27 / 0.74 (0.26x), D = 128 0.49 / 1.47 (0.40x, 3.9x the floor) at
+// 8 x 2048, 0.57 / 1.61 at 4 x 4096, 0.58 / 1.64 at 2 x 8192, 0.60 / 1.69 at 1 x 16384 (0.37x to
+// 0.43x FLA). Forward+backward faster than SDPA flash from T = 4096 (1.61 vs 2.22 ms); forward
+// faster from T = 8192 (0.58 vs 0.94), slower at T = 2048 (0.49 vs 0.28) and 4096 (0.57 vs
+// 0.51). Cold first call 1.27-1.80 s (three runs; NVRTC 1.2-1.5 s of it). Per kernel at
+// 8 x 2048 x 16 x 128 (ncu): tc_attn 0.22 ms, walks 0.14 each, fwd_o and dv 0.14 each,
+// tc_bwd_dqk 0.56. The walks and the output kernels run near DRAM bandwidth (their bytes: ~0.27
+// and ~0.37 GB); tc_attn and tc_bwd_dqk wait on latency (the rebasing exps and split products of
+// the intra-chunk sums, 12-16 warps per SM), at 1.5x and 1.8x their DRAM time. The pipeline
+// moves ~2.6 GB (0.87 ms at 3 TB/s) against the 1.14 GB floor: what it keeps for the backward
+// (states, A, qs, ks) and reads again. Next: dq/dk with its loads overlapped (the second V-tile
+// and the q/k/gate tiles during the first V-tile's products, in less shared memory), A and o
+// fused for T = 2048, where the forward is 1.8x SDPA.
 // Precision: every output and gradient of every test shape is within 2x of the naive
 // same-precision computation. The chunk states are kept in the input dtype (as FLA does); dg takes
 // its boundary terms from the same states that dq and dk use (tc_bwd_dqk), so their rounding does

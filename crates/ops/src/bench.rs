@@ -457,6 +457,15 @@ fn first_call_times(cuda: &CudaDevice, dev: Device) -> Result<(f64, f64), BenchE
     let leaf = |x: Tensor| x.f_set_requires_grad(true);
     let q = leaf(Tensor::f_randn(shape, (Kind::BFloat16, dev))?)?;
     let g = leaf(log_gates(&shape, dev)?)?;
+    // libtorch's own first-use costs (autograd's worker threads, its lazily loaded reduction and
+    // fill kernels) are paid before the clock starts, as the earlier layers of a training step
+    // would have paid them: the time is the GLA op's own first call.
+    tch::with_grad(|| -> Result<(), BenchError> {
+        let loss = q.f_to_kind(Kind::Float)?.f_sum(Kind::Float)?;
+        let grads = Tensor::f_run_backward(&[&loss], &[&q], false, false)?;
+        grads[0].f_sum(Kind::Float)?.f_double_value(&[])?;
+        Ok(())
+    })?;
     let t0 = Instant::now();
     tch::with_grad(|| -> Result<(), BenchError> {
         let (o, _) = gla(&q, &q, &q, &g, None, None, GlaMode::Chunk, false)?;
