@@ -102,7 +102,10 @@
 // 0.58 ms, attn unchanged; those kernels wait on latency, not on the tensor cores) and fp16 dg
 // 2.6x the naive error; tc_bwd_dqk with 8 warps (two per row block, one per half of the
 // channels; 2 blocks of 8 warps per SM instead of 3 of 4): 0.56 -> 0.73 ms, fewer blocks to
-// overlap one block's loads with another's math (its compile, 1.0 s instead of 1.8, was shorter).
+// overlap one block's loads with another's math (its compile, 1.0 s instead of 1.8, was shorter);
+// A's row blocks shared evenly by tc_attn's warps (the last warp had 4x the first's products), or
+// rotated over the SM's schedulers: 0.22 -> 0.215 ms and no change (tc_attn waits on its loads,
+// scan and stores, not on the uneven products).
 // Status (v18, H100, bench/results/gla-h100-2026-11-26.json), fwd / fwd+bwd: D = 32 0.20 / 0.61
 // (0.25x FLA), D = 64 0.27 / 0.74 (0.26x), D = 128 0.49 / 1.47 (0.40x, 3.9x the floor) at
 // 8 x 2048, 0.57 / 1.61 at 4 x 4096, 0.58 / 1.64 at 2 x 8192, 0.60 / 1.69 at 1 x 16384 (0.37x to
@@ -110,7 +113,7 @@
 // faster from T = 8192 (0.58 vs 0.94), slower at T = 2048 (0.49 vs 0.28) and 4096 (0.57 vs
 // 0.51). Cold first call 1.27-1.80 s (three runs; NVRTC 1.2-1.5 s of it). Per kernel at
 // 8 x 2048 x 16 x 128 (ncu): tc_attn 0.22 ms, walks 0.14 each, fwd_o and dv 0.14 each,
-// tc_bwd_dqk 0.56. The walks and the output kernels run near DRAM bandwidth (their bytes: ~0.27
+// tc_bwd_dqk 0.53. The walks and the output kernels run near DRAM bandwidth (their bytes: ~0.27
 // and ~0.37 GB); tc_attn and tc_bwd_dqk wait on latency (the rebasing exps and split products of
 // the intra-chunk sums, 12-16 warps per SM), at 1.5x and 1.8x their DRAM time. The pipeline
 // moves ~2.6 GB (0.87 ms at 3 TB/s) against the 1.14 GB floor: what it keeps for the backward
