@@ -106,12 +106,13 @@
 // A's row blocks shared evenly by tc_attn's warps (the last warp had 4x the first's products), or
 // rotated over the SM's schedulers: 0.22 -> 0.215 ms and no change (tc_attn waits on its loads,
 // scan and stores, not on the uneven products).
-// Status (v18, H100, bench/results/gla-h100-2026-11-26.json), fwd / fwd+bwd: D = 32 0.20 / 0.61
-// (0.25x FLA), D = 64 0.27 / 0.74 (0.26x), D = 128 0.49 / 1.47 (0.40x, 3.9x the floor) at
-// 8 x 2048, 0.57 / 1.61 at 4 x 4096, 0.58 / 1.64 at 2 x 8192, 0.60 / 1.69 at 1 x 16384 (0.37x to
-// 0.43x FLA). Forward+backward faster than SDPA flash from T = 4096 (1.61 vs 2.22 ms); forward
-// faster from T = 8192 (0.58 vs 0.94), slower at T = 2048 (0.49 vs 0.28) and 4096 (0.57 vs
-// 0.51). Cold first call 1.27-1.80 s (three runs; NVRTC 1.2-1.5 s of it). Per kernel at
+// Status (v19, H100, bench/results/gla-h100-2026-11-26.json), fwd / fwd+bwd: D = 32 0.21 / 0.53
+// (0.22x FLA), D = 64 0.27 / 0.75 (0.27x), D = 128 0.50 / 1.44 (0.39x, 3.8x the floor) at
+// 8 x 2048, 0.56 / 1.60 at 4 x 4096, 0.58 / 1.63 at 2 x 8192, 0.60 / 1.69 at 1 x 16384 (0.37x to
+// 0.43x FLA). Forward+backward faster than SDPA flash from T = 4096 (1.60 vs 2.21 ms), level at
+// 2048 (1.44 vs 1.43); forward faster from T = 8192 (0.58 vs 0.92), slower at T = 2048 (0.50 vs
+// 0.28) and 4096 (0.56 vs 0.50). Cold first call 1.42-1.72 s (three runs; NVRTC 1.2-1.6 s of
+// it; 1.27-1.80 s over three more on another machine). Per kernel at
 // 8 x 2048 x 16 x 128 (ncu): tc_attn 0.22 ms, walks 0.14 each, fwd_o and dv 0.14 each,
 // tc_bwd_dqk 0.53. The walks and the output kernels run near DRAM bandwidth (their bytes: ~0.27
 // and ~0.37 GB); tc_attn and tc_bwd_dqk wait on latency (the rebasing exps and split products of
