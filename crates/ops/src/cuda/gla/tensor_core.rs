@@ -146,11 +146,11 @@ const WALK_BLOCKS_PER_SM: i64 = 4;
 /// ... keeping at least this many chunks per segment.
 const MIN_SEGMENT_CHUNKS: i64 = 8;
 
-/// Chunks per segment of a walk over `d` on `dev`: all of them when the grid fills the GPU or
-/// the sequence is short.
-fn segment_len(dev: &Device, d: Dims) -> i64 {
+/// Chunks per segment of a walk over `d` on a GPU with `sm_count` SMs: all of them when the grid
+/// fills the GPU or the sequence is short.
+fn segment_len(sm_count: usize, d: Dims) -> i64 {
     let blocks = tiles(d.k, TILE) * tiles(d.v, TILE) * d.b * d.h;
-    let slots = WALK_BLOCKS_PER_SM * dev.sm_count() as i64;
+    let slots = WALK_BLOCKS_PER_SM * sm_count as i64;
     let segments = (slots / blocks)
         .min(d.chunks() / MIN_SEGMENT_CHUNKS)
         .min(MAX_GRID_Z / (d.b * d.h))
@@ -177,7 +177,7 @@ fn walk(
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
     let (xp, yp, dcp, sp) = (ptr(x), ptr(y), ptr(decay), ptr(states));
-    let len = segment_len(dev, d);
+    let len = segment_len(dev.sm_count(), d);
     let segments = (nc + len - 1) / len;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_states")?;
     let seg_len = len as i32;
@@ -310,4 +310,40 @@ pub(super) fn backward(
         dg,
         dh0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(b: i64, t: i64, h: i64, k: i64, v: i64) -> Dims {
+        Dims { b, t, h, k, v }
+    }
+
+    #[test]
+    fn walks_split_into_segments_that_fill_the_gpu() {
+        // H100: 132 SMs, 4 walk blocks each = 528 slots; a 128 x 128 state is 4 tiles.
+        let sms = 132;
+        // 8 x 16 x 4 = 512 blocks fill the GPU: one walk over all 32 chunks.
+        assert_eq!(segment_len(sms, dims(8, 2048, 16, 128, 128)), 32);
+        // 256 blocks: two segments of 32 chunks (three would need a second wave).
+        assert_eq!(segment_len(sms, dims(4, 4096, 16, 128, 128)), 32);
+        // 64 blocks: eight segments of 32 chunks.
+        assert_eq!(segment_len(sms, dims(1, 16384, 16, 128, 128)), 32);
+        // Few chunks: segments keep at least MIN_SEGMENT_CHUNKS of them.
+        assert_eq!(segment_len(sms, dims(1, 1000, 1, 64, 64)), 8);
+        assert_eq!(segment_len(sms, dims(1, 448, 1, 64, 64)), 7);
+    }
+
+    #[test]
+    fn rows_past_32_bit_tile_offsets_are_refused() {
+        assert!(check_grid(dims(1, 64, 16, 1024, 1024)).is_ok());
+        let err = check_grid(dims(1, 64, 32_768, 1024, 64)).unwrap_err();
+        assert!(err.to_string().contains("32768 x 1024"), "{err}");
+        let err = check_grid(dims(70_000, 64, 1, 64, 64)).unwrap_err();
+        assert!(
+            err.to_string().contains("exceeds the 65535 blocks"),
+            "{err}"
+        );
+    }
 }
