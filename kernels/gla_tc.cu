@@ -475,25 +475,18 @@ __device__ __noinline__ float wide_pair(const u16* qh, const u16* kh, const floa
   return x;
 }
 
-// sum_{s = s0 .. t} dA[t][s] x[s][i] exp(b[t][i] - b[s][i]) (dq's diagonal block, x = k).
+// The exact diagonal-block sum of a fixed token f over its partners p = lo .. hi,
+//   sum_p dA[t][s] x[p][i] exp(b[t][i] - b[s][i]),
+// with (t, s) = (f, p) for dq (x = k, partners earlier) or (p, f) for dk (x = q, partners later).
 template <typename T>
-__device__ __noinline__ float wide_dq(const float* dA, const u16* x, const float* bs, int s0,
-                                      int t, int i) {
+__device__ __noinline__ float wide_sum(const float* dA, const u16* x, const float* bs, int f,
+                                       int lo, int hi, int i, bool later) {
   float acc = 0.f;
 #pragma unroll 1
-  for (int s = s0; s <= t; ++s)
-    acc += dA[t * LDF + s] * elem<T>(x, s, i) * exp2_approx(bs[t * LDF + i] - bs[s * LDF + i]);
-  return acc;
-}
-
-// sum_{t = s .. t1} dA[t][s] x[t][i] exp(b[t][i] - b[s][i]) (dk's diagonal block, x = q).
-template <typename T>
-__device__ __noinline__ float wide_dk(const float* dA, const u16* x, const float* bs, int s,
-                                      int t1, int i) {
-  float acc = 0.f;
-#pragma unroll 1
-  for (int t = s; t <= t1; ++t)
-    acc += dA[t * LDF + s] * elem<T>(x, t, i) * exp2_approx(bs[t * LDF + i] - bs[s * LDF + i]);
+  for (int p = lo; p <= hi; ++p) {
+    const int t = later ? p : f, s = later ? f : p;
+    acc += dA[t * LDF + s] * elem<T>(x, p, i) * exp2_approx(bs[t * LDF + i] - bs[s * LDF + i]);
+  }
   return acc;
 }
 
@@ -1101,7 +1094,7 @@ __device__ void tc_bwd_dqk(const T* q, const T* k, const T* v, const float* g, c
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int t = r0 + acc_row(e), i = acc_col(nn, e);
-        if ((wide >> i) & 1ull) aq[nn][e] += wide_dq<T>(dAs, kh, bs, r0, t, i);
+        if ((wide >> i) & 1ull) aq[nn][e] += wide_sum<T>(dAs, kh, bs, t, r0, t, i, false);
       }
   }
 
@@ -1157,7 +1150,7 @@ __device__ void tc_bwd_dqk(const T* q, const T* k, const T* v, const float* g, c
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int s = r0 + acc_row(e), i = acc_col(nn, e);
-        if ((wide >> i) & 1ull) ak[nn][e] += wide_dk<T>(dAs, qh, bs, s, r0 + 15, i);
+        if ((wide >> i) & 1ull) ak[nn][e] += wide_sum<T>(dAs, qh, bs, s, s, r0 + 15, i, true);
       }
   }
 
