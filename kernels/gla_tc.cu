@@ -333,14 +333,6 @@ __device__ __forceinline__ void copies_done() {
   __syncthreads();
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Waits until at most `pending` of this thread's committed copy groups are still in flight.
-template <int pending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
-}
-
 // Element by element, for rows not in whole 16-byte pieces (x: 16-bit elements if `wide` is
 // false, fp32 otherwise); rare, so out of line: the kernels' common paths stay small (a shorter
 // compile) and free of it.
