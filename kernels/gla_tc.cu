@@ -183,6 +183,20 @@ __device__ __forceinline__ float2 pair(const u16* X, int r, int c) {
   return make_float2(h2f(a), h2f(b));
 }
 
+// The two 16-bit values of a packed register (Op<T>::pack) as fp32.
+template <typename T>
+__device__ __forceinline__ float lo_half(unsigned p) {
+  T a;
+  a.bits = (u16)(p & 0xffffu);
+  return h2f(a);
+}
+template <typename T>
+__device__ __forceinline__ float hi_half(unsigned p) {
+  T a;
+  a.bits = (u16)(p >> 16);
+  return h2f(a);
+}
+
 // D += A B, m16n8k16, fp32 accumulators. Fragment layouts (g = lane / 4, c = lane % 4):
 //   a[0] = A(g, 2c..2c+1)  a[1] = A(g+8, 2c..)  a[2] = A(g, 2c+8..)  a[3] = A(g+8, 2c+8..)
 //   b[0] = B(2c..2c+1, g)  b[1] = B(2c+8.., g)
@@ -591,7 +605,8 @@ __device__ __forceinline__ void store_rows(T* out, const float acc[8][4], long l
 // by tc_attn (ks = k exp(b_L - b), qs = scale q exp(b)) and d = exp(b_L):
 //   forward:  states[n] = h_n (input dtype);  h = d h + ks^T v
 //   reverse:  states[n] = dh_{n+1};           dh = d dh + qs^T do
-// `last` (fp32): the final state, or dh_0. Every tile of a step arrives by cp.async into one of
+// `last` (fp32): the final state, or dh_0; `states` null: end states only (the segments'
+// end states for tc_walk_out). Every tile of a step arrives by cp.async into one of
 // two buffers while the previous step multiplies: one barrier per step.
 struct StateSmem {
   u16 x[2][TC_C * LDH];
@@ -649,8 +664,9 @@ __device__ void tc_states(const T* x, const T* y, const float* decay, const floa
     // This step's tiles are in, and every warp is done with the other buffer.
     copies_done();
     if (step + 1 < end) issue(step + 1);
-    store_rows<T>(states + ((long long)bh * NT + n) * KV + (long long)col_k * V, acc, 0, krows, 1,
-                  V, col_v);
+    if (states != nullptr)
+      store_rows<T>(states + ((long long)bh * NT + n) * KV + (long long)col_k * V, acc, 0, krows,
+                    1, V, col_v);
     if (cum != nullptr && writes_decay) {
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
@@ -667,11 +683,8 @@ __device__ void tc_states(const T* x, const T* y, const float* decay, const floa
 #pragma unroll
         for (int e = 0; e < 4; e += 2) {
           const unsigned p = Op<T>::pack(acc[nn][e], acc[nn][e + 1]);
-          T lo, hi;
-          lo.bits = (u16)(p & 0xffffu);
-          hi.bits = (u16)(p >> 16);
-          acc[nn][e] = h2f(lo);
-          acc[nn][e + 1] = h2f(hi);
+          acc[nn][e] = lo_half<T>(p);
+          acc[nn][e + 1] = hi_half<T>(p);
         }
     }
     const float d0 = sm.decay[step & 1][r0 + g8], d1 = sm.decay[step & 1][r0 + g8 + 8];
@@ -917,6 +930,253 @@ __device__ void tc_out(const T* xs, const T* y, const T* states, const T* attn,
   else
     warp_gemm<T, false, true>(acc, sm.a, sm.y, r0, 0, r0 + 16);
   store_rows<T>(out, acc, row0, nrows, H, V, col_v);
+}
+
+// ---------------------------------------------------------------------------------------------
+// state walk with the outputs (K <= 128)
+// ---------------------------------------------------------------------------------------------
+// Grid (ceil(V/64), B*H*S): a block walks the chunks of one segment for one 64-column V-tile
+// with the whole state (K <= 128 channels) in registers, and per chunk n writes the kept state
+// and the chunk's outputs, from one read of the chunk's operands:
+//   forward (tc_walk_out<T, false>): states[n] = h_n;      o  = qs h_n + A v;        h = d h + ks^T v
+//   adjoint (tc_walk_out<T, true>):  states[n] = dh_{n+1}; dv = ks dh_{n+1} + A^T do; dh = d dh + qs^T do
+// i.e. out = x_out S + A' y, S = d S + x_walk^T y. Warp w holds the transposed state S^T (rows:
+// the tile's V columns 16 w .. 16 w + 15; columns: all K channels). Packed to 16 bits its
+// accumulator fragments are the B fragments of x_out S, so the state reaches the output product
+// without shared memory; each warp computes all 64 tokens' outputs for its 16 columns. Segment
+// s >= 1 starts from carry[s] (tc_states walked the segments from zero for their end states and
+// tc_carry joined them); `out` null: states only (the backward recomputing them).
+#define WALK_TILE (TC_C * LDH)  // 16-bit elements of one 64 x 64 tile
+
+// One step's buffer, in 16-bit elements: kt tiles of x_out, kt of x_walk, A, y, then 2 x 64
+// fp32 decays. After the step's products the same space stages its outputs and state.
+__device__ __forceinline__ int walk_buffer(int kt) { return (2 * kt + 2) * WALK_TILE + 2 * 2 * TC_T; }
+
+// The 64-row tile at `src` (row stride LDH) into rows of a [rows, H, D] tensor, row r at
+// x + (row0 + r * H) * D, columns col0 ..; rows past `nrows` and columns past D skipped.
+__device__ __noinline__ void store_tile_slow(u16* base, const u16* src, int nrows, int stride,
+                                             int D, int col0) {
+  for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
+    const int r = e >> 6, c = e & 63;
+    if (r < nrows && col0 + c < D) base[r * stride + c] = src[r * LDH + c];
+  }
+}
+template <typename T>
+__device__ void store_tile(T* x, const u16* src, long long row0, int nrows, int H, int D, int col0) {
+  u16* base = reinterpret_cast<u16*>(x) + row0 * D + col0;
+  const int stride = H * D;
+  if (D % 8 == 0) {
+    const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
+    if (col0 + c >= D) return;
+#pragma unroll
+    for (int it = 0; it < 4; ++it) {
+      const int rr = r + 16 * it;
+      if (rr < nrows)
+        *reinterpret_cast<uint4*>(base + rr * stride + c) =
+            *reinterpret_cast<const uint4*>(src + rr * LDH + c);
+    }
+  } else {
+    store_tile_slow(base, src, nrows, stride, D, col0);
+  }
+}
+
+// hb = the low halves of st, st - hb (hb: st packed to the input dtype).
+template <typename T>
+__device__ __forceinline__ void split_low(unsigned hb[16][2], const float st[16][4]) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int u = 0; u < 2; ++u)
+      hb[j][u] = Op<T>::pack(st[j][2 * u] - lo_half<T>(hb[j][u]),
+                             st[j][2 * u + 1] - hi_half<T>(hb[j][u]));
+}
+
+template <typename T, bool ADJOINT>
+__device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const float* decay,
+                            const T* attn, const float* s0, const float* carry, T* states, T* out,
+                            float* last, int seg_len, int Tn, int H, int K, int V) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  u16* smem = reinterpret_cast<u16*>(smem_raw);
+  const int NT = (Tn + TC_C - 1) / TC_C, S = (NT + seg_len - 1) / seg_len;
+  const int iv = blockIdx.x, bh = blockIdx.y / S, seg = blockIdx.y % S;
+  const int b = bh / H, h = bh % H, kt = (K + TC_T - 1) / TC_T;
+  const int first = seg * seg_len, end = min(NT, first + seg_len);
+  const long long KV = (long long)K * V;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g8 = lane >> 2, c2 = 2 * (lane & 3);
+  const int col_v = iv * TC_T;
+
+  // S^T: st[j][e] is S[k][v] for k = 8 j + c2 + (e & 1), v = col_v + 16 w + g8 + 8 (e >> 1).
+  float st[16][4];
+  const float* start = seg == 0 ? s0 : carry + ((long long)bh * S + seg) * KV;
+  if (seg == 0 && s0 != nullptr) start += bh * KV;
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int k = 8 * j + c2 + (e & 1), v = col_v + 16 * w + g8 + 8 * (e >> 1);
+      st[j][e] = start != nullptr && k < K && v < V ? start[(long long)k * V + v] : 0.f;
+    }
+
+  auto issue = [&](int step) {
+    const int n = ADJOINT ? NT - 1 - step : step;
+    const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
+    const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+    u16* buf = smem + (step & 1) * walk_buffer(kt);
+    for (int i = 0; i < kt; ++i) {
+      if (out != nullptr) copy_tile(buf + i * WALK_TILE, x_out, row0, nrows, H, K, TC_T * i);
+      copy_tile(buf + (kt + i) * WALK_TILE, x_walk, row0, nrows, H, K, TC_T * i);
+    }
+    if (out != nullptr)
+      copy_tile(buf + 2 * kt * WALK_TILE, attn + ((long long)bh * NT + n) * TC_C * TC_C, 0, TC_C,
+                1, TC_C, 0);
+    copy_tile(buf + (2 * kt + 1) * WALK_TILE, y, row0, nrows, H, V, col_v);
+    float* dec = reinterpret_cast<float*>(buf + (2 * kt + 2) * WALK_TILE);
+    cp_async4(&dec[threadIdx.x], decay + ((long long)bh * NT + n) * K + threadIdx.x,
+              threadIdx.x < K);
+  };
+  issue(first);
+  for (int step = first; step < end; ++step) {
+    const int n = ADJOINT ? NT - 1 - step : step;
+    const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
+    const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
+    u16* buf = smem + (step & 1) * walk_buffer(kt);
+    const u16* xo = buf;
+    const u16* xw = buf + kt * WALK_TILE;
+    const u16* a_tile = buf + 2 * kt * WALK_TILE;
+    const u16* y_tile = buf + (2 * kt + 1) * WALK_TILE;
+    const float* dec = reinterpret_cast<const float*>(buf + (2 * kt + 2) * WALK_TILE);
+    copies_done();
+    if (step + 1 < end) issue(step + 1);
+
+    // The state entering the chunk in the input dtype: what is kept, and (after the first step,
+    // which keeps an fp32 initial state exactly) what the walk goes on from, as in tc_states.
+    unsigned hb[16][2];
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) hb[j][u] = Op<T>::pack(st[j][2 * u], st[j][2 * u + 1]);
+    if (step > 0) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          st[j][2 * u] = lo_half<T>(hb[j][u]);
+          st[j][2 * u + 1] = hi_half<T>(hb[j][u]);
+        }
+    }
+
+    float o[4][2][4];
+    if (out != nullptr) {
+#pragma unroll
+      for (int m = 0; m < 4; ++m)
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[m][nb][e] = 0.f;
+      // x_out S; an fp32 initial state takes a second pass over its low half.
+      const bool exact = step == 0 && start != nullptr;
+#pragma unroll 1
+      for (int p = 0; p <= (int)exact; ++p) {
+        if (p == 1) split_low<T>(hb, st);
+#pragma unroll
+        for (int kk = 0; kk < 8; ++kk) {
+          if (kk >= 4 * kt) break;
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {
+            unsigned a[4];
+            a_mk(a, xo + (kk >> 2) * WALK_TILE, 16 * m, 16 * (kk & 3));
+            Op<T>::mma(o[m][0], a, hb[2 * kk][0], hb[2 * kk + 1][0]);
+            Op<T>::mma(o[m][1], a, hb[2 * kk][1], hb[2 * kk + 1][1]);
+          }
+        }
+        if (p == 1) {
+#pragma unroll
+          for (int j = 0; j < 16; ++j)
+#pragma unroll
+            for (int u = 0; u < 2; ++u) hb[j][u] = Op<T>::pack(st[j][2 * u], st[j][2 * u + 1]);
+        }
+      }
+      // A y over the blocks s <= t of the rows t, or A^T y over the blocks t >= s of the rows s
+      // (the A operand (s, t) = A[t][s]: [k][m] storage).
+#pragma unroll
+      for (int m = 0; m < 4; ++m)
+#pragma unroll
+        for (int kb = 0; kb < 4; ++kb) {
+          if (ADJOINT ? kb < m : kb > m) continue;
+          unsigned a[4], bf[4];
+          if (ADJOINT) a_km(a, a_tile, 16 * m, 16 * kb); else a_mk(a, a_tile, 16 * m, 16 * kb);
+          b_kn(bf, y_tile, 16 * kb, 16 * w);
+          Op<T>::mma(o[m][0], a, bf[0], bf[1]);
+          Op<T>::mma(o[m][1], a, bf[2], bf[3]);
+        }
+    }
+
+    // S^T = S^T diag(d) + y^T x_walk.
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      if (j >= 8 * kt) break;
+      const float2 d = *reinterpret_cast<const float2*>(dec + 8 * j + c2);
+      st[j][0] *= d.x;
+      st[j][1] *= d.y;
+      st[j][2] *= d.x;
+      st[j][3] *= d.y;
+    }
+#pragma unroll
+    for (int tb = 0; tb < 4; ++tb) {
+      unsigned a[4];
+      a_km(a, y_tile, 16 * w, 16 * tb);
+#pragma unroll
+      for (int qq = 0; qq < 8; ++qq) {
+        if (qq >= 4 * kt) break;
+        unsigned bf[4];
+        b_kn(bf, xw + (qq >> 2) * WALK_TILE, 16 * tb, 16 * (qq & 3));
+        Op<T>::mma(st[2 * qq], a, bf[0], bf[1]);
+        Op<T>::mma(st[2 * qq + 1], a, bf[2], bf[3]);
+      }
+    }
+
+    // Every warp is done with the step's tiles: stage the outputs and the state in their place,
+    // then store both in 16-byte pieces.
+    __syncthreads();
+    u16* stage_o = buf;
+    u16* stage_s = buf + WALK_TILE;
+    if (out != nullptr) {
+#pragma unroll
+      for (int m = 0; m < 4; ++m)
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+          for (int u = 0; u < 2; ++u)
+            *reinterpret_cast<unsigned*>(stage_o + (16 * m + g8 + 8 * u) * LDH + 16 * w + 8 * nb +
+                                         c2) = Op<T>::pack(o[m][nb][2 * u], o[m][nb][2 * u + 1]);
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      if (j >= 8 * kt) break;
+      u16* row = stage_s + (j >> 3) * WALK_TILE + (8 * (j & 7) + c2) * LDH + 16 * w + g8;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        row[8 * u] = (u16)(hb[j][u] & 0xffffu);
+        row[LDH + 8 * u] = (u16)(hb[j][u] >> 16);
+      }
+    }
+    __syncthreads();
+    if (out != nullptr) store_tile(out, stage_o, row0, nrows, H, V, col_v);
+    T* state_n = states + ((long long)bh * NT + n) * KV;
+    for (int i = 0; i < kt; ++i)
+      store_tile(state_n + (long long)TC_T * i * V, stage_s + i * WALK_TILE, 0, min(TC_T, K - TC_T * i),
+                 1, V, col_v);
+  }
+  // Unsegmented, the end state is `last` (segmented, tc_carry wrote it).
+  if (last != nullptr && S == 1) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int k = 8 * j + c2 + (e & 1), v = col_v + 16 * w + g8 + 8 * (e >> 1);
+        if (k < K && v < V) last[bh * KV + (long long)k * V + v] = st[j][e];
+      }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1188,6 +1448,8 @@ static_assert(sizeof(StateSmem) == 37376, "update STATES_SMEM in crates/ops/src/
 static_assert(sizeof(AttnSmem) == 38912, "update ATTN_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
 static_assert(sizeof(OutSmem) == 46080, "update OUT_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
 static_assert(sizeof(DqkSmem) == 58624, "update BWD_DQK_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
+// tc_walk_out: two step buffers of walk_buffer(kt) 16-bit elements (walk_smem in tensor_core.rs).
+static_assert(2 * 2 * (6 * WALK_TILE + 4 * TC_T) == 111616, "update walk_smem in crates/ops/src/cuda/gla/tensor_core.rs");
 
 __device__ __forceinline__ void require_smem(unsigned bytes) {
   unsigned r;
@@ -1270,5 +1532,27 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS)
     ENTRY(gla_tc_fixup)(input_t* states, const float* cum, const float* carry, int seg_len,
                         int Tn, int K, int V, int reverse) {
   tc_fixup<input_t>(states, cum, carry, seg_len, Tn, K, V, reverse);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 7
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    ENTRY(gla_tc_walk_o)(const input_t* qs, const input_t* ks, const input_t* v,
+                         const float* decay, const input_t* attn, const float* h0,
+                         const float* carry, input_t* states, input_t* o, float* last, int seg_len,
+                         int Tn, int H, int K, int V) {
+  require_smem(2 * 2 * walk_buffer((K + TC_T - 1) / TC_T));
+  tc_walk_out<input_t, false>(qs, ks, v, decay, attn, h0, carry, states, o, last, seg_len, Tn, H,
+                              K, V);
+}
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 8
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    ENTRY(gla_tc_walk_dv)(const input_t* ks, const input_t* qs, const input_t* d_o,
+                          const float* decay, const input_t* attn, const float* dht,
+                          const float* carry, input_t* dhs, input_t* dv, float* dh0, int seg_len,
+                          int Tn, int H, int K, int V) {
+  require_smem(2 * 2 * walk_buffer((K + TC_T - 1) / TC_T));
+  tc_walk_out<input_t, true>(ks, qs, d_o, decay, attn, dht, carry, dhs, dv, dh0, seg_len, Tn, H,
+                             K, V);
 }
 #endif

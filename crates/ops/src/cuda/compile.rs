@@ -57,6 +57,8 @@ impl KernelSource {
                 "gla_tc_bwd_dqk",
                 "gla_tc_carry",
                 "gla_tc_fixup",
+                "gla_tc_walk_o",
+                "gla_tc_walk_dv",
             ],
         }
     }

@@ -1,11 +1,12 @@
 //! Launchers of the bf16/fp16 `chunk` schedule (`kernels/gla_tc.cu`).
 //!
 //! Forward: each chunk's A with the gate-scaled operands of the state products (qs, ks) and the
-//! chunk decays, then the chunk states (h_n per 64-token chunk, in the input dtype), then the
-//! outputs of every chunk in parallel; all but the outputs are kept for the backward (the autograd
-//! shim saves them). Backward: the adjoint states (reverse walk), then dv and dq/dk/dg per chunk
-//! in parallel. Every kernel writes full (not partial) results, so nothing is summed over tiles
-//! here.
+//! chunk decays, then one walk over the chunks that writes the chunk states (h_n per 64-token
+//! chunk, in the input dtype) and the outputs; all but the outputs are kept for the backward (the
+//! autograd shim saves them). Backward: the adjoint walk (dh_{n+1} per chunk, and dv), then
+//! dq/dk/dg per chunk in parallel. Past K = 128 the state no longer fits a block's registers: the
+//! walks write only the states and separate kernels compute o and dv from them. Every kernel
+//! writes full (not partial) results, so nothing is summed over tiles here.
 
 use std::sync::Arc;
 
@@ -25,6 +26,8 @@ const OUT_SMEM: u32 = 46_080;
 const BWD_DQK_SMEM: u32 = 58_624;
 /// K / V tile.
 const TILE: i64 = 64;
+/// The largest K whose whole state a `gla_tc_walk_o` / `gla_tc_walk_dv` block holds.
+const WALK_OUT_MAX_K: i64 = 2 * TILE;
 /// Largest grid z (batch x heads).
 const MAX_GRID_Z: i64 = 65_535;
 
@@ -139,18 +142,16 @@ fn attention(
         qp, kp, gp, ap, qsp, ksp, dp, tt, hh, kk, scale)
 }
 
-/// A walk splits into segments (walked in parallel, then joined by `gla_tc_carry` and
-/// `gla_tc_fixup`) when its (batch, head, state tile) grid leaves room for whole copies of itself
-/// on the GPU at this many blocks per SM (the walk kernel's occupancy)...
-const WALK_BLOCKS_PER_SM: i64 = 4;
-/// ... keeping at least this many chunks per segment.
+/// A walk splits into segments (walked in parallel, then joined by `gla_tc_carry`) when its grid
+/// of `blocks` leaves room for whole copies of itself in the GPU's `slots` (resident blocks: SMs
+/// times the walk kernel's occupancy), keeping at least this many chunks per segment.
 const MIN_SEGMENT_CHUNKS: i64 = 8;
+/// Occupancy of `gla_tc_states`.
+const STATES_BLOCKS_PER_SM: i64 = 4;
 
-/// Chunks per segment of a walk over `d` on a GPU with `sm_count` SMs: all of them when the grid
-/// fills the GPU or the sequence is short.
-fn segment_len(sm_count: usize, d: Dims) -> i64 {
-    let blocks = tiles(d.k, TILE) * tiles(d.v, TILE) * d.b * d.h;
-    let slots = WALK_BLOCKS_PER_SM * sm_count as i64;
+/// Chunks per segment of a walk over `d` whose grid has `blocks` blocks per segment, on a GPU with
+/// `slots` resident blocks: all of them when the grid fills the GPU or the sequence is short.
+fn segment_len(slots: i64, blocks: i64, d: Dims) -> i64 {
     let segments = (slots / blocks)
         .min(d.chunks() / MIN_SEGMENT_CHUNKS)
         .min(MAX_GRID_Z / (d.b * d.h))
@@ -161,8 +162,8 @@ fn segment_len(sm_count: usize, d: Dims) -> i64 {
 /// One state walk (`gla_tc_states`): the scaled x (`Kept::ks` or `Kept::qs`) against y, with the
 /// chunk decays, from `s0` (0: zeros), writing every chunk's state to `states` and the last one
 /// to `last` (0: not wanted). Few (batch, head) pairs and many chunks: the sequence is walked in
-/// segments in parallel, then their end states are carried across segments and added to the
-/// later segments' states.
+/// segments in parallel, then their end states are carried across segments (`gla_tc_carry`) and
+/// added to the later segments' states (`gla_tc_fixup`).
 #[allow(clippy::too_many_arguments)]
 fn walk(
     dev: &Arc<Device>,
@@ -177,7 +178,8 @@ fn walk(
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
     let (xp, yp, dcp, sp) = (ptr(x), ptr(y), ptr(decay), ptr(states));
-    let len = segment_len(dev.sm_count(), d);
+    let slots = STATES_BLOCKS_PER_SM * dev.sm_count() as i64;
+    let len = segment_len(slots, nk * nv * bh, d);
     let segments = (nc + len - 1) / len;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_states")?;
     let seg_len = len as i32;
@@ -201,8 +203,96 @@ fn walk(
     launch!(dev, f, (nc, bh, 1), 0, THREADS; sp, cump, cp, seg_len, tt, kk, vv, reverse)
 }
 
+/// Dynamic shared memory of `gla_tc_walk_o` / `gla_tc_walk_dv`: two step buffers, each a 64 x 72
+/// 16-bit tile of x_out and of x_walk per 64 channels, A and y, then 128 fp32 decays.
+fn walk_out_smem(d: Dims) -> u32 {
+    let tile = 64 * 72;
+    let buffer = (2 * tiles(d.k, TILE) + 2) * tile + 4 * TILE;
+    2 * 2 * buffer as u32
+}
+
+/// One walk that also writes every chunk's outputs (`gla_tc_walk_o`: o = qs h_n + A v, or
+/// `gla_tc_walk_dv`: dv = ks dh_{n+1} + A^T do), for K <= 128: x_out and x_walk are (qs, ks)
+/// forward and (ks, qs) in reverse, y is v or do. `out` 0: states only. Few (batch, head) pairs
+/// and many chunks: `gla_tc_states` first walks the segments from zero for their end states alone,
+/// `gla_tc_carry` joins them, and every segment then walks from its true start state.
+#[allow(clippy::too_many_arguments)]
+fn walk_out(
+    dev: &Arc<Device>,
+    dt: KernelDtype,
+    d: Dims,
+    (x_out, x_walk, y, decay, attn): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
+    s0: u64,
+    states: &Tensor,
+    out: u64,
+    last: u64,
+    reverse: i32,
+) -> Result<(), CudaError> {
+    let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
+    let (xop, xwp, yp, dcp, ap, sp) = (
+        ptr(x_out),
+        ptr(x_walk),
+        ptr(y),
+        ptr(decay),
+        ptr(attn),
+        ptr(states),
+    );
+    let name = if reverse == REVERSE {
+        "gla_tc_walk_dv"
+    } else {
+        "gla_tc_walk_o"
+    };
+    let f = dev.function(KernelSource::GlaTensorCore, dt, name)?;
+    let smem = walk_out_smem(d);
+    let per_sm = resident_blocks(&f, smem)?;
+    let len = segment_len(per_sm * dev.sm_count() as i64, nv * bh, d);
+    let segments = (nc + len - 1) / len;
+    let seg_len = len as i32;
+    let nullp = 0u64;
+    if segments == 1 {
+        return launch!(dev, f, (nv, bh, 1), smem, THREADS;
+            xop, xwp, yp, dcp, ap, s0, nullp, sp, out, last, seg_len, tt, hh, kk, vv);
+    }
+    let seg_last = buffer(&[bh, segments, d.k, d.v], y);
+    let carry = buffer(&[bh, segments, d.k, d.v], y);
+    let seg_decay = buffer(&[bh, segments, d.k], y);
+    let (lp, cp, sdp) = (ptr(&seg_last), ptr(&carry), ptr(&seg_decay));
+    let ends = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_states")?;
+    launch!(dev, ends, (nv, nk, bh * segments), STATES_SMEM, THREADS;
+        xwp, yp, dcp, s0, nullp, nullp, lp, sdp, nullp, seg_len, tt, hh, kk, vv, reverse)?;
+    let nseg = segments as i32;
+    let join = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_carry")?;
+    let elements = tiles(d.k * d.v, i64::from(THREADS));
+    launch!(dev, join, (elements, bh, 1), 0, THREADS; lp, sdp, cp, last, nseg, kk, vv)?;
+    launch!(dev, f, (nv, bh * segments, 1), smem, THREADS;
+        xop, xwp, yp, dcp, ap, s0, cp, sp, out, nullp, seg_len, tt, hh, kk, vv)
+}
+
+/// Blocks of `f` resident per SM with `smem` bytes of dynamic shared memory each (the carveout
+/// set to all shared memory first: the walk's two blocks per SM need it).
+fn resident_blocks(f: &cudarc::driver::CudaFunction, smem: u32) -> Result<i64, CudaError> {
+    use cudarc::driver::sys::CUfunction_attribute as Attr;
+    let set = |attr, value| {
+        f.set_attribute(attr, value)
+            .map_err(|e| CudaError::driver("cuFuncSetAttribute", e))
+    };
+    set(
+        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )?;
+    set(
+        Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+        100,
+    )?;
+    let blocks = f
+        .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem as usize, None)
+        .map_err(|e| CudaError::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+    Ok(i64::from(blocks).max(1))
+}
+
 /// Everything the forward keeps, into `kept`: A, qs, ks and the decays, then the chunk states
-/// (from `h0`; the final state into `ht`, 0: not wanted).
+/// (from `h0`; the final state into `ht`, 0: not wanted) and, unless `o` is 0, the outputs.
 #[allow(clippy::too_many_arguments)]
 fn chunk_states(
     dev: &Arc<Device>,
@@ -212,11 +302,32 @@ fn chunk_states(
     h0: u64,
     kept: &Kept,
     ht: u64,
+    o: u64,
     scale: f32,
 ) -> Result<(), CudaError> {
     attention(dev, dt, d, (q, k, g), kept, scale)?;
-    let operands = (&kept.ks, v, &kept.decay);
-    walk(dev, dt, d, operands, h0, &kept.states, ht, FORWARD)
+    if d.k <= WALK_OUT_MAX_K {
+        let operands = (&kept.qs, &kept.ks, v, &kept.decay, &kept.attn);
+        return walk_out(dev, dt, d, operands, h0, &kept.states, o, ht, FORWARD);
+    }
+    walk(
+        dev,
+        dt,
+        d,
+        (&kept.ks, v, &kept.decay),
+        h0,
+        &kept.states,
+        ht,
+        FORWARD,
+    )?;
+    if o == 0 {
+        return Ok(());
+    }
+    let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (qsp, vp, hsp, ap) = (ptr(&kept.qs), ptr(v), ptr(&kept.states), ptr(&kept.attn));
+    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fwd_o")?;
+    launch!(dev, f, (tiles(d.v, TILE), d.chunks(), d.b * d.h), OUT_SMEM, THREADS;
+        qsp, vp, hsp, ap, h0, o, tt, hh, kk, vv)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -232,17 +343,21 @@ pub(super) fn forward(
     scale: f64,
 ) -> Result<Forward, CudaError> {
     check_grid(d)?;
-    let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
-    let (nv, nc, bh) = (tiles(d.v, TILE), d.chunks(), d.b * d.h);
-    let (vp, h0p) = (ptr(v), opt_ptr(h0));
     let (buf, kept) = Kept::new(d, q);
     let ht = buffer(&[d.b, d.h, d.k, d.v], q);
     let o = buffer_of(&[d.b, d.t, d.h, d.v], v.kind(), v);
-    chunk_states(dev, dt, d, (q, k, v, g), h0p, &kept, ptr(&ht), scale as f32)?;
-    let (qsp, hsp, ap, op) = (ptr(&kept.qs), ptr(&kept.states), ptr(&kept.attn), ptr(&o));
-    let out = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fwd_o")?;
-    launch!(dev, out, (nv, nc, bh), OUT_SMEM, THREADS;
-        qsp, vp, hsp, ap, h0p, op, tt, hh, kk, vv)?;
+    let inputs = (q, k, v, g);
+    chunk_states(
+        dev,
+        dt,
+        d,
+        inputs,
+        opt_ptr(h0),
+        &kept,
+        ptr(&ht),
+        ptr(&o),
+        scale as f32,
+    )?;
     Ok(Forward {
         o,
         final_state: ht,
@@ -282,7 +397,7 @@ pub(super) fn backward(
             // The views keep the buffer's storage alive.
             let (_, kept) = Kept::new(d, x.q);
             let inputs = (x.q, x.k, x.v, x.g);
-            chunk_states(dev, dt, d, inputs, h0p, &kept, 0, sc)?;
+            chunk_states(dev, dt, d, inputs, h0p, &kept, 0, 0, sc)?;
             kept
         }
     };
@@ -295,11 +410,16 @@ pub(super) fn backward(
     let (hsp, ap, ksp) = (ptr(&kept.states), ptr(&kept.attn), ptr(&kept.ks));
     let (dhsp, dh0p) = (ptr(&dhs), opt_ptr(dh0.as_ref()));
     let (dqp, dkp, dvp, dgp) = (ptr(&dq), ptr(&dk), ptr(&dv), ptr(&dg));
-    let operands = (&kept.qs, x.d_o, &kept.decay);
-    walk(dev, dt, d, operands, dhtp, &dhs, dh0p, REVERSE)?;
-    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_bwd_dv")?;
-    launch!(dev, f, (nv, nc, bh), OUT_SMEM, THREADS;
-        ksp, dop, dhsp, ap, dhtp, dvp, tt, hh, kk, vv)?;
+    if d.k <= WALK_OUT_MAX_K {
+        let operands = (&kept.ks, &kept.qs, x.d_o, &kept.decay, &kept.attn);
+        walk_out(dev, dt, d, operands, dhtp, &dhs, dvp, dh0p, REVERSE)?;
+    } else {
+        let operands = (&kept.qs, x.d_o, &kept.decay);
+        walk(dev, dt, d, operands, dhtp, &dhs, dh0p, REVERSE)?;
+        let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_bwd_dv")?;
+        launch!(dev, f, (nv, nc, bh), OUT_SMEM, THREADS;
+            ksp, dop, dhsp, ap, dhtp, dvp, tt, hh, kk, vv)?;
+    }
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_bwd_dqk")?;
     launch!(dev, f, (nk, nc, bh), BWD_DQK_SMEM, THREADS;
         qp, kp, vp, gp, dop, hsp, dhsp, h0p, dhtp, dqp, dkp, dgp, tt, hh, kk, vv, sc)?;
@@ -322,17 +442,31 @@ mod tests {
 
     #[test]
     fn walks_split_into_segments_that_fill_the_gpu() {
-        // H100: 132 SMs, 4 walk blocks each = 528 slots; a 128 x 128 state is 4 tiles.
-        let sms = 132;
+        // H100: 132 SMs; gla_tc_states: 4 blocks each = 528 slots, a 128 x 128 state is 4 tiles.
+        let slots = 4 * 132;
+        let states = |d: Dims| segment_len(slots, 4 * d.b * d.h, d);
         // 8 x 16 x 4 = 512 blocks fill the GPU: one walk over all 32 chunks.
-        assert_eq!(segment_len(sms, dims(8, 2048, 16, 128, 128)), 32);
+        assert_eq!(states(dims(8, 2048, 16, 128, 128)), 32);
         // 256 blocks: two segments of 32 chunks (three would need a second wave).
-        assert_eq!(segment_len(sms, dims(4, 4096, 16, 128, 128)), 32);
+        assert_eq!(states(dims(4, 4096, 16, 128, 128)), 32);
         // 64 blocks: eight segments of 32 chunks.
-        assert_eq!(segment_len(sms, dims(1, 16384, 16, 128, 128)), 32);
+        assert_eq!(states(dims(1, 16384, 16, 128, 128)), 32);
         // Few chunks: segments keep at least MIN_SEGMENT_CHUNKS of them.
-        assert_eq!(segment_len(sms, dims(1, 1000, 1, 64, 64)), 8);
-        assert_eq!(segment_len(sms, dims(1, 448, 1, 64, 64)), 7);
+        assert_eq!(segment_len(slots, 1, dims(1, 1000, 1, 64, 64)), 8);
+        assert_eq!(segment_len(slots, 1, dims(1, 448, 1, 64, 64)), 7);
+        // gla_tc_walk_o at K = V = 128: 2 blocks per SM = 264 slots, one block per V-tile.
+        let walk = |d: Dims| segment_len(2 * 132, 2 * d.b * d.h, d);
+        assert_eq!(walk(dims(8, 2048, 16, 128, 128)), 32);
+        assert_eq!(walk(dims(4, 4096, 16, 128, 128)), 32);
+        assert_eq!(walk(dims(1, 16384, 16, 128, 128)), 32);
+    }
+
+    #[test]
+    fn walk_shared_memory_matches_the_kernel() {
+        // kernels/gla_tc.cu static_asserts 111616 bytes for K = 128.
+        assert_eq!(walk_out_smem(dims(1, 64, 1, 128, 64)), 111_616);
+        assert_eq!(walk_out_smem(dims(1, 64, 1, 100, 64)), 111_616);
+        assert_eq!(walk_out_smem(dims(1, 64, 1, 64, 512)), 74_752);
     }
 
     #[test]
