@@ -1484,7 +1484,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
 }
 #endif
 #if GLA_KERNEL < 0 || GLA_KERNEL == 1
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 5)
     ENTRY(gla_tc_attn)(const input_t* q, const input_t* k, const float* g, input_t* attn,
                        input_t* qs, input_t* ks, float* decay, int Tn, int H, int K,
                        float scale) {
