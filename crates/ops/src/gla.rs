@@ -209,6 +209,17 @@ fn check(
     Ok(())
 }
 
+/// Compiles (or reads from the disk cache) and loads the CUDA kernels that `mode` runs for
+/// q/k/v of `kind` on CUDA device `ordinal`, so that the first [`gla`] call does not wait for
+/// them; safe to call from another thread while the caller goes on (training does, while it
+/// builds the model). Nothing to do for [`GlaMode::Reference`].
+pub fn prepare(ordinal: usize, kind: Kind, mode: GlaMode) -> Result<(), OpError> {
+    match mode.schedule() {
+        Some(schedule) => Ok(crate::cuda::gla::prepare(ordinal, kind, schedule)?),
+        None => Ok(()),
+    }
+}
+
 /// Gated linear attention, differentiable in every input.
 ///
 /// `S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t`, `o_t = scale * q_t S_t`, `S_0 = initial_state`
@@ -499,6 +510,14 @@ extern "C" fn backward_cb(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn preparing_nothing_touches_no_gpu() {
+        // The reference mode and dtypes without kernels need no compilation (and no device:
+        // this runs on machines without CUDA).
+        prepare(0, Kind::BFloat16, GlaMode::Reference).unwrap();
+        prepare(0, Kind::Int64, GlaMode::Chunk).unwrap();
+    }
 
     fn inputs(b: i64, t: i64, h: i64, k: i64, v: i64) -> (Tensor, Tensor, Tensor, Tensor) {
         let opts = (Kind::Double, Device::Cpu);

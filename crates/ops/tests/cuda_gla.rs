@@ -247,6 +247,18 @@ fn half_precision_chunk_over_head_dims_and_lengths() {
 }
 
 #[test]
+fn prepared_kernels_serve_the_first_call() {
+    // Training compiles the kernels on a background thread while it builds the model; the op's
+    // first call then finds them loaded (or waits for the compilation under way).
+    let Some(dev) = cuda() else { return };
+    let prepare = std::thread::spawn(|| glatrain_ops::gla::prepare(0, Kind::Half, GlaMode::Chunk));
+    let c = case(1, 130, 2, 64, 32, true, false);
+    let failures = check(&c, GlaMode::Chunk, Kind::Half, 5, dev);
+    prepare.join().unwrap().unwrap();
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
 fn backward_recomputes_what_the_forward_did_not_keep() {
     // The bf16/fp16 chunk schedule keeps its chunk states and A for the backward; given none,
     // the backward computes them again, with the same results bit for bit.

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use glatrain_config::{KernelMode, ResolvedConfig};
+use glatrain_config::{KernelMode, ModelConfig, ResolvedConfig};
 use glatrain_models::CausalLm;
-use tch::{nn::VarStore, Device, Tensor};
+use tch::{nn::VarStore, Device, Kind, Tensor};
 
 use crate::error::TrainError;
 
@@ -96,6 +96,18 @@ pub fn build_model(
         }
     })?;
     Ok(BuiltModel { vs, model })
+}
+
+/// Starts compiling (or reading from the disk cache) the GLA kernels this run calls, on a
+/// background thread, so that NVRTC overlaps building the model and opening the data instead of
+/// delaying the first step. The op's first call waits for a compilation still under way; a
+/// failure here is left for that call to report (it compiles again and returns the error).
+pub fn prepare_kernels(cfg: &ResolvedConfig, device: Device, mode: KernelMode, kind: Kind) {
+    let (Device::Cuda(ordinal), ModelConfig::Gla(_)) = (device, &cfg.config.model) else {
+        return;
+    };
+    let mode = glatrain_models::gla::op_mode(mode);
+    std::thread::spawn(move || glatrain_ops::gla::prepare(ordinal, kind, mode));
 }
 
 /// The VarStore's variables sorted by name.

@@ -122,6 +122,8 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
     eprint!("{}", preflight.render_table());
     preflight.check()?;
     let mode = crate::preflight::chosen_mode(&preflight, cfg);
+    let kernel_kind = precision.autocast_kind().unwrap_or(Kind::Float);
+    session::prepare_kernels(cfg, device, mode, kernel_kind);
 
     let session::BuiltModel { vs, model } = session::build_model(cfg, device, mode)?;
     let parameters = glatrain_models::count_parameters(&vs);

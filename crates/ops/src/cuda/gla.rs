@@ -193,6 +193,26 @@ macro_rules! launch {
     }};
 }
 
+/// The kernel source `schedule` runs from for inputs of `dt`: the bf16/fp16 `chunk` schedule on
+/// tensor cores (`gla_tc.cu`), everything else in `gla.cu`.
+fn source_of(schedule: Schedule, dt: KernelDtype) -> KernelSource {
+    if schedule == Schedule::Chunk && dt != KernelDtype::F32 {
+        KernelSource::GlaTensorCore
+    } else {
+        KernelSource::Gla
+    }
+}
+
+/// Compiles (or reads from the disk cache) and loads the kernels `schedule` runs for inputs of
+/// `kind` on CUDA device `ordinal`, so that their first call does not wait for NVRTC (kinds
+/// without kernels: nothing to do).
+pub fn prepare(ordinal: usize, kind: Kind, schedule: Schedule) -> Result<(), CudaError> {
+    let Some(dt) = KernelDtype::of(kind) else {
+        return Ok(());
+    };
+    Device::get(ordinal)?.prepare(source_of(schedule, dt), dt)
+}
+
 // The bf16/fp16 `chunk` schedule (kernels/gla_tc.cu); after `launch!`, which it uses.
 mod tensor_core;
 
@@ -236,7 +256,7 @@ pub fn forward(
     }
     let dev = device_of(q)?;
     let dt = dtype_of(q)?;
-    if schedule == Schedule::Chunk && dt != KernelDtype::F32 {
+    if source_of(schedule, dt) == KernelSource::GlaTensorCore {
         return tensor_core::forward(&dev, dt, d, q, k, v, g, h0, scale);
     }
     let (bb, tt, hh, kk, vv) = (d.b as i32, d.t as i32, d.h as i32, d.k as i32, d.v as i32);
@@ -336,7 +356,7 @@ pub fn backward(
     }
     let dev = device_of(q)?;
     let dt = dtype_of(q)?;
-    if schedule == Schedule::Chunk && dt != KernelDtype::F32 {
+    if source_of(schedule, dt) == KernelSource::GlaTensorCore {
         let inputs = tensor_core::BackwardInputs {
             q,
             k,

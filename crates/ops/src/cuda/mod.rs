@@ -214,29 +214,42 @@ impl Device {
             .ok_or_else(|| {
                 CudaError::Library(format!("{} has no kernel {name}", source.file_name()))
             })?;
-        let module = {
-            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-            match modules.get(&(source, dtype)) {
-                Some(m) => m[index].clone(),
-                None => {
-                    let loaded = compile::cubins(source, dtype, &self.arch)?
-                        .into_iter()
-                        .map(|cubin| {
-                            self.ctx
-                                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-                                .map_err(|e| CudaError::driver("cuModuleLoadData", e))
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let module = loaded[index].clone();
-                    modules.insert((source, dtype), loaded);
-                    module
-                }
-            }
-        };
+        let module = self.with_modules(source, dtype, |m| m[index].clone())?;
         let full = format!("{name}_{}", dtype.suffix());
         module
             .load_function(&full)
             .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({full})"), e))
+    }
+
+    /// Compiles (or reads from the disk cache) and loads every kernel of `source` for `dtype`,
+    /// unless that was done already: a later first call then does not wait for NVRTC. Binds the
+    /// context to the calling thread.
+    pub fn prepare(&self, source: KernelSource, dtype: KernelDtype) -> Result<(), CudaError> {
+        self.bind()?;
+        self.with_modules(source, dtype, |_| ())
+    }
+
+    /// `f` of the loaded modules of (source, dtype), compiled and loaded first if need be (under
+    /// the lock: a concurrent first use waits for the one compilation).
+    fn with_modules<T>(
+        &self,
+        source: KernelSource,
+        dtype: KernelDtype,
+        f: impl FnOnce(&SourceModules) -> T,
+    ) -> Result<T, CudaError> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = modules.get(&(source, dtype)) {
+            return Ok(f(m));
+        }
+        let loaded = compile::cubins(source, dtype, &self.arch)?
+            .into_iter()
+            .map(|cubin| {
+                self.ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                    .map_err(|e| CudaError::driver("cuModuleLoadData", e))
+            })
+            .collect::<Result<SourceModules, _>>()?;
+        Ok(f(modules.entry((source, dtype)).or_insert(loaded)))
     }
 }
 
