@@ -14,7 +14,7 @@ use crate::error::PreflightError;
 use crate::estimate::estimate;
 use crate::mode::{Mode, Source};
 use crate::report::ms;
-use crate::rules::{choose_mode, softmax_advice, Decision};
+use crate::rules::{choose_mode, measured_softmax_advice, softmax_advice, Decision};
 use crate::shape::{LayerShape, ModelType};
 use crate::tiles::Padding;
 
@@ -22,7 +22,7 @@ use crate::tiles::Padding;
 /// fastest and its timing would only slow the preflight down.
 pub const MEASURE_RECURRENT_MAX_T: usize = 1024;
 /// Bumped when the cache entry's layout or the meaning of its key changes.
-const CACHE_FORMAT: u32 = 1;
+const CACHE_FORMAT: u32 = 2;
 
 /// Times the GLA op on the device (implemented by the CLI on top of the ops crate).
 pub trait ModeTimer {
@@ -30,6 +30,10 @@ pub trait ModeTimer {
     /// dtype in `mode` (a representative figure such as a median after warm-up), or why it
     /// could not run.
     fn time_ms(&mut self, shape: &LayerShape, mode: KernelMode) -> Result<f64, String>;
+    /// Milliseconds of one forward + backward of causal softmax attention (SDPA, the backend
+    /// libtorch picks) with the same B, T, H, K, V and dtype, or why it could not run: the
+    /// softmax advice then compares two measurements.
+    fn time_softmax_ms(&mut self, shape: &LayerShape) -> Result<f64, String>;
     /// Identifies the kernels that run (e.g. a hash of their sources): a new version
     /// invalidates every cached decision.
     fn kernel_version(&self) -> String;
@@ -158,6 +162,19 @@ pub fn measure(
             .map(|f| format!("measuring {}: {f}", describe(shape))),
     );
     let mode = Mode::from_kernel_mode(best).expect("candidates are GLA kernel modes");
+    let advice = match timer.time_softmax_ms(shape) {
+        Ok(sdpa_ms) if sdpa_ms.is_finite() && sdpa_ms > 0.0 => {
+            measured_softmax_advice(shape, device, mode, best_ms, sdpa_ms)
+        }
+        failed => {
+            let why = failed.map_or_else(|e| e, |t| format!("the timer returned {t} ms"));
+            warnings.push(format!(
+                "measuring softmax attention at {}: {why}; its advice compares an estimate",
+                describe(shape)
+            ));
+            softmax_advice(shape, device, mode, best_ms)
+        }
+    };
     let listed: Vec<String> = timings
         .iter()
         .map(|(m, t)| format!("{} {}", m.name(), ms(*t)))
@@ -174,7 +191,7 @@ pub fn measure(
         est_time_ms: best_ms,
         est_memory_bytes: estimate(shape, device, mode).memory_bytes,
         padding: Padding::for_tiles(shape.head_k_dim, shape.head_v_dim),
-        advice: softmax_advice(shape, device, mode, best_ms),
+        advice,
         warnings: Vec::new(),
     };
     let entry = CacheEntry {
@@ -215,6 +232,7 @@ mod tests {
         chunk: Result<f64, String>,
         fused_chunk: Result<f64, String>,
         fused_recurrent: Result<f64, String>,
+        softmax: Result<f64, String>,
         calls: Vec<KernelMode>,
         version: String,
     }
@@ -225,6 +243,7 @@ mod tests {
                 chunk: Ok(chunk),
                 fused_chunk: Ok(fused_chunk),
                 fused_recurrent: Ok(fused_recurrent),
+                softmax: Ok(100.0),
                 calls: Vec::new(),
                 version: "v1".into(),
             }
@@ -240,6 +259,9 @@ mod tests {
                 KernelMode::FusedRecurrent => self.fused_recurrent.clone(),
                 other => Err(format!("{other:?} is not timed")),
             }
+        }
+        fn time_softmax_ms(&mut self, _shape: &LayerShape) -> Result<f64, String> {
+            self.softmax.clone()
         }
         fn kernel_version(&self) -> String {
             self.version.clone()
@@ -313,6 +335,44 @@ mod tests {
             "T = 512: fused_recurrent is a candidate"
         );
         assert_eq!((d.mode, d.source), (Mode::FusedRecurrent, Source::Measured));
+    }
+
+    #[test]
+    fn softmax_advice_compares_two_measurements() {
+        let h100 = DeviceProfile::h100_sxm();
+        let mut timer = FakeTimer::new(0.9, 1.2, 3.0);
+        // SDPA slower than the measured GLA time: no advice, whatever the estimates say.
+        timer.softmax = Ok(1.0);
+        let dir = tempfile::tempdir().unwrap();
+        let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
+        assert_eq!(d.advice, None);
+        // Faster: the advice quotes both measurements.
+        timer.softmax = Ok(0.4);
+        let dir = tempfile::tempdir().unwrap();
+        let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
+        let advice = d.advice.expect("SDPA measured faster");
+        assert!(
+            advice.starts_with(
+                "softmax attention measured faster at this shape: sdpa 0.400 ms vs GLA chunk \
+                 0.900 ms fwd+bwd per layer"
+            ),
+            "{advice}"
+        );
+        // SDPA could not run: a warning, and the estimate-based advice.
+        timer.softmax = Err("out of memory".into());
+        let dir = tempfile::tempdir().unwrap();
+        let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
+        assert_eq!(
+            d.warnings,
+            [
+                "measuring softmax attention at B 8 T 2048 H 4 K 128 V 256 bf16: out of memory; \
+              its advice compares an estimate"
+            ]
+        );
+        assert_eq!(
+            d.advice,
+            softmax_advice(&shape(2048), &h100, Mode::Chunk, 0.9)
+        );
     }
 
     #[test]

@@ -647,6 +647,9 @@ mod tests {
                 _ => 5.0,
             })
         }
+        fn time_softmax_ms(&mut self, _shape: &LayerShape) -> Result<f64, String> {
+            Ok(2.0)
+        }
         fn kernel_version(&self) -> String {
             "test".into()
         }

@@ -332,6 +332,41 @@ pub fn softmax_advice(
     }
     let sdpa = sdpa_mode(shape, device);
     let sdpa_ms = estimate(shape, device, sdpa).time_ms;
+    let label = format!("would be faster at this shape: {}", sdpa.name());
+    faster_softmax(shape, device, mode, gla_ms, sdpa_ms, &label)
+}
+
+/// [`softmax_advice`] from a measured SDPA time (`sdpa_ms`, libtorch's own choice of backend)
+/// against a measured GLA time: the measured preflight compares like with like.
+pub fn measured_softmax_advice(
+    shape: &LayerShape,
+    device: &DeviceProfile,
+    mode: Mode,
+    gla_ms: f64,
+    sdpa_ms: f64,
+) -> Option<String> {
+    if device.kind != DeviceKind::Cuda || shape.decoding {
+        return None;
+    }
+    faster_softmax(
+        shape,
+        device,
+        mode,
+        gla_ms,
+        sdpa_ms,
+        "measured faster at this shape: sdpa",
+    )
+}
+
+/// The advice sentence when `sdpa_ms` < `gla_ms`, else `None`.
+fn faster_softmax(
+    shape: &LayerShape,
+    device: &DeviceProfile,
+    mode: Mode,
+    gla_ms: f64,
+    sdpa_ms: f64,
+    label: &str,
+) -> Option<String> {
     if sdpa_ms >= gla_ms {
         return None;
     }
@@ -341,10 +376,9 @@ pub fn softmax_advice(
         None => format!("GLA is not estimated faster up to T = {CROSSOVER_MAX_T}"),
     };
     Some(format!(
-        "softmax attention would be faster at this shape: {} {} vs GLA {} {} fwd+bwd per layer \
+        "softmax attention {label} {} vs GLA {} {} fwd+bwd per layer \
          (B = {}, T = {}, H = {}, K = {}, V = {}); {from}. glatrain trains the configured model; \
          this is advice only",
-        sdpa.name(),
         ms(sdpa_ms),
         mode.name(),
         ms(gla_ms),

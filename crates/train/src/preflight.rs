@@ -78,12 +78,18 @@ impl From<CudaError> for TimingError {
     }
 }
 
-impl ModeTimer for KernelTimer {
-    fn time_ms(&mut self, shape: &LayerShape, mode: KernelMode) -> Result<f64, String> {
-        if mode == KernelMode::Auto {
-            return Err("auto is not a kernel mode".into());
-        }
-        let mode = glatrain_models::gla::op_mode(mode);
+/// Random inputs of one layer's shape: q, k `[B, T, H, K]`, v `[B, T, H, V]` in the shape's
+/// dtype (leaves), log gates `[B, T, H, K]` f32 (a leaf) and a fixed output gradient.
+struct LayerInputs {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gk: Tensor,
+    d_o: Tensor,
+}
+
+impl LayerInputs {
+    fn new(shape: &LayerShape, dev: Device) -> Self {
         let kind = match shape.dtype {
             Precision::Fp32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
@@ -95,26 +101,67 @@ impl ModeTimer for KernelTimer {
             shape.num_heads as i64,
         );
         let (dk, dv) = (shape.head_k_dim as i64, shape.head_v_dim as i64);
-        let dev = self.device;
-        let q = Tensor::randn([b, t, h, dk], (kind, dev)).set_requires_grad(true);
-        let k = Tensor::randn([b, t, h, dk], (kind, dev)).set_requires_grad(true);
-        let v = Tensor::randn([b, t, h, dv], (kind, dev)).set_requires_grad(true);
-        let gk = (Tensor::randn([b, t, h, dk], (Kind::Float, dev)).log_sigmoid() / 16.0)
-            .set_requires_grad(true);
-        let d_o = Tensor::randn([b, t, h, dv], (kind, dev));
-        // The product with a fixed output gradient and its sum cost the same in every mode, so
-        // they shift all candidates alike and leave the ranking intact.
+        let leaf = |size: [i64; 4], kind| Tensor::randn(size, (kind, dev)).set_requires_grad(true);
+        LayerInputs {
+            q: leaf([b, t, h, dk], kind),
+            k: leaf([b, t, h, dk], kind),
+            v: leaf([b, t, h, dv], kind),
+            gk: (Tensor::randn([b, t, h, dk], (Kind::Float, dev)).log_sigmoid() / 16.0)
+                .set_requires_grad(true),
+            d_o: Tensor::randn([b, t, h, dv], (kind, dev)),
+        }
+    }
+
+    /// Median ms of `forward` and the backward of sum(o * d_o) into the leaves. The product and
+    /// its sum cost the same for every op timed, so they shift all of them alike.
+    fn time(
+        &self,
+        timer: &mut CudaTimer,
+        forward: impl Fn(&Self) -> Result<Tensor, TimingError>,
+    ) -> Result<f64, String> {
         let run = || -> Result<(), TimingError> {
-            let (o, _) = glatrain_ops::gla(&q, &k, &v, &gk, None, None, mode, false)
-                .map_err(|e| TimingError(e.to_string()))?;
-            let loss = (o * &d_o).sum(Kind::Float);
-            Tensor::f_run_backward(&[loss], &[&q, &k, &v, &gk], false, false)
+            let loss = (forward(self)? * &self.d_o).sum(Kind::Float);
+            let leaves = [&self.q, &self.k, &self.v, &self.gk];
+            Tensor::f_run_backward(&[loss], &leaves, false, false)
                 .map_err(|e| TimingError(e.to_string()))?;
             Ok(())
         };
-        self.timer
+        timer
             .median_ms(WARMUP_ITERS, TIMED_ITERS, run)
             .map_err(|TimingError(message)| message)
+    }
+}
+
+impl ModeTimer for KernelTimer {
+    fn time_ms(&mut self, shape: &LayerShape, mode: KernelMode) -> Result<f64, String> {
+        if mode == KernelMode::Auto {
+            return Err("auto is not a kernel mode".into());
+        }
+        let mode = glatrain_models::gla::op_mode(mode);
+        LayerInputs::new(shape, self.device).time(&mut self.timer, |x| {
+            glatrain_ops::gla(&x.q, &x.k, &x.v, &x.gk, None, None, mode, false)
+                .map(|(o, _)| o)
+                .map_err(|e| TimingError(e.to_string()))
+        })
+    }
+
+    fn time_softmax_ms(&mut self, shape: &LayerShape) -> Result<f64, String> {
+        LayerInputs::new(shape, self.device).time(&mut self.timer, |x| {
+            // [B, T, H, D] -> [B, H, T, D] views; SDPA picks its backend (flash where it can).
+            let heads_first = |t: &Tensor| t.transpose(1, 2);
+            Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &heads_first(&x.q),
+                &heads_first(&x.k),
+                &heads_first(&x.v),
+                None,
+                0.0,
+                true,
+                None,
+                false,
+            )
+            .map(|o| o.transpose(1, 2))
+            .map_err(|e| TimingError(e.to_string()))
+        })
     }
 
     fn kernel_version(&self) -> String {
