@@ -162,17 +162,18 @@ pub fn measure(
             .map(|f| format!("measuring {}: {f}", describe(shape))),
     );
     let mode = Mode::from_kernel_mode(best).expect("candidates are GLA kernel modes");
-    let advice = match timer.time_softmax_ms(shape) {
-        Ok(sdpa_ms) if sdpa_ms.is_finite() && sdpa_ms > 0.0 => {
-            measured_softmax_advice(shape, device, mode, best_ms, sdpa_ms)
-        }
+    let (advice, softmax) = match timer.time_softmax_ms(shape) {
+        Ok(sdpa_ms) if sdpa_ms.is_finite() && sdpa_ms > 0.0 => (
+            measured_softmax_advice(shape, device, mode, best_ms, sdpa_ms),
+            format!("; softmax attention (sdpa) {}", ms(sdpa_ms)),
+        ),
         failed => {
             let why = failed.map_or_else(|e| e, |t| format!("the timer returned {t} ms"));
             warnings.push(format!(
                 "measuring softmax attention at {}: {why}; its advice compares an estimate",
                 describe(shape)
             ));
-            softmax_advice(shape, device, mode, best_ms)
+            (softmax_advice(shape, device, mode, best_ms), String::new())
         }
     };
     let listed: Vec<String> = timings
@@ -183,7 +184,7 @@ pub fn measure(
         mode,
         source: Source::Measured,
         reason: format!(
-            "measured on {} (kernels {version}): {}; fastest: {}",
+            "measured on {} (kernels {version}): {}; fastest: {}{softmax}",
             device.name,
             listed.join(", "),
             mode.name()
@@ -357,6 +358,12 @@ mod tests {
                  0.900 ms fwd+bwd per layer"
             ),
             "{advice}"
+        );
+        assert!(
+            d.reason
+                .ends_with("fastest: chunk; softmax attention (sdpa) 0.400 ms"),
+            "{}",
+            d.reason
         );
         // SDPA could not run: a warning, and the estimate-based advice.
         timer.softmax = Err("out of memory".into());
