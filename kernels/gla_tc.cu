@@ -629,6 +629,9 @@ __device__ void tc_states(const T* x, const T* y, const float* decay, const floa
   const int NT = (Tn + TC_C - 1) / TC_C, S = (NT + seg_len - 1) / seg_len;
   const int iv = blockIdx.x, ik = blockIdx.y, bh = blockIdx.z / S, seg = blockIdx.z % S;
   const int b = bh / H, h = bh % H;
+  // End states only (for tc_walk_out): the last segment's end is the final state, which
+  // tc_walk_out's own walk of that segment reaches.
+  if (states == nullptr && seg == S - 1) return;
   const int first = seg * seg_len, end = min(NT, first + seg_len);
   const bool writes_decay = iv == 0 && (threadIdx.x & 3) == 0;
   const long long KV = (long long)K * V;
@@ -724,7 +727,8 @@ __device__ void tc_states(const T* x, const T* y, const float* decay, const floa
 // Segmented walks (few (batch, head) pairs, long sequences): every segment of seg_len chunks
 // walks from a zero state in parallel (tc_states), then tc_carry walks the S segments per state
 // element, C_0 = 0, C_{s+1} = seg_decay_s C_s + seg_last_s (segment 0 starts from s0), writing
-// C_s and, at the end, `last`; tc_fixup adds cum_n C_s to every state of segment s >= 1.
+// C_s and, at the end, `last` (null: the last segment's end is not wanted and was not walked);
+// tc_fixup adds cum_n C_s to every state of segment s >= 1.
 // Carry grid (ceil(K V / 128), B*H): one state element per thread.
 __device__ void tc_carry(const float* seg_last, const float* seg_decay, float* carry, float* last,
                          int S, int K, int V) {
@@ -735,6 +739,7 @@ __device__ void tc_carry(const float* seg_last, const float* seg_decay, float* c
   for (int seg = 0; seg < S; ++seg) {
     const long long at = (long long)bh * S + seg;
     if (seg > 0) carry[at * KV + e] = c;
+    if (seg == S - 1 && last == nullptr) return;
     c = seg_decay[at * K + i] * c + seg_last[at * KV + e];
   }
   if (last != nullptr) last[(long long)bh * KV + e] = c;
@@ -1167,8 +1172,8 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
       store_tile(state_n + (long long)TC_T * i * V, stage_s + i * WALK_TILE, 0, min(TC_T, K - TC_T * i),
                  1, V, col_v);
   }
-  // Unsegmented, the end state is `last` (segmented, tc_carry wrote it).
-  if (last != nullptr && S == 1) {
+  // The last segment ends with the final state.
+  if (last != nullptr && seg == S - 1) {
 #pragma unroll
     for (int j = 0; j < 16; ++j)
 #pragma unroll

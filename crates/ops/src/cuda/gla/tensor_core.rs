@@ -214,8 +214,9 @@ fn walk_out_smem(d: Dims) -> u32 {
 /// One walk that also writes every chunk's outputs (`gla_tc_walk_o`: o = qs h_n + A v, or
 /// `gla_tc_walk_dv`: dv = ks dh_{n+1} + A^T do), for K <= 128: x_out and x_walk are (qs, ks)
 /// forward and (ks, qs) in reverse, y is v or do. `out` 0: states only. Few (batch, head) pairs
-/// and many chunks: `gla_tc_states` first walks the segments from zero for their end states alone,
-/// `gla_tc_carry` joins them, and every segment then walks from its true start state.
+/// and many chunks: `gla_tc_states` first walks the segments but the last from zero for their end
+/// states alone, `gla_tc_carry` joins them, and every segment then walks from its true start
+/// state (the last one to the final state).
 #[allow(clippy::too_many_arguments)]
 fn walk_out(
     dev: &Arc<Device>,
@@ -264,9 +265,9 @@ fn walk_out(
     let nseg = segments as i32;
     let join = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_carry")?;
     let elements = tiles(d.k * d.v, i64::from(THREADS));
-    launch!(dev, join, (elements, bh, 1), 0, THREADS; lp, sdp, cp, last, nseg, kk, vv)?;
+    launch!(dev, join, (elements, bh, 1), 0, THREADS; lp, sdp, cp, nullp, nseg, kk, vv)?;
     launch!(dev, f, (nv, bh * segments, 1), smem, THREADS;
-        xop, xwp, yp, dcp, ap, s0, cp, sp, out, nullp, seg_len, tt, hh, kk, vv)
+        xop, xwp, yp, dcp, ap, s0, cp, sp, out, last, seg_len, tt, hh, kk, vv)
 }
 
 /// Blocks of `f` resident per SM with `smem` bytes of dynamic shared memory each (the carveout
