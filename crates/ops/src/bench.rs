@@ -95,6 +95,9 @@ pub struct CudaTimer {
     dev: Arc<CudaDevice>,
 }
 
+/// The least warm-up time of [`CudaTimer::median_ms`].
+pub const WARMUP_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+
 impl CudaTimer {
     /// A timer on the device with this ordinal; fails when the driver or the device is missing.
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
@@ -103,10 +106,12 @@ impl CudaTimer {
         })
     }
 
-    /// Median over `iters` event-timed calls of `f`, after `warmup` untimed calls, in ms. Each
-    /// call is bracketed by its own pair of events, so host-side gaps between calls are not
-    /// counted; `f` must launch its work on the legacy default stream. Errors from `f` and from
-    /// the driver are returned at once.
+    /// Median over `iters` event-timed calls of `f`, after `warmup` untimed calls (and more of
+    /// them, each waited for, until [`WARMUP_MIN`] has passed: a GPU coming out of idle clocks
+    /// would otherwise slow the first calls of a short shape), in ms. Each call is bracketed by its
+    /// own pair of events, so host-side gaps between calls are not counted; `f` must launch its
+    /// work on the legacy default stream. Errors from `f` and from the driver are returned at
+    /// once.
     ///
     /// # Panics
     ///
@@ -118,11 +123,17 @@ impl CudaTimer {
         mut f: impl FnMut() -> Result<(), E>,
     ) -> Result<f64, E> {
         assert!(iters > 0, "CudaTimer::median_ms: iters must be at least 1");
-        for _ in 0..warmup {
-            f()?;
-        }
         let ctx = self.dev.context();
         let stream = self.dev.stream();
+        let started = Instant::now();
+        let mut calls = 0;
+        while calls < warmup || started.elapsed() < WARMUP_MIN {
+            f()?;
+            stream
+                .synchronize()
+                .map_err(|e| driver_error("cuStreamSynchronize", e))?;
+            calls += 1;
+        }
         let mut times = Vec::with_capacity(iters);
         for _ in 0..iters {
             let start = ctx
