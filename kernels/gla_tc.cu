@@ -19,11 +19,12 @@
 //             + sum_{s in the chunk} k_s dk'_s + exp(b_L) sum_V h_n dh_{n+1}
 //             (dk' = the state part of dk, (v dh_{n+1}^T) exp(b_L - b); see tc_bwd_dqk)
 // Kernels: forward tc_attn (A once per chunk; the state products' operands qs = scale q exp(b),
-// ks = k exp(b_L - b) and the chunk decays exp(b_L)), tc_states (h_n per chunk and the final
-// state), tc_fwd_o; backward tc_states in reverse (dh_{n+1} per chunk and dh_0), tc_bwd_dv,
-// tc_bwd_dqk (dq, dk and dg). Everything but o is kept for the backward. 128 threads; warp w owns
-// rows 16 w .. 16 w + 15 of every 64-row product; 64 x 64 tiles over K and V (zero-padded, any
-// size). Tiles arrive by cp.async (one round trip per step); fragments by ldmatrix; mma.sync
+// ks = k exp(b_L - b) and the chunk decays exp(b_L)), then for K <= 128 tc_walk_out (h_n per
+// chunk, o and the final state in one walk), past it tc_states (h_n, final state) and tc_fwd_o;
+// backward tc_walk_out in reverse (dh_{n+1} per chunk, dv and dh_0; past K = 128 tc_states in
+// reverse and tc_bwd_dv), tc_bwd_dqk (dq, dk and dg). Everything but o is kept for the backward.
+// 128 threads; warp w owns rows 16 w .. 16 w + 15 of every 64-row product (tc_walk_out: 16 V
+// columns); 64 x 64 tiles over K and V (zero-padded, any size). Tiles arrive by cp.async (one round trip per step); fragments by ldmatrix; mma.sync
 // m16n8k16. Subnormals are flushed (--ftz=true).
 //
 // Intra-chunk products (A, and the dA-weighted sums of dq and dk) are rebased per 16-token
@@ -94,6 +95,17 @@
 //   v19 cumulative gates kept in log2 units (scaled once in the scan), every exp a bare ex2:
 //       one multiply less per exp. ncu: dq/dk 0.55 -> 0.53 ms, attn 0.22 -> 0.22.
 //                                                           H100  0.50 / 1.46
+//   v20 (session 4) one walk writes the chunk states and the outputs for K <= 128 (tc_walk_out:
+//       o forward, dv in reverse): the whole state, transposed, in registers; packed to 16 bits
+//       its accumulator fragments are the B fragments of x_out S, so the outputs need no trip of
+//       the state through shared memory. Segmented walks first walk the segments from zero for
+//       their end states alone (tc_states without per-chunk states), tc_carry joins them, then
+//       every segment walks from its true start (no fix-up pass over the states). ncu: walk +
+//       fwd_o 0.28 -> 0.184 ms, reverse walk + dv the same.  H100  0.41 / 1.29
+//   v21 tc_attn at 5 blocks per SM (96 registers, no spills; 4 blocks before): 0.218 -> 0.203 ms.
+//   v22 the end-state pre-walk skips the last segment (its end is the final state, which that
+//       segment's own walk reaches): 4 x 4096 pre-walk 64 -> 48 us, fwd 0.48 -> 0.46 ms.
+//                                                           H100  0.41 / 1.29 (4 x 4096: 0.46 / 1.40)
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic; v17 does it inside tc_attn, which reads q, k and the gates anyway), the boundary term
 // in the reverse walk (exposed loads in a sequential kernel), fewer registers per thread for more
@@ -105,22 +117,27 @@
 // overlap one block's loads with another's math (its compile, 1.0 s instead of 1.8, was shorter);
 // A's row blocks shared evenly by tc_attn's warps (the last warp had 4x the first's products), or
 // rotated over the SM's schedulers: 0.22 -> 0.215 ms and no change (tc_attn waits on its loads,
-// scan and stores, not on the uneven products).
-// Status (v19, H100, bench/results/gla-h100-2026-11-26.json), fwd / fwd+bwd: D = 32 0.21 / 0.53
-// (0.22x FLA), D = 64 0.27 / 0.75 (0.27x), D = 128 0.50 / 1.44 (0.39x, 3.8x the floor) at
-// 8 x 2048, 0.56 / 1.60 at 4 x 4096, 0.58 / 1.63 at 2 x 8192, 0.60 / 1.69 at 1 x 16384 (0.37x to
-// 0.43x FLA). Forward+backward faster than SDPA flash from T = 4096 (1.60 vs 2.21 ms), level at
-// 2048 (1.44 vs 1.43); forward faster from T = 8192 (0.58 vs 0.92), slower at T = 2048 (0.50 vs
-// 0.28) and 4096 (0.56 vs 0.50). Cold first call 1.42-1.72 s (three runs; NVRTC 1.2-1.6 s of
-// it; 1.27-1.80 s over three more on another machine). Per kernel at
-// 8 x 2048 x 16 x 128 (ncu): tc_attn 0.22 ms, walks 0.14 each, fwd_o and dv 0.14 each,
-// tc_bwd_dqk 0.53. The walks and the output kernels run near DRAM bandwidth (their bytes: ~0.27
-// and ~0.37 GB); tc_attn and tc_bwd_dqk wait on latency (the rebasing exps and split products of
-// the intra-chunk sums, 12-16 warps per SM), at 1.5x and 1.8x their DRAM time. The pipeline
-// moves ~2.6 GB (0.87 ms at 3 TB/s) against the 1.14 GB floor: what it keeps for the backward
-// (states, A, qs, ks) and reads again. Next: dq/dk with its loads overlapped (the second V-tile
-// and the q/k/gate tiles during the first V-tile's products, in less shared memory), A and o
-// fused for T = 2048, where the forward is 1.8x SDPA.
+// scan and stores, not on the uneven products). Session 4 (H100, ncu): tc_attn with its K-tiles
+// double-buffered (the next one arriving during this one's products; 3 blocks per SM instead of
+// 4): 0.221 -> 0.248 ms; tc_bwd_dqk loading pass 2's q, k and gates during pass 1 (74 KB of
+// shared memory, the exact-boundary low halves in their place): 0.530 -> 0.548 ms; its dg stores
+// at 32-bit row offsets: 0.530 -> 0.528 ms, and a 12-byte spill. Both kernels have the occupancy
+// they can have and lose it to any extra buffer.
+// Status (v22, H100, bench/results/gla-h100-2026-11-26.json), fwd / fwd+bwd: D = 32 0.17 / 0.52
+// (0.22x FLA), D = 64 0.23 / 0.69 (0.24x), D = 128 0.41 / 1.29 (0.35x, 3.4x the floor) at
+// 8 x 2048, 0.46 / 1.40 at 4 x 4096, 0.46 / 1.41 at 2 x 8192, 0.48 / 1.44 at 1 x 16384 (0.32x to
+// 0.37x FLA, 3.7x to 3.8x the floor). Forward+backward faster than SDPA flash at every D = 128 row
+// (1.29 vs 1.44 ms at T = 2048); forward faster from T = 4096 (0.46 vs 0.51), slower at 2048
+// (0.41 vs 0.30). Cold first call 1.8-2.3 s on a freshly started machine (NVRTC 1.6-2.2 s of it),
+// 1.3-1.7 s on a warm one; training compiles on a background thread while it builds the model.
+// Per kernel at 8 x 2048 x 16 x 128 (ncu): tc_attn 0.203 ms, tc_walk_out 0.184 each way,
+// tc_bwd_dqk 0.53. The walks run at ~2.35 TB/s (433 MB each: qs, ks, A, v or do in; states and o
+// or dv out); tc_attn and tc_bwd_dqk wait on latency at 47% issue-active (dq/dk's stall samples:
+// 24% short scoreboard and 24% fixed-latency waits, i.e. dependent chains of shared loads, exps
+// and split products with 3 warps per scheduler), at 1.5x and 1.8x their DRAM time. The pipeline
+// moves ~2.2 GB against the 1.14 GB floor: what it keeps for the backward (states, A, qs, ks) and
+// reads again. Next: dq/dk with fewer dependent chains per warp (or more warps in less shared
+// memory); the forward at T = 2048 needs A, the walk and o in fewer passes over memory.
 // Precision: every output and gradient of every test shape is within 2x of the naive
 // same-precision computation. The chunk states are kept in the input dtype (as FLA does); dg takes
 // its boundary terms from the same states that dq and dk use (tc_bwd_dqk), so their rounding does
