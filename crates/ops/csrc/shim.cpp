@@ -5,6 +5,8 @@
 //   `autocast` calls deprecated functions that print warnings).
 // - `GlaFunction`: a torch::autograd::Function whose forward and backward call back into Rust
 //   (the CUDA GLA launchers), so `loss.backward()` from Rust reaches the custom kernels.
+// - `glatrain_grad`: gradients from a given output gradient, `o.backward(do)` without the
+//   accumulation (tch's backward seeds with ones only).
 //
 // Tensors cross the boundary as `at::Tensor*` (tch's C_tensor). Tensors handed to Rust are
 // borrowed for the duration of the call; tensors Rust returns are `new at::Tensor` that this file
@@ -162,6 +164,26 @@ int glatrain_gla_apply(const at::Tensor* q, const at::Tensor* k, const at::Tenso
                                    reinterpret_cast<int64_t>(fwd), reinterpret_cast<int64_t>(bwd));
     *o = new at::Tensor(outs[0]);
     *ht = new at::Tensor(outs[1]);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+// The gradients of the `n` tensors `inputs` from `out` with the output gradient `grad` (what
+// `out.backward(grad)` computes, nothing accumulated into `.grad`; an input `out` does not depend
+// on gets an undefined tensor). On success returns 0 and sets `grads[0..n]` to new tensors owned by
+// the caller; else returns 1 with a message in `err`.
+int glatrain_grad(const at::Tensor* out, const at::Tensor* grad, const at::Tensor* const* inputs,
+                  size_t n, at::Tensor** grads, char* err, size_t err_len) {
+  try {
+    std::vector<at::Tensor> ins;
+    ins.reserve(n);
+    for (size_t i = 0; i < n; ++i) ins.push_back(*inputs[i]);
+    auto gs = torch::autograd::grad({*out}, ins, {*grad}, /*retain_graph=*/false,
+                                    /*create_graph=*/false, /*allow_unused=*/true);
+    for (size_t i = 0; i < n; ++i) grads[i] = new at::Tensor(gs[i]);
     return 0;
   } catch (const std::exception& e) {
     write_error(err, err_len, e.what());

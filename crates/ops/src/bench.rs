@@ -2,7 +2,7 @@
 //! CUDA-event timer it uses.
 //!
 //! For each B x T x H x D (K = V = D, bf16 q/k/v, f32 log gates) and each mode: forward, and
-//! forward + backward (`sum(o * do).backward()`, the same for SDPA), as CUDA-event medians after
+//! forward + backward (`o.backward(do)` as ANCHORS.md times it, the same for SDPA), as CUDA-event medians after
 //! warm-up, on the legacy default stream that libtorch uses. Also the first call's wall time
 //! (NVRTC compilation into an empty cache, then module load), and each shape's memory floor.
 //! [`run_gla_bench`] prints a table as it goes and can write the report as JSON.
@@ -52,6 +52,9 @@ pub enum BenchError {
     /// A libtorch operation (allocation, SDPA, backward) failed.
     #[error("bench gla: libtorch: {0}")]
     Torch(#[from] TchError),
+    /// libtorch's backward from the output gradient failed.
+    #[error("bench gla: libtorch backward: {0}")]
+    Backward(String),
     /// The temporary kernel cache for the first-call measurement could not be made.
     #[error("bench gla: cannot create the temporary kernel cache {dir}: {message}")]
     Cache {
@@ -250,7 +253,7 @@ impl BenchReport {
             "gpu": self.gpu,
             "date": self.date,
             "dtype": "bf16 q/k/v, f32 log gates",
-            "timing": "CUDA-event median after warm-up; fwd+bwd = forward + sum(o*do).backward()",
+            "timing": "CUDA-event median after warm-up; fwd+bwd = forward + o.backward(do) (gradients returned, not accumulated)",
             "floor": "bytes moved once at 3.0 TB/s: fwd 12 B/elem, fwd+bwd 34 B/elem of B*T*H*D",
             "first_call_s": self.first_call_s,
             "nvrtc_compile_s": self.nvrtc_compile_s,
@@ -416,12 +419,12 @@ pub fn run_gla_bench(
                 .iter()
                 .map(|x| x.f_detach()?.f_set_requires_grad(true))
                 .collect::<Result<Vec<Tensor>, TchError>>()?;
+            let inputs: Vec<&Tensor> = leaves.iter().collect();
             let fwd_bwd_ms = timer.median_ms(2, iters, || -> Result<(), BenchError> {
                 tch::with_grad(|| {
                     let o = attention(mode, &leaves[0], &leaves[1], &leaves[2], &leaves[3])?;
-                    let loss = o.f_mul(&d_o)?.f_sum(Kind::Float)?;
-                    // Returns the gradients without accumulating them into the leaves.
-                    Tensor::f_run_backward(&[&loss], &leaves, false, false)?;
+                    // o.backward(do), the gradients returned instead of accumulated.
+                    crate::autograd::grad(&o, &d_o, &inputs).map_err(BenchError::Backward)?;
                     Ok(())
                 })
             })?;

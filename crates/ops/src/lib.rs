@@ -1,5 +1,6 @@
 //! Sequence-mixing ops.
 pub mod autocast;
+pub mod autograd;
 pub mod bench;
 pub mod cuda;
 pub mod gla;
