@@ -123,21 +123,24 @@
 // shared memory, the exact-boundary low halves in their place): 0.530 -> 0.548 ms; its dg stores
 // at 32-bit row offsets: 0.530 -> 0.528 ms, and a 12-byte spill. Both kernels have the occupancy
 // they can have and lose it to any extra buffer.
-// Status (v22, H100, bench/results/gla-h100-2026-11-26.json), fwd / fwd+bwd: D = 32 0.17 / 0.52
-// (0.22x FLA), D = 64 0.23 / 0.69 (0.24x), D = 128 0.41 / 1.29 (0.35x, 3.4x the floor) at
-// 8 x 2048, 0.46 / 1.40 at 4 x 4096, 0.46 / 1.41 at 2 x 8192, 0.48 / 1.44 at 1 x 16384 (0.32x to
-// 0.37x FLA, 3.7x to 3.8x the floor). Forward+backward faster than SDPA flash at every D = 128 row
-// (1.29 vs 1.44 ms at T = 2048); forward faster from T = 4096 (0.46 vs 0.51), slower at 2048
-// (0.41 vs 0.30). Cold first call 1.8-2.3 s on a freshly started machine (NVRTC 1.6-2.2 s of it),
-// 1.3-1.7 s on a warm one; training compiles on a background thread while it builds the model.
-// Per kernel at 8 x 2048 x 16 x 128 (ncu): tc_attn 0.203 ms, tc_walk_out 0.184 each way,
-// tc_bwd_dqk 0.53. The walks run at ~2.35 TB/s (433 MB each: qs, ks, A, v or do in; states and o
-// or dv out); tc_attn and tc_bwd_dqk wait on latency at 47% issue-active (dq/dk's stall samples:
-// 24% short scoreboard and 24% fixed-latency waits, i.e. dependent chains of shared loads, exps
-// and split products with 3 warps per scheduler), at 1.5x and 1.8x their DRAM time. The pipeline
-// moves ~2.2 GB against the 1.14 GB floor: what it keeps for the backward (states, A, qs, ks) and
-// reads again. Next: dq/dk with fewer dependent chains per warp (or more warps in less shared
-// memory); the forward at T = 2048 needs A, the walk and o in fewer passes over memory.
+// Status (v22, H100, bench/results/gla-h100-2026-11-26.json; forward+backward = forward and
+// o.backward(do) as ANCHORS.md times it, which the version lines above did with sum(o * do)
+// instead, ~0.2 ms more at D = 128), fwd / fwd+bwd: D = 32 0.17 / 0.45 (0.19x FLA), D = 64
+// 0.24 / 0.58 (0.21x), D = 128 0.41 / 1.06 (0.29x, 2.8x the floor) at 8 x 2048, 0.45 / 1.15
+// (3.0x) at 4 x 4096, 0.46 / 1.21 (3.2x) at 2 x 8192, 0.48 / 1.19 (3.1x) at 1 x 16384 (0.26x to
+// 0.31x FLA); the long rows pay the segmented walks' end-state pre-walks (~50 us each way).
+// Forward+backward faster than SDPA flash at every row; forward faster from T = 4096 (0.45 vs
+// 0.50 ms), slower at 2048 (0.41 vs 0.29). Cold first call 1.8-2.3 s on a freshly started
+// machine (NVRTC 1.6-2.2 s of it), 1.3-1.7 s on a warm one; training compiles on a background
+// thread while it builds the model. Per kernel at 8 x 2048 x 16 x 128 (ncu): tc_attn 0.203 ms,
+// tc_walk_out 0.184 each way, tc_bwd_dqk 0.53. The walks run at ~2.35 TB/s (433 MB each: qs, ks,
+// A, v or do in; states and o or dv out); tc_attn and tc_bwd_dqk wait on latency at 47%
+// issue-active (dq/dk's stall samples: 24% short scoreboard and 24% fixed-latency waits, i.e.
+// dependent chains of shared loads, exps and split products with 3 warps per scheduler), at 1.5x
+// and 1.8x their DRAM time. The pipeline moves ~2.2 GB against the 1.14 GB floor: what it keeps
+// for the backward (states, A, qs, ks) and reads again. Next: dq/dk with fewer dependent chains
+// per warp (or more warps in less shared memory); the forward at T = 2048 needs A, the walk and o
+// in fewer passes over memory.
 // Precision: every output and gradient of every test shape is within 2x of the naive
 // same-precision computation. The chunk states are kept in the input dtype (as FLA does); dg takes
 // its boundary terms from the same states that dq and dk use (tc_bwd_dqk), so their rounding does
