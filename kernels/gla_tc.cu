@@ -121,8 +121,10 @@
 // double-buffered (the next one arriving during this one's products; 3 blocks per SM instead of
 // 4): 0.221 -> 0.248 ms; tc_bwd_dqk loading pass 2's q, k and gates during pass 1 (74 KB of
 // shared memory, the exact-boundary low halves in their place): 0.530 -> 0.548 ms; its dg stores
-// at 32-bit row offsets: 0.530 -> 0.528 ms, and a 12-byte spill. Both kernels have the occupancy
-// they can have and lose it to any extra buffer.
+// at 32-bit row offsets: 0.530 -> 0.528 ms, and a 12-byte spill; tc_bwd_dqk at 2 blocks per SM
+// with 205 registers (more room for independent loads): fwd+bwd 1.03 -> 1.11 ms. Both kernels
+// have the occupancy they can have and lose it to any extra buffer; ptxas -O2 instead of -O3
+// gives the same SASS for every kernel (and no shorter compile).
 // Status (v22, H100, bench/results/gla-h100-2026-11-26.json; forward+backward = forward and
 // o.backward(do) as ANCHORS.md times it, which the version lines above did with sum(o * do)
 // instead, ~0.2 ms more at D = 128), fwd / fwd+bwd: D = 32 0.17 / 0.45 (0.19x FLA), D = 64
