@@ -188,19 +188,64 @@ fn walk(
         return launch!(dev, f, (nv, nk, bh), STATES_SMEM, THREADS;
             xp, yp, dcp, s0, sp, last, nullp, nullp, nullp, seg_len, tt, hh, kk, vv, reverse);
     }
+    let cum = buffer(&[bh, nc, d.k], y);
+    let cump = ptr(&cum);
+    let walked = Segmented {
+        len,
+        states: sp,
+        cum: cump,
+        last,
+    };
+    let carry = carry_segments(dev, dt, d, (x, y, decay), s0, walked, reverse)?;
+    let cp = ptr(&carry);
+    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fixup")?;
+    launch!(dev, f, (nc, bh, 1), 0, THREADS; sp, cump, cp, seg_len, tt, kk, vv, reverse)
+}
+
+/// What the segments of a walk write in [`carry_segments`] (device addresses, 0: nothing).
+struct Segmented {
+    /// Chunks per segment.
+    len: i64,
+    /// Every chunk's state from the segment's zero start (0: only the segments' end states, and
+    /// not of the last segment).
+    states: u64,
+    /// Every chunk's decay from its segment's start.
+    cum: u64,
+    /// The final state.
+    last: u64,
+}
+
+/// The first passes of a segmented walk: `gla_tc_states` walks every segment from zero, then
+/// `gla_tc_carry` joins their end states into each segment's true start state (returned,
+/// `[B*H, segments, K, V]` f32; segment 0's entry unused) and the final state.
+fn carry_segments(
+    dev: &Arc<Device>,
+    dt: KernelDtype,
+    d: Dims,
+    (x, y, decay): (&Tensor, &Tensor, &Tensor),
+    s0: u64,
+    walked: Segmented,
+    reverse: i32,
+) -> Result<Tensor, CudaError> {
+    let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (nk, nv, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.b * d.h);
+    let segments = (d.chunks() + walked.len - 1) / walked.len;
     let seg_last = buffer(&[bh, segments, d.k, d.v], y);
     let carry = buffer(&[bh, segments, d.k, d.v], y);
     let seg_decay = buffer(&[bh, segments, d.k], y);
-    let cum = buffer(&[bh, nc, d.k], y);
-    let (lp, cp, dp, cump) = (ptr(&seg_last), ptr(&carry), ptr(&seg_decay), ptr(&cum));
+    let (xp, yp, dcp) = (ptr(x), ptr(y), ptr(decay));
+    let (lp, cp, sdp) = (ptr(&seg_last), ptr(&carry), ptr(&seg_decay));
+    let Segmented {
+        states, cum, last, ..
+    } = walked;
+    let (seg_len, nseg, nullp) = (walked.len as i32, segments as i32, 0u64);
+    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_states")?;
     launch!(dev, f, (nv, nk, bh * segments), STATES_SMEM, THREADS;
-        xp, yp, dcp, s0, sp, last, lp, dp, cump, seg_len, tt, hh, kk, vv, reverse)?;
-    let nseg = segments as i32;
+        xp, yp, dcp, s0, states, nullp, lp, sdp, cum, seg_len, tt, hh, kk, vv, reverse)?;
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_carry")?;
     let elements = tiles(d.k * d.v, i64::from(THREADS));
-    launch!(dev, f, (elements, bh, 1), 0, THREADS; lp, dp, cp, last, nseg, kk, vv)?;
-    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fixup")?;
-    launch!(dev, f, (nc, bh, 1), 0, THREADS; sp, cump, cp, seg_len, tt, kk, vv, reverse)
+    launch!(dev, f, (elements, bh, 1), 0, THREADS; lp, sdp, cp, last, nseg, kk, vv)?;
+    Ok(carry)
 }
 
 /// Dynamic shared memory of `gla_tc_walk_o` / `gla_tc_walk_dv`: two step buffers, each a 64 x 72
@@ -230,7 +275,7 @@ fn walk_out(
     reverse: i32,
 ) -> Result<(), CudaError> {
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
-    let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
+    let (nv, nc, bh) = (tiles(d.v, TILE), d.chunks(), d.b * d.h);
     let (xop, xwp, yp, dcp, ap, sp) = (
         ptr(x_out),
         ptr(x_walk),
@@ -255,17 +300,15 @@ fn walk_out(
         return launch!(dev, f, (nv, bh, 1), smem, THREADS;
             xop, xwp, yp, dcp, ap, s0, nullp, sp, out, last, seg_len, tt, hh, kk, vv);
     }
-    let seg_last = buffer(&[bh, segments, d.k, d.v], y);
-    let carry = buffer(&[bh, segments, d.k, d.v], y);
-    let seg_decay = buffer(&[bh, segments, d.k], y);
-    let (lp, cp, sdp) = (ptr(&seg_last), ptr(&carry), ptr(&seg_decay));
-    let ends = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_states")?;
-    launch!(dev, ends, (nv, nk, bh * segments), STATES_SMEM, THREADS;
-        xwp, yp, dcp, s0, nullp, nullp, lp, sdp, nullp, seg_len, tt, hh, kk, vv, reverse)?;
-    let nseg = segments as i32;
-    let join = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_carry")?;
-    let elements = tiles(d.k * d.v, i64::from(THREADS));
-    launch!(dev, join, (elements, bh, 1), 0, THREADS; lp, sdp, cp, nullp, nseg, kk, vv)?;
+    // End states only (the last segment's own walk reaches the final state).
+    let ends = Segmented {
+        len,
+        states: nullp,
+        cum: nullp,
+        last: nullp,
+    };
+    let carry = carry_segments(dev, dt, d, (x_walk, y, decay), s0, ends, reverse)?;
+    let cp = ptr(&carry);
     launch!(dev, f, (nv, bh * segments, 1), smem, THREADS;
         xop, xwp, yp, dcp, ap, s0, cp, sp, out, last, seg_len, tt, hh, kk, vv)
 }
