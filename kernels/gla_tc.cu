@@ -188,23 +188,6 @@ __device__ __forceinline__ unsigned pack_f16(float lo, float hi) {
   return r;
 }
 
-// Elements of a 16-bit shared tile (row stride LDH) as fp32: one, or the pair at (r, c), (r, c + 1)
-// (c even: one 32-bit load).
-template <typename T>
-__device__ __forceinline__ float elem(const u16* X, int r, int c) {
-  T a;
-  a.bits = X[r * LDH + c];
-  return h2f(a);
-}
-template <typename T>
-__device__ __forceinline__ float2 pair(const u16* X, int r, int c) {
-  const unsigned w = *reinterpret_cast<const unsigned*>(X + r * LDH + c);
-  T a, b;
-  a.bits = (u16)(w & 0xffffu);
-  b.bits = (u16)(w >> 16);
-  return make_float2(h2f(a), h2f(b));
-}
-
 // The two 16-bit values of a packed register (Op<T>::pack) as fp32.
 template <typename T>
 __device__ __forceinline__ float lo_half(unsigned p) {
@@ -217,6 +200,20 @@ __device__ __forceinline__ float hi_half(unsigned p) {
   T a;
   a.bits = (u16)(p >> 16);
   return h2f(a);
+}
+
+// Elements of a 16-bit shared tile (row stride LDH) as fp32: one, or the pair at (r, c), (r, c + 1)
+// (c even: one 32-bit load).
+template <typename T>
+__device__ __forceinline__ float elem(const u16* X, int r, int c) {
+  T a;
+  a.bits = X[r * LDH + c];
+  return h2f(a);
+}
+template <typename T>
+__device__ __forceinline__ float2 pair(const u16* X, int r, int c) {
+  const unsigned w = *reinterpret_cast<const unsigned*>(X + r * LDH + c);
+  return make_float2(lo_half<T>(w), hi_half<T>(w));
 }
 
 // D += A B, m16n8k16, fp32 accumulators. Fragment layouts (g = lane / 4, c = lane % 4):
@@ -470,11 +467,9 @@ __device__ __noinline__ void load_split(u16* hi, u16* lo, const float* src, int 
       if (col0 + c + 1 < D) x1 = src[(long long)r * D + col0 + c + 1];
     }
     const unsigned p = Op<T>::pack(x0, x1);
-    T a, b;
-    a.bits = (u16)(p & 0xffffu);
-    b.bits = (u16)(p >> 16);
     *reinterpret_cast<unsigned*>(hi + r * LDH + c) = p;
-    *reinterpret_cast<unsigned*>(lo + r * LDH + c) = Op<T>::pack(x0 - h2f(a), x1 - h2f(b));
+    *reinterpret_cast<unsigned*>(lo + r * LDH + c) =
+        Op<T>::pack(x0 - lo_half<T>(p), x1 - hi_half<T>(p));
   }
 }
 
@@ -789,12 +784,9 @@ __device__ void tc_fixup(T* states, const float* cum, const float* carry, int se
       const float cv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
       unsigned words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        T a, b;
-        a.bits = (u16)(words[u] & 0xffffu);
-        b.bits = (u16)(words[u] >> 16);
-        words[u] = Op<T>::pack(h2f(a) + d * cv[2 * u], h2f(b) + d * cv[2 * u + 1]);
-      }
+      for (int u = 0; u < 4; ++u)
+        words[u] = Op<T>::pack(lo_half<T>(words[u]) + d * cv[2 * u],
+                               hi_half<T>(words[u]) + d * cv[2 * u + 1]);
       *reinterpret_cast<uint4*>(st + e) = make_uint4(words[0], words[1], words[2], words[3]);
     }
   } else {
