@@ -124,16 +124,26 @@
 // at 32-bit row offsets: 0.530 -> 0.528 ms, and a 12-byte spill; tc_bwd_dqk at 2 blocks per SM
 // with 205 registers (more room for independent loads): fwd+bwd 1.03 -> 1.11 ms. Both kernels
 // have the occupancy they can have and lose it to any extra buffer; ptxas -O2 instead of -O3
-// gives the same SASS for every kernel (and no shorter compile).
-// Status (v22, H100, bench/results/gla-h100-2026-11-26.json; forward+backward = forward and
-// o.backward(do) as ANCHORS.md times it, which the version lines above did with sum(o * do)
-// instead, ~0.2 ms more at D = 128), fwd / fwd+bwd: D = 32 0.17 / 0.45 (0.19x FLA), D = 64
-// 0.24 / 0.58 (0.21x), D = 128 0.41 / 1.06 (0.29x, 2.8x the floor) at 8 x 2048, 0.45 / 1.15
-// (3.0x) at 4 x 4096, 0.46 / 1.21 (3.2x) at 2 x 8192, 0.48 / 1.19 (3.1x) at 1 x 16384 (0.26x to
-// 0.31x FLA); the long rows pay the segmented walks' end-state pre-walks (~50 us each way).
-// Forward+backward faster than SDPA flash at every row; forward faster from T = 4096 (0.45 vs
-// 0.50 ms), slower at 2048 (0.41 vs 0.29). Cold first call 1.8-2.3 s on a freshly started
-// machine (NVRTC 1.6-2.2 s of it), 1.3-1.7 s on a warm one; training compiles on a background
+// gives the same SASS for every kernel (and no shorter compile). Session 5 (H100, ncu): the
+// pre-walk (tc_states, end states only) with three step buffers instead of two (56 KB, still 4
+// blocks per SM): 2 x 8192 57.6 -> 61 us; its grid without the blocks of the last segment (they
+// returned at once): 57.8 -> 57.8 us. It runs at 1.76 TB/s, 52% of DRAM peak, with 2.9 blocks per
+// SM: neither a round trip per step nor uneven SMs is what holds it. tc_bwd_dqk taking k and q as
+// ldmatrix B fragments in its intra loops (4M fewer instructions of 185M): 533 -> 531 us; its
+// gate tile at a 68-float stride (the intra loops' column reads conflict-free, shared-load bank
+// conflicts 6.6M -> 3.4M): 533 -> 533 us. NVRTC --split-compile for dq/dk: no shorter compile.
+// Status (v22, H100, bench/results/gla-h100-2026-11-26.json; each number the fastest of three
+// rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md times it, which
+// the version lines above did with sum(o * do) instead, ~0.2 ms more at D = 128), fwd /
+// fwd+bwd: D = 32 0.18 / 0.44 (0.18x FLA), D = 64 0.23 / 0.55 (0.20x), D = 128 0.41 / 1.08
+// (0.29x, 2.85x the floor) at 8 x 2048, 0.46 / 1.18 (3.1x) at 4 x 4096, 0.47 / 1.19 (3.1x) at
+// 2 x 8192, 0.47 / 1.18 (3.1x) at 1 x 16384 (0.26x to 0.31x FLA); the long rows pay the
+// segmented walks' end-state pre-walks (~58 us each way at 2 x 8192). Against SDPA on the
+// FlashAttention backend (ANCHORS.md's baseline, 0.52 / 1.98 ms at 8 x 2048 x 16 x 128) forward
+// and forward+backward are faster at every row from D = 64; libtorch's own choice on an H100 is
+// cuDNN's kernel (0.30 / 1.23 ms there), whose forward is faster than ours at T = 2048 (0.41
+// vs 0.30 ms) and slower from 4096. Cold first call 1.7-2.6 s on freshly started machines
+// (NVRTC 1.4-2.2 s of it, the dq/dk program the long pole); training compiles on a background
 // thread while it builds the model. Per kernel at 8 x 2048 x 16 x 128 (ncu): tc_attn 0.203 ms,
 // tc_walk_out 0.184 each way, tc_bwd_dqk 0.53. The walks run at ~2.35 TB/s (433 MB each: qs, ks,
 // A, v or do in; states and o or dv out); tc_attn and tc_bwd_dqk wait on latency at 47%
@@ -141,8 +151,8 @@
 // dependent chains of shared loads, exps and split products with 3 warps per scheduler), at 1.5x
 // and 1.8x their DRAM time. The pipeline moves ~2.2 GB against the 1.14 GB floor: what it keeps
 // for the backward (states, A, qs, ks) and reads again. Next: dq/dk with fewer dependent chains
-// per warp (or more warps in less shared memory); the forward at T = 2048 needs A, the walk and o
-// in fewer passes over memory.
+// per warp (or more warps in less shared memory): at ~0.42 ms every D = 128 row would be under 3x
+// the floor; matching cuDNN's forward at T = 2048 needs A, the walk and o in fewer passes.
 // Precision: every output and gradient of every test shape is within 2x of the naive
 // same-precision computation. The chunk states are kept in the input dtype (as FLA does); dg takes
 // its boundary terms from the same states that dq and dk use (tc_bwd_dqk), so their rounding does

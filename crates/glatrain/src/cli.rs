@@ -123,7 +123,8 @@ pub struct PrepareArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// GLA kernels (each mode) against libtorch's SDPA flash attention on ANCHORS.md's shapes.
+    /// GLA kernels (each mode) against libtorch's SDPA (flash backend, and its own choice) on
+    /// ANCHORS.md's shapes.
     Gla {
         /// Write the results as JSON here.
         #[arg(long, value_name = "FILE")]
@@ -131,7 +132,8 @@ pub enum BenchCommand {
         /// Only this shape, `BxTxHxD` (an ANCHORS.md row, e.g. 8x2048x16x128); repeatable.
         #[arg(long = "shape", value_name = "BxTxHxD")]
         shapes: Vec<String>,
-        /// Only this mode: chunk, fused_chunk, fused_recurrent or sdpa_flash; repeatable.
+        /// Only this mode: chunk, fused_chunk, fused_recurrent, sdpa_flash (the FlashAttention
+        /// backend) or sdpa (libtorch's own choice); repeatable.
         #[arg(long = "mode", value_name = "MODE")]
         modes: Vec<String>,
     },

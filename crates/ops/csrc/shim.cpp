@@ -7,6 +7,8 @@
 //   (the CUDA GLA launchers), so `loss.backward()` from Rust reaches the custom kernels.
 // - `glatrain_grad`: gradients from a given output gradient, `o.backward(do)` without the
 //   accumulation (tch's backward seeds with ones only).
+// - `glatrain_sdp_backends` / `glatrain_set_sdp_backends`: which SDPA backends libtorch may pick
+//   (what torch.nn.attention.sdpa_kernel sets; tch has no binding).
 //
 // Tensors cross the boundary as `at::Tensor*` (tch's C_tensor). Tensors handed to Rust are
 // borrowed for the duration of the call; tensors Rust returns are `new at::Tensor` that this file
@@ -189,6 +191,28 @@ int glatrain_grad(const at::Tensor* out, const at::Tensor* grad, const at::Tenso
     write_error(err, err_len, e.what());
     return 1;
   }
+}
+
+// The SDPA backends libtorch may choose from, one bit per at::SDPBackend value (math 0, flash 1,
+// efficient 2, cuDNN 3).
+int glatrain_sdp_backends() {
+  const auto& ctx = at::globalContext();
+  return (ctx.userEnabledMathSDP() ? 1 << static_cast<int>(at::SDPBackend::math) : 0) |
+         (ctx.userEnabledFlashSDP() ? 1 << static_cast<int>(at::SDPBackend::flash_attention) : 0) |
+         (ctx.userEnabledMemEfficientSDP()
+              ? 1 << static_cast<int>(at::SDPBackend::efficient_attention)
+              : 0) |
+         (ctx.userEnabledCuDNNSDP() ? 1 << static_cast<int>(at::SDPBackend::cudnn_attention) : 0);
+}
+
+// Lets libtorch choose only from the backends in `mask` (bits as in glatrain_sdp_backends).
+void glatrain_set_sdp_backends(int mask) {
+  auto& ctx = at::globalContext();
+  const auto on = [mask](at::SDPBackend b) { return (mask >> static_cast<int>(b) & 1) != 0; };
+  ctx.setSDPUseMath(on(at::SDPBackend::math));
+  ctx.setSDPUseFlash(on(at::SDPBackend::flash_attention));
+  ctx.setSDPUseMemEfficient(on(at::SDPBackend::efficient_attention));
+  ctx.setSDPUseCuDNN(on(at::SDPBackend::cudnn_attention));
 }
 
 }  // extern "C"

@@ -1,9 +1,14 @@
-//! Benchmark of the GLA kernels next to libtorch's SDPA (flash) on the ANCHORS.md shapes, and the
+//! Benchmark of the GLA kernels next to libtorch's SDPA on the ANCHORS.md shapes, and the
 //! CUDA-event timer it uses.
 //!
+//! SDPA runs twice per shape: `sdpa_flash` on the FlashAttention backend alone (ANCHORS.md's
+//! baseline), and `sdpa` on the backend libtorch picks by itself (cuDNN on an H100), named in the
+//! row.
+//!
 //! For each B x T x H x D (K = V = D, bf16 q/k/v, f32 log gates) and each mode: forward, and
-//! forward + backward (`o.backward(do)` as ANCHORS.md times it, the same for SDPA), as CUDA-event medians after
-//! warm-up, on the legacy default stream that libtorch uses. Also the first call's wall time
+//! forward + backward (`o.backward(do)` as ANCHORS.md times it, the same for SDPA), as CUDA-event
+//! medians after warm-up (the fastest of three rounds), on the legacy default stream that libtorch
+//! uses. Also the first call's wall time
 //! (NVRTC compilation into an empty cache, then module load), and each shape's memory floor.
 //! [`run_gla_bench`] prints a table as it goes and can write the report as JSON.
 
@@ -19,6 +24,7 @@ use tch::{Device, Kind, TchError, Tensor};
 use crate::cuda::compile::compile_uncached;
 use crate::cuda::{CudaError, Device as CudaDevice, KernelDtype, KernelSource};
 use crate::gla::{gla, GlaMode, OpError};
+use crate::sdpa::{causal_sdpa, chosen_backend, OnlyBackend, SdpaBackend};
 
 /// Device-to-device copy bandwidth of an H100 SXM measured on the bench machine (bytes read +
 /// written), used for the memory floor.
@@ -178,8 +184,10 @@ fn median(times: &mut [f64]) -> f64 {
 pub struct BenchRow {
     /// B, T, H, D (K = V = D).
     pub shape: [i64; 4],
-    /// `chunk`, `fused_chunk`, `fused_recurrent` or `sdpa_flash`.
+    /// `chunk`, `fused_chunk`, `fused_recurrent`, `sdpa_flash` or `sdpa`.
     pub mode: &'static str,
+    /// The SDPA backend that ran (`sdpa` and `sdpa_flash` rows).
+    pub sdpa_backend: Option<&'static str>,
     /// Forward median, ms.
     pub fwd_ms: f64,
     /// Forward + backward median, ms.
@@ -204,10 +212,14 @@ impl BenchRow {
     /// The row as printed under [`table_header`]: fwd+bwd against its floor and against FLA.
     pub fn table_line(&self) -> String {
         let [b, t, h, d] = self.shape;
+        let mode = match self.sdpa_backend {
+            Some(backend) if self.mode == "sdpa" => format!("sdpa ({backend})"),
+            _ => self.mode.to_string(),
+        };
         format!(
             "{:<20} {:<15} {:>9.3} {:>11.3} {:>9.3} {:>10.1} {:>10.2}",
             format!("{b} x {t} x {h} x {d}"),
-            self.mode,
+            mode,
             self.fwd_ms,
             self.fwd_bwd_ms,
             self.floor_fwd_bwd_ms,
@@ -221,6 +233,7 @@ impl BenchRow {
         json!({
             "shape": {"B": b, "T": t, "H": h, "K": d, "V": d},
             "mode": self.mode,
+            "sdpa_backend": self.sdpa_backend,
             "fwd_ms": self.fwd_ms,
             "fwd_bwd_ms": self.fwd_bwd_ms,
             "floor_fwd_ms": self.floor_fwd_ms,
@@ -253,7 +266,7 @@ impl BenchReport {
             "gpu": self.gpu,
             "date": self.date,
             "dtype": "bf16 q/k/v, f32 log gates",
-            "timing": "CUDA-event median after warm-up; fwd+bwd = forward + o.backward(do) (gradients returned, not accumulated)",
+            "timing": "CUDA-event median after warm-up, the fastest of 3 rounds; fwd+bwd = forward + o.backward(do) (gradients returned, not accumulated)",
             "floor": "bytes moved once at 3.0 TB/s: fwd 12 B/elem, fwd+bwd 34 B/elem of B*T*H*D",
             "first_call_s": self.first_call_s,
             "nvrtc_compile_s": self.nvrtc_compile_s,
@@ -296,14 +309,20 @@ fn floors_ms(b: i64, t: i64, h: i64, d: i64) -> (f64, f64) {
 }
 
 /// Every mode the benchmark can time.
-const MODES: [&str; 4] = ["chunk", "fused_chunk", "fused_recurrent", "sdpa_flash"];
+const MODES: [&str; 5] = [
+    "chunk",
+    "fused_chunk",
+    "fused_recurrent",
+    "sdpa_flash",
+    "sdpa",
+];
 
 /// Which rows to run: shapes as `BxTxHxD` (ANCHORS.md rows) and modes; empty means all.
 #[derive(Debug, Clone, Default)]
 pub struct BenchFilter {
     /// Shapes to run, e.g. `8x2048x16x128`.
     pub shapes: Vec<String>,
-    /// Modes to run (`chunk`, `fused_chunk`, `fused_recurrent`, `sdpa_flash`).
+    /// Modes to run (`chunk`, `fused_chunk`, `fused_recurrent`, `sdpa_flash`, `sdpa`).
     pub modes: Vec<String>,
 }
 
@@ -345,8 +364,9 @@ fn shape_name((b, t, h, d): (i64, i64, i64, i64)) -> String {
 }
 
 /// Runs the GLA benchmark on CUDA device 0: every ANCHORS.md shape, each GLA mode that supports
-/// it and SDPA flash (or the rows `filter` keeps), printing a table as it goes; writes the report as JSON to `json_out` when
-/// given (parent directories are created).
+/// it, SDPA on the flash backend and SDPA on libtorch's own choice (or the rows `filter` keeps),
+/// printing a table as it goes; writes the report as JSON to `json_out` when given (parent
+/// directories are created).
 ///
 /// The first-call time is meaningful only while the bf16 GLA module is not yet loaded in this
 /// process and CUDA is not yet initialised (call this before any other CUDA work): it disables
@@ -404,23 +424,34 @@ pub fn run_gla_bench(
         let d_o = Tensor::f_randn(shape, (Kind::BFloat16, dev))?;
         let iters = if t * b >= 16384 { 10 } else { 20 };
 
-        let mut modes: Vec<(&'static str, Option<GlaMode>)> = vec![
-            ("chunk", Some(GlaMode::Chunk)),
-            ("fused_chunk", Some(GlaMode::FusedChunk)),
+        let mut modes: Vec<(&'static str, Timed)> = vec![
+            ("chunk", Timed::Gla(GlaMode::Chunk)),
+            ("fused_chunk", Timed::Gla(GlaMode::FusedChunk)),
         ];
         if d <= 64 {
-            modes.push(("fused_recurrent", Some(GlaMode::FusedRecurrent)));
+            modes.push(("fused_recurrent", Timed::Gla(GlaMode::FusedRecurrent)));
         }
-        modes.push(("sdpa_flash", None));
+        modes.push(("sdpa_flash", Timed::Sdpa(Some(SdpaBackend::Flash))));
+        modes.push(("sdpa", Timed::Sdpa(None)));
         modes.retain(|(name, _)| filter.keeps_mode(name));
         for (name, mode) in modes {
-            let fwd_ms = timer.median_ms(3, iters, || attention(mode, &q, &k, &v, &g).map(drop))?;
+            let _only = match mode {
+                Timed::Sdpa(Some(backend)) => Some(OnlyBackend::new(backend)),
+                _ => None,
+            };
+            let sdpa_backend = match mode {
+                Timed::Sdpa(_) => chosen_backend(&q, &k, &v)?.map(SdpaBackend::name),
+                Timed::Gla(_) => None,
+            };
+            let fwd_ms = fastest_median(&timer, 3, iters, || {
+                attention(mode, &q, &k, &v, &g).map(drop)
+            })?;
             let leaves = [&q, &k, &v, &g]
                 .iter()
                 .map(|x| x.f_detach()?.f_set_requires_grad(true))
                 .collect::<Result<Vec<Tensor>, TchError>>()?;
             let inputs: Vec<&Tensor> = leaves.iter().collect();
-            let fwd_bwd_ms = timer.median_ms(2, iters, || -> Result<(), BenchError> {
+            let fwd_bwd_ms = fastest_median(&timer, 2, iters, || -> Result<(), BenchError> {
                 tch::with_grad(|| {
                     let o = attention(mode, &leaves[0], &leaves[1], &leaves[2], &leaves[3])?;
                     // o.backward(do), the gradients returned instead of accumulated.
@@ -431,6 +462,7 @@ pub fn run_gla_bench(
             let row = BenchRow {
                 shape,
                 mode: name,
+                sdpa_backend,
                 fwd_ms,
                 fwd_bwd_ms,
                 floor_fwd_ms,
@@ -528,34 +560,49 @@ impl Drop for TempCache {
     }
 }
 
-/// GLA in `mode`, or causal SDPA (libtorch's flash kernel for bf16) when `mode` is None.
+/// Rounds of [`CudaTimer::median_ms`] per benchmark number, which is the fastest round's median.
+/// The H100 hosts have slow phases (whole rounds at 1.3x to 2x the others, SDPA's as well as
+/// GLA's); one then costs a round, not the row.
+const ROUNDS: usize = 3;
+
+/// The fastest of [`ROUNDS`] medians of `f` (each round warmed up), in ms.
+fn fastest_median<E: From<CudaError>>(
+    timer: &CudaTimer,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<(), E>,
+) -> Result<f64, E> {
+    let mut best = f64::INFINITY;
+    for _ in 0..ROUNDS {
+        best = best.min(timer.median_ms(warmup, iters, &mut f)?);
+    }
+    Ok(best)
+}
+
+/// The op a benchmark row times.
+#[derive(Debug, Clone, Copy)]
+enum Timed {
+    /// GLA in this mode.
+    Gla(GlaMode),
+    /// Causal SDPA on this backend alone, or on libtorch's own choice.
+    Sdpa(Option<SdpaBackend>),
+}
+
+/// GLA or causal SDPA (the backend restricted by the caller).
 ///
 /// # Shapes
 ///
 /// q, k, v, g: [B, T, H, D]; returns o: [B, T, H, D].
 fn attention(
-    mode: Option<GlaMode>,
+    op: Timed,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     g: &Tensor,
 ) -> Result<Tensor, BenchError> {
-    match mode {
-        Some(m) => Ok(gla(q, k, v, g, None, None, m, false)?.0),
-        None => {
-            // [B, T, H, D] -> [B, H, T, D] views; SDPA handles the strides.
-            let o = Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &q.f_transpose(1, 2)?,
-                &k.f_transpose(1, 2)?,
-                &v.f_transpose(1, 2)?,
-                None,
-                0.0,
-                true,
-                None,
-                false,
-            )?;
-            Ok(o.f_transpose(1, 2)?)
-        }
+    match op {
+        Timed::Gla(mode) => Ok(gla(q, k, v, g, None, None, mode, false)?.0),
+        Timed::Sdpa(_) => Ok(causal_sdpa(q, k, v)?),
     }
 }
 
@@ -620,6 +667,7 @@ mod tests {
             rows: vec![BenchRow {
                 shape: [8, 2048, 16, 128],
                 mode: "chunk",
+                sdpa_backend: None,
                 fwd_ms: 0.5,
                 fwd_bwd_ms: 1.52,
                 floor_fwd_ms,
@@ -644,6 +692,23 @@ mod tests {
                 .split_whitespace()
                 .count()
         );
+    }
+
+    #[test]
+    fn sdpa_rows_name_the_backend_libtorch_chose() {
+        let mut row = sample_report().rows[0].clone();
+        row.mode = "sdpa";
+        row.sdpa_backend = Some("cudnn");
+        assert!(
+            row.table_line().contains("sdpa (cudnn)"),
+            "{}",
+            row.table_line()
+        );
+        assert_eq!(row.to_json()["sdpa_backend"], "cudnn");
+        row.mode = "sdpa_flash";
+        row.sdpa_backend = Some("flash");
+        assert!(!row.table_line().contains('('), "{}", row.table_line());
+        assert_eq!(row.to_json()["mode"], "sdpa_flash");
     }
 
     #[test]

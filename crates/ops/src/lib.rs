@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cuda;
 pub mod gla;
 pub mod reference;
+pub mod sdpa;
 pub mod testing;
 
 pub use gla::{gla, GlaMode, OpError};

@@ -75,7 +75,7 @@ pub fn estimate(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Estim
         Mode::FusedRecurrent => gla_recurrent_s(shape, device),
         // The reference ops keep their states in fp32, as the fp32 kernels do.
         Mode::Reference => REFERENCE_OVERHEAD * gla_chunk_s(shape, device, false),
-        Mode::SdpaFlash | Mode::Sdpa => sdpa_s(shape, device, mode == Mode::SdpaFlash),
+        Mode::SdpaFused | Mode::Sdpa => sdpa_s(shape, device, mode == Mode::SdpaFused),
         Mode::SelectiveScanReference => selective_scan_s(shape, device),
     };
     Estimate {
@@ -122,8 +122,9 @@ pub fn fused_chunk_blocks(shape: &LayerShape) -> u64 {
         * shape.head_v_dim.div_ceil(CHUNK_BLOCK_V) as u64
 }
 
-/// Whether libtorch's flash backend runs SDPA for this shape: CUDA, bf16/fp16, head dim <= 256.
-pub fn sdpa_uses_flash(shape: &LayerShape, device: &DeviceProfile) -> bool {
+/// Whether libtorch runs SDPA on a fused kernel for this shape (FlashAttention or cuDNN): CUDA,
+/// bf16/fp16, head dim <= 256.
+pub fn sdpa_is_fused(shape: &LayerShape, device: &DeviceProfile) -> bool {
     device.kind == DeviceKind::Cuda
         && shape.act_bytes() == 2
         && shape.head_k_dim.max(shape.head_v_dim) <= 256
@@ -170,7 +171,7 @@ fn op_memory_bytes(shape: &LayerShape, mode: Mode) -> u64 {
         // Chunk states, sub-chunk scores and the cumulative gates and gated q, k, all fp32.
         Mode::Reference => chunk_bytes(shape, false) + token_heads * 4 * (SUB_CHUNK as u64 + 3 * k),
         // The softmax log-sum-exp, fp32 per token and head.
-        Mode::SdpaFlash | Mode::Sdpa => token_heads * 4,
+        Mode::SdpaFused | Mode::Sdpa => token_heads * 4,
         // Per token and channel: the [C, C] decays' row of C * N, plus N each of the states,
         // exp(delta A) and delta B u, fp32.
         Mode::SelectiveScanReference => token_heads * k * (SELECTIVE_SCAN_CHUNK + 3) * 4,
@@ -289,7 +290,7 @@ fn gla_recurrent_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
 
 /// Causal softmax attention: 4 B H T^2 D / 2 FLOPs forward (K for the scores, V for the
 /// values: 2 B H T^2 (K + V) / 2), 2.5x that backward; q, k, v, o, do, dq, dk, dv moved once.
-fn sdpa_s(shape: &LayerShape, device: &DeviceProfile, flash: bool) -> f64 {
+fn sdpa_s(shape: &LayerShape, device: &DeviceProfile, fused: bool) -> f64 {
     let (b, h, t) = (
         shape.batch as f64,
         shape.num_heads as f64,
@@ -298,7 +299,7 @@ fn sdpa_s(shape: &LayerShape, device: &DeviceProfile, flash: bool) -> f64 {
     let (k, v) = (shape.head_k_dim as f64, shape.head_v_dim as f64);
     let fwd = 2.0 * b * h * t * t * (k + v) / 2.0;
     let flops = fwd * (1.0 + BACKWARD_FLOP_FACTOR);
-    let peak = if flash {
+    let peak = if fused {
         device.peak_tensor_flops
     } else {
         device.peak_fp32_flops
@@ -400,7 +401,7 @@ pub(crate) mod tests {
         let t8k = gla(4, 8192, 16, 128, 128);
         let ratio =
             |mode| estimate(&t8k, &h100, mode).time_ms / estimate(&t2k, &h100, mode).time_ms;
-        let sdpa = ratio(Mode::SdpaFlash);
+        let sdpa = ratio(Mode::SdpaFused);
         assert!((sdpa - 16.0).abs() < 0.5, "{sdpa}");
         let chunk = ratio(Mode::Chunk);
         assert!((3.5..=4.5).contains(&chunk), "{chunk}");
@@ -408,7 +409,7 @@ pub(crate) mod tests {
         let s = gla(1, 16384, 16, 128, 128);
         let flops = 4.0 * 16.0 * 16384f64.powi(2) * 128.0 / 2.0 * 3.5;
         let expected_ms = flops / (h100.peak_tensor_flops * COMPUTE_EFFICIENCY) * 1e3;
-        let got = estimate(&s, &h100, Mode::SdpaFlash).time_ms;
+        let got = estimate(&s, &h100, Mode::SdpaFused).time_ms;
         assert!((got - expected_ms).abs() < 0.02, "{got} vs {expected_ms}");
     }
 
@@ -480,12 +481,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn flash_needs_cuda_half_precision_and_head_dim_up_to_256() {
+    fn fused_sdpa_needs_cuda_half_precision_and_head_dim_up_to_256() {
         let h100 = DeviceProfile::h100_sxm();
-        assert!(sdpa_uses_flash(&gla(1, 64, 1, 256, 256), &h100));
-        assert!(!sdpa_uses_flash(&gla(1, 64, 1, 512, 512), &h100));
-        assert!(!sdpa_uses_flash(&fp32(gla(1, 64, 1, 64, 64)), &h100));
-        assert!(!sdpa_uses_flash(
+        assert!(sdpa_is_fused(&gla(1, 64, 1, 256, 256), &h100));
+        assert!(!sdpa_is_fused(&gla(1, 64, 1, 512, 512), &h100));
+        assert!(!sdpa_is_fused(&fp32(gla(1, 64, 1, 64, 64)), &h100));
+        assert!(!sdpa_is_fused(
             &gla(1, 64, 1, 64, 64),
             &DeviceProfile::cpu()
         ));

@@ -442,7 +442,7 @@ mod tests {
             measure(&t, &DeviceProfile::h100_sxm(), &mut timer, dir.path())
                 .unwrap()
                 .mode,
-            Mode::SdpaFlash
+            Mode::SdpaFused
         );
         assert!(timer.calls.is_empty());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -15,24 +15,25 @@ pub enum Mode {
     FusedRecurrent,
     /// GLA: the reference tensor-op implementation (the only one on CPU).
     Reference,
-    /// Transformer: causal `scaled_dot_product_attention` on libtorch's flash backend.
-    SdpaFlash,
-    /// Transformer: causal `scaled_dot_product_attention` where the flash backend does not
-    /// apply (CPU, fp32, head dim > 256); libtorch picks another backend.
+    /// Transformer: causal `scaled_dot_product_attention` on a fused kernel (FlashAttention or
+    /// cuDNN: libtorch picks; cuDNN on an H100).
+    SdpaFused,
+    /// Transformer: causal `scaled_dot_product_attention` where no fused kernel applies (CPU,
+    /// fp32, head dim > 256); libtorch runs another backend.
     Sdpa,
     /// Mamba: the selective scan in tensor ops (sequential on a CPU, chunked on a GPU).
     SelectiveScanReference,
 }
 
 impl Mode {
-    /// The spelling used in the table and the JSON ("fused_chunk", "sdpa_flash", ...).
+    /// The spelling used in the table and the JSON ("fused_chunk", "sdpa_fused", ...).
     pub fn name(self) -> &'static str {
         match self {
             Mode::Chunk => "chunk",
             Mode::FusedChunk => "fused_chunk",
             Mode::FusedRecurrent => "fused_recurrent",
             Mode::Reference => "reference",
-            Mode::SdpaFlash => "sdpa_flash",
+            Mode::SdpaFused => "sdpa_fused",
             Mode::Sdpa => "sdpa",
             Mode::SelectiveScanReference => "selective_scan_reference",
         }
@@ -46,7 +47,7 @@ impl Mode {
             Mode::FusedChunk => Some(KernelMode::FusedChunk),
             Mode::FusedRecurrent => Some(KernelMode::FusedRecurrent),
             Mode::Reference => Some(KernelMode::Reference),
-            Mode::SdpaFlash | Mode::Sdpa | Mode::SelectiveScanReference => None,
+            Mode::SdpaFused | Mode::Sdpa | Mode::SelectiveScanReference => None,
         }
     }
 
@@ -105,7 +106,7 @@ mod tests {
             assert_eq!(km.name(), mode.name());
         }
         assert_eq!(Mode::from_kernel_mode(KernelMode::Auto), None);
-        assert_eq!(Mode::SdpaFlash.kernel_mode(), None);
+        assert_eq!(Mode::SdpaFused.kernel_mode(), None);
         assert_eq!(
             serde_json::to_string(&Mode::SelectiveScanReference).unwrap(),
             "\"selective_scan_reference\""

@@ -511,7 +511,7 @@ mod tests {
             &[],
         );
         let report = Report::rules(&t, &h100);
-        assert_eq!(report.rows[0].decision.mode, Mode::SdpaFlash);
+        assert_eq!(report.rows[0].decision.mode, Mode::SdpaFused);
         assert!(report
             .render_table()
             .contains("warning: kernels.mode = \"chunk\" applies to GLA layers only"));

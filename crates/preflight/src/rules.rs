@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::{DeviceKind, DeviceProfile};
 use crate::estimate::{
-    chunk_state_bytes, estimate, fused_chunk_blocks, sdpa_uses_flash, tensor_core_chunk,
+    chunk_state_bytes, estimate, fused_chunk_blocks, sdpa_is_fused, tensor_core_chunk,
     FUSED_CHUNK_MIN_WAVES,
 };
 use crate::mode::{Mode, Source};
@@ -48,8 +48,8 @@ pub struct Decision {
 
 /// Picks the op of one layer shape. The rules, in order (the first that applies decides):
 ///
-/// 1. **Baselines.** Transformer layers run causal SDPA (flash backend on CUDA in bf16/fp16 with
-///    head dim <= 256, else whichever backend libtorch picks); Mamba layers run the reference
+/// 1. **Baselines.** Transformer layers run causal SDPA (a fused kernel on CUDA in bf16/fp16 with
+///    head dim <= 256, FlashAttention or cuDNN as libtorch picks, else the unfused math); Mamba layers run the reference
 ///    selective scan. `kernels.mode` concerns GLA only; a forced mode here is reported as
 ///    not applying.
 /// 2. **CPU -> reference.** The CUDA kernels need a GPU; the reference tensor ops run anywhere.
@@ -84,16 +84,17 @@ pub fn choose_mode(shape: &LayerShape, device: &DeviceProfile, forced: KernelMod
 
 fn baseline(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decision {
     let (mode, reason) = match shape.model_type {
-        ModelType::Transformer if sdpa_uses_flash(shape, device) => (
-            Mode::SdpaFlash,
-            "softmax attention: causal SDPA, flash backend (CUDA, bf16/fp16, head dim <= 256)"
+        ModelType::Transformer if sdpa_is_fused(shape, device) => (
+            Mode::SdpaFused,
+            "softmax attention: causal SDPA on a fused kernel (FlashAttention or cuDNN, libtorch \
+             picks; CUDA, bf16/fp16, head dim <= 256)"
                 .to_owned(),
         ),
         ModelType::Transformer => (
             Mode::Sdpa,
             format!(
-                "softmax attention: causal SDPA; no flash backend for {} {} with head dim {}, \
-                 libtorch picks another",
+                "softmax attention: causal SDPA; no fused kernel for {} {} with head dim {}, \
+                 libtorch runs another backend",
                 device.kind.name(),
                 shape.dtype_name(),
                 shape.head_k_dim
@@ -186,8 +187,8 @@ fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
     }
     if tensor_core_chunk(shape) {
         // Forward+backward on an H100, bf16 (bench/results/gla-h100-2026-11-26.json):
-        // 8x2048x16x128 chunk 2.3 vs fused_chunk 9.4 ms, 1x16384x16x128 3.1 vs 25.7 ms,
-        // 8x2048x16x64 1.3 vs 3.5 ms.
+        // 8x2048x16x128 chunk 1.06 vs fused_chunk 8.8 ms, 1x16384x16x128 1.2 vs 24 ms,
+        // 8x2048x16x64 0.57 vs 3.2 ms.
         return (
             Mode::Chunk,
             format!(
@@ -391,8 +392,8 @@ fn faster_softmax(
 }
 
 fn sdpa_mode(shape: &LayerShape, device: &DeviceProfile) -> Mode {
-    if sdpa_uses_flash(shape, device) {
-        Mode::SdpaFlash
+    if sdpa_is_fused(shape, device) {
+        Mode::SdpaFused
     } else {
         Mode::Sdpa
     }
@@ -769,17 +770,17 @@ mod tests {
             ..gla_shape(8, 2048, 16, 64, 64)
         };
         let d = auto(&t, &h100);
-        assert_eq!((d.mode, d.source), (Mode::SdpaFlash, Source::Rules));
+        assert_eq!((d.mode, d.source), (Mode::SdpaFused, Source::Rules));
         let d = auto(&fp32(t.clone()), &h100);
         assert_eq!(d.mode, Mode::Sdpa);
         assert!(
-            d.reason.contains("no flash backend for cuda fp32"),
+            d.reason.contains("no fused kernel for cuda fp32"),
             "{}",
             d.reason
         );
         let d = choose_mode(&t, &h100, KernelMode::Chunk);
-        assert_eq!(d.mode, Mode::SdpaFlash);
-        assert_eq!(d.warnings, ["kernels.mode = \"chunk\" applies to GLA layers only; transformer layers run sdpa_flash"]);
+        assert_eq!(d.mode, Mode::SdpaFused);
+        assert_eq!(d.warnings, ["kernels.mode = \"chunk\" applies to GLA layers only; transformer layers run sdpa_fused"]);
 
         let m = LayerShape {
             model_type: ModelType::Mamba,
@@ -797,7 +798,7 @@ mod tests {
         let d = auto(&gla_shape(8, 2048, 16, 32, 32), &h100);
         let advice = d.advice.expect("advice at head dim 32, T = 2048");
         assert!(
-            advice.starts_with("softmax attention would be faster at this shape: sdpa_flash "),
+            advice.starts_with("softmax attention would be faster at this shape: sdpa_fused "),
             "{advice}"
         );
         assert!(

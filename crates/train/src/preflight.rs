@@ -145,21 +145,10 @@ impl ModeTimer for KernelTimer {
     }
 
     fn time_softmax_ms(&mut self, shape: &LayerShape) -> Result<f64, String> {
+        // libtorch picks the backend, as it would for a Transformer layer (cuDNN on an H100).
         LayerInputs::new(shape, self.device).time(&mut self.timer, |x| {
-            // [B, T, H, D] -> [B, H, T, D] views; SDPA picks its backend (flash where it can).
-            let heads_first = |t: &Tensor| t.transpose(1, 2);
-            Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &heads_first(&x.q),
-                &heads_first(&x.k),
-                &heads_first(&x.v),
-                None,
-                0.0,
-                true,
-                None,
-                false,
-            )
-            .map(|o| o.transpose(1, 2))
-            .map_err(|e| TimingError(e.to_string()))
+            glatrain_ops::sdpa::causal_sdpa(&x.q, &x.k, &x.v)
+                .map_err(|e| TimingError(e.to_string()))
         })
     }
 
