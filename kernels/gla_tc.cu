@@ -106,6 +106,10 @@
 //   v22 the end-state pre-walk skips the last segment (its end is the final state, which that
 //       segment's own walk reaches): 4 x 4096 pre-walk 64 -> 48 us, fwd 0.48 -> 0.46 ms.
 //                                                           H100  0.41 / 1.29 (4 x 4096: 0.46 / 1.40)
+//   v23 (session 5) dq/dk's wide-span terms through one call (wide_terms, into a local array)
+//       instead of 32 unrolled call sites per gradient: 6888 -> 5752 SASS instructions, its
+//       NVRTC compile 1.35 -> 1.24 s and the cold first call 1.31 -> 1.17 s on one H100 host;
+//       the kernel's time unchanged (530 -> 529 us).
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic; v17 does it inside tc_attn, which reads q, k and the gates anyway), the boundary term
 // in the reverse walk (exposed loads in a sequential kernel), fewer registers per thread for more
@@ -135,16 +139,17 @@
 // Status (v22, H100, bench/results/gla-h100-2026-11-26.json; each number the fastest of three
 // rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md times it, which
 // the version lines above did with sum(o * do) instead, ~0.2 ms more at D = 128), fwd /
-// fwd+bwd: D = 32 0.18 / 0.44 (0.18x FLA), D = 64 0.23 / 0.55 (0.20x), D = 128 0.41 / 1.08
-// (0.29x, 2.85x the floor) at 8 x 2048, 0.46 / 1.18 (3.1x) at 4 x 4096, 0.47 / 1.19 (3.1x) at
-// 2 x 8192, 0.47 / 1.18 (3.1x) at 1 x 16384 (0.26x to 0.31x FLA); the long rows pay the
-// segmented walks' end-state pre-walks (~58 us each way at 2 x 8192). Against SDPA on the
-// FlashAttention backend (ANCHORS.md's baseline, 0.52 / 1.98 ms at 8 x 2048 x 16 x 128) forward
-// and forward+backward are faster at every row from D = 64; libtorch's own choice on an H100 is
-// cuDNN's kernel (0.30 / 1.23 ms there), whose forward is faster than ours at T = 2048 (0.41
-// vs 0.30 ms) and slower from 4096. Cold first call 1.7-2.6 s on freshly started machines
-// (NVRTC 1.4-2.2 s of it, the dq/dk program the long pole); training compiles on a background
-// thread while it builds the model. Per kernel at 8 x 2048 x 16 x 128 (ncu): tc_attn 0.203 ms,
+// fwd+bwd (v23): D = 32 0.17 / 0.44 (0.18x FLA), D = 64 0.23 / 0.57 (0.20x), D = 128 0.39 /
+// 1.04 (0.28x, 2.74x the floor) at 8 x 2048, 0.44 / 1.13 (2.97x; 3.1x in other runs) at
+// 4 x 4096, 0.46 / 1.16 (3.05x) at 2 x 8192, 0.47 / 1.18 (3.1x) at 1 x 16384 (0.26x to 0.30x
+// FLA); the long rows pay the segmented walks' end-state pre-walks (~58 us each way at
+// 2 x 8192). Against SDPA on the FlashAttention backend (ANCHORS.md's baseline, 0.49 / 1.97 ms
+// at 8 x 2048 x 16 x 128) forward and forward+backward are faster at every row from D = 64;
+// libtorch's own choice on an H100 is cuDNN's kernel (0.30 / 1.20 ms there), whose forward is
+// faster than ours at T = 2048 (0.39 vs 0.30 ms) and slower from 4096. Cold first call (empty caches) 1.3 to 2.6 s across H100
+// hosts with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the long pole; the host's CPU sets
+// it), 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s; training compiles on a background thread
+// while it builds the model. Per kernel at 8 x 2048 x 16 x 128 (ncu): tc_attn 0.203 ms,
 // tc_walk_out 0.184 each way, tc_bwd_dqk 0.53. The walks run at ~2.35 TB/s (433 MB each: qs, ks,
 // A, v or do in; states and o or dv out); tc_attn and tc_bwd_dqk wait on latency at 47%
 // issue-active (dq/dk's stall samples: 24% short scoreboard and 24% fixed-latency waits, i.e.
@@ -521,6 +526,25 @@ __device__ __noinline__ float wide_sum(const float* dA, const u16* x, const floa
     acc += dA[t * LDF + s] * elem<T>(x, p, i) * exp2_approx(bs[t * LDF + i] - bs[s * LDF + i]);
   }
   return acc;
+}
+
+// The wide-channel terms of a warp's 16 x 64 accumulator block (rows r0 .., zero where the
+// channel is not in `wide`): dq's (x = k, later false) or dk's (x = q, later true). Into a local
+// array, so that the caller's accumulators keep no address and the common path stays in
+// registers; one call site instead of 32 (the kernel's code had been 18% these sites).
+template <typename T>
+__device__ __noinline__ void wide_terms(float fix[8][4], const float* dA, const u16* x,
+                                        const float* bs, int r0, unsigned long long wide,
+                                        bool later) {
+#pragma unroll 1
+  for (int nn = 0; nn < 8; ++nn)
+#pragma unroll 1
+    for (int e = 0; e < 4; ++e) {
+      const int row = r0 + acc_row(e), i = acc_col(nn, e);
+      fix[nn][e] = ((wide >> i) & 1ull) != 0ull
+                       ? wide_sum<T>(dA, x, bs, row, later ? row : r0, later ? r0 + 15 : row, i, later)
+                       : 0.f;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1370,13 +1394,12 @@ __device__ void tc_bwd_dqk(const T* q, const T* k, const T* v, const float* g, c
   // Rare (warp-uniform): channels too wide to rebase, their diagonal block one exp per pair. Kept
   // out of the loop above so that the common path has no call sites.
   if (wide != 0ull) {
+    float fix[8][4];
+    wide_terms<T>(fix, dAs, kh, bs, r0, wide, false);
 #pragma unroll
     for (int nn = 0; nn < 8; ++nn)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int t = r0 + acc_row(e), i = acc_col(nn, e);
-        if ((wide >> i) & 1ull) aq[nn][e] += wide_sum<T>(dAs, kh, bs, t, r0, t, i, false);
-      }
+      for (int e = 0; e < 4; ++e) aq[nn][e] += fix[nn][e];
   }
 
   // dk: rows s of block w, k = t in [r0, 64), n = channel.
@@ -1426,13 +1449,12 @@ __device__ void tc_bwd_dqk(const T* q, const T* k, const T* v, const float* g, c
     }
   }
   if (wide != 0ull) {
+    float fix[8][4];
+    wide_terms<T>(fix, dAs, qh, bs, r0, wide, true);
 #pragma unroll
     for (int nn = 0; nn < 8; ++nn)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int s = r0 + acc_row(e), i = acc_col(nn, e);
-        if ((wide >> i) & 1ull) ak[nn][e] += wide_sum<T>(dAs, qh, bs, s, s, r0 + 15, i, true);
-      }
+      for (int e = 0; e < 4; ++e) ak[nn][e] += fix[nn][e];
   }
 
   // dg: q dq - k dk (fp32, before dq and dk are rounded) into shared memory, then the reverse
