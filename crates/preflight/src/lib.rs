@@ -28,7 +28,7 @@ pub use estimate::{
     block_activation_bytes, chunk_state_bytes, estimate, fused_chunk_blocks, Estimate,
     BACKWARD_FLOP_FACTOR, BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY,
 };
-pub use measure::{default_cache_dir, measure, ModeTimer, MEASURE_RECURRENT_MAX_T};
+pub use measure::{default_cache_dir, measure, ModeTimer, SoftmaxTiming, MEASURE_RECURRENT_MAX_T};
 pub use mode::{Mode, Source};
 pub use report::{
     MemoryEstimate, Report, Row, BYTES_PER_PARAMETER, CUDA_RUNTIME_BYTES, ESTIMATE_NOTE,

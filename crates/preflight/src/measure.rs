@@ -24,16 +24,25 @@ pub const MEASURE_RECURRENT_MAX_T: usize = 1024;
 /// Bumped when the cache entry's layout or the meaning of its key changes.
 const CACHE_FORMAT: u32 = 2;
 
+/// One measurement of causal softmax attention at a layer's shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SoftmaxTiming {
+    /// Milliseconds of one forward + backward.
+    pub ms: f64,
+    /// The SDPA backend libtorch ran it on (`cudnn`, `flash`, ...).
+    pub backend: String,
+}
+
 /// Times the GLA op on the device (implemented by the CLI on top of the ops crate).
 pub trait ModeTimer {
     /// Milliseconds of one forward + backward of the GLA op with `shape`'s B, T, H, K, V and
     /// dtype in `mode` (a representative figure such as a median after warm-up), or why it
     /// could not run.
     fn time_ms(&mut self, shape: &LayerShape, mode: KernelMode) -> Result<f64, String>;
-    /// Milliseconds of one forward + backward of causal softmax attention (SDPA, the backend
-    /// libtorch picks) with the same B, T, H, K, V and dtype, or why it could not run: the
-    /// softmax advice then compares two measurements.
-    fn time_softmax_ms(&mut self, shape: &LayerShape) -> Result<f64, String>;
+    /// One forward + backward of causal softmax attention (SDPA, the backend libtorch picks)
+    /// with the same B, T, H, K, V and dtype, or why it could not run: the softmax advice then
+    /// compares two measurements.
+    fn time_softmax(&mut self, shape: &LayerShape) -> Result<SoftmaxTiming, String>;
     /// Identifies the kernels that run (e.g. a hash of their sources): a new version
     /// invalidates every cached decision.
     fn kernel_version(&self) -> String;
@@ -162,13 +171,16 @@ pub fn measure(
             .map(|f| format!("measuring {}: {f}", describe(shape))),
     );
     let mode = Mode::from_kernel_mode(best).expect("candidates are GLA kernel modes");
-    let (advice, softmax) = match timer.time_softmax_ms(shape) {
-        Ok(sdpa_ms) if sdpa_ms.is_finite() && sdpa_ms > 0.0 => (
-            measured_softmax_advice(shape, device, mode, best_ms, sdpa_ms),
-            format!("; softmax attention (sdpa) {}", ms(sdpa_ms)),
-        ),
+    let (advice, softmax) = match timer.time_softmax(shape) {
+        Ok(sdpa) if sdpa.ms.is_finite() && sdpa.ms > 0.0 => {
+            let op = format!("sdpa ({})", sdpa.backend);
+            (
+                measured_softmax_advice(shape, device, mode, best_ms, sdpa.ms, &op),
+                format!("; softmax attention {op} {}", ms(sdpa.ms)),
+            )
+        }
         failed => {
-            let why = failed.map_or_else(|e| e, |t| format!("the timer returned {t} ms"));
+            let why = failed.map_or_else(|e| e, |t| format!("the timer returned {} ms", t.ms));
             warnings.push(format!(
                 "measuring softmax attention at {}: {why}; its advice compares an estimate",
                 describe(shape)
@@ -228,12 +240,19 @@ mod tests {
     use super::*;
     use glatrain_config::Precision;
 
+    fn softmax(ms: f64) -> SoftmaxTiming {
+        SoftmaxTiming {
+            ms,
+            backend: "cudnn".into(),
+        }
+    }
+
     /// A deterministic timer: fixed times per mode, counting its calls.
     struct FakeTimer {
         chunk: Result<f64, String>,
         fused_chunk: Result<f64, String>,
         fused_recurrent: Result<f64, String>,
-        softmax: Result<f64, String>,
+        softmax: Result<SoftmaxTiming, String>,
         calls: Vec<KernelMode>,
         version: String,
     }
@@ -244,7 +263,7 @@ mod tests {
                 chunk: Ok(chunk),
                 fused_chunk: Ok(fused_chunk),
                 fused_recurrent: Ok(fused_recurrent),
-                softmax: Ok(100.0),
+                softmax: Ok(softmax(100.0)),
                 calls: Vec::new(),
                 version: "v1".into(),
             }
@@ -261,7 +280,7 @@ mod tests {
                 other => Err(format!("{other:?} is not timed")),
             }
         }
-        fn time_softmax_ms(&mut self, _shape: &LayerShape) -> Result<f64, String> {
+        fn time_softmax(&mut self, _shape: &LayerShape) -> Result<SoftmaxTiming, String> {
             self.softmax.clone()
         }
         fn kernel_version(&self) -> String {
@@ -343,25 +362,25 @@ mod tests {
         let h100 = DeviceProfile::h100_sxm();
         let mut timer = FakeTimer::new(0.9, 1.2, 3.0);
         // SDPA slower than the measured GLA time: no advice, whatever the estimates say.
-        timer.softmax = Ok(1.0);
+        timer.softmax = Ok(softmax(1.0));
         let dir = tempfile::tempdir().unwrap();
         let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
         assert_eq!(d.advice, None);
         // Faster: the advice quotes both measurements.
-        timer.softmax = Ok(0.4);
+        timer.softmax = Ok(softmax(0.4));
         let dir = tempfile::tempdir().unwrap();
         let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
         let advice = d.advice.expect("SDPA measured faster");
         assert!(
             advice.starts_with(
-                "softmax attention measured faster at this shape: sdpa 0.400 ms vs GLA chunk \
+                "softmax attention measured faster at this shape: sdpa (cudnn) 0.400 ms vs GLA chunk \
                  0.900 ms fwd+bwd per layer"
             ),
             "{advice}"
         );
         assert!(
             d.reason
-                .ends_with("fastest: chunk; softmax attention (sdpa) 0.400 ms"),
+                .ends_with("fastest: chunk; softmax attention sdpa (cudnn) 0.400 ms"),
             "{}",
             d.reason
         );

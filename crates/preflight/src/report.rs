@@ -360,6 +360,7 @@ pub(crate) fn ms(t: f64) -> String {
 mod tests {
     use super::*;
     use crate::estimate::{block_activation_bytes, chunk_state_bytes};
+    use crate::measure::SoftmaxTiming;
 
     /// GLA-340M's shapes (configs/gla-340m.toml): hidden 1024, 24 layers, 4 heads, expand_k
     /// 0.5, expand_v 1, seq_len 2048, micro batch 8, bf16.
@@ -647,8 +648,11 @@ mod tests {
                 _ => 5.0,
             })
         }
-        fn time_softmax_ms(&mut self, _shape: &LayerShape) -> Result<f64, String> {
-            Ok(2.0)
+        fn time_softmax(&mut self, _shape: &LayerShape) -> Result<SoftmaxTiming, String> {
+            Ok(SoftmaxTiming {
+                ms: 2.0,
+                backend: "flash".into(),
+            })
         }
         fn kernel_version(&self) -> String {
             "test".into()

@@ -337,14 +337,15 @@ pub fn softmax_advice(
     faster_softmax(shape, device, mode, gla_ms, sdpa_ms, &label)
 }
 
-/// [`softmax_advice`] from a measured SDPA time (`sdpa_ms`, libtorch's own choice of backend)
-/// against a measured GLA time: the measured preflight compares like with like.
+/// [`softmax_advice`] from a measured SDPA time (`sdpa_ms`, libtorch's own choice of backend,
+/// `sdpa` names it) against a measured GLA time: the measured preflight compares like with like.
 pub fn measured_softmax_advice(
     shape: &LayerShape,
     device: &DeviceProfile,
     mode: Mode,
     gla_ms: f64,
     sdpa_ms: f64,
+    sdpa: &str,
 ) -> Option<String> {
     if device.kind != DeviceKind::Cuda || shape.decoding {
         return None;
@@ -355,7 +356,7 @@ pub fn measured_softmax_advice(
         mode,
         gla_ms,
         sdpa_ms,
-        "measured faster at this shape: sdpa",
+        &format!("measured faster at this shape: {sdpa}"),
     )
 }
 

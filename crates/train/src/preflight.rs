@@ -5,8 +5,9 @@
 use glatrain_config::{KernelMode, Precision, PreflightPolicy, ResolvedConfig};
 use glatrain_ops::bench::CudaTimer;
 use glatrain_ops::cuda::{CudaError, KernelSource};
+use glatrain_ops::sdpa;
 use glatrain_preflight::{
-    default_cache_dir, DeviceProfile, LayerShape, ModeTimer, ModelType, Report,
+    default_cache_dir, DeviceProfile, LayerShape, ModeTimer, ModelType, Report, SoftmaxTiming,
 };
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
@@ -144,11 +145,18 @@ impl ModeTimer for KernelTimer {
         })
     }
 
-    fn time_softmax_ms(&mut self, shape: &LayerShape) -> Result<f64, String> {
+    fn time_softmax(&mut self, shape: &LayerShape) -> Result<SoftmaxTiming, String> {
         // libtorch picks the backend, as it would for a Transformer layer (cuDNN on an H100).
-        LayerInputs::new(shape, self.device).time(&mut self.timer, |x| {
-            glatrain_ops::sdpa::causal_sdpa(&x.q, &x.k, &x.v)
-                .map_err(|e| TimingError(e.to_string()))
+        let inputs = LayerInputs::new(shape, self.device);
+        let backend = sdpa::chosen_backend(&inputs.q, &inputs.k, &inputs.v)
+            .map_err(|e| e.to_string())?
+            .map_or("none", sdpa::SdpaBackend::name);
+        let ms = inputs.time(&mut self.timer, |x| {
+            sdpa::causal_sdpa(&x.q, &x.k, &x.v).map_err(|e| TimingError(e.to_string()))
+        })?;
+        Ok(SoftmaxTiming {
+            ms,
+            backend: backend.to_string(),
         })
     }
 
