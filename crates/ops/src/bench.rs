@@ -8,9 +8,9 @@
 //! For each B x T x H x D (K = V = D, bf16 q/k/v, f32 log gates) and each mode: forward, and
 //! forward + backward (`o.backward(do)` as ANCHORS.md times it, the same for SDPA), as CUDA-event
 //! medians after warm-up (the fastest of three rounds), on the legacy default stream that libtorch
-//! uses. Also the first call's wall time
-//! (NVRTC compilation into an empty cache, then module load), and each shape's memory floor.
-//! [`run_gla_bench`] prints a table as it goes and can write the report as JSON.
+//! uses. Also the first call's wall time (NVRTC compilation into an empty cache, then module
+//! load), and each shape's memory floor. [`run_gla_bench`] prints a table as it goes and can write
+//! the report as JSON.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

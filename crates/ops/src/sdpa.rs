@@ -2,7 +2,7 @@
 //! backends runs it.
 //!
 //! libtorch picks a backend per call. On an H100 with libtorch 2.11 and cuDNN 9 it picks cuDNN's
-//! kernel for bf16 causal attention, not FlashAttention-2, and the two differ by up to 1.8x
+//! kernel for bf16 causal attention, not FlashAttention-2, and the two differ by up to 1.9x
 //! (ANCHORS.md's "SDPA flash" is FlashAttention-2 alone). [`OnlyBackend`] narrows the choice the
 //! way `torch.nn.attention.sdpa_kernel` does; [`chosen_backend`] says what libtorch would run.
 
