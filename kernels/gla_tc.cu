@@ -136,6 +136,19 @@
 // ldmatrix B fragments in its intra loops (4M fewer instructions of 185M): 533 -> 531 us; its
 // gate tile at a 68-float stride (the intra loops' column reads conflict-free, shared-load bank
 // conflicts 6.6M -> 3.4M): 533 -> 533 us. NVRTC --split-compile for dq/dk: no shorter compile.
+// Session 6 (H100, ncu, per direction): the pre-walk in shorter pieces than the walk's segments
+// (tc_carry joining the pieces into segment starts), 2 or 4 pieces per segment: pre-walk
+// 2 x 8192 54 -> 66 / 69 us, 1 x 16384 62 -> 68 / 82 (more, shorter chains are no faster: the
+// per-step latency rises with the loads in flight), 4 x 4096 43 -> 36 (its one walked segment
+// filled half a wave); pre-walk blocks with the whole K (each v tile read once; 3 blocks per SM,
+// 56 KB), in pieces while one wave holds them, against the committed kernels on one host,
+// pre-walk + carry: 4 x 4096 57 -> 50, 2 x 8192 68 -> 65, 1 x 16384 69 -> 72 us; fwd+bwd within
+// the noise. The pre-walk reads ~2x its 96 MB (2 x 8192) from L2, at 2-3.7 TB/s; at the walks'
+// 2.35 TB/s the 96 MB would take ~41 us: ~15 us per direction is all it holds. tc_bwd_dqk with
+// pass 1 double-buffered (the next V-tile's four tiles arriving during this one's products; 74 KB,
+// still 3 blocks per SM with the carveout at its maximum, a 44-byte spill): 534 -> 565 us; the
+// committed kernel given the same 74 KB: 528 us (so neither shared memory nor the carveout held
+// session 4's pass-2 prefetch back: the other blocks on the SM already cover those loads).
 // Status (v22, H100, bench/results/gla-h100-2026-11-26.json; each number the fastest of three
 // rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md times it, which
 // the version lines above did with sum(o * do) instead, ~0.2 ms more at D = 128), fwd /

@@ -164,7 +164,27 @@ impl CudaTimer {
         }
         Ok(median(&mut times))
     }
+
+    /// The fastest of `rounds` [`median_ms`](Self::median_ms) rounds of `f` (each warmed up), in
+    /// ms. The H100 hosts have slow phases in which a whole round comes out 1.3x to 2x the others
+    /// (SDPA's as well as GLA's); with rounds, one costs a round, not the number.
+    pub fn fastest_median_ms<E: From<CudaError>>(
+        &self,
+        rounds: usize,
+        warmup: usize,
+        iters: usize,
+        mut f: impl FnMut() -> Result<(), E>,
+    ) -> Result<f64, E> {
+        let mut best = f64::INFINITY;
+        for _ in 0..rounds {
+            best = best.min(self.median_ms(warmup, iters, &mut f)?);
+        }
+        Ok(best)
+    }
 }
+
+/// Rounds per timed number, here and in the measured preflight: the fastest round's median counts.
+pub const TIMING_ROUNDS: usize = 3;
 
 fn driver_error(what: &str, err: DriverError) -> CudaError {
     CudaError::Driver {
@@ -443,7 +463,7 @@ pub fn run_gla_bench(
                 Timed::Sdpa(_) => chosen_backend(&q, &k, &v)?.map(SdpaBackend::name),
                 Timed::Gla(_) => None,
             };
-            let fwd_ms = fastest_median(&timer, 3, iters, || {
+            let fwd_ms = timer.fastest_median_ms(TIMING_ROUNDS, 3, iters, || {
                 attention(mode, &q, &k, &v, &g).map(drop)
             })?;
             let leaves = [&q, &k, &v, &g]
@@ -451,14 +471,19 @@ pub fn run_gla_bench(
                 .map(|x| x.f_detach()?.f_set_requires_grad(true))
                 .collect::<Result<Vec<Tensor>, TchError>>()?;
             let inputs: Vec<&Tensor> = leaves.iter().collect();
-            let fwd_bwd_ms = fastest_median(&timer, 2, iters, || -> Result<(), BenchError> {
-                tch::with_grad(|| {
-                    let o = attention(mode, &leaves[0], &leaves[1], &leaves[2], &leaves[3])?;
-                    // o.backward(do), the gradients returned instead of accumulated.
-                    crate::autograd::grad(&o, &d_o, &inputs).map_err(BenchError::Backward)?;
-                    Ok(())
-                })
-            })?;
+            let fwd_bwd_ms = timer.fastest_median_ms(
+                TIMING_ROUNDS,
+                2,
+                iters,
+                || -> Result<(), BenchError> {
+                    tch::with_grad(|| {
+                        let o = attention(mode, &leaves[0], &leaves[1], &leaves[2], &leaves[3])?;
+                        // o.backward(do), the gradients returned instead of accumulated.
+                        crate::autograd::grad(&o, &d_o, &inputs).map_err(BenchError::Backward)?;
+                        Ok(())
+                    })
+                },
+            )?;
             let row = BenchRow {
                 shape,
                 mode: name,
@@ -558,25 +583,6 @@ impl Drop for TempCache {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Rounds of [`CudaTimer::median_ms`] per benchmark number, which is the fastest round's median.
-/// The H100 hosts have slow phases (whole rounds at 1.3x to 2x the others, SDPA's as well as
-/// GLA's); one then costs a round, not the row.
-const ROUNDS: usize = 3;
-
-/// The fastest of [`ROUNDS`] medians of `f` (each round warmed up), in ms.
-fn fastest_median<E: From<CudaError>>(
-    timer: &CudaTimer,
-    warmup: usize,
-    iters: usize,
-    mut f: impl FnMut() -> Result<(), E>,
-) -> Result<f64, E> {
-    let mut best = f64::INFINITY;
-    for _ in 0..ROUNDS {
-        best = best.min(timer.median_ms(warmup, iters, &mut f)?);
-    }
-    Ok(best)
 }
 
 /// The op a benchmark row times.
@@ -793,6 +799,16 @@ mod tests {
         assert!(calls > 7, "{calls}");
         assert!(started.elapsed() >= WARMUP_MIN);
         assert!(ms > 0.0 && ms < 1000.0, "{ms}");
+        // Rounds: the fastest of their medians, each round warmed up again.
+        calls = 0;
+        let best = timer
+            .fastest_median_ms(3, 2, 5, || -> Result<(), BenchError> {
+                calls += 1;
+                Ok(a.f_matmul(&a).map(drop)?)
+            })
+            .unwrap();
+        assert!(calls > 3 * 7, "{calls}");
+        assert!(best > 0.0 && best < 1000.0, "{best}");
         let err = timer
             .median_ms(0, 3, || -> Result<(), BenchError> {
                 Err(BenchError::NoCuda)
