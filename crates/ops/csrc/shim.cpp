@@ -9,6 +9,10 @@
 //   accumulation (tch's backward seeds with ones only).
 // - `glatrain_sdp_backends` / `glatrain_set_sdp_backends`: which SDPA backends libtorch may pick
 //   (what torch.nn.attention.sdpa_kernel sets; tch has no binding).
+// - `glatrain_fused_adamw`, `glatrain_global_norm`, `glatrain_scale_all`, `glatrain_clear_grads`:
+//   the optimizer step over all parameters in libtorch's multi-tensor kernels (torch.optim.AdamW
+//   with fused=True, the _foreach ops, zero_grad(set_to_none=True)); tch binds none of them, and
+//   one kernel per tensor and op costs hundreds of launches per step.
 //
 // Tensors cross the boundary as `at::Tensor*` (tch's C_tensor). Tensors handed to Rust are
 // borrowed for the duration of the call; tensors Rust returns are `new at::Tensor` that this file
@@ -213,6 +217,75 @@ void glatrain_set_sdp_backends(int mask) {
   ctx.setSDPUseFlash(on(at::SDPBackend::flash_attention));
   ctx.setSDPUseMemEfficient(on(at::SDPBackend::efficient_attention));
   ctx.setSDPUseCuDNN(on(at::SDPBackend::cudnn_attention));
+}
+
+}  // extern "C"
+
+namespace {
+
+// The tensors behind `n` borrowed pointers (shallow copies sharing their storage).
+std::vector<at::Tensor> tensors(const at::Tensor* const* xs, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) out.push_back(*xs[i]);
+  return out;
+}
+
+}  // namespace
+
+extern "C" {
+
+// One AdamW update of `n` parameters (torch.optim.AdamW with fused=True, amsgrad off): params,
+// grads and moments of one dtype and device; `step` is the update count after this update, an
+// fp32 scalar on that device. Returns 0, or 1 with a message in `err`.
+int glatrain_fused_adamw(const at::Tensor* const* params, const at::Tensor* const* grads,
+                         const at::Tensor* const* exp_avgs, const at::Tensor* const* exp_avg_sqs,
+                         size_t n, const at::Tensor* step, double lr, double beta1, double beta2,
+                         double weight_decay, double eps, char* err, size_t err_len) {
+  try {
+    const std::vector<at::Tensor> steps(n, *step);
+    at::_fused_adamw_(tensors(params, n), tensors(grads, n), tensors(exp_avgs, n),
+                      tensors(exp_avg_sqs, n), /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2,
+                      weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
+                      /*grad_scale=*/std::nullopt, /*found_inf=*/std::nullopt);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+// The L2 norm of all `n` tensors together (the norm of their norms, in fp32, as
+// torch.nn.utils.clip_grad_norm_ computes it with foreach). On success returns 0 and sets `*out`
+// to a new fp32 scalar owned by the caller; else returns 1 with a message in `err`.
+int glatrain_global_norm(const at::Tensor* const* xs, size_t n, at::Tensor** out, char* err,
+                         size_t err_len) {
+  try {
+    const auto norms = at::_foreach_norm(tensors(xs, n), 2, at::kFloat);
+    *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+// Multiplies each of `n` tensors in place by `factor`. Returns 0, or 1 with a message in `err`.
+int glatrain_scale_all(const at::Tensor* const* xs, size_t n, double factor, char* err,
+                       size_t err_len) {
+  try {
+    at::_foreach_mul_(tensors(xs, n), factor);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+// Drops the gradients of `n` tensors (zero_grad(set_to_none=True)): the next backward writes
+// them afresh instead of adding into zeros.
+void glatrain_clear_grads(const at::Tensor* const* xs, size_t n) {
+  for (size_t i = 0; i < n; ++i) const_cast<at::Tensor*>(xs[i])->mutable_grad().reset();
 }
 
 }  // extern "C"

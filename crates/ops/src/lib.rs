@@ -4,6 +4,7 @@ pub mod autograd;
 pub mod bench;
 pub mod cuda;
 pub mod gla;
+pub mod multi_tensor;
 pub mod reference;
 pub mod sdpa;
 pub mod testing;

@@ -1,7 +1,8 @@
 //! AdamW with its state in tensors (tch cannot save an optimizer's state), global-norm gradient
 //! clipping and the gradient bookkeeping of a step.
 //!
-//! The update follows PyTorch's `torch.optim.AdamW` (non-fused, `amsgrad=False`):
+//! The update is PyTorch's `torch.optim.AdamW` (`fused=True`, `amsgrad=False`), run by libtorch's
+//! multi-tensor kernel over each weight-decay group ([`glatrain_ops::multi_tensor`]):
 //!
 //! ```text
 //! p  <- p * (1 - lr * wd)                       decoupled decay, wd = 0 in the no-decay group
@@ -11,10 +12,12 @@
 //! ```
 //!
 //! `t` counts applied updates only: a skipped step (non-finite gradients) advances neither `t`
-//! nor the moments.
+//! nor the moments. A parameter without a gradient this step (gradients are dropped, not zeroed,
+//! between steps) is left alone, as PyTorch does.
 
 use std::collections::BTreeMap;
 
+use glatrain_ops::multi_tensor::{self, AdamWStep, AdamWTensors};
 use tch::{Kind, Tensor};
 
 /// AdamW's fixed hyper-parameters; the learning rate comes per step from the schedule.
@@ -47,6 +50,8 @@ pub struct AdamW {
     params: Vec<ParamState>,
     /// Updates applied so far (`t` of the bias correction).
     step: u64,
+    /// `step` as the fp32 scalar on the parameters' device that the fused kernel reads.
+    step_on_device: Tensor,
 }
 
 impl AdamW {
@@ -68,10 +73,14 @@ impl AdamW {
             })
             .collect();
         params.sort_by(|a, b| a.name.cmp(&b.name));
+        let device = params
+            .first()
+            .map_or(tch::Device::Cpu, |p| p.param.device());
         Self {
             cfg,
             params,
             step: 0,
+            step_on_device: Tensor::zeros([], (Kind::Float, device)),
         }
     }
 
@@ -85,11 +94,10 @@ impl AdamW {
         self.step
     }
 
-    /// Sets the gradients of every parameter to zero.
+    /// Drops the gradients of every parameter (`zero_grad(set_to_none=True)`).
     pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            p.param.zero_grad();
-        }
+        let params: Vec<&Tensor> = self.params.iter().map(|p| &p.param).collect();
+        multi_tensor::clear_grads(&params);
     }
 
     /// The gradients, in parameter order; `None` where a parameter received none.
@@ -104,34 +112,46 @@ impl AdamW {
     }
 
     /// Applies one AdamW update with learning rate `lr` to every parameter that has a gradient.
+    ///
+    /// # Panics
+    /// If libtorch refuses the update, which only tensors of mixed dtypes or devices (not built
+    /// here) would cause.
     pub fn step(&mut self, lr: f64) {
         self.step += 1;
-        let t = self.step as i32;
         let AdamWConfig {
             beta1,
             beta2,
             eps,
             weight_decay,
         } = self.cfg;
-        let bias1 = 1.0 - beta1.powi(t);
-        let bias2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        let step_size = lr / bias1;
+        let grads: Vec<Tensor> = self.params.iter().map(|p| p.param.grad()).collect();
         tch::no_grad(|| {
-            for p in &mut self.params {
-                let grad = p.param.grad();
-                if !grad.defined() {
+            let _ = self.step_on_device.fill_(self.step as f64);
+            for decay in [true, false] {
+                let group: Vec<AdamWTensors> = self
+                    .params
+                    .iter()
+                    .zip(&grads)
+                    .filter(|(p, g)| p.decay == decay && g.defined())
+                    .map(|(p, g)| AdamWTensors {
+                        param: &p.param,
+                        grad: g,
+                        exp_avg: &p.exp_avg,
+                        exp_avg_sq: &p.exp_avg_sq,
+                    })
+                    .collect();
+                if group.is_empty() {
                     continue;
                 }
-                let grad = grad.to_kind(Kind::Float);
-                if p.decay && weight_decay != 0.0 {
-                    let _ = p.param.g_mul_scalar_(1.0 - lr * weight_decay);
-                }
-                let _ = p.exp_avg.lerp_(&grad, 1.0 - beta1);
-                let _ = p.exp_avg_sq.g_mul_scalar_(beta2);
-                let _ = p.exp_avg_sq.addcmul_(&(&grad * (1.0 - beta2)), &grad);
-                let denom = (p.exp_avg_sq.sqrt() / bias2_sqrt) + eps;
-                let update = (&p.exp_avg / denom) * step_size;
-                let _ = p.param.g_sub_(&update.to_kind(p.param.kind()));
+                let hp = AdamWStep {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay: if decay { weight_decay } else { 0.0 },
+                };
+                multi_tensor::fused_adamw(&group, &self.step_on_device, hp)
+                    .unwrap_or_else(|e| panic!("AdamW update: {e}"));
             }
         });
     }
@@ -201,25 +221,30 @@ pub enum OptimStateError {
 
 /// The global L2 norm of `grads` (missing ones count as zero), computed as the norm of the
 /// per-tensor norms in fp32 (as `torch.nn.utils.clip_grad_norm_`). A single host sync.
+///
+/// # Panics
+/// If libtorch refuses the norm (gradients on different devices, not built here).
 pub fn global_grad_norm(grads: &[Option<Tensor>]) -> f64 {
-    let norms: Vec<Tensor> = grads
-        .iter()
-        .flatten()
-        .map(|g| g.to_kind(Kind::Float).norm())
-        .collect();
-    if norms.is_empty() {
+    let grads: Vec<&Tensor> = grads.iter().flatten().collect();
+    if grads.is_empty() {
         return 0.0;
     }
-    Tensor::stack(&norms, 0).norm().double_value(&[])
+    multi_tensor::global_norm(&grads)
+        .unwrap_or_else(|e| panic!("gradient norm: {e}"))
+        .double_value(&[])
 }
 
 /// Scales `grads` in place by `factor` (unscaling a loss scale, or clipping).
+///
+/// # Panics
+/// If libtorch refuses the scaling (gradients on different devices, not built here).
 pub fn scale_grads(grads: &mut [Option<Tensor>], factor: f64) {
-    tch::no_grad(|| {
-        for g in grads.iter_mut().flatten() {
-            let _ = g.g_mul_scalar_(factor);
-        }
-    });
+    let grads: Vec<&Tensor> = grads.iter().flatten().collect();
+    if grads.is_empty() {
+        return;
+    }
+    tch::no_grad(|| multi_tensor::scale_all(&grads, factor))
+        .unwrap_or_else(|e| panic!("gradient scaling: {e}"));
 }
 
 /// Clips `grads` to global norm `max_norm` given their norm `norm` (from [`global_grad_norm`]);
