@@ -4,7 +4,7 @@
 //! call prints a warning); libtorch lets the dtype be chosen per device type. [`set_autocast_dtype`]
 //! sets it (through the C++ shim) and [`autocast`] runs a closure in a CUDA autocast region.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 
 extern "C" {
     fn glatrain_set_autocast_dtype(scalar_type: c_int, err: *mut c_char, err_len: usize) -> c_int;
@@ -49,17 +49,9 @@ pub fn set_autocast_dtype(kind: tch::Kind) -> Result<(), AutocastError> {
         tch::Kind::BFloat16 => SCALAR_BFLOAT16,
         other => return Err(AutocastError::Unsupported(other)),
     };
-    let mut err = [0 as c_char; 1024];
-    // SAFETY: the shim writes at most `err.len()` bytes, NUL-terminated, into `err`.
-    let rc = unsafe { glatrain_set_autocast_dtype(scalar, err.as_mut_ptr(), err.len()) };
-    if rc == 0 {
-        return Ok(());
-    }
-    // SAFETY: on failure the shim wrote a NUL-terminated message into `err`.
-    let message = unsafe { CStr::from_ptr(err.as_ptr()) }
-        .to_string_lossy()
-        .into_owned();
-    Err(AutocastError::Torch { kind, message })
+    // SAFETY: the shim writes at most `len` bytes, NUL-terminated, into `err`.
+    crate::shim::checked(|err, len| unsafe { glatrain_set_autocast_dtype(scalar, err, len) })
+        .map_err(|message| AutocastError::Torch { kind, message })
 }
 
 /// The dtype CUDA autocast regions cast to now.

@@ -4,10 +4,12 @@
 //! forward+backward, needs the output gradient given. [`grad`] runs libtorch's
 //! `torch::autograd::grad` through the C++ shim.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
+
+use crate::shim::checked;
 
 extern "C" {
     fn glatrain_grad(
@@ -34,26 +36,19 @@ pub fn grad(
 ) -> Result<Vec<Tensor>, String> {
     let ptrs: Vec<*const C_tensor> = inputs.iter().map(|t| t.as_ptr()).collect();
     let mut grads: Vec<*mut C_tensor> = vec![std::ptr::null_mut(); inputs.len()];
-    let mut err = vec![0 as c_char; 4096];
     // SAFETY: every pointer is a live tch tensor for the call; `grads` has room for one result
     // per input; on success the shim hands over that many new tensors, taken below.
-    let rc = unsafe {
+    checked(|err, len| unsafe {
         glatrain_grad(
             output.as_ptr(),
             grad_output.as_ptr(),
             ptrs.as_ptr(),
             ptrs.len(),
             grads.as_mut_ptr(),
-            err.as_mut_ptr(),
-            err.len(),
+            err,
+            len,
         )
-    };
-    if rc != 0 {
-        // SAFETY: on failure the shim wrote a NUL-terminated message.
-        return Err(unsafe { CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned());
-    }
+    })?;
     // SAFETY: the shim returned `new at::Tensor`s whose ownership passes to us.
     Ok(grads
         .into_iter()

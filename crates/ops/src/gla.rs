@@ -2,7 +2,7 @@
 //! kernels (through the C++ autograd shim, so `loss.backward()` reaches the CUDA backward) or to
 //! the tensor-op reference (CPU tensors, or [`GlaMode::Reference`]).
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 use std::mem::ManuallyDrop;
 
 use tch::{Device, Kind, Tensor};
@@ -337,10 +337,9 @@ fn apply(
     let h0 = initial_state.map(|h| h.to_kind(Kind::Float).contiguous());
     let mut o: *mut C_tensor = std::ptr::null_mut();
     let mut ht: *mut C_tensor = std::ptr::null_mut();
-    let mut err = vec![0 as c_char; 8192];
     // SAFETY: every tensor pointer is a live tch tensor for the call; the callbacks match the
     // shim's signatures; on success the shim hands over two new tensors, taken below.
-    let rc = unsafe {
+    crate::shim::checked(|err, len| unsafe {
         glatrain_gla_apply(
             q.as_ptr(),
             k.as_ptr(),
@@ -353,17 +352,11 @@ fn apply(
             backward_cb,
             &mut o,
             &mut ht,
-            err.as_mut_ptr(),
-            err.len(),
+            err,
+            len,
         )
-    };
-    if rc != 0 {
-        // SAFETY: on failure the shim wrote a NUL-terminated message.
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }
-            .to_string_lossy()
-            .into_owned();
-        return Err(OpError::Torch(msg));
-    }
+    })
+    .map_err(OpError::Torch)?;
     // SAFETY: the shim returned two `new at::Tensor`s whose ownership passes to us.
     Ok(unsafe { (Tensor::from_ptr(o), Tensor::from_ptr(ht)) })
 }

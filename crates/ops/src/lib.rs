@@ -7,6 +7,7 @@ pub mod gla;
 pub mod multi_tensor;
 pub mod reference;
 pub mod sdpa;
+mod shim;
 pub mod testing;
 
 pub use gla::{gla, GlaMode, OpError};

@@ -3,10 +3,12 @@
 //! gradients. tch binds none of them; done one tensor at a time, a 340M-parameter model's step
 //! takes over two thousand small kernel launches and several passes over every parameter.
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 
 use tch::Tensor;
 use torch_sys::C_tensor;
+
+use crate::shim::checked;
 
 extern "C" {
     fn glatrain_fused_adamw(
@@ -63,18 +65,6 @@ pub struct AdamWTensors<'a> {
 
 fn ptrs<'a>(xs: impl Iterator<Item = &'a Tensor>) -> Vec<*const C_tensor> {
     xs.map(|t| t.as_ptr()).collect()
-}
-
-/// Runs a shim call that reports failure through a message buffer.
-fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
-    let mut err = vec![0 as c_char; 4096];
-    if call(err.as_mut_ptr(), err.len()) == 0 {
-        return Ok(());
-    }
-    // SAFETY: on failure the shim wrote a NUL-terminated message.
-    Err(unsafe { CStr::from_ptr(err.as_ptr()) }
-        .to_string_lossy()
-        .into_owned())
 }
 
 /// One AdamW update of every tensor in `group`, in place (`torch.optim.AdamW` with `fused=True`,
