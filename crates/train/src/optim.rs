@@ -124,7 +124,7 @@ impl AdamW {
             eps,
             weight_decay,
         } = self.cfg;
-        let grads: Vec<Tensor> = self.params.iter().map(|p| p.param.grad()).collect();
+        let grads = self.grads();
         tch::no_grad(|| {
             let _ = self.step_on_device.fill_(self.step as f64);
             for decay in [true, false] {
@@ -132,7 +132,8 @@ impl AdamW {
                     .params
                     .iter()
                     .zip(&grads)
-                    .filter(|(p, g)| p.decay == decay && g.defined())
+                    .filter(|(p, _)| p.decay == decay)
+                    .filter_map(|(p, g)| g.as_ref().map(|g| (p, g)))
                     .map(|(p, g)| AdamWTensors {
                         param: &p.param,
                         grad: g,
