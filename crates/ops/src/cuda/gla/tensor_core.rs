@@ -159,6 +159,25 @@ fn segment_len(slots: i64, blocks: i64, d: Dims) -> i64 {
     (d.chunks() + segments - 1) / segments
 }
 
+/// Segments fewer than this split a `gla_tc_walk_o` / `gla_tc_walk_dv` walk only while the
+/// segmented grid stays within one block per SM. Past that the walk is bound by memory bandwidth
+/// rather than by each step's latency, so two or three segments save less than the end-state
+/// pre-walk and the carry cost (H100, 4 x 4096 x 16 x 128 forward + backward: 1.16 ms in two
+/// segments, 1.06 ms in one walk).
+const MIN_BUSY_WALK_SEGMENTS: i64 = 4;
+
+/// Chunks per segment of a `gla_tc_walk_o` / `gla_tc_walk_dv` walk over `d` with `blocks` blocks
+/// per segment, on `sms` SMs that hold `per_sm` of its blocks each.
+fn walk_out_segment_len(sms: i64, per_sm: i64, blocks: i64, d: Dims) -> i64 {
+    let len = segment_len(per_sm * sms, blocks, d);
+    let segments = (d.chunks() + len - 1) / len;
+    if segments < MIN_BUSY_WALK_SEGMENTS && segments * blocks > sms {
+        d.chunks()
+    } else {
+        len
+    }
+}
+
 /// One state walk (`gla_tc_states`): the scaled x (`Kept::ks` or `Kept::qs`) against y, with the
 /// chunk decays, from `s0` (0: zeros), writing every chunk's state to `states` and the last one
 /// to `last` (0: not wanted). Few (batch, head) pairs and many chunks: the sequence is walked in
@@ -292,7 +311,7 @@ fn walk_out(
     let f = dev.function(KernelSource::GlaTensorCore, dt, name)?;
     let smem = walk_out_smem(d);
     let per_sm = resident_blocks(&f, smem)?;
-    let len = segment_len(per_sm * dev.sm_count() as i64, nv * bh, d);
+    let len = walk_out_segment_len(dev.sm_count() as i64, per_sm, nv * bh, d);
     let segments = (nc + len - 1) / len;
     let seg_len = len as i32;
     let nullp = 0u64;
@@ -498,11 +517,22 @@ mod tests {
         // Few chunks: segments keep at least MIN_SEGMENT_CHUNKS of them.
         assert_eq!(segment_len(slots, 1, dims(1, 1000, 1, 64, 64)), 8);
         assert_eq!(segment_len(slots, 1, dims(1, 448, 1, 64, 64)), 7);
-        // gla_tc_walk_o at K = V = 128: 2 blocks per SM = 264 slots, one block per V-tile.
-        let walk = |d: Dims| segment_len(2 * 132, 2 * d.b * d.h, d);
+    }
+
+    #[test]
+    fn output_walks_split_only_where_segments_pay() {
+        // gla_tc_walk_o at K = V = 128 on an H100: 2 blocks per SM on 132 SMs, one per V-tile.
+        let walk = |d: Dims| walk_out_segment_len(132, 2, 2 * d.b * d.h, d);
         assert_eq!(walk(dims(8, 2048, 16, 128, 128)), 32);
-        assert_eq!(walk(dims(4, 4096, 16, 128, 128)), 32);
+        // Two segments of 128 blocks would pass one block per SM: one walk.
+        assert_eq!(walk(dims(4, 4096, 16, 128, 128)), 64);
+        assert_eq!(walk(dims(3, 4096, 16, 128, 128)), 64);
+        // Four and eight segments.
+        assert_eq!(walk(dims(2, 8192, 16, 128, 128)), 32);
         assert_eq!(walk(dims(1, 16384, 16, 128, 128)), 32);
+        // A small grid keeps two or three segments while they fit one block per SM.
+        assert_eq!(walk(dims(1, 1024, 1, 128, 128)), 8);
+        assert_eq!(walk(dims(1, 1536, 1, 128, 128)), 8);
     }
 
     #[test]
