@@ -110,6 +110,12 @@
 //       instead of 32 unrolled call sites per gradient: 6888 -> 5752 SASS instructions, its
 //       NVRTC compile 1.35 -> 1.24 s and the cold first call 1.31 -> 1.17 s on one H100 host;
 //       the kernel's time unchanged (530 -> 529 us).
+//   v24 (session 7, launcher only) an output walk splits into two or three segments only while
+//       the segmented grid stays within one block per SM. Past that the walk is bound by memory
+//       bandwidth rather than by each step's latency, and the pre-walk and the carry cost more
+//       than the extra segments save. 4 x 4096 x 16 x 128 (128 blocks): one walk of 243 us
+//       against pre-walk 48 + carry 20 + walk 187 us (ncu, base clocks), fwd+bwd 1.15 -> 1.05
+//       ms; 8 x 2048 x 16 x 64: 0.56 -> 0.50 ms.
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic; v17 does it inside tc_attn, which reads q, k and the gates anyway), the boundary term
 // in the reverse walk (exposed loads in a sequential kernel), fewer registers per thread for more
@@ -149,28 +155,46 @@
 // still 3 blocks per SM with the carveout at its maximum, a 44-byte spill): 534 -> 565 us; the
 // committed kernel given the same 74 KB: 528 us (so neither shared memory nor the carveout held
 // session 4's pass-2 prefetch back: the other blocks on the SM already cover those loads).
-// Status (v22, H100, bench/results/gla-h100-2026-11-26.json; each number the fastest of three
+// Session 7 (H100, ncu, 8 x 2048 x 16 x 128 unless said). Where tc_bwd_dqk's 0.531 ms goes, by
+// ablation: 0.417 without the intra loops, 0.447 without pass 1's products, 0.462 with only the
+// diagonal blocks' intra terms. tc_bwd_dqk with each 16-token block's intra operand rebased once
+// per block and shared by the warps (k~ = k exp(b_end(j) - b), q~ = q exp(b - b_start(j)) as
+// hi + lo tiles; each warp's result for block j scaled per channel by exp(r_w - b_end(j))):
+// 0.531 -> 0.595 ms, 186M -> 191M instructions (an operand is used by ~2.5 warps on average, so
+// computing it once costs about what the per-warp copies did, and the per-channel scaling comes
+// on top; 75 KB of shared memory, spills). Pass 1's three products interleaved in one loop:
+// 0.531 -> 0.529 ms with 4M fewer instructions, but its compile 0.15-0.35 s longer. The
+// end-state pre-walk walked from each segment's end, so that the output walk's first reads
+// would hit L2: pre-walk 57 -> 70 us at 2 x 8192, the walk's DRAM reads unchanged (252 MB), so
+// nothing useful survives in L2 between the kernels. The pre-walk with three cp.async stages
+// (wait_group 1, 56 KB, still 4 blocks per SM): 57 -> 60 us, so it is not short of loads in
+// flight. tc_carry loading eight segments before using them: 8 -> 12 us.
+// Status (v24, H100, bench/results/gla-h100-2026-11-26.json; each number the fastest of three
 // rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md times it, which
 // the version lines above did with sum(o * do) instead, ~0.2 ms more at D = 128), fwd /
-// fwd+bwd (v23): D = 32 0.17 / 0.44 (0.18x FLA), D = 64 0.23 / 0.57 (0.20x), D = 128 0.39 /
-// 1.04 (0.28x, 2.74x the floor) at 8 x 2048, 0.44 / 1.13 (2.97x; 3.1x in other runs) at
-// 4 x 4096, 0.46 / 1.16 (3.05x) at 2 x 8192, 0.47 / 1.18 (3.1x) at 1 x 16384 (0.26x to 0.30x
-// FLA); the long rows pay the segmented walks' end-state pre-walks (~58 us each way at
-// 2 x 8192). Against SDPA on the FlashAttention backend (ANCHORS.md's baseline, 0.49 / 1.97 ms
-// at 8 x 2048 x 16 x 128) forward and forward+backward are faster at every row from D = 64;
+// fwd+bwd: D = 32 0.18 / 0.46 (0.19x FLA), D = 64 0.22 / 0.51 (0.18x), D = 128 0.41 / 1.06
+// (0.29x, 2.8x the floor) at 8 x 2048, 0.40 / 1.07 (2.8x) at 4 x 4096, 0.47 / 1.19 (3.1x) at
+// 2 x 8192, 0.48 / 1.21 (3.2x) at 1 x 16384 (0.27x to 0.30x FLA); other runs that day 1.16-1.19
+// and 1.18-1.21 ms at the last two. Those rows pay the segmented walks' end-state pre-walks and
+// carries (57 + 8 us each way at 2 x 8192) on top of the unsegmented pipeline's ~1.05 ms.
+// Against SDPA on the FlashAttention backend (ANCHORS.md's baseline, 0.49 / 1.97 ms at
+// 8 x 2048 x 16 x 128) forward and forward+backward are faster at every row from D = 64;
 // libtorch's own choice on an H100 is cuDNN's kernel (0.30 / 1.20 ms there), whose forward is
-// faster than ours at T = 2048 (0.39 vs 0.30 ms) and slower from 4096. Cold first call (empty caches) 1.3 to 2.6 s across H100
-// hosts with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the long pole; the host's CPU sets
-// it), 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s; training compiles on a background thread
-// while it builds the model. Per kernel at 8 x 2048 x 16 x 128 (ncu): tc_attn 0.203 ms,
+// faster than ours at T = 2048 (0.39 vs 0.30 ms) and slower from 4096. Cold first call (empty
+// caches) 1.3 to 2.6 s across H100 hosts with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the
+// long pole; the host's CPU sets it), 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s,
+// 1.2-1.8 s with v23/v24 over sessions 6 and 7; training compiles on a background thread while
+// it builds the model. Per kernel at 8 x 2048 x 16 x 128 (ncu): tc_attn 0.203 ms,
 // tc_walk_out 0.184 each way, tc_bwd_dqk 0.53. The walks run at ~2.35 TB/s (433 MB each: qs, ks,
 // A, v or do in; states and o or dv out); tc_attn and tc_bwd_dqk wait on latency at 47%
 // issue-active (dq/dk's stall samples: 24% short scoreboard and 24% fixed-latency waits, i.e.
 // dependent chains of shared loads, exps and split products with 3 warps per scheduler), at 1.5x
 // and 1.8x their DRAM time. The pipeline moves ~2.2 GB against the 1.14 GB floor: what it keeps
-// for the backward (states, A, qs, ks) and reads again. Next: dq/dk with fewer dependent chains
-// per warp (or more warps in less shared memory): at ~0.42 ms every D = 128 row would be under 3x
-// the floor; matching cuDNN's forward at T = 2048 needs A, the walk and o in fewer passes.
+// for the backward (states, A, qs, ks) and reads again. Next: under 3x the floor at 2 x 8192 and
+// 1 x 16384 needs ~50 us less, from the base pipeline (dq/dk at ~0.48 ms, e.g. with fewer
+// dependent chains per warp or more warps in less shared memory) or from the segmentation
+// (a pre-walk that moves its ~100 MB at the walks' 2.35 TB/s would save ~15 us each way);
+// matching cuDNN's forward at T = 2048 needs A, the walk and o in fewer passes.
 // Precision: every output and gradient of every test shape is within 2x of the naive
 // same-precision computation. The chunk states are kept in the input dtype (as FLA does); dg takes
 // its boundary terms from the same states that dq and dk use (tc_bwd_dqk), so their rounding does

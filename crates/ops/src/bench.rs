@@ -787,6 +787,9 @@ mod tests {
         }
         let timer = CudaTimer::new(0).unwrap();
         let a = Tensor::randn([1024, 1024], (Kind::Float, Device::Cuda(0)));
+        // cuBLAS starts on the first product, which can take longer than WARMUP_MIN alone; with
+        // it done, a ~0.1 ms product takes many calls to fill the warm-up time.
+        a.matmul(&a).sum(Kind::Float).double_value(&[]);
         let mut calls = 0;
         let started = Instant::now();
         let ms = timer
