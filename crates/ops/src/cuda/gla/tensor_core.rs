@@ -159,11 +159,11 @@ fn segment_len(slots: i64, blocks: i64, d: Dims) -> i64 {
     (d.chunks() + segments - 1) / segments
 }
 
-/// Segments fewer than this split a `gla_tc_walk_o` / `gla_tc_walk_dv` walk only while the
-/// segmented grid stays within one block per SM. Past that the walk is bound by memory bandwidth
-/// rather than by each step's latency, so two or three segments save less than the end-state
-/// pre-walk and the carry cost (H100, 4 x 4096 x 16 x 128 forward + backward: 1.16 ms in two
-/// segments, 1.06 ms in one walk).
+/// A `gla_tc_walk_o` / `gla_tc_walk_dv` walk split into fewer segments than this must keep its
+/// segmented grid within one block per SM, or it stays one walk. Past one block per SM the walk
+/// is bound by memory bandwidth rather than by each step's latency, and two or three segments
+/// save less than the end-state pre-walk and the carry cost (H100, 4 x 4096 x 16 x 128 forward
+/// and backward: 1.16 ms in two segments, 1.06 ms in one walk).
 const MIN_BUSY_WALK_SEGMENTS: i64 = 4;
 
 /// Chunks per segment of a `gla_tc_walk_o` / `gla_tc_walk_dv` walk over `d` with `blocks` blocks
