@@ -167,12 +167,12 @@
 // end-state pre-walk walked from each segment's end, so that the output walk's first reads
 // would hit L2: pre-walk 57 -> 70 us at 2 x 8192, the walk's DRAM reads unchanged (252 MB), so
 // nothing useful survives in L2 between the kernels. The pre-walk with three cp.async stages
-// (wait_group 1, 56 KB, still 4 blocks per SM): 57 -> 60 us, so it is not short of loads in
-// flight. tc_carry loading eight segments before using them: 8 -> 12 us. tc_walk_out runs at
-// 34% issue-active with "wait" and short-scoreboard stalls ahead (one warp per scheduler per
-// block); its step as straight-line code (K-tiles a compile-time 2, no branch around the output
-// products) for the scheduler to interleave the output and state-update chains: 255 registers,
-// spills, 186 -> 248 us.
+// (wait_group 1, 56 KB, still 4 blocks per SM): 57 -> 60 us at 2 x 8192, so it is not short of
+// loads in flight. tc_carry loading eight segments before using them: 8 -> 12 us at 2 x 8192.
+// tc_walk_out runs at 34% issue-active with "wait" and short-scoreboard stalls ahead (one warp
+// per scheduler per block); its step as straight-line code (K-tiles a compile-time 2, no branch
+// around the output products) for the scheduler to interleave the output and state-update
+// chains: 255 registers, spills, 186 -> 248 us.
 // Status (v24, H100, bench/results/gla-h100-2026-11-26.json; each number the fastest of three
 // rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md times it, which
 // the version lines above did with sum(o * do) instead, ~0.2 ms more at D = 128), fwd /
