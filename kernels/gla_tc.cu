@@ -422,12 +422,25 @@ __device__ __forceinline__ void copies_done() {
   __syncthreads();
 }
 
+// Closes this thread's copies issued since the last commit into one group.
+__device__ __forceinline__ void copies_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Waits until at most `pending` of this thread's latest groups are still in flight, then for
+// every thread (a barrier).
+template <int pending>
+__device__ __forceinline__ void copies_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(pending) : "memory");
+  __syncthreads();
+}
+
 // Element by element, for rows not in whole 16-byte pieces (x: 16-bit elements if `wide` is
 // false, fp32 otherwise); rare, so out of line: the kernels' common paths stay small (a shorter
 // compile) and free of it.
 __device__ __noinline__ void copy_tile_slow(void* dst, const void* base, int nrows, int stride,
                                             int D, int col0, int ld, bool wide) {
-  for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
+  for (int e = threadIdx.x; e < 64 * 64; e += blockDim.x) {
     const int r = e >> 6, c = e & 63;
     const bool ok = r < nrows && col0 + c < D;
     if (wide)
@@ -439,18 +452,19 @@ __device__ __noinline__ void copy_tile_slow(void* dst, const void* base, int nro
 
 // One 64-bit base per call; each thread's rows then sit at 32-bit multiples of the row stride
 // (a tile spans 64 rows of a [rows, H, D] tensor: 64 H D < 2^31 elements, checked by the launcher).
-template <typename T>
+template <typename T, int NT = TC_THREADS>
 __device__ void copy_tile(u16* dst, const T* x, long long row0, int nrows, int H, int D, int col0) {
   const u16* base = reinterpret_cast<const u16*>(x) + row0 * D + col0;
   const int stride = H * D;
   if (D % 8 == 0) {
+    constexpr int ROWS = NT / 8;  // rows per pass
     const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
     const bool col_ok = col0 + c < D;
     const u16* src = base + r * stride + c;
 #pragma unroll
-    for (int it = 0; it < 4; ++it)
-      cp_async16(dst + (r + 16 * it) * LDH + c, src + it * 16 * stride,
-                 col_ok && r + 16 * it < nrows);
+    for (int it = 0; it < 64 / ROWS; ++it)
+      cp_async16(dst + (r + ROWS * it) * LDH + c, src + it * ROWS * stride,
+                 col_ok && r + ROWS * it < nrows);
   } else {
     copy_tile_slow(dst, base, nrows, stride, D, col0, LDH, false);
   }
@@ -1029,42 +1043,48 @@ __device__ void tc_out(const T* xs, const T* y, const T* states, const T* attn,
 // ---------------------------------------------------------------------------------------------
 // state walk with the outputs (K <= 128)
 // ---------------------------------------------------------------------------------------------
-// Grid (ceil(V/64), B*H*S): a block walks the chunks of one segment for one 64-column V-tile
-// with the whole state (K <= 128 channels) in registers, and per chunk n writes the kept state
-// and the chunk's outputs, from one read of the chunk's operands:
+// Grid (ceil(V/(16 WARPS)), B*H*S): a block walks the chunks of one segment for 16 WARPS V
+// columns with the whole state (K <= 128 channels) in registers, and per chunk n writes the kept
+// state and the chunk's outputs, from one read of the chunk's operands:
 //   forward (tc_walk_out<T, false>): states[n] = h_n;      o  = qs h_n + A v;        h = d h + ks^T v
 //   adjoint (tc_walk_out<T, true>):  states[n] = dh_{n+1}; dv = ks dh_{n+1} + A^T do; dh = d dh + qs^T do
 // i.e. out = x_out S + A' y, S = d S + x_walk^T y. Warp w holds the transposed state S^T (rows:
-// the tile's V columns 16 w .. 16 w + 15; columns: all K channels). Packed to 16 bits its
+// the block's V columns 16 w .. 16 w + 15; columns: all K channels). Packed to 16 bits its
 // accumulator fragments are the B fragments of x_out S, so the state reaches the output product
 // without shared memory; each warp computes all 64 tokens' outputs for its 16 columns. Segment
 // s >= 1 starts from carry[s] (tc_states walked the segments from zero for their end states and
 // tc_carry joined them); `out` null: states only (the backward recomputing them).
+// Two block shapes: 4 warps with two step buffers (two blocks per SM), or 8 warps with three
+// (one block per SM, ~190 KB): the wide block loads a step's x_out, x_walk and A tiles once for
+// 128 V columns, and keeps two steps' loads in flight.
 #define WALK_TILE (TC_C * LDH)  // 16-bit elements of one 64 x 64 tile
 
-// One step's buffer, in 16-bit elements: kt tiles of x_out, kt of x_walk, A, y, then 2 x 64
-// fp32 decays. After the step's products the same space stages its outputs and state.
-__device__ __forceinline__ int walk_buffer(int kt) { return (2 * kt + 2) * WALK_TILE + 2 * 2 * TC_T; }
+// One step's buffer, in 16-bit elements: kt tiles of x_out, kt of x_walk, A, warps / 4 tiles of y,
+// then 2 x 64 fp32 decays. After the step's products the same space stages its outputs and state.
+__device__ __forceinline__ int walk_buffer(int kt, int warps) {
+  return (2 * kt + 1 + warps / 4) * WALK_TILE + 2 * 2 * TC_T;
+}
 
 // The 64-row tile at `src` (row stride LDH) into rows of a [rows, H, D] tensor, row r at
 // x + (row0 + r * H) * D, columns col0 ..; rows past `nrows` and columns past D skipped.
 __device__ __noinline__ void store_tile_slow(u16* base, const u16* src, int nrows, int stride,
                                              int D, int col0) {
-  for (int e = threadIdx.x; e < 64 * 64; e += TC_THREADS) {
+  for (int e = threadIdx.x; e < 64 * 64; e += blockDim.x) {
     const int r = e >> 6, c = e & 63;
     if (r < nrows && col0 + c < D) base[r * stride + c] = src[r * LDH + c];
   }
 }
-template <typename T>
+template <typename T, int NT = TC_THREADS>
 __device__ void store_tile(T* x, const u16* src, long long row0, int nrows, int H, int D, int col0) {
   u16* base = reinterpret_cast<u16*>(x) + row0 * D + col0;
   const int stride = H * D;
   if (D % 8 == 0) {
+    constexpr int ROWS = NT / 8;
     const int r = threadIdx.x >> 3, c = (threadIdx.x & 7) * 8;
     if (col0 + c >= D) return;
 #pragma unroll
-    for (int it = 0; it < 4; ++it) {
-      const int rr = r + 16 * it;
+    for (int it = 0; it < 64 / ROWS; ++it) {
+      const int rr = r + ROWS * it;
       if (rr < nrows)
         *reinterpret_cast<uint4*>(base + rr * stride + c) =
             *reinterpret_cast<const uint4*>(src + rr * LDH + c);
@@ -1085,19 +1105,22 @@ __device__ __forceinline__ void split_low(unsigned hb[16][2], const float st[16]
                              st[j][2 * u + 1] - hi_half<T>(hb[j][u]));
 }
 
-template <typename T, bool ADJOINT>
+template <typename T, bool ADJOINT, int WARPS, int STAGES>
 __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const float* decay,
                             const T* attn, const float* s0, const float* carry, T* states, T* out,
                             float* last, int seg_len, int Tn, int H, int K, int V) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   u16* smem = reinterpret_cast<u16*>(smem_raw);
-  const int NT = (Tn + TC_C - 1) / TC_C, S = (NT + seg_len - 1) / seg_len;
+  const int NCH = (Tn + TC_C - 1) / TC_C, S = (NCH + seg_len - 1) / seg_len;
   const int iv = blockIdx.x, bh = blockIdx.y / S, seg = blockIdx.y % S;
   const int b = bh / H, h = bh % H, kt = (K + TC_T - 1) / TC_T;
-  const int first = seg * seg_len, end = min(NT, first + seg_len);
+  const int first = seg * seg_len, end = min(NCH, first + seg_len);
   const long long KV = (long long)K * V;
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g8 = lane >> 2, c2 = 2 * (lane & 3);
-  const int col_v = iv * TC_T;
+  const int col_v = iv * 16 * WARPS;
+  constexpr int NT = 32 * WARPS, YT = WARPS / 4;  // threads, 64-column tiles of y per step
+  // This warp's 16 columns: tile w / 4 of the step's y (and of the staged outputs and state).
+  const int yt = w >> 2, wc = 16 * (w & 3);
 
   // S^T: st[j][e] is S[k][v] for k = 8 j + c2 + (e & 1), v = col_v + 16 w + g8 + 8 (e >> 1).
   float st[16][4];
@@ -1112,35 +1135,44 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
     }
 
   auto issue = [&](int step) {
-    const int n = ADJOINT ? NT - 1 - step : step;
+    const int n = ADJOINT ? NCH - 1 - step : step;
     const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
     const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
-    u16* buf = smem + (step & 1) * walk_buffer(kt);
+    u16* buf = smem + ((step - first) % STAGES) * walk_buffer(kt, WARPS);
     for (int i = 0; i < kt; ++i) {
-      if (out != nullptr) copy_tile(buf + i * WALK_TILE, x_out, row0, nrows, H, K, TC_T * i);
-      copy_tile(buf + (kt + i) * WALK_TILE, x_walk, row0, nrows, H, K, TC_T * i);
+      if (out != nullptr)
+        copy_tile<T, NT>(buf + i * WALK_TILE, x_out, row0, nrows, H, K, TC_T * i);
+      copy_tile<T, NT>(buf + (kt + i) * WALK_TILE, x_walk, row0, nrows, H, K, TC_T * i);
     }
     if (out != nullptr)
-      copy_tile(buf + 2 * kt * WALK_TILE, attn + ((long long)bh * NT + n) * TC_C * TC_C, 0, TC_C,
-                1, TC_C, 0);
-    copy_tile(buf + (2 * kt + 1) * WALK_TILE, y, row0, nrows, H, V, col_v);
-    float* dec = reinterpret_cast<float*>(buf + (2 * kt + 2) * WALK_TILE);
-    cp_async4(&dec[threadIdx.x], decay + ((long long)bh * NT + n) * K + threadIdx.x,
-              threadIdx.x < K);
+      copy_tile<T, NT>(buf + 2 * kt * WALK_TILE, attn + ((long long)bh * NCH + n) * TC_C * TC_C,
+                       0, TC_C, 1, TC_C, 0);
+    for (int u = 0; u < YT; ++u)
+      copy_tile<T, NT>(buf + (2 * kt + 1 + u) * WALK_TILE, y, row0, nrows, H, V, col_v + TC_T * u);
+    float* dec = reinterpret_cast<float*>(buf + (2 * kt + 1 + YT) * WALK_TILE);
+    if (threadIdx.x < 2 * TC_T)
+      cp_async4(&dec[threadIdx.x], decay + ((long long)bh * NCH + n) * K + threadIdx.x,
+                threadIdx.x < K);
   };
-  issue(first);
+  // Every thread commits one copy group per step (empty past the end): the wait for step s's
+  // group leaves the STAGES - 2 later ones in flight.
+  for (int p = 0; p < STAGES - 1; ++p) {
+    if (first + p < end) issue(first + p);
+    copies_commit();
+  }
   for (int step = first; step < end; ++step) {
-    const int n = ADJOINT ? NT - 1 - step : step;
+    const int n = ADJOINT ? NCH - 1 - step : step;
     const int t0 = n * TC_C, nrows = min(TC_C, Tn - t0);
     const long long row0 = (long long)b * Tn * H + (long long)t0 * H + h;
-    u16* buf = smem + (step & 1) * walk_buffer(kt);
+    u16* buf = smem + ((step - first) % STAGES) * walk_buffer(kt, WARPS);
     const u16* xo = buf;
     const u16* xw = buf + kt * WALK_TILE;
     const u16* a_tile = buf + 2 * kt * WALK_TILE;
-    const u16* y_tile = buf + (2 * kt + 1) * WALK_TILE;
-    const float* dec = reinterpret_cast<const float*>(buf + (2 * kt + 2) * WALK_TILE);
-    copies_done();
-    if (step + 1 < end) issue(step + 1);
+    const u16* y_tile = buf + (2 * kt + 1 + yt) * WALK_TILE;
+    const float* dec = reinterpret_cast<const float*>(buf + (2 * kt + 1 + YT) * WALK_TILE);
+    copies_wait<STAGES - 2>();
+    if (step + STAGES - 1 < end) issue(step + STAGES - 1);
+    copies_commit();
 
     // The state entering the chunk in the input dtype: what is kept, and (after the first step,
     // which keeps an fp32 initial state exactly) what the walk goes on from, as in tc_states.
@@ -1199,7 +1231,7 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
           if (ADJOINT ? kb < m : kb > m) continue;
           unsigned a[4], bf[4];
           if (ADJOINT) a_km(a, a_tile, 16 * m, 16 * kb); else a_mk(a, a_tile, 16 * m, 16 * kb);
-          b_kn(bf, y_tile, 16 * kb, 16 * w);
+          b_kn(bf, y_tile, 16 * kb, wc);
           Op<T>::mma(o[m][0], a, bf[0], bf[1]);
           Op<T>::mma(o[m][1], a, bf[2], bf[3]);
         }
@@ -1218,7 +1250,7 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
 #pragma unroll
     for (int tb = 0; tb < 4; ++tb) {
       unsigned a[4];
-      a_km(a, y_tile, 16 * w, 16 * tb);
+      a_km(a, y_tile, wc, 16 * tb);
 #pragma unroll
       for (int qq = 0; qq < 8; ++qq) {
         if (qq >= 4 * kt) break;
@@ -1232,8 +1264,8 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
     // Every warp is done with the step's tiles: stage the outputs and the state in their place,
     // then store both in 16-byte pieces.
     __syncthreads();
-    u16* stage_o = buf;
-    u16* stage_s = buf + WALK_TILE;
+    u16* stage_o = buf + yt * WALK_TILE;
+    u16* stage_s = buf + YT * WALK_TILE;
     if (out != nullptr) {
 #pragma unroll
       for (int m = 0; m < 4; ++m)
@@ -1241,13 +1273,13 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
         for (int nb = 0; nb < 2; ++nb)
 #pragma unroll
           for (int u = 0; u < 2; ++u)
-            *reinterpret_cast<unsigned*>(stage_o + (16 * m + g8 + 8 * u) * LDH + 16 * w + 8 * nb +
+            *reinterpret_cast<unsigned*>(stage_o + (16 * m + g8 + 8 * u) * LDH + wc + 8 * nb +
                                          c2) = Op<T>::pack(o[m][nb][2 * u], o[m][nb][2 * u + 1]);
     }
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
       if (j >= 8 * kt) break;
-      u16* row = stage_s + (j >> 3) * WALK_TILE + (8 * (j & 7) + c2) * LDH + 16 * w + g8;
+      u16* row = stage_s + ((j >> 3) * YT + yt) * WALK_TILE + (8 * (j & 7) + c2) * LDH + wc + g8;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         row[8 * u] = (u16)(hb[j][u] & 0xffffu);
@@ -1255,11 +1287,14 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
       }
     }
     __syncthreads();
-    if (out != nullptr) store_tile(out, stage_o, row0, nrows, H, V, col_v);
-    T* state_n = states + ((long long)bh * NT + n) * KV;
-    for (int i = 0; i < kt; ++i)
-      store_tile(state_n + (long long)TC_T * i * V, stage_s + i * WALK_TILE, 0, min(TC_T, K - TC_T * i),
-                 1, V, col_v);
+    T* state_n = states + ((long long)bh * NCH + n) * KV;
+    for (int u = 0; u < YT; ++u) {
+      if (out != nullptr)
+        store_tile<T, NT>(out, buf + u * WALK_TILE, row0, nrows, H, V, col_v + TC_T * u);
+      for (int i = 0; i < kt; ++i)
+        store_tile<T, NT>(state_n + (long long)TC_T * i * V, stage_s + (i * YT + u) * WALK_TILE, 0,
+                          min(TC_T, K - TC_T * i), 1, V, col_v + TC_T * u);
+    }
   }
   // The last segment ends with the final state.
   if (last != nullptr && seg == S - 1) {
@@ -1540,8 +1575,9 @@ static_assert(sizeof(StateSmem) == 37376, "update STATES_SMEM in crates/ops/src/
 static_assert(sizeof(AttnSmem) == 38912, "update ATTN_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
 static_assert(sizeof(OutSmem) == 46080, "update OUT_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
 static_assert(sizeof(DqkSmem) == 58624, "update BWD_DQK_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
-// tc_walk_out: two step buffers of walk_buffer(kt) 16-bit elements (walk_smem in tensor_core.rs).
-static_assert(2 * 2 * (6 * WALK_TILE + 4 * TC_T) == 111616, "update walk_smem in crates/ops/src/cuda/gla/tensor_core.rs");
+// tc_walk_out at K = 128: 2 or 3 step buffers of walk_buffer(2, 4 or 8) 16-bit elements.
+static_assert(2 * 2 * (6 * WALK_TILE + 4 * TC_T) == 111616, "update WalkBlock::smem in crates/ops/src/cuda/gla/tensor_core.rs");
+static_assert(2 * 3 * (7 * WALK_TILE + 4 * TC_T) == 195072, "update WalkBlock::smem in crates/ops/src/cuda/gla/tensor_core.rs");
 
 __device__ __forceinline__ void require_smem(unsigned bytes) {
   unsigned r;
@@ -1564,6 +1600,7 @@ typedef f16 input_t;
 #ifndef GLA_KERNEL
 #define GLA_KERNEL -1
 #endif
+
 
 #if GLA_KERNEL < 0 || GLA_KERNEL == 0
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
@@ -1626,25 +1663,25 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS)
   tc_fixup<input_t>(states, cum, carry, seg_len, Tn, K, V, reverse);
 }
 #endif
+// The output walks: forward (o) and adjoint (dv), each with narrow and wide blocks.
+#define WALK_ENTRY(name, adjoint, warps, stages, blocks_per_sm)                                   \
+  extern "C" __global__ void __launch_bounds__(32 * warps, blocks_per_sm) ENTRY(name)(          \
+      const input_t* x_out, const input_t* x_walk, const input_t* y, const float* decay,        \
+      const input_t* attn, const float* s0, const float* carry, input_t* states, input_t* out,  \
+      float* last, int seg_len, int Tn, int H, int K, int V) {                                  \
+    require_smem(2 * stages * walk_buffer((K + TC_T - 1) / TC_T, warps));                        \
+    tc_walk_out<input_t, adjoint, warps, stages>(x_out, x_walk, y, decay, attn, s0, carry,       \
+                                                 states, out, last, seg_len, Tn, H, K, V);       \
+  }
 #if GLA_KERNEL < 0 || GLA_KERNEL == 7
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
-    ENTRY(gla_tc_walk_o)(const input_t* qs, const input_t* ks, const input_t* v,
-                         const float* decay, const input_t* attn, const float* h0,
-                         const float* carry, input_t* states, input_t* o, float* last, int seg_len,
-                         int Tn, int H, int K, int V) {
-  require_smem(2 * 2 * walk_buffer((K + TC_T - 1) / TC_T));
-  tc_walk_out<input_t, false>(qs, ks, v, decay, attn, h0, carry, states, o, last, seg_len, Tn, H,
-                              K, V);
-}
+WALK_ENTRY(gla_tc_walk_o, false, 4, 2, 2)
 #endif
 #if GLA_KERNEL < 0 || GLA_KERNEL == 8
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
-    ENTRY(gla_tc_walk_dv)(const input_t* ks, const input_t* qs, const input_t* d_o,
-                          const float* decay, const input_t* attn, const float* dht,
-                          const float* carry, input_t* dhs, input_t* dv, float* dh0, int seg_len,
-                          int Tn, int H, int K, int V) {
-  require_smem(2 * 2 * walk_buffer((K + TC_T - 1) / TC_T));
-  tc_walk_out<input_t, true>(ks, qs, d_o, decay, attn, dht, carry, dhs, dv, dh0, seg_len, Tn, H,
-                             K, V);
-}
+WALK_ENTRY(gla_tc_walk_dv, true, 4, 2, 2)
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 9
+WALK_ENTRY(gla_tc_walk_o_wide, false, 8, 3, 1)
+#endif
+#if GLA_KERNEL < 0 || GLA_KERNEL == 10
+WALK_ENTRY(gla_tc_walk_dv_wide, true, 8, 3, 1)
 #endif

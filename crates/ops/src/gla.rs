@@ -330,10 +330,11 @@ fn apply(
     scale: f64,
     mode: GlaMode,
 ) -> Result<(Tensor, Tensor), OpError> {
-    let q = q.contiguous();
-    let k = k.contiguous();
-    let v = v.contiguous();
-    let g = gk.to_kind(Kind::Float).contiguous();
+    let (mut q_copy, mut k_copy, mut v_copy, mut g_copy) = (None, None, None, None);
+    let q = contiguous(q, q.kind(), &mut q_copy);
+    let k = contiguous(k, k.kind(), &mut k_copy);
+    let v = contiguous(v, v.kind(), &mut v_copy);
+    let g = contiguous(gk, Kind::Float, &mut g_copy);
     let h0 = initial_state.map(|h| h.to_kind(Kind::Float).contiguous());
     let mut o: *mut C_tensor = std::ptr::null_mut();
     let mut ht: *mut C_tensor = std::ptr::null_mut();
@@ -359,6 +360,16 @@ fn apply(
     .map_err(OpError::Torch)?;
     // SAFETY: the shim returned two `new at::Tensor`s whose ownership passes to us.
     Ok(unsafe { (Tensor::from_ptr(o), Tensor::from_ptr(ht)) })
+}
+
+/// `t` as a contiguous tensor of `kind`: `t` itself where it is one (no new tensor handle on the
+/// way to the forward's first kernel), else a converted copy, held in `copy`.
+fn contiguous<'a>(t: &'a Tensor, kind: Kind, copy: &'a mut Option<Tensor>) -> &'a Tensor {
+    if t.kind() == kind && t.is_contiguous() {
+        t
+    } else {
+        copy.insert(t.to_kind(kind).contiguous())
+    }
 }
 
 /// A tensor the shim lends for the duration of a callback: never freed here.

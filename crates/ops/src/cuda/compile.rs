@@ -59,6 +59,8 @@ impl KernelSource {
                 "gla_tc_fixup",
                 "gla_tc_walk_o",
                 "gla_tc_walk_dv",
+                "gla_tc_walk_o_wide",
+                "gla_tc_walk_dv_wide",
             ],
         }
     }
@@ -386,9 +388,16 @@ mod tests {
         for source in KernelSource::ALL {
             let text = source.embedded();
             for (i, name) in source.kernels().iter().enumerate() {
-                // The entry point is defined, and selected by its index.
-                assert!(text.contains(&format!("ENTRY({name})(")), "{name}");
-                assert!(text.contains(&format!("GLA_KERNEL == {i}\n")), "{name}");
+                // Its index selects the section that defines the entry point.
+                let guard = format!("GLA_KERNEL == {i}\n");
+                let section = text.split_once(&guard).map(|(_, rest)| rest);
+                let section = section.and_then(|rest| rest.split_once("#endif"));
+                let (section, _) = section.unwrap_or_else(|| panic!("{name}: no {guard}"));
+                assert!(
+                    section.contains(&format!("ENTRY({name})("))
+                        || section.contains(&format!("WALK_ENTRY({name},")),
+                    "{name}"
+                );
                 assert!(
                     options(KernelDtype::Bf16, "sm_90", i).contains(&format!("-DGLA_KERNEL={i}"))
                 );

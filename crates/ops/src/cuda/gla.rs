@@ -171,14 +171,8 @@ macro_rules! launch {
             block_dim: ($threads, 1, 1),
             shared_mem_bytes: smem,
         };
+        // `Device::function` allowed the kernel all the shared memory the GPU has.
         let f: &cudarc::driver::CudaFunction = &$f;
-        if smem > 0 {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(|e| $crate::cuda::CudaError::driver("cuFuncSetAttribute", e))?;
-        }
         let mut builder = $dev.stream().launch_builder(f);
         #[allow(unused_imports)]
         use cudarc::driver::PushKernelArg;

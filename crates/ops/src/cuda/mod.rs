@@ -97,6 +97,9 @@ pub struct DeviceProperties {
 /// The loaded modules of one source and dtype: one per kernel, in [`KernelSource::kernels`] order.
 type SourceModules = Vec<Arc<CudaModule>>;
 
+/// A kernel: its source, dtype and index in [`KernelSource::kernels`].
+type KernelKey = (KernelSource, KernelDtype, usize);
+
 /// One device's context (the primary one, shared with libtorch), its legacy default stream and
 /// the modules loaded on it.
 pub struct Device {
@@ -104,7 +107,13 @@ pub struct Device {
     stream: Arc<CudaStream>,
     arch: String,
     sm_count: usize,
+    max_shared_per_block: u32,
     modules: Mutex<HashMap<(KernelSource, KernelDtype), SourceModules>>,
+    /// Kernels looked up before, ready to launch with any shared memory the GPU allows: a call
+    /// launches without driver lookups or attribute calls ahead of its first kernel.
+    functions: Mutex<HashMap<KernelKey, CudaFunction>>,
+    /// Resident blocks per SM of a kernel by (dynamic shared memory, threads).
+    occupancy: Mutex<HashMap<(KernelKey, u32, u32), i64>>,
 }
 
 impl std::fmt::Debug for Device {
@@ -131,18 +140,23 @@ impl Device {
             .compute_capability()
             .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?;
         let stream = ctx.default_stream();
-        let sm_count = ctx
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))?
-            .max(1) as usize;
+        use cudarc::driver::sys::CUdevice_attribute as Attr;
+        let attribute = |a| {
+            ctx.attribute(a)
+                .map_err(|e| CudaError::driver("cuDeviceGetAttribute", e))
+        };
+        let sm_count = attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
+        let max_shared_per_block =
+            attribute(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as u32;
         let device = Arc::new(Device {
             ctx,
             stream,
             arch: format!("sm_{major}{minor}"),
             sm_count,
+            max_shared_per_block,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            occupancy: Mutex::new(HashMap::new()),
         });
         map.insert(ordinal, device.clone());
         Ok(device)
@@ -156,6 +170,11 @@ impl Device {
     /// The number of streaming multiprocessors (launchers size grids by it).
     pub fn sm_count(&self) -> usize {
         self.sm_count
+    }
+
+    /// The most dynamic shared memory one block may opt in to, in bytes.
+    pub fn max_shared_per_block(&self) -> u32 {
+        self.max_shared_per_block
     }
 
     /// The legacy default stream (the one libtorch launches on unless told otherwise).
@@ -198,15 +217,77 @@ impl Device {
             .map_err(|e| CudaError::driver("cuCtxSetCurrent", e))
     }
 
-    /// The kernel `name` of `source` for `dtype`. On the first use of a (source, dtype), all of
-    /// its kernels are compiled (in parallel, or read from the disk cache) and loaded, so a
-    /// training step waits once.
+    /// The kernel `name` of `source` for `dtype`, allowed all the dynamic shared memory the GPU
+    /// gives a block. On the first use of a (source, dtype), all of its kernels are compiled (in
+    /// parallel, or read from the disk cache) and loaded, so a training step waits once.
     pub fn function(
         &self,
         source: KernelSource,
         dtype: KernelDtype,
         name: &str,
     ) -> Result<CudaFunction, CudaError> {
+        let key = Self::key(source, dtype, name)?;
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = functions.get(&key) {
+            return Ok(f.clone());
+        }
+        let module = self.with_modules(source, dtype, |m| m[key.2].clone())?;
+        let full = format!("{name}_{}", dtype.suffix());
+        let f = module
+            .load_function(&full)
+            .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({full})"), e))?;
+        use cudarc::driver::sys::CUfunction_attribute as Attr;
+        let attribute_error = |e| CudaError::driver(&format!("cuFuncSetAttribute({full})"), e);
+        let fixed = f
+            .get_attribute(Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+            .map_err(attribute_error)?;
+        let dynamic = self.max_shared_per_block as i32 - fixed;
+        f.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dynamic,
+        )
+        .map_err(attribute_error)?;
+        functions.insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Blocks of the kernel `name` resident per SM with `smem` bytes of dynamic shared memory and
+    /// `threads` threads each, with its shared-memory carveout at the maximum (set on the first
+    /// query): kernels that size their grids by it want every block the shared memory allows.
+    pub fn resident_blocks(
+        &self,
+        source: KernelSource,
+        dtype: KernelDtype,
+        name: &str,
+        smem: u32,
+        threads: u32,
+    ) -> Result<i64, CudaError> {
+        let key = (Self::key(source, dtype, name)?, smem, threads);
+        if let Some(n) = self
+            .occupancy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(*n);
+        }
+        use cudarc::driver::sys::CUfunction_attribute as Attr;
+        let f = self.function(source, dtype, name)?;
+        f.set_attribute(
+            Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+        .map_err(|e| CudaError::driver("cuFuncSetAttribute", e))?;
+        let blocks = f
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
+            .map_err(|e| CudaError::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
+        let blocks = i64::from(blocks).max(1);
+        let mut occupancy = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+        occupancy.insert(key, blocks);
+        Ok(blocks)
+    }
+
+    fn key(source: KernelSource, dtype: KernelDtype, name: &str) -> Result<KernelKey, CudaError> {
         let index = source
             .kernels()
             .iter()
@@ -214,11 +295,7 @@ impl Device {
             .ok_or_else(|| {
                 CudaError::Library(format!("{} has no kernel {name}", source.file_name()))
             })?;
-        let module = self.with_modules(source, dtype, |m| m[index].clone())?;
-        let full = format!("{name}_{}", dtype.suffix());
-        module
-            .load_function(&full)
-            .map_err(|e| CudaError::driver(&format!("cuModuleGetFunction({full})"), e))
+        Ok((source, dtype, index))
     }
 
     /// Compiles (or reads from the disk cache) and loads every kernel of `source` for `dtype`,

@@ -4,7 +4,8 @@
 //! chunk decays, then one walk over the chunks that writes the chunk states (h_n per 64-token
 //! chunk, in the input dtype) and the outputs; all but the outputs are kept for the backward (the
 //! autograd shim saves them). Backward: the adjoint walk (dh_{n+1} per chunk, and dv), then
-//! dq/dk/dg per chunk in parallel. Past K = 128 the state no longer fits a block's registers: the
+//! dq/dk/dg per chunk in parallel. Past K = 128 the state no longer fits a block's registers (and
+//! on GPUs whose blocks get under ~110 KB of shared memory the walk's step buffers do not fit): the
 //! walks write only the states and separate kernels compute o and dv from them. Every kernel
 //! writes full (not partial) results, so nothing is summed over tiles here.
 
@@ -73,13 +74,14 @@ fn states_buffer(d: Dims, like: &Tensor) -> Tensor {
 /// aligned (the kernels copy in 16-byte pieces): the chunk states (`[B, H, chunks, K, V]`), each
 /// chunk's A (`[B, H, chunks, 64, 64]`), qs = scale q exp(b) and ks = k exp(b_L - b) (`[B, T, H,
 /// K]`, b the cumulative gate inside the chunk) and the chunk decays exp(b_L) (`[B, H, chunks,
-/// K]` f32, two elements of the buffer each).
+/// K]` f32, two elements of the buffer each). The parts' device addresses: taking no views
+/// keeps libtorch calls off the path to the forward's first kernel.
 struct Kept {
-    states: Tensor,
-    attn: Tensor,
-    qs: Tensor,
-    ks: Tensor,
-    decay: Tensor,
+    states: u64,
+    attn: u64,
+    qs: u64,
+    ks: u64,
+    decay: u64,
 }
 
 impl Kept {
@@ -103,11 +105,13 @@ impl Kept {
         (buf, kept)
     }
 
+    /// The parts of `buf`, which must outlive their use.
     fn view(d: Dims, buf: &Tensor) -> Self {
+        let (base, element) = (ptr(buf), buf.kind().elt_size_in_bytes() as u64);
         let mut start = 0;
         let [states, attn, qs, ks, decay] = Self::sizes(d).map(|n| {
-            let part = buf.narrow(0, start, n);
-            start += aligned(n);
+            let part = base + start * element;
+            start += aligned(n) as u64;
             part
         });
         Kept {
@@ -135,8 +139,8 @@ fn attention(
     scale: f32,
 ) -> Result<(), CudaError> {
     let (tt, hh, kk) = (d.t as i32, d.h as i32, d.k as i32);
-    let (qp, kp, gp, ap) = (ptr(q), ptr(k), ptr(g), ptr(&kept.attn));
-    let (qsp, ksp, dp) = (ptr(&kept.qs), ptr(&kept.ks), ptr(&kept.decay));
+    let (qp, kp, gp, ap) = (ptr(q), ptr(k), ptr(g), kept.attn);
+    let (qsp, ksp, dp) = (kept.qs, kept.ks, kept.decay);
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_attn")?;
     launch!(dev, f, (d.chunks(), d.b * d.h, 1), ATTN_SMEM, THREADS;
         qp, kp, gp, ap, qsp, ksp, dp, tt, hh, kk, scale)
@@ -188,15 +192,15 @@ fn walk(
     dev: &Arc<Device>,
     dt: KernelDtype,
     d: Dims,
-    (x, y, decay): (&Tensor, &Tensor, &Tensor),
+    (x, y, decay): (u64, &Tensor, u64),
     s0: u64,
-    states: &Tensor,
+    states: u64,
     last: u64,
     reverse: i32,
 ) -> Result<(), CudaError> {
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
-    let (xp, yp, dcp, sp) = (ptr(x), ptr(y), ptr(decay), ptr(states));
+    let (xp, yp, dcp, sp) = (x, ptr(y), decay, states);
     let slots = STATES_BLOCKS_PER_SM * dev.sm_count() as i64;
     let len = segment_len(slots, nk * nv * bh, d);
     let segments = (nc + len - 1) / len;
@@ -241,7 +245,7 @@ fn carry_segments(
     dev: &Arc<Device>,
     dt: KernelDtype,
     d: Dims,
-    (x, y, decay): (&Tensor, &Tensor, &Tensor),
+    (x, y, decay): (u64, &Tensor, u64),
     s0: u64,
     walked: Segmented,
     reverse: i32,
@@ -252,7 +256,7 @@ fn carry_segments(
     let seg_last = buffer(&[bh, segments, d.k, d.v], y);
     let carry = buffer(&[bh, segments, d.k, d.v], y);
     let seg_decay = buffer(&[bh, segments, d.k], y);
-    let (xp, yp, dcp) = (ptr(x), ptr(y), ptr(decay));
+    let (xp, yp, dcp) = (x, ptr(y), decay);
     let (lp, cp, sdp) = (ptr(&seg_last), ptr(&carry), ptr(&seg_decay));
     let Segmented {
         states, cum, last, ..
@@ -267,56 +271,163 @@ fn carry_segments(
     Ok(carry)
 }
 
-/// Dynamic shared memory of `gla_tc_walk_o` / `gla_tc_walk_dv`: two step buffers, each a 64 x 72
-/// 16-bit tile of x_out and of x_walk per 64 channels, A and y, then 128 fp32 decays.
-fn walk_out_smem(d: Dims) -> u32 {
-    let tile = 64 * 72;
-    let buffer = (2 * tiles(d.k, TILE) + 2) * tile + 4 * TILE;
-    2 * 2 * buffer as u32
+/// A block shape of the output walks (`gla_tc_walk_o` / `gla_tc_walk_dv`, `_wide`): each warp
+/// holds 16 V columns of the state for the whole K.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WalkBlock {
+    warps: i64,
+    /// Step buffers (one step's loads in flight per buffer but the one in use).
+    stages: i64,
+    wide: bool,
+}
+
+/// 64 V columns, two step buffers: two blocks per SM at K = 128.
+const NARROW_WALK: WalkBlock = WalkBlock {
+    warps: 4,
+    stages: 2,
+    wide: false,
+};
+
+/// 128 V columns, three step buffers: one block per SM. A step's qs, ks and A tiles arrive once
+/// for twice the columns, and two steps' loads are in flight (H100, K = V = 128: walk 186 -> 175
+/// us, fwd+bwd 1.04-1.06 -> 1.01 ms at 8 x 2048 x 16).
+const WIDE_WALK: WalkBlock = WalkBlock {
+    warps: 8,
+    stages: 3,
+    wide: true,
+};
+
+impl WalkBlock {
+    /// The kernel of this shape for the walk in direction `reverse`.
+    fn kernel(self, reverse: i32) -> &'static str {
+        match (reverse == REVERSE, self.wide) {
+            (false, false) => "gla_tc_walk_o",
+            (false, true) => "gla_tc_walk_o_wide",
+            (true, false) => "gla_tc_walk_dv",
+            (true, true) => "gla_tc_walk_dv_wide",
+        }
+    }
+
+    fn columns(self) -> i64 {
+        16 * self.warps
+    }
+
+    fn threads(self) -> u32 {
+        32 * self.warps as u32
+    }
+
+    /// Dynamic shared memory: `stages` step buffers, each a 64 x 72 16-bit tile of x_out and of
+    /// x_walk per 64 channels, A, y per 64 columns, then 128 fp32 decays.
+    fn smem(self, d: Dims) -> u32 {
+        let tile = 64 * 72;
+        let buffer = (2 * tiles(d.k, TILE) + 1 + self.warps / 4) * tile + 4 * TILE;
+        (2 * self.stages * buffer) as u32
+    }
+}
+
+/// The walk block for `d` and its chunks per segment on `sms` SMs that hold `narrow_per_sm`
+/// narrow blocks and `wide_per_sm` wide ones (None: its shared memory does not fit). Wide blocks
+/// where V spans more than a narrow block, unless they would walk in more segments: with fewer
+/// (batch, head) pairs than SMs the wide grid needs segments, and their end-state pre-walk, where
+/// the narrow grid fills the GPU in one walk (H100, 4 x 4096 x 16 x 128: fwd+bwd 1.05 ms narrow in
+/// one walk, 1.11 ms wide in two segments).
+fn walk_block_for(
+    sms: i64,
+    narrow_per_sm: i64,
+    wide_per_sm: Option<i64>,
+    d: Dims,
+) -> (WalkBlock, i64) {
+    let plan = |block: WalkBlock, per_sm| {
+        let blocks = tiles(d.v, block.columns()) * d.b * d.h;
+        (block, walk_out_segment_len(sms, per_sm, blocks, d))
+    };
+    let narrow = plan(NARROW_WALK, narrow_per_sm);
+    match wide_per_sm {
+        Some(per_sm) if d.v > NARROW_WALK.columns() => {
+            let wide = plan(WIDE_WALK, per_sm);
+            let segments = |len: i64| (d.chunks() + len - 1) / len;
+            if segments(wide.1) <= segments(narrow.1) {
+                wide
+            } else {
+                narrow
+            }
+        }
+        _ => narrow,
+    }
+}
+
+/// An output walk's kernel (forward or adjoint) and launch shape.
+struct OutputWalk {
+    f: cudarc::driver::CudaFunction,
+    block: WalkBlock,
+    smem: u32,
+    /// Chunks per segment.
+    seg_len: i64,
+}
+
+/// The output walk over `d` in direction `reverse`, or None where the state does not fit a
+/// block's registers (K > 128) or its step buffers do not fit the GPU's shared memory: then
+/// `gla_tc_states` walks and separate kernels compute the outputs.
+fn output_walk(
+    dev: &Arc<Device>,
+    dt: KernelDtype,
+    d: Dims,
+    reverse: i32,
+) -> Result<Option<OutputWalk>, CudaError> {
+    let resident = |block: WalkBlock| -> Result<Option<i64>, CudaError> {
+        if block.smem(d) > dev.max_shared_per_block() {
+            return Ok(None);
+        }
+        let name = block.kernel(reverse);
+        let (smem, threads) = (block.smem(d), block.threads());
+        dev.resident_blocks(KernelSource::GlaTensorCore, dt, name, smem, threads)
+            .map(Some)
+    };
+    if d.k > WALK_OUT_MAX_K {
+        return Ok(None);
+    }
+    let Some(narrow_per_sm) = resident(NARROW_WALK)? else {
+        return Ok(None);
+    };
+    let wide_per_sm = resident(WIDE_WALK)?;
+    let (block, seg_len) = walk_block_for(dev.sm_count() as i64, narrow_per_sm, wide_per_sm, d);
+    Ok(Some(OutputWalk {
+        f: dev.function(KernelSource::GlaTensorCore, dt, block.kernel(reverse))?,
+        block,
+        smem: block.smem(d),
+        seg_len,
+    }))
 }
 
 /// One walk that also writes every chunk's outputs (`gla_tc_walk_o`: o = qs h_n + A v, or
-/// `gla_tc_walk_dv`: dv = ks dh_{n+1} + A^T do), for K <= 128: x_out and x_walk are (qs, ks)
-/// forward and (ks, qs) in reverse, y is v or do. `out` 0: states only. Few (batch, head) pairs
-/// and many chunks: `gla_tc_states` first walks the segments but the last from zero for their end
-/// states alone, `gla_tc_carry` joins them, and every segment then walks from its true start
-/// state (the last one to the final state).
+/// `gla_tc_walk_dv`: dv = ks dh_{n+1} + A^T do): x_out and x_walk are (qs, ks) forward and
+/// (ks, qs) in reverse, y is v or do. `out` 0: states only. Few (batch, head) pairs and many
+/// chunks: `gla_tc_states` first walks the segments but the last from zero for their end states
+/// alone, `gla_tc_carry` joins them, and every segment then walks from its true start state (the
+/// last one to the final state).
 #[allow(clippy::too_many_arguments)]
 fn walk_out(
     dev: &Arc<Device>,
     dt: KernelDtype,
     d: Dims,
-    (x_out, x_walk, y, decay, attn): (&Tensor, &Tensor, &Tensor, &Tensor, &Tensor),
+    walk: &OutputWalk,
+    (x_out, x_walk, y, decay, attn): (u64, u64, &Tensor, u64, u64),
     s0: u64,
-    states: &Tensor,
+    states: u64,
     out: u64,
     last: u64,
     reverse: i32,
 ) -> Result<(), CudaError> {
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
-    let (nv, nc, bh) = (tiles(d.v, TILE), d.chunks(), d.b * d.h);
-    let (xop, xwp, yp, dcp, ap, sp) = (
-        ptr(x_out),
-        ptr(x_walk),
-        ptr(y),
-        ptr(decay),
-        ptr(attn),
-        ptr(states),
-    );
-    let name = if reverse == REVERSE {
-        "gla_tc_walk_dv"
-    } else {
-        "gla_tc_walk_o"
-    };
-    let f = dev.function(KernelSource::GlaTensorCore, dt, name)?;
-    let smem = walk_out_smem(d);
-    let per_sm = resident_blocks(&f, smem)?;
-    let len = walk_out_segment_len(dev.sm_count() as i64, per_sm, nv * bh, d);
+    let (nv, nc, bh) = (tiles(d.v, walk.block.columns()), d.chunks(), d.b * d.h);
+    let (xop, xwp, yp, dcp, ap, sp) = (x_out, x_walk, ptr(y), decay, attn, states);
+    let (f, smem, threads) = (&walk.f, walk.smem, walk.block.threads());
+    let len = walk.seg_len;
     let segments = (nc + len - 1) / len;
     let seg_len = len as i32;
     let nullp = 0u64;
     if segments == 1 {
-        return launch!(dev, f, (nv, bh, 1), smem, THREADS;
+        return launch!(dev, f, (nv, bh, 1), smem, threads;
             xop, xwp, yp, dcp, ap, s0, nullp, sp, out, last, seg_len, tt, hh, kk, vv);
     }
     // End states only (the last segment's own walk reaches the final state).
@@ -328,66 +439,32 @@ fn walk_out(
     };
     let carry = carry_segments(dev, dt, d, (x_walk, y, decay), s0, ends, reverse)?;
     let cp = ptr(&carry);
-    launch!(dev, f, (nv, bh * segments, 1), smem, THREADS;
+    launch!(dev, f, (nv, bh * segments, 1), smem, threads;
         xop, xwp, yp, dcp, ap, s0, cp, sp, out, last, seg_len, tt, hh, kk, vv)
 }
 
-/// Blocks of `f` resident per SM with `smem` bytes of dynamic shared memory each (the carveout
-/// set to all shared memory first: the walk's two blocks per SM need it).
-fn resident_blocks(f: &cudarc::driver::CudaFunction, smem: u32) -> Result<i64, CudaError> {
-    use cudarc::driver::sys::CUfunction_attribute as Attr;
-    let set = |attr, value| {
-        f.set_attribute(attr, value)
-            .map_err(|e| CudaError::driver("cuFuncSetAttribute", e))
-    };
-    set(
-        Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )?;
-    set(
-        Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-        100,
-    )?;
-    let blocks = f
-        .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem as usize, None)
-        .map_err(|e| CudaError::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
-    Ok(i64::from(blocks).max(1))
-}
-
-/// Everything the forward keeps, into `kept`: A, qs, ks and the decays, then the chunk states
-/// (from `h0`; the final state into `ht`, 0: not wanted) and, unless `o` is 0, the outputs.
-#[allow(clippy::too_many_arguments)]
-fn chunk_states(
+/// The chunk states into `kept` (from `h0`; the final state into `ht`, 0: not wanted) and,
+/// unless `o` is 0, the outputs; A, qs, ks and the decays are in `kept` already ([`attention`]).
+fn states_and_outputs(
     dev: &Arc<Device>,
     dt: KernelDtype,
     d: Dims,
-    (q, k, v, g): (&Tensor, &Tensor, &Tensor, &Tensor),
+    v: &Tensor,
     h0: u64,
     kept: &Kept,
-    ht: u64,
-    o: u64,
-    scale: f32,
+    (ht, o): (u64, u64),
 ) -> Result<(), CudaError> {
-    attention(dev, dt, d, (q, k, g), kept, scale)?;
-    if d.k <= WALK_OUT_MAX_K {
-        let operands = (&kept.qs, &kept.ks, v, &kept.decay, &kept.attn);
-        return walk_out(dev, dt, d, operands, h0, &kept.states, o, ht, FORWARD);
+    if let Some(w) = output_walk(dev, dt, d, FORWARD)? {
+        let operands = (kept.qs, kept.ks, v, kept.decay, kept.attn);
+        return walk_out(dev, dt, d, &w, operands, h0, kept.states, o, ht, FORWARD);
     }
-    walk(
-        dev,
-        dt,
-        d,
-        (&kept.ks, v, &kept.decay),
-        h0,
-        &kept.states,
-        ht,
-        FORWARD,
-    )?;
+    let operands = (kept.ks, v, kept.decay);
+    walk(dev, dt, d, operands, h0, kept.states, ht, FORWARD)?;
     if o == 0 {
         return Ok(());
     }
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
-    let (qsp, vp, hsp, ap) = (ptr(&kept.qs), ptr(v), ptr(&kept.states), ptr(&kept.attn));
+    let (qsp, vp, hsp, ap) = (kept.qs, ptr(v), kept.states, kept.attn);
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fwd_o")?;
     launch!(dev, f, (tiles(d.v, TILE), d.chunks(), d.b * d.h), OUT_SMEM, THREADS;
         qsp, vp, hsp, ap, h0, o, tt, hh, kk, vv)
@@ -407,20 +484,12 @@ pub(super) fn forward(
 ) -> Result<Forward, CudaError> {
     check_grid(d)?;
     let (buf, kept) = Kept::new(d, q);
+    attention(dev, dt, d, (q, k, g), &kept, scale as f32)?;
+    // The outputs are allocated while the GPU computes A: the first kernel starts sooner.
     let ht = buffer(&[d.b, d.h, d.k, d.v], q);
     let o = buffer_of(&[d.b, d.t, d.h, d.v], v.kind(), v);
-    let inputs = (q, k, v, g);
-    chunk_states(
-        dev,
-        dt,
-        d,
-        inputs,
-        opt_ptr(h0),
-        &kept,
-        ptr(&ht),
-        ptr(&o),
-        scale as f32,
-    )?;
+    let outputs = (ptr(&ht), ptr(&o));
+    states_and_outputs(dev, dt, d, v, opt_ptr(h0), &kept, outputs)?;
     Ok(Forward {
         o,
         final_state: ht,
@@ -454,13 +523,15 @@ pub(super) fn backward(
     let (qp, kp, vp, gp, h0p) = (ptr(x.q), ptr(x.k), ptr(x.v), ptr(x.g), opt_ptr(x.h0));
     let (dop, dhtp) = (ptr(x.d_o), opt_ptr(x.dht));
     let sc = scale as f32;
+    // A recomputed buffer lives to the end of the call.
+    let mut _recomputed = None;
     let kept = match x.saved {
         Some(buf) => Kept::view(d, buf),
         None => {
-            // The views keep the buffer's storage alive.
-            let (_, kept) = Kept::new(d, x.q);
-            let inputs = (x.q, x.k, x.v, x.g);
-            chunk_states(dev, dt, d, inputs, h0p, &kept, 0, 0, sc)?;
+            let (buf, kept) = Kept::new(d, x.q);
+            _recomputed = Some(buf);
+            attention(dev, dt, d, (x.q, x.k, x.g), &kept, sc)?;
+            states_and_outputs(dev, dt, d, x.v, h0p, &kept, (0, 0))?;
             kept
         }
     };
@@ -470,15 +541,26 @@ pub(super) fn backward(
     let dk = buffer_of(&x.k.size(), x.k.kind(), x.k);
     let dv = buffer_of(&x.v.size(), x.v.kind(), x.v);
     let dg = buffer(&x.g.size(), x.q);
-    let (hsp, ap, ksp) = (ptr(&kept.states), ptr(&kept.attn), ptr(&kept.ks));
+    let (hsp, ap, ksp) = (kept.states, kept.attn, kept.ks);
     let (dhsp, dh0p) = (ptr(&dhs), opt_ptr(dh0.as_ref()));
     let (dqp, dkp, dvp, dgp) = (ptr(&dq), ptr(&dk), ptr(&dv), ptr(&dg));
-    if d.k <= WALK_OUT_MAX_K {
-        let operands = (&kept.ks, &kept.qs, x.d_o, &kept.decay, &kept.attn);
-        walk_out(dev, dt, d, operands, dhtp, &dhs, dvp, dh0p, REVERSE)?;
+    if let Some(w) = output_walk(dev, dt, d, REVERSE)? {
+        let operands = (kept.ks, kept.qs, x.d_o, kept.decay, kept.attn);
+        walk_out(
+            dev,
+            dt,
+            d,
+            &w,
+            operands,
+            dhtp,
+            ptr(&dhs),
+            dvp,
+            dh0p,
+            REVERSE,
+        )?;
     } else {
-        let operands = (&kept.qs, x.d_o, &kept.decay);
-        walk(dev, dt, d, operands, dhtp, &dhs, dh0p, REVERSE)?;
+        let operands = (kept.qs, x.d_o, kept.decay);
+        walk(dev, dt, d, operands, dhtp, ptr(&dhs), dh0p, REVERSE)?;
         let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_bwd_dv")?;
         launch!(dev, f, (nv, nc, bh), OUT_SMEM, THREADS;
             ksp, dop, dhsp, ap, dhtp, dvp, tt, hh, kk, vv)?;
@@ -536,11 +618,33 @@ mod tests {
     }
 
     #[test]
+    fn wide_walks_where_they_need_no_more_segments() {
+        // H100 at K = 128: 2 narrow or 1 wide block per SM on 132 SMs.
+        let block = |d: Dims| walk_block_for(132, 2, Some(1), d);
+        // 128 wide blocks fill the GPU in one walk, as 256 narrow ones do.
+        assert_eq!(block(dims(8, 2048, 16, 128, 128)), (WIDE_WALK, 32));
+        // 64 wide blocks would walk in two segments, 128 narrow ones in one.
+        assert_eq!(block(dims(4, 4096, 16, 128, 128)), (NARROW_WALK, 64));
+        // Both in four or eight segments.
+        assert_eq!(block(dims(2, 8192, 16, 128, 128)), (WIDE_WALK, 32));
+        assert_eq!(block(dims(1, 16384, 16, 128, 128)), (WIDE_WALK, 32));
+        // GLA-340M's layer (8 x 4 pairs, V = 256): 128 narrow blocks in one walk.
+        assert_eq!(block(dims(8, 2048, 4, 128, 256)), (NARROW_WALK, 32));
+        // V within one narrow block, or no room for the wide one.
+        assert_eq!(block(dims(8, 2048, 16, 64, 64)).0, NARROW_WALK);
+        assert_eq!(
+            walk_block_for(132, 2, None, dims(8, 2048, 16, 128, 128)).0,
+            NARROW_WALK
+        );
+    }
+
+    #[test]
     fn walk_shared_memory_matches_the_kernel() {
-        // kernels/gla_tc.cu static_asserts 111616 bytes for K = 128.
-        assert_eq!(walk_out_smem(dims(1, 64, 1, 128, 64)), 111_616);
-        assert_eq!(walk_out_smem(dims(1, 64, 1, 100, 64)), 111_616);
-        assert_eq!(walk_out_smem(dims(1, 64, 1, 64, 512)), 74_752);
+        // kernels/gla_tc.cu static_asserts these for K = 128.
+        assert_eq!(NARROW_WALK.smem(dims(1, 64, 1, 128, 64)), 111_616);
+        assert_eq!(WIDE_WALK.smem(dims(1, 64, 1, 128, 128)), 195_072);
+        assert_eq!(NARROW_WALK.smem(dims(1, 64, 1, 100, 64)), 111_616);
+        assert_eq!(NARROW_WALK.smem(dims(1, 64, 1, 64, 512)), 74_752);
     }
 
     #[test]
