@@ -116,6 +116,16 @@
 //       than the extra segments save. 4 x 4096 x 16 x 128 (128 blocks): one walk of 243 us
 //       against pre-walk 48 + carry 20 + walk 187 us (ncu, base clocks), fwd+bwd 1.15 -> 1.05
 //       ms; 8 x 2048 x 16 x 64: 0.56 -> 0.50 ms.
+//   v25 (session 8) wide output walks: 8 warps hold 128 V columns (one block per SM, three step
+//       buffers, ~190 KB), so a step's x_out, x_walk and A tiles are loaded once for twice the
+//       columns and two steps' loads are in flight; taken where V > 64 and they walk in no more
+//       segments than the 4-warp blocks (not at 4 x 4096: 64 wide blocks would need two segments
+//       and their pre-walk). ncu: walk 186 -> 175 us (DRAM reads 245 -> 237 MB, 70 -> 72% of
+//       peak). The host path to the forward's first kernel (launch attribute calls, tensor views,
+//       no-op contiguous copies) ~46 -> ~39 us (traced; the benchmark's clock starts with the GPU
+//       idle, so it counts). Same call, three rounds, fwd+bwd ms, old -> new: 8 x 2048 1.03-1.10
+//       -> 0.99, 2 x 8192 1.16-1.17 -> 1.12-1.16, 1 x 16384 1.18-1.19 -> 1.14-1.17 (benchmark
+//       method, o.backward(do)).
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic; v17 does it inside tc_attn, which reads q, k and the gates anyway), the boundary term
 // in the reverse walk (exposed loads in a sequential kernel), fewer registers per thread for more
@@ -172,33 +182,45 @@
 // tc_walk_out runs at 34% issue-active with "wait" and short-scoreboard stalls ahead (one warp
 // per scheduler per block); its step as straight-line code (K-tiles a compile-time 2, no branch
 // around the output products) for the scheduler to interleave the output and state-update
-// chains: 255 registers, spills, 186 -> 248 us.
-// Status (v24, H100, bench/results/gla-h100-2026-11-26.json; each number the fastest of three
-// rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md times it, which
-// the version lines above did with sum(o * do) instead, ~0.2 ms more at D = 128), fwd /
-// fwd+bwd: D = 32 0.18 / 0.46 (0.19x FLA), D = 64 0.22 / 0.51 (0.18x), D = 128 0.41 / 1.06
-// (0.29x, 2.8x the floor) at 8 x 2048, 0.40 / 1.07 (2.8x) at 4 x 4096, 0.47 / 1.19 (3.1x) at
-// 2 x 8192, 0.48 / 1.21 (3.2x) at 1 x 16384 (0.27x to 0.30x FLA); other runs that day 1.16-1.19
-// and 1.18-1.21 ms at the last two. Those rows pay the segmented walks' end-state pre-walks and
-// carries (57 + 8 us each way at 2 x 8192) on top of the unsegmented pipeline's ~1.05 ms.
-// Against SDPA on the FlashAttention backend (ANCHORS.md's baseline, 0.49 / 1.97 ms at
-// 8 x 2048 x 16 x 128) forward and forward+backward are faster at every row from D = 64;
-// libtorch's own choice on an H100 is cuDNN's kernel (0.30 / 1.20 ms there), whose forward is
-// faster than ours at T = 2048 (0.39 vs 0.30 ms) and slower from 4096. Cold first call (empty
-// caches) 1.3 to 2.6 s across H100 hosts with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the
-// long pole; the host's CPU sets it), 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s,
-// 1.2-1.8 s with v23/v24 over sessions 6 and 7; training compiles on a background thread while
-// it builds the model. Per kernel at 8 x 2048 x 16 x 128 (ncu): tc_attn 0.203 ms,
-// tc_walk_out 0.184 each way, tc_bwd_dqk 0.53. The walks run at ~2.35 TB/s (433 MB each: qs, ks,
-// A, v or do in; states and o or dv out); tc_attn and tc_bwd_dqk wait on latency at 47%
+// chains: 255 registers, spills, 186 -> 248 us. Session 8 (H100, ncu at 8 x 2048 x 16 x 128
+// unless said): tc_walk_out without any of its products runs as long (184 us; 23% issue-active),
+// without its stores 141 us (reads only, 52% of DRAM peak): it waits on its loads, not its math
+// (so wgmma would not help). The 4-warp walk with three step buffers (one block per SM, 167 KB):
+// 186 -> 259 us. The wide walk with two step buffers instead of three: 178 vs 175 us. Per kernel
+// at boost clocks (ncu --clock-control none): tc_attn 181, wide walk 166, at 2 x 8192 pre-walk 51
+// and carry 7.3 us; the forward's kernels add to ~30 us under its benchmark time, the host's path
+// to the first kernel.
+// Status (v25, H100, bench/results/gla-h100-2026-11-26-v25.json; each number the fastest of
+// three rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md times it,
+// which the version lines up to v24 did with sum(o * do) instead, ~0.2 ms more at D = 128), fwd /
+// fwd+bwd: D = 32 0.16 / 0.43 (0.18x FLA), D = 64 0.19 / 0.48 (0.17x), D = 128 0.37 / 0.99
+// (0.27x, 2.6x the floor) at 8 x 2048, 0.39 / 1.04 (2.7x) at 4 x 4096, 0.43 / 1.12 (2.9x) at
+// 2 x 8192, 0.44 / 1.13 (3.0x) at 1 x 16384 (0.25x to 0.28x FLA); in three more rounds that
+// call 1.12-1.16 and 1.14-1.17 ms at the last two, so 1 x 16384 sits at the 3x line (1.14 ms).
+// Those rows pay the segmented walks' end-state pre-walks and carries (51-56 + 7 us each way at
+// boost clocks) on top of the unsegmented pipeline. Every time includes the ~30 us the host
+// takes to the forward's first kernel (the clock starts with the GPU idle). Against SDPA on the
+// FlashAttention backend (ANCHORS.md's baseline, 0.51 / 1.93 ms at 8 x 2048 x 16 x 128) forward
+// and forward+backward are faster at every row from D = 64; libtorch's own choice on an H100 is
+// cuDNN's kernel (0.28 / 1.18 ms there), whose forward is faster than ours at T = 2048 (0.37 vs
+// 0.28 ms) and slower from 4096. Cold first call (empty caches) 1.3 to 2.6 s across H100 hosts
+// with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the long pole; the host's CPU sets it),
+// 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s, 1.2-1.8 s with v23/v24 over sessions
+// 6 and 7, 1.3-2.1 s with v25 (five runs on three hosts; the two wide walks are two more programs
+// compiled alongside); training compiles on a background thread while it builds the model. Per
+// kernel at 8 x 2048 x 16 x 128 (ncu, base clocks): tc_attn 0.203 ms, the wide walk 0.175 each
+// way, tc_bwd_dqk 0.53. The walks run at ~2.4 TB/s (423 MB each: qs, ks, A, v or do in; states
+// and o or dv out) and wait on their loads; tc_attn and tc_bwd_dqk wait on latency at 47%
 // issue-active (dq/dk's stall samples: 24% short scoreboard and 24% fixed-latency waits, i.e.
 // dependent chains of shared loads, exps and split products with 3 warps per scheduler), at 1.5x
 // and 1.8x their DRAM time. The pipeline moves ~2.2 GB against the 1.14 GB floor: what it keeps
-// for the backward (states, A, qs, ks) and reads again. Next: under 3x the floor at 2 x 8192 and
-// 1 x 16384 needs ~50 us less, from the base pipeline (dq/dk at ~0.48 ms, e.g. with fewer
-// dependent chains per warp or more warps in less shared memory) or from the segmentation
-// (a pre-walk that moves its ~100 MB at the walks' 2.35 TB/s would save ~15 us each way);
-// matching cuDNN's forward at T = 2048 needs A, the walk and o in fewer passes.
+// for the backward (states, A, qs, ks) and reads again. Next: a margin under 3x the floor at
+// 1 x 16384 needs ~30 us, from the base pipeline (dq/dk at ~0.50 ms, e.g. with fewer dependent
+// chains per warp or more warps in less shared memory), from the segmentation (tc_carry folded
+// into the pre-walk's last block per tile would save its ~7 us each way; a pre-walk that moves
+// its ~100 MB at the walks' 2.4 TB/s ~10 us each way), or from the host path (the autograd
+// Function's own ~12 us, cudarc's launch ~8 us); matching cuDNN's forward at T = 2048 needs A,
+// the walk and o in fewer passes.
 // Precision: every output and gradient of every test shape is within 2x of the naive
 // same-precision computation. The chunk states are kept in the input dtype (as FLA does); dg takes
 // its boundary terms from the same states that dq and dk use (tc_bwd_dqk), so their rounding does
