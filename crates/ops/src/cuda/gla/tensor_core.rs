@@ -160,7 +160,7 @@ fn segment_len(slots: i64, blocks: i64, d: Dims) -> i64 {
         .min(d.chunks() / MIN_SEGMENT_CHUNKS)
         .min(MAX_GRID_Z / (d.b * d.h))
         .max(1);
-    (d.chunks() + segments - 1) / segments
+    tiles(d.chunks(), segments)
 }
 
 /// A `gla_tc_walk_o` / `gla_tc_walk_dv` walk split into fewer segments than this must keep its
@@ -174,7 +174,7 @@ const MIN_BUSY_WALK_SEGMENTS: i64 = 4;
 /// per segment, on `sms` SMs that hold `per_sm` of its blocks each.
 fn walk_out_segment_len(sms: i64, per_sm: i64, blocks: i64, d: Dims) -> i64 {
     let len = segment_len(per_sm * sms, blocks, d);
-    let segments = (d.chunks() + len - 1) / len;
+    let segments = tiles(d.chunks(), len);
     if segments < MIN_BUSY_WALK_SEGMENTS && segments * blocks > sms {
         d.chunks()
     } else {
@@ -203,7 +203,7 @@ fn walk(
     let (xp, yp, dcp, sp) = (x, ptr(y), decay, states);
     let slots = STATES_BLOCKS_PER_SM * dev.sm_count() as i64;
     let len = segment_len(slots, nk * nv * bh, d);
-    let segments = (nc + len - 1) / len;
+    let segments = tiles(nc, len);
     let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_states")?;
     let seg_len = len as i32;
     if segments == 1 {
@@ -252,7 +252,7 @@ fn carry_segments(
 ) -> Result<Tensor, CudaError> {
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nk, nv, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.b * d.h);
-    let segments = (d.chunks() + walked.len - 1) / walked.len;
+    let segments = tiles(d.chunks(), walked.len);
     let seg_last = buffer(&[bh, segments, d.k, d.v], y);
     let carry = buffer(&[bh, segments, d.k, d.v], y);
     let seg_decay = buffer(&[bh, segments, d.k], y);
@@ -345,8 +345,7 @@ fn walk_block_for(
     match wide_per_sm {
         Some(per_sm) if d.v > NARROW_WALK.columns() => {
             let wide = plan(WIDE_WALK, per_sm);
-            let segments = |len: i64| (d.chunks() + len - 1) / len;
-            if segments(wide.1) <= segments(narrow.1) {
+            if tiles(d.chunks(), wide.1) <= tiles(d.chunks(), narrow.1) {
                 wide
             } else {
                 narrow
@@ -423,7 +422,7 @@ fn walk_out(
     let (xop, xwp, yp, dcp, ap, sp) = (x_out, x_walk, ptr(y), decay, attn, states);
     let (f, smem, threads) = (&walk.f, walk.smem, walk.block.threads());
     let len = walk.seg_len;
-    let segments = (nc + len - 1) / len;
+    let segments = tiles(nc, len);
     let seg_len = len as i32;
     let nullp = 0u64;
     if segments == 1 {
