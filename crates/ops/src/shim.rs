@@ -8,7 +8,8 @@ const MESSAGE_LEN: usize = 8192;
 /// Runs `call` with a message buffer and its length; a non-zero status becomes the message the
 /// shim wrote there (NUL-terminated, or nothing).
 pub(crate) fn checked(call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
-    let mut err = vec![0 as c_char; MESSAGE_LEN];
+    // On the stack: the GLA forward calls this on its way to the first kernel.
+    let mut err = [0 as c_char; MESSAGE_LEN];
     if call(err.as_mut_ptr(), err.len()) == 0 {
         return Ok(());
     }
