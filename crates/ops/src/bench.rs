@@ -8,9 +8,10 @@
 //! For each B x T x H x D (K = V = D, bf16 q/k/v, f32 log gates) and each mode: forward, and
 //! forward + backward (`o.backward(do)` as ANCHORS.md times it, the same for SDPA), as CUDA-event
 //! medians after warm-up (the fastest of three rounds), on the legacy default stream that libtorch
-//! uses. Also the first call's wall time (NVRTC compilation into an empty cache, then module
-//! load), and each shape's memory floor. [`run_gla_bench`] prints a table as it goes and can write
-//! the report as JSON.
+//! uses, each call queued behind a cache-flushing write as Triton's `do_bench` does
+//! ([`CudaTimer::median_ms`]). Also the first call's wall time (NVRTC compilation into an empty
+//! cache, then module load), and each shape's memory floor. [`run_gla_bench`] prints a table as it
+//! goes and can write the report as JSON.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -104,6 +105,11 @@ pub struct CudaTimer {
     dev: Arc<CudaDevice>,
 }
 
+/// What [`CudaTimer::median_ms`] writes ahead of each timed call: 256 MiB, as `do_bench`, over
+/// twice the L2 cache of any current GPU (50 MB on an H100), and ~90 us of work on an H100, longer
+/// than the host takes to launch a call's first kernel.
+pub const FLUSH_BYTES: i64 = 256 << 20;
+
 /// The least warm-up time of [`CudaTimer::median_ms`].
 pub const WARMUP_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -117,10 +123,14 @@ impl CudaTimer {
 
     /// Median over `iters` event-timed calls of `f`, after `warmup` untimed calls (and more of
     /// them, each waited for, until [`WARMUP_MIN`] has passed: a GPU coming out of idle clocks
-    /// would otherwise slow the first calls of a short shape), in ms. Each call is bracketed by its
-    /// own pair of events, so host-side gaps between calls are not counted; `f` must launch its
-    /// work on the legacy default stream. Errors from `f` and from the driver are returned at
-    /// once.
+    /// would otherwise slow the first calls of a short shape), in ms; `f` must launch its work on
+    /// the legacy default stream. Errors from `f` and from the driver are returned at once.
+    ///
+    /// Each timed call is queued behind a write of [`FLUSH_BYTES`], as Triton's `do_bench` (the
+    /// timer of FLA's own benchmarks) does: the call finds none of its inputs in L2, and the GPU
+    /// is still busy with the write when the host records the start event and launches the
+    /// call, so the time is the GPU's, not the host's latency to the first kernel (in training
+    /// the host runs ahead of the GPU too). The calls are not waited for one by one.
     ///
     /// # Panics
     ///
@@ -143,7 +153,9 @@ impl CudaTimer {
                 .map_err(|e| driver_error("cuStreamSynchronize", e))?;
             calls += 1;
         }
-        let mut times = Vec::with_capacity(iters);
+        let mut flush = Tensor::f_empty([FLUSH_BYTES], (Kind::Uint8, Device::Cuda(ctx.ordinal())))
+            .map_err(CudaError::from)?;
+        let mut events = Vec::with_capacity(iters);
         for _ in 0..iters {
             let start = ctx
                 .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -151,17 +163,24 @@ impl CudaTimer {
             let end = ctx
                 .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
                 .map_err(|e| driver_error("cuEventCreate", e))?;
+            drop(flush.f_zero_().map_err(CudaError::from)?);
             start
                 .record(stream)
                 .map_err(|e| driver_error("cuEventRecord", e))?;
             f()?;
             end.record(stream)
                 .map_err(|e| driver_error("cuEventRecord", e))?;
-            let ms = start
-                .elapsed_ms(&end)
-                .map_err(|e| driver_error("cuEventElapsedTime", e))?;
-            times.push(f64::from(ms));
+            events.push((start, end));
         }
+        let mut times = events
+            .iter()
+            .map(|(start, end)| {
+                start
+                    .elapsed_ms(end)
+                    .map(f64::from)
+                    .map_err(|e| driver_error("cuEventElapsedTime", e))
+            })
+            .collect::<Result<Vec<f64>, CudaError>>()?;
         Ok(median(&mut times))
     }
 
@@ -286,7 +305,7 @@ impl BenchReport {
             "gpu": self.gpu,
             "date": self.date,
             "dtype": "bf16 q/k/v, f32 log gates",
-            "timing": "CUDA-event median after warm-up, the fastest of 3 rounds; fwd+bwd = forward + o.backward(do) (gradients returned, not accumulated)",
+            "timing": "CUDA-event median after warm-up, the fastest of 3 rounds; each timed call queued behind a 256 MiB write (Triton do_bench's method: cold L2, the host's launch latency hidden); fwd+bwd = forward + o.backward(do) (gradients returned, not accumulated)",
             "floor": "bytes moved once at 3.0 TB/s: fwd 12 B/elem, fwd+bwd 34 B/elem of B*T*H*D",
             "first_call_s": self.first_call_s,
             "nvrtc_compile_s": self.nvrtc_compile_s,
