@@ -189,38 +189,57 @@
 // 186 -> 259 us. The wide walk with two step buffers instead of three: 178 vs 175 us. Per kernel
 // at boost clocks (ncu --clock-control none): tc_attn 181, wide walk 166, at 2 x 8192 pre-walk 51
 // and carry 7.3 us; the forward's kernels add to ~30 us under its benchmark time, the host's path
-// to the first kernel.
-// Status (v25, H100, bench/results/gla-h100-2026-11-26-v25.json; each number the fastest of
-// three rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md times it,
-// which the version lines up to v24 did with sum(o * do) instead, ~0.2 ms more at D = 128), fwd /
-// fwd+bwd: D = 32 0.16 / 0.43 (0.18x FLA), D = 64 0.19 / 0.48 (0.17x), D = 128 0.37 / 0.99
-// (0.27x, 2.6x the floor) at 8 x 2048, 0.39 / 1.04 (2.7x) at 4 x 4096, 0.43 / 1.12 (2.9x) at
-// 2 x 8192, 0.44 / 1.13 (3.0x) at 1 x 16384 (0.25x to 0.28x FLA); in three more rounds that
-// call 1.12-1.16 and 1.14-1.17 ms at the last two, so 1 x 16384 sits at the 3x line (1.14 ms).
-// Those rows pay the segmented walks' end-state pre-walks and carries (51-56 + 7 us each way at
-// boost clocks) on top of the unsegmented pipeline. Every time includes the ~30 us the host
-// takes to the forward's first kernel (the clock starts with the GPU idle). Against SDPA on the
-// FlashAttention backend (ANCHORS.md's baseline, 0.51 / 1.93 ms at 8 x 2048 x 16 x 128) forward
-// and forward+backward are faster at every row from D = 64; libtorch's own choice on an H100 is
-// cuDNN's kernel (0.28 / 1.18 ms there), whose forward is faster than ours at T = 2048 (0.37 vs
-// 0.28 ms) and slower from 4096. Cold first call (empty caches) 1.3 to 2.6 s across H100 hosts
-// with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the long pole; the host's CPU sets it),
-// 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s, 1.2-1.8 s with v23/v24 over sessions
-// 6 and 7, 1.3-2.1 s with v25 (five runs on three hosts; the two wide walks are two more programs
-// compiled alongside); training compiles on a background thread while it builds the model. Per
-// kernel at 8 x 2048 x 16 x 128 (ncu, base clocks): tc_attn 0.203 ms, the wide walk 0.175 each
-// way, tc_bwd_dqk 0.53. The walks run at ~2.4 TB/s (423 MB each: qs, ks, A, v or do in; states
-// and o or dv out) and wait on their loads; tc_attn and tc_bwd_dqk wait on latency at 47%
-// issue-active (dq/dk's stall samples: 24% short scoreboard and 24% fixed-latency waits, i.e.
-// dependent chains of shared loads, exps and split products with 3 warps per scheduler), at 1.5x
-// and 1.8x their DRAM time. The pipeline moves ~2.2 GB against the 1.14 GB floor: what it keeps
-// for the backward (states, A, qs, ks) and reads again. Next: a margin under 3x the floor at
-// 1 x 16384 needs ~30 us, from the base pipeline (dq/dk at ~0.50 ms, e.g. with fewer dependent
-// chains per warp or more warps in less shared memory), from the segmentation (tc_carry folded
-// into the pre-walk's last block per tile would save its ~7 us each way; a pre-walk that moves
-// its ~100 MB at the walks' 2.4 TB/s ~10 us each way), or from the host path (the autograd
-// Function's own ~12 us, cudarc's launch ~8 us); matching cuDNN's forward at T = 2048 needs A,
-// the walk and o in fewer passes.
+// to the first kernel. Session 9 (H100): ptxas --allow-expensive-optimizations=false gives the
+// same SASS for every kernel of both files and, timed in alternation, no shorter compile;
+// --Ofast-compile=min and mid change the code (stack frames of 360-1272 bytes). Where dq/dk's
+// compile goes (NVRTC --fdevice-time-trace): front end 0.07 s, NVVM 0.88 s (0.67 of it optimising
+// the one inlined kernel function), ptxas 0.83 s; without its two intra loops 0.7 s shorter,
+// without pass 1's products 0.35 s. On a device host the eleven programs compiled in parallel
+// take as long as dq/dk alone (1.75 s against 1.73-1.95 s), and dq/dk alone takes 1.4-2.0 s from
+// one run to the next on one host; loading all eleven modules takes under 1 ms (lazy loading):
+// the cold first call is dq/dk's compile plus 0.1-0.4 s. The intra products with one operand
+// rounded once instead of split (two mma instead of three): the B operand rounded, fwd+bwd
+// 0.975 -> 0.964 ms at 8 x 2048 x 16 x 128 and 1.121 -> 1.112 at 1 x 16384, but bf16 dg at 1.18x
+// its tolerance and fp16 far over (the split's bf16 halves are coarser than fp16 inputs); the A
+// operand rounded, slower (0.993 ms) and over in fp16. The split products are not what holds
+// tc_attn and tc_bwd_dqk.
+// Status (v25, H100, bench/results/gla-h100-2026-11-26-v25-do-bench.json; each number the
+// fastest of three rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md
+// times it, which the version lines up to v24 did with sum(o * do) instead, ~0.2 ms more at
+// D = 128). Since session 9 the benchmark queues each timed call behind a 256 MiB write, as
+// Triton's do_bench (FLA's own benchmarks' timer) does: cold L2, and the host's ~30 us to the
+// forward's first kernel no longer counted (the clock used to start with the GPU idle; the
+// version lines above are in that method). fwd / fwd+bwd: D = 32 0.16 / 0.42 (0.17x FLA), D = 64
+// 0.19 / 0.47 (0.17x), D = 128 0.36 / 0.98 (0.27x, 2.6x the floor) at 8 x 2048, 0.39 / 1.02
+// (2.7x) at 4 x 4096, 0.42 / 1.10 (2.9x) at 2 x 8192, 0.43 / 1.12 (2.95x) at 1 x 16384 (0.25x
+// to 0.28x FLA); 1.10-1.12 and 1.12-1.14 ms at the last two in eight more runs of the same
+// kernels on two hosts that session, against 1.11-1.15 and 1.13-1.17 ms with the method before
+// on the same hosts and in the same calls: 1 x 16384 is under 3x the floor (1.141 ms) in every
+// run, by 0.3-2%. Those rows pay the segmented walks' end-state
+// pre-walks and carries (51-56 + 7 us each way at boost clocks) on top of the unsegmented
+// pipeline. Against SDPA on the FlashAttention backend (ANCHORS.md's baseline, 0.48 / 1.91 ms at
+// 8 x 2048 x 16 x 128) forward and forward+backward are faster at every row from D = 64;
+// libtorch's own choice on an H100 is cuDNN's kernel (0.27 / 1.14 ms there), whose forward is
+// faster than ours at T = 2048 (0.36 vs 0.27 ms) and slower from 4096. Cold first call (empty
+// caches) 1.3 to 2.6 s across H100 hosts with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the
+// long pole; the host's CPU sets it), 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s,
+// 1.2-1.8 s with v23/v24 over sessions 6 and 7, 1.3-2.1 s with v25 in session 8 and 1.5-2.45 s
+// in session 9 (ten runs on three hosts; the bf16 module's compile alone 1.3-2.4 s on one host);
+// training compiles on a background thread while it builds the model. Per kernel at
+// 8 x 2048 x 16 x 128 (ncu, base clocks): tc_attn 0.203 ms, the wide walk 0.175 each way,
+// tc_bwd_dqk 0.53. The walks run at ~2.4 TB/s (423 MB each: qs, ks, A, v or do in; states and o or
+// dv out) and wait on their loads; tc_attn and tc_bwd_dqk wait on latency at 47% issue-active
+// (dq/dk's stall samples: 24% short scoreboard and 24% fixed-latency waits, i.e. dependent chains
+// of shared loads, exps and split products with 3 warps per scheduler), at 1.5x and 1.8x their
+// DRAM time. The pipeline moves ~2.2 GB against the 1.14 GB floor: what it keeps for the backward
+// (states, A, qs, ks) and reads again; the chunk states alone (hs written forward, dhs backward,
+// both read by tc_bwd_dqk) are ~0.54 GB at D = 128. Next: a wider margin at 1 x 16384 from the
+// base pipeline (dq/dk at ~0.50 ms, e.g. with fewer dependent chains per warp or more warps in
+// less shared memory) or the segmentation (a pre-walk that moves its ~100 MB at the walks'
+// 2.4 TB/s saves ~10 us each way); a first call safely under 2 s on slow hosts needs dq/dk's
+// compile well under 1.4 s (less code in it, or pieces NVRTC's --split-compile can optimise in
+// parallel, at no cost to the kernel); matching cuDNN's forward at T = 2048 needs A, the walk and
+// o in fewer passes.
 // Precision: every output and gradient of every test shape is within 2x of the naive
 // same-precision computation. The chunk states are kept in the input dtype (as FLA does); dg takes
 // its boundary terms from the same states that dq and dk use (tc_bwd_dqk), so their rounding does
