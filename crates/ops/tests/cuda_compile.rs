@@ -33,18 +33,18 @@ fn every_kernel_compiles_for_sm90_and_sm80() {
                                 start.elapsed().as_secs_f64()
                             );
                             match result {
-                                Ok(cubins)
-                                    if cubins.len() == source.kernels().len()
-                                        && cubins.iter().all(|c| c.len() > 1000) =>
+                                Ok(compiled)
+                                    if compiled.len() == source.kernels().len()
+                                        && compiled.iter().all(|c| c.cubin.len() > 1000) =>
                                 {
                                     None
                                 }
-                                Ok(cubins) => Some(format!(
+                                Ok(compiled) => Some(format!(
                                     "{} {dtype:?} {arch}: {} CUBINs for {} kernels, sizes {:?}",
                                     source.file_name(),
-                                    cubins.len(),
+                                    compiled.len(),
                                     source.kernels().len(),
-                                    cubins.iter().map(Vec::len).collect::<Vec<_>>()
+                                    compiled.iter().map(|c| c.cubin.len()).collect::<Vec<_>>()
                                 )),
                                 Err(e) => Some(e.to_string()),
                             }

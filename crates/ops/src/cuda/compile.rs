@@ -207,15 +207,31 @@ fn nvrtc_version() -> Result<(c_int, c_int), CudaError> {
     Ok((major, minor))
 }
 
+/// One kernel's CUBIN and how long NVRTC took to compile it.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// The CUBIN.
+    pub cubin: Vec<u8>,
+    /// Wall time of its compilation (alongside the source's other kernels), s.
+    pub seconds: f64,
+}
+
 /// Compiles every kernel of `source` for `dtype` and `arch` (e.g. `sm_90`) to CUBIN, in
-/// parallel, bypassing the cache: one CUBIN per kernel, in [`KernelSource::kernels`] order.
+/// parallel, bypassing the cache: one per kernel, in [`KernelSource::kernels`] order.
 pub fn compile_uncached(
     source: KernelSource,
     dtype: KernelDtype,
     arch: &str,
-) -> Result<Vec<Vec<u8>>, CudaError> {
+) -> Result<Vec<Compiled>, CudaError> {
     let text = source.text()?;
-    each_kernel(source, |i| compile_text(&text, source, dtype, arch, i))
+    each_kernel(source, |i| {
+        let start = std::time::Instant::now();
+        let cubin = compile_text(&text, source, dtype, arch, i)?;
+        Ok(Compiled {
+            cubin,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    })
 }
 
 fn compile_text(
