@@ -197,7 +197,8 @@
 // without pass 1's products 0.35 s. On a device host the eleven programs compiled in parallel
 // take as long as dq/dk alone (1.75 s against 1.73-1.95 s), and dq/dk alone takes 1.4-2.0 s from
 // one run to the next on one host; loading all eleven modules takes under 1 ms (lazy loading):
-// the cold first call is dq/dk's compile plus 0.1-0.4 s. The intra products with one operand
+// the cold first call is dq/dk's compile plus 0.1-0.4 s (on a fourth host the wide reverse walk,
+// 1.58 s among the eleven, outlasted dq/dk's 1.46 s). The intra products with one operand
 // rounded once instead of split (two mma instead of three): the B operand rounded, fwd+bwd
 // 0.975 -> 0.964 ms at 8 x 2048 x 16 x 128 and 1.121 -> 1.112 at 1 x 16384, but bf16 dg at 1.18x
 // its tolerance and fp16 far over (the split's bf16 halves are coarser than fp16 inputs); the A
@@ -209,9 +210,9 @@
 // D = 128). Since session 9 the benchmark queues each timed call behind a 256 MiB write, as
 // Triton's do_bench (FLA's own benchmarks' timer) does: cold L2, and the host's ~30 us to the
 // forward's first kernel no longer counted (the clock used to start with the GPU idle; the
-// version lines above are in that method). fwd / fwd+bwd: D = 32 0.16 / 0.42 (0.17x FLA), D = 64
+// version lines above are in that method). fwd / fwd+bwd: D = 32 0.16 / 0.43 (0.18x FLA), D = 64
 // 0.19 / 0.47 (0.17x), D = 128 0.36 / 0.98 (0.27x, 2.6x the floor) at 8 x 2048, 0.39 / 1.02
-// (2.7x) at 4 x 4096, 0.42 / 1.10 (2.9x) at 2 x 8192, 0.43 / 1.12 (2.95x) at 1 x 16384 (0.25x
+// (2.7x) at 4 x 4096, 0.42 / 1.11 (2.9x) at 2 x 8192, 0.43 / 1.12 (2.95x) at 1 x 16384 (0.25x
 // to 0.28x FLA); 1.10-1.12 and 1.12-1.14 ms at the last two in eight more runs of the same
 // kernels on two hosts that session, against 1.11-1.15 and 1.13-1.17 ms with the method before
 // on the same hosts and in the same calls: 1 x 16384 is under 3x the floor (1.141 ms) in every
@@ -224,7 +225,7 @@
 // caches) 1.3 to 2.6 s across H100 hosts with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the
 // long pole; the host's CPU sets it), 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s,
 // 1.2-1.8 s with v23/v24 over sessions 6 and 7, 1.3-2.1 s with v25 in session 8 and 1.5-2.45 s
-// in session 9 (ten runs on three hosts; the bf16 module's compile alone 1.3-2.4 s on one host);
+// in session 9 (eleven runs on four hosts; the bf16 module's compile alone 1.3-2.4 s on one host);
 // training compiles on a background thread while it builds the model. Per kernel at
 // 8 x 2048 x 16 x 128 (ncu, base clocks): tc_attn 0.203 ms, the wide walk 0.175 each way,
 // tc_bwd_dqk 0.53. The walks run at ~2.4 TB/s (423 MB each: qs, ks, A, v or do in; states and o or
