@@ -213,12 +213,11 @@
 // version lines above are in that method). fwd / fwd+bwd: D = 32 0.16 / 0.43 (0.18x FLA), D = 64
 // 0.19 / 0.47 (0.17x), D = 128 0.36 / 0.98 (0.27x, 2.6x the floor) at 8 x 2048, 0.39 / 1.02
 // (2.7x) at 4 x 4096, 0.42 / 1.11 (2.9x) at 2 x 8192, 0.43 / 1.12 (2.95x) at 1 x 16384 (0.25x
-// to 0.28x FLA); 1.10-1.12 and 1.12-1.14 ms at the last two in eight more runs of the same
-// kernels on two hosts that session, against 1.11-1.15 and 1.13-1.17 ms with the method before
-// on the same hosts and in the same calls: 1 x 16384 is under 3x the floor (1.141 ms) in every
-// run, by 0.3-2%. Those rows pay the segmented walks' end-state
-// pre-walks and carries (51-56 + 7 us each way at boost clocks) on top of the unsegmented
-// pipeline. Against SDPA on the FlashAttention backend (ANCHORS.md's baseline, 0.48 / 1.91 ms at
+// to 0.28x FLA); 1.10-1.12 and 1.12-1.14 ms at the last two in nine more runs of the same
+// kernels on three hosts that session, against 1.11-1.15 and 1.13-1.17 ms with the method before
+// on two of those hosts in the same calls: 1 x 16384 is under 3x the floor (1.141 ms) in every
+// run, by 0.3-2%. Those rows pay the segmented walks' end-state pre-walks and carries (51-56 +
+// 7 us each way at boost clocks) on top of the unsegmented pipeline. Against SDPA on the FlashAttention backend (ANCHORS.md's baseline, 0.48 / 1.91 ms at
 // 8 x 2048 x 16 x 128) forward and forward+backward are faster at every row from D = 64;
 // libtorch's own choice on an H100 is cuDNN's kernel (0.27 / 1.14 ms there), whose forward is
 // faster than ours at T = 2048 (0.36 vs 0.27 ms) and slower from 4096. Cold first call (empty
