@@ -13,10 +13,10 @@ pub enum PreflightError {
     /// parts of the estimate.
     #[error(
         "{config}: train.micro_batch_size = {micro_batch_size}, data.seq_len = {seq_len}: \
-         estimated memory {} ({breakdown}) exceeds the {} of {device}; lower \
-         train.micro_batch_size (gradient accumulation keeps train.batch_size) or data.seq_len",
+         estimated memory {} ({breakdown}) exceeds the {} of {device}; {}",
         human_bytes(*estimate_bytes),
-        human_bytes(*limit_bytes)
+        human_bytes(*limit_bytes),
+        remedy(*micro_batch_size)
     )]
     OutOfMemory {
         /// The config file (or origin name) of the run.
@@ -40,6 +40,15 @@ pub enum PreflightError {
         #[source]
         source: Arc<io::Error>,
     },
+}
+
+/// What the user can change when a step does not fit: the micro-batch while it can shrink.
+fn remedy(micro_batch_size: usize) -> &'static str {
+    if micro_batch_size > 1 {
+        "lower train.micro_batch_size (gradient accumulation keeps train.batch_size) or data.seq_len"
+    } else {
+        "train.micro_batch_size is already 1: lower data.seq_len, or use a device with more memory"
+    }
 }
 
 impl PreflightError {
@@ -73,6 +82,21 @@ mod tests {
         );
         assert!(
             msg.contains("412.0 GiB (activations 400.0 GiB) exceeds the 80.0 GiB of NVIDIA H100"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("lower train.micro_batch_size (gradient accumulation keeps train.batch_size) or data.seq_len"), "{msg}");
+        let at_one = PreflightError::OutOfMemory {
+            config: "configs/x.toml".into(),
+            micro_batch_size: 1,
+            seq_len: 16384,
+            estimate_bytes: 412 << 30,
+            limit_bytes: 80 << 30,
+            device: "NVIDIA H100 80GB HBM3".into(),
+            breakdown: "activations 400.0 GiB".into(),
+        };
+        let msg = at_one.to_string();
+        assert!(
+            msg.ends_with("train.micro_batch_size is already 1: lower data.seq_len, or use a device with more memory"),
             "{msg}"
         );
         let measure = PreflightError::Measure {
