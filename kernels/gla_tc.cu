@@ -217,8 +217,9 @@
 // kernels on three hosts that session, against 1.11-1.15 and 1.13-1.17 ms with the method before
 // on two of those hosts in the same calls: 1 x 16384 is under 3x the floor (1.141 ms) in every
 // run, by 0.3-2%. Those rows pay the segmented walks' end-state pre-walks and carries (51-56 +
-// 7 us each way at boost clocks) on top of the unsegmented pipeline. Against SDPA on the FlashAttention backend (ANCHORS.md's baseline, 0.48 / 1.91 ms at
-// 8 x 2048 x 16 x 128) forward and forward+backward are faster at every row from D = 64;
+// 7 us each way at boost clocks) on top of the unsegmented pipeline. Against SDPA on the
+// FlashAttention backend (ANCHORS.md's baseline, 0.48 / 1.91 ms at 8 x 2048 x 16 x 128) forward
+// and forward+backward are faster at every row from D = 64;
 // libtorch's own choice on an H100 is cuDNN's kernel (0.27 / 1.14 ms there), whose forward is
 // faster than ours at T = 2048 (0.36 vs 0.27 ms) and slower from 4096. Cold first call (empty
 // caches) 1.3 to 2.6 s across H100 hosts with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the
