@@ -335,7 +335,8 @@ fn apply(
     let k = contiguous(k, k.kind(), &mut k_copy);
     let v = contiguous(v, v.kind(), &mut v_copy);
     let g = contiguous(gk, Kind::Float, &mut g_copy);
-    let h0 = initial_state.map(|h| h.to_kind(Kind::Float).contiguous());
+    let mut h0_copy = None;
+    let h0 = initial_state.map(|h| contiguous(h, Kind::Float, &mut h0_copy));
     let mut o: *mut C_tensor = std::ptr::null_mut();
     let mut ht: *mut C_tensor = std::ptr::null_mut();
     // SAFETY: every tensor pointer is a live tch tensor for the call; the callbacks match the
@@ -346,7 +347,7 @@ fn apply(
             k.as_ptr(),
             v.as_ptr(),
             g.as_ptr(),
-            h0.as_ref().map_or(std::ptr::null(), |h| h.as_ptr()),
+            h0.map_or(std::ptr::null(), |h| h.as_ptr()),
             scale,
             mode.code(),
             forward_cb,
