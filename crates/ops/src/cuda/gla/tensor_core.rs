@@ -374,11 +374,11 @@ fn output_walk(
     reverse: i32,
 ) -> Result<Option<OutputWalk>, CudaError> {
     let resident = |block: WalkBlock| -> Result<Option<i64>, CudaError> {
-        if block.smem(d) > dev.max_shared_per_block() {
+        let smem = block.smem(d);
+        if smem > dev.max_shared_per_block() {
             return Ok(None);
         }
-        let name = block.kernel(reverse);
-        let (smem, threads) = (block.smem(d), block.threads());
+        let (name, threads) = (block.kernel(reverse), block.threads());
         dev.resident_blocks(KernelSource::GlaTensorCore, dt, name, smem, threads)
             .map(Some)
     };
