@@ -203,7 +203,25 @@
 // 0.975 -> 0.964 ms at 8 x 2048 x 16 x 128 and 1.121 -> 1.112 at 1 x 16384, but bf16 dg at 1.18x
 // its tolerance and fp16 far over (the split's bf16 halves are coarser than fp16 inputs); the A
 // operand rounded, slower (0.993 ms) and over in fp16. The split products are not what holds
-// tc_attn and tc_bwd_dqk.
+// tc_attn and tc_bwd_dqk. Session 10 (H100): dq/dk's two intra loops as one loop over a pass
+// index (dq, then dk, reading dA through swapped strides, the factor's exponent one fma by +-1,
+// which rounds as the subtraction does): 5640 -> 5224 SASS instructions, ptxas 0.91 -> 0.73 s
+// locally; in four alternating runs on one device host the dq/dk compile took 1.17-1.56 s against
+// 1.28-1.84 and the cold first call 1.30-1.64 s against 1.57-1.87. But forward+backward is 6-7 us
+// slower (8 x 2048 x 16 x 128 0.972-0.975 -> 0.978-0.980 ms, 1 x 16384 1.117 -> 1.123-1.124): at
+// the 168-register cap ptxas rematerialises the pass-dependent addresses inside the loop and turns
+// the wide-channel skips into branches (436-475 instructions per iteration against 404-409). Not
+// kept: 1 x 16384 has 1.5% left under 3x the floor. A cold first call, traced: it waits for the
+// whole module, whose programs finish at 0.25-0.5 s (carry, fixup, fwd_o, states, bwd_dv), 0.6-0.7
+// (attn), 1.0-1.6 (walks) and 1.2-1.9 s (dq/dk); loading and running take 0.01-0.02 s after the
+// last, libnvrtc's first load 0.15 s on a fresh host. NVRTC's first compile in a process is
+// 0.1-0.3 s slower than the next (dq/dk alone 1.27-1.40 against 1.04-1.22 s). A cold GLA-340M
+// start: main() at 0.30-0.38 s (loading libtorch), CUDA and the cudarc context 0.2 s, compilation
+// from 0.53-0.63 s; the first GLA call (0.89-0.97 s) waits until 2.01-2.14 s and step 1 ends at
+// 2.40-2.54 s (1.18-1.29 s with warm caches). glibc malloc tunables (top_pad 64 MiB, mmap
+// threshold 256 MiB) for the eleven cold compiles: 1.48-2.07 s against 1.51-1.84 (no effect: their
+// system time is 0.3-0.45 s of ~10 s of work); dq/dk alone took 1.16-1.91 s on one host within two
+// minutes.
 // Status (v25, H100, bench/results/gla-h100-2026-11-26-v25-do-bench.json; each number the
 // fastest of three rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md
 // times it, which the version lines up to v24 did with sum(o * do) instead, ~0.2 ms more at
@@ -224,8 +242,9 @@
 // faster than ours at T = 2048 (0.36 vs 0.27 ms) and slower from 4096. Cold first call (empty
 // caches) 1.3 to 2.6 s across H100 hosts with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the
 // long pole; the host's CPU sets it), 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s,
-// 1.2-1.8 s with v23/v24 over sessions 6 and 7, 1.3-2.1 s with v25 in session 8 and 1.5-2.45 s
-// in session 9 (eleven runs on four hosts; the bf16 module's compile alone 1.3-2.4 s on one host);
+// 1.2-1.8 s with v23/v24 over sessions 6 and 7, 1.3-2.1 s with v25 in session 8, 1.5-2.45 s
+// in session 9 (eleven runs on four hosts; the bf16 module's compile alone 1.3-2.4 s on one host)
+// and 1.57-2.12 s in session 10 (nine runs on three machines);
 // training compiles on a background thread while it builds the model. Per kernel at
 // 8 x 2048 x 16 x 128 (ncu, base clocks): tc_attn 0.203 ms, the wide walk 0.175 each way,
 // tc_bwd_dqk 0.53. The walks run at ~2.4 TB/s (423 MB each: qs, ks, A, v or do in; states and o or
