@@ -134,7 +134,10 @@ __device__ void recurrent_fwd(const T* q, const T* k, const T* v, const float* g
 #pragma unroll
     for (int c = 0; c < R_COLS_PER_WARP; ++c) {
       const float vj = j[c] < V ? ld(v, vo + j[c]) : 0.f;
-      S[c] = di * S[c] + ki * vj;
+      // The fused product named: written a * b + c * d, the optimiser picks which product to
+      // fuse, and NVRTC's quick and full optimisation levels pick differently (compile.rs's
+      // tiers must give the same bits).
+      S[c] = fmaf(di, S[c], ki * vj);
       const float oj = warp_sum(qi * S[c]);
       if (lane == 0 && j[c] < V) o_part[(long long)ik * B * Tn * H * V + vo + j[c]] = oj;
     }
@@ -183,7 +186,7 @@ __device__ void recurrent_bwd(const T* q, const T* k, const T* v, const float* g
 #pragma unroll
         for (int c = 0; c < R_COLS_PER_WARP; ++c) {
           const bool jok = j[c] < V;
-          S[c] = di * S[c] + ki * (jok ? ld(v, vo + j[c]) : 0.f);
+          S[c] = fmaf(di, S[c], ki * (jok ? ld(v, vo + j[c]) : 0.f));  // as in recurrent_fwd
           p += S[c] * (jok ? ld(d_o, vo + j[c]) : 0.f);
         }
       }

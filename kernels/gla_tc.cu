@@ -126,6 +126,16 @@
 //       idle, so it counts). Same call, three rounds, fwd+bwd ms, old -> new: 8 x 2048 1.03-1.10
 //       -> 0.99, 2 x 8192 1.16-1.17 -> 1.12-1.16, 1 x 16384 1.18-1.19 -> 1.14-1.17 (benchmark
 //       method, o.backward(do)).
+//   v26 (session 11, compilation only; the kernels are v25's) tiered compilation
+//       (crates/ops/src/cuda/compile.rs): with an empty cache every kernel is first compiled with
+//       NVRTC's --Ofast-compile=mid (bf16 module 0.42-0.81 s against 1.1-2.3 s; its kernels
+//       ~8x slower: 8 x 2048 x 16 x 128 2.88 / 7.9 ms), which serves the first calls while the
+//       optimised compile runs on a background thread and then takes over. The two tiers' results
+//       are identical bit for bit (tests/cuda_tiers.rs: every kernel, both half dtypes). Cold first
+//       call 0.94-1.27 s in nine runs on three machines, against 1.3-2.4 s waiting for the
+//       optimised code on the same machines; a cold GLA-340M run's first step ends at 2.0-2.6 s
+//       instead of 2.9-3.3 s. --Ofast-compile=max compiles no faster than mid (0.58-0.73 s) and
+//       its kernels run ~145x slower (141 ms); min shortens the compile by ~10%.
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic; v17 does it inside tc_attn, which reads q, k and the gates anyway), the boundary term
 // in the reverse walk (exposed loads in a sequential kernel), fewer registers per thread for more
@@ -244,7 +254,8 @@
 // long pole; the host's CPU sets it), 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s,
 // 1.2-1.8 s with v23/v24 over sessions 6 and 7, 1.3-2.1 s with v25 in session 8, 1.5-2.45 s
 // in session 9 (eleven runs on four hosts; the bf16 module's compile alone 1.3-2.4 s on one host)
-// and 1.57-2.12 s in session 10 (nine runs on three machines);
+// and 1.57-2.12 s in session 10 (nine runs on three machines); 0.94-1.27 s with v26's tiered
+// compilation (session 11, nine runs on three machines), the optimised kernels in 1.8-2.5 s;
 // training compiles on a background thread while it builds the model. Per kernel at
 // 8 x 2048 x 16 x 128 (ncu, base clocks): tc_attn 0.203 ms, the wide walk 0.175 each way,
 // tc_bwd_dqk 0.53. The walks run at ~2.4 TB/s (423 MB each: qs, ks, A, v or do in; states and o or
@@ -256,10 +267,11 @@
 // both read by tc_bwd_dqk) are ~0.54 GB at D = 128. Next: a wider margin at 1 x 16384 from the
 // base pipeline (dq/dk at ~0.50 ms, e.g. with fewer dependent chains per warp or more warps in
 // less shared memory) or the segmentation (a pre-walk that moves its ~100 MB at the walks'
-// 2.4 TB/s saves ~10 us each way); a first call safely under 2 s on slow hosts needs dq/dk's
-// compile well under 1.4 s (less code in it, or pieces NVRTC's --split-compile can optimise in
-// parallel, at no cost to the kernel); matching cuDNN's forward at T = 2048 needs A, the walk and
-// o in fewer passes.
+// 2.4 TB/s saves ~10 us each way); the optimised code sooner on slow hosts (the quick tier
+// serves first calls, but runs ~8x slower until then) needs dq/dk's and the wide walks' compile
+// shorter (less code in them); matching cuDNN's forward at T = 2048 needs A, the walk and o in
+// fewer passes. Any change must keep the quick and full tiers' results identical: write a fused
+// multiply-add that has a choice of products as an explicit fmaf (gla.cu's recurrent kernels).
 // Precision: every output and gradient of every test shape is within 2x of the naive
 // same-precision computation. The chunk states are kept in the input dtype (as FLA does); dg takes
 // its boundary terms from the same states that dq and dk use (tc_bwd_dqk), so their rounding does

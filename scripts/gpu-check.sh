@@ -45,12 +45,20 @@ run() {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
   local summary=() failed=0
   for t in "$DIR"/tests/*; do
-    local name start status
+    local name tiers tier log label start status
     name=$(basename "$t")
-    start=$SECONDS
-    if timeout 300 "$t" --test-threads=1 --nocapture >"$out/test-$name.log" 2>&1; then status=ok; else status=FAILED; failed=1; fi
-    summary+=("$(printf '%-40s %-7s %4d s' "$name" "$status" $((SECONDS - start)))")
-    tail -n 25 "$out/test-$name.log"
+    # The GLA kernel tests run at each compile tier (crates/ops/src/cuda/compile.rs): the quick
+    # code serves first calls, so it must be as correct as the optimised code.
+    tiers=default
+    [[ $name == cuda_gla-* ]] && tiers="full quick"
+    for tier in $tiers; do
+      start=$SECONDS
+      log="$out/test-$name.log" label=$name
+      [[ $tier == default ]] || log="$out/test-$name-$tier.log" label="$name ($tier)"
+      if GLATRAIN_KERNEL_TIER=${tier/default/} timeout 300 "$t" --test-threads=1 --nocapture >"$log" 2>&1; then status=ok; else status=FAILED; failed=1; fi
+      summary+=("$(printf '%-48s %-7s %4d s' "$label" "$status" $((SECONDS - start)))")
+      tail -n 25 "$log"
+    done
   done
   local bench_status=ok
   timeout 300 "$DIR/glatrain" bench gla --json "$out/bench.json" 2>&1 | tee "$out/bench.log" || { bench_status=FAILED; failed=1; }

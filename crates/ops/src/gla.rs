@@ -108,7 +108,7 @@ impl OpError {
                 | OpError::Dtype { .. }
                 | OpError::Device { .. }
                 | OpError::Scale(_)
-        )
+        ) || matches!(self, OpError::Cuda(e) if e.is_bad_input())
     }
 }
 
@@ -215,7 +215,17 @@ fn check(
 /// builds the model). Nothing to do for [`GlaMode::Reference`].
 pub fn prepare(ordinal: usize, kind: Kind, mode: GlaMode) -> Result<(), OpError> {
     match mode.schedule() {
-        Some(schedule) => Ok(crate::cuda::gla::prepare(ordinal, kind, schedule)?),
+        Some(schedule) => Ok(crate::cuda::gla::prepare(ordinal, kind, schedule, false)?),
+        None => Ok(()),
+    }
+}
+
+/// Like [`prepare`], then waits until the optimised (Full tier) kernels are loaded, as every
+/// timing of the op must: a first use without them in the disk cache runs quickly compiled,
+/// slower kernels until then (see `glatrain_ops::cuda::TierPolicy`).
+pub fn prepare_optimised(ordinal: usize, kind: Kind, mode: GlaMode) -> Result<(), OpError> {
+    match mode.schedule() {
+        Some(schedule) => Ok(crate::cuda::gla::prepare(ordinal, kind, schedule, true)?),
         None => Ok(()),
     }
 }

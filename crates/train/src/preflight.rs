@@ -140,7 +140,12 @@ impl ModeTimer for KernelTimer {
             return Err("auto is not a kernel mode".into());
         }
         let mode = glatrain_models::gla::op_mode(mode);
-        LayerInputs::new(shape, self.device).time(&mut self.timer, |x| {
+        let inputs = LayerInputs::new(shape, self.device);
+        if let Device::Cuda(ordinal) = self.device {
+            glatrain_ops::gla::prepare_optimised(ordinal, inputs.q.kind(), mode)
+                .map_err(|e| e.to_string())?;
+        }
+        inputs.time(&mut self.timer, |x| {
             glatrain_ops::gla(&x.q, &x.k, &x.v, &x.gk, None, None, mode, false)
                 .map(|(o, _)| o)
                 .map_err(|e| TimingError(e.to_string()))

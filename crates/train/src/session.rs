@@ -100,8 +100,9 @@ pub fn build_model(
 
 /// Starts compiling (or reading from the disk cache) the GLA kernels this run calls, on a
 /// background thread, so that NVRTC overlaps building the model and opening the data instead of
-/// delaying the first step. The op's first call waits for a compilation still under way; a
-/// failure here is left for that call to report (it compiles again and returns the error).
+/// delaying the first step. The op's first call waits for a compilation still under way (with an
+/// empty cache, only for the quick tier; see `glatrain_ops::cuda::TierPolicy`); a failure here is
+/// left for that call to report (it compiles again and returns the error).
 pub fn prepare_kernels(cfg: &ResolvedConfig, device: Device, mode: KernelMode, kind: Kind) {
     let (Device::Cuda(ordinal), ModelConfig::Gla(_)) = (device, &cfg.config.model) else {
         return;

@@ -4,8 +4,16 @@
 //! without rebuilding Rust, `GLATRAIN_KERNEL_DIR=<dir>` makes the launchers read `<dir>/<file>`
 //! instead. Each kernel of a source is its own NVRTC program (`-DGLA_KERNEL=<index>` selects it),
 //! and a source's kernels are compiled in parallel: the first call waits for the slowest kernel,
-//! not for all of them. CUBIN (not PTX) is produced so the driver does not JIT at load time. The
-//! cache lives in `$GLATRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/glatrain/kernels`, else
+//! not for all of them. CUBIN (not PTX) is produced so the driver does not JIT at load time.
+//!
+//! Every kernel compiles at two [`Tier`]s. With an empty cache, `Quick` code (NVRTC's
+//! `--Ofast-compile=mid`: the bf16 module in ~0.6 s instead of 1.1-2.3 s on an H100 host, kernels
+//! ~8x slower) serves the first calls while the `Full` code (the optimised code the benchmarks
+//! time) compiles on a background thread and then takes over. Both tiers give the same results
+//! bit for bit (tests/cuda_tiers.rs), so a run from a cold cache matches one from a warm cache.
+//! `GLATRAIN_KERNEL_TIER` pins one tier instead ([`TierPolicy`]).
+//!
+//! The cache lives in `$GLATRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/glatrain/kernels`, else
 //! `~/.cache/glatrain/kernels`, one file per (source text, options, NVRTC version, arch).
 
 use std::ffi::{c_char, c_int, CStr, CString};
@@ -139,16 +147,197 @@ impl KernelDtype {
     }
 }
 
-fn options(dtype: KernelDtype, arch: &str, kernel: usize) -> Vec<String> {
-    vec![
-        format!("--gpu-architecture={arch}"),
-        "-std=c++17".to_string(),
-        dtype.define().to_string(),
-        format!("-DGLA_KERNEL={kernel}"),
-        // Subnormals flushed: without it every exp carries three instructions of subnormal-range
-        // handling, for values (< 1e-38) that never matter here.
-        "--ftz=true".to_string(),
-    ]
+/// How much optimisation NVRTC spends on a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// `--Ofast-compile=mid`: no unrolling, arrays in local memory; about a third of the compile
+    /// time for ~8x slower kernels, so a first call need not wait for the optimiser. (`max`
+    /// compiles no faster and runs ~150x slower; `min` barely shortens the compile.)
+    Quick,
+    /// NVRTC's default optimisation: the code every later call runs.
+    Full,
+}
+
+impl Tier {
+    /// The tier's name, as `GLATRAIN_KERNEL_TIER` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Quick => "quick",
+            Tier::Full => "full",
+        }
+    }
+}
+
+/// Which tiers a process compiles: `GLATRAIN_KERNEL_TIER` = `tiered` (the default), `full` or
+/// `quick`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierPolicy {
+    /// Full code from the disk cache when it is all there; else Quick code at once and Full code
+    /// from a background compile as soon as it is ready.
+    Tiered,
+    /// Only this tier: `full` waits for the optimised code, as before there were tiers; `quick`
+    /// never leaves the quick code (testing it).
+    Only(Tier),
+}
+
+impl TierPolicy {
+    /// The policy `GLATRAIN_KERNEL_TIER` asks for.
+    pub fn from_env() -> Result<Self, CudaError> {
+        Self::parse(std::env::var_os("GLATRAIN_KERNEL_TIER").as_deref())
+    }
+
+    /// The policy for a value of `GLATRAIN_KERNEL_TIER` (None: unset).
+    fn parse(value: Option<&std::ffi::OsStr>) -> Result<Self, CudaError> {
+        let Some(value) = value else {
+            return Ok(TierPolicy::Tiered);
+        };
+        match value.to_str() {
+            Some("tiered") | Some("") => Ok(TierPolicy::Tiered),
+            Some("full") => Ok(TierPolicy::Only(Tier::Full)),
+            Some("quick") => Ok(TierPolicy::Only(Tier::Quick)),
+            _ => Err(CudaError::Setting {
+                variable: "GLATRAIN_KERNEL_TIER",
+                value: value.to_string_lossy().into_owned(),
+                expected: "tiered, full or quick",
+            }),
+        }
+    }
+
+    /// The tier a module ends with under this policy.
+    pub fn final_tier(self) -> Tier {
+        match self {
+            TierPolicy::Tiered => Tier::Full,
+            TierPolicy::Only(tier) => tier,
+        }
+    }
+}
+
+/// One NVRTC program: a kernel of a source's text, for a dtype, an architecture and a tier.
+#[derive(Debug, Clone, Copy)]
+struct Program<'a> {
+    text: &'a str,
+    source: KernelSource,
+    dtype: KernelDtype,
+    arch: &'a str,
+    kernel: usize,
+    tier: Tier,
+}
+
+impl Program<'_> {
+    fn options(&self) -> Vec<String> {
+        let Program {
+            dtype,
+            arch,
+            kernel,
+            tier,
+            ..
+        } = *self;
+        let mut options = vec![
+            format!("--gpu-architecture={arch}"),
+            "-std=c++17".to_string(),
+            dtype.define().to_string(),
+            format!("-DGLA_KERNEL={kernel}"),
+            // Subnormals flushed: without it every exp carries three instructions of
+            // subnormal-range handling, for values (< 1e-38) that never matter here.
+            "--ftz=true".to_string(),
+        ];
+        if tier == Tier::Quick {
+            options.push("--Ofast-compile=mid".to_string());
+        }
+        options
+    }
+
+    /// Compiles the program to CUBIN; a rejected source's error carries NVRTC's log.
+    fn compile(&self) -> Result<Vec<u8>, CudaError> {
+        nvrtc_version()?;
+        let opts = self.options();
+        let src = CString::new(self.text).map_err(|_| CudaError::Compile {
+            source_name: self.source.file_name().to_string(),
+            arch: self.arch.to_string(),
+            options: opts.join(" "),
+            log: "the source contains a NUL byte".to_string(),
+        })?;
+        let name = CString::new(self.source.file_name()).expect("file names have no NUL");
+        let prog = catch_library_panic("loading libnvrtc", || {
+            result::create_program(&src, Some(&name))
+        })?
+        .map_err(|e| CudaError::Library(format!("nvrtcCreateProgram: {e:?}")))?;
+        // SAFETY: `prog` was created above and is destroyed exactly once, below; `src` and `name`
+        // outlive it.
+        let compiled = unsafe { result::compile_program(prog, &opts) };
+        // SAFETY: as above; the log and CUBIN getters write into buffers of the sizes NVRTC reports.
+        let out = unsafe {
+            match compiled {
+                Err(_) => {
+                    let log = result::get_program_log(prog)
+                        .map(|raw| CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned())
+                        .unwrap_or_else(|e| format!("(no log: {e:?})"));
+                    Err(CudaError::Compile {
+                        source_name: self.source.file_name().to_string(),
+                        arch: self.arch.to_string(),
+                        options: opts.join(" "),
+                        log,
+                    })
+                }
+                Ok(()) => {
+                    let mut size = 0usize;
+                    sys::nvrtcGetCUBINSize(prog, &mut size)
+                        .result()
+                        .map_err(|e| CudaError::Library(format!("nvrtcGetCUBINSize: {e:?}")))
+                        .and_then(|()| {
+                            let mut cubin = vec![0u8; size];
+                            sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char)
+                                .result()
+                                .map_err(|e| CudaError::Library(format!("nvrtcGetCUBIN: {e:?}")))
+                                .map(|()| cubin)
+                        })
+                }
+            }
+        };
+        // SAFETY: `prog` is valid and not used after this.
+        unsafe { result::destroy_program(prog) }
+            .map_err(|e| CudaError::Library(format!("nvrtcDestroyProgram: {e:?}")))?;
+        out
+    }
+
+    /// The program's file in the disk cache, named by a hash of everything its CUBIN depends on
+    /// (the source text, the options, NVRTC's version).
+    fn cache_entry(&self, (major, minor): (c_int, c_int)) -> CacheEntry {
+        let mut hasher = Sha256::new();
+        hasher.update(self.text.as_bytes());
+        hasher.update(self.options().join(" ").as_bytes());
+        hasher.update(format!("nvrtc {major}.{minor}").as_bytes());
+        let key = hex::encode(&hasher.finalize()[..16]);
+        let file = format!(
+            "{}-{}-{}-{}-{key}-{}.cubin",
+            self.source.file_name(),
+            self.source.kernels()[self.kernel],
+            self.dtype.suffix(),
+            self.tier.name(),
+            self.arch
+        );
+        CacheEntry {
+            path: cache_dir().map(|d| d.join(file)),
+        }
+    }
+}
+
+/// The program of each kernel of `source` (by index in [`KernelSource::kernels`]).
+fn programs<'a>(
+    text: &'a str,
+    source: KernelSource,
+    dtype: KernelDtype,
+    arch: &'a str,
+    tier: Tier,
+) -> impl Fn(usize) -> Program<'a> + Sync {
+    move |kernel| Program {
+        text,
+        source,
+        dtype,
+        arch,
+        kernel,
+        tier,
+    }
 }
 
 /// Runs `f` for every kernel index of `source` on its own thread (NVRTC compiles independent
@@ -216,80 +405,24 @@ pub struct Compiled {
     pub seconds: f64,
 }
 
-/// Compiles every kernel of `source` for `dtype` and `arch` (e.g. `sm_90`) to CUBIN, in
+/// Compiles every kernel of `source` for `dtype` and `arch` (e.g. `sm_90`) at `tier` to CUBIN, in
 /// parallel, bypassing the cache: one per kernel, in [`KernelSource::kernels`] order.
 pub fn compile_uncached(
     source: KernelSource,
     dtype: KernelDtype,
     arch: &str,
+    tier: Tier,
 ) -> Result<Vec<Compiled>, CudaError> {
     let text = source.text()?;
-    each_kernel(source, |i| {
+    let program = programs(&text, source, dtype, arch, tier);
+    each_kernel(source, |kernel| {
         let start = std::time::Instant::now();
-        let cubin = compile_text(&text, source, dtype, arch, i)?;
+        let cubin = program(kernel).compile()?;
         Ok(Compiled {
             cubin,
             seconds: start.elapsed().as_secs_f64(),
         })
     })
-}
-
-fn compile_text(
-    text: &str,
-    source: KernelSource,
-    dtype: KernelDtype,
-    arch: &str,
-    kernel: usize,
-) -> Result<Vec<u8>, CudaError> {
-    nvrtc_version()?;
-    let opts = options(dtype, arch, kernel);
-    let src = CString::new(text).map_err(|_| CudaError::Compile {
-        source_name: source.file_name().to_string(),
-        arch: arch.to_string(),
-        options: opts.join(" "),
-        log: "the source contains a NUL byte".to_string(),
-    })?;
-    let name = CString::new(source.file_name()).expect("file names have no NUL");
-    let prog = catch_library_panic("loading libnvrtc", || {
-        result::create_program(&src, Some(&name))
-    })?
-    .map_err(|e| CudaError::Library(format!("nvrtcCreateProgram: {e:?}")))?;
-    // SAFETY: `prog` was created above and is destroyed exactly once, below; `src` and `name`
-    // outlive it.
-    let compiled = unsafe { result::compile_program(prog, &opts) };
-    // SAFETY: as above; the log and CUBIN getters write into buffers of the sizes NVRTC reports.
-    let out = unsafe {
-        match compiled {
-            Err(_) => {
-                let log = result::get_program_log(prog)
-                    .map(|raw| CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned())
-                    .unwrap_or_else(|e| format!("(no log: {e:?})"));
-                Err(CudaError::Compile {
-                    source_name: source.file_name().to_string(),
-                    arch: arch.to_string(),
-                    options: opts.join(" "),
-                    log,
-                })
-            }
-            Ok(()) => {
-                let mut size = 0usize;
-                sys::nvrtcGetCUBINSize(prog, &mut size)
-                    .result()
-                    .map_err(|e| CudaError::Library(format!("nvrtcGetCUBINSize: {e:?}")))
-                    .and_then(|()| {
-                        let mut cubin = vec![0u8; size];
-                        sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char)
-                            .result()
-                            .map_err(|e| CudaError::Library(format!("nvrtcGetCUBIN: {e:?}")))
-                            .map(|()| cubin)
-                    })
-            }
-        }
-    };
-    // SAFETY: `prog` is valid and not used after this.
-    unsafe { result::destroy_program(prog) }
-        .map_err(|e| CudaError::Library(format!("nvrtcDestroyProgram: {e:?}")))?;
-    out
 }
 
 /// The cache directory (see the module docs).
@@ -303,54 +436,65 @@ pub fn cache_dir() -> Option<PathBuf> {
     Some(base.join("glatrain").join("kernels"))
 }
 
-/// The CUBINs of every kernel of `source` for `dtype` and `arch` ([`KernelSource::kernels`]
-/// order), each from the disk cache or freshly compiled (in parallel, then cached; a cache that
-/// cannot be written only costs the next run a compilation).
+/// The CUBINs of every kernel of `source` for `dtype` and `arch` at `tier`
+/// ([`KernelSource::kernels`] order), each from the disk cache or freshly compiled (in parallel,
+/// then cached; a cache that cannot be written only costs the next run a compilation).
 pub fn cubins(
     source: KernelSource,
     dtype: KernelDtype,
     arch: &str,
+    tier: Tier,
 ) -> Result<Vec<Vec<u8>>, CudaError> {
     let text = source.text()?;
-    let (major, minor) = nvrtc_version()?;
-    each_kernel(source, |i| {
-        cubin(&text, source, dtype, arch, i, (major, minor))
+    let version = nvrtc_version()?;
+    let program = programs(&text, source, dtype, arch, tier);
+    each_kernel(source, |kernel| {
+        let entry = program(kernel).cache_entry(version);
+        if let Some(bytes) = entry.read() {
+            return Ok(bytes);
+        }
+        let cubin = program(kernel).compile()?;
+        entry.write(&cubin);
+        Ok(cubin)
     })
 }
 
-fn cubin(
-    text: &str,
+/// The CUBINs of every kernel of `source` for `dtype` and `arch` at `tier`, if the disk cache
+/// holds all of them (nothing is compiled).
+pub fn cached_cubins(
     source: KernelSource,
     dtype: KernelDtype,
     arch: &str,
-    kernel: usize,
-    (major, minor): (c_int, c_int),
-) -> Result<Vec<u8>, CudaError> {
-    let mut hasher = Sha256::new();
-    hasher.update(text.as_bytes());
-    hasher.update(options(dtype, arch, kernel).join(" ").as_bytes());
-    hasher.update(format!("nvrtc {major}.{minor}").as_bytes());
-    let key = hex::encode(&hasher.finalize()[..16]);
-    let file = format!(
-        "{}-{}-{}-{key}-{arch}.cubin",
-        source.file_name(),
-        source.kernels()[kernel],
-        dtype.suffix()
-    );
-    let path = cache_dir().map(|d| d.join(file));
-    if let Some(bytes) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
-        return Ok(bytes);
+    tier: Tier,
+) -> Result<Option<Vec<Vec<u8>>>, CudaError> {
+    let text = source.text()?;
+    let version = nvrtc_version()?;
+    let program = programs(&text, source, dtype, arch, tier);
+    Ok((0..source.kernels().len())
+        .map(|kernel| program(kernel).cache_entry(version).read())
+        .collect())
+}
+
+/// One program's file in the disk cache.
+struct CacheEntry {
+    path: Option<PathBuf>,
+}
+
+impl CacheEntry {
+    fn read(&self) -> Option<Vec<u8>> {
+        self.path.as_ref().and_then(|p| std::fs::read(p).ok())
     }
-    let cubin = compile_text(text, source, dtype, arch, kernel)?;
-    if let Some(path) = path {
-        if let Err(e) = write_atomically(&path, &cubin) {
-            eprintln!(
-                "glatrain: warning: cannot cache a compiled kernel at {}: {e}",
-                path.display()
-            );
+
+    fn write(&self, cubin: &[u8]) {
+        if let Some(path) = &self.path {
+            if let Err(e) = write_atomically(path, cubin) {
+                eprintln!(
+                    "glatrain: warning: cannot cache a compiled kernel at {}: {e}",
+                    path.display()
+                );
+            }
         }
     }
-    Ok(cubin)
 }
 
 /// Writes through a temporary file and a rename, so concurrent processes never read half a file.
@@ -382,15 +526,41 @@ mod tests {
     }
 
     #[test]
+    fn tier_policy_from_its_variable() {
+        let parse = |v: Option<&str>| TierPolicy::parse(v.map(std::ffi::OsStr::new));
+        assert_eq!(parse(None).unwrap(), TierPolicy::Tiered);
+        assert_eq!(parse(Some("tiered")).unwrap(), TierPolicy::Tiered);
+        assert_eq!(parse(Some("full")).unwrap(), TierPolicy::Only(Tier::Full));
+        assert_eq!(parse(Some("quick")).unwrap(), TierPolicy::Only(Tier::Quick));
+        assert_eq!(TierPolicy::Tiered.final_tier(), Tier::Full);
+        let err = parse(Some("fast")).unwrap_err();
+        assert!(err.is_bad_input());
+        let msg = err.to_string();
+        assert!(
+            msg.contains("GLATRAIN_KERNEL_TIER")
+                && msg.contains("\"fast\"")
+                && msg.contains("quick"),
+            "{msg}"
+        );
+    }
+
+    fn program(text: &str, source: KernelSource, kernel: usize, tier: Tier) -> Program<'_> {
+        programs(text, source, KernelDtype::F16, "sm_90", tier)(kernel)
+    }
+
+    #[test]
+    fn quick_tier_only_adds_the_fast_compile_option() {
+        let full = program("", KernelSource::Gla, 3, Tier::Full).options();
+        let quick = program("", KernelSource::Gla, 3, Tier::Quick).options();
+        assert_eq!(quick[..full.len()], full[..]);
+        assert_eq!(quick[full.len()..], ["--Ofast-compile=mid".to_string()]);
+    }
+
+    #[test]
     fn compile_error_carries_the_log() {
-        let err = compile_text(
-            "this is not CUDA",
-            KernelSource::Gla,
-            KernelDtype::F32,
-            "sm_90",
-            2,
-        )
-        .unwrap_err();
+        let err = program("this is not CUDA", KernelSource::Gla, 2, Tier::Full)
+            .compile()
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("gla.cu") && msg.contains("sm_90"), "{msg}");
         assert!(
@@ -414,9 +584,9 @@ mod tests {
                         || section.contains(&format!("WALK_ENTRY({name},")),
                     "{name}"
                 );
-                assert!(
-                    options(KernelDtype::Bf16, "sm_90", i).contains(&format!("-DGLA_KERNEL={i}"))
-                );
+                assert!(program(text, source, i, Tier::Full)
+                    .options()
+                    .contains(&format!("-DGLA_KERNEL={i}")));
             }
         }
     }

@@ -199,12 +199,22 @@ fn source_of(schedule: Schedule, dt: KernelDtype) -> KernelSource {
 
 /// Compiles (or reads from the disk cache) and loads the kernels `schedule` runs for inputs of
 /// `kind` on CUDA device `ordinal`, so that their first call does not wait for NVRTC (kinds
-/// without kernels: nothing to do).
-pub fn prepare(ordinal: usize, kind: Kind, schedule: Schedule) -> Result<(), CudaError> {
+/// without kernels: nothing to do); with `optimised`, also waits for the Full tier.
+pub fn prepare(
+    ordinal: usize,
+    kind: Kind,
+    schedule: Schedule,
+    optimised: bool,
+) -> Result<(), CudaError> {
     let Some(dt) = KernelDtype::of(kind) else {
         return Ok(());
     };
-    Device::get(ordinal)?.prepare(source_of(schedule, dt), dt)
+    let (dev, source) = (Device::get(ordinal)?, source_of(schedule, dt));
+    if optimised {
+        dev.prepare_final(source, dt)
+    } else {
+        dev.prepare(source, dt)
+    }
 }
 
 // The bf16/fp16 `chunk` schedule (kernels/gla_tc.cu); after `launch!`, which it uses.

@@ -12,11 +12,11 @@ pub mod compile;
 pub mod gla;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
-pub use compile::{KernelDtype, KernelSource};
+pub use compile::{KernelDtype, KernelSource, Tier, TierPolicy};
 
 /// Why a CUDA kernel could not be compiled, loaded or launched.
 #[derive(Debug, thiserror::Error)]
@@ -54,15 +54,26 @@ pub enum CudaError {
         /// The I/O error.
         message: String,
     },
+    /// An environment variable that steers kernel compilation has a value it does not take.
+    #[error("{variable}={value:?}: expected {expected}")]
+    Setting {
+        /// The variable.
+        variable: &'static str,
+        /// Its value.
+        value: String,
+        /// The values it takes.
+        expected: &'static str,
+    },
     /// A libtorch operation inside a launcher failed.
     #[error("libtorch error in a CUDA launcher: {0}")]
     Torch(#[from] tch::TchError),
 }
 
 impl CudaError {
-    /// CUDA failures are never the user's input: the CLI exits 1.
+    /// A kernel setting in the environment (`GLATRAIN_KERNEL_DIR`, `GLATRAIN_KERNEL_TIER`) is the
+    /// user's to fix (the CLI exits 2); other CUDA failures are not (exit 1).
     pub fn is_bad_input(&self) -> bool {
-        false
+        matches!(self, CudaError::Override { .. } | CudaError::Setting { .. })
     }
 
     fn driver(what: &str, err: impl std::fmt::Debug) -> Self {
@@ -86,6 +97,48 @@ fn catch_library_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, CudaEr
     })
 }
 
+extern "C" {
+    fn atexit(callback: extern "C" fn()) -> std::ffi::c_int;
+}
+
+/// Background compiles under way, and a signal when one ends.
+static BACKGROUND: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// One background compile of a Full tier, counted while it lives. The process waits for every
+/// one at exit: a thread still inside libnvrtc or the driver while their static destructors run
+/// could crash a process that has done its work, and the finished CUBINs reach the disk cache.
+struct BackgroundCompile;
+
+impl BackgroundCompile {
+    fn start() -> Self {
+        static AT_EXIT: std::sync::Once = std::sync::Once::new();
+        // Registered after libnvrtc and libcuda were loaded, so it runs before their destructors.
+        // SAFETY: registers a function that only waits on a static condition variable.
+        AT_EXIT.call_once(|| unsafe {
+            atexit(wait_for_background_compiles);
+        });
+        *BACKGROUND.0.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        BackgroundCompile
+    }
+}
+
+impl Drop for BackgroundCompile {
+    fn drop(&mut self) {
+        *BACKGROUND.0.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        BACKGROUND.1.notify_all();
+    }
+}
+
+extern "C" fn wait_for_background_compiles() {
+    let mut running = BACKGROUND.0.lock().unwrap_or_else(|e| e.into_inner());
+    while *running > 0 {
+        running = BACKGROUND
+            .1
+            .wait(running)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
 /// A GPU's name, multiprocessor count and memory, read from the driver.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceProperties {
@@ -96,6 +149,14 @@ pub struct DeviceProperties {
 
 /// The loaded modules of one source and dtype: one per kernel, in [`KernelSource::kernels`] order.
 type SourceModules = Vec<Arc<CudaModule>>;
+
+/// A source's modules for one dtype, at the tier they were compiled at.
+struct Loaded {
+    tier: Tier,
+    modules: SourceModules,
+    /// Why the background compile of the Full tier failed (the Quick code then stays).
+    upgrade_error: Option<String>,
+}
 
 /// A kernel: its source, dtype and index in [`KernelSource::kernels`].
 type KernelKey = (KernelSource, KernelDtype, usize);
@@ -108,7 +169,13 @@ pub struct Device {
     arch: String,
     sm_count: usize,
     max_shared_per_block: u32,
-    modules: Mutex<HashMap<(KernelSource, KernelDtype), SourceModules>>,
+    modules: Mutex<HashMap<(KernelSource, KernelDtype), Loaded>>,
+    /// Signalled when modules of another tier are put in place (or the background compile of
+    /// the Full tier fails).
+    upgraded: Condvar,
+    /// Modules that another tier's replaced: kept loaded for the process, because kernels
+    /// launched from them may still be queued.
+    retired: Mutex<Vec<SourceModules>>,
     /// Kernels looked up before, ready to launch with any shared memory the GPU allows: a call
     /// launches without driver lookups or attribute calls ahead of its first kernel.
     functions: Mutex<HashMap<KernelKey, CudaFunction>>,
@@ -155,6 +222,8 @@ impl Device {
             sm_count,
             max_shared_per_block,
             modules: Mutex::new(HashMap::new()),
+            upgraded: Condvar::new(),
+            retired: Mutex::new(Vec::new()),
             functions: Mutex::new(HashMap::new()),
             occupancy: Mutex::new(HashMap::new()),
         });
@@ -219,7 +288,8 @@ impl Device {
 
     /// The kernel `name` of `source` for `dtype`, allowed all the dynamic shared memory the GPU
     /// gives a block. On the first use of a (source, dtype), all of its kernels are compiled (in
-    /// parallel, or read from the disk cache) and loaded, so a training step waits once.
+    /// parallel, or read from the disk cache) and loaded, so a training step waits once: for the
+    /// Quick tier where the Full one is not cached (see [`TierPolicy`]).
     pub fn function(
         &self,
         source: KernelSource,
@@ -263,12 +333,10 @@ impl Device {
         threads: u32,
     ) -> Result<i64, CudaError> {
         let key = (Self::key(source, dtype, name)?, smem, threads);
-        if let Some(n) = self
-            .occupancy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
+        // Held throughout, so that an answer computed for Quick code cannot land in the map
+        // after an upgrade has cleared it.
+        let mut occupancy = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = occupancy.get(&key) {
             return Ok(*n);
         }
         use cudarc::driver::sys::CUfunction_attribute as Attr;
@@ -282,7 +350,6 @@ impl Device {
             .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
             .map_err(|e| CudaError::driver("cuOccupancyMaxActiveBlocksPerMultiprocessor", e))?;
         let blocks = i64::from(blocks).max(1);
-        let mut occupancy = self.occupancy.lock().unwrap_or_else(|e| e.into_inner());
         occupancy.insert(key, blocks);
         Ok(blocks)
     }
@@ -306,8 +373,39 @@ impl Device {
         self.with_modules(source, dtype, |_| ())
     }
 
+    /// Like [`Device::prepare`], then waits until the modules are at the policy's final tier
+    /// (Full unless `GLATRAIN_KERNEL_TIER=quick`): what timings need.
+    pub fn prepare_final(&self, source: KernelSource, dtype: KernelDtype) -> Result<(), CudaError> {
+        self.prepare(source, dtype)?;
+        let wanted = TierPolicy::from_env()?.final_tier();
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let loaded = modules
+                .get(&(source, dtype))
+                .expect("prepare loaded the modules");
+            if loaded.tier == wanted {
+                return Ok(());
+            }
+            if let Some(error) = &loaded.upgrade_error {
+                return Err(CudaError::Library(error.clone()));
+            }
+            modules = self
+                .upgraded
+                .wait(modules)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// The tier of the loaded modules of (source, dtype), None before their first use.
+    pub fn loaded_tier(&self, source: KernelSource, dtype: KernelDtype) -> Option<Tier> {
+        let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        modules.get(&(source, dtype)).map(|loaded| loaded.tier)
+    }
+
     /// `f` of the loaded modules of (source, dtype), compiled and loaded first if need be (under
-    /// the lock: a concurrent first use waits for the one compilation).
+    /// the lock: a concurrent first use waits for the one compilation). Under the tiered policy
+    /// without a cached Full tier, the Quick tier is compiled here and the Full one on a
+    /// background thread that swaps it in when done.
     fn with_modules<T>(
         &self,
         source: KernelSource,
@@ -315,24 +413,137 @@ impl Device {
         f: impl FnOnce(&SourceModules) -> T,
     ) -> Result<T, CudaError> {
         let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = modules.get(&(source, dtype)) {
-            return Ok(f(m));
+        if let Some(loaded) = modules.get(&(source, dtype)) {
+            return Ok(f(&loaded.modules));
         }
-        let loaded = compile::cubins(source, dtype, &self.arch)?
+        let policy = TierPolicy::from_env()?;
+        let cached_full = match policy {
+            TierPolicy::Tiered => compile::cached_cubins(source, dtype, &self.arch, Tier::Full)?,
+            TierPolicy::Only(_) => None,
+        };
+        let (tier, cubins) = match (policy, cached_full) {
+            (_, Some(cubins)) => (Tier::Full, cubins),
+            (TierPolicy::Only(tier), None) => {
+                (tier, compile::cubins(source, dtype, &self.arch, tier)?)
+            }
+            (TierPolicy::Tiered, None) => {
+                let ordinal = self.ctx.ordinal();
+                let running = BackgroundCompile::start();
+                std::thread::spawn(move || {
+                    if let Ok(device) = Device::get(ordinal) {
+                        device.upgrade(source, dtype);
+                    }
+                    drop(running);
+                });
+                (
+                    Tier::Quick,
+                    compile::cubins(source, dtype, &self.arch, Tier::Quick)?,
+                )
+            }
+        };
+        let loaded = Loaded {
+            tier,
+            modules: self.load(cubins)?,
+            upgrade_error: None,
+        };
+        Ok(f(&modules.entry((source, dtype)).or_insert(loaded).modules))
+    }
+
+    fn load(&self, cubins: Vec<Vec<u8>>) -> Result<SourceModules, CudaError> {
+        cubins
             .into_iter()
             .map(|cubin| {
                 self.ctx
                     .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
                     .map_err(|e| CudaError::driver("cuModuleLoadData", e))
             })
-            .collect::<Result<SourceModules, _>>()?;
-        Ok(f(modules.entry((source, dtype)).or_insert(loaded)))
+            .collect()
+    }
+
+    /// Loads `tier`'s kernels of (source, dtype), from the disk cache or compiled, in place of
+    /// whatever is loaded: later lookups get them (and their own occupancy). The tiered policy's
+    /// background compile does this with Full; tests switch back and forth to compare the tiers.
+    pub fn use_tier(
+        &self,
+        source: KernelSource,
+        dtype: KernelDtype,
+        tier: Tier,
+    ) -> Result<(), CudaError> {
+        self.bind()?;
+        let new = self.load(compile::cubins(source, dtype, &self.arch, tier)?)?;
+        let loaded = Loaded {
+            tier,
+            modules: new,
+            upgrade_error: None,
+        };
+        let old = self
+            .modules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((source, dtype), loaded);
+        if let Some(old) = old {
+            self.retired
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(old.modules);
+        }
+        // After the swap and outside the modules lock (`function` takes the functions lock
+        // first): an entry made from the old modules is in the map by now.
+        let ours = |k: &KernelKey| k.0 == source && k.1 == dtype;
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| !ours(k));
+        self.occupancy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(k, _, _), _| !ours(k));
+        self.upgraded.notify_all();
+        Ok(())
+    }
+
+    /// The tiered policy's background compile: the Full tier in place of the Quick one. A
+    /// failure leaves the Quick modules, is reported once, and ends [`Device::prepare_final`]'s
+    /// wait.
+    fn upgrade(&self, source: KernelSource, dtype: KernelDtype) {
+        let Err(e) = self.use_tier(source, dtype, Tier::Full) else {
+            return;
+        };
+        eprintln!(
+            "glatrain: warning: the optimised {} kernels ({}) did not compile; the quick ones \
+             stay: {e}",
+            source.file_name(),
+            dtype.suffix()
+        );
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(loaded) = modules.get_mut(&(source, dtype)) {
+            loaded.upgrade_error = Some(e.to_string());
+        }
+        drop(modules);
+        self.upgraded.notify_all();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_waits_for_background_compiles() {
+        let running = BackgroundCompile::start();
+        let done = Arc::new(Mutex::new(false));
+        let compile = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                *done.lock().unwrap() = true;
+                drop(running);
+            })
+        };
+        wait_for_background_compiles();
+        assert!(*done.lock().unwrap());
+        compile.join().unwrap();
+    }
 
     #[test]
     fn library_panics_become_errors() {

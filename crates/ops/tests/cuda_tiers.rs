@@ -1,0 +1,138 @@
+//! Tiered compilation on a GPU: with an empty kernel cache, the first call runs the Quick tier,
+//! the Full tier replaces it once compiled, both tiers are cached, and the two tiers give the same
+//! results bit for bit (training from a cold cache then matches one from a warm cache). Its own
+//! test binary (one process, one test): it points the kernel cache at an empty directory and
+//! clears `GLATRAIN_KERNEL_TIER`, which no other test may see. Skips on machines without CUDA.
+
+use glatrain_ops::cuda::compile::cache_dir;
+use glatrain_ops::cuda::{Device as CudaDevice, KernelDtype, KernelSource, Tier};
+use glatrain_ops::testing::Rng;
+use glatrain_ops::{gla, GlaMode};
+use tch::{Device, Kind, Tensor};
+
+/// One shape: batch, length, heads, key and value head dims.
+type Shape = (i64, i64, i64, i64, i64);
+
+/// o, the final state and the gradients of q, k, v, gk and the initial state, for random inputs
+/// (q, k, v, do in `kind`; gates, states f32).
+fn run(shape: Shape, kind: Kind, mode: GlaMode) -> Vec<(&'static str, Tensor)> {
+    let (b, t, h, k, v) = shape;
+    let mut rng = Rng::new(5);
+    let mut leaf = |size: &[i64], kind: Kind| {
+        rng.randn(size, Kind::Float)
+            .to_kind(kind)
+            .to_device(Device::Cuda(0))
+            .set_requires_grad(true)
+    };
+    let (q, kk) = (leaf(&[b, t, h, k], kind), leaf(&[b, t, h, k], kind));
+    let vv = leaf(&[b, t, h, v], kind);
+    let g = leaf(&[b, t, h, k], Kind::Float);
+    let h0 = leaf(&[b, h, k, v], Kind::Float);
+    let d_o = leaf(&[b, t, h, v], kind).detach();
+    let dht = leaf(&[b, h, k, v], Kind::Float).detach();
+    let gates = (&g + 2.0).log_sigmoid();
+    let (o, ht) = gla(&q, &kk, &vv, &gates, Some(&h0), None, mode, true).unwrap();
+    let ht = ht.unwrap();
+    let loss = (o.to_kind(Kind::Float) * d_o.to_kind(Kind::Float)).sum(Kind::Float)
+        + (&ht * dht).sum(Kind::Float);
+    let grads = Tensor::run_backward(&[&loss], &[&q, &kk, &vv, &g, &h0], false, false);
+    let names = ["dq", "dk", "dv", "dg", "dh0"];
+    let mut out = vec![("o", o), ("final state", ht)];
+    out.extend(names.into_iter().zip(grads));
+    out
+}
+
+fn identical(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size() && a.kind() == b.kind() && a.equal(b)
+}
+
+#[test]
+fn quick_code_first_then_the_optimised_code_with_identical_results() {
+    if !tch::Cuda::is_available() {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    // The only test of this binary: nothing else reads the environment concurrently.
+    std::env::set_var("GLATRAIN_CACHE_DIR", cache.path());
+    std::env::remove_var("GLATRAIN_KERNEL_TIER");
+    let device = CudaDevice::get(0).unwrap();
+
+    // The mechanism, on the bf16 tensor-core module.
+    let (source, dtype) = (KernelSource::GlaTensorCore, KernelDtype::Bf16);
+    assert_eq!(device.loaded_tier(source, dtype), None);
+    run((1, 64, 1, 64, 64), Kind::BFloat16, GlaMode::Chunk);
+    // The Full tier compiles on a background thread for ~2-4x the Quick tier's ~0.5 s; this
+    // call took milliseconds after the Quick modules were in.
+    assert_eq!(device.loaded_tier(source, dtype), Some(Tier::Quick));
+    device.prepare_final(source, dtype).unwrap();
+    assert_eq!(device.loaded_tier(source, dtype), Some(Tier::Full));
+    let files: Vec<String> = std::fs::read_dir(cache_dir().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for tier in [Tier::Quick, Tier::Full] {
+        for name in source.kernels() {
+            let prefix = format!("gla_tc.cu-{name}-bf16-{}-", tier.name());
+            assert!(
+                files.iter().any(|f| f.starts_with(&prefix)),
+                "no {prefix}* in {files:?}"
+            );
+        }
+    }
+
+    // The same results from both tiers, over shapes that reach every kernel: the output walks
+    // (narrow and wide), segmented walks with their pre-walk and carry, the state walk with its
+    // fixup and the separate output kernels (K > 128), dq/dk; and gla.cu's three schedules.
+    let tensor_core: [(Shape, Kind); 4] = [
+        ((2, 300, 3, 64, 96), Kind::BFloat16),
+        ((4, 1024, 16, 128, 128), Kind::BFloat16),
+        ((1, 4096, 1, 128, 128), Kind::Half),
+        ((1, 2048, 1, 256, 200), Kind::Half),
+    ];
+    let mut cases: Vec<(Shape, Kind, GlaMode)> = tensor_core
+        .iter()
+        .map(|&(shape, kind)| (shape, kind, GlaMode::Chunk))
+        .collect();
+    for mode in [GlaMode::Chunk, GlaMode::FusedChunk, GlaMode::FusedRecurrent] {
+        for shape in [
+            (2, 130, 2, 32, 48),
+            (1, 300, 1, 128, 100),
+            (1, 65, 1, 256, 64),
+        ] {
+            cases.push((shape, Kind::Float, mode));
+        }
+    }
+    for mode in [GlaMode::FusedChunk, GlaMode::FusedRecurrent] {
+        cases.push(((2, 130, 2, 32, 48), Kind::BFloat16, mode));
+        cases.push(((1, 300, 1, 128, 100), Kind::Half, mode));
+    }
+    let mut differ = Vec::new();
+    for (shape, kind, mode) in cases {
+        let source = if kind == Kind::Float || mode != GlaMode::Chunk {
+            KernelSource::Gla
+        } else {
+            KernelSource::GlaTensorCore
+        };
+        let dtype = KernelDtype::of(kind).unwrap();
+        let mut results = Vec::new();
+        for tier in [Tier::Quick, Tier::Full] {
+            device.use_tier(source, dtype, tier).unwrap();
+            results.push(run(shape, kind, mode));
+        }
+        for ((name, quick), (_, full)) in results[0].iter().zip(&results[1]) {
+            if !identical(quick, full) {
+                let largest = (quick.to_kind(Kind::Double) - full.to_kind(Kind::Double))
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                differ.push(format!(
+                    "{shape:?} {kind:?} {mode:?}: {name} differs between the tiers (largest \
+                     difference {largest:e})"
+                ));
+            }
+        }
+        println!("{shape:?} {kind:?} {mode:?}: compared");
+    }
+    assert!(differ.is_empty(), "\n{}", differ.join("\n"));
+}
