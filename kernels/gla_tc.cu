@@ -132,9 +132,9 @@
 //       ~8x slower: 8 x 2048 x 16 x 128 2.88 / 7.9 ms), which serves the first calls while the
 //       optimised compile runs on a background thread and then takes over. The two tiers' results
 //       are identical bit for bit (tests/cuda_tiers.rs: every kernel, both half dtypes). Cold first
-//       call 0.94-1.27 s in nine runs on three machines, against 1.3-2.4 s waiting for the
-//       optimised code on the same machines; a cold GLA-340M run's first step ends at 2.0-2.6 s
-//       instead of 2.9-3.3 s. --Ofast-compile=max compiles no faster than mid (0.58-0.73 s) and
+//       call 0.94-1.27 s in ten runs on four machines, against 1.3-2.4 s waiting for the
+//       optimised code on the same machines; a cold GLA-340M run's first step ends at 1.9-2.6 s
+//       instead of 3.0-3.3 s. --Ofast-compile=max compiles no faster than mid (0.58-0.73 s) and
 //       its kernels run ~145x slower (141 ms); min shortens the compile by ~10%.
 // Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
 // traffic; v17 does it inside tc_attn, which reads q, k and the gates anyway), the boundary term
@@ -255,7 +255,7 @@
 // 1.2-1.8 s with v23/v24 over sessions 6 and 7, 1.3-2.1 s with v25 in session 8, 1.5-2.45 s
 // in session 9 (eleven runs on four hosts; the bf16 module's compile alone 1.3-2.4 s on one host)
 // and 1.57-2.12 s in session 10 (nine runs on three machines); 0.94-1.27 s with v26's tiered
-// compilation (session 11, nine runs on three machines), the optimised kernels in 1.8-2.5 s;
+// compilation (session 11, ten runs on four machines), the optimised kernels in 1.8-2.5 s;
 // training compiles on a background thread while it builds the model. Per kernel at
 // 8 x 2048 x 16 x 128 (ncu, base clocks): tc_attn 0.203 ms, the wide walk 0.175 each way,
 // tc_bwd_dqk 0.53. The walks run at ~2.4 TB/s (423 MB each: qs, ks, A, v or do in; states and o or
