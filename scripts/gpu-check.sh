@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: every test binary of glatrain-ops and glatrain-models (the CUDA kernel tests against
-# the f64 reference, the models under bf16 autocast), then the GLA benchmark (`glatrain bench
-# gla`), with a summary.
+# the f64 reference, at both kernel compile tiers; the tiers against each other; the models under
+# bf16 autocast), then the GLA benchmark (`glatrain bench gla`), with a summary.
 #
 #   scripts/gpu-check.sh                 build here, then run (a machine with cargo, a GPU, torch)
 #   scripts/gpu-check.sh build [DIR]     build the test binaries and the glatrain CLI into DIR
