@@ -603,10 +603,7 @@ struct FirstCall {
 /// optimised kernels that every later call runs are loaded. Then of each tier's compilation
 /// alone, and of each kernel's.
 fn first_call_times(cuda: &CudaDevice, dev: Device) -> Result<FirstCall, BenchError> {
-    let tiers = match TierPolicy::from_env()? {
-        TierPolicy::Tiered => "tiered",
-        TierPolicy::Only(tier) => tier.name(),
-    };
+    let tiers = TierPolicy::from_env()?.name();
     let cache = TempCache::new()?;
     let shape = [1, 64, 1, 128];
     let leaf = |x: Tensor| x.f_set_requires_grad(true);

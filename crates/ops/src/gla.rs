@@ -27,7 +27,8 @@ pub enum GlaMode {
 }
 
 impl GlaMode {
-    fn schedule(self) -> Option<Schedule> {
+    /// The CUDA kernels' schedule this mode runs (None: the reference, tensor ops).
+    pub fn schedule(self) -> Option<Schedule> {
         match self {
             GlaMode::Chunk => Some(Schedule::Chunk),
             GlaMode::FusedChunk => Some(Schedule::FusedChunk),

@@ -5,6 +5,7 @@
 //! clears `GLATRAIN_KERNEL_TIER`, which no other test may see. Skips on machines without CUDA.
 
 use glatrain_ops::cuda::compile::cache_dir;
+use glatrain_ops::cuda::gla::source_of;
 use glatrain_ops::cuda::{Device as CudaDevice, KernelDtype, KernelSource, Tier};
 use glatrain_ops::testing::Rng;
 use glatrain_ops::{gla, GlaMode};
@@ -109,12 +110,8 @@ fn quick_code_first_then_the_optimised_code_with_identical_results() {
     }
     let mut differ = Vec::new();
     for (shape, kind, mode) in cases {
-        let source = if kind == Kind::Float || mode != GlaMode::Chunk {
-            KernelSource::Gla
-        } else {
-            KernelSource::GlaTensorCore
-        };
         let dtype = KernelDtype::of(kind).unwrap();
+        let source = source_of(mode.schedule().unwrap(), dtype);
         let mut results = Vec::new();
         for tier in [Tier::Quick, Tier::Full] {
             device.use_tier(source, dtype, tier).unwrap();

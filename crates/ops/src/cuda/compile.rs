@@ -203,6 +203,14 @@ impl TierPolicy {
         }
     }
 
+    /// The policy's name, as `GLATRAIN_KERNEL_TIER` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TierPolicy::Tiered => "tiered",
+            TierPolicy::Only(tier) => tier.name(),
+        }
+    }
+
     /// The tier a module ends with under this policy.
     pub fn final_tier(self) -> Tier {
         match self {
@@ -533,6 +541,13 @@ mod tests {
         assert_eq!(parse(Some("full")).unwrap(), TierPolicy::Only(Tier::Full));
         assert_eq!(parse(Some("quick")).unwrap(), TierPolicy::Only(Tier::Quick));
         assert_eq!(TierPolicy::Tiered.final_tier(), Tier::Full);
+        for policy in [
+            TierPolicy::Tiered,
+            TierPolicy::Only(Tier::Full),
+            TierPolicy::Only(Tier::Quick),
+        ] {
+            assert_eq!(parse(Some(policy.name())).unwrap(), policy);
+        }
         let err = parse(Some("fast")).unwrap_err();
         assert!(err.is_bad_input());
         let msg = err.to_string();

@@ -189,7 +189,7 @@ macro_rules! launch {
 
 /// The kernel source `schedule` runs from for inputs of `dt`: the bf16/fp16 `chunk` schedule on
 /// tensor cores (`gla_tc.cu`), everything else in `gla.cu`.
-fn source_of(schedule: Schedule, dt: KernelDtype) -> KernelSource {
+pub fn source_of(schedule: Schedule, dt: KernelDtype) -> KernelSource {
     if schedule == Schedule::Chunk && dt != KernelDtype::F32 {
         KernelSource::GlaTensorCore
     } else {
