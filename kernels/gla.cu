@@ -1,25 +1,50 @@
-// Gated linear attention (GLA) kernels: forward and backward, three schedules.
+// Gated linear attention (GLA) kernels, forward and backward, in three schedules: every mode for
+// fp32 inputs, and `fused_chunk` / `fused_recurrent` for every dtype (bf16/fp16 `chunk` runs the
+// tensor-core kernels of kernels/gla_tc.cu). History and measurements: docs/kernels.md.
 //
 //   S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t
 //   q, k, g: [B, T, H, K]   v, o: [B, T, H, V]   S: [B, H, K, V] fp32   g: fp32 log gates (<= 0)
 //
-// Compiled at run time by NVRTC (crates/ops/src/cuda). Self-contained: no CUDA headers, so it
-// compiles wherever libnvrtc is, with no toolkit. Each kernel is instantiated per input dtype
-// (f32, bf16, f16) with an `extern "C"` name `<kernel>_<dtype>`. Accumulation and states are fp32.
-// Partial results over K- or V-tiles go to fp32 buffers `[NK or NV, ...]` that the launcher sums,
-// so any head dims work (tiles are padded with zeros; nothing asserts on a shape).
+// Prelude and compilation: `#include "common.cuh"` gives the element types (`input_t`: f32, bf16
+// or f16), the conversions (`ld`: element i as fp32), fast math, `require_smem` and the entry-point
+// selection. The runtime (crates/cuda) compiles each entry point as its own NVRTC program per
+// dtype, with no CUDA headers; entry point i is guarded by `#if WANT_KERNEL(i)` and named
+// `ENTRY(name)` (`name_f32`, `name_bf16`, `name_f16`), i its index in GLA's kernel list in
+// crates/ops/src/gla/kernels.rs, where the launchers are. Accumulation and states are fp32.
+// Results over K- or V-tiles are fp32 partial sums `[NK or NV, ...]` that the launcher adds up,
+// so any head dims work (tiles are zero-padded; nothing asserts on a shape).
 //
-// Schedules:
-//   fused_recurrent  token by token, state in registers (a 32 x 32 tile per block).
-//   fused_chunk      one block per (b, h, 64 x 64 state tile) walks the whole sequence in
-//                    sub-chunks of 16 tokens, the state in shared memory.
-//   chunk            chunk_states walks 64-token chunks (state in registers as tensor-core
-//                    accumulators) and stores the state at every chunk start (backward: also the
-//                    adjoint at every chunk end); outputs and gradients are then computed in
-//                    parallel over chunks, each block walking its chunk's four sub-chunks.
-// Numerics: inside a 16-token sub-chunk every exponent is a difference b_t - b_s with s <= t of the
-// in-sub-chunk cumulative gate, so it is <= 0; the inter-chunk terms use exp(b_t) and
-// exp(b_last - b_s), also <= 0. Nothing is ever formed as exp(b_t) * exp(-b_s).
+// Schedules and entry points:
+//   fused_recurrent  gla_recurrent_fwd / _bwd: token by token, the state in registers. Block: 8
+//                    warps over a 32 x 32 state tile (lane = state row, 4 columns per warp);
+//                    grid (B*H, ceil(V/32), ceil(K/32)). Forward: o partial over K-tiles
+//                    [NK, B, T, H, V], final state. Backward: a forward pass (dq, partial over
+//                    V-tiles), then a reverse pass with the adjoint (dk partial over V-tiles, dv
+//                    over K-tiles, dh0).
+//   fused_chunk      gla_chunk_fwd / _bwd walking the whole sequence: one block of 256 threads
+//                    per (b, h, 64 x 64 state tile), grid (B*H, ceil(V/64), ceil(K/64)), tokens
+//                    in sub-chunks of 16, the state in shared memory. Per sub-chunk: the gates'
+//                    cumulative sum b and A (or dA) by scalar loops; on tensor cores o = qg S + A v
+//                    (backward: dq forward, then dk and dv in reverse; their state products) and
+//                    the state update; dq's and dk's intra-sub-chunk sums by scalar loops. The
+//                    next sub-chunk's global loads are in flight while this one computes.
+//   chunk            gla_chunk_states walks 64-token chunks with a 64 x 64 state tile in
+//                    registers as tensor-core accumulators, grid (B*H, ceil(V/64), ceil(K/64)).
+//                    It stores the state at every chunk start, hs [B, H, chunks, K, V] fp32
+//                    (backward: also the adjoint at every chunk end, dhs, from q and scale * do).
+//                    gla_chunk_fwd / _bwd with the PARALLEL flag then run one block per chunk,
+//                    grid (B*H*chunks, ...), each walking its chunk's four sub-chunks from hs
+//                    (and dhs).
+//   gate gradient    gla_dg, after either backward: dg from the summed fp32 dq and dk (below).
+// Shared memory: the chunk kernels' tiles are dynamic (Tiles 45824 B forward, TilesBwd 51200 B
+// backward: 64 x 64 fp32 state, 16-token q, k, v, do, b, qg, kd tiles with 68-float rows, A, dA);
+// chunk_states and the recurrent backward use static shared memory.
+//
+// Numerics. Inside a 16-token sub-chunk every exponent is a difference b_t - b_s with s <= t of
+// the in-sub-chunk cumulative gate, so it is <= 0; the inter-chunk terms use exp(b_t) and
+// exp(b_last - b_s), also <= 0. Nothing is ever formed as exp(b_t) * exp(-b_s). The tensor-core
+// products take fp32 operands split into three tf32 products (3xTF32, see mma_tile), so they
+// keep fp32 accuracy; everything accumulates in fp32.
 //
 // Gate gradient: with b the cumulative sum of g over the sequence, L depends on b only through
 // q_t exp(b_t), k_s exp(-b_s) and the final state S_T = exp(b_T) (...). Hence
@@ -28,68 +53,22 @@
 // (gla_dg below). The initial state needs no extra term: its effect goes through q_t exp(b_t).
 // Checked against autograd of the f64 reference (crates/ops/tests/cuda_gla.rs).
 //
-// Versions: H100 80GB HBM3 (one card, 2026-11-25), bf16 q/k/v, f32 gates, CUDA-event medians,
-// fwd+bwd = forward + sum(o * do).backward(). Floor at 8 x 2048 x 16 x 128: 34 B per element
-// moved once at 3.0 TB/s = 0.38 ms (ANCHORS.md). FLA chunk_gla there: 3.69 ms; SDPA flash: 1.4 ms.
-//                                        8x2048x16x128 fwd / fwd+bwd (ms)   8x2048x16x32 fwd+bwd
-//   v1  scalar fp32 FMAs from shared memory for every product; 64 x 64
-//       state tiles; sub-chunk 16; chunk states by the 16-token walk.
-//         chunk        4.35 / 15.35                        4.91
-//         fused_chunk  3.27 / 11.49                        4.45
-//   v2  state products (o = qg S + A v, S update, dq, dk, dv) on tensor
-//       cores (mma.sync m16n8k8 tf32, one product). Predicted several x
-//       (FMA-bound); got 1.1-1.3x: not FMA-bound. Single tf32 also failed the
-//       bf16 dg tolerance (see mma_tile).
-//         chunk        3.78 / 15.15                        4.36
-//         fused_chunk  2.56 / 11.25                        3.85
-//   v3  3xTF32 everywhere (accuracy), 4 independent accumulators in the
-//       A / dA loops, parallel gate cumsum over 256 threads, next sub-chunk's
-//       global loads issued before the current one is computed. ~1.05x.
-//         chunk        3.94 / 14.46                        3.95
-//         fused_chunk  2.73 / 10.57                        3.54
-//   v4  chunk states by a 64-token walk with the state in registers
-//       (chunk_states): 4x fewer sequential steps for that pass. No gain at
-//       B*H = 128 (the parallel part dominates); chunk 1x16384x16x128: 22.9 -> 20.9.
-//         chunk        4.38 / 15.61                        3.86
-//         fused_chunk  2.63 / 10.68                        3.49
-//   v5  shared rows padded to 68 floats instead of 65 (LD = 4 mod 32): the
-//       tensor-core A-fragment loads become conflict-free, B-fragment loads
-//       2-way instead of 4-way (tiles moved to dynamic shared memory, 51 KB
-//       in the backward). Predicted up to 2x on the mma phases; got 1.15x.
-//         chunk        3.89 / 14.32                        3.49
-//         fused_chunk  2.10 / 9.27                         3.30
-// Since v6, bf16/fp16 `chunk` runs the tensor-core schedule of kernels/gla_tc.cu (its header has
-// v6 onwards); the kernels here serve fp32 (every mode) and fused_chunk / fused_recurrent.
-// Status (v5): correct in every mode/dtype/head dim tested, but fwd+bwd is 2.5x (fused_chunk) to
-// 3.9x (chunk) FLA's time at 8 x 2048 x 16 x 128, ~24x the memory floor, and SDPA flash is faster
-// at every shape; the target (<= 0.5x FLA) is not met.
-// What limits it (from instruction counts and the measured non-response to v2-v5, not from a
-// profiler): each 16-token step of a 256-thread block costs ~5-8 us of barrier-separated phases
-// (commit with a 4-quarter gate scan, scalar A / dA loops of 16 x 16 x 64 with an exp each,
-// the mma phases fed by scalar ld.shared, the state update), five __syncthreads per step, and
-// only 2 blocks (16 warps) per SM to hide the latencies; the parallel `chunk` kernels also pay a
-// block prologue (state tile load, first fetch) for only four steps per block. Next: 64-token
-// steps with A / dA on tensor cores (q, k rebased per 8-token block so every exponent stays
-// <= 0), fragments loaded with vector loads, fewer barriers (warp-specialised producer loads),
-// and bf16 operands for the bf16 path where the tolerance allows.
+// Invariants:
+//   - NVRTC's Quick and Full compile tiers (crates/cuda/src/compile.rs) must give bit-identical
+//     results (crates/ops/tests/cuda_tiers.rs): write any multiply-add that has a choice of
+//     products as an explicit fmaf (as the recurrent kernels' state update does).
+//   - The shared-memory sizes the launcher passes (CHUNK_FWD_SMEM / CHUNK_BWD_SMEM in
+//     crates/ops/src/gla/kernels.rs) must match the static_asserts below; a kernel given less
+//     traps.
+//
+// Measured (H100 80GB HBM3, bf16, bench/results/gla-h100-2026-11-26-v26-tiered.json, fwd /
+// fwd+bwd ms): fused_chunk at 8 x 2048 x 16 x D 0.67 / 2.98 (D = 32), 0.70 / 3.13 (64),
+// 2.01 / 8.61 (128); at D = 128 4 x 4096 1.99 / 8.74, 2 x 8192 2.84 / 12.55, 1 x 16384
+// 5.39 / 23.92. fused_recurrent at 8 x 2048 x 16 x D 1.75 / 5.92 (D = 32), 1.97 / 10.37 (64).
+// fused_chunk's fwd+bwd is 7x to 21x the tensor-core `chunk` kernels' in the same file; fp32
+// inputs are not benchmarked.
 
-typedef unsigned short u16;
-
-struct bf16 { u16 bits; };
-struct f16 { u16 bits; };
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) {
-  return __int_as_float(((unsigned int)x.bits) << 16);
-}
-__device__ __forceinline__ float to_f32(f16 x) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
-  return f;
-}
-
-template <typename T>
-__device__ __forceinline__ float ld(const T* p, long long i) { return to_f32(p[i]); }
+#include "common.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // fused_recurrent
@@ -102,12 +81,6 @@ __device__ __forceinline__ float ld(const T* p, long long i) { return to_f32(p[i
 #define R_WARPS 8
 #define R_COLS (R_COLS_PER_WARP * R_WARPS)
 #define R_TOK 8  // tokens buffered per cross-warp reduction
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 template <typename T>
 __device__ void recurrent_fwd(const T* q, const T* k, const T* v, const float* g,
@@ -135,8 +108,8 @@ __device__ void recurrent_fwd(const T* q, const T* k, const T* v, const float* g
     for (int c = 0; c < R_COLS_PER_WARP; ++c) {
       const float vj = j[c] < V ? ld(v, vo + j[c]) : 0.f;
       // The fused product named: written a * b + c * d, the optimiser picks which product to
-      // fuse, and NVRTC's quick and full optimisation levels pick differently (compile.rs's
-      // tiers must give the same bits).
+      // fuse, and NVRTC's quick and full optimisation levels pick differently (the tiers of
+      // crates/cuda/src/compile.rs must give the same bits).
       S[c] = fmaf(di, S[c], ki * vj);
       const float oj = warp_sum(qi * S[c]);
       if (lane == 0 && j[c] < V) o_part[(long long)ik * B * Tn * H * V + vo + j[c]] = oj;
@@ -262,7 +235,7 @@ __device__ void recurrent_bwd(const T* q, const T* k, const T* v, const float* g
 #define CS 16           // sub-chunk (tokens)
 #define LC 64           // chunk of the `chunk` schedule (states stored every LC tokens)
 // Padded row length of the shared tiles: LD = 4 (mod 32) makes the tensor-core fragment loads
-// A[(m0 + g) * LD + k0 + q] hit 32 distinct banks (v1-v4 used 65: 4-way conflicts).
+// A[(m0 + g) * LD + k0 + q] hit 32 distinct banks (a 65-float row gives 4-way conflicts).
 #define LD 68
 #define NTHREADS 256
 
@@ -287,17 +260,12 @@ struct TilesBwd {
 
 // The chunk kernels' tiles live in dynamic shared memory (the backward's pass 48 KB); the launcher
 // passes sizeof(Tiles) / sizeof(TilesBwd) bytes (CHUNK_FWD_SMEM / CHUNK_BWD_SMEM in
-// crates/ops/src/cuda/gla.rs), and a kernel given less traps instead of corrupting memory.
+// crates/ops/src/gla/kernels.rs), and a kernel given less traps instead of corrupting memory.
 extern __shared__ __align__(16) float dyn_smem[];
 
-static_assert(sizeof(Tiles) == 45824, "update CHUNK_FWD_SMEM in crates/ops/src/cuda/gla.rs");
-static_assert(sizeof(TilesBwd) == 51200, "update CHUNK_BWD_SMEM in crates/ops/src/cuda/gla.rs");
+static_assert(sizeof(Tiles) == 45824, "update CHUNK_FWD_SMEM in crates/ops/src/gla/kernels.rs");
+static_assert(sizeof(TilesBwd) == 51200, "update CHUNK_BWD_SMEM in crates/ops/src/gla/kernels.rs");
 
-__device__ __forceinline__ unsigned dynamic_smem_bytes() {
-  unsigned r;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-  return r;
-}
 
 
 // One sub-chunk of inputs held in registers between its global load and its commit to shared
@@ -391,7 +359,7 @@ __device__ void compute_dA(TilesBwd& s, float scale) {
 
 // Tensor cores: mma.sync m16n8k8 with tf32 operands and fp32 accumulation, fed from the fp32
 // shared tiles. Each product is split into three tf32 products (hi*hi + hi*lo + lo*hi, "3xTF32")
-// so results keep fp32 accuracy. A single tf32 product was measured (v2) to give bf16/fp16 gate
+// so results keep fp32 accuracy. A single tf32 product was measured to give bf16/fp16 gate
 // gradients up to 1.8e-3 relative error where the naive same-precision computation is exact
 // (T = 1), and to sit at the 2x-naive bound elsewhere: dg = revcumsum(q dq - k dk) cancels.
 
@@ -473,18 +441,19 @@ __device__ void store_state(const float* S, float* dst, int K, int V, int ik, in
   }
 }
 
-// Forward walk in sub-chunks of CS tokens. flags: 1 = compute outputs, 4 = parallel over LC-chunks
-// (grid x = B*H*NC; the state starts from hs[chunk], written by chunk_states).
+// Forward walk in sub-chunks of CS tokens. flags: GLA_FWD_OUTPUTS = compute outputs,
+// GLA_FWD_PARALLEL = parallel over LC-chunks (grid x = B*H*NC; the state starts from hs[chunk],
+// written by chunk_states).
 // hs: [B, H, NC, K, V]; o_part: [NK, B, T, H, V]; ht: [B, H, K, V] or null.
 template <typename T>
 __device__ void chunk_fwd(const T* q, const T* k, const T* v, const float* g, const float* h0,
                           const float* hs, float* o_part, float* ht, int B, int Tn, int H, int K,
                           int V, float scale, int flags) {
-  if (dynamic_smem_bytes() < sizeof(Tiles)) __trap();
+  require_smem(sizeof(Tiles));
   Tiles& s = *reinterpret_cast<Tiles*>(dyn_smem);
   const int iv = blockIdx.y, ik = blockIdx.z;
   const int NC = (Tn + LC - 1) / LC;
-  const bool parallel = flags & 4;
+  const bool parallel = flags & GLA_FWD_PARALLEL;
   const int bh = parallel ? blockIdx.x / NC : blockIdx.x;
   const int chunk = parallel ? blockIdx.x % NC : 0;
   const int b = bh / H, h = bh % H;
@@ -504,7 +473,7 @@ __device__ void chunk_fwd(const T* q, const T* k, const T* v, const float* g, co
     __syncthreads();
     commit(s, nullptr, f, scale);
     if (t0 + CS < t_end) fetch(f, q, k, v, g, (const T*)nullptr, b, h, t0 + CS, Tn, H, K, V, ik, iv);
-    if (flags & 1) {
+    if (flags & GLA_FWD_OUTPUTS) {
       compute_A(s, scale);
       __syncthreads();
       // o = qg S + A v  (qg and A carry the scale)
@@ -530,20 +499,21 @@ __device__ void chunk_fwd(const T* q, const T* k, const T* v, const float* g, co
   }
 }
 
-// Backward walk in sub-chunks of CS tokens. flags: 1 = pass 1 (forward, dq), 2 = pass 2
-// (reverse, dk and dv), 4 = parallel over LC-chunks (states from hs, adjoints from dhs, both
-// written by chunk_states; dhs[c] is the adjoint of the state at the end of chunk c).
+// Backward walk in sub-chunks of CS tokens. flags: GLA_BWD_DQ = pass 1 (forward, dq),
+// GLA_BWD_DKDV = pass 2 (reverse, dk and dv), GLA_BWD_PARALLEL = parallel over LC-chunks (states
+// from hs, adjoints from dhs, both written by chunk_states; dhs[c] is the adjoint of the state at
+// the end of chunk c).
 // dh0 gets the adjoint of h0.
 template <typename T>
 __device__ void chunk_bwd(const T* q, const T* k, const T* v, const float* g, const float* h0,
                           const T* d_o, const float* dht, const float* hs, const float* dhs,
                           float* dq_part, float* dk_part, float* dv_part, float* dh0, int B,
                           int Tn, int H, int K, int V, float scale, int flags) {
-  if (dynamic_smem_bytes() < sizeof(TilesBwd)) __trap();
+  require_smem(sizeof(TilesBwd));
   TilesBwd& s = *reinterpret_cast<TilesBwd*>(dyn_smem);
   const int iv = blockIdx.y, ik = blockIdx.z;
   const int NC = (Tn + LC - 1) / LC;
-  const bool parallel = flags & 4;
+  const bool parallel = flags & GLA_BWD_PARALLEL;
   const int bh = parallel ? blockIdx.x / NC : blockIdx.x;
   const int chunk = parallel ? blockIdx.x % NC : 0;
   const int b = bh / H, h = bh % H;
@@ -556,7 +526,7 @@ __device__ void chunk_bwd(const T* q, const T* k, const T* v, const float* g, co
   // accumulators; element e is token g + 8 (e / 2), column n0 + 2 q + e % 2.
   const int lane = threadIdx.x & 31, gq = lane >> 2, qq = lane & 3, n0 = (threadIdx.x >> 5) * 8;
 
-  if (flags & 1) {
+  if (flags & GLA_BWD_DQ) {
     load_state(s.f.S, parallel ? hs + ((long long)bh * NC + chunk) * KV
                                : (h0 != nullptr ? h0 + bh * KV : nullptr),
                K, V, ik, iv);
@@ -588,7 +558,7 @@ __device__ void chunk_bwd(const T* q, const T* k, const T* v, const float* g, co
     }
   }
 
-  if (flags & 2) {
+  if (flags & GLA_BWD_DKDV) {
     __syncthreads();
     load_state(s.f.S, parallel ? dhs + ((long long)bh * NC + chunk) * KV
                                : (dht != nullptr ? dht + bh * KV : nullptr),
@@ -793,26 +763,8 @@ __device__ void gate_grad(const T* q, const T* k, const float* dq, const float* 
 // ---------------------------------------------------------------------------------------------
 // entry points
 // ---------------------------------------------------------------------------------------------
-// One dtype per compilation, and with -DGLA_KERNEL=i only the i-th kernel of the list below (the
-// launcher compiles the kernels as separate programs, in parallel: a faster first call); without
-// it, all of them.
-#if defined(GLA_DTYPE_F32)
-typedef float input_t;
-#define ENTRY(base) base##_f32
-#elif defined(GLA_DTYPE_BF16)
-typedef bf16 input_t;
-#define ENTRY(base) base##_bf16
-#elif defined(GLA_DTYPE_F16)
-typedef f16 input_t;
-#define ENTRY(base) base##_f16
-#else
-#error "compile with -DGLA_DTYPE_F32, -DGLA_DTYPE_BF16 or -DGLA_DTYPE_F16"
-#endif
-#ifndef GLA_KERNEL
-#define GLA_KERNEL -1
-#endif
-
-#if GLA_KERNEL < 0 || GLA_KERNEL == 0
+// Entry points, in the order of the launcher's kernel list (GLA in crates/ops/src/gla/kernels.rs).
+#if WANT_KERNEL(0)
 extern "C" __global__ void __launch_bounds__(R_WARPS * 32)
     ENTRY(gla_recurrent_fwd)(const input_t* q, const input_t* k, const input_t* v,
                              const float* g, const float* h0, float* o_part, float* ht, int B,
@@ -820,7 +772,7 @@ extern "C" __global__ void __launch_bounds__(R_WARPS * 32)
   recurrent_fwd<input_t>(q, k, v, g, h0, o_part, ht, B, Tn, H, K, V, scale);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 1
+#if WANT_KERNEL(1)
 extern "C" __global__ void __launch_bounds__(R_WARPS * 32)
     ENTRY(gla_recurrent_bwd)(const input_t* q, const input_t* k, const input_t* v,
                              const float* g, const float* h0, const input_t* d_o,
@@ -830,7 +782,7 @@ extern "C" __global__ void __launch_bounds__(R_WARPS * 32)
                          V, scale);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 2
+#if WANT_KERNEL(2)
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
     ENTRY(gla_chunk_fwd)(const input_t* q, const input_t* k, const input_t* v, const float* g,
                          const float* h0, const float* hs, float* o_part, float* ht, int B,
@@ -838,7 +790,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
   chunk_fwd<input_t>(q, k, v, g, h0, hs, o_part, ht, B, Tn, H, K, V, scale, flags);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 3
+#if WANT_KERNEL(3)
 extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
     ENTRY(gla_chunk_bwd)(const input_t* q, const input_t* k, const input_t* v, const float* g,
                          const float* h0, const input_t* d_o, const float* dht, const float* hs,
@@ -848,7 +800,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 2)
                      K, V, scale, flags);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 4
+#if WANT_KERNEL(4)
 extern "C" __global__ void __launch_bounds__(NTHREADS)
     ENTRY(gla_chunk_states)(const input_t* x, const input_t* y, const float* g, const float* s0,
                             float* states, float* last, int B, int Tn, int H, int K, int V,
@@ -856,7 +808,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS)
   chunk_states<input_t>(x, y, g, s0, states, last, B, Tn, H, K, V, yscale, reverse);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 5
+#if WANT_KERNEL(5)
 extern "C" __global__ void __launch_bounds__(256)
     ENTRY(gla_dg)(const input_t* q, const input_t* k, const float* dq, const float* dk,
                   const float* fterm, float* dg, int B, int Tn, int H, int K) {

@@ -1,10 +1,16 @@
-// Gated linear attention, `chunk` schedule on tensor cores, for bf16 and fp16 inputs.
+// Gated linear attention, `chunk` schedule on tensor cores, for bf16 and fp16 inputs (the path
+// training uses; fp32 inputs run the 3xTF32 kernels of kernels/gla.cu). History and
+// measurements: docs/kernels.md.
 //
 //   S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t
 //   q, k, g: [B, T, H, K]   v, o: [B, T, H, V]   g: fp32 log gates (<= 0)   states fp32 in registers
 //
-// fp32 inputs use the 3xTF32 kernels of gla.cu; this file holds the bf16 / fp16 path (the one
-// training uses). Compiled at run time by NVRTC, one program per kernel and dtype, no CUDA headers.
+// Prelude and compilation: `#include "common.cuh"` gives the element types, `to_f32`,
+// `exp2_approx`, `require_smem` and the entry-point selection. The runtime (crates/cuda) compiles
+// each entry point as its own NVRTC program per dtype (bf16, f16), with no CUDA headers and with
+// subnormals flushed (--ftz=true); entry point i is guarded by `#if WANT_KERNEL(i)`, i its index
+// in GLA_TC's kernel list in crates/ops/src/gla/kernels.rs. The launchers are in
+// crates/ops/src/gla/tensor_core.rs.
 //
 // The chunked form (chunk C = 64 tokens, b = inclusive cumulative gate inside the chunk, b_L its
 // last row, h_n the state entering chunk n, A the chunk's gated causal q k^T):
@@ -18,269 +24,87 @@
 //   dg_t    = sum_{s >= t in the chunk} (q_s dq_s - k_s dk_s)
 //             + sum_{s in the chunk} k_s dk'_s + exp(b_L) sum_V h_n dh_{n+1}
 //             (dk' = the state part of dk, (v dh_{n+1}^T) exp(b_L - b); see tc_bwd_dqk)
-// Kernels: forward tc_attn (A once per chunk; the state products' operands qs = scale q exp(b),
-// ks = k exp(b_L - b) and the chunk decays exp(b_L)), then for K <= 128 tc_walk_out (h_n per
-// chunk, o and the final state in one walk), past it tc_states (h_n, final state) and tc_fwd_o;
-// backward tc_walk_out in reverse (dh_{n+1} per chunk, dv and dh_0; past K = 128 tc_states in
-// reverse and tc_bwd_dv), tc_bwd_dqk (dq, dk and dg). Everything but o is kept for the backward.
-// 128 threads; warp w owns rows 16 w .. 16 w + 15 of every 64-row product (tc_walk_out: 16 V
-// columns); 64 x 64 tiles over K and V (zero-padded, any size). Tiles arrive by cp.async (one round trip per step); fragments by ldmatrix; mma.sync
-// m16n8k16. Subnormals are flushed (--ftz=true).
 //
-// Intra-chunk products (A, and the dA-weighted sums of dq and dk) are rebased per 16-token
-// block: for the rows of block w the reference is r = b at the block's first token, so
-// q exp(b_t - r) <= 1 and, for s in earlier blocks, k exp(r - b_s) <= 1. Inside the diagonal block
-// k exp(r - b_s) can exceed 1 by at most exp(span), span = b_first - b_last of the block; where a
-// channel's span exceeds SPAN_LIMIT its diagonal terms are taken exactly (an exp per pair) instead.
-// These products take fp32 operands split into two bf16 halves (x = hi + lo, three mma: fp32-like
-// accuracy and range); the state products (qs h, A v, ks dh, ...) take input-dtype operands, and
-// fp32 boundary states given by the caller (h0, dht) enter as hi + lo halves.
+// Entry points, in launch order (grids: x, y, z):
+//   gla_tc_attn         (chunks, B*H). Per chunk over its K-tiles: A [B*H, chunks, 64, 64] in the
+//                       input dtype (zero above the diagonal), and the state products' operands
+//                       qs = scale q exp(b), ks = k exp(b_L - b) ([B, T, H, K], input dtype) and
+//                       the chunk decays exp(b_L) ([B*H, chunks, K] fp32). The later kernels read
+//                       neither gates nor q and k, scan nothing and take no exps.
+//   gla_tc_walk_o       K <= 128: (ceil(V / (16 warps)), B*H*segments). One walk over the chunks
+//                       with the whole state in registers writes h_n per chunk ([B, H, chunks, K,
+//                       V], input dtype), o = qs h_n + A v and the final state (fp32).
+//   gla_tc_walk_dv      the same walk in reverse (backward): dh_{n+1} per chunk,
+//                       dv = ks dh_{n+1} + A^T do, and dh_0.
+//   gla_tc_bwd_dqk      (ceil(K/64), chunks, B*H): dq, dk (input dtype) and dg (fp32) per chunk.
+//   gla_tc_states       the walk without outputs, a 64 x 64 state tile per block in registers,
+//                       (ceil(V/64), ceil(K/64), B*H*segments): for K > 128 (or GPUs whose blocks
+//                       cannot have the walk's shared memory), and as the end-state pre-walk of
+//                       segmented walks (states null).
+//   gla_tc_fwd_o / gla_tc_bwd_dv   (ceil(V/64), chunks, B*H): o and dv from the stored states,
+//                       where gla_tc_states walked.
+//   gla_tc_carry        (ceil(K V / 128), B*H): joins the segments' end states into each
+//                       segment's start state and the final state, one element per thread.
+//   gla_tc_fixup        (chunks, B*H): adds the carried state to the states of segments >= 1
+//                       (gla_tc_states' segmented walks only).
+//   *_wide              the output walks with 8 warps (128 V columns), three step buffers and one
+//                       block per SM; the narrow ones have 4 warps (64 columns), two buffers and
+//                       two blocks per SM. The launcher takes wide blocks where V > 64 and they
+//                       walk in no more segments than narrow ones.
+// Forward: attn, then walk_o; backward: walk_dv, then bwd_dqk. Everything the forward writes but
+// o (states, A, qs, ks, decays) is kept for the backward. Few (batch, head) pairs and many chunks:
+// a walk runs in segments in parallel (the launcher decides how many). For an output walk,
+// gla_tc_states first walks the segments but the last from zero for their end states,
+// gla_tc_carry joins them, and every segment then walks from its true start. gla_tc_states' own
+// segmented walks write every state from a zero start, and gla_tc_fixup adds the carried state.
 //
-// Versions (B x T x H x D = 8 x 2048 x 16 x 128, bf16, fwd / fwd+bwd ms, CUDA-event medians;
-// floor 0.38 ms; FLA chunk_gla 1.12 / 3.69 ms and SDPA flash 0.28 / 1.39 ms on the same H100).
-// v1-v5 are the 3xTF32 kernels in gla.cu (best: fused_chunk 2.10 / 9.27).
-//   v6  this design, first version: bf16 mma + ldmatrix, split-bf16 intra products,
-//       per-tile global loads, A recomputed per V-tile in fwd_o and dv, dg by a
-//       reverse cumulative sum over the whole sequence (which failed the 2x-naive
-//       bound: long cancelling sums).                       H200  1.92 / 6.53
-//   v7  register diet (gates loaded in one round, 128-thread launch bounds; 255
-//       registers had left 2 blocks per SM); dg from in-chunk sums plus the
-//       h_{n+1} dh_{n+1} boundary term.                     H200  0.89 / 3.82
-//   v8  cp.async for every tile (one round trip per K-tile instead of one per tile),
-//       q and k kept as 16-bit tiles.                       H200  0.72 / 3.73
-//   v9  dq/dk kernel's rare wide-span fallbacks out of line: 20K -> 10K SASS
-//       instructions (instruction-cache misses; the kernel went 1.87 -> 0.92 ms).
-//                                                           H100  0.74 / 3.00
-//   v10 the forward keeps its chunk states for the backward (no second forward walk);
-//       state walk software-pipelined (next chunk's tiles load during the mma).
-//                                                           H200  0.76 / 2.55
-//   v11 A once per chunk (tc_attn, kept for the backward) instead of once per
-//       V-tile in fwd_o and again in dv.                    H200  0.69 / 2.24
-//   v12 wide-span fallback call sites moved behind one warp-uniform branch (a call
-//       site in an unrolled loop cost ~0.2 ms even when never taken); walks continue
-//       from the rounded states they store (the backward is then the exact gradient
-//       of one perturbed function).                         H100  0.70 / 2.30
-//   v13 segmented state walks when the (batch, head, tile) grid is under one wave: segments
-//       walk from zero in parallel, tc_carry joins them, tc_fixup adds the carried state
-//       (1 x 16384 x 16 x 128: 4.70 -> 3.10 ms).            H100  0.69 / 2.28
-//   v14 dg's boundary term from tiles the dq/dk kernel holds anyway, exp(b_L) h_n dh_{n+1}
-//       plus the chunk's k dk' (no h_{n+1} load). The one case over the 2x-naive bound (dg at
-//       K = 256, V = 512) now passes; a CPU simulation of the kernel's roundings puts its
-//       error at 1.2x the naive bf16 error, from 2.4x.            H100  0.72 / 2.19
-//   v15 one 64-bit base per tile load or store, rows at 32-bit offsets (a third of the walk's
-//       instructions had been 64-bit address arithmetic); the walk scales x 8 channels per
-//       thread with vector shared loads and stores; subnormals flushed (--ftz=true: each exp
-//       had carried a 3-instruction range fix-up). ncu per kernel: walks 0.33 -> 0.25 ms,
-//       attn 0.21 -> 0.18, fwd_o and dv 0.25 -> 0.22, dq/dk 0.91 -> 0.63.
-//                                                           H100  0.58 / 1.76
-//   v16 shared addresses through __cvta_generic_to_shared (folded into 32-bit offsets instead of
-//       converting 64-bit generic pointers) and cp.async sources without a select; the
-//       segmented walks' carry (one element per thread) and fixup (8 elements per thread, no
-//       64-bit division) went from 76 and 220 us to 9 and 85 us at 1 x 16384; segments sized
-//       to fill the walk's 4 blocks per SM (4 x 4096 is now segmented too).
-//                                                           H100  0.54 / 1.63
-//       (1 x 16384: 0.66 / 1.92, 2 x 8192: 0.64 / 1.83, 4 x 4096: 0.62 / 1.78)
-//   v17 tc_attn also writes the state products' operands, qs = scale q exp(b) and
-//       ks = k exp(b_L - b) in the input dtype, and the chunk decays exp(b_L) (kept for the
-//       backward): the walks and the output kernels read neither gates nor q and k, scan
-//       nothing and take no exps. A walk step is two cp.async tiles, one barrier and 32 mma per
-//       warp (the scaled x used to enter as hi + lo halves: 64). fwd_o and dv are one kernel
-//       body (tc_out). ncu: walks 0.24 -> 0.13 ms, fwd_o and dv 0.21 -> 0.14, attn
-//       0.17 -> 0.22.                                         H100  0.48 / 1.45
-//   v18 less code to compile: element-wise tile copies (rows not in 16-byte pieces) and the
-//       fp32-state split out of line, the boundary states' low halves as a second pass of one
-//       loop, the wide-span fallbacks not unrolled. dq/dk kernel 8.5K -> 6.5K SASS
-//       instructions, its NVRTC compile ~20% shorter; cold first call 1.41-1.93 s over three
-//       runs on one H100 machine (2.0-2.65 s before, on others).
-//   v19 cumulative gates kept in log2 units (scaled once in the scan), every exp a bare ex2:
-//       one multiply less per exp. ncu: dq/dk 0.55 -> 0.53 ms, attn 0.22 -> 0.22.
-//                                                           H100  0.50 / 1.46
-//   v20 (session 4) one walk writes the chunk states and the outputs for K <= 128 (tc_walk_out:
-//       o forward, dv in reverse): the whole state, transposed, in registers; packed to 16 bits
-//       its accumulator fragments are the B fragments of x_out S, so the outputs need no trip of
-//       the state through shared memory. Segmented walks first walk the segments from zero for
-//       their end states alone (tc_states without per-chunk states), tc_carry joins them, then
-//       every segment walks from its true start (no fix-up pass over the states). ncu: walk +
-//       fwd_o 0.28 -> 0.184 ms, reverse walk + dv the same.  H100  0.41 / 1.29
-//   v21 tc_attn at 5 blocks per SM (96 registers, no spills; 4 blocks before): 0.218 -> 0.203 ms.
-//   v22 the end-state pre-walk skips the last segment (its end is the final state, which that
-//       segment's own walk reaches): 4 x 4096 pre-walk 64 -> 48 us, fwd 0.48 -> 0.46 ms.
-//                                                           H100  0.41 / 1.29 (4 x 4096: 0.46 / 1.40)
-//   v23 (session 5) dq/dk's wide-span terms through one call (wide_terms, into a local array)
-//       instead of 32 unrolled call sites per gradient: 6888 -> 5752 SASS instructions, its
-//       NVRTC compile 1.35 -> 1.24 s and the cold first call 1.31 -> 1.17 s on one H100 host;
-//       the kernel's time unchanged (530 -> 529 us).
-//   v24 (session 7, launcher only) an output walk splits into two or three segments only while
-//       the segmented grid stays within one block per SM. Past that the walk is bound by memory
-//       bandwidth rather than by each step's latency, and the pre-walk and the carry cost more
-//       than the extra segments save. 4 x 4096 x 16 x 128 (128 blocks): one walk of 243 us
-//       against pre-walk 48 + carry 20 + walk 187 us (ncu, base clocks), fwd+bwd 1.15 -> 1.05
-//       ms; 8 x 2048 x 16 x 64: 0.56 -> 0.50 ms.
-//   v25 (session 8) wide output walks: 8 warps hold 128 V columns (one block per SM, three step
-//       buffers, ~190 KB), so a step's x_out, x_walk and A tiles are loaded once for twice the
-//       columns and two steps' loads are in flight; taken where V > 64 and they walk in no more
-//       segments than the 4-warp blocks (not at 4 x 4096: 64 wide blocks would need two segments
-//       and their pre-walk). ncu: walk 186 -> 175 us (DRAM reads 245 -> 237 MB, 70 -> 72% of
-//       peak). The host path to the forward's first kernel (launch attribute calls, tensor views,
-//       no-op contiguous copies) ~46 -> ~39 us (traced; the benchmark's clock starts with the GPU
-//       idle, so it counts). Same call, three rounds, fwd+bwd ms, old -> new: 8 x 2048 1.03-1.10
-//       -> 0.99, 2 x 8192 1.16-1.17 -> 1.12-1.16, 1 x 16384 1.18-1.19 -> 1.14-1.17 (benchmark
-//       method, o.backward(do)).
-//   v26 (session 11, compilation only; the kernels are v25's) tiered compilation
-//       (crates/ops/src/cuda/compile.rs): with an empty cache every kernel is first compiled with
-//       NVRTC's --Ofast-compile=mid (bf16 module 0.42-0.81 s against 1.1-2.3 s; its kernels
-//       ~8x slower: 8 x 2048 x 16 x 128 2.88 / 7.9 ms), which serves the first calls while the
-//       optimised compile runs on a background thread and then takes over. The two tiers' results
-//       are identical bit for bit (tests/cuda_tiers.rs: every kernel, both half dtypes). Cold first
-//       call 0.94-1.27 s in ten runs on four machines, against 1.3-2.4 s waiting for the
-//       optimised code on the same machines; a cold GLA-340M run's first step ends at 1.9-2.6 s
-//       instead of 3.0-3.3 s. --Ofast-compile=max compiles no faster than mid (0.58-0.73 s) and
-//       its kernels run ~145x slower (141 ms); min shortens the compile by ~10%.
-// Tried and dropped: a parallel pre-pass writing the scaled x for the walk (+0.35 ms of
-// traffic; v17 does it inside tc_attn, which reads q, k and the gates anyway), the boundary term
-// in the reverse walk (exposed loads in a sequential kernel), fewer registers per thread for more
-// blocks per SM (spills cost more than the occupancy gained). Session 3 (H100): TF32 mma
-// (m16n8k8) for the rebased intra products instead of split bf16: no faster (dq/dk 0.56 ->
-// 0.58 ms, attn unchanged; those kernels wait on latency, not on the tensor cores) and fp16 dg
-// 2.6x the naive error; tc_bwd_dqk with 8 warps (two per row block, one per half of the
-// channels; 2 blocks of 8 warps per SM instead of 3 of 4): 0.56 -> 0.73 ms, fewer blocks to
-// overlap one block's loads with another's math (its compile, 1.0 s instead of 1.8, was shorter);
-// A's row blocks shared evenly by tc_attn's warps (the last warp had 4x the first's products), or
-// rotated over the SM's schedulers: 0.22 -> 0.215 ms and no change (tc_attn waits on its loads,
-// scan and stores, not on the uneven products). Session 4 (H100, ncu): tc_attn with its K-tiles
-// double-buffered (the next one arriving during this one's products; 3 blocks per SM instead of
-// 4): 0.221 -> 0.248 ms; tc_bwd_dqk loading pass 2's q, k and gates during pass 1 (74 KB of
-// shared memory, the exact-boundary low halves in their place): 0.530 -> 0.548 ms; its dg stores
-// at 32-bit row offsets: 0.530 -> 0.528 ms, and a 12-byte spill; tc_bwd_dqk at 2 blocks per SM
-// with 205 registers (more room for independent loads): fwd+bwd 1.03 -> 1.11 ms. Both kernels
-// have the occupancy they can have and lose it to any extra buffer; ptxas -O2 instead of -O3
-// gives the same SASS for every kernel (and no shorter compile). Session 5 (H100, ncu): the
-// pre-walk (tc_states, end states only) with three step buffers instead of two (56 KB, still 4
-// blocks per SM): 2 x 8192 57.6 -> 61 us; its grid without the blocks of the last segment (they
-// returned at once): 57.8 -> 57.8 us. It runs at 1.76 TB/s, 52% of DRAM peak, with 2.9 blocks per
-// SM: neither a round trip per step nor uneven SMs is what holds it. tc_bwd_dqk taking k and q as
-// ldmatrix B fragments in its intra loops (4M fewer instructions of 185M): 533 -> 531 us; its
-// gate tile at a 68-float stride (the intra loops' column reads conflict-free, shared-load bank
-// conflicts 6.6M -> 3.4M): 533 -> 533 us. NVRTC --split-compile for dq/dk: no shorter compile.
-// Session 6 (H100, ncu, per direction): the pre-walk in shorter pieces than the walk's segments
-// (tc_carry joining the pieces into segment starts), 2 or 4 pieces per segment: pre-walk
-// 2 x 8192 54 -> 66 / 69 us, 1 x 16384 62 -> 68 / 82 (more, shorter chains are no faster: the
-// per-step latency rises with the loads in flight), 4 x 4096 43 -> 36 (its one walked segment
-// filled half a wave); pre-walk blocks with the whole K (each v tile read once; 3 blocks per SM,
-// 56 KB), in pieces while one wave holds them, against the committed kernels on one host,
-// pre-walk + carry: 4 x 4096 57 -> 50, 2 x 8192 68 -> 65, 1 x 16384 69 -> 72 us; fwd+bwd within
-// the noise. The pre-walk reads ~2x its 96 MB (2 x 8192) from L2, at 2-3.7 TB/s; at the walks'
-// 2.35 TB/s the 96 MB would take ~41 us: ~15 us per direction is all it holds. tc_bwd_dqk with
-// pass 1 double-buffered (the next V-tile's four tiles arriving during this one's products; 74 KB,
-// still 3 blocks per SM with the carveout at its maximum, a 44-byte spill): 534 -> 565 us; the
-// committed kernel given the same 74 KB: 528 us (so neither shared memory nor the carveout held
-// session 4's pass-2 prefetch back: the other blocks on the SM already cover those loads).
-// Session 7 (H100, ncu, 8 x 2048 x 16 x 128 unless said). Where tc_bwd_dqk's 0.531 ms goes, by
-// ablation: 0.417 without the intra loops, 0.447 without pass 1's products, 0.462 with only the
-// diagonal blocks' intra terms. tc_bwd_dqk with each 16-token block's intra operand rebased once
-// per block and shared by the warps (k~ = k exp(b_end(j) - b), q~ = q exp(b - b_start(j)) as
-// hi + lo tiles; each warp's result for block j scaled per channel by exp(r_w - b_end(j))):
-// 0.531 -> 0.595 ms, 186M -> 191M instructions (an operand is used by ~2.5 warps on average, so
-// computing it once costs about what the per-warp copies did, and the per-channel scaling comes
-// on top; 75 KB of shared memory, spills). Pass 1's three products interleaved in one loop:
-// 0.531 -> 0.529 ms with 4M fewer instructions, but its compile 0.15-0.35 s longer. The
-// end-state pre-walk walked from each segment's end, so that the output walk's first reads
-// would hit L2: pre-walk 57 -> 70 us at 2 x 8192, the walk's DRAM reads unchanged (252 MB), so
-// nothing useful survives in L2 between the kernels. The pre-walk with three cp.async stages
-// (wait_group 1, 56 KB, still 4 blocks per SM): 57 -> 60 us at 2 x 8192, so it is not short of
-// loads in flight. tc_carry loading eight segments before using them: 8 -> 12 us at 2 x 8192.
-// tc_walk_out runs at 34% issue-active with "wait" and short-scoreboard stalls ahead (one warp
-// per scheduler per block); its step as straight-line code (K-tiles a compile-time 2, no branch
-// around the output products) for the scheduler to interleave the output and state-update
-// chains: 255 registers, spills, 186 -> 248 us. Session 8 (H100, ncu at 8 x 2048 x 16 x 128
-// unless said): tc_walk_out without any of its products runs as long (184 us; 23% issue-active),
-// without its stores 141 us (reads only, 52% of DRAM peak): it waits on its loads, not its math
-// (so wgmma would not help). The 4-warp walk with three step buffers (one block per SM, 167 KB):
-// 186 -> 259 us. The wide walk with two step buffers instead of three: 178 vs 175 us. Per kernel
-// at boost clocks (ncu --clock-control none): tc_attn 181, wide walk 166, at 2 x 8192 pre-walk 51
-// and carry 7.3 us; the forward's kernels add to ~30 us under its benchmark time, the host's path
-// to the first kernel. Session 9 (H100): ptxas --allow-expensive-optimizations=false gives the
-// same SASS for every kernel of both files and, timed in alternation, no shorter compile;
-// --Ofast-compile=min and mid change the code (stack frames of 360-1272 bytes). Where dq/dk's
-// compile goes (NVRTC --fdevice-time-trace): front end 0.07 s, NVVM 0.88 s (0.67 of it optimising
-// the one inlined kernel function), ptxas 0.83 s; without its two intra loops 0.7 s shorter,
-// without pass 1's products 0.35 s. On a device host the eleven programs compiled in parallel
-// take as long as dq/dk alone (1.75 s against 1.73-1.95 s), and dq/dk alone takes 1.4-2.0 s from
-// one run to the next on one host; loading all eleven modules takes under 1 ms (lazy loading):
-// the cold first call is dq/dk's compile plus 0.1-0.4 s (on a fourth host the wide reverse walk,
-// 1.58 s among the eleven, outlasted dq/dk's 1.46 s). The intra products with one operand
-// rounded once instead of split (two mma instead of three): the B operand rounded, fwd+bwd
-// 0.975 -> 0.964 ms at 8 x 2048 x 16 x 128 and 1.121 -> 1.112 at 1 x 16384, but bf16 dg at 1.18x
-// its tolerance and fp16 far over (the split's bf16 halves are coarser than fp16 inputs); the A
-// operand rounded, slower (0.993 ms) and over in fp16. The split products are not what holds
-// tc_attn and tc_bwd_dqk. Session 10 (H100): dq/dk's two intra loops as one loop over a pass
-// index (dq, then dk, reading dA through swapped strides, the factor's exponent one fma by +-1,
-// which rounds as the subtraction does): 5640 -> 5224 SASS instructions, ptxas 0.91 -> 0.73 s
-// locally; in four alternating runs on one device host the dq/dk compile took 1.17-1.56 s against
-// 1.28-1.84 and the cold first call 1.30-1.64 s against 1.57-1.87. But forward+backward is 6-7 us
-// slower (8 x 2048 x 16 x 128 0.972-0.975 -> 0.978-0.980 ms, 1 x 16384 1.117 -> 1.123-1.124): at
-// the 168-register cap ptxas rematerialises the pass-dependent addresses inside the loop and turns
-// the wide-channel skips into branches (436-475 instructions per iteration against 404-409). Not
-// kept: 1 x 16384 has 1.5% left under 3x the floor. A cold first call, traced: it waits for the
-// whole module, whose programs finish at 0.25-0.5 s (carry, fixup, fwd_o, states, bwd_dv), 0.6-0.7
-// (attn), 1.0-1.6 (walks) and 1.2-1.9 s (dq/dk); loading and running take 0.01-0.02 s after the
-// last, libnvrtc's first load 0.15 s on a fresh host. NVRTC's first compile in a process is
-// 0.1-0.3 s slower than the next (dq/dk alone 1.27-1.40 against 1.04-1.22 s). A cold GLA-340M
-// start: main() at 0.30-0.38 s (loading libtorch), CUDA and the cudarc context 0.2 s, compilation
-// from 0.53-0.63 s; the first GLA call (0.89-0.97 s) waits until 2.01-2.14 s and step 1 ends at
-// 2.40-2.54 s (1.18-1.29 s with warm caches). glibc malloc tunables (top_pad 64 MiB, mmap
-// threshold 256 MiB) for the eleven cold compiles: 1.48-2.07 s against 1.51-1.84 (no effect: their
-// system time is 0.3-0.45 s of ~10 s of work); dq/dk alone took 1.16-1.91 s on one host within two
-// minutes.
-// Status (v25, H100, bench/results/gla-h100-2026-11-26-v25-do-bench.json; each number the
-// fastest of three rounds' medians; forward+backward = forward and o.backward(do) as ANCHORS.md
-// times it, which the version lines up to v24 did with sum(o * do) instead, ~0.2 ms more at
-// D = 128). Since session 9 the benchmark queues each timed call behind a 256 MiB write, as
-// Triton's do_bench (FLA's own benchmarks' timer) does: cold L2, and the host's ~30 us to the
-// forward's first kernel no longer counted (the clock used to start with the GPU idle; the
-// version lines above are in that method). fwd / fwd+bwd: D = 32 0.16 / 0.43 (0.18x FLA), D = 64
-// 0.19 / 0.47 (0.17x), D = 128 0.36 / 0.98 (0.27x, 2.6x the floor) at 8 x 2048, 0.39 / 1.02
-// (2.7x) at 4 x 4096, 0.42 / 1.11 (2.9x) at 2 x 8192, 0.43 / 1.12 (2.95x) at 1 x 16384 (0.25x
-// to 0.28x FLA); 1.10-1.12 and 1.12-1.14 ms at the last two in nine more runs of the same
-// kernels on three hosts that session, against 1.11-1.15 and 1.13-1.17 ms with the method before
-// on two of those hosts in the same calls: 1 x 16384 is under 3x the floor (1.141 ms) in every
-// run, by 0.3-2%. Those rows pay the segmented walks' end-state pre-walks and carries (51-56 +
-// 7 us each way at boost clocks) on top of the unsegmented pipeline. Against SDPA on the
-// FlashAttention backend (ANCHORS.md's baseline, 0.48 / 1.91 ms at 8 x 2048 x 16 x 128) forward
-// and forward+backward are faster at every row from D = 64;
-// libtorch's own choice on an H100 is cuDNN's kernel (0.27 / 1.14 ms there), whose forward is
-// faster than ours at T = 2048 (0.36 vs 0.27 ms) and slower from 4096. Cold first call (empty
-// caches) 1.3 to 2.6 s across H100 hosts with v22 (NVRTC 1.3-2.2 s of it, the dq/dk program the
-// long pole; the host's CPU sets it), 1.16-1.20 s with v23 on hosts where v22 took 1.28-1.34 s,
-// 1.2-1.8 s with v23/v24 over sessions 6 and 7, 1.3-2.1 s with v25 in session 8, 1.5-2.45 s
-// in session 9 (eleven runs on four hosts; the bf16 module's compile alone 1.3-2.4 s on one host)
-// and 1.57-2.12 s in session 10 (nine runs on three machines); 0.94-1.27 s with v26's tiered
-// compilation (session 11, ten runs on four machines), the optimised kernels in 1.8-2.5 s;
-// training compiles on a background thread while it builds the model. Per kernel at
-// 8 x 2048 x 16 x 128 (ncu, base clocks): tc_attn 0.203 ms, the wide walk 0.175 each way,
-// tc_bwd_dqk 0.53. The walks run at ~2.4 TB/s (423 MB each: qs, ks, A, v or do in; states and o or
-// dv out) and wait on their loads; tc_attn and tc_bwd_dqk wait on latency at 47% issue-active
-// (dq/dk's stall samples: 24% short scoreboard and 24% fixed-latency waits, i.e. dependent chains
-// of shared loads, exps and split products with 3 warps per scheduler), at 1.5x and 1.8x their
-// DRAM time. The pipeline moves ~2.2 GB against the 1.14 GB floor: what it keeps for the backward
-// (states, A, qs, ks) and reads again; the chunk states alone (hs written forward, dhs backward,
-// both read by tc_bwd_dqk) are ~0.54 GB at D = 128. Next: a wider margin at 1 x 16384 from the
-// base pipeline (dq/dk at ~0.50 ms, e.g. with fewer dependent chains per warp or more warps in
-// less shared memory) or the segmentation (a pre-walk that moves its ~100 MB at the walks'
-// 2.4 TB/s saves ~10 us each way); the optimised code sooner on slow hosts (the quick tier
-// serves first calls, but runs ~8x slower until then) needs dq/dk's and the wide walks' compile
-// shorter (less code in them); matching cuDNN's forward at T = 2048 needs A, the walk and o in
-// fewer passes. Any change must keep the quick and full tiers' results identical: write a fused
-// multiply-add that has a choice of products as an explicit fmaf (gla.cu's recurrent kernels).
-// Precision: every output and gradient of every test shape is within 2x of the naive
-// same-precision computation. The chunk states are kept in the input dtype (as FLA does); dg takes
-// its boundary terms from the same states that dq and dk use (tc_bwd_dqk), so their rounding does
-// not show as a cancellation error.
+// Blocks and tiles: 128 threads (the wide walks 256); warp w owns rows 16 w .. 16 w + 15 of every
+// 64-row product (the output walks: 16 V columns, with the state S^T for all K channels); 64 x 64
+// tiles over K and V, zero-padded (any head dims). Tiles arrive by cp.async, all of a step at once
+// (one round trip per step; rows not in 16-byte pieces take a synchronous element path);
+// fragments by ldmatrix from shared rows of 72 elements (conflict-free); mma.sync m16n8k16 with
+// fp32 accumulators. The output walk's state, packed to 16 bits, is the B fragment of x_out S, so
+// it reaches the output product without shared memory. The walks load the next step (the wide
+// output walk: the next two) while this one multiplies. Dynamic shared memory (static_asserts at
+// the end), in bytes: StateSmem 37376, AttnSmem 38912, OutSmem 46080, DqkSmem 58624; the output
+// walks at K = 128 111616 (narrow) and 195072 (wide). The kernels address a tile's rows with
+// 32-bit offsets from one 64-bit base: the launcher rejects shapes where 64 tokens span 2^31
+// elements or more.
+//
+// Numerics. Cumulative gates are kept in log2 units (every exp is a bare ex2), and every exponent
+// taken is <= 0 except inside the diagonal blocks below. Intra-chunk products (A, and the
+// dA-weighted sums of dq and dk) are rebased per 16-token block: for the rows of block w the
+// reference is r = b at the block's first token (dk's sums: its last; see tc_bwd_dqk), so
+// q exp(b_t - r) <= 1 and, for s in earlier blocks, k exp(r - b_s) <= 1. Inside the diagonal
+// block k exp(r - b_s) can exceed 1 by at most exp(span), span = b_first - b_last of the block;
+// where a channel's span exceeds SPAN_LIMIT its diagonal terms are taken exactly (an exp per
+// pair, out of line) instead. These products take fp32 operands split into two bf16 halves
+// (x = hi + lo, three mma: fp32-like accuracy and range); the state products (qs h, A v, ks dh,
+// ...) take input-dtype operands, and fp32 boundary states given by the caller (h0, dht) enter as
+// hi + lo halves. Everything accumulates in fp32. The chunk states are kept in the input dtype
+// (as FLA does), and the walks go on from the rounded states they store, so the backward is the
+// exact gradient of one slightly perturbed function; dg takes its boundary terms from the same
+// states that dq and dk use, so their rounding does not show as a cancellation error. Every
+// output and gradient of every test shape is within 2x of the naive same-precision computation
+// (crates/ops/tests/cuda_gla.rs).
+//
+// Invariants:
+//   - NVRTC's Quick and Full compile tiers (crates/cuda/src/compile.rs) must give bit-identical
+//     results (crates/ops/tests/cuda_tiers.rs): write any multiply-add that has a choice of
+//     products as an explicit fmaf.
+//   - The shared-memory sizes the launchers pass (tensor_core.rs) must match the static_asserts
+//     at the end of this file; a kernel given less traps.
+//
+// Measured (H100 80GB HBM3, bf16, bench/results/gla-h100-2026-11-26-v26-tiered.json; fastest of
+// three rounds' medians, each call queued behind a 256 MiB write as Triton's do_bench does;
+// fwd+bwd = forward + o.backward(do)), fwd / fwd+bwd ms: 8 x 2048 x 16 x D 0.159 / 0.420 (D = 32),
+// 0.188 / 0.465 (64), 0.357 / 0.974 (128); at D = 128 4 x 4096 0.383 / 1.016, 2 x 8192
+// 0.423 / 1.102, 1 x 16384 0.432 / 1.122. That is 0.17x to 0.28x flash-linear-attention's
+// chunk_gla (bench/anchors.json) and 2.6x to 2.95x the memory floor at D = 128 (the file's
+// `floor`). First call with empty caches, compilation included: 0.94 s (Quick tier; the Full
+// tier took over at 1.83 s).
 
-typedef unsigned short u16;
-
-struct bf16 { u16 bits; };
-struct f16 { u16 bits; };
+#include "common.cuh"
 
 #define TC_C 64          // chunk length (tokens)
 #define TC_T 64          // K / V tile
@@ -289,22 +113,6 @@ struct f16 { u16 bits; };
 #define LDH 72           // 16-bit row stride (144-byte rows: ldmatrix conflict-free)
 #define SPAN_LIMIT 86.f  // largest in-block gate span taken through rebased products (log2 units,
                          // ~60 nats)
-#define LOG2E 1.44269504f
-
-// 2^x, one MUFU instruction (subnormal results flushed).
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float h2f(bf16 x) { return __int_as_float(((unsigned)x.bits) << 16); }
-__device__ __forceinline__ float h2f(f16 x) {
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
-  return f;
-}
-
 // Two floats as one register of two 16-bit values (lo in the low half), rounded to nearest.
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
   unsigned r;
@@ -322,13 +130,13 @@ template <typename T>
 __device__ __forceinline__ float lo_half(unsigned p) {
   T a;
   a.bits = (u16)(p & 0xffffu);
-  return h2f(a);
+  return to_f32(a);
 }
 template <typename T>
 __device__ __forceinline__ float hi_half(unsigned p) {
   T a;
   a.bits = (u16)(p >> 16);
-  return h2f(a);
+  return to_f32(a);
 }
 
 // Elements of a 16-bit shared tile (row stride LDH) as fp32: one, or the pair at (r, c), (r, c + 1)
@@ -337,7 +145,7 @@ template <typename T>
 __device__ __forceinline__ float elem(const u16* X, int r, int c) {
   T a;
   a.bits = X[r * LDH + c];
-  return h2f(a);
+  return to_f32(a);
 }
 template <typename T>
 __device__ __forceinline__ float2 pair(const u16* X, int r, int c) {
@@ -659,7 +467,7 @@ __device__ __noinline__ float wide_sum(const float* dA, const u16* x, const floa
 // The wide-channel terms of a warp's 16 x 64 accumulator block (rows r0 .., zero where the
 // channel is not in `wide`): dq's (x = k, later false) or dk's (x = q, later true). Into a local
 // array, so that the caller's accumulators keep no address and the common path stays in
-// registers; one call site instead of 32 (the kernel's code had been 18% these sites).
+// registers; one call site instead of 32 unrolled ones (which made up 18% of the kernel's code).
 template <typename T>
 __device__ __noinline__ void wide_terms(float fix[8][4], const float* dA, const u16* x,
                                         const float* bs, int r0, unsigned long long wide,
@@ -955,7 +763,7 @@ __device__ void tc_fixup(T* states, const float* cum, const float* carry, int se
     for (int e = threadIdx.x; e < KV; e += TC_THREADS) {
       T v;
       v.bits = st[e];
-      st[e] = (u16)(Op<T>::pack(h2f(v) + dn[e / V] * c[e], 0.f) & 0xffffu);
+      st[e] = (u16)(Op<T>::pack(to_f32(v) + dn[e / V] * c[e], 0.f) & 0xffffu);
     }
   }
 }
@@ -1018,8 +826,8 @@ __device__ void write_scaled(const AttnSmem& sm, T* qs, T* ks, long long row0, i
       T qe, ke;
       qe.bits = (u16)(qu[j >> 1] >> (16 * (j & 1)));
       ke.bits = (u16)(ku[j >> 1] >> (16 * (j & 1)));
-      qv[j] = h2f(qe) * scale * exp2_approx(bv[j]);
-      kv[j] = h2f(ke) * exp2_approx(last[j] - bv[j]);
+      qv[j] = to_f32(qe) * scale * exp2_approx(bv[j]);
+      kv[j] = to_f32(ke) * exp2_approx(last[j] - bv[j]);
     }
     store8<T>(qbase, rr, H, K, col_k + c, qv);
     store8<T>(kbase, rr, H, K, col_k + c, kv);
@@ -1643,39 +1451,23 @@ __device__ void tc_bwd_dqk(const T* q, const T* k, const T* v, const float* g, c
   }
 }
 
-// Shared-memory sizes the launcher passes (crates/ops/src/cuda/gla.rs); a kernel given less traps.
-static_assert(sizeof(StateSmem) == 37376, "update STATES_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
-static_assert(sizeof(AttnSmem) == 38912, "update ATTN_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
-static_assert(sizeof(OutSmem) == 46080, "update OUT_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
-static_assert(sizeof(DqkSmem) == 58624, "update BWD_DQK_SMEM in crates/ops/src/cuda/gla/tensor_core.rs");
+// Shared-memory sizes the launcher passes (crates/ops/src/gla/tensor_core.rs); a kernel given less
+// traps.
+static_assert(sizeof(StateSmem) == 37376, "update STATES_SMEM in crates/ops/src/gla/tensor_core.rs");
+static_assert(sizeof(AttnSmem) == 38912, "update ATTN_SMEM in crates/ops/src/gla/tensor_core.rs");
+static_assert(sizeof(OutSmem) == 46080, "update OUT_SMEM in crates/ops/src/gla/tensor_core.rs");
+static_assert(sizeof(DqkSmem) == 58624, "update BWD_DQK_SMEM in crates/ops/src/gla/tensor_core.rs");
 // tc_walk_out at K = 128: 2 or 3 step buffers of walk_buffer(2, 4 or 8) 16-bit elements.
-static_assert(2 * 2 * (6 * WALK_TILE + 4 * TC_T) == 111616, "update WalkBlock::smem in crates/ops/src/cuda/gla/tensor_core.rs");
-static_assert(2 * 3 * (7 * WALK_TILE + 4 * TC_T) == 195072, "update WalkBlock::smem in crates/ops/src/cuda/gla/tensor_core.rs");
+static_assert(2 * 2 * (6 * WALK_TILE + 4 * TC_T) == 111616, "update WalkBlock::smem in crates/ops/src/gla/tensor_core.rs");
+static_assert(2 * 3 * (7 * WALK_TILE + 4 * TC_T) == 195072, "update WalkBlock::smem in crates/ops/src/gla/tensor_core.rs");
 
-__device__ __forceinline__ void require_smem(unsigned bytes) {
-  unsigned r;
-  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
-  if (r < bytes) __trap();
-}
 
-// Entry points. One dtype per compilation, and with -DGLA_KERNEL=i only the i-th kernel of the
-// list below (the launcher compiles the kernels as separate programs, in parallel: a faster
-// first call); without it, all of them.
-#if defined(GLA_DTYPE_BF16)
-typedef bf16 input_t;
-#define ENTRY(base) base##_bf16
-#elif defined(GLA_DTYPE_F16)
-typedef f16 input_t;
-#define ENTRY(base) base##_f16
-#else
-#error "gla_tc.cu is for bf16 and fp16: compile with -DGLA_DTYPE_BF16 or -DGLA_DTYPE_F16"
-#endif
-#ifndef GLA_KERNEL
-#define GLA_KERNEL -1
+// Entry points, in the order of the launcher's kernel list (GLA_TC in crates/ops/src/gla/kernels.rs).
+#if defined(KERNEL_DTYPE_F32)
+#error "gla_tc.cu is for bf16 and fp16 inputs (kernels/gla.cu serves fp32)"
 #endif
 
-
-#if GLA_KERNEL < 0 || GLA_KERNEL == 0
+#if WANT_KERNEL(0)
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
     ENTRY(gla_tc_states)(const input_t* x, const input_t* y, const float* decay, const float* s0,
                          input_t* states, float* last, float* seg_last, float* seg_decay,
@@ -1685,7 +1477,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
                      V, reverse);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 1
+#if WANT_KERNEL(1)
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 5)
     ENTRY(gla_tc_attn)(const input_t* q, const input_t* k, const float* g, input_t* attn,
                        input_t* qs, input_t* ks, float* decay, int Tn, int H, int K,
@@ -1694,7 +1486,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 5)
   tc_attn<input_t>(q, k, g, attn, qs, ks, decay, Tn, H, K, scale);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 2
+#if WANT_KERNEL(2)
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
     ENTRY(gla_tc_fwd_o)(const input_t* qs, const input_t* v, const input_t* hs,
                         const input_t* attn, const float* h0, input_t* o, int Tn, int H, int K,
@@ -1703,7 +1495,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
   tc_out<input_t, false>(qs, v, hs, attn, h0, o, Tn, H, K, V);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 3
+#if WANT_KERNEL(3)
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
     ENTRY(gla_tc_bwd_dv)(const input_t* ks, const input_t* d_o, const input_t* dhs,
                          const input_t* attn, const float* dht, input_t* dv, int Tn, int H, int K,
@@ -1712,7 +1504,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 4)
   tc_out<input_t, true>(ks, d_o, dhs, attn, dht, dv, Tn, H, K, V);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 4
+#if WANT_KERNEL(4)
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
     ENTRY(gla_tc_bwd_dqk)(const input_t* q, const input_t* k, const input_t* v, const float* g,
                           const input_t* d_o, const input_t* hs, const input_t* dhs, const float* h0,
@@ -1722,14 +1514,14 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 3)
   tc_bwd_dqk<input_t>(q, k, v, g, d_o, hs, dhs, h0, dht, dq, dk, dg, Tn, H, K, V, scale);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 5
+#if WANT_KERNEL(5)
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
     ENTRY(gla_tc_carry)(const float* seg_last, const float* seg_decay, float* carry, float* last,
                         int S, int K, int V) {
   tc_carry(seg_last, seg_decay, carry, last, S, K, V);
 }
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 6
+#if WANT_KERNEL(6)
 extern "C" __global__ void __launch_bounds__(TC_THREADS)
     ENTRY(gla_tc_fixup)(input_t* states, const float* cum, const float* carry, int seg_len,
                         int Tn, int K, int V, int reverse) {
@@ -1746,15 +1538,15 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS)
     tc_walk_out<input_t, adjoint, warps, stages>(x_out, x_walk, y, decay, attn, s0, carry,       \
                                                  states, out, last, seg_len, Tn, H, K, V);       \
   }
-#if GLA_KERNEL < 0 || GLA_KERNEL == 7
+#if WANT_KERNEL(7)
 WALK_ENTRY(gla_tc_walk_o, false, 4, 2, 2)
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 8
+#if WANT_KERNEL(8)
 WALK_ENTRY(gla_tc_walk_dv, true, 4, 2, 2)
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 9
+#if WANT_KERNEL(9)
 WALK_ENTRY(gla_tc_walk_o_wide, false, 8, 3, 1)
 #endif
-#if GLA_KERNEL < 0 || GLA_KERNEL == 10
+#if WANT_KERNEL(10)
 WALK_ENTRY(gla_tc_walk_dv_wide, true, 8, 3, 1)
 #endif

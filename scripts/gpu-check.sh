@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: every test binary of glatrain-ops and glatrain-models (the CUDA kernel tests against
-# the f64 reference, at both kernel compile tiers; the tiers against each other; the models under
-# bf16 autocast), then the GLA benchmark (`glatrain bench gla`), with a summary.
+# GPU check: every test binary of the crates with GPU tests (the CUDA kernel tests against the f64
+# reference, at both kernel compile tiers; the tiers against each other; the shim and the models
+# under bf16 autocast), then the benchmark (`glatrain bench`), with a summary.
 #
 #   scripts/gpu-check.sh                 build here, then run (a machine with cargo, a GPU, torch)
 #   scripts/gpu-check.sh build [DIR]     build the test binaries and the glatrain CLI into DIR
@@ -19,7 +19,8 @@ build() {
   cd "$ROOT"
   rm -rf "$DIR" && mkdir -p "$DIR/tests" "$DIR/kernels"
   cargo build --release -p glatrain
-  cargo test --release -p glatrain-ops -p glatrain-models --no-run --message-format=json 2>/dev/null |
+  cargo test --release -p glatrain-cuda -p glatrain-shim -p glatrain-ops -p glatrain-models \
+    --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -28,7 +29,7 @@ for line in sys.stdin:
         print(m["executable"])' |
     while read -r exe; do cp "$exe" "$DIR/tests/"; done
   cp target/release/glatrain "$DIR/"
-  cp kernels/*.cu "$DIR/kernels/"
+  cp kernels/*.cu kernels/*.cuh "$DIR/kernels/"
   strip --strip-debug "$DIR"/tests/* "$DIR/glatrain"
   du -sh "$DIR"
 }
@@ -47,8 +48,8 @@ run() {
   for t in "$DIR"/tests/*; do
     local name tiers tier log label start status
     name=$(basename "$t")
-    # The GLA kernel tests run at each compile tier (crates/ops/src/cuda/compile.rs): the quick
-    # code serves first calls, so it must be as correct as the optimised code.
+    # The kernel tests run at each compile tier (crates/cuda/src/compile.rs): the quick code
+    # serves first calls, so it must be as correct as the optimised code.
     tiers=default
     [[ $name == cuda_gla-* ]] && tiers="full quick"
     for tier in $tiers; do
@@ -61,10 +62,10 @@ run() {
     done
   done
   local bench_status=ok
-  timeout 300 "$DIR/glatrain" bench gla --json "$out/bench.json" 2>&1 | tee "$out/bench.log" || { bench_status=FAILED; failed=1; }
+  timeout 300 "$DIR/glatrain" bench --json "$out/bench.json" 2>&1 | tee "$out/bench.log" || { bench_status=FAILED; failed=1; }
   echo "== summary =="
   printf '%s\n' "${summary[@]}"
-  echo "glatrain bench gla: $bench_status ($out/bench.json)"
+  echo "glatrain bench: $bench_status ($out/bench.json)"
   return $failed
 }
 

@@ -46,6 +46,31 @@ pub fn link_libtorch() {
     }
 }
 
+/// Emits an rpath to the torch wheel's NVRTC directory, for crates that compile kernels but do
+/// not link libtorch (their binaries then find `libnvrtc` without `LD_LIBRARY_PATH`). The wheel
+/// is found through the Python that the build environment puts first on `PATH` (the project's
+/// venv, as for torch-sys's `LIBTORCH_USE_PYTORCH`); without one nothing is emitted.
+pub fn link_nvrtc() {
+    println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
+    let output = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
+        .output();
+    let Some(lib) = output
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+    else {
+        println!("cargo:warning=no torch wheel found through python3: no rpath to libnvrtc");
+        return;
+    };
+    for nvrtc_dir in nvrtc_lib_dirs(&lib) {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", nvrtc_dir.display());
+    }
+}
+
 /// Directories of the pip wheels next to torch that hold `libnvrtc` (`nvidia/cu13/lib` for
 /// CUDA 13 wheels, `nvidia/cuda_nvrtc/lib` for CUDA 12 ones).
 pub fn nvrtc_lib_dirs(libtorch_lib: &std::path::Path) -> Vec<PathBuf> {

@@ -373,29 +373,87 @@ impl Default for LossScaleConfig {
     }
 }
 
-/// GLA kernel mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// How the GLA function is computed: a kernel schedule, or the tensor-op reference. Every mode
+/// computes the same function; the preflight resolves `kernels.mode = "auto"` to one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum KernelMode {
-    /// Chosen per layer shape by the preflight.
-    Auto,
+pub enum GlaMode {
+    /// Chunk states materialised, parallel over chunks (the training default).
     Chunk,
+    /// One block walks the chunks with the state on chip.
     FusedChunk,
+    /// Token by token with the state in registers: short sequences and decoding.
     FusedRecurrent,
-    /// The reference tensor-op implementation (the only one on CPU).
+    /// The tensor-op reference (the only one on CPU).
     Reference,
 }
 
-impl KernelMode {
-    /// The TOML spelling ("auto", "chunk", "fused_chunk", "fused_recurrent", "reference").
+impl GlaMode {
+    /// Every mode.
+    pub const ALL: [GlaMode; 4] = [
+        GlaMode::Chunk,
+        GlaMode::FusedChunk,
+        GlaMode::FusedRecurrent,
+        GlaMode::Reference,
+    ];
+
+    /// The TOML spelling ("chunk", "fused_chunk", "fused_recurrent", "reference").
     pub fn name(self) -> &'static str {
         match self {
-            KernelMode::Auto => "auto",
-            KernelMode::Chunk => "chunk",
-            KernelMode::FusedChunk => "fused_chunk",
-            KernelMode::FusedRecurrent => "fused_recurrent",
-            KernelMode::Reference => "reference",
+            GlaMode::Chunk => "chunk",
+            GlaMode::FusedChunk => "fused_chunk",
+            GlaMode::FusedRecurrent => "fused_recurrent",
+            GlaMode::Reference => "reference",
         }
+    }
+
+    /// The mode a TOML spelling names.
+    pub fn from_name(name: &str) -> Option<GlaMode> {
+        GlaMode::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// `kernels.mode`: a [`GlaMode`], or `"auto"` (the preflight picks per layer shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ModeChoice {
+    /// The preflight chooses (rules or measurement).
+    Auto,
+    /// This mode for every GLA layer.
+    Fixed(GlaMode),
+}
+
+impl ModeChoice {
+    /// The TOML spelling ("auto" or the mode's).
+    pub fn name(self) -> &'static str {
+        match self {
+            ModeChoice::Auto => "auto",
+            ModeChoice::Fixed(mode) => mode.name(),
+        }
+    }
+}
+
+impl TryFrom<String> for ModeChoice {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(ModeChoice::Auto);
+        }
+        GlaMode::from_name(&s)
+            .map(ModeChoice::Fixed)
+            .ok_or_else(|| {
+                format!(
+                    "unknown kernel mode `{s}`, expected one of `auto`, `chunk`, `fused_chunk`, \
+                 `fused_recurrent`, `reference`"
+                )
+            })
+    }
+}
+
+impl From<ModeChoice> for String {
+    fn from(choice: ModeChoice) -> String {
+        choice.name().to_string()
     }
 }
 
@@ -413,8 +471,8 @@ pub enum PreflightPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KernelConfig {
-    /// GLA kernel mode.
-    pub mode: KernelMode,
+    /// GLA kernel mode, or auto.
+    pub mode: ModeChoice,
     /// How `Auto` decides.
     pub preflight: PreflightPolicy,
 }
@@ -422,7 +480,7 @@ pub struct KernelConfig {
 impl Default for KernelConfig {
     fn default() -> Self {
         Self {
-            mode: KernelMode::Auto,
+            mode: ModeChoice::Auto,
             preflight: PreflightPolicy::Rules,
         }
     }
@@ -590,17 +648,24 @@ mod tests {
 
     #[test]
     fn kernel_mode_names_are_the_toml_spelling() {
-        for mode in [
-            KernelMode::Auto,
-            KernelMode::Chunk,
-            KernelMode::FusedChunk,
-            KernelMode::FusedRecurrent,
-            KernelMode::Reference,
-        ] {
-            assert_eq!(
-                toml::Value::try_from(mode).unwrap().as_str(),
-                Some(mode.name())
-            );
+        let choices = [ModeChoice::Auto]
+            .into_iter()
+            .chain(GlaMode::ALL.map(ModeChoice::Fixed));
+        for choice in choices {
+            let value = toml::Value::try_from(choice).unwrap();
+            assert_eq!(value.as_str(), Some(choice.name()));
+            assert_eq!(value.try_into::<ModeChoice>().unwrap(), choice);
         }
+        for mode in GlaMode::ALL {
+            assert_eq!(GlaMode::from_name(mode.name()), Some(mode));
+        }
+        let err = toml::Value::String("fast".into())
+            .try_into::<ModeChoice>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`fast`") && err.contains("fused_chunk"),
+            "{err}"
+        );
     }
 }

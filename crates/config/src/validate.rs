@@ -6,8 +6,8 @@ use std::fmt::Display;
 
 use crate::error::{ConfigError, Origin};
 use crate::schema::{
-    Config, DataConfig, GlaConfig, KernelMode, LoggingConfig, LossScaleConfig, MambaConfig,
-    ModelConfig, RunConfig, TrainConfig, TransformerConfig,
+    Config, DataConfig, GlaConfig, GlaMode, LoggingConfig, LossScaleConfig, MambaConfig,
+    ModeChoice, ModelConfig, RunConfig, TrainConfig, TransformerConfig,
 };
 
 type Check = Result<(), ConfigError>;
@@ -375,7 +375,10 @@ impl Validator<'_> {
 
     fn kernels(&self, config: &Config) -> Check {
         let mode = config.kernels.mode;
-        let needs_cuda = !matches!(mode, KernelMode::Auto | KernelMode::Reference);
+        let needs_cuda = !matches!(
+            mode,
+            ModeChoice::Auto | ModeChoice::Fixed(GlaMode::Reference)
+        );
         if needs_cuda && config.run.device == "cpu" && matches!(config.model, ModelConfig::Gla(_)) {
             return Err(self.fail(
                 "kernels.mode",
@@ -803,21 +806,21 @@ mod tests {
         assert_err(
             check(gla(), |c| {
                 c.run.device = "cpu".into();
-                c.kernels.mode = KernelMode::FusedChunk;
+                c.kernels.mode = ModeChoice::Fixed(GlaMode::FusedChunk);
             }),
             "kernels.mode = \"fused_chunk\": needs CUDA, but run.device = \"cpu\"",
         );
         assert_eq!(
             check(mamba(), |c| {
                 c.run.device = "cpu".into();
-                c.kernels.mode = KernelMode::Chunk;
+                c.kernels.mode = ModeChoice::Fixed(GlaMode::Chunk);
             }),
             None
         );
         assert_eq!(
             check(gla(), |c| {
                 c.run.device = "cpu".into();
-                c.kernels.mode = KernelMode::Reference;
+                c.kernels.mode = ModeChoice::Fixed(GlaMode::Reference);
             }),
             None
         );

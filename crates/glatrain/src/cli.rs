@@ -51,9 +51,9 @@ pub enum Command {
     Preflight(PreflightArgs),
     /// Tokenize text files into token shards (and optionally train a BPE tokenizer).
     Prepare(PrepareArgs),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchCommand),
+    /// Time the sequence-mixing ops on the GPU (GLA modes, libtorch's SDPA backends) against
+    /// their memory floors and anchors.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -121,20 +121,24 @@ pub struct PrepareArgs {
     pub valid_fraction: f64,
 }
 
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// GLA kernels (each mode) against libtorch's SDPA (flash backend, and its own choice) on
-    /// ANCHORS.md's shapes.
-    Gla {
-        /// Write the results as JSON here.
-        #[arg(long, value_name = "FILE")]
-        json: Option<PathBuf>,
-        /// Only this shape, `BxTxHxD` (an ANCHORS.md row, e.g. 8x2048x16x128); repeatable.
-        #[arg(long = "shape", value_name = "BxTxHxD")]
-        shapes: Vec<String>,
-        /// Only this mode: chunk, fused_chunk, fused_recurrent, sdpa_flash (the FlashAttention
-        /// backend) or sdpa (libtorch's own choice); repeatable.
-        #[arg(long = "mode", value_name = "MODE")]
-        modes: Vec<String>,
-    },
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// An op to time: chunk, fused_chunk, fused_recurrent (GLA modes), sdpa_flash, sdpa_cudnn,
+    /// sdpa_efficient, sdpa_math (one SDPA backend alone) or sdpa (libtorch's own choice);
+    /// repeatable. Default: every GLA mode, sdpa_flash and sdpa.
+    #[arg(long = "op", value_name = "OP")]
+    pub ops: Vec<String>,
+    /// A shape, `BxTxHxD` (K = V = D) or `BxTxHxKxV`; repeatable. Default: the shapes
+    /// flash-linear-attention was measured at (bench/anchors.json).
+    #[arg(long = "shape", value_name = "SHAPE")]
+    pub shapes: Vec<String>,
+    /// q/k/v dtype: bf16, fp16 or fp32; repeatable. Default: bf16.
+    #[arg(long = "dtype", value_name = "DTYPE")]
+    pub dtypes: Vec<String>,
+    /// Write the results as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Skip the cold first-call measurement (NVRTC compilation into an empty cache).
+    #[arg(long)]
+    pub no_first_call: bool,
 }

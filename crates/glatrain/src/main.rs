@@ -7,9 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{
-    BenchCommand, Cli, Command, EvalArgs, PreflightArgs, PrepareArgs, SampleArgs, TrainArgs,
-};
+use cli::{BenchArgs, Cli, Command, EvalArgs, PreflightArgs, PrepareArgs, SampleArgs, TrainArgs};
 
 /// Any failure a command can end with.
 #[derive(Debug, thiserror::Error)]
@@ -21,7 +19,7 @@ enum AppError {
     #[error(transparent)]
     Train(#[from] glatrain_train::TrainError),
     #[error(transparent)]
-    Bench(#[from] glatrain_ops::bench::BenchError),
+    Bench(#[from] glatrain_bench::BenchError),
 }
 
 impl AppError {
@@ -49,16 +47,7 @@ fn main() -> ExitCode {
         Some(Command::Sample(args)) => sample(args),
         Some(Command::Prepare(args)) => prepare(args),
         Some(Command::Preflight(args)) => preflight(args),
-        Some(Command::Bench(BenchCommand::Gla {
-            json,
-            shapes,
-            modes,
-        })) => {
-            let filter = glatrain_ops::bench::BenchFilter { shapes, modes };
-            glatrain_ops::bench::run_gla_bench(json.as_deref(), &filter)
-                .map(drop)
-                .map_err(AppError::from)
-        }
+        Some(Command::Bench(args)) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -83,9 +72,16 @@ fn train(args: TrainArgs) -> Result<(), AppError> {
     Ok(())
 }
 
+fn bench(args: BenchArgs) -> Result<(), AppError> {
+    let mut plan = glatrain_bench::Plan::select(&args.ops, &args.shapes, &args.dtypes)?;
+    plan.first_call = !args.no_first_call;
+    glatrain_bench::run(&plan, args.json.as_deref())?;
+    Ok(())
+}
+
 fn preflight(args: PreflightArgs) -> Result<(), AppError> {
     let cfg = glatrain_config::load(&args.config, &args.overrides)?;
-    let device = glatrain_train::session::resolve_device(&cfg.config.run.device, &cfg.source)?;
+    let device = glatrain_train::setup::resolve_device(&cfg.config.run.device, &cfg.source)?;
     let report = glatrain_train::preflight::report(&cfg, device, args.measure)?;
     print!("{}", report.render_table());
     report

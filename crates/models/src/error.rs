@@ -18,7 +18,7 @@ pub enum ModelError {
     #[error("GLA kernels cannot run on cuda:{ordinal} (set kernels.mode = \"reference\" to use tensor ops): {source}")]
     Kernels {
         ordinal: usize,
-        source: glatrain_ops::cuda::CudaError,
+        source: glatrain_cuda::CudaError,
     },
 }
 

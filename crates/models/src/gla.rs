@@ -31,9 +31,8 @@ use crate::linear::{Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use crate::CausalLm;
-use glatrain_config::{GlaConfig, KernelMode, ModelConfig};
-use glatrain_ops::reference::gla::{default_scale, gla_chunked, gla_recurrent, DEFAULT_CHUNK};
-use glatrain_ops::GlaMode;
+use glatrain_config::{GlaConfig, GlaMode, ModelConfig};
+use glatrain_ops::reference::gla::default_scale;
 use tch::{nn, Device, Kind, Tensor};
 
 /// Checks that `cfg` describes a buildable model; errors name the offending key.
@@ -82,73 +81,6 @@ pub fn validate(cfg: &GlaConfig) -> Result<(), ModelError> {
     check_norm_and_init(cfg.norm_eps, cfg.initializer_range)
 }
 
-/// Runs the GLA function for `mode`: the single place where the layer calls an op.
-///
-/// On CUDA every mode but `Reference` runs glatrain's kernels through the autograd op
-/// (`glatrain_ops::gla`), single-token calls (decoding) as `FusedRecurrent`; `Auto` means the
-/// preflight did not run (evaluation, sampling, tests) and takes `Chunk`. On the CPU the
-/// tensor-op reference runs: the token-by-token recurrence for `FusedRecurrent` and decoding, the
-/// chunked form otherwise. `gk` goes in as fp32; the output comes back in `v`'s dtype (the
-/// activation dtype); the state, returned when `want_state`, stays fp32.
-///
-/// # Shapes
-/// `q, k, gk: [B, T, H, K]`, `v: [B, T, H, V]`, `initial_state: [B, H, K, V]` fp32 ->
-/// (`o: [B, T, H, V]`, `final_state: [B, H, K, V]` fp32).
-///
-/// # Panics
-/// When the kernels reject inputs the layer built itself (a bug), or cannot run on a device
-/// the model was built for (checked by [`GlaModel::new`]).
-#[allow(clippy::too_many_arguments)]
-pub fn gla_op(
-    mode: KernelMode,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    gk: &Tensor,
-    initial_state: Option<&Tensor>,
-    scale: f64,
-    want_state: bool,
-) -> (Tensor, Option<Tensor>) {
-    let gk = gk.to_kind(Kind::Float);
-    let decoding = q.size()[1] == 1;
-    let (o, state) = if q.device() == Device::Cpu {
-        let (o, state) = if mode == KernelMode::FusedRecurrent || decoding {
-            gla_recurrent(q, k, v, &gk, initial_state, scale)
-        } else {
-            gla_chunked(q, k, v, &gk, initial_state, scale, DEFAULT_CHUNK)
-        };
-        (o, want_state.then_some(state))
-    } else {
-        let op_mode = match mode {
-            KernelMode::Reference => GlaMode::Reference,
-            _ if decoding => GlaMode::FusedRecurrent,
-            _ => op_mode(mode),
-        };
-        glatrain_ops::gla(
-            q,
-            k,
-            v,
-            &gk,
-            initial_state,
-            Some(scale),
-            op_mode,
-            want_state,
-        )
-        .unwrap_or_else(|e| panic!("GLA op failed on the layer's own inputs: {e}"))
-    };
-    (o.to_kind(v.kind()), state)
-}
-
-/// The ops' mode for a config kernel mode; `Auto` (no preflight ran) takes `Chunk`.
-pub fn op_mode(mode: KernelMode) -> GlaMode {
-    match mode {
-        KernelMode::Reference => GlaMode::Reference,
-        KernelMode::FusedRecurrent => GlaMode::FusedRecurrent,
-        KernelMode::FusedChunk => GlaMode::FusedChunk,
-        KernelMode::Chunk | KernelMode::Auto => GlaMode::Chunk,
-    }
-}
-
 /// Per-layer decoding state: the short convolutions' last inputs and the recurrent state.
 #[derive(Debug, Default)]
 pub struct GlaLayerCache {
@@ -183,12 +115,12 @@ pub struct GlaAttention {
     head_k_dim: i64,
     head_v_dim: i64,
     gate_logit_normalizer: f64,
-    mode: KernelMode,
+    mode: GlaMode,
 }
 
 impl GlaAttention {
     /// Variables under `p` (a block's `attn`). `cfg` must have passed [`validate`].
-    pub fn new(p: &nn::Path, cfg: &GlaConfig, mode: KernelMode) -> Self {
+    pub fn new(p: &nn::Path, cfg: &GlaConfig, mode: GlaMode) -> Self {
         let hidden = cfg.hidden_size as i64;
         let key_dim = cfg.key_dim() as i64;
         let value_dim = cfg.value_dim() as i64;
@@ -272,16 +204,18 @@ impl GlaAttention {
         let initial_state = cache.as_mut().and_then(|c| c.state.take());
         let scale = default_scale(dk);
         let want_state = cache.is_some();
-        let (o, state) = gla_op(
-            self.mode,
+        // The op runs the reference on the CPU and single tokens (decoding) token by token.
+        let (o, state) = glatrain_ops::gla(
             &q,
             &k,
             &v,
             &gk,
             initial_state.as_ref(),
-            scale,
+            Some(scale),
+            self.mode,
             want_state,
-        );
+        )
+        .unwrap_or_else(|e| panic!("GLA op failed on the layer's own inputs: {e}"));
         if let Some(c) = cache {
             c.state = state;
         }
@@ -324,10 +258,10 @@ pub struct GlaModel {
 
 impl GlaModel {
     /// Creates the variables under `root` (paths as in the module docs).
-    pub fn new(root: &nn::Path, cfg: &GlaConfig, mode: KernelMode) -> Result<Self, ModelError> {
+    pub fn new(root: &nn::Path, cfg: &GlaConfig, mode: GlaMode) -> Result<Self, ModelError> {
         validate(cfg)?;
-        if let (Device::Cuda(ordinal), false) = (root.device(), mode == KernelMode::Reference) {
-            glatrain_ops::cuda::Device::get(ordinal)
+        if let (Device::Cuda(ordinal), false) = (root.device(), mode == GlaMode::Reference) {
+            glatrain_cuda::Gpu::get(ordinal)
                 .map_err(|source| ModelError::Kernels { ordinal, source })?;
         }
         let hidden = cfg.hidden_size as i64;
@@ -421,7 +355,7 @@ mod tests {
     fn forget_gate_is_logsigmoid_over_the_normalizer() {
         let vs = nn::VarStore::new(Device::Cpu);
         let cfg = tiny(true);
-        let attn = GlaAttention::new(&vs.root(), &cfg, KernelMode::Reference);
+        let attn = GlaAttention::new(&vs.root(), &cfg, GlaMode::Reference);
         let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
         let gk = attn.forget_gate(&x);
         assert_eq!(gk.size(), [2, 3, 8]);
@@ -441,7 +375,7 @@ mod tests {
                 use_short_conv: true,
                 ..tiny(gate)
             };
-            GlaModel::new(&vs.root(), &cfg, KernelMode::Reference).unwrap();
+            GlaModel::new(&vs.root(), &cfg, GlaMode::Reference).unwrap();
             let mut names: Vec<String> = vs.variables().into_keys().collect();
             names.sort();
             let norm = if gate { "g_norm_swish_gate" } else { "g_norm" };
@@ -482,7 +416,7 @@ mod tests {
             use_short_conv: true,
             ..tiny(true)
         };
-        let attn = GlaAttention::new(&vs.root(), &cfg, KernelMode::Chunk);
+        let attn = GlaAttention::new(&vs.root(), &cfg, GlaMode::Chunk);
         let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
         let full = attn.forward(&x, None);
         let mut cache = GlaLayerCache::default();

@@ -25,7 +25,7 @@ pub use cache::DecodeCache;
 pub use error::ModelError;
 pub use params::{count_parameters, no_weight_decay};
 
-use glatrain_config::{KernelMode, ModelConfig};
+use glatrain_config::{GlaMode, ModelConfig};
 use tch::{nn, Tensor};
 
 /// A causal language model.
@@ -75,12 +75,12 @@ pub fn validate(cfg: &ModelConfig) -> Result<(), ModelError> {
 }
 
 /// Builds the model of `cfg`, creating its variables under `vs` (the VarStore's root for
-/// checkpoint-compatible names) with the reference initialisation. `mode` selects the GLA
-/// kernel; the baselines do not use it.
+/// checkpoint-compatible names) with the reference initialisation. `mode` is the GLA layers'
+/// mode as the preflight resolved it; the baselines do not use it.
 pub fn build(
     vs: &nn::Path,
     cfg: &ModelConfig,
-    mode: KernelMode,
+    mode: GlaMode,
 ) -> Result<Box<dyn CausalLm>, ModelError> {
     Ok(match cfg {
         ModelConfig::Gla(c) => Box::new(gla::GlaModel::new(vs, c, mode)?),

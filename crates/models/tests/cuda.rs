@@ -1,7 +1,7 @@
 //! The mixed-precision paths on a GPU: bf16 autocast over fp32 weights (the trainer's default)
 //! for every family. Skipped without a CUDA device.
 
-use glatrain_config::{GlaConfig, KernelMode, MambaConfig, ModelConfig, TransformerConfig};
+use glatrain_config::{GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig};
 use glatrain_models::build;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -53,15 +53,15 @@ fn bf16_autocast_on_cuda_stays_close_to_fp32_and_trains() {
         eprintln!("skipped: no CUDA device");
         return;
     }
-    glatrain_ops::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
+    glatrain_shim::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
     let device = Device::Cuda(0);
     for (name, cfg) in zoo() {
         tch::manual_seed(7);
         let vs = nn::VarStore::new(device);
-        let model = build(&vs.root(), &cfg, KernelMode::Chunk).unwrap();
+        let model = build(&vs.root(), &cfg, GlaMode::Chunk).unwrap();
         let x = Tensor::randint(VOCAB, [2, 100], (Kind::Int64, device));
         let reference = tch::no_grad(|| model.forward(&x));
-        let logits = glatrain_ops::autocast::autocast(|| model.forward(&x));
+        let logits = glatrain_shim::autocast::autocast(|| model.forward(&x));
         assert_eq!(logits.kind(), Kind::Float, "{name}: logits must be fp32");
         // Autocast rounds weights and activations at each matmul: the whole-model-cast test's
         // budget (~sqrt(12) * 2^-9 = 7e-3 for independent roundings) with 2x room.

@@ -1,7 +1,7 @@
 //! Model-level properties on tiny CPU configs: causality, full-sequence logits == cached
 //! decoding, finite gradients for every parameter, parameter counts, config errors, dtypes.
 
-use glatrain_config::{GlaConfig, KernelMode, MambaConfig, ModelConfig, TransformerConfig};
+use glatrain_config::{GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig};
 use glatrain_models::{build, count_parameters, CausalLm};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -85,7 +85,7 @@ fn zoo() -> Vec<(&'static str, ModelConfig)> {
     ]
 }
 
-fn make(cfg: &ModelConfig, mode: KernelMode) -> (nn::VarStore, Box<dyn CausalLm>) {
+fn make(cfg: &ModelConfig, mode: GlaMode) -> (nn::VarStore, Box<dyn CausalLm>) {
     tch::manual_seed(7);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = build(&vs.root(), cfg, mode).unwrap();
@@ -105,7 +105,7 @@ fn rel_rms(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn changing_a_token_never_changes_earlier_logits() {
     for (name, cfg) in zoo() {
-        let (_vs, model) = make(&cfg, KernelMode::Chunk);
+        let (_vs, model) = make(&cfg, GlaMode::Chunk);
         let x = tokens(2, SEQ);
         let t = 41;
         let y = x.copy();
@@ -136,7 +136,7 @@ fn changing_a_token_never_changes_earlier_logits() {
 #[test]
 fn cached_decoding_matches_the_full_sequence() {
     for (name, cfg) in zoo() {
-        let (_vs, model) = make(&cfg, KernelMode::Chunk);
+        let (_vs, model) = make(&cfg, GlaMode::Chunk);
         let x = tokens(2, SEQ);
         tch::no_grad(|| {
             let full = model.forward(&x);
@@ -183,8 +183,8 @@ fn cached_decoding_matches_the_full_sequence() {
 fn kernel_modes_agree_on_the_reference() {
     let cfg = gla(|c| c.use_short_conv = true);
     let x = tokens(1, SEQ);
-    let (_vs, chunk) = make(&cfg, KernelMode::Chunk);
-    let (_vs2, recurrent) = make(&cfg, KernelMode::FusedRecurrent);
+    let (_vs, chunk) = make(&cfg, GlaMode::Chunk);
+    let (_vs2, recurrent) = make(&cfg, GlaMode::FusedRecurrent);
     let (a, b) = tch::no_grad(|| (chunk.forward(&x), recurrent.forward(&x)));
     let err = rel_rms(&b, &a);
     assert!(
@@ -196,7 +196,7 @@ fn kernel_modes_agree_on_the_reference() {
 #[test]
 fn backward_gives_finite_nonzero_gradients_for_every_parameter() {
     for (name, cfg) in zoo() {
-        let (vs, model) = make(&cfg, KernelMode::Chunk);
+        let (vs, model) = make(&cfg, GlaMode::Chunk);
         let x = tokens(2, SEQ + 1);
         let logits = model.forward(&x.narrow(1, 0, SEQ));
         let targets = x.narrow(1, 1, SEQ);
@@ -238,7 +238,7 @@ fn parameter_formula_matches_the_var_store() {
         }),
     ));
     for (name, cfg) in cases {
-        let (vs, _model) = make(&cfg, KernelMode::Chunk);
+        let (vs, _model) = make(&cfg, GlaMode::Chunk);
         assert_eq!(
             count_parameters(&vs) as u64,
             cfg.parameter_count(),
@@ -375,7 +375,7 @@ fn impossible_shapes_name_the_key_and_value() {
     ];
     for (cfg, want) in cases {
         let vs = nn::VarStore::new(Device::Cpu);
-        let err = build(&vs.root(), &cfg, KernelMode::Reference)
+        let err = build(&vs.root(), &cfg, GlaMode::Reference)
             .err()
             .expect(want);
         assert!(err.is_bad_input());
@@ -403,7 +403,7 @@ fn whole_model_cast_to_bf16_runs_and_returns_fp32_logits() {
         ("transformer", transformer(|_| {})),
         ("mamba", mamba(|_| {})),
     ] {
-        let (mut vs, model) = make(&cfg, KernelMode::Chunk);
+        let (mut vs, model) = make(&cfg, GlaMode::Chunk);
         // The fp32 reference runs on the bf16-rounded weights, so only the rounding of
         // activations separates the two.
         tch::no_grad(|| {

@@ -1,13 +1,19 @@
-//! Sequence-mixing ops.
-pub mod autocast;
-pub mod autograd;
-pub mod bench;
-pub mod cuda;
+//! Sequence-mixing ops: each with a tensor-op reference ([`reference`]) and, where it has them,
+//! CUDA kernels that run as autograd ops.
+//!
+//! - [`gla`]: gated linear attention, every [`GlaMode`];
+//! - [`sdpa`]: libtorch's causal softmax attention on the same `[B, T, H, D]` layout.
+
+mod error;
 pub mod gla;
-pub mod multi_tensor;
+pub mod launch;
 pub mod reference;
 pub mod sdpa;
-mod shim;
-pub mod testing;
 
-pub use gla::{gla, GlaMode, OpError};
+pub use error::OpError;
+pub use gla::{gla, GlaMode};
+
+/// Every kernel source of every op, for the check that they all compile.
+pub fn kernel_sources() -> Vec<&'static glatrain_cuda::KernelSource> {
+    gla::kernels::SOURCES.to_vec()
+}

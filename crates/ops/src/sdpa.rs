@@ -3,86 +3,12 @@
 //!
 //! libtorch picks a backend per call. On an H100 with libtorch 2.11 and cuDNN 9 it picks cuDNN's
 //! kernel for bf16 causal attention, not FlashAttention-2, and the two differ by up to 1.9x
-//! (ANCHORS.md's "SDPA flash" is FlashAttention-2 alone). [`OnlyBackend`] narrows the choice the
-//! way `torch.nn.attention.sdpa_kernel` does; [`chosen_backend`] says what libtorch would run.
+//! (flash-linear-attention's comparisons use FlashAttention-2 alone). `glatrain_shim::sdp::OnlyBackend`
+//! narrows the choice the way `torch.nn.attention.sdpa_kernel` does; [`chosen_backend`] says what
+//! libtorch would run.
 
+use glatrain_shim::sdp::SdpaBackend;
 use tch::{Kind, TchError, Tensor};
-
-extern "C" {
-    fn glatrain_sdp_backends() -> i32;
-    fn glatrain_set_sdp_backends(mask: i32);
-}
-
-/// A backend of libtorch's `scaled_dot_product_attention` (at::SDPBackend).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SdpaBackend {
-    /// Unfused tensor ops.
-    Math,
-    /// FlashAttention-2.
-    Flash,
-    /// xFormers' memory-efficient attention.
-    Efficient,
-    /// cuDNN's fused attention.
-    Cudnn,
-}
-
-impl SdpaBackend {
-    /// at::SDPBackend's value, the bit of this backend in the shim's masks.
-    fn index(self) -> i32 {
-        match self {
-            SdpaBackend::Math => 0,
-            SdpaBackend::Flash => 1,
-            SdpaBackend::Efficient => 2,
-            SdpaBackend::Cudnn => 3,
-        }
-    }
-
-    fn from_index(index: i64) -> Option<Self> {
-        [
-            SdpaBackend::Math,
-            SdpaBackend::Flash,
-            SdpaBackend::Efficient,
-            SdpaBackend::Cudnn,
-        ]
-        .into_iter()
-        .find(|b| i64::from(b.index()) == index)
-    }
-
-    /// Lower-case name: `math`, `flash`, `efficient`, `cudnn`.
-    pub fn name(self) -> &'static str {
-        match self {
-            SdpaBackend::Math => "math",
-            SdpaBackend::Flash => "flash",
-            SdpaBackend::Efficient => "efficient",
-            SdpaBackend::Cudnn => "cudnn",
-        }
-    }
-}
-
-/// While alive, libtorch runs SDPA on one backend only (a call it does not support fails instead
-/// of falling back); dropping it restores the backends enabled before. The setting is global to
-/// the process, like `sdpa_kernel`'s.
-#[derive(Debug)]
-pub struct OnlyBackend {
-    previous: i32,
-}
-
-impl OnlyBackend {
-    /// Enables `backend` alone.
-    pub fn new(backend: SdpaBackend) -> Self {
-        // SAFETY: both shim calls only read or set flags of libtorch's global context.
-        let previous = unsafe { glatrain_sdp_backends() };
-        unsafe { glatrain_set_sdp_backends(1 << backend.index()) };
-        Self { previous }
-    }
-}
-
-impl Drop for OnlyBackend {
-    fn drop(&mut self) {
-        // SAFETY: sets flags of libtorch's global context.
-        unsafe { glatrain_set_sdp_backends(self.previous) };
-    }
-}
 
 /// q, k, v as [B, H, T, D] views, SDPA's layout (it handles the strides).
 fn heads_first(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<[Tensor; 3], TchError> {
@@ -133,6 +59,7 @@ pub fn naive_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, kind: Kind) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use glatrain_shim::sdp::{enabled_mask, OnlyBackend};
     use tch::Device;
 
     fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
@@ -189,12 +116,11 @@ mod tests {
     #[test]
     fn only_backend_narrows_the_choice_and_restores_it_on_drop() {
         let (q, k, v) = inputs();
-        // SAFETY: reads flags of libtorch's global context.
-        let before = unsafe { glatrain_sdp_backends() };
+        let before = enabled_mask();
         {
             let _only = OnlyBackend::new(SdpaBackend::Math);
             assert_eq!(chosen_backend(&q, &k, &v).unwrap(), Some(SdpaBackend::Math));
-            assert_eq!(unsafe { glatrain_sdp_backends() }, 1);
+            assert_eq!(enabled_mask(), 1);
             // The math backend still computes the same attention.
             let err = (causal_sdpa(&q, &k, &v).unwrap() - naive(&q, &k, &v))
                 .abs()
@@ -202,16 +128,6 @@ mod tests {
                 .double_value(&[]);
             assert!(err < 1e-12, "{err}");
         }
-        assert_eq!(unsafe { glatrain_sdp_backends() }, before);
-    }
-
-    #[test]
-    fn backend_names_and_indices_follow_libtorch() {
-        for (index, name) in [(0, "math"), (1, "flash"), (2, "efficient"), (3, "cudnn")] {
-            let backend = SdpaBackend::from_index(index).unwrap();
-            assert_eq!((backend.index() as i64, backend.name()), (index, name));
-        }
-        assert_eq!(SdpaBackend::from_index(-1), None);
-        assert_eq!(SdpaBackend::from_index(4), None);
+        assert_eq!(enabled_mask(), before);
     }
 }

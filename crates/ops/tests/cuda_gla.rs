@@ -6,10 +6,11 @@
 //! than the fp32 bound (where the naive error happens to be ~0, e.g. a single token). Kernel output buffers are
 //! poisoned with NaN first, so an unwritten element fails. Skips on machines without CUDA.
 
-use glatrain_ops::cuda::gla::{self as kernels, set_poison_outputs, Schedule};
+use glatrain_ops::gla::kernels::{self, BackwardInputs};
+use glatrain_ops::launch::set_poison_outputs;
 use glatrain_ops::reference::gla::{gla_chunked, DEFAULT_CHUNK};
-use glatrain_ops::testing::{rel_rms, Rng};
 use glatrain_ops::{gla, GlaMode};
+use glatrain_testing::{rel_rms, Rng};
 use tch::{Device, Kind, Tensor};
 
 fn cuda() -> Option<Device> {
@@ -281,7 +282,8 @@ fn prepared_kernels_serve_the_first_call() {
     // Training compiles the kernels on a background thread while it builds the model; the op's
     // first call then finds them loaded (or waits for the compilation under way).
     let Some(dev) = cuda() else { return };
-    let prepare = std::thread::spawn(|| glatrain_ops::gla::prepare(0, Kind::Half, GlaMode::Chunk));
+    let prepare =
+        std::thread::spawn(|| glatrain_ops::gla::prepare(0, Kind::Half, GlaMode::Chunk, false));
     let c = case(1, 130, 2, 64, 32, true, false);
     let compared = check(&c, GlaMode::Chunk, Kind::Half, 5, dev);
     prepare.join().unwrap().unwrap();
@@ -306,26 +308,27 @@ fn backward_recomputes_what_the_forward_did_not_keep() {
             x.dht.as_ref().map(full),
         );
         let scale = 0.125;
-        let fwd = kernels::forward(&q, &k, &v, &g, h0.as_ref(), scale, Schedule::Chunk).unwrap();
+        let inputs = kernels::Inputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            g: &g,
+            h0: h0.as_ref(),
+        };
+        let fwd = kernels::forward(&inputs, scale, GlaMode::Chunk).unwrap();
         let kept = fwd
             .saved
             .as_ref()
             .expect("the chunk schedule keeps its states");
         let backward = |saved: Option<&Tensor>| {
-            kernels::backward(
-                &q,
-                &k,
-                &v,
-                &g,
-                h0.as_ref(),
-                &fwd.final_state,
+            let inputs = BackwardInputs {
+                x: inputs,
+                final_state: &fwd.final_state,
                 saved,
-                &d_o,
-                dht.as_ref(),
-                scale,
-                Schedule::Chunk,
-            )
-            .unwrap()
+                d_o: &d_o,
+                dht: dht.as_ref(),
+            };
+            kernels::backward(&inputs, scale, GlaMode::Chunk).unwrap()
         };
         let (with, without) = (backward(Some(kept)), backward(None));
         let pairs = [

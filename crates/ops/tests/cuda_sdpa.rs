@@ -2,10 +2,9 @@
 //! backend makes libtorch run that one, and each computes causal attention within 2x the error of
 //! a naive bf16 computation (both against f64). Skips on machines without CUDA.
 
-use glatrain_ops::sdpa::{
-    causal_sdpa, chosen_backend, naive_causal_attention as naive, OnlyBackend, SdpaBackend,
-};
-use glatrain_ops::testing::rel_rms;
+use glatrain_ops::sdpa::{causal_sdpa, chosen_backend, naive_causal_attention as naive};
+use glatrain_shim::sdp::{OnlyBackend, SdpaBackend};
+use glatrain_testing::rel_rms;
 use tch::{Device, Kind, Tensor};
 
 #[test]

@@ -4,11 +4,11 @@
 //! test binary (one process, one test): it points the kernel cache at an empty directory and
 //! clears `GLATRAIN_KERNEL_TIER`, which no other test may see. Skips on machines without CUDA.
 
-use glatrain_ops::cuda::compile::cache_dir;
-use glatrain_ops::cuda::gla::source_of;
-use glatrain_ops::cuda::{Device as CudaDevice, KernelDtype, KernelSource, Tier};
-use glatrain_ops::testing::Rng;
+use glatrain_cuda::{Gpu, KernelDtype, Tier};
+use glatrain_ops::gla::kernels::{source_of, GLA_TC};
+use glatrain_ops::launch::kernel_dtype;
 use glatrain_ops::{gla, GlaMode};
+use glatrain_testing::Rng;
 use tch::{Device, Kind, Tensor};
 
 /// One shape: batch, length, heads, key and value head dims.
@@ -57,10 +57,10 @@ fn quick_code_first_then_the_optimised_code_with_identical_results() {
     // The only test of this binary: nothing else reads the environment concurrently.
     std::env::set_var("GLATRAIN_CACHE_DIR", cache.path());
     std::env::remove_var("GLATRAIN_KERNEL_TIER");
-    let device = CudaDevice::get(0).unwrap();
+    let device = Gpu::get(0).unwrap();
 
     // The mechanism, on the bf16 tensor-core module.
-    let (source, dtype) = (KernelSource::GlaTensorCore, KernelDtype::Bf16);
+    let (source, dtype) = (&GLA_TC, KernelDtype::Bf16);
     assert_eq!(device.loaded_tier(source, dtype), None);
     run((1, 64, 1, 64, 64), Kind::BFloat16, GlaMode::Chunk);
     // The Full tier compiles on a background thread for ~2-4x the Quick tier's ~0.5 s; this
@@ -68,12 +68,12 @@ fn quick_code_first_then_the_optimised_code_with_identical_results() {
     assert_eq!(device.loaded_tier(source, dtype), Some(Tier::Quick));
     device.prepare_final(source, dtype).unwrap();
     assert_eq!(device.loaded_tier(source, dtype), Some(Tier::Full));
-    let files: Vec<String> = std::fs::read_dir(cache_dir().unwrap())
+    let files: Vec<String> = std::fs::read_dir(glatrain_fs::cache_dir("kernels").unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     for tier in [Tier::Quick, Tier::Full] {
-        for name in source.kernels() {
+        for name in source.kernels {
             let prefix = format!("gla_tc.cu-{name}-bf16-{}-", tier.name());
             assert!(
                 files.iter().any(|f| f.starts_with(&prefix)),
@@ -110,8 +110,8 @@ fn quick_code_first_then_the_optimised_code_with_identical_results() {
     }
     let mut differ = Vec::new();
     for (shape, kind, mode) in cases {
-        let dtype = KernelDtype::of(kind).unwrap();
-        let source = source_of(mode.schedule().unwrap(), dtype);
+        let dtype = kernel_dtype(kind).unwrap();
+        let source = source_of(mode, dtype);
         let mut results = Vec::new();
         for tier in [Tier::Quick, Tier::Full] {
             device.use_tier(source, dtype, tier).unwrap();

@@ -12,13 +12,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::device::{DeviceKind, DeviceProfile};
-use crate::mode::Mode;
+use crate::op::LayerOp;
 use crate::shape::{LayerShape, ModelType};
 use crate::tiles::{
     gla_uses_tensor_cores, Padding, CHUNK_BLOCK_K, CHUNK_BLOCK_V, CHUNK_LAUNCHES, CHUNK_SIZE,
     FUSED_CHUNK_LAUNCHES, FUSED_RECURRENT_LAUNCHES, RECURRENT_BLOCK_K, RECURRENT_BLOCK_V,
     TENSOR_CORE_CHUNK_LAUNCHES,
 };
+use glatrain_config::GlaMode;
 
 /// Share of the measured copy bandwidth a streaming kernel reaches.
 pub const BANDWIDTH_EFFICIENCY: f64 = 0.8;
@@ -68,15 +69,15 @@ pub struct Estimate {
 
 /// The estimate of `mode` for `shape` on `device`. `mode` must be an op of the shape's model
 /// type (GLA modes for GLA, SDPA for the Transformer, the scan for Mamba).
-pub fn estimate(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Estimate {
+pub fn estimate(shape: &LayerShape, device: &DeviceProfile, mode: LayerOp) -> Estimate {
     let seconds = match mode {
-        Mode::Chunk => gla_chunk_s(shape, device, tensor_core_chunk(shape)),
-        Mode::FusedChunk => gla_fused_chunk_s(shape, device),
-        Mode::FusedRecurrent => gla_recurrent_s(shape, device),
+        LayerOp::Gla(GlaMode::Chunk) => gla_chunk_s(shape, device, tensor_core_chunk(shape)),
+        LayerOp::Gla(GlaMode::FusedChunk) => gla_fused_chunk_s(shape, device),
+        LayerOp::Gla(GlaMode::FusedRecurrent) => gla_recurrent_s(shape, device),
         // The reference ops keep their states in fp32, as the fp32 kernels do.
-        Mode::Reference => REFERENCE_OVERHEAD * gla_chunk_s(shape, device, false),
-        Mode::SdpaFused | Mode::Sdpa => sdpa_s(shape, device, mode == Mode::SdpaFused),
-        Mode::SelectiveScanReference => selective_scan_s(shape, device),
+        LayerOp::Gla(GlaMode::Reference) => REFERENCE_OVERHEAD * gla_chunk_s(shape, device, false),
+        LayerOp::SdpaFused | LayerOp::Sdpa => sdpa_s(shape, device, mode == LayerOp::SdpaFused),
+        LayerOp::SelectiveScanReference => selective_scan_s(shape, device),
     };
     Estimate {
         time_ms: seconds * 1e3,
@@ -98,7 +99,7 @@ pub fn chunk_state_bytes(shape: &LayerShape) -> u64 {
 /// Whether the shape's chunk mode runs the bf16/fp16 tensor-core schedule (kernels/gla_tc.cu)
 /// rather than the fp32 kernels of kernels/gla.cu.
 pub(crate) fn tensor_core_chunk(shape: &LayerShape) -> bool {
-    gla_uses_tensor_cores(Mode::Chunk, shape.act_bytes())
+    gla_uses_tensor_cores(LayerOp::Gla(GlaMode::Chunk), shape.act_bytes())
 }
 
 /// [`chunk_state_bytes`] of the tensor-core schedule (`tensor_cores`) or of fp32 states.
@@ -162,19 +163,21 @@ pub fn block_activation_bytes(shape: &LayerShape) -> u64 {
 }
 
 /// What the op itself keeps on top of the block's activations.
-fn op_memory_bytes(shape: &LayerShape, mode: Mode) -> u64 {
+fn op_memory_bytes(shape: &LayerShape, mode: LayerOp) -> u64 {
     let token_heads = shape.tokens() * shape.num_heads as u64;
     let k = shape.head_k_dim as u64;
     match mode {
-        Mode::Chunk => chunk_state_bytes(shape),
-        Mode::FusedChunk | Mode::FusedRecurrent => 0,
+        LayerOp::Gla(GlaMode::Chunk) => chunk_state_bytes(shape),
+        LayerOp::Gla(GlaMode::FusedChunk) | LayerOp::Gla(GlaMode::FusedRecurrent) => 0,
         // Chunk states, sub-chunk scores and the cumulative gates and gated q, k, all fp32.
-        Mode::Reference => chunk_bytes(shape, false) + token_heads * 4 * (SUB_CHUNK as u64 + 3 * k),
+        LayerOp::Gla(GlaMode::Reference) => {
+            chunk_bytes(shape, false) + token_heads * 4 * (SUB_CHUNK as u64 + 3 * k)
+        }
         // The softmax log-sum-exp, fp32 per token and head.
-        Mode::SdpaFused | Mode::Sdpa => token_heads * 4,
+        LayerOp::SdpaFused | LayerOp::Sdpa => token_heads * 4,
         // Per token and channel: the [C, C] decays' row of C * N, plus N each of the states,
         // exp(delta A) and delta B u, fp32.
-        Mode::SelectiveScanReference => token_heads * k * (SELECTIVE_SCAN_CHUNK + 3) * 4,
+        LayerOp::SelectiveScanReference => token_heads * k * (SELECTIVE_SCAN_CHUNK + 3) * 4,
     }
 }
 
@@ -210,7 +213,7 @@ fn rounds(blocks: u64, device: &DeviceProfile) -> f64 {
 
 /// Bytes every GLA schedule moves per (token, head) in forward+backward: forward reads q, k, v
 /// and the fp32 gate and writes o; backward reads q, k, v, g, do and writes dq, dk, dv and the
-/// fp32 dg. At bf16, K = V = 128 this is 4352 bytes (~1.14 GB at 8 x 2048 x 16: ANCHORS.md).
+/// fp32 dg. At bf16, K = V = 128 this is 4352 bytes (~1.14 GB at 8 x 2048 x 16, the floor glatrain bench uses).
 fn gla_io_per_token_head(shape: &LayerShape) -> f64 {
     let (a, k, v) = (
         shape.act_bytes() as f64,
@@ -266,7 +269,7 @@ fn gla_fused_chunk_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
     let fill = (fused_chunk_blocks(shape) as f64
         / (FUSED_CHUNK_MIN_WAVES * device.sm_count.max(1) as f64))
         .min(1.0);
-    let tensor_cores = gla_uses_tensor_cores(Mode::FusedChunk, shape.act_bytes());
+    let tensor_cores = gla_uses_tensor_cores(LayerOp::Gla(GlaMode::FusedChunk), shape.act_bytes());
     let roofline = (bytes / bandwidth(device)).max(flops / gla_flops_per_s(device, tensor_cores));
     roofline / fill + launches_s(device, FUSED_CHUNK_LAUNCHES as f64)
 }
@@ -360,7 +363,7 @@ pub(crate) mod tests {
 
     #[test]
     fn gla_traffic_matches_the_anchor_floor() {
-        // ANCHORS.md: 8 x 2048 x 16 x 128 moves ~1.14 GB forward+backward.
+        // The benchmark's floor: 8 x 2048 x 16 x 128 moves ~1.14 GB forward+backward.
         let s = gla(8, 2048, 16, 128, 128);
         let bytes = gla_io_per_token_head(&s) * (s.tokens() * 16) as f64;
         assert!((bytes - 1.14e9).abs() < 0.01e9, "{bytes}");
@@ -401,15 +404,15 @@ pub(crate) mod tests {
         let t8k = gla(4, 8192, 16, 128, 128);
         let ratio =
             |mode| estimate(&t8k, &h100, mode).time_ms / estimate(&t2k, &h100, mode).time_ms;
-        let sdpa = ratio(Mode::SdpaFused);
+        let sdpa = ratio(LayerOp::SdpaFused);
         assert!((sdpa - 16.0).abs() < 0.5, "{sdpa}");
-        let chunk = ratio(Mode::Chunk);
+        let chunk = ratio(LayerOp::Gla(GlaMode::Chunk));
         assert!((3.5..=4.5).contains(&chunk), "{chunk}");
-        // The SDPA FLOP count of ANCHORS.md's 1 x 16384 x 16 x 128 row: 4 B H T^2 D / 2 * 3.5.
+        // The SDPA FLOP count of the 1 x 16384 x 16 x 128 benchmark row: 4 B H T^2 D / 2 * 3.5.
         let s = gla(1, 16384, 16, 128, 128);
         let flops = 4.0 * 16.0 * 16384f64.powi(2) * 128.0 / 2.0 * 3.5;
         let expected_ms = flops / (h100.peak_tensor_flops * COMPUTE_EFFICIENCY) * 1e3;
-        let got = estimate(&s, &h100, Mode::SdpaFused).time_ms;
+        let got = estimate(&s, &h100, LayerOp::SdpaFused).time_ms;
         assert!((got - expected_ms).abs() < 0.02, "{got} vs {expected_ms}");
     }
 
@@ -419,20 +422,20 @@ pub(crate) mod tests {
         // Few blocks: chunk mode's parallelism over chunks wins.
         let few = fp32(gla(1, 16384, 4, 64, 64));
         assert!(
-            estimate(&few, &h100, Mode::FusedChunk).time_ms
-                > estimate(&few, &h100, Mode::Chunk).time_ms
+            estimate(&few, &h100, LayerOp::Gla(GlaMode::FusedChunk)).time_ms
+                > estimate(&few, &h100, LayerOp::Gla(GlaMode::Chunk)).time_ms
         );
         // Many blocks: fused_chunk moves no states and wins.
         let many = fp32(gla(64, 2048, 16, 128, 128));
         assert!(
-            estimate(&many, &h100, Mode::FusedChunk).time_ms
-                < estimate(&many, &h100, Mode::Chunk).time_ms
+            estimate(&many, &h100, LayerOp::Gla(GlaMode::FusedChunk)).time_ms
+                < estimate(&many, &h100, LayerOp::Gla(GlaMode::Chunk)).time_ms
         );
         // Recurrent at long T is a long dependent chain.
         let long = gla(2, 8192, 16, 128, 128);
         assert!(
-            estimate(&long, &h100, Mode::FusedRecurrent).time_ms
-                > 2.0 * estimate(&long, &h100, Mode::Chunk).time_ms
+            estimate(&long, &h100, LayerOp::Gla(GlaMode::FusedRecurrent)).time_ms
+                > 2.0 * estimate(&long, &h100, LayerOp::Gla(GlaMode::Chunk)).time_ms
         );
     }
 
@@ -448,8 +451,8 @@ pub(crate) mod tests {
             gla(1, 16384, 16, 128, 128),
             gla(64, 2048, 16, 128, 128),
         ] {
-            let chunk = estimate(&s, &h100, Mode::Chunk).time_ms;
-            let fused = estimate(&s, &h100, Mode::FusedChunk).time_ms;
+            let chunk = estimate(&s, &h100, LayerOp::Gla(GlaMode::Chunk)).time_ms;
+            let fused = estimate(&s, &h100, LayerOp::Gla(GlaMode::FusedChunk)).time_ms;
             assert!(
                 chunk < fused,
                 "B {} T {}: {chunk} vs {fused}",
@@ -464,15 +467,22 @@ pub(crate) mod tests {
         let h100 = DeviceProfile::h100_sxm();
         let s = gla(8, 2048, 4, 128, 256);
         let block = block_activation_bytes(&s);
-        assert_eq!(estimate(&s, &h100, Mode::FusedChunk).memory_bytes, block);
         assert_eq!(
-            estimate(&s, &h100, Mode::Chunk).memory_bytes,
+            estimate(&s, &h100, LayerOp::Gla(GlaMode::FusedChunk)).memory_bytes,
+            block
+        );
+        assert_eq!(
+            estimate(&s, &h100, LayerOp::Gla(GlaMode::Chunk)).memory_bytes,
             block + chunk_state_bytes(&s)
         );
-        assert!(estimate(&s, &h100, Mode::Reference).memory_bytes > block + chunk_state_bytes(&s));
+        assert!(
+            estimate(&s, &h100, LayerOp::Gla(GlaMode::Reference)).memory_bytes
+                > block + chunk_state_bytes(&s)
+        );
         // The reference op's states are fp32 whatever the input dtype.
         let reference = |s: &LayerShape| {
-            estimate(s, &h100, Mode::Reference).memory_bytes - block_activation_bytes(s)
+            estimate(s, &h100, LayerOp::Gla(GlaMode::Reference)).memory_bytes
+                - block_activation_bytes(s)
         };
         assert_eq!(reference(&s), reference(&fp32(s.clone())));
         // Per token: 4d + 2dk + 5dv + 3m at 2 bytes, plus gk in fp32 (d = 1024, no MLP here).

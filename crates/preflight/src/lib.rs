@@ -8,15 +8,16 @@
 //!     --Report::rules / Report::measured--> table + preflight.json + errors (exit 2)
 //! ```
 //!
-//! No libtorch here: the measured mode times kernels through [`ModeTimer`], which the CLI
-//! implements on top of the ops crate.
+//! The launch geometry it plans with comes from the ops (`glatrain_ops::gla::geometry`), the
+//! GPU rates from `glatrain_cuda::GpuSpec`. The measured mode times kernels through
+//! [`ModeTimer`], which the trainer implements on top of the ops; its decisions are cached in
+//! `glatrain_fs::cache_dir("preflight")`.
 
-mod atomic;
 mod device;
 mod error;
 mod estimate;
 mod measure;
-mod mode;
+mod op;
 mod report;
 mod rules;
 mod shape;
@@ -28,8 +29,8 @@ pub use estimate::{
     block_activation_bytes, chunk_state_bytes, estimate, fused_chunk_blocks, Estimate,
     BACKWARD_FLOP_FACTOR, BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY,
 };
-pub use measure::{default_cache_dir, measure, ModeTimer, SoftmaxTiming, MEASURE_RECURRENT_MAX_T};
-pub use mode::{Mode, Source};
+pub use measure::{measure, ModeTimer, SoftmaxTiming, MEASURE_RECURRENT_MAX_T};
+pub use op::{LayerOp, Source};
 pub use report::{
     MemoryEstimate, Report, Row, BYTES_PER_PARAMETER, CUDA_RUNTIME_BYTES, ESTIMATE_NOTE,
 };

@@ -1,22 +1,21 @@
 //! The measured mode: time each candidate schedule on the real shape and keep the fastest,
 //! cached on disk so the next run decides instantly.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use glatrain_config::KernelMode;
+use glatrain_config::{GlaMode, ModeChoice};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::atomic::write_atomic;
 use crate::device::{DeviceKind, DeviceProfile};
 use crate::error::PreflightError;
 use crate::estimate::estimate;
-use crate::mode::{Mode, Source};
+use crate::op::{LayerOp, Source};
 use crate::report::ms;
 use crate::rules::{choose_mode, measured_softmax_advice, softmax_advice, Decision};
 use crate::shape::{LayerShape, ModelType};
 use crate::tiles::Padding;
+use glatrain_fs::write_atomic;
 
 /// fused_recurrent is timed only up to this T: beyond it, a token-by-token walk is far from the
 /// fastest and its timing would only slow the preflight down.
@@ -38,7 +37,7 @@ pub trait ModeTimer {
     /// Milliseconds of one forward + backward of the GLA op with `shape`'s B, T, H, K, V and
     /// dtype in `mode` (a representative figure such as a median after warm-up), or why it
     /// could not run.
-    fn time_ms(&mut self, shape: &LayerShape, mode: KernelMode) -> Result<f64, String>;
+    fn time_ms(&mut self, shape: &LayerShape, mode: GlaMode) -> Result<f64, String>;
     /// One forward + backward of causal softmax attention (SDPA, the backend libtorch picks)
     /// with the same B, T, H, K, V and dtype, or why it could not run: the softmax advice then
     /// compares two measurements.
@@ -46,24 +45,6 @@ pub trait ModeTimer {
     /// Identifies the kernels that run (e.g. a hash of their sources): a new version
     /// invalidates every cached decision.
     fn kernel_version(&self) -> String;
-}
-
-/// The cache directory: `$GLATRAIN_CACHE_DIR/preflight`, else `~/.cache/glatrain/preflight`;
-/// `None` when neither variable is set.
-pub fn default_cache_dir() -> Option<PathBuf> {
-    cache_dir_from(
-        std::env::var_os("GLATRAIN_CACHE_DIR"),
-        std::env::var_os("HOME"),
-    )
-}
-
-/// [`default_cache_dir`] for given values of `GLATRAIN_CACHE_DIR` and `HOME` (empty = unset).
-fn cache_dir_from(cache_dir: Option<OsString>, home: Option<OsString>) -> Option<PathBuf> {
-    if let Some(dir) = cache_dir.filter(|d| !d.is_empty()) {
-        return Some(PathBuf::from(dir).join("preflight"));
-    }
-    let home = home.filter(|d| !d.is_empty())?;
-    Some(PathBuf::from(home).join(".cache/glatrain/preflight"))
 }
 
 /// One cached decision; `key` guards against a file-name collision.
@@ -74,10 +55,10 @@ struct CacheEntry {
 }
 
 /// The modes worth timing for `shape`.
-fn candidates(shape: &LayerShape) -> Vec<KernelMode> {
-    let mut modes = vec![KernelMode::Chunk, KernelMode::FusedChunk];
+fn candidates(shape: &LayerShape) -> Vec<GlaMode> {
+    let mut modes = vec![GlaMode::Chunk, GlaMode::FusedChunk];
     if shape.decoding || shape.seq_len <= MEASURE_RECURRENT_MAX_T {
-        modes.push(KernelMode::FusedRecurrent);
+        modes.push(GlaMode::FusedRecurrent);
     }
     modes
 }
@@ -121,7 +102,7 @@ pub fn measure(
     cache_dir: &Path,
 ) -> Result<Decision, PreflightError> {
     if shape.model_type != ModelType::Gla || device.kind == DeviceKind::Cpu {
-        return Ok(choose_mode(shape, device, KernelMode::Auto));
+        return Ok(choose_mode(shape, device, ModeChoice::Auto));
     }
     let version = timer.kernel_version();
     let key = cache_key(shape, device, &version);
@@ -170,7 +151,7 @@ pub fn measure(
             .iter()
             .map(|f| format!("measuring {}: {f}", describe(shape))),
     );
-    let mode = Mode::from_kernel_mode(best).expect("candidates are GLA kernel modes");
+    let mode = LayerOp::Gla(best);
     let (advice, softmax) = match timer.time_softmax(shape) {
         Ok(sdpa) if sdpa.ms.is_finite() && sdpa.ms > 0.0 => {
             let op = format!("sdpa ({})", sdpa.backend);
@@ -193,7 +174,7 @@ pub fn measure(
         .map(|(m, t)| format!("{} {}", m.name(), ms(*t)))
         .collect();
     let mut decision = Decision {
-        mode,
+        op: mode,
         source: Source::Measured,
         reason: format!(
             "measured on {} (kernels {version}): {}; fastest: {}{softmax}",
@@ -253,7 +234,7 @@ mod tests {
         fused_chunk: Result<f64, String>,
         fused_recurrent: Result<f64, String>,
         softmax: Result<SoftmaxTiming, String>,
-        calls: Vec<KernelMode>,
+        calls: Vec<GlaMode>,
         version: String,
     }
 
@@ -271,12 +252,12 @@ mod tests {
     }
 
     impl ModeTimer for FakeTimer {
-        fn time_ms(&mut self, _shape: &LayerShape, mode: KernelMode) -> Result<f64, String> {
+        fn time_ms(&mut self, _shape: &LayerShape, mode: GlaMode) -> Result<f64, String> {
             self.calls.push(mode);
             match mode {
-                KernelMode::Chunk => self.chunk.clone(),
-                KernelMode::FusedChunk => self.fused_chunk.clone(),
-                KernelMode::FusedRecurrent => self.fused_recurrent.clone(),
+                GlaMode::Chunk => self.chunk.clone(),
+                GlaMode::FusedChunk => self.fused_chunk.clone(),
+                GlaMode::FusedRecurrent => self.fused_recurrent.clone(),
                 other => Err(format!("{other:?} is not timed")),
             }
         }
@@ -314,11 +295,11 @@ mod tests {
         let mut timer = FakeTimer::new(0.9, 0.6, 3.0);
         let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
         assert_eq!(
-            (d.mode, d.source, d.est_time_ms),
-            (Mode::FusedChunk, Source::Measured, 0.6)
+            (d.op, d.source, d.est_time_ms),
+            (LayerOp::Gla(GlaMode::FusedChunk), Source::Measured, 0.6)
         );
         // T = 2048 > 1024: fused_recurrent is not timed.
-        assert_eq!(timer.calls, [KernelMode::Chunk, KernelMode::FusedChunk]);
+        assert_eq!(timer.calls, [GlaMode::Chunk, GlaMode::FusedChunk]);
         assert!(
             d.reason
                 .contains("chunk 0.900 ms, fused_chunk 0.600 ms; fastest: fused_chunk"),
@@ -334,8 +315,8 @@ mod tests {
         assert!(second.calls.is_empty());
         assert_eq!(cached.source, Source::Cached);
         assert_eq!(
-            (cached.mode, cached.est_time_ms, &cached.reason),
-            (d.mode, d.est_time_ms, &d.reason)
+            (cached.op, cached.est_time_ms, &cached.reason),
+            (d.op, d.est_time_ms, &d.reason)
         );
 
         // Another kernel version, GPU or shape measures again.
@@ -354,7 +335,10 @@ mod tests {
             3,
             "T = 512: fused_recurrent is a candidate"
         );
-        assert_eq!((d.mode, d.source), (Mode::FusedRecurrent, Source::Measured));
+        assert_eq!(
+            (d.op, d.source),
+            (LayerOp::Gla(GlaMode::FusedRecurrent), Source::Measured)
+        );
     }
 
     #[test]
@@ -397,7 +381,7 @@ mod tests {
         );
         assert_eq!(
             d.advice,
-            softmax_advice(&shape(2048), &h100, Mode::Chunk, 0.9)
+            softmax_advice(&shape(2048), &h100, LayerOp::Gla(GlaMode::Chunk), 0.9)
         );
     }
 
@@ -408,7 +392,7 @@ mod tests {
         let mut timer = FakeTimer::new(0.9, 0.6, 3.0);
         timer.fused_chunk = Err("launch failed".into());
         let d = measure(&shape(2048), &h100, &mut timer, dir.path()).unwrap();
-        assert_eq!(d.mode, Mode::Chunk);
+        assert_eq!(d.op, LayerOp::Gla(GlaMode::Chunk));
         assert_eq!(
             d.warnings,
             ["measuring B 8 T 2048 H 4 K 128 V 256 bf16: fused_chunk: launch failed"]
@@ -452,7 +436,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut timer = FakeTimer::new(0.9, 0.6, 3.0);
         let d = measure(&shape(2048), &DeviceProfile::cpu(), &mut timer, dir.path()).unwrap();
-        assert_eq!((d.mode, d.source), (Mode::Reference, Source::Rules));
+        assert_eq!(
+            (d.op, d.source),
+            (LayerOp::Gla(GlaMode::Reference), Source::Rules)
+        );
         let t = LayerShape {
             model_type: ModelType::Transformer,
             ..shape(2048)
@@ -460,24 +447,10 @@ mod tests {
         assert_eq!(
             measure(&t, &DeviceProfile::h100_sxm(), &mut timer, dir.path())
                 .unwrap()
-                .mode,
-            Mode::SdpaFused
+                .op,
+            LayerOp::SdpaFused
         );
         assert!(timer.calls.is_empty());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn cache_dir_follows_the_environment() {
-        let some = |s: &str| Some(OsString::from(s));
-        assert_eq!(
-            cache_dir_from(some("/c"), some("/home/u")),
-            Some(PathBuf::from("/c/preflight"))
-        );
-        assert_eq!(
-            cache_dir_from(some(""), some("/home/u")),
-            Some(PathBuf::from("/home/u/.cache/glatrain/preflight"))
-        );
-        assert_eq!(cache_dir_from(None, None), None);
     }
 }

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use glatrain_config::ResolvedConfig;
 use serde::{Serialize, Serializer};
 
-use crate::atomic::write_atomic;
 use crate::device::{DeviceKind, DeviceProfile};
 use crate::error::PreflightError;
 use crate::measure::{measure, ModeTimer};
-use crate::mode::{Mode, Source};
+use crate::op::Source;
 use crate::rules::{choose_mode, Decision};
 use crate::shape::{layer_shapes, LayerShape};
+use glatrain_config::ModeChoice;
+use glatrain_fs::write_atomic;
 
 /// Weights and optimizer state per parameter: fp32 master weight, fp32 gradient, AdamW's two
 /// fp32 moments.
@@ -93,9 +94,9 @@ impl Report {
         let forced = cfg.config.kernels.mode;
         let mut rows = Vec::new();
         for shape in layer_shapes(cfg, device) {
-            let decision = match Mode::from_kernel_mode(forced) {
-                Some(_) => choose_mode(&shape, device, forced),
-                None => measure(&shape, device, timer, cache_dir)?,
+            let decision = match forced {
+                ModeChoice::Fixed(_) => choose_mode(&shape, device, forced),
+                ModeChoice::Auto => measure(&shape, device, timer, cache_dir)?,
             };
             rows.push(Row { shape, decision });
         }
@@ -223,7 +224,7 @@ impl Report {
                 s.head_v_dim.to_string(),
                 s.dtype_name().to_owned(),
                 s.device.clone(),
-                dec.mode.name().to_owned(),
+                dec.op.name().to_owned(),
                 dec.source.name().to_owned(),
                 dec.padding.describe(s.head_k_dim, s.head_v_dim),
                 match dec.source {
@@ -361,6 +362,8 @@ mod tests {
     use super::*;
     use crate::estimate::{block_activation_bytes, chunk_state_bytes};
     use crate::measure::SoftmaxTiming;
+    use crate::op::LayerOp;
+    use glatrain_config::GlaMode;
 
     /// GLA-340M's shapes (configs/gla-340m.toml): hidden 1024, 24 layers, 4 heads, expand_k
     /// 0.5, expand_v 1, seq_len 2048, micro batch 8, bf16.
@@ -380,7 +383,7 @@ mod tests {
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         report.check().unwrap();
         assert_eq!(report.rows.len(), 1);
-        assert_eq!(report.rows[0].decision.mode, Mode::Chunk);
+        assert_eq!(report.rows[0].decision.op, LayerOp::Gla(GlaMode::Chunk));
         let table = report.render_table();
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("glatrain preflight: configs/gla-340m.toml on NVIDIA H100 80GB HBM3 (cuda, 132 SMs, 80.0 GiB)"), "{table}");
@@ -405,7 +408,7 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("(est. time: roofline estimate"), "{table}");
-        // FLA's GLA-340M peaks at 22.3 GB at this batch (ANCHORS.md): the estimate is close.
+        // FLA's GLA-340M peaks at 22.3 GB at this batch (bench/anchors.json): the estimate is close.
         let total = report.memory.total_bytes as f64 / 1e9;
         assert!((18.0..30.0).contains(&total), "{total} GB\n{table}");
         assert!(table.contains("memory: ~"), "{table}");
@@ -427,8 +430,8 @@ mod tests {
         );
         let row = &fp32.rows[0];
         assert_eq!(
-            row.decision.mode,
-            Mode::FusedChunk,
+            row.decision.op,
+            LayerOp::Gla(GlaMode::FusedChunk),
             "{}",
             row.decision.reason
         );
@@ -512,7 +515,7 @@ mod tests {
             &[],
         );
         let report = Report::rules(&t, &h100);
-        assert_eq!(report.rows[0].decision.mode, Mode::SdpaFused);
+        assert_eq!(report.rows[0].decision.op, LayerOp::SdpaFused);
         assert!(report
             .render_table()
             .contains("warning: kernels.mode = \"chunk\" applies to GLA layers only"));
@@ -521,7 +524,7 @@ mod tests {
             &[],
         );
         let report = Report::rules(&m, &h100);
-        assert_eq!(report.rows[0].decision.mode, Mode::SelectiveScanReference);
+        assert_eq!(report.rows[0].decision.op, LayerOp::SelectiveScanReference);
         assert!(report.render_table().contains("selective_scan_reference"));
     }
 
@@ -555,7 +558,7 @@ mod tests {
             ],
         );
         let report = Report::rules(&tiny, &cpu);
-        assert_eq!(report.rows[0].decision.mode, Mode::Reference);
+        assert_eq!(report.rows[0].decision.op, LayerOp::Gla(GlaMode::Reference));
         assert_eq!(report.memory.runtime_bytes, 0);
         assert!(
             report.render_table().contains("(cpu, "),
@@ -579,8 +582,8 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(
-            json["rows"][0]["decision"]["mode"],
-            report.rows[0].decision.mode.name()
+            json["rows"][0]["decision"]["op"],
+            report.rows[0].decision.op.name()
         );
         assert_eq!(json["rows"][0]["decision"]["source"], "rules");
         assert_eq!(json["rows"][0]["shape"]["head_k_dim"], 128);
@@ -623,7 +626,10 @@ mod tests {
                 let cpu = DeviceProfile::cpu().with_memory_bytes(1 << 40);
                 let on_cpu = Report::rules(&cfg, &cpu);
                 assert!(
-                    on_cpu.rows.iter().all(|r| r.decision.mode != Mode::Chunk),
+                    on_cpu
+                        .rows
+                        .iter()
+                        .all(|r| r.decision.op != LayerOp::Gla(GlaMode::Chunk)),
                     "{name}"
                 );
                 names.push(name);
@@ -636,11 +642,7 @@ mod tests {
     struct FixedTimer(usize);
 
     impl ModeTimer for FixedTimer {
-        fn time_ms(
-            &mut self,
-            _shape: &LayerShape,
-            mode: glatrain_config::KernelMode,
-        ) -> Result<f64, String> {
+        fn time_ms(&mut self, _shape: &LayerShape, mode: GlaMode) -> Result<f64, String> {
             self.0 += 1;
             Ok(match mode.name() {
                 "chunk" => 0.5,
@@ -669,8 +671,8 @@ mod tests {
         assert_eq!(timer.0, 2);
         let d = &report.rows[0].decision;
         assert_eq!(
-            (d.mode, d.source, d.est_time_ms),
-            (Mode::Chunk, Source::Measured, 0.5)
+            (d.op, d.source, d.est_time_ms),
+            (LayerOp::Gla(GlaMode::Chunk), Source::Measured, 0.5)
         );
         assert!(
             report

@@ -1,6 +1,6 @@
 //! The rules that pick a layer's op, all in [`choose_mode`], and the [`Decision`] they explain.
 
-use glatrain_config::KernelMode;
+use glatrain_config::{GlaMode, ModeChoice};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{DeviceKind, DeviceProfile};
@@ -8,7 +8,7 @@ use crate::estimate::{
     chunk_state_bytes, estimate, fused_chunk_blocks, sdpa_is_fused, tensor_core_chunk,
     FUSED_CHUNK_MIN_WAVES,
 };
-use crate::mode::{Mode, Source};
+use crate::op::{LayerOp, Source};
 use crate::report::{human_bytes, ms};
 use crate::shape::{LayerShape, ModelType};
 use crate::tiles::{Padding, CHUNK_SIZE};
@@ -28,7 +28,8 @@ const CROSSOVER_MAX_T: usize = 1 << 22;
 /// The op chosen for one layer shape, with the why and what it costs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
-    pub mode: Mode,
+    /// The op the layer runs.
+    pub op: LayerOp,
     /// Rules, forced by the config, measured or cached.
     pub source: Source,
     /// One sentence: which rule (or measurement) decided, with the numbers it compared.
@@ -75,23 +76,23 @@ pub struct Decision {
 ///    bandwidth and moves no states.
 /// 9. **fp32 otherwise -> chunk.** Too few (batch, head) pairs to fill the SMs: chunk mode also
 ///    runs in parallel over the chunks, at the cost of storing the states.
-pub fn choose_mode(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decision {
+pub fn choose_mode(shape: &LayerShape, device: &DeviceProfile, forced: ModeChoice) -> Decision {
     match shape.model_type {
         ModelType::Transformer | ModelType::Mamba => baseline(shape, device, forced),
         ModelType::Gla => gla(shape, device, forced),
     }
 }
 
-fn baseline(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decision {
+fn baseline(shape: &LayerShape, device: &DeviceProfile, forced: ModeChoice) -> Decision {
     let (mode, reason) = match shape.model_type {
         ModelType::Transformer if sdpa_is_fused(shape, device) => (
-            Mode::SdpaFused,
+            LayerOp::SdpaFused,
             "softmax attention: causal SDPA on a fused kernel (FlashAttention or cuDNN, libtorch \
              picks; CUDA, bf16/fp16, head dim <= 256)"
                 .to_owned(),
         ),
         ModelType::Transformer => (
-            Mode::Sdpa,
+            LayerOp::Sdpa,
             format!(
                 "softmax attention: causal SDPA; no fused kernel for {} {} with head dim {}, \
                  libtorch runs another backend",
@@ -101,7 +102,7 @@ fn baseline(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> D
             ),
         ),
         _ => (
-            Mode::SelectiveScanReference,
+            LayerOp::SelectiveScanReference,
             match device.kind {
                 DeviceKind::Cpu => {
                     "Mamba: the selective scan in tensor ops, token by token \
@@ -117,7 +118,7 @@ fn baseline(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> D
     };
     let mut d = decide(shape, device, mode, Source::Rules, reason);
     d.padding = Padding::none(shape.head_k_dim, shape.head_v_dim);
-    if forced != KernelMode::Auto {
+    if forced != ModeChoice::Auto {
         d.warnings.push(format!(
             "kernels.mode = \"{}\" applies to GLA layers only; {} layers run {}",
             forced.name(),
@@ -128,9 +129,9 @@ fn baseline(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> D
     d
 }
 
-fn gla(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decision {
+fn gla(shape: &LayerShape, device: &DeviceProfile, forced: ModeChoice) -> Decision {
     if device.kind == DeviceKind::Cpu {
-        let source = if forced == KernelMode::Reference {
+        let source = if forced == ModeChoice::Fixed(GlaMode::Reference) {
             Source::Forced
         } else {
             Source::Rules
@@ -138,11 +139,14 @@ fn gla(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decisi
         let mut d = decide(
             shape,
             device,
-            Mode::Reference,
+            LayerOp::Gla(GlaMode::Reference),
             source,
             "CPU: the CUDA kernels need a GPU; the reference tensor ops run anywhere".into(),
         );
-        if !matches!(forced, KernelMode::Auto | KernelMode::Reference) {
+        if !matches!(
+            forced,
+            ModeChoice::Auto | ModeChoice::Fixed(GlaMode::Reference)
+        ) {
             d.warnings.push(format!(
                 "kernels.mode = \"{}\" needs CUDA; on CPU the reference op runs",
                 forced.name()
@@ -150,8 +154,8 @@ fn gla(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decisi
         }
         return d;
     }
-    if let Some(mode) = Mode::from_kernel_mode(forced) {
-        return forced_decision(shape, device, mode);
+    if let ModeChoice::Fixed(mode) = forced {
+        return forced_decision(shape, device, LayerOp::Gla(mode));
     }
     let (mode, reason) = gla_rule(shape, device);
     with_advice(
@@ -162,17 +166,17 @@ fn gla(shape: &LayerShape, device: &DeviceProfile, forced: KernelMode) -> Decisi
 }
 
 /// Rules 4 to 9 for a GLA shape on CUDA: the mode and why.
-fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
+fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (LayerOp, String) {
     let t = shape.seq_len;
     if shape.decoding {
         return (
-            Mode::FusedRecurrent,
+            LayerOp::Gla(GlaMode::FusedRecurrent),
             "decoding: one token per call, the state stays in registers".into(),
         );
     }
     if t <= FUSED_RECURRENT_MAX_T {
         return (
-            Mode::FusedRecurrent,
+            LayerOp::Gla(GlaMode::FusedRecurrent),
             format!(
                 "T = {t} <= {FUSED_RECURRENT_MAX_T}: one chunk at most, token by token with the \
                  state in registers needs no state pass"
@@ -181,7 +185,7 @@ fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
     }
     if let Some(reason) = states_too_large(shape, device) {
         return (
-            Mode::FusedChunk,
+            LayerOp::Gla(GlaMode::FusedChunk),
             format!("{reason}; fused_chunk keeps the state on chip"),
         );
     }
@@ -190,7 +194,7 @@ fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
         // 8x2048x16x128 chunk 1.06 vs fused_chunk 8.8 ms, 1x16384x16x128 1.2 vs 24 ms,
         // 8x2048x16x64 0.57 vs 3.2 ms.
         return (
-            Mode::Chunk,
+            LayerOp::Gla(GlaMode::Chunk),
             format!(
                 "{}: the tensor-core chunk schedule, measured faster than fused_chunk at every \
                  benchmark shape",
@@ -209,7 +213,7 @@ fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
     );
     if waves >= FUSED_CHUNK_MIN_WAVES {
         (
-            Mode::FusedChunk,
+            LayerOp::Gla(GlaMode::FusedChunk),
             format!(
                 "{grid} (>= {FUSED_CHUNK_MIN_WAVES}): fused_chunk fills the GPU without storing \
                  chunk states"
@@ -217,7 +221,7 @@ fn gla_rule(shape: &LayerShape, device: &DeviceProfile) -> (Mode, String) {
         )
     } else {
         (
-            Mode::Chunk,
+            LayerOp::Gla(GlaMode::Chunk),
             format!(
                 "{grid} (< {FUSED_CHUNK_MIN_WAVES}): chunk mode also runs the {} chunks of {CHUNK_SIZE} \
                  tokens in parallel",
@@ -253,7 +257,7 @@ fn states_too_large(shape: &LayerShape, device: &DeviceProfile) -> Option<String
     })
 }
 
-fn forced_decision(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Decision {
+fn forced_decision(shape: &LayerShape, device: &DeviceProfile, mode: LayerOp) -> Decision {
     let reason = format!("kernels.mode = \"{}\" in the config", mode.name());
     let mut d = with_advice(
         decide(shape, device, mode, Source::Forced, reason),
@@ -275,7 +279,7 @@ fn forced_decision(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> De
             auto_mode.name()
         ));
     }
-    if mode == Mode::Chunk {
+    if mode == LayerOp::Gla(GlaMode::Chunk) {
         if let Some(why) = states_too_large(shape, device) {
             d.warnings.push(format!(
                 "kernels.mode = \"chunk\": {why}; fused_chunk stores none"
@@ -290,19 +294,19 @@ fn forced_decision(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> De
 fn decide(
     shape: &LayerShape,
     device: &DeviceProfile,
-    mode: Mode,
+    mode: LayerOp,
     source: Source,
     reason: String,
 ) -> Decision {
     let e = estimate(shape, device, mode);
     let padding = match mode {
-        Mode::Chunk | Mode::FusedChunk | Mode::FusedRecurrent => {
+        LayerOp::Gla(GlaMode::Chunk | GlaMode::FusedChunk | GlaMode::FusedRecurrent) => {
             Padding::for_tiles(shape.head_k_dim, shape.head_v_dim)
         }
         _ => Padding::none(shape.head_k_dim, shape.head_v_dim),
     };
     Decision {
-        mode,
+        op: mode,
         source,
         reason,
         est_time_ms: e.time_ms,
@@ -315,7 +319,7 @@ fn decide(
 
 /// Adds the softmax-attention advice to a GLA decision on CUDA (see [`softmax_advice`]).
 fn with_advice(mut d: Decision, shape: &LayerShape, device: &DeviceProfile) -> Decision {
-    d.advice = softmax_advice(shape, device, d.mode, d.est_time_ms);
+    d.advice = softmax_advice(shape, device, d.op, d.est_time_ms);
     d
 }
 
@@ -325,7 +329,7 @@ fn with_advice(mut d: Decision, shape: &LayerShape, device: &DeviceProfile) -> D
 pub fn softmax_advice(
     shape: &LayerShape,
     device: &DeviceProfile,
-    mode: Mode,
+    mode: LayerOp,
     gla_ms: f64,
 ) -> Option<String> {
     if device.kind != DeviceKind::Cuda || shape.decoding {
@@ -342,7 +346,7 @@ pub fn softmax_advice(
 pub fn measured_softmax_advice(
     shape: &LayerShape,
     device: &DeviceProfile,
-    mode: Mode,
+    mode: LayerOp,
     gla_ms: f64,
     sdpa_ms: f64,
     sdpa: &str,
@@ -364,7 +368,7 @@ pub fn measured_softmax_advice(
 fn faster_softmax(
     shape: &LayerShape,
     device: &DeviceProfile,
-    mode: Mode,
+    mode: LayerOp,
     gla_ms: f64,
     sdpa_ms: f64,
     label: &str,
@@ -392,21 +396,21 @@ fn faster_softmax(
     ))
 }
 
-fn sdpa_mode(shape: &LayerShape, device: &DeviceProfile) -> Mode {
+fn sdpa_mode(shape: &LayerShape, device: &DeviceProfile) -> LayerOp {
     if sdpa_is_fused(shape, device) {
-        Mode::SdpaFused
+        LayerOp::SdpaFused
     } else {
-        Mode::Sdpa
+        LayerOp::Sdpa
     }
 }
 
 /// The smallest power-of-two multiple of T at which GLA, in the mode the rules pick at that
 /// length (the reference op stays the reference op), is estimated faster than SDPA.
-fn crossover_seq_len(shape: &LayerShape, device: &DeviceProfile, mode: Mode) -> Option<usize> {
+fn crossover_seq_len(shape: &LayerShape, device: &DeviceProfile, mode: LayerOp) -> Option<usize> {
     let mut probe = shape.clone();
     while probe.seq_len < CROSSOVER_MAX_T {
         probe.seq_len *= 2;
-        let gla_mode = if mode == Mode::Reference {
+        let gla_mode = if mode == LayerOp::Gla(GlaMode::Reference) {
             mode
         } else {
             gla_rule(&probe, device).0
@@ -449,7 +453,7 @@ mod tests {
     }
 
     fn auto(shape: &LayerShape, device: &DeviceProfile) -> Decision {
-        choose_mode(shape, device, KernelMode::Auto)
+        choose_mode(shape, device, ModeChoice::Auto)
     }
 
     #[test]
@@ -457,20 +461,34 @@ mod tests {
         let cpu = DeviceProfile::cpu();
         for (hidden, heads, t) in [(32, 2, 64), (256, 4, 2048), (1024, 4, 16384)] {
             let d = auto(&from_hidden(hidden, heads, 2, t), &cpu);
-            assert_eq!((d.mode, d.source), (Mode::Reference, Source::Rules));
+            assert_eq!(
+                (d.op, d.source),
+                (LayerOp::Gla(GlaMode::Reference), Source::Rules)
+            );
             assert!(d.reason.starts_with("CPU"), "{}", d.reason);
             assert_eq!(d.padding.wasted_fraction, 0.0);
             assert_eq!(d.advice, None);
             assert!(d.warnings.is_empty());
         }
-        let d = choose_mode(&from_hidden(64, 2, 2, 128), &cpu, KernelMode::Chunk);
-        assert_eq!(d.mode, Mode::Reference);
+        let d = choose_mode(
+            &from_hidden(64, 2, 2, 128),
+            &cpu,
+            ModeChoice::Fixed(GlaMode::Chunk),
+        );
+        assert_eq!(d.op, LayerOp::Gla(GlaMode::Reference));
         assert_eq!(
             d.warnings,
             ["kernels.mode = \"chunk\" needs CUDA; on CPU the reference op runs"]
         );
-        let d = choose_mode(&from_hidden(64, 2, 2, 128), &cpu, KernelMode::Reference);
-        assert_eq!((d.mode, d.source), (Mode::Reference, Source::Forced));
+        let d = choose_mode(
+            &from_hidden(64, 2, 2, 128),
+            &cpu,
+            ModeChoice::Fixed(GlaMode::Reference),
+        );
+        assert_eq!(
+            (d.op, d.source),
+            (LayerOp::Gla(GlaMode::Reference), Source::Forced)
+        );
     }
 
     #[test]
@@ -478,7 +496,11 @@ mod tests {
         for device in [DeviceProfile::h100_sxm(), small_gpu()] {
             for (hidden, heads) in [(32, 2), (1024, 4), (2048, 16)] {
                 let d = auto(&from_hidden(hidden, heads, 8, 64), &device);
-                assert_eq!(d.mode, Mode::FusedRecurrent, "hidden {hidden}");
+                assert_eq!(
+                    d.op,
+                    LayerOp::Gla(GlaMode::FusedRecurrent),
+                    "hidden {hidden}"
+                );
                 assert!(d.reason.contains("T = 64 <= 64"), "{}", d.reason);
             }
             let decode = LayerShape {
@@ -487,15 +509,18 @@ mod tests {
                 ..from_hidden(1024, 4, 8, 2048)
             };
             let d = auto(&decode, &device);
-            assert_eq!(d.mode, Mode::FusedRecurrent);
+            assert_eq!(d.op, LayerOp::Gla(GlaMode::FusedRecurrent));
             assert!(d.reason.starts_with("decoding"), "{}", d.reason);
             assert_eq!(d.advice, None);
         }
         // One token more: two chunks, the chunked schedules.
         let two_chunks = from_hidden(1024, 4, 8, 65);
         let h100 = DeviceProfile::h100_sxm();
-        assert_eq!(auto(&two_chunks, &h100).mode, Mode::Chunk);
-        assert_eq!(auto(&fp32(two_chunks), &h100).mode, Mode::FusedChunk);
+        assert_eq!(auto(&two_chunks, &h100).op, LayerOp::Gla(GlaMode::Chunk));
+        assert_eq!(
+            auto(&fp32(two_chunks), &h100).op,
+            LayerOp::Gla(GlaMode::FusedChunk)
+        );
     }
 
     /// Rule 7's reason.
@@ -508,7 +533,10 @@ mod tests {
         // GLA-340M in bf16: 256 fused_chunk blocks fill the H100 1.9 times, but chunk is faster.
         let s = from_hidden(1024, 4, 8, 2048);
         let d = auto(&s, &h100);
-        assert_eq!((d.mode, d.source), (Mode::Chunk, Source::Rules));
+        assert_eq!(
+            (d.op, d.source),
+            (LayerOp::Gla(GlaMode::Chunk), Source::Rules)
+        );
         assert_eq!(d.reason, format!("bf16: {TENSOR_CORE_CHUNK}"));
         // Its states and A are kept for backward.
         assert_eq!(
@@ -525,7 +553,10 @@ mod tests {
         );
         // The same shape in fp32 (kernels/gla.cu) still takes fused_chunk, by the waves rule
         // (its reason: the next test).
-        assert_eq!(auto(&fp32(s.clone()), &h100).mode, Mode::FusedChunk);
+        assert_eq!(
+            auto(&fp32(s.clone()), &h100).op,
+            LayerOp::Gla(GlaMode::FusedChunk)
+        );
         // Many blocks, a small GPU, one long sequence, tiny and huge head dims: chunk in bf16.
         for (s, device) in [
             (s, small_gpu()),
@@ -535,7 +566,7 @@ mod tests {
             (gla_shape(1, 4096, 2, 1024, 1024), h100.clone()),
         ] {
             let d = auto(&s, &device);
-            assert_eq!(d.mode, Mode::Chunk, "{}", d.reason);
+            assert_eq!(d.op, LayerOp::Gla(GlaMode::Chunk), "{}", d.reason);
             assert_eq!(d.reason, format!("bf16: {TENSOR_CORE_CHUNK}"));
         }
     }
@@ -546,7 +577,7 @@ mod tests {
         let auto32 = |s: LayerShape, device: &DeviceProfile| auto(&fp32(s), device);
         // GLA-340M: 8 * 4 * (2 * 4 tiles) = 256 blocks >= 1 wave of 132 SMs.
         let d = auto32(from_hidden(1024, 4, 8, 2048), &h100);
-        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+        assert_eq!(d.op, LayerOp::Gla(GlaMode::FusedChunk), "{}", d.reason);
         assert_eq!(
             d.reason,
             "fp32: B*H*state tiles = 8*4*8 = 256 blocks = 1.9 waves of 132 SMs (>= 1): \
@@ -554,7 +585,7 @@ mod tests {
         );
         // The same shape fills a 20-SM GPU 12.8 times.
         let d = auto32(from_hidden(1024, 4, 8, 2048), &small_gpu());
-        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+        assert_eq!(d.op, LayerOp::Gla(GlaMode::FusedChunk), "{}", d.reason);
         assert!(
             d.reason.contains("256 blocks = 12.8 waves of 20 SMs"),
             "{}",
@@ -562,12 +593,12 @@ mod tests {
         );
         // Large B*H fills the H100 too.
         let d = auto32(gla_shape(32, 2048, 16, 64, 64), &h100);
-        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+        assert_eq!(d.op, LayerOp::Gla(GlaMode::FusedChunk), "{}", d.reason);
         assert!(d.reason.contains("512 blocks = 3.9 waves"), "{}", d.reason);
         // One long sequence: B*H = 16.
         for t in [4096, 16384] {
             let d = auto32(gla_shape(1, t, 16, 128, 128), &h100);
-            assert_eq!(d.mode, Mode::Chunk);
+            assert_eq!(d.op, LayerOp::Gla(GlaMode::Chunk));
             assert!(
                 d.reason.contains(&format!(
                     "64 blocks = 0.5 waves of 132 SMs (< 1): chunk mode also runs the {} chunks",
@@ -580,13 +611,18 @@ mod tests {
         // Tiny and huge head dims take the same rules, padded, never an error.
         for (hidden, heads, k) in [(32, 2, 8), (32, 4, 4), (32, 16, 1)] {
             let d = auto32(from_hidden(hidden, heads, 1, 4096), &h100);
-            assert_eq!(d.mode, Mode::Chunk, "hidden {hidden}: {}", d.reason);
+            assert_eq!(
+                d.op,
+                LayerOp::Gla(GlaMode::Chunk),
+                "hidden {hidden}: {}",
+                d.reason
+            );
             assert_eq!(d.padding.k_padded, 16, "K = {k}");
             assert!(d.est_time_ms.is_finite() && d.est_time_ms > 0.0);
         }
         // Head dims of 1024: 256 state tiles per head fill the GPU even at B*H = 2.
         let d = auto32(gla_shape(1, 4096, 2, 1024, 1024), &h100);
-        assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+        assert_eq!(d.op, LayerOp::Gla(GlaMode::FusedChunk), "{}", d.reason);
         assert!(d.reason.contains("1*2*256 = 512 blocks"), "{}", d.reason);
         assert_eq!(d.padding.wasted_fraction, 0.0);
     }
@@ -613,7 +649,7 @@ mod tests {
                             let on = |device: &DeviceProfile| auto(&s, device);
                             let (big, little, host) = (on(&h100), on(&small), on(&cpu));
                             let case = format!("hidden {hidden} H {heads} T {t} B {b} {dtype:?}");
-                            assert_eq!(host.mode, Mode::Reference, "{case}");
+                            assert_eq!(host.op, LayerOp::Gla(GlaMode::Reference), "{case}");
                             for d in [&big, &little, &host] {
                                 assert!(d.est_time_ms.is_finite() && d.est_time_ms > 0.0, "{case}");
                                 assert!(
@@ -632,15 +668,25 @@ mod tests {
                                 assert_eq!(d.padding.k_padded % 16, 0, "{case}");
                                 assert!(d.padding.k_padded < s.head_k_dim + 16, "{case}");
                                 if t <= 64 {
-                                    assert_eq!(d.mode, Mode::FusedRecurrent, "{case}");
+                                    assert_eq!(
+                                        d.op,
+                                        LayerOp::Gla(GlaMode::FusedRecurrent),
+                                        "{case}"
+                                    );
                                 } else {
                                     assert!(
-                                        matches!(d.mode, Mode::Chunk | Mode::FusedChunk),
+                                        matches!(
+                                            d.op,
+                                            LayerOp::Gla(GlaMode::Chunk)
+                                                | LayerOp::Gla(GlaMode::FusedChunk)
+                                        ),
                                         "{case}"
                                     );
                                 }
                                 // In bf16 only rule 6 (states too large) takes fused_chunk.
-                                if dtype == Precision::Bf16 && d.mode == Mode::FusedChunk {
+                                if dtype == Precision::Bf16
+                                    && d.op == LayerOp::Gla(GlaMode::FusedChunk)
+                                {
                                     assert!(
                                         d.reason.starts_with("chunk mode would store "),
                                         "{case}: {}",
@@ -650,15 +696,15 @@ mod tests {
                             }
                             // Fewer SMs and less memory fill up sooner: whatever takes
                             // fused_chunk on the H100 takes it on the small GPU.
-                            if big.mode == Mode::FusedChunk {
+                            if big.op == LayerOp::Gla(GlaMode::FusedChunk) {
                                 assert_eq!(
-                                    little.mode,
-                                    Mode::FusedChunk,
+                                    little.op,
+                                    LayerOp::Gla(GlaMode::FusedChunk),
                                     "{case}: {}",
                                     little.reason
                                 );
                             }
-                            seen.insert((s.dtype_name(), big.mode, little.mode));
+                            seen.insert((s.dtype_name(), big.op, little.op));
                         }
                     }
                 }
@@ -668,10 +714,19 @@ mod tests {
         // disagreeing (bf16: by the states' memory only; fp32: by the waves too).
         for dtype in ["bf16", "fp32"] {
             for (big, little) in [
-                (Mode::FusedRecurrent, Mode::FusedRecurrent),
-                (Mode::Chunk, Mode::Chunk),
-                (Mode::Chunk, Mode::FusedChunk),
-                (Mode::FusedChunk, Mode::FusedChunk),
+                (
+                    LayerOp::Gla(GlaMode::FusedRecurrent),
+                    LayerOp::Gla(GlaMode::FusedRecurrent),
+                ),
+                (LayerOp::Gla(GlaMode::Chunk), LayerOp::Gla(GlaMode::Chunk)),
+                (
+                    LayerOp::Gla(GlaMode::Chunk),
+                    LayerOp::Gla(GlaMode::FusedChunk),
+                ),
+                (
+                    LayerOp::Gla(GlaMode::FusedChunk),
+                    LayerOp::Gla(GlaMode::FusedChunk),
+                ),
             ] {
                 assert!(
                     seen.contains(&(dtype, big, little)),
@@ -699,7 +754,7 @@ mod tests {
             ),
         ] {
             let d = auto(&s, &h100);
-            assert_eq!(d.mode, Mode::FusedChunk, "{}", d.reason);
+            assert_eq!(d.op, LayerOp::Gla(GlaMode::FusedChunk), "{}", d.reason);
             assert_eq!(
                 d.reason,
                 format!(
@@ -709,12 +764,12 @@ mod tests {
             );
             // The same shape on an unknown-memory device keeps the later rules.
             assert_eq!(
-                auto(&s, &h100.clone().with_memory_bytes(0)).mode,
-                Mode::Chunk
+                auto(&s, &h100.clone().with_memory_bytes(0)).op,
+                LayerOp::Gla(GlaMode::Chunk)
             );
             // Forcing chunk there is respected, with a warning.
-            let d = choose_mode(&s, &h100, KernelMode::Chunk);
-            assert_eq!((d.mode, d.source), (Mode::Chunk, Source::Forced));
+            let d = choose_mode(&s, &h100, ModeChoice::Fixed(GlaMode::Chunk));
+            assert_eq!((d.op, d.source), (LayerOp::Gla(GlaMode::Chunk), Source::Forced));
             assert!(
                 d.warnings
                     .iter()
@@ -725,9 +780,12 @@ mod tests {
         }
         // Half the sequence: 24 GiB of fp32 states are too many, 12.2 GiB of bf16 ones are not.
         let s = gla_shape(1, 32768, 2, 512, 512);
-        assert_eq!(auto(&fp32(s.clone()), &h100).mode, Mode::FusedChunk);
+        assert_eq!(
+            auto(&fp32(s.clone()), &h100).op,
+            LayerOp::Gla(GlaMode::FusedChunk)
+        );
         let d = auto(&s, &h100);
-        assert_eq!(d.mode, Mode::Chunk, "{}", d.reason);
+        assert_eq!(d.op, LayerOp::Gla(GlaMode::Chunk), "{}", d.reason);
         assert_eq!(d.reason, format!("bf16: {TENSOR_CORE_CHUNK}"));
     }
 
@@ -735,8 +793,11 @@ mod tests {
     fn forced_modes_are_respected_and_bad_fits_warned() {
         let h100 = DeviceProfile::h100_sxm();
         let long = gla_shape(2, 8192, 16, 128, 128);
-        let d = choose_mode(&long, &h100, KernelMode::FusedRecurrent);
-        assert_eq!((d.mode, d.source), (Mode::FusedRecurrent, Source::Forced));
+        let d = choose_mode(&long, &h100, ModeChoice::Fixed(GlaMode::FusedRecurrent));
+        assert_eq!(
+            (d.op, d.source),
+            (LayerOp::Gla(GlaMode::FusedRecurrent), Source::Forced)
+        );
         assert_eq!(d.reason, "kernels.mode = \"fused_recurrent\" in the config");
         // 3 walks of 8192 dependent steps.
         assert!(d.est_time_ms >= 3.0 * 8192.0 * RECURRENT_STEP_S * 1e3);
@@ -752,15 +813,21 @@ mod tests {
             d.warnings[0]
         );
         // Forcing what the rules pick anyway gives no warning.
-        let d = choose_mode(&long, &h100, KernelMode::Chunk);
-        assert_eq!((d.mode, d.source), (Mode::Chunk, Source::Forced));
+        let d = choose_mode(&long, &h100, ModeChoice::Fixed(GlaMode::Chunk));
+        assert_eq!(
+            (d.op, d.source),
+            (LayerOp::Gla(GlaMode::Chunk), Source::Forced)
+        );
         assert!(d.warnings.is_empty(), "{:?}", d.warnings);
         // Forced fused_chunk at small B*H: slower, but within the bad-fit factor.
-        let d = choose_mode(&long, &h100, KernelMode::FusedChunk);
+        let d = choose_mode(&long, &h100, ModeChoice::Fixed(GlaMode::FusedChunk));
         assert_eq!(d.source, Source::Forced);
         // Forced reference on a GPU is respected.
-        let d = choose_mode(&long, &h100, KernelMode::Reference);
-        assert_eq!((d.mode, d.source), (Mode::Reference, Source::Forced));
+        let d = choose_mode(&long, &h100, ModeChoice::Fixed(GlaMode::Reference));
+        assert_eq!(
+            (d.op, d.source),
+            (LayerOp::Gla(GlaMode::Reference), Source::Forced)
+        );
     }
 
     #[test]
@@ -771,16 +838,16 @@ mod tests {
             ..gla_shape(8, 2048, 16, 64, 64)
         };
         let d = auto(&t, &h100);
-        assert_eq!((d.mode, d.source), (Mode::SdpaFused, Source::Rules));
+        assert_eq!((d.op, d.source), (LayerOp::SdpaFused, Source::Rules));
         let d = auto(&fp32(t.clone()), &h100);
-        assert_eq!(d.mode, Mode::Sdpa);
+        assert_eq!(d.op, LayerOp::Sdpa);
         assert!(
             d.reason.contains("no fused kernel for cuda fp32"),
             "{}",
             d.reason
         );
-        let d = choose_mode(&t, &h100, KernelMode::Chunk);
-        assert_eq!(d.mode, Mode::SdpaFused);
+        let d = choose_mode(&t, &h100, ModeChoice::Fixed(GlaMode::Chunk));
+        assert_eq!(d.op, LayerOp::SdpaFused);
         assert_eq!(d.warnings, ["kernels.mode = \"chunk\" applies to GLA layers only; transformer layers run sdpa_fused"]);
 
         let m = LayerShape {
@@ -788,14 +855,14 @@ mod tests {
             ..gla_shape(8, 2048, 2048, 16, 1)
         };
         let d = auto(&m, &DeviceProfile::cpu());
-        assert_eq!(d.mode, Mode::SelectiveScanReference);
+        assert_eq!(d.op, LayerOp::SelectiveScanReference);
         assert!(d.est_memory_bytes > 0 && d.est_time_ms > 0.0);
     }
 
     #[test]
     fn softmax_advice_for_small_head_dims_at_short_t_only() {
         let h100 = DeviceProfile::h100_sxm();
-        // ANCHORS.md: 8 x 2048 x 16 x 32, SDPA flash 0.85 ms vs FLA chunk 2.41 ms.
+        // bench/anchors.json: 8 x 2048 x 16 x 32, SDPA flash 0.85 ms vs FLA chunk 2.41 ms.
         let d = auto(&gla_shape(8, 2048, 16, 32, 32), &h100);
         let advice = d.advice.expect("advice at head dim 32, T = 2048");
         assert!(
@@ -815,7 +882,11 @@ mod tests {
         let d = auto(&gla_shape(1, 16384, 16, 128, 128), &h100);
         assert_eq!(d.advice, None);
         // Forced modes get the advice too.
-        let d = choose_mode(&gla_shape(8, 2048, 16, 32, 32), &h100, KernelMode::Chunk);
+        let d = choose_mode(
+            &gla_shape(8, 2048, 16, 32, 32),
+            &h100,
+            ModeChoice::Fixed(GlaMode::Chunk),
+        );
         assert!(d.advice.is_some());
     }
 }

@@ -1,52 +1,42 @@
-//! What the preflight assumes about the GLA kernels, in one place, and the padding it implies.
-//!
-//! These numbers must match `kernels/gla.cu`, `kernels/gla_tc.cu` (the bf16/fp16 `chunk`
-//! schedule) and their launchers in `crates/ops/src/cuda`: when a kernel changes its tiles, grid
-//! or schedule, change them here too.
+//! The GLA kernels' launch geometry as the preflight plans with it, and the padding it implies.
+//! Every number comes from the launchers (`glatrain_ops::gla::geometry`): when a kernel changes
+//! its tiles, grid or schedule, the preflight follows.
 
+use glatrain_config::GlaMode;
+use glatrain_ops::gla::geometry;
 use serde::{Deserialize, Serialize};
 
-use crate::mode::Mode;
+use crate::op::LayerOp;
 
-/// Tile sides along K and V: head dims are padded to a multiple of these (and to at least one
-/// tile). 16 is the k-side of a bf16 tensor-core `mma.m16n8k16`; Triton's `tl.dot` asserts on
-/// smaller tiles, glatrain pads.
-pub const TILE_K: usize = 16;
+/// Head dims are padded to a multiple of this along K (and [`TILE_V`] along V).
+pub const TILE_K: usize = geometry::PAD_MULTIPLE as usize;
 /// See [`TILE_K`].
-pub const TILE_V: usize = 16;
-/// Tokens per chunk of the `chunk` schedule: one `K x V` state is stored per chunk (`LC` in
-/// kernels/gla.cu, `TC_C` in kernels/gla_tc.cu).
-pub const CHUNK_SIZE: usize = 64;
-/// State tile of one `chunk` / `fused_chunk` block (`BK x BV` in kernels/gla.cu, `TC_T` in
-/// kernels/gla_tc.cu): the grid is `ceil(K / 64) * ceil(V / 64) * B * H` blocks (times chunks for
-/// the parallel passes).
-pub const CHUNK_BLOCK_K: usize = 64;
+pub const TILE_V: usize = geometry::PAD_MULTIPLE as usize;
+/// Tokens per chunk of the `chunk` mode: one `K x V` state is stored per chunk.
+pub const CHUNK_SIZE: usize = geometry::CHUNK_LEN as usize;
+/// State tile of one `chunk` / `fused_chunk` block: the grid is `ceil(K / 64) * ceil(V / 64) *
+/// B * H` blocks (times chunks for the parallel passes).
+pub const CHUNK_BLOCK_K: usize = geometry::CHUNK_TILE as usize;
 /// See [`CHUNK_BLOCK_K`].
-pub const CHUNK_BLOCK_V: usize = 64;
-/// State tile of one `fused_recurrent` block (`R_ROWS x R_COLS` in kernels/gla.cu).
-pub const RECURRENT_BLOCK_K: usize = 32;
+pub const CHUNK_BLOCK_V: usize = geometry::CHUNK_TILE as usize;
+/// State tile of one `fused_recurrent` block.
+pub const RECURRENT_BLOCK_K: usize = geometry::RECURRENT_TILE as usize;
 /// See [`RECURRENT_BLOCK_K`].
-pub const RECURRENT_BLOCK_V: usize = 32;
-/// Whether `mode`'s GLA kernels run their matmuls on bf16/fp16 tensor cores for inputs of
+pub const RECURRENT_BLOCK_V: usize = geometry::RECURRENT_TILE as usize;
+/// Kernel launches per forward+backward of each mode.
+pub use geometry::{
+    CHUNK_LAUNCHES, FUSED_CHUNK_LAUNCHES, FUSED_RECURRENT_LAUNCHES, TENSOR_CORE_CHUNK_LAUNCHES,
+};
+
+/// Whether `op`'s GLA kernels run their matmuls on bf16/fp16 tensor cores for inputs of
 /// `act_bytes` bytes per element, so that the roofline takes the device's tensor peak. Only the
-/// bf16/fp16 `chunk` schedule does (kernels/gla_tc.cu: `mma.m16n8k16` in the input dtype, the
+/// bf16/fp16 `chunk` mode does (kernels/gla_tc.cu: `mma.m16n8k16` in the input dtype, the
 /// intra-chunk products as three mma on bf16 halves). fp32 `chunk` and `fused_chunk` at any
 /// precision run kernels/gla.cu's 3xTF32 products (three tf32 mma for one fp32-accurate one:
 /// about the fp32 peak), fused_recurrent scalar fp32 FMAs: the roofline takes the fp32 peak.
-pub fn gla_uses_tensor_cores(mode: Mode, act_bytes: u64) -> bool {
-    mode == Mode::Chunk && act_bytes == 2
+pub fn gla_uses_tensor_cores(op: LayerOp, act_bytes: u64) -> bool {
+    op == LayerOp::Gla(GlaMode::Chunk) && act_bytes == 2
 }
-/// Kernel launches per forward+backward, per schedule. fp32 chunk (kernels/gla.cu): state pass +
-/// outputs; state adjoint pass + gradients; gate gradient; launcher reductions of the tile
-/// partials.
-pub const CHUNK_LAUNCHES: u32 = 7;
-/// bf16/fp16 chunk (kernels/gla_tc.cu): forward state walk, A, outputs; backward adjoint state
-/// walk, dv, dq/dk/dg. Every kernel writes whole results: no reductions of tile partials.
-pub const TENSOR_CORE_CHUNK_LAUNCHES: u32 = 6;
-/// See [`CHUNK_LAUNCHES`] (one forward walk, one backward walk, gate gradient, reductions).
-pub const FUSED_CHUNK_LAUNCHES: u32 = 5;
-/// See [`CHUNK_LAUNCHES`].
-pub const FUSED_RECURRENT_LAUNCHES: u32 = 5;
 
 /// How a layer's head dims are padded to whole tiles.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -69,7 +69,7 @@ pub enum TrainError {
     Preflight(#[from] glatrain_preflight::PreflightError),
     /// glatrain's CUDA kernels cannot run on the device.
     #[error("GLA kernels: {0}")]
-    Kernels(glatrain_ops::cuda::CudaError),
+    Kernels(glatrain_cuda::CudaError),
 }
 
 impl TrainError {

@@ -14,7 +14,7 @@ use crate::checkpoint;
 use crate::error::TrainError;
 use crate::plot::{draw_ppl_by_position, BucketPoint};
 use crate::precision::MixedPrecision;
-use crate::session;
+use crate::setup;
 use crate::state::TrainState;
 
 /// Position buckets of the loss-by-position table (fewer when the context is shorter).
@@ -227,7 +227,7 @@ fn checkpoint_dir_name(path: &Path) -> bool {
 /// run in, and the state.
 pub(crate) struct InferenceModel {
     pub cfg: glatrain_config::ResolvedConfig,
-    pub built: session::BuiltModel,
+    pub built: setup::BuiltModel,
     pub precision: MixedPrecision,
     pub device: Device,
     pub state: TrainState,
@@ -241,7 +241,7 @@ pub(crate) fn load_for_inference(path: &Path) -> Result<InferenceModel, TrainErr
     let dir = resolve_checkpoint(path)?;
     let config_path = dir.join(checkpoint::CONFIG_FILE);
     let cfg = glatrain_config::load(&config_path, &[])?;
-    let device = match session::resolve_device(&cfg.config.run.device, &cfg.source) {
+    let device = match setup::resolve_device(&cfg.config.run.device, &cfg.source) {
         Ok(device) => device,
         Err(e) if !tch::Cuda::is_available() => {
             eprintln!("note: {e}; running on the CPU");
@@ -255,10 +255,12 @@ pub(crate) fn load_for_inference(path: &Path) -> Result<InferenceModel, TrainErr
         Precision::Fp32
     };
     let precision = MixedPrecision::new(precision, device, &cfg.source)?;
-    session::apply_threads(&cfg);
+    setup::apply_threads(&cfg);
     let ck = checkpoint::load::<TrainState>(&dir)?;
-    let built = session::build_model(&cfg, device, cfg.config.kernels.mode)?;
-    session::load_weights(&built.vs, &ck.weights, &dir)?;
+    // The rules preflight (instant) resolves the GLA mode as training did by rules.
+    let mode = crate::preflight::chosen_mode(&crate::preflight::report(&cfg, device, false)?);
+    let built = setup::build_model(&cfg, device, mode)?;
+    setup::load_weights(&built.vs, &ck.weights, &dir)?;
     Ok(InferenceModel {
         cfg,
         built,

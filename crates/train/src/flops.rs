@@ -21,6 +21,7 @@
 //! on an unknown GPU or on CPU it is not reported.
 
 use glatrain_config::{ModelConfig, Precision};
+use glatrain_cuda::GpuSpec;
 
 /// Chunk length used for the GLA FLOP count (the chunked kernels' tile).
 pub const GLA_FLOP_CHUNK: usize = 64;
@@ -82,25 +83,13 @@ pub fn flops_per_token(model: &ModelConfig, seq_len: usize) -> u64 {
 }
 
 /// Dense peak FLOP/s of a GPU (by its driver name) for a training precision, from the vendors'
-/// data sheets (dense, no sparsity): tensor-core bf16/fp16, or plain fp32 (libtorch does not use
-/// TF32 for fp32 matmuls by default). `None` for a GPU not in the table.
+/// data sheets ([`GpuSpec`], dense, no sparsity): tensor-core bf16/fp16, or plain fp32 (libtorch
+/// does not use TF32 for fp32 matmuls by default). `None` for a GPU not in the table.
 pub fn peak_flops(gpu_name: &str, precision: Precision) -> Option<f64> {
-    let name = gpu_name.to_ascii_uppercase();
-    // (name fragment, half-precision peak, fp32 peak); the most specific fragments first.
-    const TABLE: &[(&str, f64, f64)] = &[
-        ("H100 PCIE", 756e12, 51e12),
-        ("H100 NVL", 835e12, 60e12),
-        ("H100", 989e12, 67e12), // SXM ("H100 80GB HBM3")
-        ("H200", 989e12, 67e12),
-        ("A100", 312e12, 19.5e12),
-    ];
-    TABLE
-        .iter()
-        .find(|(fragment, _, _)| name.contains(fragment))
-        .map(|&(_, half, fp32)| match precision {
-            Precision::Fp32 => fp32,
-            Precision::Bf16 | Precision::Fp16 => half,
-        })
+    GpuSpec::lookup(gpu_name).map(|spec| match precision {
+        Precision::Fp32 => spec.datasheet_fp32_flops,
+        Precision::Bf16 | Precision::Fp16 => spec.datasheet_half_flops,
+    })
 }
 
 /// MFU as a fraction: `flops_per_token * tokens_per_sec / peak`.

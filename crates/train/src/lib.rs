@@ -20,7 +20,7 @@ pub mod progress;
 pub mod sample;
 pub mod scaler;
 pub mod schedule;
-pub mod session;
+pub mod setup;
 pub mod state;
 pub mod sysinfo;
 pub mod trainer;

@@ -2,7 +2,7 @@
 //! clipping and the gradient bookkeeping of a step.
 //!
 //! The update is PyTorch's `torch.optim.AdamW` (`fused=True`, `amsgrad=False`), run by libtorch's
-//! multi-tensor kernel over each weight-decay group ([`glatrain_ops::multi_tensor`]):
+//! multi-tensor kernel over each weight-decay group ([`glatrain_shim::multi_tensor`]):
 //!
 //! ```text
 //! p  <- p * (1 - lr * wd)                       decoupled decay, wd = 0 in the no-decay group
@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use glatrain_ops::multi_tensor::{self, AdamWStep, AdamWTensors};
+use glatrain_shim::multi_tensor::{self, AdamWStep, AdamWTensors};
 use tch::{Kind, Tensor};
 
 /// AdamW's fixed hyper-parameters; the learning rate comes per step from the schedule.

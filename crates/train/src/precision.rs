@@ -1,8 +1,8 @@
 //! Numeric precision of the forward/backward pass.
 //!
 //! Design: master weights, gradients and optimizer state are always fp32. `bf16` and `fp16` run
-//! the forward pass in a libtorch CUDA autocast region (`glatrain_ops::autocast`), with the
-//! autocast dtype set through `glatrain_ops::autocast::set_autocast_dtype` (tch's own autocast is
+//! the forward pass in a libtorch CUDA autocast region (`glatrain_shim::autocast`), with the
+//! autocast dtype set through `glatrain_shim::autocast::set_autocast_dtype` (tch's own autocast is
 //! fp16-only and calls deprecated libtorch functions). Autocast casts
 //! each fp32 weight to the half type once per forward (its cast cache), runs matmuls and
 //! attention in half precision and keeps reductions, norms and the loss in fp32; backward
@@ -39,7 +39,7 @@ pub enum PrecisionError {
     Autocast {
         source_name: String,
         precision: &'static str,
-        source: glatrain_ops::autocast::AutocastError,
+        source: glatrain_shim::autocast::AutocastError,
     },
 }
 
@@ -79,7 +79,7 @@ impl MixedPrecision {
                 device,
             });
         }
-        glatrain_ops::autocast::set_autocast_dtype(kind).map_err(|source| {
+        glatrain_shim::autocast::set_autocast_dtype(kind).map_err(|source| {
             PrecisionError::Autocast {
                 source_name: source_name.to_string(),
                 precision: precision_name(precision),
@@ -107,7 +107,7 @@ impl MixedPrecision {
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
         match self.autocast_kind() {
             None => f(),
-            Some(_) => glatrain_ops::autocast::autocast(f),
+            Some(_) => glatrain_shim::autocast::autocast(f),
         }
     }
 }

@@ -2,13 +2,10 @@
 //! report (by rules, or by timing the GLA kernels on the real shapes), and the kernel mode the
 //! model is built with.
 
-use glatrain_config::{KernelMode, Precision, PreflightPolicy, ResolvedConfig};
-use glatrain_ops::bench::{CudaTimer, TIMING_ROUNDS};
-use glatrain_ops::cuda::{CudaError, KernelSource};
+use glatrain_config::{GlaMode, Precision, PreflightPolicy, ResolvedConfig};
+use glatrain_cuda::{CudaError, CudaTimer, TIMING_ROUNDS};
 use glatrain_ops::sdpa;
-use glatrain_preflight::{
-    default_cache_dir, DeviceProfile, LayerShape, ModeTimer, ModelType, Report, SoftmaxTiming,
-};
+use glatrain_preflight::{DeviceProfile, LayerShape, ModeTimer, ModelType, Report, SoftmaxTiming};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
@@ -23,7 +20,7 @@ const TIMED_ITERS: usize = 5;
 pub fn device_profile(device: Device) -> Result<DeviceProfile, TrainError> {
     match device {
         Device::Cuda(ordinal) => {
-            let props = glatrain_ops::cuda::Device::get(ordinal)
+            let props = glatrain_cuda::Gpu::get(ordinal)
                 .and_then(|d| d.properties())
                 .map_err(TrainError::Kernels)?;
             Ok(DeviceProfile::from_cuda_device(
@@ -41,7 +38,7 @@ pub fn device_profile(device: Device) -> Result<DeviceProfile, TrainError> {
 pub fn report(cfg: &ResolvedConfig, device: Device, measure: bool) -> Result<Report, TrainError> {
     let profile = device_profile(device)?;
     let measure = measure || cfg.config.kernels.preflight == PreflightPolicy::Measure;
-    match (measure, device, default_cache_dir()) {
+    match (measure, device, glatrain_fs::cache_dir("preflight")) {
         (true, Device::Cuda(ordinal), Some(cache)) => {
             let mut timer = KernelTimer {
                 device,
@@ -53,15 +50,15 @@ pub fn report(cfg: &ResolvedConfig, device: Device, measure: bool) -> Result<Rep
     }
 }
 
-/// The kernel mode to build the model with: the GLA row's decision (every GLA layer has the
-/// same shape), else the config's.
-pub fn chosen_mode(report: &Report, cfg: &ResolvedConfig) -> KernelMode {
+/// The mode to build the model's GLA layers with: the GLA row's decision (every GLA layer has
+/// the same shape). A model without GLA layers gets [`GlaMode::Reference`], which it does not use.
+pub fn chosen_mode(report: &Report) -> GlaMode {
     report
         .rows
         .iter()
         .find(|row| row.shape.model_type == ModelType::Gla && !row.shape.decoding)
-        .and_then(|row| row.decision.mode.kernel_mode())
-        .unwrap_or(cfg.config.kernels.mode)
+        .and_then(|row| row.decision.op.gla_mode())
+        .unwrap_or(GlaMode::Reference)
 }
 
 /// Times one forward + backward of the GLA op for the measured preflight (the fastest of
@@ -125,7 +122,7 @@ impl LayerInputs {
         let run = || -> Result<(), TimingError> {
             let o = forward(self)?;
             let leaves = [&self.q, &self.k, &self.v, &self.gk];
-            glatrain_ops::autograd::grad(&o, &self.d_o, &leaves).map_err(TimingError)?;
+            glatrain_shim::autograd::grad(&o, &self.d_o, &leaves).map_err(TimingError)?;
             Ok(())
         };
         timer
@@ -135,14 +132,10 @@ impl LayerInputs {
 }
 
 impl ModeTimer for KernelTimer {
-    fn time_ms(&mut self, shape: &LayerShape, mode: KernelMode) -> Result<f64, String> {
-        if mode == KernelMode::Auto {
-            return Err("auto is not a kernel mode".into());
-        }
-        let mode = glatrain_models::gla::op_mode(mode);
+    fn time_ms(&mut self, shape: &LayerShape, mode: GlaMode) -> Result<f64, String> {
         let inputs = LayerInputs::new(shape, self.device);
         if let Device::Cuda(ordinal) = self.device {
-            glatrain_ops::gla::prepare_optimised(ordinal, inputs.q.kind(), mode)
+            glatrain_ops::gla::prepare(ordinal, inputs.q.kind(), mode, true)
                 .map_err(|e| e.to_string())?;
         }
         inputs.time(&mut self.timer, |x| {
@@ -157,7 +150,7 @@ impl ModeTimer for KernelTimer {
         let inputs = LayerInputs::new(shape, self.device);
         let backend = sdpa::chosen_backend(&inputs.q, &inputs.k, &inputs.v)
             .map_err(|e| e.to_string())?
-            .map_or("none", sdpa::SdpaBackend::name);
+            .map_or("none", glatrain_shim::sdp::SdpaBackend::name);
         let ms = inputs.time(&mut self.timer, |x| {
             sdpa::causal_sdpa(&x.q, &x.k, &x.v).map_err(|e| TimingError(e.to_string()))
         })?;
@@ -169,10 +162,11 @@ impl ModeTimer for KernelTimer {
 
     fn kernel_version(&self) -> String {
         let mut hash = Sha256::new();
-        for source in KernelSource::ALL {
-            hash.update(source.file_name());
+        for source in glatrain_ops::kernel_sources() {
+            hash.update(source.file);
             hash.update(source.text().unwrap_or_default());
         }
+        hash.update(glatrain_cuda::PRELUDE.text().unwrap_or_default());
         hex::encode(&hash.finalize()[..8])
     }
 }
@@ -194,7 +188,7 @@ mod tests {
     fn cpu_runs_the_reference_op_whatever_the_policy() {
         let cfg = tiny("auto");
         let report = report(&cfg, Device::Cpu, true).unwrap();
-        assert_eq!(chosen_mode(&report, &cfg), KernelMode::Reference);
+        assert_eq!(chosen_mode(&report), GlaMode::Reference);
         assert!(
             report.render_table().contains("reference"),
             "{}",
@@ -206,7 +200,7 @@ mod tests {
     fn a_forced_mode_is_reported_as_forced() {
         let cfg = tiny("reference");
         let report = report(&cfg, Device::Cpu, false).unwrap();
-        assert_eq!(chosen_mode(&report, &cfg), KernelMode::Reference);
+        assert_eq!(chosen_mode(&report), GlaMode::Reference);
         assert!(
             report.render_table().contains("forced"),
             "{}",

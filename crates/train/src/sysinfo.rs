@@ -12,8 +12,8 @@ pub fn gpu_name(device: Device) -> Option<String> {
     if !tch::Cuda::is_available() {
         return None;
     }
-    let ctx = cudarc::driver::CudaContext::new(ordinal).ok()?;
-    ctx.name().ok()
+    let dev = glatrain_cuda::Gpu::get(ordinal).ok()?;
+    dev.properties().ok().map(|p| p.name)
 }
 
 /// A memory reading: which quantity and its value in bytes.
@@ -29,8 +29,9 @@ pub struct MemoryReading {
 pub fn memory(device: Device) -> Option<MemoryReading> {
     match device {
         Device::Cuda(ordinal) if tch::Cuda::is_available() => {
-            let ctx = cudarc::driver::CudaContext::new(ordinal).ok()?;
-            let (free, total) = ctx.mem_get_info().ok()?;
+            let dev = glatrain_cuda::Gpu::get(ordinal).ok()?;
+            dev.bind().ok()?;
+            let (free, total) = dev.context().mem_get_info().ok()?;
             Some(MemoryReading {
                 tag: "memory/gpu_used_bytes",
                 bytes: (total - free) as u64,

@@ -30,7 +30,7 @@ use crate::precision::MixedPrecision;
 use crate::progress::{format_rate, Progress, StepView};
 use crate::scaler::LossScaler;
 use crate::schedule::LrSchedule;
-use crate::session::{self, named_variables};
+use crate::setup::{self, named_variables};
 use crate::state::{model_differences, TrainState, RNG_NOTE};
 use crate::sysinfo;
 
@@ -108,8 +108,8 @@ struct Run<'a> {
 pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let cfg = &cfg;
     let tc = &cfg.config.train;
-    let device = session::resolve_device(&cfg.config.run.device, &cfg.source)?;
-    let threads = session::apply_threads(cfg);
+    let device = setup::resolve_device(&cfg.config.run.device, &cfg.source)?;
+    let threads = setup::apply_threads(cfg);
     let precision = MixedPrecision::new(tc.precision, device, &cfg.source)?;
 
     let run_dir = cfg.run_dir();
@@ -121,11 +121,11 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
     let preflight = crate::preflight::report(cfg, device, false)?;
     eprint!("{}", preflight.render_table());
     preflight.check()?;
-    let mode = crate::preflight::chosen_mode(&preflight, cfg);
+    let mode = crate::preflight::chosen_mode(&preflight);
     let kernel_kind = precision.autocast_kind().unwrap_or(Kind::Float);
-    session::prepare_kernels(cfg, device, mode, kernel_kind);
+    setup::prepare_kernels(cfg, device, mode, kernel_kind);
 
-    let session::BuiltModel { vs, model } = session::build_model(cfg, device, mode)?;
+    let setup::BuiltModel { vs, model } = setup::build_model(cfg, device, mode)?;
     let parameters = glatrain_models::count_parameters(&vs);
     let params: Vec<(String, Tensor, bool)> = named_variables(&vs)
         .into_iter()
@@ -327,7 +327,7 @@ fn restore(
             ck.state.torch_threads
         );
     }
-    session::load_weights(vs, &ck.weights, dir)?;
+    setup::load_weights(vs, &ck.weights, dir)?;
     opt.load_state(ck.optimizer, ck.state.optimizer_updates)
         .map_err(|e| TrainError::CheckpointMismatch {
             dir: dir.to_path_buf(),

@@ -61,7 +61,7 @@ mod tests {
         let chunks = pad_and_chunk(&x, 8, 4);
         assert_eq!(chunks.size(), [1, 2, 4, 2]);
         let flat = chunks.reshape([1, 8, 2]);
-        assert_eq!(crate::testing::rel_rms(&flat.narrow(1, 0, 5), &x), 0.0);
+        assert_eq!(glatrain_testing::rel_rms(&flat.narrow(1, 0, 5), &x), 0.0);
         assert_eq!(
             flat.narrow(1, 5, 3)
                 .abs()

@@ -350,7 +350,7 @@ pub fn gla_naive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{gradcheck, rel_rms, GradcheckOptions, Rng};
+    use glatrain_testing::{gradcheck, rel_rms, GradcheckOptions, Rng};
 
     /// Forget-gate regimes: the model's (`logsigmoid(x) / 16`) and a strong one whose cumulative
     /// sums over a chunk overflow `exp(-b_s)` in f32 (and over a sequence of 130, nearly in f64).

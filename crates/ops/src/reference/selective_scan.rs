@@ -238,7 +238,7 @@ pub fn selective_scan_chunked(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{gradcheck, rel_rms, GradcheckOptions, Rng};
+    use glatrain_testing::{gradcheck, rel_rms, GradcheckOptions, Rng};
 
     /// Step regimes: Mamba's (delta ~ softplus around 0.3, A = -(1..N)) and a strong one whose
     /// cumulative decays over a chunk overflow `exp(-cs_s)`.

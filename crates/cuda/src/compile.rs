@@ -1,20 +1,19 @@
-//! Kernel sources and their compilation: NVRTC to CUBIN for one architecture, cached on disk.
+//! NVRTC compilation of kernel sources to CUBIN for one architecture, cached on disk.
 //!
-//! Sources are embedded in the binary (`include_str!` of `kernels/`). For iterating on a kernel
-//! without rebuilding Rust, `GLATRAIN_KERNEL_DIR=<dir>` makes the launchers read `<dir>/<file>`
-//! instead. Each kernel of a source is its own NVRTC program (`-DGLA_KERNEL=<index>` selects it),
-//! and a source's kernels are compiled in parallel: the first call waits for the slowest kernel,
-//! not for all of them. CUBIN (not PTX) is produced so the driver does not JIT at load time.
+//! Each entry point of a [`KernelSource`] is its own NVRTC program (`-DKERNEL_INDEX=<index>`,
+//! `-DKERNEL_DTYPE_<DTYPE>`, the prelude `kernels/common.cuh` as a named header), and a source's
+//! programs compile in parallel. CUBIN (not PTX) is produced so the driver does not JIT at load
+//! time.
 //!
 //! Every kernel compiles at two [`Tier`]s. With an empty cache, `Quick` code (NVRTC's
-//! `--Ofast-compile=mid`: the bf16 module in ~0.6 s instead of 1.1-2.3 s on an H100 host, kernels
-//! ~8x slower) serves the first calls while the `Full` code (the optimised code the benchmarks
-//! time) compiles on a background thread and then takes over. Both tiers give the same results
-//! bit for bit (tests/cuda_tiers.rs), so a run from a cold cache matches one from a warm cache.
+//! `--Ofast-compile=mid`: about a third of the compile time, kernels ~8x slower) serves the first
+//! calls while the `Full` code (the optimised code the benchmarks time) compiles on a background
+//! thread and then takes over ([`crate::Gpu`]). Both tiers give the same results bit for bit
+//! (a GPU test of each op checks it), so a run from a cold cache matches one from a warm cache.
 //! `GLATRAIN_KERNEL_TIER` pins one tier instead ([`TierPolicy`]).
 //!
-//! The cache lives in `$GLATRAIN_CACHE_DIR`, else `$XDG_CACHE_HOME/glatrain/kernels`, else
-//! `~/.cache/glatrain/kernels`, one file per (source text, options, NVRTC version, arch).
+//! The cache lives in [`glatrain_fs::cache_dir`]`("kernels")`, one file per (source and header
+//! text, options, NVRTC version, architecture).
 
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::path::PathBuf;
@@ -22,130 +21,9 @@ use std::path::PathBuf;
 use cudarc::nvrtc::{result, sys};
 use sha2::{Digest, Sha256};
 
-use super::{catch_library_panic, CudaError};
-
-/// A kernel source file under `kernels/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KernelSource {
-    /// `kernels/gla.cu`: every GLA schedule (the only one for fp32 inputs).
-    Gla,
-    /// `kernels/gla_tc.cu`: the `chunk` schedule on bf16/fp16 tensor cores.
-    GlaTensorCore,
-}
-
-impl KernelSource {
-    /// Every source, for the compile-everything check.
-    pub const ALL: [KernelSource; 2] = [KernelSource::Gla, KernelSource::GlaTensorCore];
-
-    /// The file name under `kernels/`.
-    pub fn file_name(self) -> &'static str {
-        match self {
-            KernelSource::Gla => "gla.cu",
-            KernelSource::GlaTensorCore => "gla_tc.cu",
-        }
-    }
-
-    /// The kernels of this source, in the order of their `GLA_KERNEL` index (the names without
-    /// the dtype suffix).
-    pub fn kernels(self) -> &'static [&'static str] {
-        match self {
-            KernelSource::Gla => &[
-                "gla_recurrent_fwd",
-                "gla_recurrent_bwd",
-                "gla_chunk_fwd",
-                "gla_chunk_bwd",
-                "gla_chunk_states",
-                "gla_dg",
-            ],
-            KernelSource::GlaTensorCore => &[
-                "gla_tc_states",
-                "gla_tc_attn",
-                "gla_tc_fwd_o",
-                "gla_tc_bwd_dv",
-                "gla_tc_bwd_dqk",
-                "gla_tc_carry",
-                "gla_tc_fixup",
-                "gla_tc_walk_o",
-                "gla_tc_walk_dv",
-                "gla_tc_walk_o_wide",
-                "gla_tc_walk_dv_wide",
-            ],
-        }
-    }
-
-    /// The input dtypes this source is instantiated for.
-    pub fn dtypes(self) -> &'static [KernelDtype] {
-        match self {
-            KernelSource::Gla => &KernelDtype::ALL,
-            KernelSource::GlaTensorCore => &[KernelDtype::Bf16, KernelDtype::F16],
-        }
-    }
-
-    fn embedded(self) -> &'static str {
-        match self {
-            KernelSource::Gla => include_str!("../../../../kernels/gla.cu"),
-            KernelSource::GlaTensorCore => include_str!("../../../../kernels/gla_tc.cu"),
-        }
-    }
-
-    /// The source text: `$GLATRAIN_KERNEL_DIR/<file>` when that variable is set, else embedded.
-    pub fn text(self) -> Result<String, CudaError> {
-        match std::env::var_os("GLATRAIN_KERNEL_DIR") {
-            Some(dir) => {
-                let path = PathBuf::from(&dir).join(self.file_name());
-                std::fs::read_to_string(&path).map_err(|e| CudaError::Override {
-                    dir: dir.to_string_lossy().into_owned(),
-                    file: self.file_name().to_string(),
-                    message: e.to_string(),
-                })
-            }
-            None => Ok(self.embedded().to_string()),
-        }
-    }
-}
-
-/// The element type a kernel module is instantiated for (one module per dtype).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KernelDtype {
-    /// fp32 inputs.
-    F32,
-    /// bf16 inputs.
-    Bf16,
-    /// fp16 inputs.
-    F16,
-}
-
-impl KernelDtype {
-    /// Every dtype, for the compile-everything check.
-    pub const ALL: [KernelDtype; 3] = [KernelDtype::F32, KernelDtype::Bf16, KernelDtype::F16];
-
-    /// The dtype of a tch kind, if kernels exist for it.
-    pub fn of(kind: tch::Kind) -> Option<Self> {
-        match kind {
-            tch::Kind::Float => Some(Self::F32),
-            tch::Kind::BFloat16 => Some(Self::Bf16),
-            tch::Kind::Half => Some(Self::F16),
-            _ => None,
-        }
-    }
-
-    /// The suffix of kernel names (`gla_chunk_fwd_bf16`).
-    pub fn suffix(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-            Self::F16 => "f16",
-        }
-    }
-
-    fn define(self) -> &'static str {
-        match self {
-            Self::F32 => "-DGLA_DTYPE_F32",
-            Self::Bf16 => "-DGLA_DTYPE_BF16",
-            Self::F16 => "-DGLA_DTYPE_F16",
-        }
-    }
-}
+use crate::error::catch_library_panic;
+use crate::source::{KernelDtype, KernelSource, PRELUDE};
+use crate::CudaError;
 
 /// How much optimisation NVRTC spends on a kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -220,15 +98,31 @@ impl TierPolicy {
     }
 }
 
-/// One NVRTC program: a kernel of a source's text, for a dtype, an architecture and a tier.
+/// One NVRTC program: an entry point of a source's text, for a dtype, an architecture and a tier.
 #[derive(Debug, Clone, Copy)]
 struct Program<'a> {
-    text: &'a str,
-    source: KernelSource,
+    text: &'a SourceText,
+    source: &'static KernelSource,
     dtype: KernelDtype,
     arch: &'a str,
     kernel: usize,
     tier: Tier,
+}
+
+/// A source's text and the prelude's, read once for all of its programs.
+#[derive(Debug)]
+struct SourceText {
+    source: String,
+    prelude: String,
+}
+
+impl SourceText {
+    fn of(source: &KernelSource) -> Result<Self, CudaError> {
+        Ok(Self {
+            source: source.text()?,
+            prelude: PRELUDE.text()?,
+        })
+    }
 }
 
 impl Program<'_> {
@@ -244,7 +138,7 @@ impl Program<'_> {
             format!("--gpu-architecture={arch}"),
             "-std=c++17".to_string(),
             dtype.define().to_string(),
-            format!("-DGLA_KERNEL={kernel}"),
+            format!("-DKERNEL_INDEX={kernel}"),
             // Subnormals flushed: without it every exp carries three instructions of
             // subnormal-range handling, for values (< 1e-38) that never matter here.
             "--ftz=true".to_string(),
@@ -255,23 +149,47 @@ impl Program<'_> {
         options
     }
 
+    fn compile_error(&self, log: String) -> CudaError {
+        CudaError::Compile {
+            source_name: self.source.file.to_string(),
+            arch: self.arch.to_string(),
+            options: self.options().join(" "),
+            log,
+        }
+    }
+
     /// Compiles the program to CUBIN; a rejected source's error carries NVRTC's log.
     fn compile(&self) -> Result<Vec<u8>, CudaError> {
         nvrtc_version()?;
         let opts = self.options();
-        let src = CString::new(self.text).map_err(|_| CudaError::Compile {
-            source_name: self.source.file_name().to_string(),
-            arch: self.arch.to_string(),
-            options: opts.join(" "),
-            log: "the source contains a NUL byte".to_string(),
+        let c_string = |text: &str, what: &str| {
+            CString::new(text)
+                .map_err(|_| self.compile_error(format!("{what} contains a NUL byte")))
+        };
+        let src = c_string(&self.text.source, self.source.file)?;
+        let name = c_string(self.source.file, "the file name")?;
+        let header = c_string(&self.text.prelude, PRELUDE.file)?;
+        let header_name = c_string(PRELUDE.file, "the header name")?;
+        let headers = [header.as_ptr()];
+        let header_names = [header_name.as_ptr()];
+        let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call; the header
+        // arrays hold one element each.
+        let created = catch_library_panic("loading libnvrtc", || unsafe {
+            sys::nvrtcCreateProgram(
+                &mut prog,
+                src.as_ptr(),
+                name.as_ptr(),
+                1,
+                headers.as_ptr(),
+                header_names.as_ptr(),
+            )
         })?;
-        let name = CString::new(self.source.file_name()).expect("file names have no NUL");
-        let prog = catch_library_panic("loading libnvrtc", || {
-            result::create_program(&src, Some(&name))
-        })?
-        .map_err(|e| CudaError::Library(format!("nvrtcCreateProgram: {e:?}")))?;
-        // SAFETY: `prog` was created above and is destroyed exactly once, below; `src` and `name`
-        // outlive it.
+        created
+            .result()
+            .map_err(|e| CudaError::Library(format!("nvrtcCreateProgram: {e:?}")))?;
+        // SAFETY: `prog` was created above and is destroyed exactly once, below; the strings it
+        // was created from outlive it.
         let compiled = unsafe { result::compile_program(prog, &opts) };
         // SAFETY: as above; the log and CUBIN getters write into buffers of the sizes NVRTC reports.
         let out = unsafe {
@@ -280,12 +198,7 @@ impl Program<'_> {
                     let log = result::get_program_log(prog)
                         .map(|raw| CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned())
                         .unwrap_or_else(|e| format!("(no log: {e:?})"));
-                    Err(CudaError::Compile {
-                        source_name: self.source.file_name().to_string(),
-                        arch: self.arch.to_string(),
-                        options: opts.join(" "),
-                        log,
-                    })
+                    Err(self.compile_error(log))
                 }
                 Ok(()) => {
                     let mut size = 0usize;
@@ -309,31 +222,32 @@ impl Program<'_> {
     }
 
     /// The program's file in the disk cache, named by a hash of everything its CUBIN depends on
-    /// (the source text, the options, NVRTC's version).
+    /// (the source and prelude texts, the options, NVRTC's version).
     fn cache_entry(&self, (major, minor): (c_int, c_int)) -> CacheEntry {
         let mut hasher = Sha256::new();
-        hasher.update(self.text.as_bytes());
+        hasher.update(self.text.source.as_bytes());
+        hasher.update(self.text.prelude.as_bytes());
         hasher.update(self.options().join(" ").as_bytes());
         hasher.update(format!("nvrtc {major}.{minor}").as_bytes());
         let key = hex::encode(&hasher.finalize()[..16]);
         let file = format!(
             "{}-{}-{}-{}-{key}-{}.cubin",
-            self.source.file_name(),
-            self.source.kernels()[self.kernel],
+            self.source.file,
+            self.source.kernels[self.kernel],
             self.dtype.suffix(),
             self.tier.name(),
             self.arch
         );
         CacheEntry {
-            path: cache_dir().map(|d| d.join(file)),
+            path: glatrain_fs::cache_dir("kernels").map(|d| d.join(file)),
         }
     }
 }
 
 /// The program of each kernel of `source` (by index in [`KernelSource::kernels`]).
 fn programs<'a>(
-    text: &'a str,
-    source: KernelSource,
+    text: &'a SourceText,
+    source: &'static KernelSource,
     dtype: KernelDtype,
     arch: &'a str,
     tier: Tier,
@@ -351,12 +265,12 @@ fn programs<'a>(
 /// Runs `f` for every kernel index of `source` on its own thread (NVRTC compiles independent
 /// programs concurrently), in index order.
 fn each_kernel<T: Send>(
-    source: KernelSource,
+    source: &KernelSource,
     f: impl Fn(usize) -> Result<T, CudaError> + Sync,
 ) -> Result<Vec<T>, CudaError> {
     let f = &f;
     std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..source.kernels().len())
+        let handles: Vec<_> = (0..source.kernels.len())
             .map(|i| scope.spawn(move || f(i)))
             .collect();
         handles
@@ -416,12 +330,12 @@ pub struct Compiled {
 /// Compiles every kernel of `source` for `dtype` and `arch` (e.g. `sm_90`) at `tier` to CUBIN, in
 /// parallel, bypassing the cache: one per kernel, in [`KernelSource::kernels`] order.
 pub fn compile_uncached(
-    source: KernelSource,
+    source: &'static KernelSource,
     dtype: KernelDtype,
     arch: &str,
     tier: Tier,
 ) -> Result<Vec<Compiled>, CudaError> {
-    let text = source.text()?;
+    let text = SourceText::of(source)?;
     let program = programs(&text, source, dtype, arch, tier);
     each_kernel(source, |kernel| {
         let start = std::time::Instant::now();
@@ -433,27 +347,16 @@ pub fn compile_uncached(
     })
 }
 
-/// The cache directory (see the module docs).
-pub fn cache_dir() -> Option<PathBuf> {
-    if let Some(dir) = std::env::var_os("GLATRAIN_CACHE_DIR") {
-        return Some(PathBuf::from(dir));
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    Some(base.join("glatrain").join("kernels"))
-}
-
 /// The CUBINs of every kernel of `source` for `dtype` and `arch` at `tier`
 /// ([`KernelSource::kernels`] order), each from the disk cache or freshly compiled (in parallel,
 /// then cached; a cache that cannot be written only costs the next run a compilation).
 pub fn cubins(
-    source: KernelSource,
+    source: &'static KernelSource,
     dtype: KernelDtype,
     arch: &str,
     tier: Tier,
 ) -> Result<Vec<Vec<u8>>, CudaError> {
-    let text = source.text()?;
+    let text = SourceText::of(source)?;
     let version = nvrtc_version()?;
     let program = programs(&text, source, dtype, arch, tier);
     each_kernel(source, |kernel| {
@@ -470,15 +373,15 @@ pub fn cubins(
 /// The CUBINs of every kernel of `source` for `dtype` and `arch` at `tier`, if the disk cache
 /// holds all of them (nothing is compiled).
 pub fn cached_cubins(
-    source: KernelSource,
+    source: &'static KernelSource,
     dtype: KernelDtype,
     arch: &str,
     tier: Tier,
 ) -> Result<Option<Vec<Vec<u8>>>, CudaError> {
-    let text = source.text()?;
+    let text = SourceText::of(source)?;
     let version = nvrtc_version()?;
     let program = programs(&text, source, dtype, arch, tier);
-    Ok((0..source.kernels().len())
+    Ok((0..source.kernels.len())
         .map(|kernel| program(kernel).cache_entry(version).read())
         .collect())
 }
@@ -495,7 +398,7 @@ impl CacheEntry {
 
     fn write(&self, cubin: &[u8]) {
         if let Some(path) = &self.path {
-            if let Err(e) = write_atomically(path, cubin) {
+            if let Err(e) = glatrain_fs::write_atomic(path, cubin) {
                 eprintln!(
                     "glatrain: warning: cannot cache a compiled kernel at {}: {e}",
                     path.display()
@@ -505,33 +408,9 @@ impl CacheEntry {
     }
 }
 
-/// Writes through a temporary file and a rename, so concurrent processes never read half a file.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".tmp-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dtype_of_kind() {
-        assert_eq!(
-            KernelDtype::of(tch::Kind::BFloat16),
-            Some(KernelDtype::Bf16)
-        );
-        assert_eq!(KernelDtype::of(tch::Kind::Half), Some(KernelDtype::F16));
-        assert_eq!(KernelDtype::of(tch::Kind::Float), Some(KernelDtype::F32));
-        assert_eq!(KernelDtype::of(tch::Kind::Double), None);
-    }
 
     #[test]
     fn tier_policy_from_its_variable() {
@@ -559,60 +438,69 @@ mod tests {
         );
     }
 
-    fn program(text: &str, source: KernelSource, kernel: usize, tier: Tier) -> Program<'_> {
-        programs(text, source, KernelDtype::F16, "sm_90", tier)(kernel)
+    static TEST_SOURCE: KernelSource = KernelSource {
+        file: "test.cu",
+        embedded: "#include \"common.cuh\"\n\
+                   #if WANT_KERNEL(0)\n\
+                   extern \"C\" __global__ void ENTRY(twice)(const input_t* x, float* y, int n) {\n\
+                     const int i = blockIdx.x * blockDim.x + threadIdx.x;\n\
+                     if (i < n) y[i] = 2.f * to_f32(x[i]);\n\
+                   }\n\
+                   #endif\n\
+                   #if WANT_KERNEL(1)\n\
+                   this is not CUDA\n\
+                   #endif\n",
+        kernels: &["twice", "broken"],
+        dtypes: &KernelDtype::ALL,
+    };
+
+    fn text() -> SourceText {
+        SourceText {
+            source: TEST_SOURCE.embedded.to_string(),
+            prelude: PRELUDE.embedded.to_string(),
+        }
+    }
+
+    fn program(text: &SourceText, kernel: usize, tier: Tier) -> Program<'_> {
+        programs(text, &TEST_SOURCE, KernelDtype::Bf16, "sm_90", tier)(kernel)
     }
 
     #[test]
     fn quick_tier_only_adds_the_fast_compile_option() {
-        let full = program("", KernelSource::Gla, 3, Tier::Full).options();
-        let quick = program("", KernelSource::Gla, 3, Tier::Quick).options();
+        let text = text();
+        let full = program(&text, 1, Tier::Full).options();
+        let quick = program(&text, 1, Tier::Quick).options();
         assert_eq!(quick[..full.len()], full[..]);
         assert_eq!(quick[full.len()..], ["--Ofast-compile=mid".to_string()]);
+        assert!(full.contains(&"-DKERNEL_INDEX=1".to_string()));
+        assert!(full.contains(&"-DKERNEL_DTYPE_BF16".to_string()));
     }
 
     #[test]
-    fn compile_error_carries_the_log() {
-        let err = program("this is not CUDA", KernelSource::Gla, 2, Tier::Full)
-            .compile()
-            .unwrap_err();
+    fn each_entry_point_compiles_alone_with_the_prelude() {
+        let text = text();
+        let cubin = program(&text, 0, Tier::Full).compile().unwrap();
+        assert!(cubin.len() > 500, "{} bytes", cubin.len());
+        let err = program(&text, 1, Tier::Full).compile().unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("gla.cu") && msg.contains("sm_90"), "{msg}");
+        assert!(msg.contains("test.cu") && msg.contains("sm_90"), "{msg}");
         assert!(
-            msg.contains("-DGLA_KERNEL=2") && msg.contains("error"),
+            msg.contains("-DKERNEL_INDEX=1") && msg.contains("error"),
             "{msg}"
         );
     }
 
     #[test]
-    fn every_kernel_is_its_own_program() {
-        for source in KernelSource::ALL {
-            let text = source.embedded();
-            for (i, name) in source.kernels().iter().enumerate() {
-                // Its index selects the section that defines the entry point.
-                let guard = format!("GLA_KERNEL == {i}\n");
-                let section = text.split_once(&guard).map(|(_, rest)| rest);
-                let section = section.and_then(|rest| rest.split_once("#endif"));
-                let (section, _) = section.unwrap_or_else(|| panic!("{name}: no {guard}"));
-                assert!(
-                    section.contains(&format!("ENTRY({name})("))
-                        || section.contains(&format!("WALK_ENTRY({name},")),
-                    "{name}"
-                );
-                assert!(program(text, source, i, Tier::Full)
-                    .options()
-                    .contains(&format!("-DGLA_KERNEL={i}")));
-            }
-        }
-    }
-
-    #[test]
-    fn cache_dir_prefers_the_variable() {
-        // Read-only check of the resolution order (the variable may be set by the environment).
-        if let Some(dir) = std::env::var_os("GLATRAIN_CACHE_DIR") {
-            assert_eq!(cache_dir(), Some(PathBuf::from(dir)));
-        } else {
-            assert!(cache_dir().is_some_and(|d| d.ends_with("glatrain/kernels")));
+    fn cache_entries_change_with_the_prelude() {
+        let original = text();
+        let changed = SourceText {
+            prelude: format!("{}\n// changed", original.prelude),
+            ..text()
+        };
+        let path = |t: &SourceText| program(t, 0, Tier::Full).cache_entry((13, 0)).path;
+        if let Some(a) = path(&original) {
+            assert!(a.starts_with(glatrain_fs::cache_dir("kernels").unwrap()));
+            assert_ne!(Some(a), path(&changed));
         }
     }
 }

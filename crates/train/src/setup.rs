@@ -1,11 +1,12 @@
 //! Setting up a run on a device: the device from `run.device`, libtorch's thread count, the
-//! model in a fresh VarStore, and copying checkpoint weights into it.
+//! kernels compiling in the background, the model in a fresh VarStore, and copying checkpoint
+//! weights into it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use glatrain_config::{KernelMode, ModelConfig, ResolvedConfig};
+use glatrain_config::{GlaMode, ModelConfig, ResolvedConfig};
 use glatrain_models::CausalLm;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -75,13 +76,12 @@ impl std::fmt::Debug for BuiltModel {
 static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// Seeds libtorch with `run.seed` and builds the configured model on `device`, its GLA layers
-/// running kernel `mode` (the preflight's choice; `kernels.mode` where no preflight ran). The
-/// same seed gives the same initial weights whatever other threads of the process do with
-/// glatrain.
+/// running `mode` (the preflight's choice). The same seed gives the same initial weights
+/// whatever other threads of the process do with glatrain.
 pub fn build_model(
     cfg: &ResolvedConfig,
     device: Device,
-    mode: KernelMode,
+    mode: GlaMode,
 ) -> Result<BuiltModel, TrainError> {
     // A panic while holding the lock poisons it without corrupting anything it guards.
     let _init = INIT_LOCK
@@ -101,14 +101,13 @@ pub fn build_model(
 /// Starts compiling (or reading from the disk cache) the GLA kernels this run calls, on a
 /// background thread, so that NVRTC overlaps building the model and opening the data instead of
 /// delaying the first step. The op's first call waits for a compilation still under way (with an
-/// empty cache, only for the quick tier; see `glatrain_ops::cuda::TierPolicy`); a failure here is
+/// empty cache, only for the quick tier; see `glatrain_cuda::TierPolicy`); a failure here is
 /// left for that call to report (it compiles again and returns the error).
-pub fn prepare_kernels(cfg: &ResolvedConfig, device: Device, mode: KernelMode, kind: Kind) {
+pub fn prepare_kernels(cfg: &ResolvedConfig, device: Device, mode: GlaMode, kind: Kind) {
     let (Device::Cuda(ordinal), ModelConfig::Gla(_)) = (device, &cfg.config.model) else {
         return;
     };
-    let mode = glatrain_models::gla::op_mode(mode);
-    std::thread::spawn(move || glatrain_ops::gla::prepare(ordinal, kind, mode));
+    std::thread::spawn(move || glatrain_ops::gla::prepare(ordinal, kind, mode, false));
 }
 
 /// The VarStore's variables sorted by name.

@@ -8,7 +8,7 @@ use std::ffi::{c_char, c_int};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
-use crate::shim::checked;
+use crate::checked::checked;
 
 extern "C" {
     fn glatrain_fused_adamw(
@@ -144,7 +144,7 @@ mod tests {
 
     /// Relative RMS error at most `tol` (fp32 arithmetic: ~1e-7).
     fn close(a: &Tensor, b: &Tensor, tol: f64) -> bool {
-        crate::testing::rel_rms(a, b) <= tol
+        glatrain_testing::rel_rms(a, b) <= tol
     }
 
     /// CPU, and the GPU where there is one (libtorch has a kernel for each).

@@ -50,7 +50,7 @@ pub fn set_autocast_dtype(kind: tch::Kind) -> Result<(), AutocastError> {
         other => return Err(AutocastError::Unsupported(other)),
     };
     // SAFETY: the shim writes at most `len` bytes, NUL-terminated, into `err`.
-    crate::shim::checked(|err, len| unsafe { glatrain_set_autocast_dtype(scalar, err, len) })
+    crate::checked::checked(|err, len| unsafe { glatrain_set_autocast_dtype(scalar, err, len) })
         .map_err(|message| AutocastError::Torch { kind, message })
 }
 

@@ -11,12 +11,13 @@
 
 use std::sync::Arc;
 
-use tch::Tensor;
+use glatrain_cuda::{launch, CudaError, Gpu, KernelDtype};
+use tch::{Kind, Tensor};
 
-use super::{
-    buffer, buffer_of, opt_ptr, ptr, tiles, Backward, CudaError, Device, Dims, Forward,
-    KernelDtype, KernelSource, CHUNK_LEN,
-};
+use super::kernels::geometry::CHUNK_LEN;
+use super::kernels::{Backward, BackwardInputs, Dims, Forward, Inputs, GLA_TC};
+use crate::launch::{buffer, opt_ptr, ptr, tiles};
+use crate::OpError;
 
 /// Threads per block.
 const THREADS: u32 = 128;
@@ -36,38 +37,40 @@ const MAX_GRID_Z: i64 = 65_535;
 const FORWARD: i32 = 0;
 const REVERSE: i32 = 1;
 
-fn check_grid(d: Dims) -> Result<(), CudaError> {
+fn check_grid(d: Dims) -> Result<(), OpError> {
     if d.b * d.h > MAX_GRID_Z {
-        return Err(CudaError::Driver {
-            what: "GLA launch".to_string(),
-            message: format!(
+        return Err(CudaError::Limit {
+            kernel: "gla (chunk, tensor cores)".to_string(),
+            what: format!(
                 "batch x heads = {} x {} = {} exceeds the {MAX_GRID_Z} blocks a grid's z \
                  dimension allows; split the batch",
                 d.b,
                 d.h,
                 d.b * d.h
             ),
-        });
+        }
+        .into());
     }
     // The kernels address a tile's rows with 32-bit offsets from one base pointer.
     let row_stride = d.h * d.k.max(d.v);
     if row_stride * CHUNK_LEN > i64::from(i32::MAX) {
-        return Err(CudaError::Driver {
-            what: "GLA launch".to_string(),
-            message: format!(
+        return Err(CudaError::Limit {
+            kernel: "gla (chunk, tensor cores)".to_string(),
+            what: format!(
                 "heads x head dim = {} x {} = {row_stride} elements per token is more than the \
                  kernels address (64 tokens must span under 2^31 elements)",
                 d.h,
                 d.k.max(d.v)
             ),
-        });
+        }
+        .into());
     }
     Ok(())
 }
 
 /// The chunk states `[B, H, chunks, K, V]` in the input dtype.
-fn states_buffer(d: Dims, like: &Tensor) -> Tensor {
-    buffer_of(&[d.b, d.h, d.chunks(), d.k, d.v], like.kind(), like)
+fn states_buffer(d: Dims, like: &Tensor) -> Result<Tensor, OpError> {
+    buffer(&[d.b, d.h, d.chunks(), d.k, d.v], like.kind(), like)
 }
 
 /// What the forward keeps for the backward, in one buffer of the input dtype, each part 16-byte
@@ -98,11 +101,11 @@ impl Kept {
         ]
     }
 
-    fn new(d: Dims, like: &Tensor) -> (Tensor, Self) {
+    fn new(d: Dims, like: &Tensor) -> Result<(Tensor, Self), OpError> {
         let total = Self::sizes(d).iter().map(|n| aligned(*n)).sum::<i64>();
-        let buf = buffer_of(&[total], like.kind(), like);
+        let buf = buffer(&[total], like.kind(), like)?;
         let kept = Self::view(d, &buf);
-        (buf, kept)
+        Ok((buf, kept))
     }
 
     /// The parts of `buf`, which must outlive their use.
@@ -131,19 +134,19 @@ fn aligned(n: i64) -> i64 {
 
 /// A of every chunk, qs, ks and the chunk decays (`gla_tc_attn`) into `kept`.
 fn attention(
-    dev: &Arc<Device>,
+    dev: &Arc<Gpu>,
     dt: KernelDtype,
     d: Dims,
     (q, k, g): (&Tensor, &Tensor, &Tensor),
     kept: &Kept,
     scale: f32,
-) -> Result<(), CudaError> {
+) -> Result<(), OpError> {
     let (tt, hh, kk) = (d.t as i32, d.h as i32, d.k as i32);
     let (qp, kp, gp, ap) = (ptr(q), ptr(k), ptr(g), kept.attn);
     let (qsp, ksp, dp) = (kept.qs, kept.ks, kept.decay);
-    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_attn")?;
-    launch!(dev, f, (d.chunks(), d.b * d.h, 1), ATTN_SMEM, THREADS;
-        qp, kp, gp, ap, qsp, ksp, dp, tt, hh, kk, scale)
+    let f = dev.kernel(&GLA_TC, dt, "gla_tc_attn")?;
+    Ok(launch!(f, (d.chunks(), d.b * d.h, 1), THREADS, ATTN_SMEM;
+        qp, kp, gp, ap, qsp, ksp, dp, tt, hh, kk, scale)?)
 }
 
 /// A walk splits into segments (walked in parallel, then joined by `gla_tc_carry`) when its grid
@@ -189,7 +192,7 @@ fn walk_out_segment_len(sms: i64, per_sm: i64, blocks: i64, d: Dims) -> i64 {
 /// added to the later segments' states (`gla_tc_fixup`).
 #[allow(clippy::too_many_arguments)]
 fn walk(
-    dev: &Arc<Device>,
+    dev: &Arc<Gpu>,
     dt: KernelDtype,
     d: Dims,
     (x, y, decay): (u64, &Tensor, u64),
@@ -197,21 +200,21 @@ fn walk(
     states: u64,
     last: u64,
     reverse: i32,
-) -> Result<(), CudaError> {
+) -> Result<(), OpError> {
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
     let (xp, yp, dcp, sp) = (x, ptr(y), decay, states);
     let slots = STATES_BLOCKS_PER_SM * dev.sm_count() as i64;
     let len = segment_len(slots, nk * nv * bh, d);
     let segments = tiles(nc, len);
-    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_states")?;
+    let f = dev.kernel(&GLA_TC, dt, "gla_tc_states")?;
     let seg_len = len as i32;
     if segments == 1 {
         let nullp = 0u64;
-        return launch!(dev, f, (nv, nk, bh), STATES_SMEM, THREADS;
-            xp, yp, dcp, s0, sp, last, nullp, nullp, nullp, seg_len, tt, hh, kk, vv, reverse);
+        return Ok(launch!(f, (nv, nk, bh), THREADS, STATES_SMEM;
+            xp, yp, dcp, s0, sp, last, nullp, nullp, nullp, seg_len, tt, hh, kk, vv, reverse)?);
     }
-    let cum = buffer(&[bh, nc, d.k], y);
+    let cum = buffer(&[bh, nc, d.k], Kind::Float, y)?;
     let cump = ptr(&cum);
     let walked = Segmented {
         len,
@@ -221,8 +224,8 @@ fn walk(
     };
     let carry = carry_segments(dev, dt, d, (x, y, decay), s0, walked, reverse)?;
     let cp = ptr(&carry);
-    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fixup")?;
-    launch!(dev, f, (nc, bh, 1), 0, THREADS; sp, cump, cp, seg_len, tt, kk, vv, reverse)
+    let f = dev.kernel(&GLA_TC, dt, "gla_tc_fixup")?;
+    Ok(launch!(f, (nc, bh, 1), THREADS, 0; sp, cump, cp, seg_len, tt, kk, vv, reverse)?)
 }
 
 /// What the segments of a walk write in [`carry_segments`] (device addresses, 0: nothing).
@@ -242,32 +245,32 @@ struct Segmented {
 /// `gla_tc_carry` joins their end states into each segment's true start state (returned,
 /// `[B*H, segments, K, V]` f32; segment 0's entry unused) and the final state.
 fn carry_segments(
-    dev: &Arc<Device>,
+    dev: &Arc<Gpu>,
     dt: KernelDtype,
     d: Dims,
     (x, y, decay): (u64, &Tensor, u64),
     s0: u64,
     walked: Segmented,
     reverse: i32,
-) -> Result<Tensor, CudaError> {
+) -> Result<Tensor, OpError> {
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nk, nv, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.b * d.h);
     let segments = tiles(d.chunks(), walked.len);
-    let seg_last = buffer(&[bh, segments, d.k, d.v], y);
-    let carry = buffer(&[bh, segments, d.k, d.v], y);
-    let seg_decay = buffer(&[bh, segments, d.k], y);
+    let seg_last = buffer(&[bh, segments, d.k, d.v], Kind::Float, y)?;
+    let carry = buffer(&[bh, segments, d.k, d.v], Kind::Float, y)?;
+    let seg_decay = buffer(&[bh, segments, d.k], Kind::Float, y)?;
     let (xp, yp, dcp) = (x, ptr(y), decay);
     let (lp, cp, sdp) = (ptr(&seg_last), ptr(&carry), ptr(&seg_decay));
     let Segmented {
         states, cum, last, ..
     } = walked;
     let (seg_len, nseg, nullp) = (walked.len as i32, segments as i32, 0u64);
-    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_states")?;
-    launch!(dev, f, (nv, nk, bh * segments), STATES_SMEM, THREADS;
+    let f = dev.kernel(&GLA_TC, dt, "gla_tc_states")?;
+    launch!(f, (nv, nk, bh * segments), THREADS, STATES_SMEM;
         xp, yp, dcp, s0, states, nullp, lp, sdp, cum, seg_len, tt, hh, kk, vv, reverse)?;
-    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_carry")?;
+    let f = dev.kernel(&GLA_TC, dt, "gla_tc_carry")?;
     let elements = tiles(d.k * d.v, i64::from(THREADS));
-    launch!(dev, f, (elements, bh, 1), 0, THREADS; lp, sdp, cp, last, nseg, kk, vv)?;
+    launch!(f, (elements, bh, 1), THREADS, 0; lp, sdp, cp, last, nseg, kk, vv)?;
     Ok(carry)
 }
 
@@ -357,7 +360,7 @@ fn walk_block_for(
 
 /// An output walk's kernel (forward or adjoint) and launch shape.
 struct OutputWalk {
-    f: cudarc::driver::CudaFunction,
+    f: glatrain_cuda::launch::Kernel,
     block: WalkBlock,
     smem: u32,
     /// Chunks per segment.
@@ -368,18 +371,18 @@ struct OutputWalk {
 /// block's registers (K > 128) or its step buffers do not fit the GPU's shared memory: then
 /// `gla_tc_states` walks and separate kernels compute the outputs.
 fn output_walk(
-    dev: &Arc<Device>,
+    dev: &Arc<Gpu>,
     dt: KernelDtype,
     d: Dims,
     reverse: i32,
-) -> Result<Option<OutputWalk>, CudaError> {
+) -> Result<Option<OutputWalk>, OpError> {
     let resident = |block: WalkBlock| -> Result<Option<i64>, CudaError> {
         let smem = block.smem(d);
         if smem > dev.max_shared_per_block() {
             return Ok(None);
         }
         let (name, threads) = (block.kernel(reverse), block.threads());
-        dev.resident_blocks(KernelSource::GlaTensorCore, dt, name, smem, threads)
+        dev.resident_blocks(&GLA_TC, dt, name, smem, threads)
             .map(Some)
     };
     if d.k > WALK_OUT_MAX_K {
@@ -391,7 +394,7 @@ fn output_walk(
     let wide_per_sm = resident(WIDE_WALK)?;
     let (block, seg_len) = walk_block_for(dev.sm_count() as i64, narrow_per_sm, wide_per_sm, d);
     Ok(Some(OutputWalk {
-        f: dev.function(KernelSource::GlaTensorCore, dt, block.kernel(reverse))?,
+        f: dev.kernel(&GLA_TC, dt, block.kernel(reverse))?,
         block,
         smem: block.smem(d),
         seg_len,
@@ -406,7 +409,7 @@ fn output_walk(
 /// last one to the final state).
 #[allow(clippy::too_many_arguments)]
 fn walk_out(
-    dev: &Arc<Device>,
+    dev: &Arc<Gpu>,
     dt: KernelDtype,
     d: Dims,
     walk: &OutputWalk,
@@ -416,18 +419,18 @@ fn walk_out(
     out: u64,
     last: u64,
     reverse: i32,
-) -> Result<(), CudaError> {
+) -> Result<(), OpError> {
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nv, nc, bh) = (tiles(d.v, walk.block.columns()), d.chunks(), d.b * d.h);
     let (xop, xwp, yp, dcp, ap, sp) = (x_out, x_walk, ptr(y), decay, attn, states);
-    let (f, smem, threads) = (&walk.f, walk.smem, walk.block.threads());
+    let (smem, threads) = (walk.smem, walk.block.threads());
     let len = walk.seg_len;
     let segments = tiles(nc, len);
     let seg_len = len as i32;
     let nullp = 0u64;
     if segments == 1 {
-        return launch!(dev, f, (nv, bh, 1), smem, threads;
-            xop, xwp, yp, dcp, ap, s0, nullp, sp, out, last, seg_len, tt, hh, kk, vv);
+        return Ok(launch!(walk.f, (nv, bh, 1), threads, smem;
+            xop, xwp, yp, dcp, ap, s0, nullp, sp, out, last, seg_len, tt, hh, kk, vv)?);
     }
     // End states only (the last segment's own walk reaches the final state).
     let ends = Segmented {
@@ -438,21 +441,21 @@ fn walk_out(
     };
     let carry = carry_segments(dev, dt, d, (x_walk, y, decay), s0, ends, reverse)?;
     let cp = ptr(&carry);
-    launch!(dev, f, (nv, bh * segments, 1), smem, threads;
-        xop, xwp, yp, dcp, ap, s0, cp, sp, out, last, seg_len, tt, hh, kk, vv)
+    Ok(launch!(walk.f, (nv, bh * segments, 1), threads, smem;
+        xop, xwp, yp, dcp, ap, s0, cp, sp, out, last, seg_len, tt, hh, kk, vv)?)
 }
 
 /// The chunk states into `kept` (from `h0`; the final state into `ht`, 0: not wanted) and,
 /// unless `o` is 0, the outputs; A, qs, ks and the decays are in `kept` already ([`attention`]).
 fn states_and_outputs(
-    dev: &Arc<Device>,
+    dev: &Arc<Gpu>,
     dt: KernelDtype,
     d: Dims,
     v: &Tensor,
     h0: u64,
     kept: &Kept,
     (ht, o): (u64, u64),
-) -> Result<(), CudaError> {
+) -> Result<(), OpError> {
     if let Some(w) = output_walk(dev, dt, d, FORWARD)? {
         let operands = (kept.qs, kept.ks, v, kept.decay, kept.attn);
         return walk_out(dev, dt, d, &w, operands, h0, kept.states, o, ht, FORWARD);
@@ -464,29 +467,28 @@ fn states_and_outputs(
     }
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (qsp, vp, hsp, ap) = (kept.qs, ptr(v), kept.states, kept.attn);
-    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_fwd_o")?;
-    launch!(dev, f, (tiles(d.v, TILE), d.chunks(), d.b * d.h), OUT_SMEM, THREADS;
-        qsp, vp, hsp, ap, h0, o, tt, hh, kk, vv)
+    let f = dev.kernel(&GLA_TC, dt, "gla_tc_fwd_o")?;
+    Ok(
+        launch!(f, (tiles(d.v, TILE), d.chunks(), d.b * d.h), THREADS, OUT_SMEM;
+        qsp, vp, hsp, ap, h0, o, tt, hh, kk, vv)?,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
-    dev: &Arc<Device>,
+    dev: &Arc<Gpu>,
     dt: KernelDtype,
     d: Dims,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    g: &Tensor,
-    h0: Option<&Tensor>,
+    x: &Inputs,
     scale: f64,
-) -> Result<Forward, CudaError> {
+) -> Result<Forward, OpError> {
     check_grid(d)?;
-    let (buf, kept) = Kept::new(d, q);
+    let Inputs { q, k, v, g, h0 } = *x;
+    let (buf, kept) = Kept::new(d, q)?;
     attention(dev, dt, d, (q, k, g), &kept, scale as f32)?;
     // The outputs are allocated while the GPU computes A: the first kernel starts sooner.
-    let ht = buffer(&[d.b, d.h, d.k, d.v], q);
-    let o = buffer_of(&[d.b, d.t, d.h, d.v], v.kind(), v);
+    let ht = buffer(&[d.b, d.h, d.k, d.v], Kind::Float, q)?;
+    let o = buffer(&[d.b, d.t, d.h, d.v], v.kind(), v)?;
     let outputs = (ptr(&ht), ptr(&o));
     states_and_outputs(dev, dt, d, v, opt_ptr(h0), &kept, outputs)?;
     Ok(Forward {
@@ -496,55 +498,45 @@ pub(super) fn forward(
     })
 }
 
-/// What [`backward`] reads.
-pub(super) struct BackwardInputs<'a> {
-    pub q: &'a Tensor,
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
-    pub g: &'a Tensor,
-    pub h0: Option<&'a Tensor>,
-    /// What the forward kept ([`Forward::saved`]), or None to recompute it.
-    pub saved: Option<&'a Tensor>,
-    pub d_o: &'a Tensor,
-    pub dht: Option<&'a Tensor>,
-}
-
 pub(super) fn backward(
-    dev: &Arc<Device>,
+    dev: &Arc<Gpu>,
     dt: KernelDtype,
     d: Dims,
-    x: BackwardInputs<'_>,
+    inputs: &BackwardInputs<'_>,
     scale: f64,
-) -> Result<Backward, CudaError> {
+) -> Result<Backward, OpError> {
     check_grid(d)?;
+    let x = &inputs.x;
     let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
     let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
     let (qp, kp, vp, gp, h0p) = (ptr(x.q), ptr(x.k), ptr(x.v), ptr(x.g), opt_ptr(x.h0));
-    let (dop, dhtp) = (ptr(x.d_o), opt_ptr(x.dht));
+    let (dop, dhtp) = (ptr(inputs.d_o), opt_ptr(inputs.dht));
     let sc = scale as f32;
     // A recomputed buffer lives to the end of the call.
     let mut _recomputed = None;
-    let kept = match x.saved {
+    let kept = match inputs.saved {
         Some(buf) => Kept::view(d, buf),
         None => {
-            let (buf, kept) = Kept::new(d, x.q);
+            let (buf, kept) = Kept::new(d, x.q)?;
             _recomputed = Some(buf);
             attention(dev, dt, d, (x.q, x.k, x.g), &kept, sc)?;
             states_and_outputs(dev, dt, d, x.v, h0p, &kept, (0, 0))?;
             kept
         }
     };
-    let dhs = states_buffer(d, x.q);
-    let dh0 = x.h0.map(|h| buffer(&h.size(), x.q));
-    let dq = buffer_of(&x.q.size(), x.q.kind(), x.q);
-    let dk = buffer_of(&x.k.size(), x.k.kind(), x.k);
-    let dv = buffer_of(&x.v.size(), x.v.kind(), x.v);
-    let dg = buffer(&x.g.size(), x.q);
+    let dhs = states_buffer(d, x.q)?;
+    let dh0 =
+        x.h0.map(|h| buffer(&h.size(), Kind::Float, x.q))
+            .transpose()?;
+    let dq = buffer(&x.q.size(), x.q.kind(), x.q)?;
+    let dk = buffer(&x.k.size(), x.k.kind(), x.k)?;
+    let dv = buffer(&x.v.size(), x.v.kind(), x.v)?;
+    let dg = buffer(&x.g.size(), Kind::Float, x.q)?;
     let (hsp, ap, ksp) = (kept.states, kept.attn, kept.ks);
     let (dhsp, dh0p) = (ptr(&dhs), opt_ptr(dh0.as_ref()));
     let (dqp, dkp, dvp, dgp) = (ptr(&dq), ptr(&dk), ptr(&dv), ptr(&dg));
     if let Some(w) = output_walk(dev, dt, d, REVERSE)? {
-        let operands = (kept.ks, kept.qs, x.d_o, kept.decay, kept.attn);
+        let operands = (kept.ks, kept.qs, inputs.d_o, kept.decay, kept.attn);
         walk_out(
             dev,
             dt,
@@ -558,14 +550,14 @@ pub(super) fn backward(
             REVERSE,
         )?;
     } else {
-        let operands = (kept.qs, x.d_o, kept.decay);
+        let operands = (kept.qs, inputs.d_o, kept.decay);
         walk(dev, dt, d, operands, dhtp, ptr(&dhs), dh0p, REVERSE)?;
-        let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_bwd_dv")?;
-        launch!(dev, f, (nv, nc, bh), OUT_SMEM, THREADS;
+        let f = dev.kernel(&GLA_TC, dt, "gla_tc_bwd_dv")?;
+        launch!(f, (nv, nc, bh), THREADS, OUT_SMEM;
             ksp, dop, dhsp, ap, dhtp, dvp, tt, hh, kk, vv)?;
     }
-    let f = dev.function(KernelSource::GlaTensorCore, dt, "gla_tc_bwd_dqk")?;
-    launch!(dev, f, (nk, nc, bh), BWD_DQK_SMEM, THREADS;
+    let f = dev.kernel(&GLA_TC, dt, "gla_tc_bwd_dqk")?;
+    launch!(f, (nk, nc, bh), THREADS, BWD_DQK_SMEM;
         qp, kp, vp, gp, dop, hsp, dhsp, h0p, dhtp, dqp, dkp, dgp, tt, hh, kk, vv, sc)?;
     Ok(Backward {
         dq,

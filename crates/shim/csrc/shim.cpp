@@ -1,10 +1,11 @@
-// The C++ side of glatrain-ops: what tch cannot express.
+// The C++ side of glatrain-shim: what tch cannot express.
 //
 // - `glatrain_set_autocast_dtype`: choose the CUDA autocast dtype (tch's autocast is fp16 only).
 // - `glatrain_autocast_enter` / `_exit`: a CUDA autocast region through the current API (tch's
 //   `autocast` calls deprecated functions that print warnings).
-// - `GlaFunction`: a torch::autograd::Function whose forward and backward call back into Rust
-//   (the CUDA GLA launchers), so `loss.backward()` from Rust reaches the custom kernels.
+// - `glatrain_custom_op_apply`: a torch::autograd::Function whose forward and backward call back
+//   into a Rust object (`glatrain_shim::autograd::CustomOp`), so `loss.backward()` from Rust
+//   reaches custom kernels (GLA, the selective scan, fused training ops).
 // - `glatrain_grad`: gradients from a given output gradient, `o.backward(do)` without the
 //   accumulation (tch's backward seeds with ones only).
 // - `glatrain_sdp_backends` / `glatrain_set_sdp_backends`: which SDPA backends libtorch may pick
@@ -15,8 +16,8 @@
 //   one kernel per tensor and op costs hundreds of launches per step.
 //
 // Tensors cross the boundary as `at::Tensor*` (tch's C_tensor). Tensors handed to Rust are
-// borrowed for the duration of the call; tensors Rust returns are `new at::Tensor` that this file
-// takes ownership of (and vice versa for the outputs of `glatrain_gla_apply`).
+// borrowed for the duration of the call; tensors either side returns are `new at::Tensor` that
+// the receiver takes ownership of.
 
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
@@ -33,19 +34,20 @@ void write_error(char* buf, size_t len, const char* msg) {
   buf[len - 1] = '\0';
 }
 
-// Rust callbacks: return 0 on success, else non-zero with a message written to `err`.
-// Forward: (q, k, v, g, h0 or null, scale, mode, out o, out final state, out saved (left null
-// when the schedule keeps nothing for the backward)) -> status.
-using GlaForwardFn = int (*)(const at::Tensor*, const at::Tensor*, const at::Tensor*,
-                             const at::Tensor*, const at::Tensor*, double, int64_t, at::Tensor**,
-                             at::Tensor**, at::Tensor**, char*, size_t);
-// Backward: (q, k, v, g, h0 or null, final state, saved or null, do, dht or null, scale, mode,
-//            out dq, dk, dv, dg, dh0 (left null when h0 is null)) -> status.
-using GlaBackwardFn = int (*)(const at::Tensor*, const at::Tensor*, const at::Tensor*,
-                              const at::Tensor*, const at::Tensor*, const at::Tensor*,
-                              const at::Tensor*, const at::Tensor*, const at::Tensor*, double,
-                              int64_t, at::Tensor**, at::Tensor**, at::Tensor**, at::Tensor**,
-                              at::Tensor**, char*, size_t);
+// The Rust side of a custom op (glatrain_shim::autograd). Each callback returns 0, or non-zero
+// with a NUL-terminated message in `err`.
+//
+// forward(op, inputs[n_inputs] (null = absent), outputs[kMaxTensors] out, n_outputs out,
+//         saved[kMaxTensors] out (null entries allowed), n_saved out, err, err_len)
+// backward(op, saved[n_saved] (null = absent), grad_outputs[n_outputs] (null = no gradient),
+//          grad_inputs[n_inputs] out (left null where there is none), err, err_len)
+// drop(op): frees the Rust object once the autograd graph no longer needs it.
+constexpr size_t kMaxTensors = 16;
+using CustomForwardFn = int (*)(void*, const at::Tensor* const*, size_t, at::Tensor**, size_t*,
+                                at::Tensor**, size_t*, char*, size_t);
+using CustomBackwardFn = int (*)(void*, const at::Tensor* const*, size_t, const at::Tensor* const*,
+                                 size_t, at::Tensor**, size_t, char*, size_t);
+using CustomDropFn = void (*)(void*);
 
 constexpr size_t kErrLen = 4096;
 
@@ -59,66 +61,70 @@ at::Tensor take(at::Tensor* t) {
 
 const at::Tensor* opt(const at::Tensor& t) { return t.defined() ? &t : nullptr; }
 
-struct GlaFunction : public torch::autograd::Function<GlaFunction> {
-  // `h0` is always a defined tensor (autograd's C++ Function rejects undefined inputs); without
-  // an initial state it is an empty placeholder and `has_h0` is false.
+// The Rust op object, freed with the autograd node that holds it (or when apply fails).
+struct RustOp : torch::CustomClassHolder {
+  void* op;
+  CustomForwardFn forward;
+  CustomBackwardFn backward;
+  CustomDropFn drop;
+  RustOp(void* op, CustomForwardFn f, CustomBackwardFn b, CustomDropFn d)
+      : op(op), forward(f), backward(b), drop(d) {}
+  ~RustOp() override { drop(op); }
+};
+
+struct CustomFunction : public torch::autograd::Function<CustomFunction> {
+  // `inputs` are all defined (autograd's C++ Function rejects undefined inputs): an absent input
+  // is an empty placeholder whose `present` bit is clear.
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
-                                                const at::Tensor& q, const at::Tensor& k,
-                                                const at::Tensor& v, const at::Tensor& g,
-                                                const at::Tensor& h0_or_empty, bool has_h0,
-                                                double scale, int64_t mode, int64_t fwd_fn,
-                                                int64_t bwd_fn) {
-    auto fwd = reinterpret_cast<GlaForwardFn>(fwd_fn);
-    const at::Tensor h0 = has_h0 ? h0_or_empty : at::Tensor();
-    at::Tensor* o = nullptr;
-    at::Tensor* ht = nullptr;
-    at::Tensor* saved = nullptr;
+                                                c10::intrusive_ptr<RustOp> rust,
+                                                std::vector<bool> present,
+                                                at::TensorList inputs) {
+    std::vector<const at::Tensor*> ins(inputs.size());
+    for (size_t i = 0; i < inputs.size(); ++i) ins[i] = present[i] ? &inputs[i] : nullptr;
+    at::Tensor* outs[kMaxTensors] = {nullptr};
+    at::Tensor* saved[kMaxTensors] = {nullptr};
+    size_t n_outs = 0, n_saved = 0;
     char err[kErrLen] = {0};
-    int rc = fwd(&q, &k, &v, &g, opt(h0), scale, mode, &o, &ht, &saved, err, kErrLen);
-    at::Tensor o_t = take(o);
-    at::Tensor ht_t = take(ht);
-    at::Tensor saved_t = take(saved);
-    TORCH_CHECK(rc == 0, err);
-    // Gradients may be absent (an unused output): backward handles undefined grads itself.
+    int rc = rust->forward(rust->op, ins.data(), ins.size(), outs, &n_outs, saved, &n_saved, err,
+                           kErrLen);
+    torch::autograd::variable_list outputs, kept;
+    for (size_t i = 0; i < kMaxTensors; ++i) {
+      at::Tensor o = take(outs[i]);
+      at::Tensor s = take(saved[i]);
+      if (i < n_outs) outputs.push_back(o);
+      if (i < n_saved) kept.push_back(s);
+    }
+    if (rc != 0) {
+      TORCH_CHECK(false, err[0] != 0 ? err : "a custom op's forward failed without a message");
+    }
+    // Gradients may be absent (an unused output): the Rust backward handles undefined grads.
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({q, k, v, g, h0, ht_t, saved_t});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["mode"] = mode;
-    ctx->saved_data["bwd_fn"] = bwd_fn;
-    return {o_t, ht_t};
+    ctx->save_for_backward(kept);
+    ctx->saved_data["op"] = c10::IValue::make_capsule(rust);
+    ctx->saved_data["inputs"] = static_cast<int64_t>(inputs.size());
+    return outputs;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const at::Tensor& q = saved[0];
-    const at::Tensor& k = saved[1];
-    const at::Tensor& v = saved[2];
-    const at::Tensor& g = saved[3];
-    const at::Tensor& h0 = saved[4];
-    const at::Tensor& ht = saved[5];
-    const at::Tensor& kept = saved[6];
-    double scale = ctx->saved_data["scale"].toDouble();
-    int64_t mode = ctx->saved_data["mode"].toInt();
-    auto bwd = reinterpret_cast<GlaBackwardFn>(ctx->saved_data["bwd_fn"].toInt());
-
-    at::Tensor d_o = grads[0];
-    if (!d_o.defined()) {
-      // Only the final state was used: the outputs contribute nothing.
-      std::vector<int64_t> shape(q.sizes().begin(), q.sizes().end());
-      shape[3] = v.size(3);
-      d_o = at::zeros(shape, v.options());
-    }
-    at::Tensor dht = grads[1];
-    at::Tensor *dq = nullptr, *dk = nullptr, *dv = nullptr, *dg = nullptr, *dh0 = nullptr;
+    auto holder = ctx->saved_data["op"].toCapsule();
+    auto* rust = static_cast<RustOp*>(holder.get());
+    const auto n_inputs = static_cast<size_t>(ctx->saved_data["inputs"].toInt());
+    std::vector<const at::Tensor*> kept(saved.size()), gs(grads.size());
+    for (size_t i = 0; i < saved.size(); ++i) kept[i] = opt(saved[i]);
+    for (size_t i = 0; i < grads.size(); ++i) gs[i] = opt(grads[i]);
+    std::vector<at::Tensor*> dins(n_inputs, nullptr);
     char err[kErrLen] = {0};
-    int rc = bwd(&q, &k, &v, &g, opt(h0), &ht, opt(kept), &d_o, opt(dht), scale, mode, &dq, &dk,
-                 &dv, &dg, &dh0, err, kErrLen);
-    at::Tensor dq_t = take(dq), dk_t = take(dk), dv_t = take(dv), dg_t = take(dg);
-    at::Tensor dh0_t = take(dh0);
-    TORCH_CHECK(rc == 0, err);
-    return {dq_t, dk_t, dv_t, dg_t, dh0_t, at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    int rc = rust->backward(rust->op, kept.data(), kept.size(), gs.data(), gs.size(), dins.data(),
+                            n_inputs, err, kErrLen);
+    // One gradient per argument of forward: the op object and the presence mask get none.
+    torch::autograd::variable_list out = {at::Tensor(), at::Tensor()};
+    for (size_t i = 0; i < n_inputs; ++i) out.push_back(take(dins[i]));
+    if (rc != 0) {
+      TORCH_CHECK(false, err[0] != 0 ? err : "a custom op's backward failed without a message");
+    }
+    return out;
   }
 };
 
@@ -158,18 +164,25 @@ int glatrain_get_autocast_dtype() {
   return static_cast<int>(at::autocast::get_autocast_dtype(at::kCUDA));
 }
 
-// Runs GLA as an autograd function. `h0` may be null. On success returns 0 and sets `*o` and
-// `*ht` to new tensors owned by the caller; else returns 1 with a message in `err`.
-int glatrain_gla_apply(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
-                       const at::Tensor* g, const at::Tensor* h0, double scale, int64_t mode,
-                       GlaForwardFn fwd, GlaBackwardFn bwd, at::Tensor** o, at::Tensor** ht,
-                       char* err, size_t err_len) {
+// Runs a Rust custom op (`op`, with its callbacks) as an autograd function over `n` inputs (null
+// = absent). On success returns 0 and sets `outputs[0..*n_outputs]` to new tensors owned by the
+// caller; else returns 1 with a message in `err`. The op object is dropped through `drop` when no
+// longer needed, also on failure.
+int glatrain_custom_op_apply(void* op, CustomForwardFn fwd, CustomBackwardFn bwd,
+                             CustomDropFn drop, const at::Tensor* const* inputs, size_t n,
+                             at::Tensor** outputs, size_t* n_outputs, char* err, size_t err_len) {
   try {
-    at::Tensor h0_t = h0 != nullptr ? *h0 : at::empty({0}, g->options());
-    auto outs = GlaFunction::apply(*q, *k, *v, *g, h0_t, h0 != nullptr, scale, mode,
-                                   reinterpret_cast<int64_t>(fwd), reinterpret_cast<int64_t>(bwd));
-    *o = new at::Tensor(outs[0]);
-    *ht = new at::Tensor(outs[1]);
+    auto rust = c10::make_intrusive<RustOp>(op, fwd, bwd, drop);
+    std::vector<bool> present(n);
+    std::vector<at::Tensor> ins(n);
+    for (size_t i = 0; i < n; ++i) {
+      present[i] = inputs[i] != nullptr && inputs[i]->defined();
+      ins[i] = present[i] ? *inputs[i] : at::empty({0});
+    }
+    auto outs = CustomFunction::apply(rust, present, at::TensorList(ins));
+    TORCH_CHECK(outs.size() <= kMaxTensors, "a custom op returned more than 16 outputs");
+    for (size_t i = 0; i < outs.size(); ++i) outputs[i] = new at::Tensor(outs[i]);
+    *n_outputs = outs.size();
     return 0;
   } catch (const std::exception& e) {
     write_error(err, err_len, e.what());

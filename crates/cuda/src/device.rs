@@ -1,101 +1,17 @@
-//! CUDA side of the ops: kernel sources compiled at run time by NVRTC, cached on disk, loaded
-//! once per process and device, and launched on the legacy default stream that libtorch uses.
-//!
-//! - [`compile`]: the embedded sources (overridable from disk with `GLATRAIN_KERNEL_DIR`), NVRTC
-//!   compilation to CUBIN for the device's architecture, and the on-disk cache.
-//! - [`gla`]: the GLA launchers (forward and backward for each schedule) over tch tensors.
-//!
-//! libtorch and cudarc share the device's primary context, and both launch on the legacy default
-//! stream, so kernels here are ordered with libtorch's ops without any synchronisation.
-
-pub mod compile;
-pub mod gla;
+//! One GPU as the kernels see it: the primary context (shared with libtorch), its legacy default
+//! stream, and the modules, functions and occupancies loaded on it, with the tiered swap from
+//! quickly compiled to optimised code.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaModule, CudaStream};
 
-pub use compile::{KernelDtype, KernelSource, Tier, TierPolicy};
-
-/// Why a CUDA kernel could not be compiled, loaded or launched.
-#[derive(Debug, thiserror::Error)]
-pub enum CudaError {
-    /// NVRTC rejected a kernel source.
-    #[error("NVRTC could not compile {source_name} for {arch} ({options}):\n{log}")]
-    Compile {
-        /// The kernel source (file name under kernels/).
-        source_name: String,
-        /// Target architecture, e.g. `sm_90`.
-        arch: String,
-        /// The options passed to NVRTC.
-        options: String,
-        /// NVRTC's log.
-        log: String,
-    },
-    /// libnvrtc or libcuda could not be loaded, or an NVRTC call other than compilation failed.
-    #[error("NVRTC/CUDA library unavailable or failing: {0}")]
-    Library(String),
-    /// A CUDA driver call failed.
-    #[error("CUDA driver error in {what}: {message}")]
-    Driver {
-        /// The operation that failed.
-        what: String,
-        /// The driver's error.
-        message: String,
-    },
-    /// A kernel source override could not be read.
-    #[error("GLATRAIN_KERNEL_DIR={dir}: cannot read {file}: {message}")]
-    Override {
-        /// The directory in `GLATRAIN_KERNEL_DIR`.
-        dir: String,
-        /// The file looked for.
-        file: String,
-        /// The I/O error.
-        message: String,
-    },
-    /// An environment variable that steers kernel compilation has a value it does not take.
-    #[error("{variable}={value:?}: expected {expected}")]
-    Setting {
-        /// The variable.
-        variable: &'static str,
-        /// Its value.
-        value: String,
-        /// The values it takes.
-        expected: &'static str,
-    },
-    /// A libtorch operation inside a launcher failed.
-    #[error("libtorch error in a CUDA launcher: {0}")]
-    Torch(#[from] tch::TchError),
-}
-
-impl CudaError {
-    /// A kernel setting in the environment (`GLATRAIN_KERNEL_DIR`, `GLATRAIN_KERNEL_TIER`) is the
-    /// user's to fix (the CLI exits 2); other CUDA failures are not (exit 1).
-    pub fn is_bad_input(&self) -> bool {
-        matches!(self, CudaError::Override { .. } | CudaError::Setting { .. })
-    }
-
-    fn driver(what: &str, err: impl std::fmt::Debug) -> Self {
-        Self::Driver {
-            what: what.to_string(),
-            message: format!("{err:?}"),
-        }
-    }
-}
-
-/// Runs a cudarc call that may panic when a shared library is missing (its dynamic loading
-/// panics), turning the panic into [`CudaError::Library`].
-fn catch_library_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, CudaError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
-        let message = payload
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown panic".to_string());
-        CudaError::Library(format!("{what}: {message}"))
-    })
-}
+use crate::compile::{self, Tier, TierPolicy};
+use crate::error::catch_library_panic;
+use crate::launch::Kernel;
+use crate::source::{KernelDtype, KernelSource};
+use crate::CudaError;
 
 extern "C" {
     fn atexit(callback: extern "C" fn()) -> std::ffi::c_int;
@@ -159,17 +75,17 @@ struct Loaded {
 }
 
 /// A kernel: its source, dtype and index in [`KernelSource::kernels`].
-type KernelKey = (KernelSource, KernelDtype, usize);
+type KernelKey = (&'static KernelSource, KernelDtype, usize);
 
 /// One device's context (the primary one, shared with libtorch), its legacy default stream and
 /// the modules loaded on it.
-pub struct Device {
+pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     arch: String,
     sm_count: usize,
     max_shared_per_block: u32,
-    modules: Mutex<HashMap<(KernelSource, KernelDtype), Loaded>>,
+    modules: Mutex<HashMap<(&'static KernelSource, KernelDtype), Loaded>>,
     /// Signalled when modules of another tier are put in place (or the background compile of
     /// the Full tier fails).
     upgraded: Condvar,
@@ -178,24 +94,24 @@ pub struct Device {
     retired: Mutex<Vec<SourceModules>>,
     /// Kernels looked up before, ready to launch with any shared memory the GPU allows: a call
     /// launches without driver lookups or attribute calls ahead of its first kernel.
-    functions: Mutex<HashMap<KernelKey, CudaFunction>>,
+    functions: Mutex<HashMap<KernelKey, Kernel>>,
     /// Resident blocks per SM of a kernel by (dynamic shared memory, threads).
     occupancy: Mutex<HashMap<(KernelKey, u32, u32), i64>>,
 }
 
-impl std::fmt::Debug for Device {
+impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device")
+        f.debug_struct("Gpu")
             .field("ordinal", &self.ctx.ordinal())
             .field("arch", &self.arch)
             .finish()
     }
 }
 
-impl Device {
+impl Gpu {
     /// The device with this ordinal, created on first use and kept for the process.
-    pub fn get(ordinal: usize) -> Result<Arc<Device>, CudaError> {
-        static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
+    pub fn get(ordinal: usize) -> Result<Arc<Gpu>, CudaError> {
+        static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
         let devices = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
         let mut map = devices.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = map.get(&ordinal) {
@@ -215,7 +131,7 @@ impl Device {
         let sm_count = attribute(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
         let max_shared_per_block =
             attribute(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as u32;
-        let device = Arc::new(Device {
+        let device = Arc::new(Gpu {
             ctx,
             stream,
             arch: format!("sm_{major}{minor}"),
@@ -287,19 +203,20 @@ impl Device {
     }
 
     /// The kernel `name` of `source` for `dtype`, allowed all the dynamic shared memory the GPU
-    /// gives a block. On the first use of a (source, dtype), all of its kernels are compiled (in
-    /// parallel, or read from the disk cache) and loaded, so a training step waits once: for the
-    /// Quick tier where the Full one is not cached (see [`TierPolicy`]).
-    pub fn function(
+    /// gives a block, ready for [`crate::launch!`]. On the first use of a (source, dtype), all of
+    /// its kernels are compiled (in parallel, or read from the disk cache) and loaded, so a
+    /// training step waits once: for the Quick tier where the Full one is not cached (see
+    /// [`TierPolicy`]).
+    pub fn kernel(
         &self,
-        source: KernelSource,
+        source: &'static KernelSource,
         dtype: KernelDtype,
-        name: &str,
-    ) -> Result<CudaFunction, CudaError> {
+        name: &'static str,
+    ) -> Result<Kernel, CudaError> {
         let key = Self::key(source, dtype, name)?;
         let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = functions.get(&key) {
-            return Ok(f.clone());
+        if let Some(k) = functions.get(&key) {
+            return Ok(k.clone());
         }
         let module = self.with_modules(source, dtype, |m| m[key.2].clone())?;
         let full = format!("{name}_{}", dtype.suffix());
@@ -317,8 +234,14 @@ impl Device {
             dynamic,
         )
         .map_err(attribute_error)?;
-        functions.insert(key, f.clone());
-        Ok(f)
+        let kernel = Kernel {
+            name,
+            function: f,
+            stream: self.stream.clone(),
+            max_dynamic_smem: dynamic.max(0) as u32,
+        };
+        functions.insert(key, kernel.clone());
+        Ok(kernel)
     }
 
     /// Blocks of the kernel `name` resident per SM with `smem` bytes of dynamic shared memory and
@@ -326,9 +249,9 @@ impl Device {
     /// query): kernels that size their grids by it want every block the shared memory allows.
     pub fn resident_blocks(
         &self,
-        source: KernelSource,
+        source: &'static KernelSource,
         dtype: KernelDtype,
-        name: &str,
+        name: &'static str,
         smem: u32,
         threads: u32,
     ) -> Result<i64, CudaError> {
@@ -340,7 +263,7 @@ impl Device {
             return Ok(*n);
         }
         use cudarc::driver::sys::CUfunction_attribute as Attr;
-        let f = self.function(source, dtype, name)?;
+        let f = self.kernel(source, dtype, name)?.function;
         f.set_attribute(
             Attr::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
             100,
@@ -354,28 +277,33 @@ impl Device {
         Ok(blocks)
     }
 
-    fn key(source: KernelSource, dtype: KernelDtype, name: &str) -> Result<KernelKey, CudaError> {
-        let index = source
-            .kernels()
-            .iter()
-            .position(|k| *k == name)
-            .ok_or_else(|| {
-                CudaError::Library(format!("{} has no kernel {name}", source.file_name()))
-            })?;
-        Ok((source, dtype, index))
+    fn key(
+        source: &'static KernelSource,
+        dtype: KernelDtype,
+        name: &str,
+    ) -> Result<KernelKey, CudaError> {
+        Ok((source, dtype, source.index_of(name)?))
     }
 
     /// Compiles (or reads from the disk cache) and loads every kernel of `source` for `dtype`,
     /// unless that was done already: a later first call then does not wait for NVRTC. Binds the
     /// context to the calling thread.
-    pub fn prepare(&self, source: KernelSource, dtype: KernelDtype) -> Result<(), CudaError> {
+    pub fn prepare(
+        &self,
+        source: &'static KernelSource,
+        dtype: KernelDtype,
+    ) -> Result<(), CudaError> {
         self.bind()?;
         self.with_modules(source, dtype, |_| ())
     }
 
-    /// Like [`Device::prepare`], then waits until the modules are at the policy's final tier
+    /// Like [`Gpu::prepare`], then waits until the modules are at the policy's final tier
     /// (Full unless `GLATRAIN_KERNEL_TIER=quick`): what timings need.
-    pub fn prepare_final(&self, source: KernelSource, dtype: KernelDtype) -> Result<(), CudaError> {
+    pub fn prepare_final(
+        &self,
+        source: &'static KernelSource,
+        dtype: KernelDtype,
+    ) -> Result<(), CudaError> {
         self.prepare(source, dtype)?;
         let wanted = TierPolicy::from_env()?.final_tier();
         let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
@@ -397,7 +325,7 @@ impl Device {
     }
 
     /// The tier of the loaded modules of (source, dtype), None before their first use.
-    pub fn loaded_tier(&self, source: KernelSource, dtype: KernelDtype) -> Option<Tier> {
+    pub fn loaded_tier(&self, source: &'static KernelSource, dtype: KernelDtype) -> Option<Tier> {
         let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
         modules.get(&(source, dtype)).map(|loaded| loaded.tier)
     }
@@ -408,7 +336,7 @@ impl Device {
     /// background thread that swaps it in when done.
     fn with_modules<T>(
         &self,
-        source: KernelSource,
+        source: &'static KernelSource,
         dtype: KernelDtype,
         f: impl FnOnce(&SourceModules) -> T,
     ) -> Result<T, CudaError> {
@@ -430,7 +358,7 @@ impl Device {
                 let ordinal = self.ctx.ordinal();
                 let running = BackgroundCompile::start();
                 std::thread::spawn(move || {
-                    if let Ok(device) = Device::get(ordinal) {
+                    if let Ok(device) = Gpu::get(ordinal) {
                         device.upgrade(source, dtype);
                     }
                     drop(running);
@@ -465,7 +393,7 @@ impl Device {
     /// background compile does this with Full; tests switch back and forth to compare the tiers.
     pub fn use_tier(
         &self,
-        source: KernelSource,
+        source: &'static KernelSource,
         dtype: KernelDtype,
         tier: Tier,
     ) -> Result<(), CudaError> {
@@ -503,16 +431,16 @@ impl Device {
     }
 
     /// The tiered policy's background compile: the Full tier in place of the Quick one. A
-    /// failure leaves the Quick modules, is reported once, and ends [`Device::prepare_final`]'s
+    /// failure leaves the Quick modules, is reported once, and ends [`Gpu::prepare_final`]'s
     /// wait.
-    fn upgrade(&self, source: KernelSource, dtype: KernelDtype) {
+    fn upgrade(&self, source: &'static KernelSource, dtype: KernelDtype) {
         let Err(e) = self.use_tier(source, dtype, Tier::Full) else {
             return;
         };
         eprintln!(
             "glatrain: warning: the optimised {} kernels ({}) did not compile; the quick ones \
              stay: {e}",
-            source.file_name(),
+            source.file,
             dtype.suffix()
         );
         let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
@@ -543,17 +471,5 @@ mod tests {
         wait_for_background_compiles();
         assert!(*done.lock().unwrap());
         compile.join().unwrap();
-    }
-
-    #[test]
-    fn library_panics_become_errors() {
-        let err = catch_library_panic("loading libfoo", || panic!("no libfoo.so")).unwrap_err();
-        assert!(matches!(err, CudaError::Library(_)));
-        assert!(
-            err.to_string().contains("loading libfoo: no libfoo.so"),
-            "{err}"
-        );
-        assert!(!err.is_bad_input());
-        assert_eq!(catch_library_panic("x", || 7).unwrap(), 7);
     }
 }

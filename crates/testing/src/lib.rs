@@ -1,6 +1,6 @@
-//! Helpers for testing ops: relative error, a seeded random source, and a finite-difference
-//! gradient check (tch has no `gradcheck`). Used by this crate's tests and by the CUDA kernels'
-//! tests, which compare against the references in [`crate::reference`].
+//! Helpers for testing tensor ops: relative error, a seeded random source, and a finite-difference
+//! gradient check (tch has no `gradcheck`). The ops' tests compare fast ops against their
+//! references with them.
 
 use std::collections::BTreeSet;
 

@@ -1,0 +1,79 @@
+//! Why an op refused its inputs or failed.
+
+use glatrain_cuda::CudaError;
+use tch::{Device, Kind, TchError};
+
+/// Why an op refused its inputs or failed. Messages start with the op's name.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// A tensor has the wrong shape.
+    #[error("{op}: {tensor} must be {expected}, got shape {actual:?}")]
+    Shape {
+        /// The op.
+        op: &'static str,
+        /// The argument name.
+        tensor: &'static str,
+        /// The expected shape, in words.
+        expected: String,
+        /// The actual shape.
+        actual: Vec<i64>,
+    },
+    /// A tensor has an unsupported dtype.
+    #[error("{op}: {tensor} has dtype {actual:?}; {expected}")]
+    Dtype {
+        /// The op.
+        op: &'static str,
+        /// The argument name.
+        tensor: &'static str,
+        /// What is accepted.
+        expected: String,
+        /// The actual dtype.
+        actual: Kind,
+    },
+    /// A tensor is on another device than the op needs.
+    #[error("{tensor} is on {actual:?}, expected {expected:?}")]
+    Device {
+        /// The argument name.
+        tensor: &'static str,
+        /// The device it should be on.
+        expected: Device,
+        /// The tensor's device.
+        actual: Device,
+    },
+    /// A scalar argument is out of range.
+    #[error("{op}: {name} = {value} {expected}")]
+    Scalar {
+        /// The op.
+        op: &'static str,
+        /// The argument name.
+        name: &'static str,
+        /// Its value.
+        value: f64,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// A CUDA kernel could not be compiled, loaded or launched, or a shape exceeds its limits.
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+    /// libtorch failed (an allocation, a tensor op, the autograd engine).
+    #[error("{0}")]
+    Torch(#[from] TchError),
+    /// The autograd bridge reported a failure inside the op (its forward or backward).
+    #[error("{0}")]
+    Autograd(String),
+}
+
+impl OpError {
+    /// True for inputs that are wrong (shapes, dtypes, devices, scalars, kernel settings in the
+    /// environment): the user's to fix.
+    pub fn is_bad_input(&self) -> bool {
+        match self {
+            OpError::Shape { .. }
+            | OpError::Dtype { .. }
+            | OpError::Device { .. }
+            | OpError::Scalar { .. } => true,
+            OpError::Cuda(e) => e.is_bad_input(),
+            OpError::Torch(_) | OpError::Autograd(_) => false,
+        }
+    }
+}

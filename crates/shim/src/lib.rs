@@ -1,0 +1,14 @@
+//! What tch does not bind, through one small C++ file (`csrc/shim.cpp`) compiled against the
+//! same libtorch:
+//!
+//! - [`autograd`]: custom ops with a Rust forward and backward inside libtorch's autograd, and
+//!   gradients from a given output gradient;
+//! - [`autocast`]: CUDA autocast regions in a chosen dtype (bf16 or fp16);
+//! - [`sdp`]: which backends libtorch's scaled-dot-product attention may choose from;
+//! - [`multi_tensor`]: the optimizer step in libtorch's multi-tensor kernels.
+
+pub mod autocast;
+pub mod autograd;
+mod checked;
+pub mod multi_tensor;
+pub mod sdp;
