@@ -136,6 +136,26 @@ impl Dims {
     pub fn chunks(&self) -> i64 {
         tiles(self.t, CHUNK_LEN)
     }
+
+    /// The sizes as the kernels' 32-bit `int` arguments (B, T, H, K, V), or an error naming the
+    /// size past that range.
+    pub fn as_i32(&self) -> Result<(i32, i32, i32, i32, i32), OpError> {
+        let int = |name: &str, n: i64| {
+            i32::try_from(n).map_err(|_| {
+                OpError::Cuda(glatrain_cuda::CudaError::Limit {
+                    kernel: "gla".to_string(),
+                    what: format!("{name} = {n} is past the kernels' 32-bit sizes (2^31 - 1)"),
+                })
+            })
+        };
+        Ok((
+            int("B", self.b)?,
+            int("T", self.t)?,
+            int("H", self.h)?,
+            int("K", self.k)?,
+            int("V", self.v)?,
+        ))
+    }
 }
 
 /// Sums partial results over their leading tile axis (fp32) and casts to `kind`.
@@ -233,7 +253,7 @@ pub fn forward(x: &Inputs, scale: f64, mode: GlaMode) -> Result<Forward, OpError
     if source_of(mode, dt) == &GLA_TC {
         return tensor_core::forward(&dev, dt, d, x, scale);
     }
-    let (bb, tt, hh, kk, vv) = (d.b as i32, d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (bb, tt, hh, kk, vv) = d.as_i32()?;
     let sc = scale as f32;
     let (qp, kp, vp, gp, h0p) = (ptr(q), ptr(k), ptr(v), ptr(g), opt_ptr(h0));
     let bh = d.b * d.h;
@@ -354,7 +374,7 @@ pub fn backward(inputs: &BackwardInputs, scale: f64, mode: GlaMode) -> Result<Ba
                 .f_sum_dim_intlist(-1, false, Kind::Float)
         })
         .transpose()?;
-    let (bb, tt, hh, kk, vv) = (d.b as i32, d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (bb, tt, hh, kk, vv) = d.as_i32()?;
     let sc = scale as f32;
     let (qp, kp, vp, gp, h0p) = (ptr(q), ptr(k), ptr(v), ptr(g), opt_ptr(h0));
     let (dop, dhtp) = (ptr(d_o), opt_ptr(dht));

@@ -38,6 +38,22 @@ const FORWARD: i32 = 0;
 const REVERSE: i32 = 1;
 
 fn check_grid(d: Dims) -> Result<(), OpError> {
+    d.as_i32()?;
+    // The per-chunk kernels (A, outputs, dv, dq/dk) put one block row per chunk on grid y.
+    if d.chunks() > MAX_GRID_Z {
+        return Err(CudaError::Limit {
+            kernel: "gla (chunk, tensor cores)".to_string(),
+            what: format!(
+                "T = {} is {} chunks of {CHUNK_LEN} tokens, more than the {MAX_GRID_Z} a grid's \
+                 y dimension allows (T <= {}); use kernels.mode = \"fused_chunk\" or shorter \
+                 sequences",
+                d.t,
+                d.chunks(),
+                MAX_GRID_Z * CHUNK_LEN
+            ),
+        }
+        .into());
+    }
     if d.b * d.h > MAX_GRID_Z {
         return Err(CudaError::Limit {
             kernel: "gla (chunk, tensor cores)".to_string(),
@@ -141,7 +157,7 @@ fn attention(
     kept: &Kept,
     scale: f32,
 ) -> Result<(), OpError> {
-    let (tt, hh, kk) = (d.t as i32, d.h as i32, d.k as i32);
+    let (_, tt, hh, kk, _) = d.as_i32()?;
     let (qp, kp, gp, ap) = (ptr(q), ptr(k), ptr(g), kept.attn);
     let (qsp, ksp, dp) = (kept.qs, kept.ks, kept.decay);
     let f = dev.kernel(&GLA_TC, dt, "gla_tc_attn")?;
@@ -201,7 +217,7 @@ fn walk(
     last: u64,
     reverse: i32,
 ) -> Result<(), OpError> {
-    let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (_, tt, hh, kk, vv) = d.as_i32()?;
     let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
     let (xp, yp, dcp, sp) = (x, ptr(y), decay, states);
     let slots = STATES_BLOCKS_PER_SM * dev.sm_count() as i64;
@@ -253,7 +269,7 @@ fn carry_segments(
     walked: Segmented,
     reverse: i32,
 ) -> Result<Tensor, OpError> {
-    let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (_, tt, hh, kk, vv) = d.as_i32()?;
     let (nk, nv, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.b * d.h);
     let segments = tiles(d.chunks(), walked.len);
     let seg_last = buffer(&[bh, segments, d.k, d.v], Kind::Float, y)?;
@@ -420,7 +436,7 @@ fn walk_out(
     last: u64,
     reverse: i32,
 ) -> Result<(), OpError> {
-    let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (_, tt, hh, kk, vv) = d.as_i32()?;
     let (nv, nc, bh) = (tiles(d.v, walk.block.columns()), d.chunks(), d.b * d.h);
     let (xop, xwp, yp, dcp, ap, sp) = (x_out, x_walk, ptr(y), decay, attn, states);
     let (smem, threads) = (walk.smem, walk.block.threads());
@@ -465,7 +481,7 @@ fn states_and_outputs(
     if o == 0 {
         return Ok(());
     }
-    let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (_, tt, hh, kk, vv) = d.as_i32()?;
     let (qsp, vp, hsp, ap) = (kept.qs, ptr(v), kept.states, kept.attn);
     let f = dev.kernel(&GLA_TC, dt, "gla_tc_fwd_o")?;
     Ok(
@@ -507,7 +523,7 @@ pub(super) fn backward(
 ) -> Result<Backward, OpError> {
     check_grid(d)?;
     let x = &inputs.x;
-    let (tt, hh, kk, vv) = (d.t as i32, d.h as i32, d.k as i32, d.v as i32);
+    let (_, tt, hh, kk, vv) = d.as_i32()?;
     let (nk, nv, nc, bh) = (tiles(d.k, TILE), tiles(d.v, TILE), d.chunks(), d.b * d.h);
     let (qp, kp, vp, gp, h0p) = (ptr(x.q), ptr(x.k), ptr(x.v), ptr(x.g), opt_ptr(x.h0));
     let (dop, dhtp) = (ptr(inputs.d_o), opt_ptr(inputs.dht));
@@ -648,5 +664,12 @@ mod tests {
             err.to_string().contains("exceeds the 65535 blocks"),
             "{err}"
         );
+        // One block row per chunk on grid y: T up to 65535 chunks of 64 tokens.
+        assert!(check_grid(dims(1, 65_535 * 64, 1, 64, 64)).is_ok());
+        let err = check_grid(dims(1, 65_535 * 64 + 1, 1, 64, 64)).unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(err.to_string().contains("T <= 4194240"), "{err}");
+        let err = check_grid(dims(1, 1 << 31, 1, 64, 64)).unwrap_err();
+        assert!(err.to_string().contains("T = 2147483648 is past"), "{err}");
     }
 }
