@@ -14,12 +14,18 @@
 //   the optimizer step over all parameters in libtorch's multi-tensor kernels (torch.optim.AdamW
 //   with fused=True, the _foreach ops, zero_grad(set_to_none=True)); tch binds none of them, and
 //   one kernel per tensor and op costs hundreds of launches per step.
+// - `glatrain_cuda_memory_stats` / `glatrain_cuda_reset_peak`: the CUDA caching allocator's
+//   counters (torch.cuda.memory_stats, reset_peak_memory_stats).
+// - `glatrain_profiler_start` / `glatrain_profiler_stop`: libtorch's Kineto profiler
+//   (torch.profiler): CPU ops and CUDA kernels, a Chrome trace, and the events for a summary.
 //
 // Tensors cross the boundary as `at::Tensor*` (tch's C_tensor). Tensors handed to Rust are
 // borrowed for the duration of the call; tensors either side returns are `new at::Tensor` that
 // the receiver takes ownership of.
 
 #include <ATen/autocast_mode.h>
+#include <c10/core/CachingDeviceAllocator.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
 
 #include <cstring>
@@ -299,6 +305,83 @@ int glatrain_scale_all(const at::Tensor* const* xs, size_t n, double factor, cha
 // them afresh instead of adding into zeros.
 void glatrain_clear_grads(const at::Tensor* const* xs, size_t n) {
   for (size_t i = 0; i < n; ++i) const_cast<at::Tensor*>(xs[i])->mutable_grad().reset();
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// The CUDA caching allocator's byte counters of `device`, over all pools: out[0] allocated now,
+// out[1] its peak, out[2] reserved now, out[3] its peak. Returns 0, or 1 with a message.
+int glatrain_cuda_memory_stats(int device, int64_t* out, char* err, size_t err_len) {
+  try {
+    const auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)
+                           ->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    out[0] = stats.allocated_bytes[all].current;
+    out[1] = stats.allocated_bytes[all].peak;
+    out[2] = stats.reserved_bytes[all].current;
+    out[3] = stats.reserved_bytes[all].peak;
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+// Starts the peaks of glatrain_cuda_memory_stats afresh. Returns 0, or 1 with a message.
+int glatrain_cuda_reset_peak(int device, char* err, size_t err_len) {
+  try {
+    c10::getDeviceAllocator(c10::DeviceType::CUDA)
+        ->resetPeakStats(static_cast<c10::DeviceIndex>(device));
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+// Starts libtorch's Kineto profiler on this thread's CPU ops and, with `cuda`, CUDA kernels.
+// Returns 0, or 1 with a message.
+int glatrain_profiler_start(int cuda, char* err, size_t err_len) {
+  try {
+    using torch::profiler::impl::ActivityType;
+    std::set<ActivityType> activities{ActivityType::CPU};
+    if (cuda != 0) activities.insert(ActivityType::CUDA);
+    const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+// One recorded event for the Rust side: its name, whether it ran on a GPU, start and duration.
+using ProfilerEventFn = void (*)(void* ctx, const char* name, int on_gpu, uint64_t start_ns,
+                                 uint64_t duration_ns);
+
+// Stops the profiler, writes its Chrome trace to `trace_path` (when not null) and hands every
+// event to `each`. Returns 0, or 1 with a message.
+int glatrain_profiler_stop(const char* trace_path, ProfilerEventFn each, void* ctx, char* err,
+                           size_t err_len) {
+  try {
+    auto result = torch::autograd::profiler::disableProfiler();
+    if (!result) {
+      write_error(err, err_len, "the profiler was not running");
+      return 1;
+    }
+    for (const auto& e : result->events()) {
+      const int on_gpu = e.deviceType() == c10::DeviceType::CUDA ? 1 : 0;
+      each(ctx, e.name().c_str(), on_gpu, e.startNs(), e.durationNs());
+    }
+    if (trace_path != nullptr) result->save(trace_path);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
 }
 
 }  // extern "C"

@@ -5,10 +5,14 @@
 //!   gradients from a given output gradient;
 //! - [`autocast`]: CUDA autocast regions in a chosen dtype (bf16 or fp16);
 //! - [`sdp`]: which backends libtorch's scaled-dot-product attention may choose from;
-//! - [`multi_tensor`]: the optimizer step in libtorch's multi-tensor kernels.
+//! - [`multi_tensor`]: the optimizer step in libtorch's multi-tensor kernels;
+//! - [`memory`]: the CUDA caching allocator's counters (allocated, reserved, their peaks);
+//! - [`profiler`]: libtorch's Kineto profiler, its Chrome trace and events.
 
 pub mod autocast;
 pub mod autograd;
 mod checked;
+pub mod memory;
 pub mod multi_tensor;
+pub mod profiler;
 pub mod sdp;

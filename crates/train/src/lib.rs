@@ -16,6 +16,7 @@ pub mod optim;
 pub mod plot;
 pub mod precision;
 pub mod preflight;
+pub mod profile;
 pub mod progress;
 pub mod sample;
 pub mod scaler;
