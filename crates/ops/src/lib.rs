@@ -2,11 +2,13 @@
 //! CUDA kernels that run as autograd ops.
 //!
 //! - [`gla`]: gated linear attention, every [`GlaMode`];
-//! - [`sdpa`]: libtorch's causal softmax attention on the same `[B, T, H, D]` layout.
+//! - [`sdpa`]: libtorch's causal softmax attention on the same `[B, T, H, D]` layout;
+//! - [`loss`]: the output projection and cross-entropy chunk by chunk, never the full logits.
 
 mod error;
 pub mod gla;
 pub mod launch;
+pub mod loss;
 pub mod reference;
 pub mod sdpa;
 
