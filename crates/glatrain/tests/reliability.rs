@@ -205,9 +205,9 @@ fn one_writer_per_run_and_an_interrupted_run_resumes_exactly() {
     );
 }
 
-/// A second signal exits at once with 128 + its number (never a crash: `exit` on the signal
-/// thread used to run libtorch's destructors under the computing main thread, SIGSEGV in about
-/// one trial of eight here), and `--resume` continues from the last checkpoint.
+/// A second signal exits at once with 128 + its number, never a crash (`exit` from the signal
+/// thread would run libtorch's destructors under the computing main thread: a SIGSEGV in about
+/// one trial of eight of this test), and `--resume` continues from the last checkpoint.
 #[test]
 fn a_second_signal_exits_at_once_and_the_run_resumes() {
     let dir = workdir();

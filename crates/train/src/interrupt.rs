@@ -2,10 +2,10 @@
 //! recorded for the trainer, which checks after every step and between evaluation batches: the
 //! run then writes a checkpoint and returns, and the CLI exits with 128 + the signal's number,
 //! as shells report a process the signal ended. A second one exits at once with that status,
-//! from the signal handler, through `_exit`: no destructors run, so libtorch's global state is
-//! not torn down under a thread that is still computing (`exit` from another thread did that
-//! and segfaulted), and the files are left as a SIGKILL leaves them: an unfinished checkpoint is
-//! a temporary directory that the next run of the directory removes.
+//! from the signal handler, through `_exit`: no destructors run, because `exit` while another
+//! thread is inside libtorch tears libtorch's global state down under it (a segfault); the files
+//! are left as a SIGKILL leaves them: an unfinished checkpoint is a temporary directory that the
+//! next run of the directory removes.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;

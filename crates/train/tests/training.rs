@@ -448,8 +448,8 @@ fn a_locked_run_directory_is_refused_and_left_alone() {
     assert_eq!(resume(config(tmp.path(), None, &[])).unwrap().final_step, 8);
 }
 
-/// A validation set shorter than one sequence is refused before the first step (it used to fail
-/// after the last one, losing the run), and a refused fresh run leaves no run directory.
+/// A validation set shorter than one sequence is refused before the first step (not at the end
+/// of the run), and a refused fresh run leaves no run directory.
 #[test]
 fn a_short_validation_set_is_refused_before_training() {
     let tmp = tempfile::tempdir().unwrap();
