@@ -82,6 +82,20 @@ impl ConfigError {
     }
 }
 
+/// Longest text of a value or an override quoted whole in a message.
+const MAX_QUOTED_CHARS: usize = 80;
+
+/// `text` as a message quotes it: whole up to [`MAX_QUOTED_CHARS`] characters, else its start
+/// and its length, so that a huge value (a 50 MB `--set`) gives a one-line error.
+pub(crate) fn shorten(text: &str) -> String {
+    let chars = text.chars().count();
+    if chars <= MAX_QUOTED_CHARS {
+        return text.to_owned();
+    }
+    let start: String = text.chars().take(MAX_QUOTED_CHARS / 2).collect();
+    format!("{start}... ({chars} characters)")
+}
+
 /// Where a key's value came from: the file, or a `--set` override applied on top of it. Used to
 /// put the right origin into error messages.
 #[derive(Debug, Clone)]
@@ -99,8 +113,8 @@ impl Origin {
         }
     }
 
-    pub(crate) fn add_override(&mut self, path: String, raw: String) {
-        self.overrides.push((path, raw));
+    pub(crate) fn add_override(&mut self, path: String, raw: &str) {
+        self.overrides.push((path, shorten(raw)));
     }
 
     /// The file name alone.
@@ -133,7 +147,7 @@ impl Origin {
         ConfigError::Invalid {
             origin: self.of(key),
             key: key.to_owned(),
-            value: value.to_string(),
+            value: shorten(&value.to_string()),
             reason: reason.into(),
         }
     }
@@ -162,10 +176,25 @@ mod tests {
     }
 
     #[test]
+    fn huge_values_are_quoted_by_their_start_and_length() {
+        assert_eq!(shorten("short"), "short");
+        let huge = "x".repeat(50 << 20);
+        let mut origin = Origin::new("x.toml");
+        origin.add_override("run.name".into(), &format!("run.name={huge}"));
+        let msg = origin.invalid("run.name", &huge, "too long").to_string();
+        assert!(msg.len() < 300, "{} bytes", msg.len());
+        assert!(
+            msg.contains(&format!("({} characters)", huge.len())),
+            "{msg}"
+        );
+        assert!(msg.contains("(--set run.name=xxx"), "{msg}");
+    }
+
+    #[test]
     fn origin_names_the_override_that_set_a_key() {
         let mut origin = Origin::new("configs/x.toml");
-        origin.add_override("train".into(), "train={lr=1}".into());
-        origin.add_override("train.lr".into(), "train.lr=-1".into());
+        origin.add_override("train".into(), "train={lr=1}");
+        origin.add_override("train.lr".into(), "train.lr=-1");
         assert_eq!(origin.of("train.lr"), "configs/x.toml (--set train.lr=-1)");
         assert_eq!(
             origin.of("train.beta1"),

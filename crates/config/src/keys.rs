@@ -11,7 +11,7 @@ use std::fmt;
 use serde::de::{self, DeserializeOwned, Visitor};
 use toml::{Table, Value};
 
-use crate::error::{ConfigError, Origin};
+use crate::error::{shorten, ConfigError, Origin};
 use crate::schema::{
     Config, DataConfig, GlaConfig, KernelConfig, LoggingConfig, LossScaleConfig, MambaConfig,
     RunConfig, TrainConfig, TransformerConfig,
@@ -200,7 +200,7 @@ pub(crate) fn check_document(table: &Table, origin: &Origin) -> Result<ModelType
             return Err(ConfigError::WrongType {
                 origin: origin.of(key),
                 key: key.clone(),
-                value: value.to_string(),
+                value: shorten(&value.to_string()),
                 expected: format!("expected a table [{key}]"),
             });
         }
@@ -245,7 +245,7 @@ fn check_model_type(table: &Table, origin: &Origin) -> Result<ModelType, ConfigE
         Some(other) => Err(ConfigError::WrongType {
             origin: origin.of("model.type"),
             key: "model.type".to_owned(),
-            value: other.to_string(),
+            value: shorten(&other.to_string()),
             expected: format!("expected a string, one of {}", ModelType::expected()),
         }),
     }
@@ -264,7 +264,7 @@ fn check_table(section: Section, table: &Table, origin: &Origin) -> Result<(), C
                 other => {
                     return Err(ConfigError::WrongType {
                         origin: origin.of(&path),
-                        value: other.to_string(),
+                        value: shorten(&other.to_string()),
                         expected: format!("expected a table [{path}]"),
                         key: path,
                     })
@@ -276,7 +276,7 @@ fn check_table(section: Section, table: &Table, origin: &Origin) -> Result<(), C
                 .map_err(|expected| ConfigError::WrongType {
                     origin: origin.of(&path),
                     key: path.clone(),
-                    value: value.to_string(),
+                    value: shorten(&value.to_string()),
                     expected,
                 })?;
         }

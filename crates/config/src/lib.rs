@@ -14,6 +14,7 @@ mod overrides;
 mod params;
 mod resolved;
 pub mod schema;
+mod sizes;
 mod validate;
 
 use std::path::Path;

@@ -7,12 +7,13 @@
 
 use toml::{Table, Value};
 
-use crate::error::{ConfigError, Origin};
+use crate::error::{shorten, ConfigError, Origin};
 use crate::keys::{self, ModelType, Section};
 
 /// One parsed `KEY.PATH=VALUE` argument.
 #[derive(Debug)]
 struct Override {
+    /// The argument as messages quote it (shortened when huge).
     raw: String,
     path: Vec<String>,
     text: String,
@@ -20,8 +21,9 @@ struct Override {
 
 impl Override {
     fn parse(raw: &str) -> Result<Self, ConfigError> {
+        let shown = shorten(raw);
         let bad = |reason: &str| ConfigError::BadOverride {
-            raw: raw.to_owned(),
+            raw: shown.clone(),
             reason: reason.to_owned(),
         };
         let (key, text) = raw
@@ -34,7 +36,7 @@ impl Override {
             ));
         }
         Ok(Self {
-            raw: raw.to_owned(),
+            raw: shown,
             path,
             text: text.trim().to_owned(),
         })
@@ -160,7 +162,7 @@ pub(crate) fn apply(
     for o in &overrides {
         let leaf = o.check_path(model)?;
         o.set(table, o.value_for(leaf))?;
-        origin.add_override(o.dotted(), o.raw.clone());
+        origin.add_override(o.dotted(), &o.raw);
     }
     Ok(())
 }

@@ -6,8 +6,15 @@ use crate::schema::{GlaConfig, MambaConfig, ModelConfig, TransformerConfig};
 
 impl ModelConfig {
     /// Trainable parameters of the model this config describes (a tied embedding counts
-    /// once). Assumes the config passes the models crate's `validate`.
+    /// once). Assumes the config passed validation, which bounds it far below `u64::MAX`.
     pub fn parameter_count(&self) -> u64 {
+        u64::try_from(self.parameter_count_wide()).unwrap_or(u64::MAX)
+    }
+
+    /// [`ModelConfig::parameter_count`] in 128-bit arithmetic: once validation has bounded every
+    /// weight tensor (at most 2^61 elements each), the sum cannot overflow, and validation uses
+    /// it to bound the total.
+    pub(crate) fn parameter_count_wide(&self) -> u128 {
         match self {
             ModelConfig::Gla(c) => gla(c),
             ModelConfig::Transformer(c) => transformer(c),
@@ -16,55 +23,60 @@ impl ModelConfig {
     }
 }
 
+fn wide(n: usize) -> u128 {
+    n as u128
+}
+
 /// Embedding table, final norm and (untied) output head.
-fn shell(vocab: usize, hidden: usize, tied: bool) -> u64 {
-    let (v, h) = (vocab as u64, hidden as u64);
+fn shell(vocab: usize, hidden: usize, tied: bool) -> u128 {
+    let (v, h) = (wide(vocab), wide(hidden));
     v * h + h + if tied { 0 } else { v * h }
 }
 
 /// Gate, up and down projections of a SwiGLU block, no biases.
-fn swiglu(hidden: u64, intermediate: u64) -> u64 {
+fn swiglu(hidden: u128, intermediate: u128) -> u128 {
     3 * hidden * intermediate
 }
 
-fn gla(c: &GlaConfig) -> u64 {
-    let h = c.hidden_size as u64;
-    let (kd, vd) = (c.key_dim() as u64, c.value_dim() as u64);
-    let rank = c.gate_low_rank_dim as u64;
+fn gla(c: &GlaConfig) -> u128 {
+    let h = wide(c.hidden_size);
+    let (kd, vd) = (wide(c.key_dim()), wide(c.value_dim()));
+    let rank = wide(c.gate_low_rank_dim);
     let qkv = h * (2 * kd + vd);
     let g = if c.use_output_gate { h * vd } else { 0 };
     let gk = h * rank + rank * kd + kd;
     let conv = if c.use_short_conv {
-        (2 * kd + vd) * c.conv_size as u64
+        (2 * kd + vd) * wide(c.conv_size)
     } else {
         0
     };
     // The per-head output norm's weight is head_v_dim wide, shared by the heads.
-    let attn = qkv + g + gk + conv + c.head_v_dim() as u64 + vd * h;
-    let layer = 2 * h + attn + swiglu(h, c.mlp_size() as u64);
-    shell(c.vocab_size, c.hidden_size, c.tie_embeddings) + c.num_layers as u64 * layer
+    let attn = qkv + g + gk + conv + wide(c.head_v_dim()) + vd * h;
+    let layer = 2 * h + attn + swiglu(h, wide(c.mlp_size()));
+    shell(c.vocab_size, c.hidden_size, c.tie_embeddings) + wide(c.num_layers) * layer
 }
 
-fn transformer(c: &TransformerConfig) -> u64 {
-    let h = c.hidden_size as u64;
-    let d = c.head_dim() as u64;
-    let (heads, kv) = (c.num_heads as u64, c.kv_heads() as u64);
+fn transformer(c: &TransformerConfig) -> u128 {
+    let h = wide(c.hidden_size);
+    let d = wide(c.head_dim());
+    let (heads, kv) = (wide(c.num_heads), wide(c.kv_heads()));
     let attn = 2 * h * heads * d + 2 * h * kv * d;
-    let layer = 2 * h + attn + swiglu(h, c.mlp_size() as u64);
-    shell(c.vocab_size, c.hidden_size, c.tie_embeddings) + c.num_layers as u64 * layer
+    let layer = 2 * h + attn + swiglu(h, wide(c.mlp_size()));
+    shell(c.vocab_size, c.hidden_size, c.tie_embeddings) + wide(c.num_layers) * layer
 }
 
-fn mamba(c: &MambaConfig) -> u64 {
-    let h = c.hidden_size as u64;
-    let e = c.d_inner() as u64;
-    let (n, r, k) = (c.d_state as u64, c.dt_rank() as u64, c.conv_size as u64);
+fn mamba(c: &MambaConfig) -> u128 {
+    let h = wide(c.hidden_size);
+    // d_inner in 128 bits: expand * hidden_size may not fit a usize before validation.
+    let e = wide(c.expand) * h;
+    let (n, r, k) = (wide(c.d_state), wide(c.dt_rank()), wide(c.conv_size));
     let mixer = h * 2 * e // in_proj
         + e * k + e // conv1d
         + e * (r + 2 * n) // x_proj
         + r * e + e // dt_proj
         + e * n + e // A_log, D
         + e * h; // out_proj
-    shell(c.vocab_size, c.hidden_size, c.tie_embeddings) + c.num_layers as u64 * (h + mixer)
+    shell(c.vocab_size, c.hidden_size, c.tie_embeddings) + wide(c.num_layers) * (h + mixer)
 }
 
 #[cfg(test)]

@@ -2,8 +2,7 @@
 //! the trainer needs (sequences per step, accumulation steps, tokens per step), and its TOML
 //! form, which is written into the run directory and re-loads to the same run.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::ConfigError;
@@ -79,34 +78,61 @@ impl ResolvedConfig {
         ))
     }
 
-    /// Writes [`Self::to_toml_string`] to `dir/config.toml` atomically (a temporary file in
-    /// `dir`, flushed to disk, then renamed over the target), creating `dir` if needed.
-    /// Returns the path written.
+    /// Writes [`Self::to_toml_string`] to `dir/config.toml` atomically, creating `dir` if
+    /// needed. Returns the path written.
     pub fn write_resolved(&self, dir: &Path) -> Result<PathBuf, ConfigError> {
-        let text = self.to_toml_string()?;
-        let path = dir.join("config.toml");
-        let tmp = dir.join(format!(".config.toml.tmp-{}", std::process::id()));
-        let write_err = |at: &Path| {
-            let at = at.to_path_buf();
-            move |source| ConfigError::Write { path: at, source }
-        };
-        fs::create_dir_all(dir).map_err(write_err(dir))?;
-        let written = File::create(&tmp).and_then(|mut file| {
-            file.write_all(text.as_bytes())?;
-            file.sync_all()
-        });
-        if let Err(source) = written {
-            // Best effort: the temporary file is useless now; the write error is what matters.
-            let _ = fs::remove_file(&tmp);
-            return Err(ConfigError::Write { path: tmp, source });
-        }
-        fs::rename(&tmp, &path).map_err(write_err(&path))?;
-        // Make the rename itself durable.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err(dir))?;
-        Ok(path)
+        self.write_to(&dir.join("config.toml"))
     }
+
+    /// Writes [`Self::to_toml_string`] to `path` atomically (a temporary file next to it,
+    /// flushed to disk, then renamed over it), creating its directory if needed.
+    pub fn write_to(&self, path: &Path) -> Result<PathBuf, ConfigError> {
+        let text = self.to_toml_string()?;
+        glatrain_fs::write_atomic(path, text.as_bytes()).map_err(|source| ConfigError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(path.to_path_buf())
+    }
+
+    /// Every key whose value differs from `earlier`'s, as `key = value (was earlier value)`,
+    /// sorted by key; a key only one of them has shows as `(unset)` on the other side.
+    pub fn differences(&self, earlier: &ResolvedConfig) -> Result<Vec<String>, ConfigError> {
+        let now = flatten(&self.config)?;
+        let before = flatten(&earlier.config)?;
+        let mut keys: Vec<&String> = now.keys().chain(before.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let show = |v: Option<&toml::Value>| v.map_or_else(|| "(unset)".into(), |v| v.to_string());
+        Ok(keys
+            .into_iter()
+            .filter(|k| now.get(*k) != before.get(*k))
+            .map(|k| format!("{k} = {} (was {})", show(now.get(k)), show(before.get(k))))
+            .collect())
+    }
+}
+
+/// The config's values by dotted key (`train.loss_scale.init`).
+fn flatten(config: &Config) -> Result<BTreeMap<String, toml::Value>, ConfigError> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
+        for (key, value) in table {
+            let path = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            match value {
+                toml::Value::Table(sub) => walk(&path, sub, out),
+                other => {
+                    out.insert(path, other.clone());
+                }
+            }
+        }
+    }
+    let table = toml::Table::try_from(config)?;
+    let mut out = BTreeMap::new();
+    walk("", &table, &mut out);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -114,6 +140,7 @@ mod tests {
     use super::*;
     use crate::schema::Schedule;
     use crate::{from_str, load};
+    use std::fs;
 
     const GLA: &str =
         "[model]\ntype = \"gla\"\nhidden_size = 64\nnum_heads = 2\nvocab_size = 256\n";
@@ -238,6 +265,28 @@ mod tests {
         // Writing again replaces the file.
         original.write_resolved(&run_dir).unwrap();
         assert_eq!(load(&path, &[]).unwrap().config, original.config);
+    }
+
+    #[test]
+    fn differences_name_each_changed_key_with_both_values() {
+        let before = from_str(GLA, "gla", &[]).unwrap();
+        assert!(before.differences(&before).unwrap().is_empty());
+        let after = from_str(
+            GLA,
+            "gla",
+            &[
+                "train.lr=1e-3".to_owned(),
+                "train.loss_scale.init=8.0".to_owned(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            after.differences(&before).unwrap(),
+            [
+                "train.loss_scale.init = 8.0 (was 65536.0)",
+                "train.lr = 0.001 (was 0.0003)",
+            ]
+        );
     }
 
     #[test]

@@ -524,8 +524,10 @@ impl Default for LoggingConfig {
 /// SwiGLU width used by GLA and Transformer++ when `intermediate_size` is unset:
 /// 256 * ceil(2/3 * 4 * hidden / 256) (2816 at hidden 1024).
 pub fn default_intermediate_size(hidden_size: usize) -> usize {
-    // Integer arithmetic: the float form 2.0 / 3.0 * 4.0 * h is off by an ulp for some h.
-    (8 * hidden_size).div_ceil(3).div_ceil(256) * 256
+    // Integer arithmetic: the float form 2.0 / 3.0 * 4.0 * h is off by an ulp for some h. In 128
+    // bits, so that a huge hidden_size saturates (and validation names it) instead of wrapping.
+    let width = (8 * hidden_size as u128).div_ceil(3).div_ceil(256) * 256;
+    usize::try_from(width).unwrap_or(usize::MAX)
 }
 
 impl GlaConfig {

@@ -9,6 +9,7 @@ use crate::schema::{
     Config, DataConfig, GlaConfig, GlaMode, LoggingConfig, LossScaleConfig, MambaConfig,
     ModeChoice, ModelConfig, RunConfig, TrainConfig, TransformerConfig,
 };
+use crate::sizes;
 
 type Check = Result<(), ConfigError>;
 
@@ -24,8 +25,14 @@ pub(crate) fn validate(config: &Config, origin: &Origin) -> Check {
     v.data(&config.data, &config.model)?;
     v.train(&config.train, config.data.seq_len)?;
     v.kernels(config)?;
-    v.logging(&config.logging)
+    v.logging(&config.logging)?;
+    sizes::check(config, origin)
 }
+
+/// Longest `run.name`, in characters: it names the run directory, part of every path of the run.
+const MAX_RUN_NAME_CHARS: usize = 100;
+/// Longest file name most Linux file systems take, in bytes (`NAME_MAX`).
+const MAX_FILE_NAME_BYTES: usize = 255;
 
 struct Validator<'a> {
     origin: &'a Origin,
@@ -99,6 +106,18 @@ impl Validator<'_> {
                 "must not be empty (it names the run directory)",
             ));
         }
+        let chars = name.chars().count();
+        if chars > MAX_RUN_NAME_CHARS || name.len() > MAX_FILE_NAME_BYTES {
+            return Err(self.fail(
+                "run.name",
+                format!("{name:?}"),
+                format!(
+                    "is {chars} characters ({} bytes) long; at most {MAX_RUN_NAME_CHARS} \
+                     characters and {MAX_FILE_NAME_BYTES} bytes (it names the run directory)",
+                    name.len()
+                ),
+            ));
+        }
         if name.contains('/') || name.contains('\\') || name == "." || name == ".." {
             return Err(self.fail(
                 "run.name",
@@ -169,6 +188,16 @@ impl Validator<'_> {
                 key,
                 expand,
                 format!("{dim_name} = hidden_size {hidden} * {expand} = {exact} rounds to 0"),
+            ));
+        }
+        // libtorch's dimensions are i64.
+        if exact > i64::MAX as f64 {
+            return Err(self.fail(
+                key,
+                expand,
+                format!(
+                    "{dim_name} = hidden_size {hidden} * {expand} = {exact} does not fit 64 bits"
+                ),
             ));
         }
         // Relative tolerance: 1024 * 0.3 is 307.2 (rejected), 96 * (1/3 as typed) is 32 within
@@ -802,6 +831,76 @@ mod tests {
     }
 
     #[test]
+    fn run_names_are_at_most_100_characters() {
+        assert_eq!(check(gla(), |c| c.run.name = "n".repeat(100)), None);
+        assert_err(
+            check(gla(), |c| c.run.name = "n".repeat(300)),
+            "is 300 characters (300 bytes) long; at most 100 characters",
+        );
+        // 90 four-byte characters are 360 bytes: more than a file name can hold.
+        assert_err(
+            check(gla(), |c| c.run.name = "\u{1F600}".repeat(90)),
+            "is 90 characters (360 bytes) long",
+        );
+    }
+
+    /// Sizes whose element or parameter counts do not fit 64 bits name the key that makes them
+    /// so large, derived widths (the default intermediate_size) included.
+    #[test]
+    fn sizes_that_overflow_name_their_key() {
+        let huge = 1usize << 62;
+        let embedding = format!("model.vocab_size = {huge}: the embedding");
+        assert_err(check(gla(), |c| gla_mut(c).vocab_size = huge), &embedding);
+        assert_err(
+            check(mamba(), |c| mamba_mut(c).vocab_size = huge),
+            &embedding,
+        );
+        let hidden = format!("model.hidden_size = {huge}: ");
+        assert_err(check(gla(), |c| gla_mut(c).hidden_size = huge), &hidden);
+        assert_err(
+            check(transformer(), |c| transformer_mut(c).hidden_size = huge),
+            &hidden,
+        );
+        assert_err(check(mamba(), |c| mamba_mut(c).hidden_size = huge), &hidden);
+        // Too large for the MLP only, through the default intermediate_size: hidden_size.
+        assert_err(
+            check(gla(), |c| gla_mut(c).hidden_size = 1_500_000_000),
+            "model.hidden_size = 1500000000: the MLP projection (hidden_size 1500000000 x \
+             intermediate_size 4000000000)",
+        );
+        assert_err(
+            check(gla(), |c| gla_mut(c).intermediate_size = Some(huge)),
+            &format!("model.intermediate_size = {huge}: the MLP projection"),
+        );
+        assert_err(
+            check(gla(), |c| gla_mut(c).expand_k = 1e15),
+            "model.expand_k = 1000000000000000: the query/key projection",
+        );
+        assert_err(
+            check(gla(), |c| gla_mut(c).expand_v = 1e18),
+            "model.expand_v = 1000000000000000000: value_dim = hidden_size 1024 * \
+             1000000000000000000 = 1024000000000000000000 does not fit 64 bits",
+        );
+        assert_err(
+            check(mamba(), |c| mamba_mut(c).expand = 1 << 60),
+            "model.expand = 1152921504606846976: the input/output projection",
+        );
+        assert_err(
+            check(gla(), |c| c.train.micro_batch_size = 1 << 50),
+            "train.micro_batch_size = 1125899906842624: one micro-batch's logits",
+        );
+        assert_err(
+            check(gla(), |c| gla_mut(c).num_layers = 1 << 40),
+            "model.num_layers = 1099511627776: the model would have",
+        );
+        // Large but countable: the preflight's business, not validation's.
+        assert_eq!(
+            check(gla(), |c| gla_mut(c).vocab_size = 1_000_000_000),
+            None
+        );
+    }
+
+    #[test]
     fn kernel_mode_needs_cuda_for_gla_only() {
         assert_err(
             check(gla(), |c| {
@@ -837,7 +936,7 @@ mod tests {
     #[test]
     fn errors_name_the_override_that_set_the_key() {
         let mut origin = Origin::new("x.toml");
-        origin.add_override("train.lr".into(), "train.lr=-1".into());
+        origin.add_override("train.lr".into(), "train.lr=-1");
         let mut config = gla();
         config.train.lr = -1.0;
         let msg = validate(&config, &origin).unwrap_err().to_string();

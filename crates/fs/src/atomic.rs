@@ -14,7 +14,50 @@ pub fn temporary_name(target: &Path) -> PathBuf {
         .file_name()
         .map_or_else(|| "file".into(), |n| n.to_string_lossy());
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    target.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
+    target.with_file_name(format!(".{name}{TMP_MARK}{}-{n}", std::process::id()))
+}
+
+const TMP_MARK: &str = ".tmp-";
+
+/// Whether `name` is one of [`temporary_name`]'s: `.<target>.tmp-<pid>-<n>`.
+pub fn is_temporary_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    rest.rsplit_once(TMP_MARK).is_some_and(|(target, tail)| {
+        let numbers: Vec<&str> = tail.split('-').collect();
+        !target.is_empty()
+            && numbers.len() == 2
+            && numbers
+                .iter()
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// Deletes the temporaries ([`is_temporary_name`]) directly in `dir`, files or directories, and
+/// returns them. Only for a process that knows no other writer uses `dir` (it holds the
+/// directory's [`crate::DirLock`]): what it removes are the leftovers of writers that died.
+pub fn remove_temporaries(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if !is_temporary_name(&entry.file_name().to_string_lossy()) {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            fs::remove_dir_all(&path)?;
+        } else {
+            fs::remove_file(&path)?;
+        }
+        removed.push(path);
+    }
+    Ok(removed)
 }
 
 /// The directory a path lives in (`.` for a bare file name).
@@ -51,13 +94,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 
 /// Moves the finished directory `tmp` to `dst` in one rename (after flushing `tmp`'s entries),
 /// replacing a `dst` that exists: that one is moved aside first (rename cannot replace a
-/// non-empty directory) and deleted after. `tmp` and `dst` must share a file system.
+/// non-empty directory), put back if the move in fails, and deleted after. `tmp` and `dst` must
+/// share a file system.
 pub fn publish_dir(tmp: &Path, dst: &Path) -> io::Result<()> {
     fsync_dir(tmp)?;
     if dst.exists() {
         let old = temporary_name(dst);
         fs::rename(dst, &old)?;
-        fs::rename(tmp, dst)?;
+        if let Err(e) = fs::rename(tmp, dst) {
+            // Best effort: the error of the move in is what the caller needs to hear.
+            let _ = fs::rename(&old, dst);
+            return Err(e);
+        }
         fs::remove_dir_all(&old)?;
     } else {
         fs::rename(tmp, dst)?;
@@ -101,6 +149,37 @@ mod tests {
         let name = a.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.starts_with(".step-5.tmp-"), "{name}");
         assert!(name.contains(&std::process::id().to_string()), "{name}");
+    }
+
+    #[test]
+    fn temporaries_are_recognised_and_removed_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("step-5");
+        let tmp_dir = temporary_name(&target);
+        fs::create_dir(&tmp_dir).unwrap();
+        fs::write(tmp_dir.join("weights"), "partial").unwrap();
+        let tmp_file = temporary_name(&dir.path().join("config.toml"));
+        fs::write(&tmp_file, "partial").unwrap();
+        for keep in [
+            "step-5",
+            ".hidden",
+            ".x.tmp-",
+            ".x.tmp-12",
+            ".x.tmp-a-1",
+            "x.tmp-1-2",
+        ] {
+            assert!(!is_temporary_name(keep), "{keep}");
+            fs::write(dir.path().join(keep), "keep").unwrap();
+        }
+        let mut removed = remove_temporaries(dir.path()).unwrap();
+        removed.sort();
+        let mut expected = vec![tmp_dir, tmp_file];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert_eq!(names(dir.path()).len(), 6);
+        assert!(remove_temporaries(&dir.path().join("missing"))
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -4,10 +4,17 @@
 //!   compiled kernels, checkpoint parts);
 //! - [`publish_dir`]: a directory built under a temporary name, then moved into place in one
 //!   rename (checkpoints, prepared token shards);
+//! - [`temporary_name`]: the temporaries of both, named by process so that writers never touch
+//!   each other's, and [`remove_temporaries`] for the leftovers of writers that died;
+//! - [`DirLock`]: one writer per directory (a run directory);
 //! - [`cache_dir`]: where per-user caches live (compiled kernels, measured preflight decisions).
 
 mod atomic;
 mod cache;
+mod lock;
 
-pub use atomic::{fsync_dir, publish_dir, temporary_name, write_atomic};
+pub use atomic::{
+    fsync_dir, is_temporary_name, publish_dir, remove_temporaries, temporary_name, write_atomic,
+};
 pub use cache::{cache_dir, cache_root};
+pub use lock::{DirLock, Holder, LockError, LOCK_FILE};

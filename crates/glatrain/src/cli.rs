@@ -2,14 +2,16 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 /// Train gated-linear-attention language models (and their Transformer++ / Mamba baselines).
 ///
 /// The main form trains the model described by a TOML config; `--resume` continues the same run
 /// from its newest complete checkpoint.
 ///
-/// Exit codes: 0 success, 2 bad usage, config or input, 1 failure while running.
+/// Exit codes: 0 success, 2 bad usage, config or input (or a run directory in use), 1 failure
+/// while running, 130 / 143 / 129 stopped by SIGINT / SIGTERM / SIGHUP (after a checkpoint, or
+/// at once on a second signal; `--resume` continues).
 #[derive(Debug, Parser)]
 #[command(
     name = "glatrain",
@@ -74,11 +76,18 @@ pub struct EvalArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("text").required(true).args(["prompt", "prompt_file"])))]
 pub struct SampleArgs {
+    /// A checkpoint directory (runs/NAME/checkpoints/step-N) or a run directory (its newest).
     #[arg(long, value_name = "DIR")]
     pub checkpoint: PathBuf,
-    #[arg(long, default_value = "")]
-    pub prompt: String,
+    /// The text to continue.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+    /// Continue the text of this file (UTF-8) instead.
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
+    /// Tokens to generate. The text is printed as it is generated.
     #[arg(long, default_value_t = 200)]
     pub max_tokens: usize,
     /// 0 = greedy.

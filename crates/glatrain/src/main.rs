@@ -1,8 +1,11 @@
-//! The `glatrain` command: parses the command line, runs the chosen job and maps failures to
-//! exit codes (0 success, 2 bad usage / config / input, 1 failure while running).
+//! The `glatrain` command: parses the command line, runs the chosen job and maps outcomes to
+//! exit codes (0 success, 2 bad usage / config / input, 1 failure while running, 128 + the
+//! signal's number for a training stopped by a signal: 130 SIGINT, 143 SIGTERM, 129 SIGHUP).
 
 mod cli;
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -20,6 +23,11 @@ enum AppError {
     Train(#[from] glatrain_train::TrainError),
     #[error(transparent)]
     Bench(#[from] glatrain_bench::BenchError),
+    #[error("{}: cannot read the prompt: {source}", path.display())]
+    PromptFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AppError {
@@ -29,6 +37,7 @@ impl AppError {
             AppError::Data(e) => e.is_bad_input(),
             AppError::Train(e) => e.is_bad_input(),
             AppError::Bench(e) => e.is_bad_input(),
+            AppError::PromptFile { .. } => true,
         };
         if bad_input {
             2
@@ -40,17 +49,18 @@ impl AppError {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let done = |result: Result<(), AppError>| result.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
         None => train(cli.train),
         Some(Command::Train(args)) => train(args),
-        Some(Command::Eval(args)) => eval(args),
-        Some(Command::Sample(args)) => sample(args),
-        Some(Command::Prepare(args)) => prepare(args),
-        Some(Command::Preflight(args)) => preflight(args),
-        Some(Command::Bench(args)) => bench(args),
+        Some(Command::Eval(args)) => done(eval(args)),
+        Some(Command::Sample(args)) => done(sample(args)),
+        Some(Command::Prepare(args)) => done(prepare(args)),
+        Some(Command::Preflight(args)) => done(preflight(args)),
+        Some(Command::Bench(args)) => done(bench(args)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())
@@ -58,7 +68,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn train(args: TrainArgs) -> Result<(), AppError> {
+/// Trains; a run stopped by a signal exits with 128 + its number, as a shell reports a process
+/// the signal ended.
+fn train(args: TrainArgs) -> Result<ExitCode, AppError> {
     let path = args
         .config
         .expect("clap requires --config for the train form");
@@ -69,7 +81,9 @@ fn train(args: TrainArgs) -> Result<(), AppError> {
     };
     let summary = glatrain_train::train(cfg, &opts)?;
     println!("{}", glatrain_train::describe_summary(&summary));
-    Ok(())
+    Ok(summary.interrupted.map_or(ExitCode::SUCCESS, |signal| {
+        ExitCode::from(signal.exit_status())
+    }))
 }
 
 fn bench(args: BenchArgs) -> Result<(), AppError> {
@@ -100,16 +114,34 @@ fn eval(args: EvalArgs) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Samples, printing the text as it is generated.
 fn sample(args: SampleArgs) -> Result<(), AppError> {
-    let text = glatrain_train::sample(
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (_, Some(path)) => {
+            std::fs::read_to_string(path).map_err(|source| AppError::PromptFile {
+                path: path.clone(),
+                source,
+            })?
+        }
+        (Some(prompt), None) => prompt.clone(),
+        (None, None) => String::new(),
+    };
+    let mut stdout = std::io::stdout().lock();
+    glatrain_train::sample(
         &args.checkpoint,
-        &args.prompt,
+        &prompt,
         args.max_tokens,
         args.temperature,
         args.top_k,
         args.seed,
+        &mut |text| {
+            // A closed stdout (a pager quit early) ends nothing but the output.
+            let _ = stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush());
+        },
     )?;
-    println!("{text}");
+    let _ = writeln!(stdout);
     Ok(())
 }
 

@@ -6,10 +6,14 @@
 //! - `config.toml`: the resolved config of the run;
 //! - `manifest.json`: sha256 and size of each file above, written last.
 //!
-//! A checkpoint is written into `.tmp-step-<N>-<pid>` in the same parent, every file and the
+//! A checkpoint is written into a temporary directory beside its final one, named by the writing
+//! process (`.step-<N>.tmp-<pid>-<n>`, [`glatrain_fs::temporary_name`]), every file and the
 //! directory are fsynced, then the directory is renamed to `step-<N>` (atomic on POSIX) and the
-//! parent fsynced. A checkpoint without a manifest, or whose files do not match it, is never
-//! loaded: [`find_latest`] reports it by name and falls back to an older one.
+//! parent fsynced ([`glatrain_fs::publish_dir`]). A write that fails removes its temporary
+//! directory; one cut short by a kill leaves it, and the trainer removes such leftovers when it
+//! starts, holding the run directory's lock. A checkpoint without a manifest, or whose files do
+//! not match it, is never loaded: [`find_latest`] reports it by name and falls back to an older
+//! one.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -27,8 +31,6 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const MANIFEST_FILE: &str = "manifest.json";
-const TMP_PREFIX: &str = ".tmp-step-";
-const OLD_PREFIX: &str = ".old-step-";
 
 /// The files every complete checkpoint lists in its manifest.
 pub const REQUIRED_FILES: [&str; 4] = [WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, CONFIG_FILE];
@@ -58,6 +60,10 @@ pub enum CheckpointError {
     Json { path: PathBuf, message: String },
     #[error("{dir}: no checkpoint to resume from{}", list_rejected(.rejected))]
     NoCheckpoint { dir: PathBuf, rejected: Vec<String> },
+    #[error("{dir}: no complete checkpoint in it{}", list_rejected(.rejected))]
+    NothingToLoad { dir: PathBuf, rejected: Vec<String> },
+    #[error("{path}: no such checkpoint or run directory")]
+    NotFound { path: PathBuf },
 }
 
 fn list_rejected(rejected: &[String]) -> String {
@@ -151,14 +157,19 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 
 /// Writes `tensors` (moved to CPU, made contiguous) as safetensors and fsyncs the file.
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
-    let cpu: Vec<(&str, Tensor)> = tensors
-        .iter()
-        .map(|(name, t)| (name.as_str(), t.to_device(tch::Device::Cpu).contiguous()))
-        .collect();
-    Tensor::write_safetensors(&cpu, path).map_err(|e| CheckpointError::WriteTensors {
+    let failed = |e: tch::TchError| CheckpointError::WriteTensors {
         path: path.to_path_buf(),
         message: e.to_string(),
-    })?;
+    };
+    let cpu = tensors
+        .iter()
+        .map(|(name, t)| {
+            let t = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+            Ok((name.as_str(), t))
+        })
+        .collect::<Result<Vec<(&str, Tensor)>, tch::TchError>>()
+        .map_err(failed)?;
+    Tensor::write_safetensors(&cpu, path).map_err(failed)?;
     fsync_path(path)
 }
 
@@ -193,72 +204,55 @@ pub fn sha256_file(path: &Path) -> Result<FileEntry, CheckpointError> {
 
 /// Writes a checkpoint atomically under `root` (the run's `checkpoints/` directory) and returns
 /// its final path. A checkpoint of the same step that already exists (for example a corrupt one
-/// a resume skipped) is replaced.
+/// a resume skipped) is replaced. On error nothing of this write is left behind, and the error
+/// names the path that failed.
 pub fn save<S: Serialize>(
     root: &Path,
     contents: &CheckpointContents<'_, S>,
 ) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(root).map_err(write_err(root))?;
-    remove_stale_temporaries(root);
-    let step = contents.step;
-    let tmp = root.join(format!("{TMP_PREFIX}{step}-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(write_err(&tmp))?;
-    }
+    let dst = root.join(step_dir_name(contents.step));
+    let tmp = glatrain_fs::temporary_name(&dst);
     fs::create_dir(&tmp).map_err(write_err(&tmp))?;
-
-    write_tensors(&tmp.join(WEIGHTS_FILE), contents.weights)?;
-    write_tensors(&tmp.join(OPTIMIZER_FILE), contents.optimizer)?;
-    let state_path = tmp.join(STATE_FILE);
-    let state_json =
-        serde_json::to_vec_pretty(contents.state).map_err(|e| CheckpointError::Json {
-            path: state_path.clone(),
-            message: e.to_string(),
-        })?;
-    write_file(&state_path, &state_json)?;
-    write_file(&tmp.join(CONFIG_FILE), contents.config_toml.as_bytes())?;
-
-    // Hash what is on disk, not what was meant to be written.
-    let mut files = BTreeMap::new();
-    for name in REQUIRED_FILES {
-        files.insert(name.to_string(), sha256_file(&tmp.join(name))?);
+    let written = write_files(&tmp, contents)
+        .and_then(|()| glatrain_fs::publish_dir(&tmp, &dst).map_err(write_err(&dst)));
+    if let Err(e) = written {
+        // Best effort: the write's own error is what matters; a leftover is removed by the
+        // next run that locks the directory.
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        step,
-        files,
-    };
-    let manifest_json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    write_file(&tmp.join(MANIFEST_FILE), &manifest_json)?;
-    fsync_path(&tmp)?;
-
-    let dst = root.join(step_dir_name(step));
-    if dst.exists() {
-        // rename() cannot replace a non-empty directory: move the old one aside first.
-        let old = root.join(format!("{OLD_PREFIX}{step}-{}", std::process::id()));
-        fs::rename(&dst, &old).map_err(write_err(&dst))?;
-        fs::rename(&tmp, &dst).map_err(write_err(&dst))?;
-        fs::remove_dir_all(&old).map_err(write_err(&old))?;
-    } else {
-        fs::rename(&tmp, &dst).map_err(write_err(&dst))?;
-    }
-    fsync_path(root)?;
     Ok(dst)
 }
 
-/// Deletes temporary directories left by interrupted writes (of any process: two trainers
-/// never share a run directory).
-fn remove_stale_temporaries(root: &Path) {
-    let Ok(entries) = fs::read_dir(root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(TMP_PREFIX) || name.starts_with(OLD_PREFIX) {
-            // Best effort: a leftover that cannot be removed is harmless (never loaded).
-            let _ = fs::remove_dir_all(entry.path());
-        }
+/// The checkpoint's files in `dir`, the manifest last.
+fn write_files<S: Serialize>(
+    dir: &Path,
+    contents: &CheckpointContents<'_, S>,
+) -> Result<(), CheckpointError> {
+    write_tensors(&dir.join(WEIGHTS_FILE), contents.weights)?;
+    write_tensors(&dir.join(OPTIMIZER_FILE), contents.optimizer)?;
+    write_json(&dir.join(STATE_FILE), contents.state)?;
+    write_file(&dir.join(CONFIG_FILE), contents.config_toml.as_bytes())?;
+    // Hash what is on disk, not what was meant to be written.
+    let mut files = BTreeMap::new();
+    for name in REQUIRED_FILES {
+        files.insert(name.to_string(), sha256_file(&dir.join(name))?);
     }
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        step: contents.step,
+        files,
+    };
+    write_json(&dir.join(MANIFEST_FILE), &manifest)
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<(), CheckpointError> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| CheckpointError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    write_file(path, &json)
 }
 
 /// `step-<N>` directories under `root`, newest first. Temporary directories are not listed.
@@ -443,9 +437,9 @@ mod tests {
         let root = tmp.path();
         save_step(root, 10);
         // A crash before the rename leaves only a temporary directory.
-        fs::create_dir(root.join(".tmp-step-30-999")).unwrap();
+        fs::create_dir(root.join(".step-30.tmp-999-0")).unwrap();
         fs::write(
-            root.join(".tmp-step-30-999/weights.safetensors"),
+            root.join(".step-30.tmp-999-0/weights.safetensors"),
             b"partial",
         )
         .unwrap();
@@ -491,16 +485,55 @@ mod tests {
         assert!(err.contains("state.json") && err.contains("bytes"), "{err}");
     }
 
+    /// Saving replaces a bad checkpoint of its step, and never touches another writer's
+    /// temporary directory (that writer may be alive; leftovers are removed under the lock).
     #[test]
-    fn saving_replaces_a_bad_checkpoint_of_the_same_step_and_cleans_temporaries() {
+    fn saving_replaces_a_bad_checkpoint_and_leaves_other_writers_alone() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         let s5 = save_step(root, 5);
         fs::remove_file(s5.join(MANIFEST_FILE)).unwrap();
-        fs::create_dir(root.join(".tmp-step-9-1")).unwrap();
+        let theirs = root.join(".step-9.tmp-1-0");
+        fs::create_dir(&theirs).unwrap();
         save_step(root, 5);
         verify(&s5).unwrap();
-        assert!(!root.join(".tmp-step-9-1").exists());
+        assert!(theirs.exists());
+    }
+
+    /// State that cannot be serialized: a write that fails half-way.
+    struct Unwritable;
+
+    impl Serialize for Unwritable {
+        fn serialize<Ser: serde::Serializer>(&self, _: Ser) -> Result<Ser::Ok, Ser::Error> {
+            Err(serde::ser::Error::custom("refused"))
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_and_names_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let w = vec![(
+            "w".to_string(),
+            Tensor::ones([2], (Kind::Float, Device::Cpu)),
+        )];
+        let err = save(
+            root,
+            &CheckpointContents {
+                step: 3,
+                weights: &w,
+                optimizer: &w,
+                state: &Unwritable,
+                config_toml: "",
+            },
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&*root.to_string_lossy()) && msg.contains("state.json: invalid JSON"),
+            "{msg}"
+        );
+        assert_eq!(fs::read_dir(root).unwrap().count(), 0, "left behind");
     }
 
     #[test]

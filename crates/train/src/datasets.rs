@@ -1,5 +1,7 @@
 //! Opening the token sources a run reads: `data.train` / `data.valid` ("embedded" or a path to a
-//! prepared directory or shard), tokenized with `data.tokenizer` where text is involved.
+//! prepared directory or shard), tokenized with `data.tokenizer` where text is involved. A
+//! prepared directory must have been tokenized by `data.tokenizer` (its manifest says by which),
+//! so that what `sample` and `eval` decode and encode means what the model learned.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +15,26 @@ use crate::error::TrainError;
 pub fn open_tokenizer(cfg: &ResolvedConfig) -> Result<Tokenizer, TrainError> {
     let spec: TokenizerSpec = cfg.config.data.tokenizer.parse()?;
     Ok(Tokenizer::from_spec(&spec)?)
+}
+
+/// The configured tokenizer, checked against the model: every id it produces must have an
+/// embedding.
+pub fn open_tokenizer_for_model(cfg: &ResolvedConfig) -> Result<Tokenizer, TrainError> {
+    let tokenizer = open_tokenizer(cfg)?;
+    let vocab = cfg.config.model.vocab_size();
+    if tokenizer.vocab_size() as usize > vocab {
+        return Err(TrainError::BadValue {
+            source_name: cfg.source.clone(),
+            key: "model.vocab_size",
+            value: vocab.to_string(),
+            reason: format!(
+                "data.tokenizer ({}) has {} token ids; the model needs an embedding for each",
+                tokenizer.describe(),
+                tokenizer.vocab_size()
+            ),
+        });
+    }
+    Ok(tokenizer)
 }
 
 /// Token sources opened lazily: the embedded corpus is tokenized at most once.
@@ -31,11 +53,19 @@ impl<'a> SourceOpener<'a> {
     }
 
     fn embedded(&mut self) -> Result<&Dataset, TrainError> {
-        if self.embedded.is_none() {
-            let tokenizer = open_tokenizer(self.cfg)?;
-            self.embedded = Some(Dataset::embedded(&tokenizer)?);
-        }
-        Ok(self.embedded.as_ref().expect("set above"))
+        let dataset = match self.embedded.take() {
+            Some(dataset) => dataset,
+            None => Dataset::embedded(&open_tokenizer(self.cfg)?)?,
+        };
+        Ok(self.embedded.insert(dataset))
+    }
+
+    /// The prepared dataset at `spec` (the value of config key `key`), checked to have been
+    /// tokenized by `data.tokenizer`.
+    fn open(&self, key: &'static str, spec: &str) -> Result<Dataset, TrainError> {
+        let data = Dataset::open(Path::new(spec), OpenOptions::default())?;
+        self.check_tokenizer(key, spec, &data)?;
+        Ok(data)
     }
 
     /// The training source of `spec`.
@@ -43,7 +73,7 @@ impl<'a> SourceOpener<'a> {
         let source = if spec == "embedded" {
             Arc::clone(&self.embedded()?.train)
         } else {
-            Dataset::open(Path::new(spec), OpenOptions::default())?.train
+            self.open("data.train", spec)?.train
         };
         self.check_vocab(&source)?;
         Ok(source)
@@ -52,22 +82,55 @@ impl<'a> SourceOpener<'a> {
     /// The validation source of `spec`: the embedded validation split, a dataset directory's
     /// `valid` split, or (a directory without one, or a single file) all of its tokens.
     pub fn valid(&mut self, spec: &str) -> Result<Arc<TokenSource>, TrainError> {
-        let source = if spec == "embedded" {
-            Arc::clone(
-                self.embedded()?
-                    .valid
-                    .as_ref()
-                    .expect("the embedded corpus has a validation split"),
-            )
+        let (valid, train) = if spec == "embedded" {
+            let embedded = self.embedded()?;
+            (embedded.valid.clone(), Arc::clone(&embedded.train))
         } else {
-            let data = Dataset::open(Path::new(spec), OpenOptions::default())?;
-            data.valid.unwrap_or_else(|| {
-                eprintln!("note: {spec} has no validation split: evaluating on all of its tokens");
-                data.train
-            })
+            let data = self.open("data.valid", spec)?;
+            (data.valid, data.train)
         };
+        let source = valid.unwrap_or_else(|| {
+            eprintln!("note: {spec} has no validation split: evaluating on all of its tokens");
+            train
+        });
         self.check_vocab(&source)?;
         Ok(source)
+    }
+
+    /// A dataset directory records its tokenizer: `byte`, or a tokenizer.json copied into it.
+    /// `data.tokenizer` must be that one (the same file contents); single shard files record
+    /// none and are taken as they are.
+    fn check_tokenizer(&self, key: &str, spec: &str, data: &Dataset) -> Result<(), TrainError> {
+        let (Some(manifest), Some(root)) = (&data.manifest, &data.root) else {
+            return Ok(());
+        };
+        let configured = &self.cfg.config.data.tokenizer;
+        let theirs = manifest.tokenizer_path(root);
+        let same = match (configured.parse::<TokenizerSpec>()?, &theirs) {
+            (TokenizerSpec::Byte, None) => true,
+            (TokenizerSpec::File(ours), Some(theirs)) => {
+                matches!((std::fs::read(ours), std::fs::read(theirs)), (Ok(a), Ok(b)) if a == b)
+            }
+            _ => false,
+        };
+        if same {
+            return Ok(());
+        }
+        let (made_with, instead) = match &theirs {
+            Some(file) => (
+                format!("{} (saved as {})", manifest.tokenizer.spec, file.display()),
+                file.display().to_string(),
+            ),
+            None => ("byte".to_string(), "byte".to_string()),
+        };
+        Err(TrainError::BadValue {
+            source_name: self.cfg.source.clone(),
+            key: "data.tokenizer",
+            value: format!("{configured:?}"),
+            reason: format!(
+                "{key} = {spec:?} was tokenized with {made_with}; set data.tokenizer = {instead:?}"
+            ),
+        })
     }
 
     fn check_vocab(&self, source: &TokenSource) -> Result<(), TrainError> {

@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
+use crate::boundary::is_out_of_memory;
 use crate::checkpoint::CheckpointError;
+use crate::interrupt::StopSignal;
 use crate::metrics::MetricsError;
 use crate::precision::PrecisionError;
 
@@ -62,14 +64,49 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
+    /// A signal stopped the work (an evaluation between two batches).
+    #[error("stopped by {}", .0.name())]
+    Stopped(StopSignal),
+    /// Another process works in the run directory.
+    #[error(transparent)]
+    Locked(#[from] glatrain_fs::LockError),
+    /// A libtorch call failed (an allocation, an operation it refused).
+    #[error("{what} failed: {message}{}", out_of_memory_hint(.message))]
+    Torch { what: String, message: String },
+    /// Training finished and its final checkpoint is on disk; what came after it failed.
+    #[error(
+        "{source}\n(training itself finished: its final checkpoint {} is saved; \
+         `glatrain eval --checkpoint {}` evaluates it)",
+        checkpoint.display(),
+        checkpoint.display()
+    )]
+    AfterTraining {
+        checkpoint: PathBuf,
+        source: Box<TrainError>,
+    },
+    /// The loss-by-position chart could not be drawn; the evaluation itself finished.
+    #[error(
+        "{path}: cannot draw the chart: {message} (the evaluation itself finished: {summary})"
+    )]
+    Chart {
+        path: PathBuf,
+        message: String,
+        summary: String,
+    },
     /// The preflight refused the config (e.g. it cannot fit in the device's memory).
     #[error(transparent)]
     Preflight(#[from] glatrain_preflight::PreflightError),
     /// glatrain's CUDA kernels cannot run on the device.
     #[error("GLA kernels: {0}")]
     Kernels(glatrain_cuda::CudaError),
+}
+
+fn out_of_memory_hint(message: &str) -> &'static str {
+    if is_out_of_memory(message) {
+        " (out of memory: a smaller micro-batch, sequence, prompt or model needs less)"
+    } else {
+        ""
+    }
 }
 
 impl TrainError {
@@ -84,14 +121,18 @@ impl TrainError {
             TrainError::Checkpoint(e) => e.is_bad_input(),
             TrainError::Preflight(e) => e.is_bad_input(),
             TrainError::Kernels(e) => e.is_bad_input(),
+            TrainError::AfterTraining { source, .. } => source.is_bad_input(),
             TrainError::BadValue { .. }
             | TrainError::BadArgument(_)
             | TrainError::CheckpointMismatch { .. }
-            | TrainError::RunExists { .. } => true,
+            | TrainError::RunExists { .. }
+            | TrainError::Locked(_) => true,
             TrainError::TooManySkips { .. }
             | TrainError::Metrics(_)
             | TrainError::Io { .. }
-            | TrainError::Torch(_) => false,
+            | TrainError::Torch { .. }
+            | TrainError::Chart { .. }
+            | TrainError::Stopped(_) => false,
         }
     }
 }

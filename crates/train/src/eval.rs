@@ -10,8 +10,10 @@ use glatrain_models::CausalLm;
 use serde::Serialize;
 use tch::{Device, Kind, Reduction, Tensor};
 
+use crate::boundary::catch_torch;
 use crate::checkpoint;
 use crate::error::TrainError;
+use crate::interrupt::StopSignal;
 use crate::plot::{draw_ppl_by_position, BucketPoint};
 use crate::precision::MixedPrecision;
 use crate::setup;
@@ -49,6 +51,19 @@ pub struct EvalReport {
     pub buckets: Vec<PositionBucket>,
     /// The chart, when one was drawn.
     pub plot: Option<PathBuf>,
+}
+
+impl EvalReport {
+    /// "loss 2.1000 nats/token, perplexity 8.166, bits per byte 3.0297" on one line.
+    pub fn summary(&self) -> String {
+        let bpb = self
+            .bits_per_byte
+            .map_or_else(String::new, |b| format!(", bits per byte {b:.4}"));
+        format!(
+            "loss {:.4} nats/token, perplexity {:.3}{bpb}",
+            self.loss, self.perplexity
+        )
+    }
 }
 
 impl fmt::Display for EvalReport {
@@ -101,7 +116,9 @@ pub fn bucket_bounds(seq_len: usize) -> Vec<(usize, usize)> {
 }
 
 /// Runs `model` over up to `max_batches` batches of `source` (`None`: all of it) and reports.
-/// No gradients are kept.
+/// No gradients are kept. `stop` is asked before every batch: when it names a signal the
+/// evaluation ends there with [`TrainError::Stopped`].
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_model(
     model: &dyn CausalLm,
     precision: &MixedPrecision,
@@ -110,6 +127,7 @@ pub fn evaluate_model(
     micro_batch: usize,
     seq_len: usize,
     max_batches: Option<usize>,
+    stop: &dyn Fn() -> Option<StopSignal>,
 ) -> Result<EvalReport, TrainError> {
     let batches = EvalBatches::new(source, micro_batch, seq_len, max_batches)?;
     let vocab = model.config().vocab_size() as i64;
@@ -118,24 +136,29 @@ pub fn evaluate_model(
     let mut tokens = 0u64;
     let _guard = tch::no_grad_guard();
     for batch in batches {
+        if let Some(signal) = stop() {
+            return Err(TrainError::Stopped(signal));
+        }
         let rows = batch.rows as i64;
         let t = seq_len as i64;
-        let inputs = Tensor::from_slice(&batch.inputs)
-            .view([rows, t])
-            .to_device(device);
-        let targets = Tensor::from_slice(&batch.targets)
-            .view([rows, t])
-            .to_device(device);
-        let logits = precision.run(|| model.forward(&inputs)); // [rows, T, V]
-        let losses = logits
-            .to_kind(Kind::Float)
-            .view([-1, vocab])
-            .cross_entropy_loss::<Tensor>(&targets.view([-1]), None, Reduction::None, -100, 0.0)
-            .view([rows, t]); // [rows, T]
-        let per_position = losses
-            .sum_dim_intlist(0, false, Kind::Double)
-            .to_device(Device::Cpu); // [T]
-        let per_position = Vec::<f64>::try_from(&per_position)?;
+        let per_position = catch_torch("the evaluation's forward pass", || {
+            let inputs = Tensor::f_from_slice(&batch.inputs)?
+                .f_view([rows, t])?
+                .f_to_device(device)?;
+            let targets = Tensor::f_from_slice(&batch.targets)?
+                .f_view([-1])?
+                .f_to_device(device)?;
+            let logits = precision.run(|| model.forward(&inputs)); // [rows, T, V]
+            let losses = logits
+                .f_to_kind(Kind::Float)?
+                .f_view([-1, vocab])?
+                .f_cross_entropy_loss::<Tensor>(&targets, None, Reduction::None, -100, 0.0)?
+                .f_view([rows, t])?; // [rows, T]
+            let per_position = losses
+                .f_sum_dim_intlist(0, false, Kind::Double)?
+                .f_to_device(Device::Cpu)?; // [T]
+            Vec::<f64>::try_from(&per_position)
+        })?;
         for (acc, v) in position_sums.iter_mut().zip(per_position) {
             *acc += v;
         }
@@ -170,7 +193,30 @@ pub fn evaluate_model(
     })
 }
 
-/// Draws the report's loss by position at `path` and records the path in the report.
+/// Refuses a chart path that cannot be written (a directory, or in a directory that does not
+/// exist) before an evaluation spends its time.
+pub fn check_chart_path(path: &Path) -> Result<(), TrainError> {
+    let bad = |reason: &str| {
+        TrainError::BadArgument(format!(
+            "{}: cannot write the chart there: {reason}",
+            path.display()
+        ))
+    };
+    if path.is_dir() {
+        return Err(bad("it is a directory (give the path of a .png file)"));
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        return Err(bad(&format!("{} is not a directory", parent.display())));
+    }
+    Ok(())
+}
+
+/// Draws the report's loss by position at `path` and records the path in the report. A failure
+/// says what the evaluation found, so its numbers are not lost with the chart.
 pub fn draw_report(report: &mut EvalReport, path: &Path) -> Result<(), TrainError> {
     let points: Vec<BucketPoint> = report
         .buckets
@@ -185,9 +231,10 @@ pub fn draw_report(report: &mut EvalReport, path: &Path) -> Result<(), TrainErro
         .step
         .map_or_else(String::new, |s| format!(", step {s}"));
     let title = format!("validation perplexity by position{step}");
-    draw_ppl_by_position(path, &title, &points).map_err(|e| TrainError::Io {
+    draw_ppl_by_position(path, &title, &points).map_err(|e| TrainError::Chart {
         path: path.to_path_buf(),
-        source: std::io::Error::other(e.message),
+        message: e.message,
+        summary: report.summary(),
     })?;
     report.plot = Some(path.to_path_buf());
     Ok(())
@@ -197,6 +244,12 @@ pub fn draw_report(report: &mut EvalReport, path: &Path) -> Result<(), TrainErro
 /// in a run directory (`<run>/checkpoints/`) or a `checkpoints/` directory. Skipped incomplete
 /// or corrupt checkpoints are printed as warnings.
 pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
+    if !path.exists() {
+        return Err(checkpoint::CheckpointError::NotFound {
+            path: path.to_path_buf(),
+        }
+        .into());
+    }
     if path.join(checkpoint::MANIFEST_FILE).exists() || checkpoint_dir_name(path) {
         return Ok(path.to_path_buf());
     }
@@ -210,7 +263,7 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf, TrainError> {
         eprintln!("warning: skipping checkpoint {r}");
     }
     found.ok_or(TrainError::Checkpoint(
-        checkpoint::CheckpointError::NoCheckpoint {
+        checkpoint::CheckpointError::NothingToLoad {
             dir: root,
             rejected,
         },
@@ -255,7 +308,7 @@ pub(crate) fn load_for_inference(path: &Path) -> Result<InferenceModel, TrainErr
         Precision::Fp32
     };
     let precision = MixedPrecision::new(precision, device, &cfg.source)?;
-    setup::apply_threads(&cfg);
+    setup::apply_threads_for_inference(&cfg);
     let ck = checkpoint::load::<TrainState>(&dir)?;
     // The rules preflight (instant) resolves the GLA mode as training did by rules.
     let mode = crate::preflight::chosen_mode(&crate::preflight::report(&cfg, device, false)?);
@@ -280,14 +333,26 @@ pub(crate) fn load_for_inference(path: &Path) -> Result<InferenceModel, TrainErr
 /// - `plot`: where to draw the perplexity-by-position chart (default:
 ///   `<run dir>/ppl_by_position.png`, the run directory being the checkpoint's grandparent).
 ///
-/// Prints nothing; the report implements `Display` (a table).
+/// Prints nothing; the report implements `Display` (a table). The chart's path is checked
+/// before anything is evaluated; a chart that fails to draw all the same is an error that
+/// carries the evaluation's numbers.
 pub fn evaluate(
     checkpoint: &Path,
     data: Option<&str>,
     batches: Option<usize>,
     plot: Option<&Path>,
 ) -> Result<EvalReport, TrainError> {
+    // An explicit path is checked before the checkpoint is read (and verified: seconds for a
+    // large model), the default one as soon as the run directory is known.
+    if let Some(plot) = plot {
+        check_chart_path(plot)?;
+    }
     let m = load_for_inference(checkpoint)?;
+    let plot_path = match plot {
+        Some(p) => p.to_path_buf(),
+        None => run_dir_of(&m.dir).join(PLOT_FILE),
+    };
+    check_chart_path(&plot_path)?;
     let spec = data.unwrap_or(&m.cfg.config.data.valid).to_string();
     let source = crate::datasets::SourceOpener::new(&m.cfg).valid(&spec)?;
     let batches = batches.unwrap_or(m.cfg.config.train.eval_batches);
@@ -299,12 +364,9 @@ pub fn evaluate(
         m.cfg.config.train.micro_batch_size,
         m.cfg.config.data.seq_len,
         (batches > 0).then_some(batches),
+        &|| None,
     )?;
     report.step = Some(m.state.step);
-    let plot_path = match plot {
-        Some(p) => p.to_path_buf(),
-        None => run_dir_of(&m.dir).join(PLOT_FILE),
-    };
     draw_report(&mut report, &plot_path)?;
     Ok(report)
 }

@@ -3,8 +3,23 @@
 //! byte, loss by position), sampling, and metrics (TensorBoard, JSON lines, progress).
 //!
 //! Entry points: [`train`], [`evaluate`], [`sample`]. They print progress to stderr themselves
-//! and return [`TrainError`]s (with `is_bad_input()`) rather than exiting.
+//! and return [`TrainError`]s (with `is_bad_input()`) rather than exiting; no panic of theirs
+//! reaches a caller ([`boundary`]), and the lints below keep the crate's own code from adding
+//! one.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
+
+pub mod boundary;
 pub mod checkpoint;
 pub mod datasets;
 pub mod error;

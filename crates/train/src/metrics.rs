@@ -6,7 +6,7 @@
 //! TensorBoard itself purges such orphaned steps when a lower step shows up.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -149,23 +149,22 @@ fn wait_for_fresh_event_file_name(dir: &Path) {
     }
 }
 
-/// Rewrites `path` keeping only lines whose `step` is at most `step` (temporary file + rename).
+/// Rewrites `path` atomically, keeping only the lines whose `step` is at most `step` (a line
+/// that does not parse, such as one cut short by a kill, is dropped too).
 fn truncate_after(path: &Path, step: u64) -> std::io::Result<()> {
-    let reader = BufReader::new(File::open(path)?);
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut out = File::create(&tmp)?;
-    for line in reader.lines() {
-        let line = line?;
-        let keep = serde_json::from_str::<serde_json::Value>(&line)
+    let text = fs::read(path)?;
+    let mut kept = Vec::with_capacity(text.len());
+    for line in text.split(|&b| b == b'\n') {
+        let keep = serde_json::from_slice::<serde_json::Value>(line)
             .ok()
             .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
             .is_some_and(|s| s <= step);
         if keep {
-            writeln!(out, "{line}")?;
+            kept.extend_from_slice(line);
+            kept.push(b'\n');
         }
     }
-    out.sync_all()?;
-    fs::rename(&tmp, path)
+    glatrain_fs::write_atomic(path, &kept)
 }
 
 /// Reading TensorBoard event files back: the TFRecord framing and the few protobuf fields of
@@ -197,6 +196,13 @@ pub mod event_reader {
         !crc
     }
 
+    /// `bytes` as an array of exactly `N`.
+    fn fixed<const N: usize>(bytes: &[u8]) -> Result<[u8; N], String> {
+        bytes
+            .try_into()
+            .map_err(|_| format!("expected {N} bytes, found {}", bytes.len()))
+    }
+
     /// TFRecord's masked CRC.
     fn masked_crc(data: &[u8]) -> u32 {
         let c = crc32c(data);
@@ -211,8 +217,8 @@ pub mod event_reader {
             let header = bytes
                 .get(pos..pos + 12)
                 .ok_or(format!("truncated record header at byte {pos}"))?;
-            let len = u64::from_le_bytes(header[..8].try_into().unwrap()) as usize;
-            let len_crc = u32::from_le_bytes(header[8..12].try_into().unwrap());
+            let len = u64::from_le_bytes(fixed(&header[..8])?) as usize;
+            let len_crc = u32::from_le_bytes(fixed(&header[8..12])?);
             if masked_crc(&header[..8]) != len_crc {
                 return Err(format!("bad length CRC at byte {pos}"));
             }
@@ -222,7 +228,7 @@ pub mod event_reader {
             let crc_bytes = bytes
                 .get(pos + 12 + len..pos + 16 + len)
                 .ok_or(format!("missing data CRC at byte {pos}"))?;
-            if masked_crc(data) != u32::from_le_bytes(crc_bytes.try_into().unwrap()) {
+            if masked_crc(data) != u32::from_le_bytes(fixed(crc_bytes)?) {
                 return Err(format!("bad data CRC at byte {pos}"));
             }
             out.push(data);
@@ -308,7 +314,7 @@ pub mod event_reader {
                         out.push(Scalar {
                             step,
                             tag: String::from_utf8_lossy(tag.bytes).into_owned(),
-                            value: f32::from_le_bytes(simple.bytes.try_into().unwrap()),
+                            value: f32::from_le_bytes(fixed(simple.bytes)?),
                         });
                     }
                 }
@@ -400,6 +406,12 @@ mod tests {
                 m.log(step, &[("train/loss", step as f64)]).unwrap();
             }
         }
+        // A line cut short by a kill.
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(tmp.path().join(JSONL_FILE))
+            .unwrap();
+        file.write_all(b"{\"step\": 2, \"train/lo").unwrap();
         {
             let mut m = MetricsLogger::open(tmp.path(), &cfg, Some(3)).unwrap();
             m.log(4, &[("train/loss", 40.0)]).unwrap();

@@ -18,7 +18,10 @@
 use std::collections::BTreeMap;
 
 use glatrain_shim::multi_tensor::{self, AdamWStep, AdamWTensors};
-use tch::{Kind, Tensor};
+use tch::{Kind, TchError, Tensor};
+
+use crate::boundary::torch_error;
+use crate::error::TrainError;
 
 /// AdamW's fixed hyper-parameters; the learning rate comes per step from the schedule.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -55,33 +58,35 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Builds the optimizer over `(name, variable, decay)` triples; moments start at zero.
-    /// Parameters are kept sorted by name so every run visits them in the same order.
-    pub fn new(params: Vec<(String, Tensor, bool)>, cfg: AdamWConfig) -> Self {
-        let mut params: Vec<ParamState> = params
+    /// Builds the optimizer over `(name, variable, decay)` triples; moments start at zero (an
+    /// error when their memory cannot be allocated). Parameters are kept sorted by name so every
+    /// run visits them in the same order.
+    pub fn new(params: Vec<(String, Tensor, bool)>, cfg: AdamWConfig) -> Result<Self, TrainError> {
+        let zeros = |param: &Tensor| param.f_zeros_like()?.f_to_kind(Kind::Float);
+        let mut params = params
             .into_iter()
             .map(|(name, param, decay)| {
-                let exp_avg = param.zeros_like().to_kind(Kind::Float);
-                let exp_avg_sq = param.zeros_like().to_kind(Kind::Float);
-                ParamState {
+                Ok(ParamState {
+                    exp_avg: zeros(&param)?,
+                    exp_avg_sq: zeros(&param)?,
                     name,
                     param,
                     decay,
-                    exp_avg,
-                    exp_avg_sq,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<ParamState>, TchError>>()
+            .map_err(torch_error("allocating the AdamW moments"))?;
         params.sort_by(|a, b| a.name.cmp(&b.name));
         let device = params
             .first()
             .map_or(tch::Device::Cpu, |p| p.param.device());
-        Self {
+        Ok(Self {
             cfg,
             params,
             step: 0,
-            step_on_device: Tensor::zeros([], (Kind::Float, device)),
-        }
+            step_on_device: Tensor::f_zeros([], (Kind::Float, device))
+                .map_err(torch_error("allocating the AdamW step counter"))?,
+        })
     }
 
     /// The parameters with their moments, sorted by name.
@@ -101,32 +106,33 @@ impl AdamW {
     }
 
     /// The gradients, in parameter order; `None` where a parameter received none.
-    pub fn grads(&self) -> Vec<Option<Tensor>> {
+    pub fn grads(&self) -> Result<Vec<Option<Tensor>>, TrainError> {
         self.params
             .iter()
             .map(|p| {
-                let g = p.param.grad();
-                g.defined().then_some(g)
+                let g = p.param.f_grad().map_err(torch_error("reading gradients"))?;
+                Ok(g.defined().then_some(g))
             })
             .collect()
     }
 
     /// Applies one AdamW update with learning rate `lr` to every parameter that has a gradient.
-    ///
-    /// # Panics
-    /// If libtorch refuses the update, which only tensors of mixed dtypes or devices (not built
-    /// here) would cause.
-    pub fn step(&mut self, lr: f64) {
-        self.step += 1;
+    /// An error (libtorch refusing the update) leaves the update count unchanged.
+    pub fn step(&mut self, lr: f64) -> Result<(), TrainError> {
         let AdamWConfig {
             beta1,
             beta2,
             eps,
             weight_decay,
         } = self.cfg;
-        let grads = self.grads();
+        let grads = self.grads()?;
+        let step = self.step + 1;
         tch::no_grad(|| {
-            let _ = self.step_on_device.fill_(self.step as f64);
+            // In place; the returned handle is the same tensor.
+            let _ = self
+                .step_on_device
+                .f_fill_(step as f64)
+                .map_err(torch_error("the AdamW update"))?;
             for decay in [true, false] {
                 let group: Vec<AdamWTensors> = self
                     .params
@@ -152,9 +158,12 @@ impl AdamW {
                     weight_decay: if decay { weight_decay } else { 0.0 },
                 };
                 multi_tensor::fused_adamw(&group, &self.step_on_device, hp)
-                    .unwrap_or_else(|e| panic!("AdamW update: {e}"));
+                    .map_err(|e| torch_error("the AdamW update")(TchError::Torch(e)))?;
             }
-        });
+            Ok::<(), TrainError>(())
+        })?;
+        self.step = step;
+        Ok(())
     }
 
     /// Named state tensors for the checkpoint: `exp_avg.<name>` and `exp_avg_sq.<name>`.
@@ -194,7 +203,10 @@ impl AdamW {
                         expected: dst.size(),
                     });
                 }
-                tch::no_grad(|| dst.copy_(&src));
+                tch::no_grad(|| dst.f_copy_(&src)).map_err(|e| OptimStateError::Copy {
+                    key,
+                    message: e.to_string(),
+                })?;
             }
         }
         if let Some(key) = tensors.into_keys().next() {
@@ -218,49 +230,51 @@ pub enum OptimStateError {
     },
     #[error("optimizer state has a tensor `{0}` for a parameter the model does not have")]
     Unexpected(String),
+    #[error("optimizer state tensor `{key}` cannot be copied: {message}")]
+    Copy { key: String, message: String },
 }
 
 /// The global L2 norm of `grads` (missing ones count as zero), computed as the norm of the
 /// per-tensor norms in fp32 (as `torch.nn.utils.clip_grad_norm_`). A single host sync.
-///
-/// # Panics
-/// If libtorch refuses the norm (gradients on different devices, not built here).
-pub fn global_grad_norm(grads: &[Option<Tensor>]) -> f64 {
+pub fn global_grad_norm(grads: &[Option<Tensor>]) -> Result<f64, TrainError> {
     let grads: Vec<&Tensor> = grads.iter().flatten().collect();
     if grads.is_empty() {
-        return 0.0;
+        return Ok(0.0);
     }
+    let what = "the gradient norm";
     multi_tensor::global_norm(&grads)
-        .unwrap_or_else(|e| panic!("gradient norm: {e}"))
-        .double_value(&[])
+        .map_err(|e| torch_error(what)(TchError::Torch(e)))?
+        .f_double_value(&[])
+        .map_err(torch_error(what))
 }
 
 /// Scales `grads` in place by `factor` (unscaling a loss scale, or clipping).
-///
-/// # Panics
-/// If libtorch refuses the scaling (gradients on different devices, not built here).
-pub fn scale_grads(grads: &mut [Option<Tensor>], factor: f64) {
+pub fn scale_grads(grads: &mut [Option<Tensor>], factor: f64) -> Result<(), TrainError> {
     let grads: Vec<&Tensor> = grads.iter().flatten().collect();
     if grads.is_empty() {
-        return;
+        return Ok(());
     }
     tch::no_grad(|| multi_tensor::scale_all(&grads, factor))
-        .unwrap_or_else(|e| panic!("gradient scaling: {e}"));
+        .map_err(|e| torch_error("scaling the gradients")(TchError::Torch(e)))
 }
 
 /// Clips `grads` to global norm `max_norm` given their norm `norm` (from [`global_grad_norm`]);
 /// returns the factor applied (1 when no clipping happened). `max_norm <= 0` disables clipping.
 /// The factor is `max_norm / (norm + 1e-6)` as in PyTorch.
-pub fn clip_grads(grads: &mut [Option<Tensor>], norm: f64, max_norm: f64) -> f64 {
+pub fn clip_grads(
+    grads: &mut [Option<Tensor>],
+    norm: f64,
+    max_norm: f64,
+) -> Result<f64, TrainError> {
     if max_norm <= 0.0 {
-        return 1.0;
+        return Ok(1.0);
     }
     let factor = max_norm / (norm + 1e-6);
     if factor >= 1.0 {
-        return 1.0;
+        return Ok(1.0);
     }
-    scale_grads(grads, factor);
-    factor
+    scale_grads(grads, factor)?;
+    Ok(factor)
 }
 
 #[cfg(test)]
@@ -297,7 +311,8 @@ mod tests {
                 ("b".into(), b.shallow_clone(), false),
             ],
             cfg,
-        );
+        )
+        .unwrap();
         let lr = 0.01;
         let grads1 = [0.3f64, -0.4];
         let grads2 = [0.1f64, 0.2];
@@ -305,11 +320,11 @@ mod tests {
 
         set_grad(&w, &[0.3, -0.4]);
         set_grad(&b, &[2.0]);
-        opt.step(lr);
+        opt.step(lr).unwrap();
         opt.zero_grad();
         set_grad(&w, &[0.1, 0.2]);
         set_grad(&b, &[-1.0]);
-        opt.step(lr);
+        opt.step(lr).unwrap();
 
         let hand = |p0: f64, g: [f64; 2], wd: f64| {
             let (mut p, mut m, mut v) = (p0, 0.0, 0.0);
@@ -353,11 +368,12 @@ mod tests {
                 ("b".into(), plain.shallow_clone(), false),
             ],
             cfg,
-        );
+        )
+        .unwrap();
         // Zero gradients: Adam's update is 0, only the decay moves a weight.
         set_grad(&decayed, &[0.0]);
         set_grad(&plain, &[0.0]);
-        opt.step(0.1);
+        opt.step(0.1).unwrap();
         assert!((to_vec(&decayed)[0] - 0.95).abs() < 1e-7);
         assert_eq!(to_vec(&plain)[0], 1.0);
     }
@@ -369,14 +385,14 @@ mod tests {
             None,
             Some(Tensor::from_slice(&[0.0f32, 4.0])),
         ];
-        let norm = global_grad_norm(&grads);
+        let norm = global_grad_norm(&grads).unwrap();
         assert!((norm - 5.0).abs() < 1e-6);
-        let factor = clip_grads(&mut grads, norm, 1.0);
+        let factor = clip_grads(&mut grads, norm, 1.0).unwrap();
         assert!((factor - 1.0 / (5.0 + 1e-6)).abs() < 1e-9);
-        assert!((global_grad_norm(&grads) - 1.0).abs() < 1e-5);
+        assert!((global_grad_norm(&grads).unwrap() - 1.0).abs() < 1e-5);
         // Under the threshold nothing changes.
         let mut small = vec![Some(Tensor::from_slice(&[0.3f32, 0.4]))];
-        assert_eq!(clip_grads(&mut small, 0.5, 1.0), 1.0);
+        assert_eq!(clip_grads(&mut small, 0.5, 1.0).unwrap(), 1.0);
         assert_eq!(
             to_vec(small[0].as_ref().unwrap()),
             vec![0.3f32 as f64, 0.4f32 as f64]
@@ -386,9 +402,9 @@ mod tests {
     #[test]
     fn non_finite_gradients_give_non_finite_norm() {
         let grads = vec![Some(Tensor::from_slice(&[1.0f32, f32::INFINITY]))];
-        assert!(!global_grad_norm(&grads).is_finite());
+        assert!(!global_grad_norm(&grads).unwrap().is_finite());
         let grads = vec![Some(Tensor::from_slice(&[f32::NAN]))];
-        assert!(!global_grad_norm(&grads).is_finite());
+        assert!(!global_grad_norm(&grads).unwrap().is_finite());
     }
 
     #[test]
@@ -400,9 +416,9 @@ mod tests {
             weight_decay: 0.0,
         };
         let p = var(&[1.0, 2.0]);
-        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone(), true)], cfg);
+        let mut opt = AdamW::new(vec![("p".into(), p.shallow_clone(), true)], cfg).unwrap();
         set_grad(&p, &[1.0, -1.0]);
-        opt.step(0.1);
+        opt.step(0.1).unwrap();
         let saved: BTreeMap<String, Tensor> = opt
             .state_tensors()
             .into_iter()
@@ -410,7 +426,7 @@ mod tests {
             .collect();
 
         let q = var(&[1.0, 2.0]);
-        let mut fresh = AdamW::new(vec![("p".into(), q.shallow_clone(), true)], cfg);
+        let mut fresh = AdamW::new(vec![("p".into(), q.shallow_clone(), true)], cfg).unwrap();
         let copy = |m: &BTreeMap<String, Tensor>| {
             m.iter()
                 .map(|(k, t)| (k.clone(), t.copy()))

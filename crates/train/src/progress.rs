@@ -42,7 +42,7 @@ impl Progress {
                 BarStyle::with_template(
                     "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
                 )
-                .expect("static template parses")
+                .unwrap_or_else(|_| BarStyle::default_bar())
                 .progress_chars("=> "),
             );
             bar.set_position(start_step);

@@ -10,6 +10,7 @@ use glatrain_config::{GlaMode, ModelConfig, ResolvedConfig};
 use glatrain_models::CausalLm;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
+use crate::boundary::catch_torch;
 use crate::error::TrainError;
 
 /// The device named by `spec` ("auto", "cpu", "cuda", "cuda:N"); `source` names the config in
@@ -46,13 +47,49 @@ pub fn resolve_device(spec: &str, source: &str) -> Result<Device, TrainError> {
     }
 }
 
-/// Applies `run.cpu_threads` (0 keeps libtorch's default) and returns the count in effect.
-pub fn apply_threads(cfg: &ResolvedConfig) -> i32 {
+/// The CPU cores this process may use (`None` when the system does not say).
+pub fn cpu_cores() -> Option<usize> {
+    std::thread::available_parallelism().ok().map(|n| n.get())
+}
+
+/// Applies `run.cpu_threads` (0 keeps libtorch's default) and returns the count in effect. More
+/// threads than the machine has cores only slow every step down (each waits for the slowest):
+/// training refuses them, naming the key, the value and the core count.
+pub fn apply_threads(cfg: &ResolvedConfig) -> Result<i32, TrainError> {
     let n = cfg.config.run.cpu_threads;
+    if let Some(cores) = cpu_cores().filter(|&cores| n > cores) {
+        return Err(TrainError::BadValue {
+            source_name: cfg.source.clone(),
+            key: "run.cpu_threads",
+            value: n.to_string(),
+            reason: format!(
+                "this machine has {cores} CPU cores; use at most {cores} (0 = libtorch's default)"
+            ),
+        });
+    }
     if n > 0 {
         tch::set_num_threads(n as i32);
     }
-    tch::get_num_threads()
+    Ok(tch::get_num_threads())
+}
+
+/// [`apply_threads`] for evaluation and sampling, which read a run's config written on another
+/// machine perhaps: more threads than cores here are lowered to the core count, with a note.
+pub fn apply_threads_for_inference(cfg: &ResolvedConfig) {
+    let n = cfg.config.run.cpu_threads;
+    let usable = match cpu_cores() {
+        Some(cores) if n > cores => {
+            eprintln!(
+                "note: {}: run.cpu_threads = {n}, but this machine has {cores} CPU cores; using {cores}",
+                cfg.source
+            );
+            cores
+        }
+        _ => n,
+    };
+    if usable > 0 {
+        tch::set_num_threads(usable as i32);
+    }
 }
 
 /// A model and the VarStore holding its parameters.
@@ -89,11 +126,12 @@ pub fn build_model(
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     tch::manual_seed(cfg.config.run.seed as i64);
     let vs = VarStore::new(device);
-    let model = glatrain_models::build(&vs.root(), &cfg.config.model, mode).map_err(|source| {
-        TrainError::Model {
-            source_name: cfg.source.clone(),
-            source: Box::new(source),
-        }
+    let model = catch_torch("building the model", || {
+        Ok(glatrain_models::build(&vs.root(), &cfg.config.model, mode))
+    })?
+    .map_err(|source| TrainError::Model {
+        source_name: cfg.source.clone(),
+        source: Box::new(source),
     })?;
     Ok(BuiltModel { vs, model })
 }
@@ -152,11 +190,11 @@ pub fn load_weights(
         )));
     }
     tch::no_grad(|| {
-        for (name, mut var) in vars {
-            var.copy_(&weights[&name]);
-        }
-    });
-    Ok(())
+        vars.into_iter().try_for_each(|(name, mut var)| {
+            var.f_copy_(&weights[&name])
+                .map_err(|e| mismatch(format!("tensor `{name}` cannot be loaded: {e}")))
+        })
+    })
 }
 
 #[cfg(test)]
@@ -178,6 +216,29 @@ mod tests {
             assert!(err.contains("no CUDA device"), "{err}");
             assert_eq!(resolve_device("auto", "x.toml").unwrap(), Device::Cpu);
         }
+    }
+
+    #[test]
+    fn cpu_threads_beyond_the_cores_are_refused_naming_key_value_and_cores() {
+        let cores = cpu_cores().expect("Linux reports its cores");
+        let cfg = |threads: usize| {
+            glatrain_config::from_str(
+                "[model]\ntype = \"gla\"",
+                "x.toml",
+                &[format!("run.cpu_threads={threads}")],
+            )
+            .unwrap()
+        };
+        let err = apply_threads(&cfg(100_000)).unwrap_err();
+        assert!(err.is_bad_input());
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "x.toml: run.cpu_threads = 100000: this machine has {cores} CPU cores; use at \
+                 most {cores} (0 = libtorch's default)"
+            )
+        );
+        assert_eq!(apply_threads(&cfg(1)).unwrap(), 1);
     }
 
     #[test]

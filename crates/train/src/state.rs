@@ -49,8 +49,12 @@ pub struct TrainState {
 /// Differences between two model configs as `model.<key> = <a> vs <b>` lines (keys of the
 /// JSON form, `type` included).
 pub fn model_differences(checkpoint: &ModelConfig, config: &ModelConfig) -> Vec<String> {
-    let a = serde_json::to_value(checkpoint).expect("model config serializes");
-    let b = serde_json::to_value(config).expect("model config serializes");
+    let (Ok(a), Ok(b)) = (
+        serde_json::to_value(checkpoint),
+        serde_json::to_value(config),
+    ) else {
+        return vec!["model: not comparable".into()];
+    };
     let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
         return vec!["model: not comparable".into()];
     };

@@ -1,29 +1,36 @@
 //! The training loop, top to bottom:
 //!
 //! ```text
-//! set up (device, threads, precision, model, optimizer, data, logs; or restore a checkpoint)
+//! lock the run directory (one writer), remove leftovers of interrupted writes
+//! check every input (device, threads, data, tokenizer, validation length, chart path), then
+//! set up (precision, model, optimizer, data, logs; or restore a checkpoint)
 //! for step in state.step..max_steps:
 //!     lr = schedule(step)
 //!     grad_accum_steps x { batch -> forward (autocast) -> loss * loss_scale / accum -> backward }
 //!     unscale -> global grad norm -> non-finite? skip (scaler backs off) : clip + AdamW
-//!     log / evaluate / checkpoint as configured; stop early on Ctrl-C/SIGTERM or stop_after
-//! final evaluation (table, chart) and checkpoint
+//!     log / evaluate / checkpoint as configured; stop early on a signal or stop_after
+//! final checkpoint, then the final evaluation (table, chart)
 //! ```
+//!
+//! A signal (see [`crate::interrupt`]) is noticed after a step or between evaluation batches:
+//! the run writes a checkpoint of its last finished step and returns, naming the signal.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use glatrain_config::ResolvedConfig;
-use glatrain_data::{BatchLoader, TokenSource};
-use tch::{Device, Kind, Tensor};
+use glatrain_data::{BatchLoader, EvalBatches, TokenSource};
+use glatrain_fs::DirLock;
+use tch::{Device, Kind, Reduction, Tensor};
 
+use crate::boundary::{catch_torch, torch_error};
 use crate::checkpoint::{self, CheckpointContents, CheckpointError};
-use crate::datasets::SourceOpener;
+use crate::datasets::{open_tokenizer_for_model, SourceOpener};
 use crate::error::TrainError;
-use crate::eval::{draw_report, evaluate_model, EvalReport, PLOT_FILE};
+use crate::eval::{check_chart_path, draw_report, evaluate_model, EvalReport, PLOT_FILE};
 use crate::flops;
-use crate::interrupt;
+use crate::interrupt::{self, StopSignal};
 use crate::metrics::MetricsLogger;
 use crate::optim::{clip_grads, global_grad_norm, scale_grads, AdamW, AdamWConfig};
 use crate::precision::MixedPrecision;
@@ -65,6 +72,9 @@ pub struct TrainSummary {
     pub rejected_checkpoints: Vec<String>,
     /// True when the session ended before `max_steps` (signal or `stop_after`).
     pub stopped_early: bool,
+    /// The signal that stopped the session (before `max_steps`, or during the final
+    /// evaluation), if one did.
+    pub interrupted: Option<StopSignal>,
     /// Steps skipped for non-finite gradients, over the whole run.
     pub skipped_steps: u64,
     pub parameters: i64,
@@ -103,19 +113,68 @@ struct Run<'a> {
 
 /// Trains the model of `cfg` (see the module docs). Progress goes to stderr; metrics to
 /// `<run>/metrics.jsonl` and `<run>/tensorboard/`; checkpoints to `<run>/checkpoints/`.
-/// Returns an error instead of exiting; Ctrl-C/SIGTERM end the session cleanly after a
-/// checkpoint (`stopped_early`).
+/// Returns an error instead of exiting; SIGINT/SIGTERM/SIGHUP end the session cleanly after a
+/// checkpoint (`stopped_early`, `interrupted`). Holds the run directory's lock throughout: a
+/// second process on the same run (a concurrent `--resume` included) is refused.
 pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let cfg = &cfg;
-    let tc = &cfg.config.train;
     let device = setup::resolve_device(&cfg.config.run.device, &cfg.source)?;
-    let threads = setup::apply_threads(cfg);
-    let precision = MixedPrecision::new(tc.precision, device, &cfg.source)?;
+    let threads = setup::apply_threads(cfg)?;
+    let precision = MixedPrecision::new(cfg.config.train.precision, device, &cfg.source)?;
 
     let run_dir = cfg.run_dir();
+    let fresh_dir = !run_dir.exists();
+    let lock = DirLock::acquire(&run_dir)?;
+    if let Some(stale) = lock.stale_holder() {
+        eprintln!(
+            "note: {} was locked by {stale}, which ended without releasing it",
+            run_dir.display()
+        );
+    }
+    let outcome = train_locked(cfg, opts, device, threads, precision);
+    if outcome.is_err() && fresh_dir {
+        remove_if_unused(&run_dir);
+    }
+    drop(lock);
+    outcome
+}
+
+/// Removes a run directory that a refused fresh run created and left holding only its lock
+/// file (best effort: what else is in it stays).
+fn remove_if_unused(run_dir: &Path) {
+    let only_lock = std::fs::read_dir(run_dir).is_ok_and(|entries| {
+        entries
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<Vec<_>, _>>()
+            .is_ok_and(|names| names == [glatrain_fs::LOCK_FILE])
+    });
+    if only_lock {
+        let _ = std::fs::remove_file(run_dir.join(glatrain_fs::LOCK_FILE));
+        let _ = std::fs::remove_dir(run_dir);
+    }
+}
+
+/// [`train`] once the run directory is locked.
+fn train_locked(
+    cfg: &ResolvedConfig,
+    opts: &TrainOptions,
+    device: Device,
+    threads: i32,
+    precision: MixedPrecision,
+) -> Result<TrainSummary, TrainError> {
+    let tc = &cfg.config.train;
+    let run_dir = cfg.run_dir();
     let checkpoints_dir = run_dir.join("checkpoints");
+    // Under the lock every temporary is a leftover of a writer that died.
+    for dir in [&run_dir, &checkpoints_dir] {
+        for path in glatrain_fs::remove_temporaries(dir).map_err(io_err(dir))? {
+            eprintln!("removed {} (left by an interrupted write)", path.display());
+        }
+    }
     let (resume_dir, rejected) = find_resume_point(&checkpoints_dir, &run_dir, opts.resume)?;
     let config_toml = cfg.to_toml_string()?;
+    open_tokenizer_for_model(cfg)?;
+    check_chart_path(&run_dir.join(PLOT_FILE))?;
 
     // Before anything is built or written: refuse what cannot run, and pick the kernel mode.
     let preflight = crate::preflight::report(cfg, device, false)?;
@@ -142,12 +201,14 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
             eps: tc.eps,
             weight_decay: tc.weight_decay,
         },
-    );
+    )?;
 
     let mut sources = SourceOpener::new(cfg);
     let train_source = sources.train(&cfg.config.data.train)?;
     let valid = sources.valid(&cfg.config.data.valid)?;
     let seq_len = cfg.config.data.seq_len;
+    // The validation set must hold one evaluation window, or the run would fail at its end.
+    EvalBatches::new(&valid, tc.micro_batch_size, seq_len, Some(1))?;
 
     let fresh_state = |loader: &BatchLoader| TrainState {
         step: 0,
@@ -167,7 +228,7 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
         precision: tc.precision,
         glatrain_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let (loader, state) = match &resume_dir {
+    let (loader, state, checkpoint_config) = match &resume_dir {
         None => {
             let loader = BatchLoader::new(
                 Arc::clone(&train_source),
@@ -176,19 +237,30 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
                 cfg.config.run.seed,
             )?;
             let state = fresh_state(&loader);
-            (loader, state)
+            (loader, state, None)
         }
-        Some(dir) => restore(cfg, dir, &vs, &mut opt, &train_source, threads)?,
+        Some(dir) => {
+            let (loader, state, config) = restore(cfg, dir, &vs, &mut opt, &train_source, threads)?;
+            (loader, state, Some(config))
+        }
     };
     for r in &rejected {
         eprintln!("warning: skipping checkpoint {r}");
     }
     // Only now that a resume is known to fit: the run directory gets this config.
-    std::fs::create_dir_all(&run_dir).map_err(io_err(&run_dir))?;
-    cfg.write_resolved(&run_dir)?;
+    match (&resume_dir, checkpoint_config) {
+        (Some(dir), Some(earlier)) => record_resumed_config(cfg, dir, &earlier, state.step)?,
+        _ => {
+            cfg.write_resolved(&run_dir)?;
+        }
+    }
     preflight.write_json(&run_dir)?;
-    if let Some(dir) = &resume_dir {
-        eprintln!("resuming from {} (step {})", dir.display(), state.step);
+    if state.step >= tc.max_steps {
+        eprintln!(
+            "note: the checkpoint is at step {}, train.max_steps = {}: nothing left to train; \
+             evaluating it (raise train.max_steps to train further)",
+            state.step, tc.max_steps
+        );
     }
 
     let logger = MetricsLogger::open(
@@ -201,7 +273,10 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
             .map(|peak| (flops::flops_per_token(&cfg.config.model, seq_len), peak))
     });
     if let Err(e) = interrupt::install() {
-        eprintln!("warning: cannot handle Ctrl-C/SIGTERM ({e}); an interrupted run loses the steps since its last checkpoint");
+        eprintln!(
+            "warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run loses the steps \
+             since its last checkpoint"
+        );
     }
     eprintln!(
         "training {} ({} parameters) on {device:?}, {} | {} sequences x {seq_len} tokens per step \
@@ -217,6 +292,7 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
     );
 
     let elapsed_before = state.elapsed_secs;
+    let start_step = state.step;
     let progress = Progress::new(cfg.config.logging.progress, state.step, tc.max_steps);
     let mut run = Run {
         cfg,
@@ -232,12 +308,12 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
         progress,
         checkpoints_dir,
         config_toml,
-        last_checkpoint: None,
+        // A resumed session has its starting step on disk already.
+        last_checkpoint: resume_dir.clone().map(|dir| (start_step, dir)),
         session_start: Instant::now(),
         elapsed_before,
         mfu_basis,
     };
-    let start_step = run.state.step;
     let outcome = run.train_loop(opts);
     run.progress.finish();
     run.logger.flush()?;
@@ -245,6 +321,7 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
         losses,
         last_eval: eval,
         stopped_early,
+        interrupted,
     } = outcome?;
     Ok(TrainSummary {
         run_dir,
@@ -257,6 +334,7 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
         resumed_from: resume_dir,
         rejected_checkpoints: rejected,
         stopped_early,
+        interrupted,
         skipped_steps: run.state.skipped_steps,
         parameters,
         elapsed_secs: run.state.elapsed_secs,
@@ -290,7 +368,8 @@ fn find_resume_point(
     Ok((None, rejected))
 }
 
-/// Loads a checkpoint into the model and optimizer and rebuilds the loader at its position.
+/// Loads a checkpoint into the model and optimizer and rebuilds the loader at its position;
+/// returns the config the checkpoint was trained with too.
 fn restore(
     cfg: &ResolvedConfig,
     dir: &Path,
@@ -298,7 +377,7 @@ fn restore(
     opt: &mut AdamW,
     train_source: &Arc<TokenSource>,
     threads: i32,
-) -> Result<(BatchLoader, TrainState), TrainError> {
+) -> Result<(BatchLoader, TrainState, String), TrainError> {
     let ck = checkpoint::load::<TrainState>(dir)?;
     let diffs = model_differences(&ck.state.model, &cfg.config.model);
     if !diffs.is_empty() {
@@ -340,7 +419,45 @@ fn restore(
     )?;
     let mut state = ck.state;
     state.torch_threads = threads;
-    Ok((loader, state))
+    Ok((loader, state, ck.config_toml))
+}
+
+/// The config of a resumed session: the run's `config.toml` stays (written anew only where it
+/// is missing); settings that differ from the checkpoint's are printed, and this session's
+/// whole config is written beside it as `config.resume-<step>.toml`.
+fn record_resumed_config(
+    cfg: &ResolvedConfig,
+    checkpoint_dir: &Path,
+    checkpoint_config: &str,
+    step: u64,
+) -> Result<(), TrainError> {
+    let run_dir = cfg.run_dir();
+    if !run_dir.join("config.toml").exists() {
+        cfg.write_resolved(&run_dir)?;
+    }
+    let origin = checkpoint_dir.join(checkpoint::CONFIG_FILE);
+    let changed =
+        match glatrain_config::from_str(checkpoint_config, &origin.display().to_string(), &[]) {
+            Ok(earlier) => cfg.differences(&earlier)?,
+            Err(e) => {
+                eprintln!("warning: cannot compare this config with the checkpoint's ({e})");
+                Vec::new()
+            }
+        };
+    let from = format!("resuming from {} (step {step})", checkpoint_dir.display());
+    if changed.is_empty() {
+        eprintln!("{from}");
+        return Ok(());
+    }
+    let written = cfg.write_to(&run_dir.join(format!("config.resume-{step}.toml")))?;
+    eprintln!(
+        "{from} with {} changed setting(s); this session's config is {} (the run's \
+         config.toml is kept):\n  {}",
+        changed.len(),
+        written.display(),
+        changed.join("\n  ")
+    );
+    Ok(())
 }
 
 /// What the loop of a session produced.
@@ -348,6 +465,7 @@ struct LoopOutcome {
     losses: Vec<(u64, f64)>,
     last_eval: Option<EvalReport>,
     stopped_early: bool,
+    interrupted: Option<StopSignal>,
 }
 
 /// What one optimizer step produced.
@@ -368,6 +486,7 @@ impl Run<'_> {
         let mut window_start = Instant::now();
         let mut window_tokens = 0u64;
         let mut stopped_early = false;
+        let mut interrupted = None;
 
         while self.state.step < tc.max_steps {
             let lr = schedule.lr_at(self.state.step);
@@ -426,21 +545,35 @@ impl Run<'_> {
                 });
             }
             if tc.eval_every > 0 && step % tc.eval_every == 0 && step < tc.max_steps {
-                let report = self.evaluate()?;
-                self.progress.println(&format!(
-                    "step {step}: validation loss {:.4} | perplexity {:.3}",
-                    report.loss, report.perplexity
-                ));
-                last_eval = Some(report);
+                match self.evaluate() {
+                    Ok(report) => {
+                        self.progress.println(&format!(
+                            "step {step}: validation loss {:.4} | perplexity {:.3}",
+                            report.loss, report.perplexity
+                        ));
+                        last_eval = Some(report);
+                    }
+                    // The stop below handles it.
+                    Err(TrainError::Stopped(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
-            let stop = interrupt::requested() || opts.stop_after.is_some_and(|s| step >= s);
+            let signal = interrupt::requested();
+            let stop = signal.is_some() || opts.stop_after.is_some_and(|s| step >= s);
             if stop && step < tc.max_steps {
+                if let Some(signal) = signal {
+                    self.progress.println(&format!(
+                        "{}: writing a checkpoint of step {step}",
+                        signal.name()
+                    ));
+                }
                 let dir = self.save_checkpoint()?;
                 self.progress.println(&format!(
                     "stopped at step {step}; checkpoint {} (continue with --resume)",
                     dir.display()
                 ));
                 stopped_early = true;
+                interrupted = signal;
                 break;
             }
             if tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 {
@@ -449,24 +582,51 @@ impl Run<'_> {
         }
 
         if !stopped_early {
-            let mut report = self.evaluate()?;
-            let plot = self.cfg.run_dir().join(PLOT_FILE);
-            draw_report(&mut report, &plot)?;
-            self.progress.println(&report.to_string());
-            self.progress.println(&format!(
-                "final validation perplexity: {:.3}",
-                report.perplexity
-            ));
-            last_eval = Some(report);
-            let dir = self.save_checkpoint()?;
+            // The checkpoint first: whatever happens to the evaluation, the training is kept.
+            let checkpoint = self.save_checkpoint()?;
             self.progress
-                .println(&format!("checkpoint: {}", dir.display()));
+                .println(&format!("checkpoint: {}", checkpoint.display()));
+            match self.final_evaluation() {
+                Ok(report) => last_eval = Some(report),
+                Err(TrainError::Stopped(signal)) => {
+                    self.progress.println(&format!(
+                        "stop requested ({}): final evaluation skipped; the run is complete \
+                         (`glatrain eval --checkpoint {}` evaluates it)",
+                        signal.name(),
+                        checkpoint.display()
+                    ));
+                    interrupted = Some(signal);
+                }
+                Err(e) => {
+                    return Err(TrainError::AfterTraining {
+                        checkpoint,
+                        source: Box::new(e),
+                    })
+                }
+            }
         }
         Ok(LoopOutcome {
             losses,
             last_eval,
             stopped_early,
+            interrupted,
         })
+    }
+
+    /// The evaluation at the end of the run: logged, printed as a table, drawn as a chart.
+    fn final_evaluation(&mut self) -> Result<EvalReport, TrainError> {
+        let mut report = self.evaluate()?;
+        self.progress.println(&report.to_string());
+        self.progress.println(&format!(
+            "final validation perplexity: {:.3}",
+            report.perplexity
+        ));
+        draw_report(&mut report, &self.cfg.run_dir().join(PLOT_FILE))?;
+        self.progress.println(&format!(
+            "chart: {}",
+            self.cfg.run_dir().join(PLOT_FILE).display()
+        ));
+        Ok(report)
     }
 
     /// Forward/backward over the micro-batches, then the update (or a skip).
@@ -475,38 +635,49 @@ impl Run<'_> {
         let seq_len = self.cfg.config.data.seq_len as i64;
         let vocab = self.cfg.config.model.vocab_size() as i64;
         let scale = self.state.loss_scaler.scale();
+        let device = self.device;
         self.opt.zero_grad();
-        let mut loss_sum = Tensor::zeros([], (Kind::Double, self.device));
+        let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))
+            .map_err(torch_error("allocating the loss"))?;
         for _ in 0..accum {
             let batch = self.loader.next_batch();
             let rows = batch.rows as i64;
-            let inputs = Tensor::from_slice(&batch.inputs)
-                .view([rows, seq_len])
-                .to_device(self.device);
-            let targets = Tensor::from_slice(&batch.targets)
-                .view([rows, seq_len])
-                .to_device(self.device);
-            let logits = self.precision.run(|| self.model.forward(&inputs)); // [B, T, V]
-            let loss = logits
-                .to_kind(Kind::Float)
-                .view([-1, vocab])
-                .cross_entropy_for_logits(&targets.view([-1])); // mean over B*T
-            (&loss * (scale / accum as f64)).backward();
-            loss_sum += loss.detach().to_kind(Kind::Double);
+            let (model, precision) = (self.model.as_ref(), &self.precision);
+            catch_torch("the forward and backward pass", || {
+                let inputs = Tensor::f_from_slice(&batch.inputs)?
+                    .f_view([rows, seq_len])?
+                    .f_to_device(device)?;
+                let targets = Tensor::f_from_slice(&batch.targets)?
+                    .f_view([-1])?
+                    .f_to_device(device)?;
+                let logits = precision.run(|| model.forward(&inputs)); // [B, T, V]
+                let loss = logits
+                    .f_to_kind(Kind::Float)?
+                    .f_view([-1, vocab])?
+                    .f_log_softmax(-1, Kind::Float)?
+                    .f_nll_loss::<Tensor>(&targets, None, Reduction::Mean, -100)?; // mean over B*T
+                loss.f_mul_scalar(scale / accum as f64)?.f_backward()?;
+                // In place; the returned handle is the same tensor.
+                let _ = loss_sum.f_add_(&loss.f_detach()?.f_to_kind(Kind::Double)?)?;
+                Ok(())
+            })?;
         }
-        let loss = loss_sum.double_value(&[]) / accum as f64;
+        let loss = loss_sum
+            .f_double_value(&[])
+            .map_err(torch_error("reading the loss"))?
+            / accum as f64;
         self.state.loader = self.loader.state();
 
-        let mut grads = self.opt.grads();
+        let mut grads = self.opt.grads()?;
         if scale != 1.0 {
-            scale_grads(&mut grads, 1.0 / scale);
+            scale_grads(&mut grads, 1.0 / scale)?;
         }
-        let grad_norm = global_grad_norm(&grads);
+        let grad_norm = global_grad_norm(&grads)?;
         let finite = grad_norm.is_finite();
         self.state.loss_scaler.update(finite);
         if finite {
-            clip_grads(&mut grads, grad_norm, self.cfg.config.train.grad_clip);
-            self.opt.step(lr);
+            clip_grads(&mut grads, grad_norm, self.cfg.config.train.grad_clip)?;
+            self.opt.step(lr)?;
             self.state.optimizer_updates = self.opt.step_count();
             self.state.consecutive_skips = 0;
         } else {
@@ -545,7 +716,8 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Evaluates on the validation source and logs the result.
+    /// Evaluates on the validation source and logs the result; a stop request ends it between
+    /// two batches ([`TrainError::Stopped`]).
     fn evaluate(&mut self) -> Result<EvalReport, TrainError> {
         let cfg = self.cfg;
         let tc = &cfg.config.train;
@@ -557,6 +729,7 @@ impl Run<'_> {
             tc.micro_batch_size,
             self.cfg.config.data.seq_len,
             (tc.eval_batches > 0).then_some(tc.eval_batches),
+            &interrupt::requested,
         )?;
         report.step = Some(self.state.step);
         let mut scalars = vec![("eval/loss", report.loss), ("eval/ppl", report.perplexity)];

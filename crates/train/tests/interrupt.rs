@@ -80,6 +80,7 @@ fn sigterm_checkpoints_and_resume_finishes() {
     let first = train(cfg(&[]), &TrainOptions::default()).unwrap();
     signaller.join().unwrap();
     assert!(first.stopped_early);
+    assert_eq!(first.interrupted.map(|s| s.exit_status()), Some(143));
     assert!(first.final_step >= 3 && first.final_step < 100_000);
     let ck = first.checkpoint.unwrap();
     assert_eq!(
@@ -102,6 +103,6 @@ fn sigterm_checkpoints_and_resume_finishes() {
     .unwrap();
     assert_eq!(second.start_step, first.final_step);
     assert_eq!(second.final_step, end);
-    assert!(!second.stopped_early);
+    assert!(!second.stopped_early && second.interrupted.is_none());
     assert!(second.eval.is_some());
 }

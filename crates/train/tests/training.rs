@@ -186,15 +186,16 @@ fn bad_checkpoints_are_refused_by_name_and_the_previous_one_is_used() {
         .map(|(s, _)| s)
         .collect();
     assert_eq!(steps, vec![6, 4, 2]);
-    // step-6: a corrupted file; step-4: no manifest (the write never finished); plus a
-    // temporary directory of a write that crashed before its rename.
+    // step-6: a corrupted file; step-4: no manifest (the write never finished); plus temporaries
+    // of writes killed before their rename (a checkpoint, the resolved config).
     let w6 = root.join("step-6").join(checkpoint::WEIGHTS_FILE);
     let mut bytes = fs::read(&w6).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0x55;
     fs::write(&w6, bytes).unwrap();
     fs::remove_file(root.join("step-4").join(checkpoint::MANIFEST_FILE)).unwrap();
-    fs::create_dir(root.join(".tmp-step-8-12345")).unwrap();
+    fs::create_dir(root.join(".step-8.tmp-12345-0")).unwrap();
+    fs::write(out.join("micro/.config.toml.tmp-12345-1"), "partial").unwrap();
 
     let s = run(cfg(), true, None);
     assert_eq!(
@@ -216,11 +217,12 @@ fn bad_checkpoints_are_refused_by_name_and_the_previous_one_is_used() {
         s.rejected_checkpoints[1].contains("step-4")
             && s.rejected_checkpoints[1].contains("incomplete")
     );
-    // The resumed run rewrote steps 4, 6 and 8 properly and cleaned the temporary directory.
+    // The resumed run rewrote steps 4, 6 and 8 properly and removed the leftovers.
     for step in [4, 6, 8] {
         checkpoint::verify(&root.join(format!("step-{step}"))).unwrap();
     }
-    assert!(!root.join(".tmp-step-8-12345").exists());
+    assert!(!root.join(".step-8.tmp-12345-0").exists());
+    assert!(!out.join("micro/.config.toml.tmp-12345-1").exists());
 }
 
 #[test]
@@ -395,19 +397,192 @@ fn evaluate_and_sample_from_a_checkpoint() {
     let again = evaluate(&tmp.path().join("micro"), None, None, Some(&plot)).unwrap();
     assert_eq!(again.loss.to_bits(), s.eval.unwrap().loss.to_bits());
 
-    let a = sample(&ck, "The ", 24, 0.8, 20, 3).unwrap();
-    let b = sample(&ck, "The ", 24, 0.8, 20, 3).unwrap();
+    let mut streamed = String::new();
+    let a = sample(&ck, "The ", 24, 0.8, 20, 3, &mut |t| streamed.push_str(t)).unwrap();
+    assert_eq!(streamed, a, "the stream is the text");
+    let b = sample(&ck, "The ", 24, 0.8, 20, 3, &mut |_| {}).unwrap();
     assert_eq!(a, b, "same seed, same text");
     assert!(a.starts_with("The "), "{a:?}");
-    let greedy = sample(&ck, "The ", 24, 0.0, 0, 1).unwrap();
+    let greedy = sample(&ck, "The ", 24, 0.0, 0, 1, &mut |_| {}).unwrap();
     assert_eq!(
         greedy,
-        sample(&ck, "The ", 24, 0.0, 0, 2).unwrap(),
+        sample(&ck, "The ", 24, 0.0, 0, 2, &mut |_| {}).unwrap(),
         "greedy ignores the seed"
     );
-    let err = sample(&ck, "", 4, 1.0, 0, 0).unwrap_err();
+    let err = sample(&ck, "", 4, 1.0, 0, 0, &mut |_| {}).unwrap_err();
     assert!(
         err.is_bad_input() && err.to_string().contains("--prompt"),
         "{err}"
+    );
+}
+
+fn resume(cfg: ResolvedConfig) -> Result<TrainSummary, TrainError> {
+    train(
+        cfg,
+        &TrainOptions {
+            resume: true,
+            stop_after: None,
+        },
+    )
+}
+
+/// A run directory has one writer: while another holds its lock, a run (here a `--resume`,
+/// which would rewrite `metrics.jsonl`) is refused, naming the holder, and changes nothing.
+#[test]
+fn a_locked_run_directory_is_refused_and_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    run(config(tmp.path(), None, &[]), false, Some(2));
+    let run_dir = tmp.path().join("micro");
+    let metrics = fs::read(run_dir.join(JSONL_FILE)).unwrap();
+    let holder = glatrain_fs::DirLock::acquire(&run_dir).unwrap();
+    let err = resume(config(tmp.path(), None, &[])).unwrap_err();
+    assert!(matches!(err, TrainError::Locked(_)), "{err}");
+    assert!(err.is_bad_input());
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("process {}", std::process::id())) && msg.contains("micro"),
+        "{msg}"
+    );
+    assert_eq!(fs::read(run_dir.join(JSONL_FILE)).unwrap(), metrics);
+    drop(holder);
+    assert_eq!(resume(config(tmp.path(), None, &[])).unwrap().final_step, 8);
+}
+
+/// A validation set shorter than one sequence is refused before the first step (not at the end
+/// of the run), and a refused fresh run leaves no run directory.
+#[test]
+fn a_short_validation_set_is_refused_before_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A nanoGPT-style headerless u16 file of 10 tokens; seq_len 16 needs 17.
+    let valid = tmp.path().join("valid.bin");
+    fs::write(&valid, [7u8, 0].repeat(10)).unwrap();
+    let set = format!("data.valid={:?}", valid.display().to_string());
+    let err = train(config(tmp.path(), None, &[&set]), &TrainOptions::default()).unwrap_err();
+    assert!(err.is_bad_input());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("valid.bin") && msg.contains("10 tokens cannot fill one sequence"),
+        "{msg}"
+    );
+    assert!(!tmp.path().join("micro").exists());
+}
+
+/// The final checkpoint is written before the final evaluation; a failure after training (here
+/// the chart, whose path leads nowhere) keeps it and says so.
+#[test]
+fn a_failure_after_training_keeps_the_final_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("micro");
+    fs::create_dir_all(&run_dir).unwrap();
+    std::os::unix::fs::symlink(
+        tmp.path().join("missing/chart.png"),
+        run_dir.join("ppl_by_position.png"),
+    )
+    .unwrap();
+    let cfg = config(tmp.path(), None, &["train.eval_every=0"]);
+    let err = train(cfg, &TrainOptions::default()).unwrap_err();
+    let TrainError::AfterTraining { checkpoint: ck, .. } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(ck, &run_dir.join("checkpoints/step-8"));
+    checkpoint::verify(ck).unwrap();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cannot draw the chart")
+            && msg.contains("the evaluation itself finished: loss ")
+            && msg.contains("its final checkpoint")
+            && msg.contains("step-8 is saved"),
+        "{msg}"
+    );
+}
+
+/// Resuming with changed settings keeps the run's config.toml, writes this session's beside it,
+/// and resuming at or past max_steps trains nothing, rewrites no checkpoint and evaluates.
+#[test]
+fn resumed_settings_are_recorded_beside_the_runs_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    run(config(tmp.path(), None, &[]), false, Some(4));
+    let run_dir = tmp.path().join("micro");
+    let original = fs::read_to_string(run_dir.join("config.toml")).unwrap();
+    let s = resume(config(
+        tmp.path(),
+        None,
+        &["train.lr=2e-3", "train.max_steps=6"],
+    ))
+    .unwrap();
+    assert_eq!(s.final_step, 6);
+    assert_eq!(
+        fs::read_to_string(run_dir.join("config.toml")).unwrap(),
+        original
+    );
+    let session = glatrain_config::load(run_dir.join("config.resume-4.toml"), &[]).unwrap();
+    assert_eq!(session.config.train.lr, 2e-3);
+    assert_eq!(session.config.train.max_steps, 6);
+    // An unchanged resume writes no new file.
+    let names = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = names(&run_dir);
+    let manifest = fs::read(run_dir.join("checkpoints/step-6/manifest.json")).unwrap();
+    let s = resume(config(
+        tmp.path(),
+        None,
+        &["train.lr=2e-3", "train.max_steps=6"],
+    ))
+    .unwrap();
+    assert_eq!((s.start_step, s.final_step), (6, 6));
+    assert!(s.losses.is_empty() && s.eval.is_some() && !s.stopped_early);
+    assert_eq!(names(&run_dir), before);
+    assert_eq!(
+        fs::read(run_dir.join("checkpoints/step-6/manifest.json")).unwrap(),
+        manifest,
+        "the checkpoint is not rewritten"
+    );
+}
+
+/// Data tokenized by one tokenizer and a config naming another are refused before training,
+/// naming both; the dataset's own tokenizer file is accepted.
+#[test]
+fn data_of_another_tokenizer_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text: String = glatrain_data::embedded::valid_text()
+        .unwrap()
+        .chars()
+        .take(40_000)
+        .collect();
+    fs::write(tmp.path().join("corpus.txt"), text).unwrap();
+    let data = tmp.path().join("tokens");
+    glatrain_data::prepare(
+        &[tmp.path().join("corpus.txt")],
+        "bpe:300",
+        &data,
+        glatrain_data::DEFAULT_SHARD_TOKENS,
+        0.3,
+    )
+    .unwrap();
+    let train_set = format!("data.train={:?}", data.display().to_string());
+    let valid_set = format!("data.valid={:?}", data.display().to_string());
+    let sets = [train_set.as_str(), &valid_set, "model.vocab_size=512"];
+    let err = train(config(tmp.path(), None, &sets), &TrainOptions::default()).unwrap_err();
+    assert!(err.is_bad_input());
+    let msg = err.to_string();
+    let tokenizer_json = data.join("tokenizer.json").display().to_string();
+    assert!(
+        msg.contains("data.tokenizer = \"byte\"")
+            && msg.contains("was tokenized with bpe:300")
+            && msg.contains(&tokenizer_json),
+        "{msg}"
+    );
+    let own = format!("data.tokenizer={tokenizer_json:?}");
+    let mut sets = sets.to_vec();
+    sets.extend([own.as_str(), "train.max_steps=1", "train.warmup_steps=0"]);
+    assert_eq!(
+        run(config(tmp.path(), None, &sets), false, None).final_step,
+        1
     );
 }
