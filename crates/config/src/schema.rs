@@ -508,6 +508,9 @@ pub struct LoggingConfig {
     pub jsonl: bool,
     /// Progress display.
     pub progress: ProgressStyle,
+    /// `[first, last]`: record these optimizer steps with libtorch's profiler (a trace and a
+    /// summary in the run directory); empty: no profile.
+    pub profile_steps: Vec<u64>,
 }
 
 impl Default for LoggingConfig {
@@ -517,6 +520,7 @@ impl Default for LoggingConfig {
             tensorboard: true,
             jsonl: true,
             progress: ProgressStyle::Auto,
+            profile_steps: Vec::new(),
         }
     }
 }

@@ -25,7 +25,7 @@ pub(crate) fn validate(config: &Config, origin: &Origin) -> Check {
     v.data(&config.data, &config.model)?;
     v.train(&config.train, config.data.seq_len)?;
     v.kernels(config)?;
-    v.logging(&config.logging)?;
+    v.logging(&config.logging, config.train.max_steps)?;
     sizes::check(config, origin)
 }
 
@@ -418,8 +418,20 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn logging(&self, l: &LoggingConfig) -> Check {
-        self.at_least_1_u64("logging.log_every", l.log_every)
+    fn logging(&self, l: &LoggingConfig, max_steps: u64) -> Check {
+        self.at_least_1_u64("logging.log_every", l.log_every)?;
+        match l.profile_steps[..] {
+            [] => Ok(()),
+            [first, last] if 1 <= first && first <= last && last <= max_steps => Ok(()),
+            _ => Err(self.fail(
+                "logging.profile_steps",
+                format!("{:?}", l.profile_steps),
+                format!(
+                    "must be [first, last] with 1 <= first <= last <= train.max_steps = \
+                     {max_steps} (or [] for no profile)"
+                ),
+            )),
+        }
     }
 }
 
@@ -931,6 +943,20 @@ mod tests {
             check(gla(), |c| c.logging.log_every = 0),
             "logging.log_every = 0: must be at least 1",
         );
+        for steps in [
+            vec![3],
+            vec![0, 2],
+            vec![5, 4],
+            vec![1, 1_000_000],
+            vec![1, 2, 3],
+        ] {
+            let shown = format!("{steps:?}");
+            assert_err(
+                check(gla(), |c| c.logging.profile_steps = steps),
+                &format!("logging.profile_steps = {shown}: must be [first, last]"),
+            );
+        }
+        assert!(check(gla(), |c| c.logging.profile_steps = vec![2, 4]).is_none());
     }
 
     #[test]

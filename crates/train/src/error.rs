@@ -73,6 +73,22 @@ pub enum TrainError {
     /// A libtorch call failed (an allocation, an operation it refused).
     #[error("{what} failed: {message}{}", out_of_memory_hint(.message))]
     Torch { what: String, message: String },
+    /// A training step ran out of memory.
+    #[error(
+        "{what} ran out of memory: {message}{}\nto fit: {advice}{}",
+        peak.as_ref().map_or_else(String::new, |p| format!("\n(held at the peak so far: {p})")),
+        checkpoint.as_ref().map_or_else(
+            || "\nno checkpoint of this run was written yet".to_string(),
+            |c| format!("\nthe last complete checkpoint, {}, is kept (--resume continues from it)", c.display())
+        )
+    )]
+    OutOfMemory {
+        what: String,
+        message: String,
+        peak: Option<String>,
+        advice: String,
+        checkpoint: Option<PathBuf>,
+    },
     /// Training finished and its final checkpoint is on disk; what came after it failed.
     #[error(
         "{source}\n(training itself finished: its final checkpoint {} is saved; \
@@ -131,6 +147,7 @@ impl TrainError {
             | TrainError::Metrics(_)
             | TrainError::Io { .. }
             | TrainError::Torch { .. }
+            | TrainError::OutOfMemory { .. }
             | TrainError::Chart { .. }
             | TrainError::Stopped(_) => false,
         }

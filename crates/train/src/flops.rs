@@ -92,6 +92,38 @@ pub fn peak_flops(gpu_name: &str, precision: Precision) -> Option<f64> {
     })
 }
 
+/// The FLOP count the MFU uses, in words, printed once at the start of a run: the dense term,
+/// the model's sequence-mixing term and the peak it divides by (`peak`: the GPU's name and its
+/// dense FLOP/s for the precision; `None`: no MFU on this device).
+pub fn describe(model: &ModelConfig, seq_len: usize, peak: Option<(String, f64)>) -> String {
+    let dense = dense_matmul_params(model);
+    let mixing = mixing_flops_per_token(model, seq_len);
+    let what = match model {
+        ModelConfig::Gla(_) => format!(
+            "GLA, chunked form with chunk {}: intra-chunk products and the state's read and update",
+            GLA_FLOP_CHUNK.min(seq_len)
+        ),
+        ModelConfig::Transformer(_) => {
+            format!("causal softmax attention at T = {seq_len}, the lower triangle")
+        }
+        ModelConfig::Mamba(_) => "the selective scan, 9 FLOPs per state and token".to_string(),
+    };
+    let mfu = match peak {
+        Some((name, flops)) => format!(
+            "MFU against {name}'s {:.0} TFLOP/s (dense, datasheet)",
+            flops / 1e12
+        ),
+        None => "no MFU (no dense peak for this device)".to_string(),
+    };
+    format!(
+        "FLOPs per token (forward + backward): 6 x {dense} weights = {:.3e}, sequence mixing \
+         ({what}) {:.3e}, total {:.3e}; {mfu}",
+        6.0 * dense as f64,
+        mixing as f64,
+        flops_per_token(model, seq_len) as f64
+    )
+}
+
 /// MFU as a fraction: `flops_per_token * tokens_per_sec / peak`.
 pub fn mfu(flops_per_token: u64, tokens_per_sec: f64, peak: f64) -> f64 {
     flops_per_token as f64 * tokens_per_sec / peak
@@ -153,6 +185,25 @@ mod tests {
             dense_matmul_params(&cfg),
             (48 * layer + 32000 * 1024) as u64
         );
+    }
+
+    #[test]
+    fn the_count_is_written_out_per_model() {
+        let gla = describe(&ModelConfig::Gla(GlaConfig::default()), 2048, None);
+        assert!(
+            gla.contains("GLA, chunked form with chunk 64") && gla.contains("no MFU"),
+            "{gla}"
+        );
+        assert!(!gla.contains("softmax"), "{gla}");
+        let t = describe(
+            &ModelConfig::Transformer(TransformerConfig::default()),
+            2048,
+            Some(("NVIDIA H100 80GB HBM3".into(), 989e12)),
+        );
+        assert!(t.contains("causal softmax attention at T = 2048"), "{t}");
+        assert!(t.contains("989 TFLOP/s"), "{t}");
+        let m = describe(&ModelConfig::Mamba(MambaConfig::default()), 2048, None);
+        assert!(m.contains("selective scan"), "{m}");
     }
 
     #[test]

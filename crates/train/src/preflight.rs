@@ -61,6 +61,28 @@ pub fn chosen_mode(report: &Report) -> GlaMode {
         .unwrap_or(GlaMode::Reference)
 }
 
+/// The change to a config whose step ran out of memory that keeps its tokens per step and needs
+/// less: half the micro-batch with twice the accumulation, or, at a micro-batch of one, a shorter
+/// sequence or a smaller model.
+pub fn smaller_step_advice(cfg: &ResolvedConfig) -> String {
+    let mb = cfg.config.train.micro_batch_size;
+    if mb > 1 {
+        format!(
+            "--set train.micro_batch_size={} (train.batch_tokens stays {}: {} micro-batches per \
+             step instead of {})",
+            mb / 2,
+            cfg.tokens_per_step,
+            cfg.grad_accum_steps * 2,
+            cfg.grad_accum_steps
+        )
+    } else {
+        format!(
+            "micro-batch 1 of {} tokens does not fit: a shorter data.seq_len or a smaller model",
+            cfg.config.data.seq_len
+        )
+    }
+}
+
 /// Times one forward + backward of the GLA op for the measured preflight (the fastest of
 /// [`TIMING_ROUNDS`] CUDA-event medians).
 struct KernelTimer {
@@ -194,6 +216,17 @@ mod tests {
             "{}",
             report.render_table()
         );
+    }
+
+    #[test]
+    fn advice_halves_the_micro_batch_and_keeps_the_step() {
+        let cfg = tiny("auto");
+        let advice = smaller_step_advice(&cfg);
+        assert!(
+            advice.starts_with("--set train.micro_batch_size=1"),
+            "{advice}"
+        );
+        assert!(advice.contains("batch_tokens stays 32"), "{advice}");
     }
 
     #[test]

@@ -5,8 +5,99 @@
 //! the steps' wall time when the GPU was busy with nothing is the host's share ("host gaps": the
 //! GPU waiting for the CPU to launch work).
 
-use glatrain_shim::profiler::Event;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use glatrain_config::LoggingConfig;
+use glatrain_shim::profiler::{self, Event};
 use serde::Serialize;
+use tch::Device;
+
+use crate::error::TrainError;
+
+/// The steps `logging.profile_steps = [first, last]` asks for, recorded into
+/// `<run>/profile/`: `trace.json` (Chrome / Perfetto: chrome://tracing, ui.perfetto.dev),
+/// `summary.json` and `summary.txt`.
+#[derive(Debug)]
+pub struct ProfileWindow {
+    first: u64,
+    last: u64,
+    dir: PathBuf,
+    device: Device,
+    started: Option<Instant>,
+}
+
+impl ProfileWindow {
+    /// The window of the config, if it asks for one.
+    pub fn from_config(logging: &LoggingConfig, run_dir: &Path, device: Device) -> Option<Self> {
+        match logging.profile_steps[..] {
+            [first, last] => Some(Self {
+                first,
+                last,
+                dir: run_dir.join("profile"),
+                device,
+                started: None,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Waits for the GPU's queued work, so that the profile holds the steps' work alone.
+    fn synchronize(&self) {
+        if let Device::Cuda(ordinal) = self.device {
+            tch::Cuda::synchronize(ordinal as i64);
+        }
+    }
+
+    fn failed(what: &str, message: String) -> TrainError {
+        TrainError::Torch {
+            what: what.to_string(),
+            message,
+        }
+    }
+
+    /// Call before optimizer step `step` (1-based): starts recording at the window's first step.
+    pub fn before_step(&mut self, step: u64) -> Result<(), TrainError> {
+        if step == self.first && self.started.is_none() {
+            self.synchronize();
+            profiler::start(matches!(self.device, Device::Cuda(_)))
+                .map_err(|m| Self::failed("starting the profiler", m))?;
+            self.started = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Call after optimizer step `step`: at the window's last step, stops recording, writes the
+    /// trace and the summary, and returns the summary's text.
+    pub fn after_step(&mut self, step: u64) -> Result<Option<String>, TrainError> {
+        let Some(started) = self.started.filter(|_| step == self.last) else {
+            return Ok(None);
+        };
+        self.synchronize();
+        let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+        self.started = None;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TrainError::Io { path, source }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let trace = self.dir.join("trace.json");
+        let events =
+            profiler::stop(Some(&trace)).map_err(|m| Self::failed("stopping the profiler", m))?;
+        let summary = summarize(&events, self.last - self.first + 1, wall_ms);
+        let json = serde_json::to_vec_pretty(&summary)
+            .map_err(|e| Self::failed("writing the profile summary", e.to_string()))?;
+        let json_path = self.dir.join("summary.json");
+        glatrain_fs::write_atomic(&json_path, &json).map_err(io(&json_path))?;
+        let text = summary.render();
+        let text_path = self.dir.join("summary.txt");
+        glatrain_fs::write_atomic(&text_path, text.as_bytes()).map_err(io(&text_path))?;
+        Ok(Some(format!(
+            "{text}trace: {} (chrome://tracing or ui.perfetto.dev)",
+            trace.display()
+        )))
+    }
+}
 
 /// What a GPU event was doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

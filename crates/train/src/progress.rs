@@ -8,7 +8,7 @@ use glatrain_config::ProgressStyle;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle as BarStyle};
 
 /// One step's numbers for the display.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepView {
     pub step: u64,
     pub loss: f64,
@@ -17,6 +17,8 @@ pub struct StepView {
     pub tokens_per_sec: f64,
     /// As a fraction; `None` where MFU is not reported.
     pub mfu: Option<f64>,
+    /// Memory held, as [`crate::sysinfo::MemoryReading::describe`] says it (log lines only).
+    pub memory: Option<String>,
 }
 
 /// The bar or the line printer.
@@ -84,8 +86,12 @@ impl Progress {
         let mfu = v
             .mfu
             .map_or_else(|| "-".to_string(), |m| format!("{:.1}%", 100.0 * m));
+        let memory = v
+            .memory
+            .as_ref()
+            .map_or_else(String::new, |m| format!(" | {m}"));
         format!(
-            "step {}/{} | loss {:.4} | lr {:.3e} | grad_norm {:.3} | {} | mfu {} | eta {}",
+            "step {}/{} | loss {:.4} | lr {:.3e} | grad_norm {:.3} | {} | mfu {}{memory} | eta {}",
             v.step,
             self.max_steps,
             v.loss,
@@ -172,13 +178,14 @@ mod tests {
             grad_norm: 0.75,
             tokens_per_sec: 1500.0,
             mfu: None,
+            memory: Some("mem 1.0 GB peak (2.0 reserved)".into()),
         });
         assert!(
             line.starts_with("step 20/100 | loss 2.5000 | lr 3.000e-4"),
             "{line}"
         );
         assert!(
-            line.contains("1.5K tok/s") && line.contains("mfu -"),
+            line.contains("1.5K tok/s") && line.contains("mfu - | mem 1.0 GB peak"),
             "{line}"
         );
     }

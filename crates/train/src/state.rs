@@ -1,10 +1,11 @@
 //! `state.json`: everything besides tensors that an exact resume needs, plus facts about the
 //! run for people reading the checkpoint.
 
-use glatrain_config::{ModelConfig, Precision};
-use glatrain_data::LoaderState;
+use glatrain_config::{ModelConfig, Precision, ResolvedConfig};
+use glatrain_data::{BatchLoader, LoaderState};
 use serde::{Deserialize, Serialize};
 
+use crate::precision::MixedPrecision;
 use crate::scaler::LossScaler;
 
 /// What the models draw random numbers for, recorded in `state.json`.
@@ -44,6 +45,38 @@ pub struct TrainState {
     pub precision: Precision,
     /// glatrain version that wrote the checkpoint.
     pub glatrain_version: String,
+}
+
+impl TrainState {
+    /// The state of a run that has taken no step yet: its loader at the start, the loss scale
+    /// at `train.loss_scale.init` (when the precision scales the loss).
+    pub fn fresh(
+        cfg: &ResolvedConfig,
+        loader: &BatchLoader,
+        precision: &MixedPrecision,
+        torch_threads: i32,
+        parameters: i64,
+    ) -> Self {
+        let tc = &cfg.config.train;
+        TrainState {
+            step: 0,
+            tokens_seen: 0,
+            optimizer_updates: 0,
+            loss_scaler: LossScaler::new(&tc.loss_scale, precision.uses_loss_scaling()),
+            loader: loader.state(),
+            consecutive_skips: 0,
+            skipped_steps: 0,
+            seed: cfg.config.run.seed,
+            rng: RNG_NOTE.to_string(),
+            torch_threads,
+            elapsed_secs: 0.0,
+            last_loss: None,
+            model: cfg.config.model.clone(),
+            parameters,
+            precision: tc.precision,
+            glatrain_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
 }
 
 /// Differences between two model configs as `model.<key> = <a> vs <b>` lines (keys of the

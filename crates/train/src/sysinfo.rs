@@ -1,6 +1,7 @@
 //! What the trainer reports about the machine: the GPU's name (for the MFU peak table) and the
-//! memory in use (CUDA device memory in use on GPU, the process's resident set on CPU).
+//! memory the run holds.
 
+use glatrain_shim::memory::MemoryStats;
 use tch::Device;
 
 /// The CUDA driver's name for the device (e.g. "NVIDIA H100 80GB HBM3"); `None` on CPU or when
@@ -16,31 +17,76 @@ pub fn gpu_name(device: Device) -> Option<String> {
     dev.properties().ok().map(|p| p.name)
 }
 
-/// A memory reading: which quantity and its value in bytes.
+/// What the run holds in memory, in bytes: on a GPU, libtorch's caching allocator's counters
+/// (held by tensors, reserved from the driver, and their peaks since the run started) and the
+/// device memory in use (reserved plus the CUDA context and libraries); on the CPU, the process's
+/// resident set.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct MemoryReading {
-    /// Metric tag: `memory/gpu_used_bytes` or `memory/rss_bytes`.
-    pub tag: &'static str,
-    pub bytes: u64,
+pub enum MemoryReading {
+    Gpu {
+        allocator: MemoryStats,
+        /// Total minus free, as the driver reports it.
+        device_used: u64,
+    },
+    Cpu {
+        rss: u64,
+    },
 }
 
-/// Device memory in use (total minus free, which includes libtorch's cached blocks) on a GPU;
-/// the process's resident set size on CPU. `None` when neither can be read.
+impl MemoryReading {
+    /// The metrics' scalars of this reading.
+    pub fn scalars(&self) -> Vec<(&'static str, f64)> {
+        match *self {
+            MemoryReading::Gpu {
+                allocator: a,
+                device_used,
+            } => vec![
+                ("memory/allocated_bytes", a.allocated as f64),
+                ("memory/peak_allocated_bytes", a.peak_allocated as f64),
+                ("memory/reserved_bytes", a.reserved as f64),
+                ("memory/peak_reserved_bytes", a.peak_reserved as f64),
+                ("memory/gpu_used_bytes", device_used as f64),
+            ],
+            MemoryReading::Cpu { rss } => vec![("memory/rss_bytes", rss as f64)],
+        }
+    }
+
+    /// The largest the run has held: the allocator's peak on a GPU, the resident set on a CPU.
+    pub fn peak(&self) -> u64 {
+        match *self {
+            MemoryReading::Gpu { allocator, .. } => allocator.peak_allocated,
+            MemoryReading::Cpu { rss } => rss,
+        }
+    }
+
+    /// For the progress line, e.g. `mem 22.1 GB peak (27.0 reserved)`.
+    pub fn describe(&self) -> String {
+        let gb = |b: u64| b as f64 / 1e9;
+        match *self {
+            MemoryReading::Gpu { allocator: a, .. } => format!(
+                "mem {:.1} GB peak ({:.1} reserved)",
+                gb(a.peak_allocated),
+                gb(a.peak_reserved)
+            ),
+            MemoryReading::Cpu { rss } => format!("mem {:.1} GB", gb(rss)),
+        }
+    }
+}
+
+/// The run's memory now on `device`; `None` when it cannot be read.
 pub fn memory(device: Device) -> Option<MemoryReading> {
     match device {
         Device::Cuda(ordinal) if tch::Cuda::is_available() => {
+            let allocator = glatrain_shim::memory::stats(ordinal).ok()?;
             let dev = glatrain_cuda::Gpu::get(ordinal).ok()?;
             dev.bind().ok()?;
             let (free, total) = dev.context().mem_get_info().ok()?;
-            Some(MemoryReading {
-                tag: "memory/gpu_used_bytes",
-                bytes: (total - free) as u64,
+            Some(MemoryReading::Gpu {
+                allocator,
+                device_used: (total - free) as u64,
             })
         }
-        _ => process_rss().map(|bytes| MemoryReading {
-            tag: "memory/rss_bytes",
-            bytes,
-        }),
+        _ => process_rss().map(|rss| MemoryReading::Cpu { rss }),
     }
 }
 
@@ -62,7 +108,8 @@ mod tests {
         // A test binary linking libtorch has at least a few MB resident and less than 64 GB.
         assert!(rss > 4 << 20 && rss < 64 << 30, "{rss}");
         let m = memory(Device::Cpu).unwrap();
-        assert_eq!(m.tag, "memory/rss_bytes");
+        assert_eq!(m.scalars()[0].0, "memory/rss_bytes");
+        assert!(m.describe().starts_with("mem "));
     }
 
     #[test]
@@ -79,7 +126,8 @@ mod tests {
         let name = gpu_name(Device::Cuda(0)).expect("driver name");
         assert!(!name.is_empty());
         let m = memory(Device::Cuda(0)).unwrap();
-        assert_eq!(m.tag, "memory/gpu_used_bytes");
-        assert!(m.bytes > 0);
+        let names: Vec<&str> = m.scalars().iter().map(|s| s.0).collect();
+        assert!(names.contains(&"memory/peak_allocated_bytes"), "{names:?}");
+        assert!(m.describe().contains("reserved"));
     }
 }

@@ -24,7 +24,7 @@ use glatrain_data::{BatchLoader, EvalBatches, TokenSource};
 use glatrain_fs::DirLock;
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::boundary::{catch_torch, torch_error};
+use crate::boundary::{catch_torch, is_out_of_memory, torch_error};
 use crate::checkpoint::{self, CheckpointContents, CheckpointError};
 use crate::datasets::{open_tokenizer_for_model, SourceOpener};
 use crate::error::TrainError;
@@ -34,11 +34,11 @@ use crate::interrupt::{self, StopSignal};
 use crate::metrics::MetricsLogger;
 use crate::optim::{clip_grads, global_grad_norm, scale_grads, AdamW, AdamWConfig};
 use crate::precision::MixedPrecision;
+use crate::profile::ProfileWindow;
 use crate::progress::{format_rate, Progress, StepView};
-use crate::scaler::LossScaler;
 use crate::schedule::LrSchedule;
 use crate::setup::{self, named_variables};
-use crate::state::{model_differences, TrainState, RNG_NOTE};
+use crate::state::{model_differences, TrainState};
 use crate::sysinfo;
 
 /// How to run `train`, besides the config.
@@ -80,6 +80,8 @@ pub struct TrainSummary {
     pub parameters: i64,
     /// Wall-clock seconds over all sessions of the run.
     pub elapsed_secs: f64,
+    /// What the run held in memory at its end (peaks since this session started on a GPU).
+    pub memory: Option<sysinfo::MemoryReading>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -109,6 +111,8 @@ struct Run<'a> {
     elapsed_before: f64,
     /// FLOPs per token and the GPU's peak for the precision, when MFU can be reported.
     mfu_basis: Option<(u64, f64)>,
+    /// The steps `logging.profile_steps` asks to profile.
+    profile: Option<ProfileWindow>,
 }
 
 /// Trains the model of `cfg` (see the module docs). Progress goes to stderr; metrics to
@@ -154,7 +158,7 @@ fn remove_if_unused(run_dir: &Path) {
     }
 }
 
-/// [`train`] once the run directory is locked.
+/// [`train`] once the run directory is locked: its stages in order.
 fn train_locked(
     cfg: &ResolvedConfig,
     opts: &TrainOptions,
@@ -165,94 +169,38 @@ fn train_locked(
     let tc = &cfg.config.train;
     let run_dir = cfg.run_dir();
     let checkpoints_dir = run_dir.join("checkpoints");
-    // Under the lock every temporary is a leftover of a writer that died.
-    for dir in [&run_dir, &checkpoints_dir] {
-        for path in glatrain_fs::remove_temporaries(dir).map_err(io_err(dir))? {
-            eprintln!("removed {} (left by an interrupted write)", path.display());
-        }
-    }
-    let (resume_dir, rejected) = find_resume_point(&checkpoints_dir, &run_dir, opts.resume)?;
-    let config_toml = cfg.to_toml_string()?;
-    open_tokenizer_for_model(cfg)?;
-    check_chart_path(&run_dir.join(PLOT_FILE))?;
-
-    // Before anything is built or written: refuse what cannot run, and pick the kernel mode.
-    let preflight = crate::preflight::report(cfg, device, false)?;
-    eprint!("{}", preflight.render_table());
-    preflight.check()?;
-    let mode = crate::preflight::chosen_mode(&preflight);
-    let kernel_kind = precision.autocast_kind().unwrap_or(Kind::Float);
-    setup::prepare_kernels(cfg, device, mode, kernel_kind);
-
-    let setup::BuiltModel { vs, model } = setup::build_model(cfg, device, mode)?;
-    let parameters = glatrain_models::count_parameters(&vs);
-    let params: Vec<(String, Tensor, bool)> = named_variables(&vs)
-        .into_iter()
-        .map(|(name, t)| {
-            let decay = !glatrain_models::no_weight_decay(&name);
-            (name, t, decay)
-        })
-        .collect();
-    let mut opt = AdamW::new(
-        params,
-        AdamWConfig {
-            beta1: tc.beta1,
-            beta2: tc.beta2,
-            eps: tc.eps,
-            weight_decay: tc.weight_decay,
-        },
-    )?;
-
-    let mut sources = SourceOpener::new(cfg);
-    let train_source = sources.train(&cfg.config.data.train)?;
-    let valid = sources.valid(&cfg.config.data.valid)?;
-    let seq_len = cfg.config.data.seq_len;
-    // The validation set must hold one evaluation window, or the run would fail at its end.
-    EvalBatches::new(&valid, tc.micro_batch_size, seq_len, Some(1))?;
-
-    let fresh_state = |loader: &BatchLoader| TrainState {
-        step: 0,
-        tokens_seen: 0,
-        optimizer_updates: 0,
-        loss_scaler: LossScaler::new(&tc.loss_scale, precision.uses_loss_scaling()),
-        loader: loader.state(),
-        consecutive_skips: 0,
-        skipped_steps: 0,
-        seed: cfg.config.run.seed,
-        rng: RNG_NOTE.to_string(),
-        torch_threads: threads,
-        elapsed_secs: 0.0,
-        last_loss: None,
-        model: cfg.config.model.clone(),
+    let (resume_dir, rejected) = check_run_dir(cfg, &run_dir, &checkpoints_dir, opts.resume)?;
+    let preflight = preflight(cfg, device, &precision)?;
+    let Built {
+        vs,
+        model,
+        mut opt,
         parameters,
-        precision: tc.precision,
-        glatrain_version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let (loader, state, checkpoint_config) = match &resume_dir {
+        train_source,
+        valid,
+    } = build(cfg, device, crate::preflight::chosen_mode(&preflight))?;
+    let (loader, state) = match &resume_dir {
         None => {
             let loader = BatchLoader::new(
                 Arc::clone(&train_source),
                 tc.micro_batch_size,
-                seq_len,
+                cfg.config.data.seq_len,
                 cfg.config.run.seed,
             )?;
-            let state = fresh_state(&loader);
-            (loader, state, None)
+            let state = TrainState::fresh(cfg, &loader, &precision, threads, parameters);
+            cfg.write_resolved(&run_dir)?;
+            (loader, state)
         }
         Some(dir) => {
-            let (loader, state, config) = restore(cfg, dir, &vs, &mut opt, &train_source, threads)?;
-            (loader, state, Some(config))
+            let (loader, state, earlier) =
+                restore(cfg, dir, &vs, &mut opt, &train_source, threads)?;
+            // Only now that the resume is known to fit: the run directory records this config.
+            record_resumed_config(cfg, dir, &earlier, state.step)?;
+            (loader, state)
         }
     };
     for r in &rejected {
         eprintln!("warning: skipping checkpoint {r}");
-    }
-    // Only now that a resume is known to fit: the run directory gets this config.
-    match (&resume_dir, checkpoint_config) {
-        (Some(dir), Some(earlier)) => record_resumed_config(cfg, dir, &earlier, state.step)?,
-        _ => {
-            cfg.write_resolved(&run_dir)?;
-        }
     }
     preflight.write_json(&run_dir)?;
     if state.step >= tc.max_steps {
@@ -262,38 +210,31 @@ fn train_locked(
             state.step, tc.max_steps
         );
     }
-
     let logger = MetricsLogger::open(
         &run_dir,
         &cfg.config.logging,
         resume_dir.as_ref().map(|_| state.step),
     )?;
-    let mfu_basis = sysinfo::gpu_name(device).and_then(|name| {
-        flops::peak_flops(&name, tc.precision)
-            .map(|peak| (flops::flops_per_token(&cfg.config.model, seq_len), peak))
-    });
+    let mfu_basis = mfu_basis(cfg, device);
+    announce(cfg, device, parameters, &run_dir);
     if let Err(e) = interrupt::install() {
         eprintln!(
             "warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run loses the steps \
              since its last checkpoint"
         );
     }
-    eprintln!(
-        "training {} ({} parameters) on {device:?}, {} | {} sequences x {seq_len} tokens per step \
-         ({} micro-batches of {}) | {} steps | run dir {}",
-        cfg.config.model.type_name(),
-        parameters,
-        crate::precision::precision_name(tc.precision),
-        cfg.batch_size,
-        cfg.grad_accum_steps,
-        tc.micro_batch_size,
-        tc.max_steps,
-        run_dir.display()
-    );
+    if let Device::Cuda(ordinal) = device {
+        // The run's peaks start here, not at whatever the preflight's timing allocated.
+        glatrain_shim::memory::reset_peak(ordinal).map_err(|message| TrainError::Torch {
+            what: "resetting the memory peaks".into(),
+            message,
+        })?;
+    }
 
     let elapsed_before = state.elapsed_secs;
     let start_step = state.step;
     let progress = Progress::new(cfg.config.logging.progress, state.step, tc.max_steps);
+    let profile = ProfileWindow::from_config(&cfg.config.logging, &run_dir, device);
     let mut run = Run {
         cfg,
         device,
@@ -307,12 +248,13 @@ fn train_locked(
         logger,
         progress,
         checkpoints_dir,
-        config_toml,
+        config_toml: cfg.to_toml_string()?,
         // A resumed session has its starting step on disk already.
         last_checkpoint: resume_dir.clone().map(|dir| (start_step, dir)),
         session_start: Instant::now(),
         elapsed_before,
         mfu_basis,
+        profile,
     };
     let outcome = run.train_loop(opts);
     run.progress.finish();
@@ -338,7 +280,135 @@ fn train_locked(
         skipped_steps: run.state.skipped_steps,
         parameters,
         elapsed_secs: run.state.elapsed_secs,
+        memory: sysinfo::memory(device),
     })
+}
+
+/// The run directory before anything is built: leftovers of interrupted writes removed (under
+/// the lock every temporary is one), the checkpoint to resume from (with the newer ones refused),
+/// the tokenizer and the chart path checked.
+fn check_run_dir(
+    cfg: &ResolvedConfig,
+    run_dir: &Path,
+    checkpoints_dir: &Path,
+    resume: bool,
+) -> Result<(Option<PathBuf>, Vec<String>), TrainError> {
+    for dir in [run_dir, checkpoints_dir] {
+        for path in glatrain_fs::remove_temporaries(dir).map_err(io_err(dir))? {
+            eprintln!("removed {} (left by an interrupted write)", path.display());
+        }
+    }
+    let found = find_resume_point(checkpoints_dir, run_dir, resume)?;
+    open_tokenizer_for_model(cfg)?;
+    check_chart_path(&run_dir.join(PLOT_FILE))?;
+    Ok(found)
+}
+
+/// The preflight: refuses what cannot run, prints its table, picks the kernel mode and starts
+/// compiling the kernels it runs in the background.
+fn preflight(
+    cfg: &ResolvedConfig,
+    device: Device,
+    precision: &MixedPrecision,
+) -> Result<glatrain_preflight::Report, TrainError> {
+    let report = crate::preflight::report(cfg, device, false)?;
+    eprint!("{}", report.render_table());
+    report.check()?;
+    let kernel_kind = precision.autocast_kind().unwrap_or(Kind::Float);
+    setup::prepare_kernels(
+        cfg,
+        device,
+        crate::preflight::chosen_mode(&report),
+        kernel_kind,
+    );
+    Ok(report)
+}
+
+/// What a run is built from: the model, its optimizer and the data.
+struct Built {
+    vs: tch::nn::VarStore,
+    model: Box<dyn glatrain_models::CausalLm>,
+    opt: AdamW,
+    parameters: i64,
+    train_source: Arc<TokenSource>,
+    valid: Arc<TokenSource>,
+}
+
+/// Builds the model (its GLA layers in `mode`), AdamW over its parameters, and opens the
+/// training and validation data; the validation set must hold one evaluation window, or the run
+/// would fail at its end.
+fn build(
+    cfg: &ResolvedConfig,
+    device: Device,
+    mode: glatrain_ops::GlaMode,
+) -> Result<Built, TrainError> {
+    let tc = &cfg.config.train;
+    let setup::BuiltModel { vs, model } = setup::build_model(cfg, device, mode)?;
+    let parameters = glatrain_models::count_parameters(&vs);
+    let params: Vec<(String, Tensor, bool)> = named_variables(&vs)
+        .into_iter()
+        .map(|(name, t)| {
+            let decay = !glatrain_models::no_weight_decay(&name);
+            (name, t, decay)
+        })
+        .collect();
+    let opt = AdamW::new(
+        params,
+        AdamWConfig {
+            beta1: tc.beta1,
+            beta2: tc.beta2,
+            eps: tc.eps,
+            weight_decay: tc.weight_decay,
+        },
+    )?;
+    let mut sources = SourceOpener::new(cfg);
+    let train_source = sources.train(&cfg.config.data.train)?;
+    let valid = sources.valid(&cfg.config.data.valid)?;
+    EvalBatches::new(
+        &valid,
+        tc.micro_batch_size,
+        cfg.config.data.seq_len,
+        Some(1),
+    )?;
+    Ok(Built {
+        vs,
+        model,
+        opt,
+        parameters,
+        train_source,
+        valid,
+    })
+}
+
+/// FLOPs per token and the GPU's dense peak for the precision, when MFU can be reported.
+fn mfu_basis(cfg: &ResolvedConfig, device: Device) -> Option<(u64, f64)> {
+    let name = sysinfo::gpu_name(device)?;
+    let peak = flops::peak_flops(&name, cfg.config.train.precision)?;
+    Some((
+        flops::flops_per_token(&cfg.config.model, cfg.config.data.seq_len),
+        peak,
+    ))
+}
+
+/// The lines a run starts with: what trains where, and how its FLOPs are counted.
+fn announce(cfg: &ResolvedConfig, device: Device, parameters: i64, run_dir: &Path) {
+    let tc = &cfg.config.train;
+    let seq_len = cfg.config.data.seq_len;
+    eprintln!(
+        "training {} ({} parameters) on {device:?}, {} | {} sequences x {seq_len} tokens per step \
+         ({} micro-batches of {}) | {} steps | run dir {}",
+        cfg.config.model.type_name(),
+        parameters,
+        crate::precision::precision_name(tc.precision),
+        cfg.batch_size,
+        cfg.grad_accum_steps,
+        tc.micro_batch_size,
+        tc.max_steps,
+        run_dir.display()
+    );
+    let peak = sysinfo::gpu_name(device)
+        .and_then(|name| flops::peak_flops(&name, tc.precision).map(|p| (name, p)));
+    eprintln!("{}", flops::describe(&cfg.config.model, seq_len, peak));
 }
 
 /// The checkpoint to resume from (`--resume`), with the newer ones that were refused; refuses
@@ -490,9 +560,17 @@ impl Run<'_> {
 
         while self.state.step < tc.max_steps {
             let lr = schedule.lr_at(self.state.step);
+            if let Some(profile) = &mut self.profile {
+                profile.before_step(self.state.step + 1)?;
+            }
             let step_start = Instant::now();
             let result = self.optimizer_step(lr)?;
             self.state.step += 1;
+            if let Some(summary) = self.profile.as_mut().map(|p| p.after_step(self.state.step)) {
+                if let Some(text) = summary? {
+                    self.progress.println(&text);
+                }
+            }
             let step = self.state.step;
             let step_tokens = self.cfg.tokens_per_step as u64;
             self.state.tokens_seen += step_tokens;
@@ -508,6 +586,7 @@ impl Run<'_> {
             } else {
                 step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9)
             };
+            let memory = log_now.then(|| sysinfo::memory(self.device)).flatten();
             let view = StepView {
                 step,
                 loss: result.loss,
@@ -515,6 +594,7 @@ impl Run<'_> {
                 grad_norm: result.grad_norm,
                 tokens_per_sec: rate,
                 mfu: self.mfu(rate),
+                memory: memory.map(|m| m.describe()),
             };
             self.progress.step(&view, log_now);
             if result.skipped {
@@ -531,7 +611,7 @@ impl Run<'_> {
                 ));
             }
             if log_now {
-                self.log_step(&result, lr, rate)?;
+                self.log_step(&result, lr, rate, memory)?;
                 window_start = Instant::now();
                 window_tokens = 0;
             }
@@ -643,7 +723,7 @@ impl Run<'_> {
             let batch = self.loader.next_batch();
             let rows = batch.rows as i64;
             let (model, precision) = (self.model.as_ref(), &self.precision);
-            catch_torch("the forward and backward pass", || {
+            let pass = catch_torch("the forward and backward pass", || {
                 let inputs = Tensor::f_from_slice(&batch.inputs)?
                     .f_view([rows, seq_len])?
                     .f_to_device(device)?;
@@ -660,7 +740,8 @@ impl Run<'_> {
                 // In place; the returned handle is the same tensor.
                 let _ = loss_sum.f_add_(&loss.f_detach()?.f_to_kind(Kind::Double)?)?;
                 Ok(())
-            })?;
+            });
+            pass.map_err(|e| self.out_of_memory(e))?;
         }
         let loss = loss_sum
             .f_double_value(&[])
@@ -691,12 +772,36 @@ impl Run<'_> {
         })
     }
 
+    /// An allocation failure of a step as [`TrainError::OutOfMemory`]: what failed, the peak so
+    /// far, the change that needs less memory, and the checkpoint that stays; other errors as
+    /// they are.
+    fn out_of_memory(&self, e: TrainError) -> TrainError {
+        match e {
+            TrainError::Torch { what, message } if is_out_of_memory(&message) => {
+                TrainError::OutOfMemory {
+                    what,
+                    message,
+                    peak: sysinfo::memory(self.device).map(|m| m.describe()),
+                    advice: crate::preflight::smaller_step_advice(self.cfg),
+                    checkpoint: self.last_checkpoint.as_ref().map(|(_, dir)| dir.clone()),
+                }
+            }
+            other => other,
+        }
+    }
+
     fn mfu(&self, tokens_per_sec: f64) -> Option<f64> {
         self.mfu_basis
             .map(|(fpt, peak)| flops::mfu(fpt, tokens_per_sec, peak))
     }
 
-    fn log_step(&mut self, r: &StepResult, lr: f64, tokens_per_sec: f64) -> Result<(), TrainError> {
+    fn log_step(
+        &mut self,
+        r: &StepResult,
+        lr: f64,
+        tokens_per_sec: f64,
+        memory: Option<sysinfo::MemoryReading>,
+    ) -> Result<(), TrainError> {
         let mut scalars: Vec<(&str, f64)> = vec![
             ("train/loss", r.loss),
             ("train/lr", lr),
@@ -709,8 +814,8 @@ impl Run<'_> {
         if let Some(m) = self.mfu(tokens_per_sec) {
             scalars.push(("perf/mfu", m));
         }
-        if let Some(mem) = sysinfo::memory(self.device) {
-            scalars.push((mem.tag, mem.bytes as f64));
+        if let Some(memory) = memory {
+            scalars.extend(memory.scalars());
         }
         self.logger.log(self.state.step, &scalars)?;
         Ok(())
@@ -784,8 +889,11 @@ pub fn describe_summary(s: &TrainSummary) -> String {
     } else {
         "-".into()
     };
+    let memory = s
+        .memory
+        .map_or_else(String::new, |m| format!(", {}", m.describe()));
     format!(
-        "{} steps ({} tokens, {} skipped) in {:.0}s, {rate} on average",
+        "{} steps ({} tokens, {} skipped) in {:.0}s, {rate} on average{memory}",
         s.final_step, s.tokens_seen, s.skipped_steps, s.elapsed_secs
     )
 }

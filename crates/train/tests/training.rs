@@ -586,3 +586,25 @@ fn data_of_another_tokenizer_is_refused() {
         1
     );
 }
+
+#[test]
+fn profiled_steps_leave_a_trace_and_a_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), None, &["logging.profile_steps=[2, 3]"]);
+    let summary = run(cfg, false, None);
+    let profile = summary.run_dir.join("profile");
+    let trace: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(profile.join("trace.json")).unwrap()).unwrap();
+    assert!(trace["traceEvents"]
+        .as_array()
+        .is_some_and(|events| events.iter().any(|e| e["name"] == "aten::mm")));
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(profile.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(json["steps"], 2);
+    assert!(json["step_ms"].as_f64().unwrap() > 0.0);
+    let text = fs::read_to_string(profile.join("summary.txt")).unwrap();
+    assert!(
+        text.contains("matrix products") && text.contains("host gaps"),
+        "{text}"
+    );
+}
