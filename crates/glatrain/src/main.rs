@@ -4,11 +4,14 @@
 mod cli;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::Parser;
 
 use cli::{
-    BenchCommand, Cli, Command, EvalArgs, PreflightArgs, PrepareArgs, SampleArgs, TrainArgs,
+    BadRecordArg, BenchCommand, Cli, Command, ConfigsArgs, EvalArgs, PreflightArgs, PrepareArgs,
+    SampleArgs, TrainArgs,
 };
 
 /// Any failure a command can end with.
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Some(Command::Eval(args)) => eval(args),
         Some(Command::Sample(args)) => sample(args),
         Some(Command::Prepare(args)) => prepare(args),
+        Some(Command::Configs(args)) => configs(args),
         Some(Command::Preflight(args)) => preflight(args),
         Some(Command::Bench(BenchCommand::Gla {
             json,
@@ -74,6 +78,7 @@ fn train(args: TrainArgs) -> Result<(), AppError> {
         .config
         .expect("clap requires --config for the train form");
     let cfg = glatrain_config::load(&path, &args.overrides)?;
+    check_data_paths(&cfg)?;
     let opts = glatrain_train::TrainOptions {
         resume: args.resume,
         stop_after: None,
@@ -81,6 +86,67 @@ fn train(args: TrainArgs) -> Result<(), AppError> {
     let summary = glatrain_train::train(cfg, &opts)?;
     println!("{}", glatrain_train::describe_summary(&summary));
     Ok(())
+}
+
+/// Before anything is built: the data the config names exists, or the error says how to make it.
+fn check_data_paths(cfg: &glatrain_config::ResolvedConfig) -> Result<(), AppError> {
+    let data = &cfg.config.data;
+    glatrain_data::DataSettings {
+        origin: &cfg.source,
+        train: &data.train,
+        valid: &data.valid,
+        tokenizer: &data.tokenizer,
+        vocab_size: u32::try_from(cfg.config.model.vocab_size()).unwrap_or(u32::MAX),
+    }
+    .check_paths()?;
+    Ok(())
+}
+
+/// `glatrain configs`: the shipped configs as a table, or one config's text.
+fn configs(args: ConfigsArgs) -> Result<(), AppError> {
+    use glatrain_config::shipped;
+    if let Some(name) = args.name {
+        let config = shipped::find(std::path::Path::new(&name)).ok_or_else(|| {
+            glatrain_config::ConfigError::NotFound {
+                path: name.clone().into(),
+                hint: format!("the shipped configs are {}", shipped::names()),
+            }
+        })?;
+        print!("{}", config.text);
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:<12} {:>10}  description",
+        "name", "model", "parameters"
+    );
+    for config in shipped::SHIPPED {
+        let resolved = glatrain_config::from_str(config.text, &config.origin(), &[])?;
+        let model = &resolved.config.model;
+        println!(
+            "{:<18} {:<12} {:>10}  {}",
+            config.name,
+            model.type_name(),
+            parameters(model.parameter_count()),
+            config.description()
+        );
+    }
+    println!(
+        "\nRun one from any directory with `glatrain --config NAME` (a file of that path wins);\n\
+         `glatrain configs NAME > my.toml` writes a copy to edit."
+    );
+    Ok(())
+}
+
+/// `1.3B`, `337M`, `0.6M`
+fn parameters(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1}B", n / 1e9)
+    } else if n >= 1e7 {
+        format!("{:.0}M", n / 1e6)
+    } else {
+        format!("{:.1}M", n / 1e6)
+    }
 }
 
 fn preflight(args: PreflightArgs) -> Result<(), AppError> {
@@ -118,14 +184,27 @@ fn sample(args: SampleArgs) -> Result<(), AppError> {
 }
 
 fn prepare(args: PrepareArgs) -> Result<(), AppError> {
-    let manifest = glatrain_data::prepare(
-        &args.input,
-        &args.tokenizer,
-        &args.out,
-        args.shard_tokens,
-        args.valid_fraction,
-    )?;
-    for (split, record) in manifest.splits() {
+    // Ctrl-C (or SIGTERM) stops between batches and removes the partial output.
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&interrupt);
+    if let Err(e) = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)) {
+        eprintln!("warning: cannot catch Ctrl-C ({e}); an interrupted run leaves a hidden partial directory");
+    }
+    let options = glatrain_data::PrepareOptions {
+        tokenizer: args.tokenizer,
+        shard_tokens: args.shard_tokens,
+        valid_fraction: args.valid_fraction,
+        text_field: args.text_field,
+        on_bad_record: match args.on_bad_record {
+            BadRecordArg::Stop => glatrain_data::OnBadRecord::Stop,
+            BadRecordArg::Skip => glatrain_data::OnBadRecord::Skip,
+        },
+        threads: args.threads,
+        progress: glatrain_data::ProgressDisplay::Auto,
+        interrupt: Some(interrupt),
+    };
+    let report = glatrain_data::prepare(&args.input, &args.out, &options)?;
+    for (split, record) in report.manifest.splits() {
         println!(
             "{}: {split}: {} documents, {} tokens in {} shard(s), {} source bytes",
             args.out.display(),
@@ -135,5 +214,6 @@ fn prepare(args: PrepareArgs) -> Result<(), AppError> {
             record.source_bytes
         );
     }
+    println!("{}", report.stats.summary());
     Ok(())
 }
