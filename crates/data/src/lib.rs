@@ -1,6 +1,7 @@
-//! glatrain's data layer: the embedded Brown corpus, tokenizers (bytes, Hugging Face
-//! tokenizer.json, BPE training), token shards with a manifest, and deterministic, resumable
-//! batch loading. Pure Rust: no libtorch here; batches are plain `i64` vectors.
+//! glatrain's data layer: the embedded Brown corpus, corpus readers (text, JSON Lines, parquet;
+//! gzip or zstd), tokenizers (bytes, Hugging Face tokenizer.json, BPE training), `prepare`
+//! (streaming corpus -> token shards with a manifest), and deterministic, resumable batch
+//! loading. Pure Rust: no libtorch here; batches are plain `i64` vectors.
 //!
 //! Typical use:
 //!

@@ -39,7 +39,7 @@ const RECORD_OVERHEAD: usize = 64;
 /// Batches the reader may be ahead of the workers.
 const BATCHES_AHEAD: usize = 2;
 /// Skipped bad records listed one by one; the rest are only counted.
-pub(super) const BAD_RECORDS_LISTED: usize = 20;
+const BAD_RECORDS_LISTED: usize = 20;
 
 /// The two outputs of a dataset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
