@@ -7,7 +7,12 @@ use std::path::PathBuf;
 /// Why a config could not be loaded, validated or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The config file is missing or unreadable.
+    /// No config file of that path, nor a shipped config of that name; `hint` names the
+    /// shipped configs.
+    #[error("{}: no such config file; {hint}", path.display())]
+    NotFound { path: PathBuf, hint: String },
+
+    /// The config file is unreadable.
     #[error("{}: cannot read the config file: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
 

@@ -14,6 +14,7 @@ mod overrides;
 mod params;
 mod resolved;
 pub mod schema;
+pub mod shipped;
 mod sizes;
 mod validate;
 
@@ -27,13 +28,39 @@ use error::Origin;
 
 /// Reads the config file at `path`, applies `--set KEY.PATH=VALUE` overrides, checks and
 /// resolves it. Errors name the file, the key path, the value and what was expected.
+///
+/// When no file of that path exists and the path is a bare name of a shipped config
+/// (`gla-340m` or `gla-340m.toml`), that config is loaded from the copy compiled into the
+/// binary (see [`shipped`]): a file always wins.
 pub fn load(path: impl AsRef<Path>, overrides: &[String]) -> Result<ResolvedConfig, ConfigError> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    from_str(&text, &path.display().to_string(), overrides)
+    match std::fs::read_to_string(path) {
+        Ok(text) => from_str(&text, &path.display().to_string(), overrides),
+        Err(source) if source.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(config) = shipped::find(path) {
+                return from_str(config.text, &config.origin(), overrides);
+            }
+            let hint = match path.file_stem().and_then(|n| shipped::find(Path::new(n))) {
+                Some(config) => format!(
+                    "`--config {}` runs the shipped config of that name",
+                    config.name
+                ),
+                None => format!(
+                    "the shipped configs, which any directory can name, are {} \
+                     (`glatrain configs` describes them)",
+                    shipped::names()
+                ),
+            };
+            Err(ConfigError::NotFound {
+                path: path.to_path_buf(),
+                hint,
+            })
+        }
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// Like [`load`] for config text already in memory; `origin` names it in errors and becomes
@@ -220,13 +247,37 @@ mod tests {
     }
 
     #[test]
-    fn missing_file_names_the_path() {
+    fn missing_file_names_the_path_and_the_shipped_configs() {
         let err = load("configs/does-not-exist.toml", &[]).unwrap_err();
         assert!(err.is_bad_input());
-        let msg = err.to_string();
+        assert_eq!(
+            err.to_string(),
+            "configs/does-not-exist.toml: no such config file; the shipped configs, which any \
+             directory can name, are gla-1.3b, gla-340m, gla-tiny, mamba-370m, mamba-tiny, \
+             transformer-340m, transformer-tiny (`glatrain configs` describes them)"
+        );
+        let err = load("elsewhere/gla-340m.toml", &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "elsewhere/gla-340m.toml: no such config file; `--config gla-340m` runs the \
+             shipped config of that name"
+        );
+    }
+
+    #[test]
+    fn shipped_configs_load_by_name_unless_a_file_is_there() {
+        for name in ["gla-340m", "gla-340m.toml"] {
+            let r = load(name, &s(&["train.lr=1e-3"])).unwrap();
+            assert_eq!(r.source, "gla-340m.toml (built in)");
+            assert_eq!(r.config.run.name, "gla-340m");
+            assert_eq!(r.config.train.lr, 1e-3);
+        }
+        // Errors name the shipped config.
+        let err = load("gla-tiny", &s(&["train.lr=-1"])).unwrap_err();
         assert!(
-            msg.starts_with("configs/does-not-exist.toml: cannot read the config file"),
-            "{msg}"
+            err.to_string()
+                .starts_with("gla-tiny.toml (built in) (--set train.lr=-1): train.lr = -1"),
+            "{err}"
         );
     }
 

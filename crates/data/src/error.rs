@@ -12,6 +12,15 @@ pub enum DataError {
     #[error("{}: no such file or directory", path.display())]
     Missing { path: PathBuf },
 
+    /// A config's `data.train` / `data.valid` names a path that does not exist; `message` names
+    /// the key and value, `remedy` the commands that make the data or do without it.
+    #[error("{origin}: {message}\n{remedy}")]
+    MissingData {
+        origin: String,
+        message: String,
+        remedy: String,
+    },
+
     /// An I/O failure other than a missing file (disk full, permissions, ...).
     #[error("{}: {source}", path.display())]
     Io {
@@ -81,17 +90,31 @@ pub enum DataError {
     #[error("{}: {what}", path.display())]
     Manifest { path: PathBuf, what: String },
 
-    /// A text input that is not valid UTF-8.
-    #[error("{}: not valid UTF-8 text near line {line}", path.display())]
-    NotUtf8 { path: PathBuf, line: u64 },
+    /// A record of an input file that is not a document, when `prepare` stops at bad records.
+    #[error(
+        "{0}\n(to skip bad records instead, counting and listing them, pass --on-bad-record skip)"
+    )]
+    BadRecord(crate::inputs::BadRecord),
 
-    /// A `.gz` input that is not a valid gzip stream.
-    #[error("{}: corrupt gzip: {what}", path.display())]
-    BadGzip { path: PathBuf, what: String },
+    /// A parquet input without the text column, or whose text column does not hold strings.
+    #[error("{}: column {field:?}: {what}", path.display())]
+    ParquetColumn {
+        path: PathBuf,
+        field: String,
+        what: String,
+    },
 
-    /// The inputs given to `prepare` hold no `.txt` / `.gz` files.
-    #[error("{}: no .txt or .gz input files found", path.display())]
+    /// A directory given to `prepare` that holds no input files.
+    #[error(
+        "{}: no input files found (.txt, .jsonl, .parquet, or these compressed: .txt.gz, \
+         .jsonl.gz, .jsonl.zst, .json.gz, .json.zst, ...)",
+        path.display()
+    )]
     NoInputs { path: PathBuf },
+
+    /// `prepare` was interrupted (Ctrl-C); nothing was written.
+    #[error("interrupted: {} was not written", path.display())]
+    Interrupted { path: PathBuf },
 
     /// `prepare` refuses to overwrite an existing output directory.
     #[error("{}: output directory already exists; remove it or choose another --out", path.display())]
@@ -135,10 +158,12 @@ impl DataError {
     /// false for failures of the machine or of this program (exit 1).
     pub fn is_bad_input(&self) -> bool {
         match self {
-            DataError::Io { .. } | DataError::Tokenizer { .. } | DataError::Embedded { .. } => {
-                false
-            }
+            DataError::Io { .. }
+            | DataError::Tokenizer { .. }
+            | DataError::Embedded { .. }
+            | DataError::Interrupted { .. } => false,
             DataError::Missing { .. }
+            | DataError::MissingData { .. }
             | DataError::BadMagic { .. }
             | DataError::UnsupportedVersion { .. }
             | DataError::BadHeader { .. }
@@ -147,8 +172,8 @@ impl DataError {
             | DataError::TokenOutOfRange { .. }
             | DataError::Empty { .. }
             | DataError::Manifest { .. }
-            | DataError::NotUtf8 { .. }
-            | DataError::BadGzip { .. }
+            | DataError::BadRecord(_)
+            | DataError::ParquetColumn { .. }
             | DataError::NoInputs { .. }
             | DataError::OutputExists { .. }
             | DataError::InvalidArgument { .. }

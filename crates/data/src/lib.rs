@@ -1,6 +1,7 @@
-//! glatrain's data layer: the embedded Brown corpus, tokenizers (bytes, Hugging Face
-//! tokenizer.json, BPE training), token shards with a manifest, and deterministic, resumable
-//! batch loading. Pure Rust: no libtorch here; batches are plain `i64` vectors.
+//! glatrain's data layer: the embedded Brown corpus, corpus readers (text, JSON Lines, parquet;
+//! gzip or zstd), tokenizers (bytes, Hugging Face tokenizer.json, BPE training), `prepare`
+//! (streaming corpus -> token shards with a manifest), and deterministic, resumable batch
+//! loading. Pure Rust: no libtorch here; batches are plain `i64` vectors.
 //!
 //! Typical use:
 //!
@@ -24,19 +25,29 @@
 //! # }
 //! ```
 
+pub mod byte_level_bpe;
 pub mod documents;
 pub mod embedded;
 pub mod error;
+pub mod inputs;
 pub mod loader;
 pub mod manifest;
 pub mod prepare;
+mod progress;
+pub mod settings;
 pub mod shard;
 pub mod source;
 pub mod tokenizer;
 
 pub use error::{DataError, Result};
+pub use inputs::{BadRecord, Location, Problem};
 pub use loader::{Batch, BatchLoader, EvalBatches, LoaderState};
 pub use manifest::Manifest;
-pub use prepare::{prepare, prepare_embedded, DEFAULT_SHARD_TOKENS, DEFAULT_VALID_FRACTION};
+pub use prepare::{
+    prepare, prepare_embedded, OnBadRecord, PrepareOptions, PrepareReport, PrepareStats,
+    DEFAULT_SHARD_TOKENS, DEFAULT_VALID_FRACTION,
+};
+pub use progress::ProgressDisplay;
+pub use settings::DataSettings;
 pub use source::{bits_per_byte, Dataset, OpenOptions, TokenSource};
 pub use tokenizer::{train_bpe, Tokenizer, TokenizerSpec};

@@ -126,11 +126,12 @@ impl Manifest {
         Ok(manifest)
     }
 
-    /// Writes `dir/manifest.json` (pretty-printed).
+    /// Writes `dir/manifest.json` (pretty-printed), atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let path = dir.join(MANIFEST_FILE);
         let text = serde_json::to_string_pretty(self).expect("a manifest always serializes");
-        fs::write(&path, text + "\n").map_err(|e| DataError::io(&path, e))
+        glatrain_fs::write_atomic(&path, (text + "\n").as_bytes())
+            .map_err(|e| DataError::io(&path, e))
     }
 
     /// `("train", train)` and, when present, `("valid", valid)`.

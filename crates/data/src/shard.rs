@@ -14,7 +14,7 @@
 //! | 32..64 | zero (reserved)                                   |
 
 use std::fs;
-use std::io::Write;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
@@ -179,13 +179,16 @@ impl Shard {
                 what: "no tokens".into(),
             });
         }
-        let mut buffer = ShardBuffer::new(vocab_size);
-        buffer.push(&path, tokens)?;
+        check_tokens(&path, 0, tokens, vocab_size)?;
+        let dtype = TokenDtype::for_vocab(vocab_size);
+        let len = tokens.len() as u64;
+        let mut bytes = header(dtype, vocab_size, len).to_vec();
+        encode_tokens(&mut bytes, dtype, tokens);
         Ok(Shard {
             path,
-            dtype: buffer.dtype,
-            len: buffer.len,
-            storage: Storage::Owned(buffer.finish_bytes()),
+            dtype,
+            len,
+            storage: Storage::Owned(bytes),
             offset: HEADER_BYTES,
             vocab_size: Some(vocab_size),
             format: ShardFormat::InMemory,
@@ -438,94 +441,133 @@ fn headerless_layout(path: &Path, size: u64) -> Result<Layout> {
     })
 }
 
-/// A shard being filled in memory (tokens already in their on-disk encoding), then written at once
-/// so the file's sha256 can be computed in the same pass.
-pub(crate) struct ShardBuffer {
-    vocab_size: u32,
-    dtype: TokenDtype,
-    len: u64,
-    bytes: Vec<u8>,
+/// The 64-byte header of a glatrain shard.
+fn header(dtype: TokenDtype, vocab_size: u32, len: u64) -> [u8; HEADER_BYTES] {
+    let mut header = [0u8; HEADER_BYTES];
+    header[0..8].copy_from_slice(&MAGIC);
+    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header[12..16].copy_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
+    header[16..20].copy_from_slice(&(dtype.width() as u32).to_le_bytes());
+    header[20..24].copy_from_slice(&vocab_size.to_le_bytes());
+    header[24..32].copy_from_slice(&len.to_le_bytes());
+    header
 }
 
-/// What [`ShardBuffer::write`] reports about the file it wrote.
+/// Checks that every token is below `vocab_size`; `name` and `offset` (the position of
+/// `tokens[0]` in the shard) go into the error.
+fn check_tokens(name: &Path, offset: u64, tokens: &[u32], vocab_size: u32) -> Result<()> {
+    match tokens.iter().position(|&t| t >= vocab_size) {
+        None => Ok(()),
+        Some(pos) => Err(DataError::TokenOutOfRange {
+            path: name.to_path_buf(),
+            position: offset + pos as u64,
+            token: tokens[pos],
+            vocab_size,
+        }),
+    }
+}
+
+/// Appends `tokens` to `out` in `dtype`'s little-endian encoding.
+fn encode_tokens(out: &mut Vec<u8>, dtype: TokenDtype, tokens: &[u32]) {
+    out.reserve(tokens.len() * dtype.width());
+    match dtype {
+        TokenDtype::U16 => {
+            for &t in tokens {
+                out.extend_from_slice(&(t as u16).to_le_bytes());
+            }
+        }
+        TokenDtype::U32 => {
+            for &t in tokens {
+                out.extend_from_slice(&t.to_le_bytes());
+            }
+        }
+    }
+}
+
+/// What [`ShardWriter::finish`] reports about the file it wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct WrittenShard {
     pub tokens: u64,
     pub sha256: String,
 }
 
-impl ShardBuffer {
-    pub(crate) fn new(vocab_size: u32) -> Self {
-        ShardBuffer {
+/// A shard written to disk as its tokens arrive: a placeholder header, the tokens through a
+/// buffer, then the real header. The sha256 is computed by reading the finished file back, so
+/// memory stays at the write buffer however large the shard is.
+pub(crate) struct ShardWriter {
+    path: PathBuf,
+    file: BufWriter<fs::File>,
+    dtype: TokenDtype,
+    vocab_size: u32,
+    len: u64,
+    encoded: Vec<u8>,
+}
+
+impl ShardWriter {
+    /// Creates the file at `path` (which must not be read until [`ShardWriter::finish`]).
+    pub(crate) fn create(path: &Path, vocab_size: u32) -> Result<Self> {
+        let file = fs::File::create(path).map_err(|e| DataError::io(path, e))?;
+        let mut file = BufWriter::with_capacity(1 << 20, file);
+        let dtype = TokenDtype::for_vocab(vocab_size);
+        file.write_all(&header(dtype, vocab_size, 0))
+            .map_err(|e| DataError::io(path, e))?;
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            file,
+            dtype,
             vocab_size,
-            dtype: TokenDtype::for_vocab(vocab_size),
             len: 0,
-            bytes: vec![0; HEADER_BYTES],
-        }
+            encoded: Vec::new(),
+        })
     }
 
+    /// Tokens written so far.
     pub(crate) fn len(&self) -> u64 {
         self.len
     }
 
-    /// Appends tokens; `name` is the shard being built, for the out-of-range error.
-    pub(crate) fn push(&mut self, name: &Path, tokens: &[u32]) -> Result<()> {
-        if let Some(pos) = tokens.iter().position(|&t| t >= self.vocab_size) {
-            return Err(DataError::TokenOutOfRange {
-                path: name.to_path_buf(),
-                position: self.len + pos as u64,
-                token: tokens[pos],
-                vocab_size: self.vocab_size,
-            });
-        }
-        self.bytes.reserve(tokens.len() * self.dtype.width());
-        match self.dtype {
-            TokenDtype::U16 => {
-                for &t in tokens {
-                    self.bytes.extend_from_slice(&(t as u16).to_le_bytes());
-                }
-            }
-            TokenDtype::U32 => {
-                for &t in tokens {
-                    self.bytes.extend_from_slice(&t.to_le_bytes());
-                }
-            }
-        }
+    /// Appends tokens (each must be below the vocab size).
+    pub(crate) fn push(&mut self, tokens: &[u32]) -> Result<()> {
+        check_tokens(&self.path, self.len, tokens, self.vocab_size)?;
+        self.encoded.clear();
+        encode_tokens(&mut self.encoded, self.dtype, tokens);
+        self.file
+            .write_all(&self.encoded)
+            .map_err(|e| DataError::io(&self.path, e))?;
         self.len += tokens.len() as u64;
         Ok(())
     }
 
-    /// The complete file contents: header filled in, then the tokens.
-    fn finish_bytes(mut self) -> Vec<u8> {
-        let mut header = [0u8; HEADER_BYTES];
-        header[0..8].copy_from_slice(&MAGIC);
-        header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        header[12..16].copy_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
-        header[16..20].copy_from_slice(&(self.dtype.width() as u32).to_le_bytes());
-        header[20..24].copy_from_slice(&self.vocab_size.to_le_bytes());
-        header[24..32].copy_from_slice(&self.len.to_le_bytes());
-        self.bytes[..HEADER_BYTES].copy_from_slice(&header);
-        self.bytes
-    }
-
-    /// Writes the shard file at `path` (flushed to disk) and returns its token count and sha256.
-    pub(crate) fn write(self, path: &Path) -> Result<WrittenShard> {
-        let tokens = self.len;
-        let bytes = self.finish_bytes();
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let mut file = fs::File::create(path).map_err(|e| DataError::io(path, e))?;
-        file.write_all(&bytes).map_err(|e| DataError::io(path, e))?;
-        file.sync_all().map_err(|e| DataError::io(path, e))?;
-        Ok(WrittenShard { tokens, sha256 })
+    /// Writes the header, flushes the file to disk and returns its token count and sha256.
+    pub(crate) fn finish(self) -> Result<WrittenShard> {
+        let path = self.path;
+        let io = |e| DataError::io(&path, e);
+        let mut file = self.file.into_inner().map_err(|e| io(e.into_error()))?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        file.write_all(&header(self.dtype, self.vocab_size, self.len))
+            .map_err(io)?;
+        file.sync_all().map_err(io)?;
+        let mut hasher = Sha256::new();
+        let mut reader = fs::File::open(&path).map_err(io)?;
+        std::io::copy(&mut reader, &mut hasher).map_err(io)?;
+        Ok(WrittenShard {
+            tokens: self.len,
+            sha256: hex::encode(hasher.finalize()),
+        })
     }
 }
 
 /// Writes `tokens` as one glatrain shard at `path` (dtype chosen from `vocab_size`) and returns its
 /// hex sha256. Every token must be below `vocab_size`.
 pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: u32) -> Result<String> {
-    let mut buffer = ShardBuffer::new(vocab_size);
-    buffer.push(path, tokens)?;
-    Ok(buffer.write(path)?.sha256)
+    let mut writer = ShardWriter::create(path, vocab_size)?;
+    if let Err(e) = writer.push(tokens) {
+        drop(writer);
+        // Best effort: the out-of-range token is the error to report.
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(writer.finish()?.sha256)
 }
 
 #[cfg(test)]
@@ -569,6 +611,28 @@ mod tests {
             shard.copy_to(500, &mut window);
             assert_eq!(window.map(|t| t as u32), [toks[500], toks[501], toks[502]]);
             shard.check_range(vocab).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_shard_written_in_pieces_is_the_shard_written_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for vocab in [50_257, 200_000] {
+            let toks = tokens(1000, vocab);
+            let whole = dir.path().join(format!("whole-{vocab}.tokens"));
+            let sha = write_shard(&whole, &toks, vocab).unwrap();
+            let pieces = dir.path().join(format!("pieces-{vocab}.tokens"));
+            let mut writer = ShardWriter::create(&pieces, vocab).unwrap();
+            for chunk in [&toks[..7], &toks[7..7], &toks[7..700], &toks[700..]] {
+                writer.push(chunk).unwrap();
+            }
+            assert_eq!(writer.len(), 1000);
+            let written = writer.finish().unwrap();
+            assert_eq!(written.tokens, 1000);
+            assert_eq!(written.sha256, sha);
+            let bytes = fs::read(&pieces).unwrap();
+            assert_eq!(bytes, fs::read(&whole).unwrap());
+            assert_eq!(hex::encode(Sha256::digest(&bytes)), sha);
         }
     }
 
@@ -729,6 +793,7 @@ mod tests {
     fn writing_an_out_of_range_token_fails() {
         let dir = tempfile::tempdir().unwrap();
         let err = write_shard(&dir.path().join("x.tokens"), &[1, 2, 256], 256).unwrap_err();
+        assert!(!dir.path().join("x.tokens").exists());
         assert!(
             matches!(
                 err,

@@ -4,11 +4,15 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
+
+use rayon::prelude::*;
 
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
+use crate::byte_level_bpe::ByteLevelBpe;
 use crate::error::{DataError, Result};
 
 /// Smallest vocab `train_bpe` accepts: the 256 byte symbols plus at least one merge.
@@ -73,10 +77,12 @@ impl fmt::Display for TokenizerSpec {
 pub enum Tokenizer {
     /// Token id = byte value; decoding is exact (invalid UTF-8 is replaced by U+FFFD).
     Byte,
-    /// A Hugging Face tokenizer loaded from (or saved to) `path`.
+    /// A Hugging Face tokenizer loaded from (or saved to) `path`. `fast` encodes the same ids
+    /// faster when the pipeline is GPT-2's byte-level BPE (see the `byte_level_bpe` module).
     HuggingFace {
         inner: Box<tokenizers::Tokenizer>,
         path: PathBuf,
+        fast: Option<Arc<ByteLevelBpe>>,
     },
 }
 
@@ -87,23 +93,28 @@ impl fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads a Hugging Face `tokenizer.json`; errors name the file.
+    /// Loads a Hugging Face `tokenizer.json`; errors name the file. Truncation and padding
+    /// settings in the file are dropped: documents are encoded whole.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-        let inner =
-            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| DataError::TokenizerFile {
-                path: path.to_path_buf(),
-                what: e.to_string(),
-            })?;
+        let bad = |what: String| DataError::TokenizerFile {
+            path: path.to_path_buf(),
+            what,
+        };
+        let mut inner =
+            tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
         if inner.get_vocab_size(true) == 0 {
-            return Err(DataError::TokenizerFile {
-                path: path.to_path_buf(),
-                what: "the vocabulary is empty".into(),
-            });
+            return Err(bad("the vocabulary is empty".into()));
         }
+        inner
+            .with_truncation(None)
+            .map_err(|e| bad(e.to_string()))?
+            .with_padding(None);
+        let fast = ByteLevelBpe::for_tokenizer(&inner).map(Arc::new);
         Ok(Tokenizer::HuggingFace {
             inner: Box::new(inner),
             path: path.to_path_buf(),
+            fast,
         })
     }
 
@@ -143,30 +154,38 @@ impl Tokenizer {
 
     /// Encodes text without adding special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        self.encode_into(text, &mut ids)?;
+        Ok(ids)
+    }
+
+    /// Appends the ids of `text` (no special tokens added) to `out`.
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
         match self {
-            Tokenizer::Byte => Ok(text.bytes().map(u32::from).collect()),
-            Tokenizer::HuggingFace { inner, path } => inner
-                .encode_fast(text, false)
-                .map(|e| e.get_ids().to_vec())
+            Tokenizer::Byte => {
+                out.extend(text.bytes().map(u32::from));
+                Ok(())
+            }
+            Tokenizer::HuggingFace {
+                fast: Some(fast),
+                path,
+                ..
+            } if !fast.needs_general_pipeline(text) => fast
+                .encode(text, out)
                 .map_err(|e| tokenizer_error(path, "encode", e)),
+            Tokenizer::HuggingFace { inner, path, .. } => {
+                let encoding = inner
+                    .encode_fast(text, false)
+                    .map_err(|e| tokenizer_error(path, "encode", e))?;
+                out.extend_from_slice(encoding.get_ids());
+                Ok(())
+            }
         }
     }
 
-    /// Encodes several texts (in parallel for Hugging Face tokenizers), keeping their order.
+    /// Encodes several texts in parallel (on rayon's pool), keeping their order.
     pub fn encode_batch(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
-        match self {
-            Tokenizer::Byte => Ok(texts
-                .iter()
-                .map(|t| t.bytes().map(u32::from).collect())
-                .collect()),
-            Tokenizer::HuggingFace { inner, path } => {
-                let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                inner
-                    .encode_batch_fast(inputs, false)
-                    .map(|encodings| encodings.iter().map(|e| e.get_ids().to_vec()).collect())
-                    .map_err(|e| tokenizer_error(path, "encode", e))
-            }
-        }
+        texts.par_iter().map(|t| self.encode(t)).collect()
     }
 
     /// Decodes ids back to text (ids >= vocab_size are an error).
@@ -183,7 +202,7 @@ impl Tokenizer {
                 let bytes: Vec<u8> = ids.iter().map(|&id| id as u8).collect();
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
-            Tokenizer::HuggingFace { inner, path } => inner
+            Tokenizer::HuggingFace { inner, path, .. } => inner
                 .decode(ids, false)
                 .map_err(|e| tokenizer_error(path, "decode", e)),
         }
@@ -310,6 +329,28 @@ mod tests {
         assert_eq!(batch[0], ids);
         let reloaded = Tokenizer::from_file(&path).unwrap();
         assert_eq!(reloaded.encode(sample).unwrap(), ids);
+    }
+
+    #[test]
+    fn truncation_in_the_file_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        let text = crate::embedded::valid_text().unwrap();
+        let docs = crate::documents::split_documents(&text);
+        let Tokenizer::HuggingFace { mut inner, .. } =
+            train_bpe(docs.iter().take(5), 320, &path).unwrap()
+        else {
+            panic!("train_bpe returns a Hugging Face tokenizer");
+        };
+        inner
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: 4,
+                ..Default::default()
+            }))
+            .unwrap();
+        inner.save(&path, false).unwrap();
+        let tok = Tokenizer::from_file(&path).unwrap();
+        assert!(tok.encode(&docs[0]).unwrap().len() > 100);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 /// Train gated-linear-attention language models (and their Transformer++ / Mamba baselines).
 ///
@@ -18,7 +18,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
     version,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  glatrain --config configs/gla-tiny.toml\n  glatrain --config configs/gla-340m.toml --resume\n  glatrain --config configs/gla-tiny.toml --set train.lr=1e-3 --set run.name=lr1e-3\n  glatrain eval --checkpoint runs/gla-tiny\n  glatrain preflight --config configs/gla-340m.toml"
+    after_help = "Examples:\n  glatrain --config gla-tiny\n  glatrain --config gla-340m --resume\n  glatrain --config my-run.toml --set train.lr=1e-3 --set run.name=lr1e-3\n  glatrain configs\n  glatrain eval --checkpoint runs/gla-tiny\n  glatrain preflight --config gla-340m"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -30,8 +30,10 @@ pub struct Cli {
 /// Options of the main form (training).
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// The run's TOML config (see configs/ and the README's key reference).
-    #[arg(long, short, value_name = "FILE", required = true)]
+    /// The run's TOML config: a file, or the name of a shipped config (`glatrain configs` lists
+    /// them; a file of that path wins). Relative paths inside resolve against the current
+    /// directory.
+    #[arg(long, short, value_name = "FILE|NAME", required = true)]
     pub config: Option<PathBuf>,
     /// Override a config value, e.g. `--set train.lr=1e-3` (repeatable; the value is TOML).
     #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
@@ -51,7 +53,11 @@ pub enum Command {
     Sample(SampleArgs),
     /// Show each layer's kernel mode, why it was chosen, and its estimated cost.
     Preflight(PreflightArgs),
-    /// Tokenize text files into token shards (and optionally train a BPE tokenizer).
+    /// List the configs built into glatrain (any directory can run one by name:
+    /// `glatrain --config gla-340m`), or print one to copy and edit.
+    Configs(ConfigsArgs),
+    /// Tokenize a corpus (text, JSON Lines, parquet; plain, gzip or zstd) into token shards,
+    /// optionally training a BPE tokenizer on it first.
     Prepare(PrepareArgs),
     /// Time the sequence-mixing ops on the GPU (GLA modes, libtorch's SDPA backends) against
     /// their memory floors and anchors.
@@ -102,7 +108,8 @@ pub struct SampleArgs {
 
 #[derive(Debug, Args)]
 pub struct PreflightArgs {
-    #[arg(long, short, value_name = "FILE")]
+    /// A config file or the name of a shipped config.
+    #[arg(long, short, value_name = "FILE|NAME")]
     pub config: PathBuf,
     #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
     pub overrides: Vec<String>,
@@ -112,22 +119,61 @@ pub struct PreflightArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ConfigsArgs {
+    /// Print this config's TOML (e.g. `glatrain configs gla-340m > my.toml`).
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Input formats (by file name; a directory is walked recursively, in \
+sorted order):
+  *.txt  *.txt.gz  *.txt.zst        text, documents separated by blank lines
+  *.jsonl  *.jsonl.gz  *.jsonl.zst  JSON Lines, one document per line (also *.json.gz, *.json.zst)
+  *.parquet                         one document per row (snappy, zstd or gzip compressed)
+
+Examples:
+  glatrain prepare --input fineweb/sample/10BT --tokenizer bpe:32000 --out data/fineweb-tokens
+  glatrain prepare --input slimpajama/train --tokenizer tokenizer.json --out data/slimpajama-tokens
+  glatrain prepare --input dump.jsonl.zst --text-field content --on-bad-record skip --out data/x"
+)]
 pub struct PrepareArgs {
-    /// Text files or directories (walked recursively).
+    /// Corpus files or directories (walked recursively): text, JSON Lines or parquet, plain or
+    /// gzip/zstd compressed (see below).
     #[arg(long, required = true, num_args = 1.., value_name = "PATH")]
     pub input: Vec<PathBuf>,
     /// "byte", a tokenizer.json path, or "bpe:VOCAB" to train a BPE tokenizer on the input.
     #[arg(long, default_value = "byte")]
     pub tokenizer: String,
-    /// Output directory (must not exist yet).
+    /// Output directory (must not exist yet; written complete or not at all).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// The JSON field (JSON Lines) or column (parquet) that holds each document's text.
+    #[arg(long, default_value = "text", value_name = "NAME")]
+    pub text_field: String,
+    /// What to do with a record that is not a document (invalid JSON, no text field, not UTF-8,
+    /// a corrupt stretch of a file): stop with an error naming file and line, or skip it and
+    /// count it (the first ones are listed, and the summary counts them by kind).
+    #[arg(long, value_enum, default_value_t = BadRecordArg::Stop)]
+    pub on_bad_record: BadRecordArg,
+    /// Threads that parse and tokenize (0 = one per core). The output is the same for any
+    /// number.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
     /// Tokens per shard file.
     #[arg(long, default_value_t = glatrain_data::DEFAULT_SHARD_TOKENS)]
     pub shard_tokens: u64,
     /// Fraction of documents written to the validation split.
     #[arg(long, default_value_t = glatrain_data::DEFAULT_VALID_FRACTION)]
     pub valid_fraction: f64,
+}
+
+/// `--on-bad-record`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BadRecordArg {
+    Stop,
+    Skip,
 }
 
 #[derive(Debug, Args)]

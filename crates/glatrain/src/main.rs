@@ -7,10 +7,15 @@ mod cli;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::Parser;
 
-use cli::{BenchArgs, Cli, Command, EvalArgs, PreflightArgs, PrepareArgs, SampleArgs, TrainArgs};
+use cli::{
+    BadRecordArg, BenchArgs, Cli, Command, ConfigsArgs, EvalArgs, PreflightArgs, PrepareArgs,
+    SampleArgs, TrainArgs,
+};
 
 /// Any failure a command can end with.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
         Some(Command::Eval(args)) => done(eval(args)),
         Some(Command::Sample(args)) => done(sample(args)),
         Some(Command::Prepare(args)) => done(prepare(args)),
+        Some(Command::Configs(args)) => done(configs(args)),
         Some(Command::Preflight(args)) => done(preflight(args)),
         Some(Command::Bench(args)) => done(bench(args)),
     };
@@ -75,6 +81,7 @@ fn train(args: TrainArgs) -> Result<ExitCode, AppError> {
         .config
         .expect("clap requires --config for the train form");
     let cfg = glatrain_config::load(&path, &args.overrides)?;
+    check_data_paths(&cfg)?;
     let opts = glatrain_train::TrainOptions {
         resume: args.resume,
         stop_after: None,
@@ -91,6 +98,67 @@ fn bench(args: BenchArgs) -> Result<(), AppError> {
     plan.first_call = !args.no_first_call;
     glatrain_bench::run(&plan, args.json.as_deref())?;
     Ok(())
+}
+
+/// Before anything is built: the data the config names exists, or the error says how to make it.
+fn check_data_paths(cfg: &glatrain_config::ResolvedConfig) -> Result<(), AppError> {
+    let data = &cfg.config.data;
+    glatrain_data::DataSettings {
+        origin: &cfg.source,
+        train: &data.train,
+        valid: &data.valid,
+        tokenizer: &data.tokenizer,
+        vocab_size: u32::try_from(cfg.config.model.vocab_size()).unwrap_or(u32::MAX),
+    }
+    .check_paths()?;
+    Ok(())
+}
+
+/// `glatrain configs`: the shipped configs as a table, or one config's text.
+fn configs(args: ConfigsArgs) -> Result<(), AppError> {
+    use glatrain_config::shipped;
+    if let Some(name) = args.name {
+        let config = shipped::find(std::path::Path::new(&name)).ok_or_else(|| {
+            glatrain_config::ConfigError::NotFound {
+                path: name.clone().into(),
+                hint: format!("the shipped configs are {}", shipped::names()),
+            }
+        })?;
+        print!("{}", config.text);
+        return Ok(());
+    }
+    println!(
+        "{:<18} {:<12} {:>10}  description",
+        "name", "model", "parameters"
+    );
+    for config in shipped::SHIPPED {
+        let resolved = glatrain_config::from_str(config.text, &config.origin(), &[])?;
+        let model = &resolved.config.model;
+        println!(
+            "{:<18} {:<12} {:>10}  {}",
+            config.name,
+            model.type_name(),
+            parameters(model.parameter_count()),
+            config.description()
+        );
+    }
+    println!(
+        "\nRun one from any directory with `glatrain --config NAME` (a file of that path wins);\n\
+         `glatrain configs NAME > my.toml` writes a copy to edit."
+    );
+    Ok(())
+}
+
+/// `1.3B`, `337M`, `0.6M`
+fn parameters(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1}B", n / 1e9)
+    } else if n >= 1e7 {
+        format!("{:.0}M", n / 1e6)
+    } else {
+        format!("{:.1}M", n / 1e6)
+    }
 }
 
 fn preflight(args: PreflightArgs) -> Result<(), AppError> {
@@ -146,14 +214,31 @@ fn sample(args: SampleArgs) -> Result<(), AppError> {
 }
 
 fn prepare(args: PrepareArgs) -> Result<(), AppError> {
-    let manifest = glatrain_data::prepare(
-        &args.input,
-        &args.tokenizer,
-        &args.out,
-        args.shard_tokens,
-        args.valid_fraction,
-    )?;
-    for (split, record) in manifest.splits() {
+    // Ctrl-C (or SIGTERM) stops between batches and removes the partial output.
+    let interrupt = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&interrupt)) {
+            eprintln!(
+                "warning: cannot catch signal {signal} ({e}); an interrupted run leaves a hidden \
+                 partial directory"
+            );
+        }
+    }
+    let options = glatrain_data::PrepareOptions {
+        tokenizer: args.tokenizer,
+        shard_tokens: args.shard_tokens,
+        valid_fraction: args.valid_fraction,
+        text_field: args.text_field,
+        on_bad_record: match args.on_bad_record {
+            BadRecordArg::Stop => glatrain_data::OnBadRecord::Stop,
+            BadRecordArg::Skip => glatrain_data::OnBadRecord::Skip,
+        },
+        threads: args.threads,
+        progress: glatrain_data::ProgressDisplay::Auto,
+        interrupt: Some(interrupt),
+    };
+    let report = glatrain_data::prepare(&args.input, &args.out, &options)?;
+    for (split, record) in report.manifest.splits() {
         println!(
             "{}: {split}: {} documents, {} tokens in {} shard(s), {} source bytes",
             args.out.display(),
@@ -163,5 +248,6 @@ fn prepare(args: PrepareArgs) -> Result<(), AppError> {
             record.source_bytes
         );
     }
+    println!("{}", report.stats.summary());
     Ok(())
 }

@@ -25,7 +25,7 @@ fn help_succeeds_and_missing_config_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let help = glatrain(&["--help"], dir.path());
     assert_eq!(help.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&help.stdout).contains("--config <FILE>"));
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--config <FILE|NAME>"));
     let bare = glatrain(&[], dir.path());
     assert_eq!(bare.status.code(), Some(2));
     assert!(stderr(&bare).contains("--config"), "{}", stderr(&bare));
@@ -97,4 +97,161 @@ fn bad_data_and_checkpoints_exit_2_and_write_nothing() {
     let eval = glatrain(&["eval", "--checkpoint", "runs/none"], dir.path());
     assert_eq!(eval.status.code(), Some(2), "{}", stderr(&eval));
     assert!(stderr(&eval).contains("runs/none"), "{}", stderr(&eval));
+}
+
+#[test]
+fn shipped_configs_run_by_name_from_any_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["gla-tiny", "gla-tiny.toml"] {
+        let out = glatrain(&["preflight", "--config", name], dir.path());
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(table.contains("gla-tiny.toml (built in)"), "{table}");
+    }
+    // A file of that path wins over the shipped config.
+    std::fs::write(
+        dir.path().join("gla-tiny.toml"),
+        "[model]\ntype = \"gla\"\nvocab_size = 256\nhidden_size = 64\nnum_layers = 1\n",
+    )
+    .unwrap();
+    let own = glatrain(&["preflight", "--config", "gla-tiny.toml"], dir.path());
+    assert_eq!(own.status.code(), Some(0), "{}", stderr(&own));
+    let table = String::from_utf8_lossy(&own.stdout);
+    assert!(!table.contains("(built in)"), "{table}");
+
+    // Training by name: one step, in a run directory under this directory.
+    let other = tempfile::tempdir().unwrap();
+    let run = glatrain(
+        &[
+            "--config",
+            "gla-tiny",
+            "--set",
+            "train.max_steps=1",
+            "--set",
+            "train.warmup_steps=0",
+            "--set",
+            "train.eval_batches=1",
+        ],
+        other.path(),
+    );
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert!(other.path().join("runs/gla-tiny/config.toml").exists());
+
+    let unknown = glatrain(&["--config", "gla-341m"], dir.path());
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        stderr(&unknown).contains("no such config file; the shipped configs"),
+        "{}",
+        stderr(&unknown)
+    );
+}
+
+#[test]
+fn configs_lists_the_shipped_configs_and_prints_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = glatrain(&["configs"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .map(|l| l.split_whitespace().take(3).collect())
+        .collect();
+    assert_eq!(rows.len(), 7, "{table}");
+    assert!(rows.contains(&vec!["gla-340m", "gla", "342M"]), "{table}");
+    assert!(rows.contains(&vec!["gla-1.3b", "gla", "1.3B"]), "{table}");
+    assert!(rows.contains(&vec!["gla-tiny", "gla", "0.6M"]), "{table}");
+    assert!(
+        table.contains("Try glatrain without a GPU or a data set"),
+        "{table}"
+    );
+
+    let text = glatrain(&["configs", "gla-340m"], dir.path());
+    assert_eq!(text.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&text.stdout),
+        std::fs::read_to_string(repo().join("configs/gla-340m.toml")).unwrap()
+    );
+    let unknown = glatrain(&["configs", "nope"], dir.path());
+    assert_eq!(unknown.status.code(), Some(2));
+}
+
+#[test]
+fn missing_data_fails_at_once_saying_how_to_make_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = glatrain(&["--config", "gla-340m"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let msg = stderr(&out);
+    assert!(
+        msg.starts_with(
+            "error: gla-340m.toml (built in): data.train = \"data/slimpajama-tokens\": no such \
+             file or directory (nor data.valid, the same path); relative paths resolve against \
+             the current directory, "
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(
+            "glatrain prepare --input YOUR_CORPUS --tokenizer bpe:32000 --out \
+             data/slimpajama-tokens"
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(
+            "--set data.train=embedded --set data.valid=embedded --set data.tokenizer=byte"
+        ),
+        "{msg}"
+    );
+    // Nothing was built or written.
+    assert!(!dir.path().join("runs").exists());
+}
+
+#[test]
+fn prepare_reads_json_lines_and_stops_at_a_bad_record() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("docs.jsonl"),
+        "{\"text\": \"one\"}\n{\"text\": \"two\"}\n{\"content\": \"three\"}\n",
+    )
+    .unwrap();
+    let stop = glatrain(
+        &["prepare", "--input", "docs.jsonl", "--out", "tokens"],
+        dir.path(),
+    );
+    assert_eq!(stop.status.code(), Some(2), "{}", stderr(&stop));
+    assert!(
+        stderr(&stop).starts_with("error: docs.jsonl: line 3: no field \"text\""),
+        "{}",
+        stderr(&stop)
+    );
+    assert!(!dir.path().join("tokens").exists());
+
+    let skip = glatrain(
+        &[
+            "prepare",
+            "--input",
+            "docs.jsonl",
+            "--out",
+            "tokens",
+            "--on-bad-record",
+            "skip",
+            "--valid-fraction",
+            "0",
+        ],
+        dir.path(),
+    );
+    assert_eq!(skip.status.code(), Some(0), "{}", stderr(&skip));
+    let stdout = String::from_utf8_lossy(&skip.stdout);
+    assert!(stdout.contains("train: 2 documents"), "{stdout}");
+    assert!(
+        stdout.contains("skipped 1 bad record: 1 missing text field"),
+        "{stdout}"
+    );
+    assert!(
+        stderr(&skip).contains("skipped bad record: docs.jsonl: line 3"),
+        "{}",
+        stderr(&skip)
+    );
 }

@@ -557,14 +557,12 @@ fn data_of_another_tokenizer_is_refused() {
         .collect();
     fs::write(tmp.path().join("corpus.txt"), text).unwrap();
     let data = tmp.path().join("tokens");
-    glatrain_data::prepare(
-        &[tmp.path().join("corpus.txt")],
-        "bpe:300",
-        &data,
-        glatrain_data::DEFAULT_SHARD_TOKENS,
-        0.3,
-    )
-    .unwrap();
+    let options = glatrain_data::PrepareOptions {
+        tokenizer: "bpe:300".into(),
+        valid_fraction: 0.3,
+        ..Default::default()
+    };
+    glatrain_data::prepare(&[tmp.path().join("corpus.txt")], &data, &options).unwrap();
     let train_set = format!("data.train={:?}", data.display().to_string());
     let valid_set = format!("data.valid={:?}", data.display().to_string());
     let sets = [train_set.as_str(), &valid_set, "model.vocab_size=512"];
