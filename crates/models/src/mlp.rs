@@ -22,10 +22,14 @@ impl SwiGlu {
         }
     }
 
+    /// `silu(gate) * up` by [`glatrain_ops::swiglu`] (on CUDA one kernel each way, keeping only
+    /// the two projections for the backward).
+    ///
     /// # Shapes
     /// `x: [..., hidden]` -> `[..., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.gate_proj.forward(x).silu() * self.up_proj.forward(x);
+        let h = glatrain_ops::swiglu(&self.gate_proj.forward(x), &self.up_proj.forward(x))
+            .unwrap_or_else(|e| panic!("SwiGLU failed on the model's own tensors: {e}"));
         self.down_proj.forward(&h)
     }
 }

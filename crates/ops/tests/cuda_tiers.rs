@@ -1,13 +1,15 @@
 //! Tiered compilation on a GPU: with an empty kernel cache, the first call runs the Quick tier,
 //! the Full tier replaces it once compiled, both tiers are cached, and the two tiers give the same
-//! results bit for bit (training from a cold cache then matches one from a warm cache). Its own
-//! test binary (one process, one test): it points the kernel cache at an empty directory and
-//! clears `GLATRAIN_KERNEL_TIER`, which no other test may see. Skips on machines without CUDA.
+//! results bit for bit (training from a cold cache then matches one from a warm cache), for the
+//! GLA kernels and the fused ones. Its own test binary (one process, one test): it points the
+//! kernel cache at an empty directory and clears `GLATRAIN_KERNEL_TIER`, which no other test may
+//! see. Skips on machines without CUDA.
 
 use glatrain_cuda::{Gpu, KernelDtype, Tier};
+use glatrain_ops::fused::FUSED;
 use glatrain_ops::gla::kernels::{source_of, GLA_TC};
 use glatrain_ops::launch::kernel_dtype;
-use glatrain_ops::{gla, GlaMode};
+use glatrain_ops::{gla, rms_norm, swiglu, GlaMode};
 use glatrain_testing::Rng;
 use tch::{Device, Kind, Tensor};
 
@@ -40,6 +42,53 @@ fn run(shape: Shape, kind: Kind, mode: GlaMode) -> Vec<(&'static str, Tensor)> {
     let names = ["dq", "dk", "dv", "dg", "dh0"];
     let mut out = vec![("o", o), ("final state", ht)];
     out.extend(names.into_iter().zip(grads));
+    out
+}
+
+/// The outputs and gradients of the fused ops (kernels/fused.cu) for random inputs in `kind`:
+/// RMSNorm with and without its gate on rows that take the vector path (256, 1000, 4096) and
+/// the element path (7), and SwiGLU.
+fn run_fused(kind: Kind) -> Vec<(&'static str, Tensor)> {
+    let mut rng = Rng::new(7);
+    let mut leaf = |size: &[i64], kind: Kind| {
+        rng.randn(size, Kind::Float)
+            .to_kind(kind)
+            .to_device(Device::Cuda(0))
+            .set_requires_grad(true)
+    };
+    let mut out = Vec::new();
+    for (rows, n, gated) in [
+        (70, 256, true),
+        (9, 4096, false),
+        (300, 7, true),
+        (37, 1000, true),
+    ] {
+        let (x, g, w) = (
+            leaf(&[rows, n], kind),
+            leaf(&[rows, n], kind),
+            leaf(&[n], Kind::Float),
+        );
+        let dy = leaf(&[rows, n], kind).detach();
+        let y = rms_norm(&x, &w, 1e-6, gated.then_some(&g)).unwrap();
+        let inputs = if gated {
+            vec![&x, &w, &g]
+        } else {
+            vec![&x, &w]
+        };
+        let grads = glatrain_shim::autograd::grad(&y, &dy, &inputs).unwrap();
+        out.push(("rms_norm y", y));
+        out.extend(
+            ["rms_norm dx", "rms_norm dw", "rms_norm dg"]
+                .into_iter()
+                .zip(grads),
+        );
+    }
+    let (a, b) = (leaf(&[3, 5003], kind), leaf(&[3, 5003], kind));
+    let dy = leaf(&[3, 5003], kind).detach();
+    let y = swiglu(&a, &b).unwrap();
+    let grads = glatrain_shim::autograd::grad(&y, &dy, &[&a, &b]).unwrap();
+    out.push(("swiglu y", y));
+    out.extend(["swiglu da", "swiglu db"].into_iter().zip(grads));
     out
 }
 
@@ -130,6 +179,20 @@ fn quick_code_first_then_the_optimised_code_with_identical_results() {
             }
         }
         println!("{shape:?} {kind:?} {mode:?}: compared");
+    }
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        let dtype = kernel_dtype(kind).unwrap();
+        let mut results = Vec::new();
+        for tier in [Tier::Quick, Tier::Full] {
+            device.use_tier(&FUSED, dtype, tier).unwrap();
+            results.push(run_fused(kind));
+        }
+        for ((name, quick), (_, full)) in results[0].iter().zip(&results[1]) {
+            if !identical(quick, full) {
+                differ.push(format!("fused {kind:?}: {name} differs between the tiers"));
+            }
+        }
+        println!("fused ops {kind:?}: compared");
     }
     assert!(differ.is_empty(), "\n{}", differ.join("\n"));
 }

@@ -136,16 +136,25 @@ pub fn build_model(
     Ok(BuiltModel { vs, model })
 }
 
-/// Starts compiling (or reading from the disk cache) the GLA kernels this run calls, on a
-/// background thread, so that NVRTC overlaps building the model and opening the data instead of
-/// delaying the first step. The op's first call waits for a compilation still under way (with an
-/// empty cache, only for the quick tier; see `glatrain_cuda::TierPolicy`); a failure here is
-/// left for that call to report (it compiles again and returns the error).
+/// Starts compiling (or reading from the disk cache) the kernels this run calls, on background
+/// threads, so that NVRTC overlaps building the model and opening the data instead of delaying
+/// the first step: GLA's, and the fused norms and SwiGLU of every model (for the fp32 residual
+/// stream's norms and for activations in `kind`). An op's first call waits for a compilation
+/// still under way (with an empty cache, only for the quick tier; see
+/// `glatrain_cuda::TierPolicy`); a failure here is left for that call to report (it compiles
+/// again and returns the error).
 pub fn prepare_kernels(cfg: &ResolvedConfig, device: Device, mode: GlaMode, kind: Kind) {
-    let (Device::Cuda(ordinal), ModelConfig::Gla(_)) = (device, &cfg.config.model) else {
+    let Device::Cuda(ordinal) = device else {
         return;
     };
-    std::thread::spawn(move || glatrain_ops::gla::prepare(ordinal, kind, mode, false));
+    if let ModelConfig::Gla(_) = &cfg.config.model {
+        std::thread::spawn(move || glatrain_ops::gla::prepare(ordinal, kind, mode, false));
+    }
+    std::thread::spawn(move || {
+        for k in [Kind::Float, kind] {
+            let _ = glatrain_ops::fused::prepare(ordinal, k, false);
+        }
+    });
 }
 
 /// The VarStore's variables sorted by name.

@@ -3,12 +3,16 @@
 //!
 //! Every function here is differentiable through tch autograd, runs on any device, and accepts
 //! any floating dtype: half-precision inputs are computed in fp32 (this is the reference, and the
-//! CPU has no fast half matmuls), f32 stays f32 and f64 stays f64. Recurrent states are returned
-//! in that compute dtype (fp32, or f64 for f64 inputs); outputs come back in the input's dtype.
+//! CPU has no fast half matmuls), f32 stays f32 and f64 stays f64; [`swiglu`]'s two elementwise
+//! ops alone run in the inputs' dtype, as the unfused model ran them. Recurrent states are
+//! returned in that compute dtype (fp32, or f64 for f64 inputs); outputs come back in the
+//! input's dtype.
 //!
 //! All layouts are sequence-first (`[B, T, ...]`), as in flash-linear-attention.
 
 pub mod gla;
+pub mod norm;
 pub mod selective_scan;
+pub mod swiglu;
 
 mod common;

@@ -1,0 +1,254 @@
+//! The fused CUDA kernels (RMSNorm with and without its swish gate, SwiGLU) against the f64
+//! reference: outputs and every gradient, in each dtype, at odd row lengths and counts, with
+//! unaligned tensors (the kernels' element-wise path), large and small values, and at GLA-340M's
+//! shapes.
+//!
+//! Each result must be within max(1e-5, 2x the error of the same formula run in that dtype by
+//! libtorch's ops) relative RMS of the f64 reference: 1e-5 for fp32. One-element rows are tested
+//! at eps = 0.5: at 1e-6 their dx = dy w eps rstd^3 is ill-conditioned (the fp32 formula itself
+//! is off by percents). Kernel output buffers are poisoned with NaN first, so an unwritten
+//! element fails. Skips on machines without CUDA.
+
+use glatrain_ops::launch::set_poison_outputs;
+use glatrain_ops::{rms_norm, swiglu};
+use glatrain_shim::autograd::grad;
+use glatrain_testing::{rel_rms, Rng};
+use tch::{Device, Kind, Tensor};
+
+const EPS: f64 = 1e-6;
+const FLOOR: f64 = 1e-5;
+const KINDS: [Kind; 3] = [Kind::Float, Kind::BFloat16, Kind::Half];
+
+fn cuda() -> Option<Device> {
+    if tch::Cuda::is_available() {
+        set_poison_outputs(true);
+        Some(Device::Cuda(0))
+    } else {
+        println!("skipped: no CUDA device");
+        None
+    }
+}
+
+/// `values` (any dtype) as a contiguous CUDA tensor of `kind` whose data starts `offset`
+/// elements past its allocation (offset 1: not 16-byte aligned), a leaf requiring grad.
+fn leaf(values: &Tensor, kind: Kind, offset: i64) -> Tensor {
+    let numel = values.numel() as i64;
+    let base = Tensor::zeros([numel + offset], (kind, Device::Cuda(0)));
+    let mut t = base.narrow(0, offset, numel).view(values.size().as_slice());
+    t.copy_(&values.to_kind(kind));
+    t.set_requires_grad(true)
+}
+
+/// The output and gradients of `f` at `inputs`, given the output gradient.
+fn run(f: impl Fn(&[Tensor]) -> Tensor, inputs: &[Tensor], dy: &Tensor) -> Vec<Tensor> {
+    let y = f(inputs);
+    let refs: Vec<&Tensor> = inputs.iter().collect();
+    let mut out = vec![y.detach()];
+    out.extend(grad(&y, &dy.to_kind(y.kind()), &refs).unwrap());
+    out
+}
+
+/// Failures of `got` against `exact`, with the bound from `naive` (both against `exact`).
+fn compare(label: &str, names: &[&str], got: &[Tensor], naive: &[Tensor], exact: &[Tensor]) {
+    let mut failures = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(got[i].size(), exact[i].size(), "{label} {name}");
+        let err = rel_rms(&got[i], &exact[i]);
+        let bound = FLOOR.max(2.0 * rel_rms(&naive[i], &exact[i]));
+        // NaN (an element no kernel wrote) fails too.
+        if err.is_nan() || err > bound {
+            failures.push(format!(
+                "{label}: {name} error {err:.2e} > bound {bound:.2e}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The RMSNorm formula in elementwise ops, in the inputs' dtype.
+fn norm_formula(t: &[Tensor], eps: f64) -> Tensor {
+    let x = &t[0];
+    let y = x * (x.square().mean_dim(-1, true, x.kind()) + eps).rsqrt() * &t[1];
+    match t.get(2) {
+        Some(g) => y * g.silu(),
+        None => y,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct NormCase {
+    rows: i64,
+    n: i64,
+    gated: bool,
+    offset: i64,
+    scale: f64,
+}
+
+impl NormCase {
+    fn new(rows: i64, n: i64, gated: bool, offset: i64, scale: f64) -> Self {
+        Self {
+            rows,
+            n,
+            gated,
+            offset,
+            scale,
+        }
+    }
+
+    /// 1e-6 as the models have it, but 0.5 for one-element rows (see the module docs).
+    fn eps(&self) -> f64 {
+        if self.n == 1 {
+            0.5
+        } else {
+            1e-6
+        }
+    }
+}
+
+fn cuda_randn(rng: &mut Rng, shape: &[i64], kind: Kind) -> Tensor {
+    rng.randn(shape, Kind::Double)
+        .to_kind(kind)
+        .to_device(Device::Cuda(0))
+}
+
+fn norm_case(kind: Kind, c: NormCase, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let x = rng.randn(&[c.rows, c.n], Kind::Double) * c.scale;
+    let w = rng.randn(&[c.n], Kind::Double) * 0.5 + 1.0;
+    let g = rng.randn(&[c.rows, c.n], Kind::Double) * 3.0;
+    let dy = cuda_randn(&mut rng, &[c.rows, c.n], kind);
+    let n_inputs = if c.gated { 3 } else { 2 };
+    // The inputs rounded to the dtype (weights fp32, as the models keep them).
+    let values = [x.to_kind(kind), w.to_kind(Kind::Float), g.to_kind(kind)];
+    let eps = c.eps();
+    let op = |t: &[Tensor]| rms_norm(&t[0], &t[1], eps, t.get(2)).unwrap();
+    let inputs: Vec<Tensor> = values[..n_inputs]
+        .iter()
+        .enumerate()
+        .map(|(i, v)| leaf(v, v.kind(), if i == 1 { 0 } else { c.offset }))
+        .collect();
+    let got = run(op, &inputs, &dy);
+    let in_kind =
+        |k: Kind| -> Vec<Tensor> { values[..n_inputs].iter().map(|v| leaf(v, k, 0)).collect() };
+    let exact = run(op, &in_kind(Kind::Double), &dy);
+    let naive = run(|t| norm_formula(t, eps), &in_kind(kind), &dy);
+    assert_eq!(got[0].kind(), kind);
+    let names = ["y", "dx", "dw", "dg"];
+    compare(
+        &format!("rms_norm {kind:?} {c:?}"),
+        &names[..n_inputs + 1],
+        &got,
+        &naive,
+        &exact,
+    );
+}
+
+#[test]
+fn rms_norm_matches_the_reference() {
+    let Some(_) = cuda() else { return };
+    let mut cases = Vec::new();
+    for (n, rows) in [
+        (1, 37),
+        (7, 9),
+        (7, 300),
+        (256, 1),
+        (256, 70),
+        (1000, 13),
+        (1024, 100),
+        (4096, 5),
+        (4096, 17),
+        (8192, 3),
+    ] {
+        for gated in [false, true] {
+            cases.push(NormCase::new(rows, n, gated, 0, 1.0));
+        }
+    }
+    // Unaligned tensors (the element-wise path), large and small rows, many rows per warp.
+    for (rows, n, offset, scale) in [
+        (21, 256, 1, 1.0),
+        (21, 1000, 3, 1.0),
+        (19, 256, 0, 30.0),
+        (19, 256, 0, 1e-3),
+        (20_000, 7, 0, 1.0),
+        (9_000, 256, 1, 1.0),
+    ] {
+        cases.push(NormCase::new(rows, n, true, offset, scale));
+    }
+    for kind in KINDS {
+        for (i, &c) in cases.iter().enumerate() {
+            norm_case(kind, c, i as u64);
+        }
+    }
+}
+
+#[test]
+fn rms_norm_at_gla_340m_shapes() {
+    let Some(_) = cuda() else { return };
+    // The block norms on the fp32 residual stream, and the per-head gated norm in bf16.
+    norm_case(Kind::Float, NormCase::new(16384, 1024, false, 0, 1.0), 1);
+    norm_case(Kind::BFloat16, NormCase::new(65536, 256, true, 0, 1.0), 2);
+}
+
+#[test]
+fn rms_norm_backward_is_deterministic() {
+    let Some(_) = cuda() else { return };
+    let mut rng = Rng::new(9);
+    let x = cuda_randn(&mut rng, &[5000, 1000], Kind::BFloat16);
+    let w = cuda_randn(&mut rng, &[1000], Kind::Float);
+    let g = cuda_randn(&mut rng, &[5000, 1000], Kind::BFloat16);
+    let dy = cuda_randn(&mut rng, &[5000, 1000], Kind::BFloat16);
+    let op = |t: &[Tensor]| rms_norm(&t[0], &t[1], EPS, t.get(2)).unwrap();
+    let inputs = [&x, &w, &g].map(|t| t.detach().set_requires_grad(true));
+    let first = run(op, &inputs, &dy);
+    let second = run(op, &inputs, &dy);
+    for (a, b) in first.iter().zip(&second) {
+        assert!(a.equal(b));
+    }
+}
+
+#[test]
+fn rms_norm_names_the_row_length_its_backward_cannot_take() {
+    let Some(dev) = cuda() else { return };
+    // dw's partial sums need 4 n bytes of shared memory: 400 KB is more than any GPU gives.
+    let x = Tensor::ones([2, 100_000], (Kind::Float, dev)).set_requires_grad(true);
+    let w = Tensor::ones([100_000], (Kind::Float, dev)).set_requires_grad(true);
+    let y = rms_norm(&x, &w, EPS, None).unwrap();
+    assert!(y.isfinite().all().int64_value(&[]) == 1);
+    let err = grad(&y, &y.ones_like(), &[&x, &w]).unwrap_err();
+    assert!(
+        err.contains("rows of n = 100000 elements") && err.contains("enough for n <="),
+        "{err}"
+    );
+}
+
+#[test]
+fn swiglu_matches_the_reference() {
+    let Some(_) = cuda() else { return };
+    let formula = |t: &[Tensor]| t[0].silu() * &t[1];
+    let op = |t: &[Tensor]| swiglu(&t[0], &t[1]).unwrap();
+    for kind in KINDS {
+        for (i, (shape, offset, scale)) in [
+            (vec![1], 0, 1.0),
+            (vec![7], 0, 1.0),
+            (vec![3, 5003], 0, 4.0),
+            (vec![4096], 1, 1.0),
+            (vec![999], 2, 30.0),
+            (vec![16384, 2816], 0, 1.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut rng = Rng::new(i as u64);
+            let a = rng.randn(&shape, Kind::Double) * scale;
+            let b = rng.randn(&shape, Kind::Double);
+            let dy = cuda_randn(&mut rng, &shape, kind);
+            let inputs = |k: Kind, off: i64| [leaf(&a, k, off), leaf(&b, k, off)];
+            let got = run(op, &inputs(kind, offset), &dy);
+            let exact = run(op, &inputs(Kind::Double, 0), &dy);
+            let naive = run(formula, &inputs(kind, 0), &dy);
+            assert_eq!(got[0].kind(), kind);
+            let label = format!("swiglu {kind:?} {shape:?} offset {offset} scale {scale}");
+            compare(&label, &["y", "da", "db"], &got, &naive, &exact);
+        }
+    }
+}

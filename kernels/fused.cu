@@ -1,0 +1,372 @@
+// Fused training ops on activations, forward and backward: RMSNorm with an optional swish gate,
+// and SwiGLU. Inputs and outputs in the activation dtype (input_t: fp32, bf16 or fp16); row
+// statistics and all math in fp32. Launchers: crates/ops/src/fused/ (norm.rs, swiglu.rs).
+//
+//   rms_norm  y = x * rstd * w [* silu(g)],   rstd = 1 / sqrt(mean(x^2) + eps) per row
+//             x, g, y, dy, dx, dg: [rows, n] input dtype   w, dw: [n] fp32   rstd: [rows] fp32
+//   swiglu    y = silu(a) * b                 a, b, y, dy, da, db: any shape, input dtype
+//
+//   silu(g) = g * sigmoid(g),   silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+//
+// Backward of rms_norm, with xh = x * rstd, dyh = dy [* silu(g)] and dxh = dyh * w:
+//   dx = rstd * (dxh - xh * mean(dxh * xh)),   dw = sum over rows of dyh * xh,
+//   dg = dy * xh * w * silu'(g);
+// of swiglu: da = dy * b * silu'(a), db = dy * silu(a). The forward keeps nothing but rstd (the
+// op keeps its inputs); the backward computes the gate's silu again.
+//
+// Entry points, in KERNEL_INDEX order (grid x, block):
+//   rms_norm_fwd  (ceil(rows / 8), 256 threads): one warp per row; y and rstd.
+//   rms_norm_bwd  (ceil(rows / (warps * warp_rows)), 32 * warps threads): the block's
+//                 warps * warp_rows consecutive rows, every warps-th to each warp; dx, dg, and
+//                 the block's partial sum of dw ([blocks, n] fp32). Each warp sums its rows' dw
+//                 terms in order in its own n floats (padded to 32 W) of dynamic shared memory,
+//                 each lane the columns of its chunks, then the block adds the warps' sums in
+//                 warp order.
+//   rms_norm_dw   (ceil(n / 8), 256 threads): dw = the sum of the blocks' partials, 32 strided
+//                 sums per column and then those 32 in order. No atomics.
+//   swiglu_fwd / swiglu_bwd   (any, 256 threads): grid-stride over 16-byte chunks, then the
+//                 elements of the tail.
+//
+// Rows: lane l of a row's warp takes the row's chunks l, l + 32, l + 64, ... of W elements:
+// W = VEC (16 bytes) where the launcher found every row 16-byte aligned (`vec`), else 1. Both
+// kernels pass over a row twice (a sum over it, then the outputs); the forward keeps its first
+// CACHED 16-byte chunks per lane (32 elements: whole rows of up to 1024) in registers between the
+// passes, the backward reads the row again (mostly from L1: registers for three tensors' chunks
+// would cost occupancy). Every sum over a row is each lane's in chunk order, then warp_sum's
+// butterfly (the same bits in every lane).
+//
+// Invariants:
+//   - NVRTC's Quick and Full tiers (crates/cuda/src/compile.rs) must give bit-identical results
+//     (crates/ops/tests/cuda_tiers.rs): every multiply-add that has a choice of products is an
+//     explicit fmaf.
+//   - dw's grouping into partial sums depends only on the launch geometry, which the launcher
+//     derives from rows and n alone (not from the tier or the GPU): dw is the same bit for bit
+//     on every GPU and tier.
+//   - rms_norm_bwd is given at least warps * padded_columns(n, W) * 4 bytes of dynamic shared
+//     memory (it traps otherwise).
+
+#include "common.cuh"
+
+#define VEC ((int)(16 / sizeof(input_t)))  // elements of a 16-byte access
+#define CACHED (32 / VEC)  // chunks per lane the forward keeps: 32 elements, rows of 1024
+
+// W consecutive elements as loaded (16-byte aligned when W = VEC).
+template <int W>
+struct alignas(W == 1 ? alignof(input_t) : 16) Chunk {
+  input_t e[W];
+};
+
+template <int W>
+__device__ __forceinline__ Chunk<W> load_chunk(const input_t* p) {
+  Chunk<W> c;
+  if constexpr (W == 1) {
+    c.e[0] = p[0];
+  } else {
+    *reinterpret_cast<uint4*>(c.e) = *reinterpret_cast<const uint4*>(p);
+  }
+  return c;
+}
+
+template <int W>
+__device__ __forceinline__ void store_chunk(input_t* p, const float* v) {
+  Chunk<W> c;
+#pragma unroll
+  for (int k = 0; k < W; ++k) c.e[k] = from_f32<input_t>(v[k]);
+  if constexpr (W == 1) {
+    p[0] = c.e[0];
+  } else {
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(c.e);
+  }
+}
+
+// W fp32 weights from p (16-byte aligned when W = VEC).
+template <int W>
+__device__ __forceinline__ void load_weights(const float* p, float* v) {
+  if constexpr (W == 1) {
+    v[0] = p[0];
+  } else {
+#pragma unroll
+    for (int k = 0; k < W; k += 4) {
+      const float4 q = *reinterpret_cast<const float4*>(p + k);
+      v[k] = q.x, v[k + 1] = q.y, v[k + 2] = q.z, v[k + 3] = q.w;
+    }
+  }
+}
+
+// 1 / (1 + e^-x) from two MUFU instructions (ex2, rcp), 0 where e^-x overflows.
+__device__ __forceinline__ float sigmoid(float x) {
+  return __fdividef(1.f, 1.f + exp2_approx(-x * LOG2E));
+}
+
+// silu(x) and silu'(x).
+struct Silu {
+  float value, slope;
+};
+
+__device__ __forceinline__ Silu silu(float x) {
+  const float s = sigmoid(x);
+  return {x * s, s * fmaf(x, 1.f - s, 1.f)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+// ---------------------------------------------------------------------------------------------
+
+// One row's forward, by the 32 lanes of a warp.
+template <int W, int NC>
+__device__ __forceinline__ void norm_fwd_row(const input_t* x, const float* w, const input_t* g,
+                                             input_t* y, float* rstd, long long row, int n,
+                                             float eps, int lane) {
+  const long long base = row * n;
+  const int step = 32 * W;
+  Chunk<W> xc[NC > 0 ? NC : 1];
+  float ss = 0.f;
+  int c = lane * W;
+#pragma unroll
+  for (int j = 0; j < NC; ++j, c += step) {
+    if (c < n) {
+      xc[j] = load_chunk<W>(x + base + c);
+#pragma unroll
+      for (int k = 0; k < W; ++k) ss = fmaf(to_f32(xc[j].e[k]), to_f32(xc[j].e[k]), ss);
+    }
+  }
+  for (; c < n; c += step) {
+    const Chunk<W> xr = load_chunk<W>(x + base + c);
+#pragma unroll
+    for (int k = 0; k < W; ++k) ss = fmaf(to_f32(xr.e[k]), to_f32(xr.e[k]), ss);
+  }
+  const float r = rsqrtf(fmaf(warp_sum(ss), 1.f / (float)n, eps));
+  if (lane == 0) rstd[row] = r;
+
+  const auto write = [&](const Chunk<W>& xr, int col) {
+    float wv[W], out[W];
+    load_weights<W>(w + col, wv);
+#pragma unroll
+    for (int k = 0; k < W; ++k) out[k] = to_f32(xr.e[k]) * r * wv[k];
+    if (g != nullptr) {
+      const Chunk<W> gr = load_chunk<W>(g + base + col);
+#pragma unroll
+      for (int k = 0; k < W; ++k) out[k] *= silu(to_f32(gr.e[k])).value;
+    }
+    store_chunk<W>(y + base + col, out);
+  };
+  c = lane * W;
+#pragma unroll
+  for (int j = 0; j < NC; ++j, c += step) {
+    if (c < n) write(xc[j], c);
+  }
+  for (; c < n; c += step) write(load_chunk<W>(x + base + c), c);
+}
+
+// The backward of one element: dx and dg, and its term of dw added to `dw`.
+__device__ __forceinline__ void norm_bwd_elem(float xv, float gv, float dyv, float wv, float r,
+                                              float mean, bool gated, float& dx, float& dg,
+                                              float& dw) {
+  const float xh = xv * r;
+  float dyh = dyv;
+  if (gated) {
+    const Silu s = silu(gv);
+    dyh = dyv * s.value;
+    dg = dyv * (xh * wv) * s.slope;
+  }
+  dx = fmaf(-xh, mean, dyh * wv) * r;
+  dw = fmaf(dyh, xh, dw);
+}
+
+// Where a lane keeps the dw sum of element k of its j-th chunk in its warp's shared memory:
+// lane-interleaved, so that the 32 lanes of a warp touch 32 consecutive floats (no bank
+// conflicts). A warp's sums take padded_columns(n, W) floats.
+__device__ __forceinline__ int acc_index(int j, int k, int lane, int W) {
+  return (j * W + k) * 32 + lane;
+}
+__device__ __forceinline__ int padded_columns(int n, int W) {
+  return (n + 32 * W - 1) / (32 * W) * (32 * W);
+}
+
+// One row's backward, by the 32 lanes of a warp; adds the row's dw terms to acc (the warp's
+// sums, at acc_index). Both passes read the row from memory (the second mostly from L1): keeping
+// it in registers would cost occupancy.
+template <int W>
+__device__ __forceinline__ void norm_bwd_row(const input_t* x, const float* w, const input_t* g,
+                                             const float* rstd, const input_t* dy, input_t* dx,
+                                             input_t* dg, float* acc, long long row, int n,
+                                             int lane) {
+  const long long base = row * n;
+  const bool gated = g != nullptr;
+  const float r = rstd[row];
+  float dot = 0.f;  // sum of dxh * xh
+  for (int c = lane * W; c < n; c += 32 * W) {
+    const Chunk<W> xr = load_chunk<W>(x + base + c), dr = load_chunk<W>(dy + base + c);
+    const Chunk<W> gr = gated ? load_chunk<W>(g + base + c) : xr;
+    float wv[W];
+    load_weights<W>(w + c, wv);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float d = to_f32(dr.e[k]);
+      const float dyh = gated ? d * silu(to_f32(gr.e[k])).value : d;
+      dot = fmaf(dyh * wv[k], to_f32(xr.e[k]) * r, dot);
+    }
+  }
+  const float mean = warp_sum(dot) * (1.f / (float)n);
+  for (int j = 0, c = lane * W; c < n; ++j, c += 32 * W) {
+    const Chunk<W> xr = load_chunk<W>(x + base + c), dr = load_chunk<W>(dy + base + c);
+    const Chunk<W> gr = gated ? load_chunk<W>(g + base + c) : xr;
+    float wv[W], dxv[W], dgv[W];
+    load_weights<W>(w + c, wv);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      norm_bwd_elem(to_f32(xr.e[k]), to_f32(gr.e[k]), to_f32(dr.e[k]), wv[k], r, mean, gated,
+                    dxv[k], dgv[k], acc[acc_index(j, k, lane, W)]);
+    }
+    store_chunk<W>(dx + base + c, dxv);
+    if (gated) store_chunk<W>(dg + base + c, dgv);
+  }
+}
+
+#if WANT_KERNEL(0)
+extern "C" __global__ void __launch_bounds__(256)
+    ENTRY(rms_norm_fwd)(const input_t* __restrict__ x, const float* __restrict__ w,
+                        const input_t* __restrict__ g, input_t* __restrict__ y,
+                        float* __restrict__ rstd, int rows, int n, int vec, float eps) {
+  const int lane = threadIdx.x & 31;
+  const long long row = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  if (vec) {
+    norm_fwd_row<VEC, CACHED>(x, w, g, y, rstd, row, n, eps, lane);
+  } else {
+    norm_fwd_row<1, 0>(x, w, g, y, rstd, row, n, eps, lane);
+  }
+}
+#endif
+
+#if WANT_KERNEL(1)
+extern "C" __global__ void __launch_bounds__(256)
+    ENTRY(rms_norm_bwd)(const input_t* __restrict__ x, const float* __restrict__ w,
+                        const input_t* __restrict__ g, const float* __restrict__ rstd,
+                        const input_t* __restrict__ dy, input_t* __restrict__ dx,
+                        input_t* __restrict__ dg, float* __restrict__ dw_part, int rows, int n,
+                        int warp_rows, int vec) {
+  extern __shared__ float4 dw_smem[];
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int W = vec ? VEC : 1, padded = padded_columns(n, W);
+  require_smem(warps * padded * (unsigned)sizeof(float));
+  float* acc = reinterpret_cast<float*>(dw_smem) + (long long)warp * padded;
+  // Each lane zeroes and accumulates only the sums of its own chunks.
+  for (int j = 0, c = lane * W; c < n; ++j, c += 32 * W) {
+    for (int k = 0; k < W; ++k) acc[acc_index(j, k, lane, W)] = 0.f;
+  }
+  // The block's warps * warp_rows consecutive rows, every warps-th one to each warp.
+  const long long first = (long long)blockIdx.x * warps * warp_rows;
+  const long long end = first + (long long)warps * warp_rows < rows
+                            ? first + (long long)warps * warp_rows
+                            : (long long)rows;
+  for (long long row = first + warp; row < end; row += warps) {
+    if (vec) {
+      norm_bwd_row<VEC>(x, w, g, rstd, dy, dx, dg, acc, row, n, lane);
+    } else {
+      norm_bwd_row<1>(x, w, g, rstd, dy, dx, dg, acc, row, n, lane);
+    }
+  }
+  __syncthreads();
+  const float* sums = reinterpret_cast<const float*>(dw_smem);
+  for (int c = threadIdx.x; c < n; c += blockDim.x) {
+    const int j = c / (32 * W), r = c - j * 32 * W;
+    const int at = acc_index(j, r % W, r / W, W);
+    float s = 0.f;
+    for (int i = 0; i < warps; ++i) s += sums[(long long)i * padded + at];
+    dw_part[(long long)blockIdx.x * n + c] = s;
+  }
+}
+#endif
+
+#if WANT_KERNEL(2)
+#define DW_COLS 8   // columns per block
+#define DW_SUMS 32  // strided partial sums per column
+extern "C" __global__ void __launch_bounds__(DW_COLS * DW_SUMS)
+    ENTRY(rms_norm_dw)(const float* __restrict__ dw_part, float* __restrict__ dw, int slots,
+                       int n) {
+  __shared__ float sums[DW_SUMS][DW_COLS];
+  const int col = blockIdx.x * DW_COLS + threadIdx.x % DW_COLS;
+  const int part = threadIdx.x / DW_COLS;
+  float s = 0.f;
+  if (col < n) {
+    for (int slot = part; slot < slots; slot += DW_SUMS) s += dw_part[(long long)slot * n + col];
+  }
+  sums[part][threadIdx.x % DW_COLS] = s;
+  __syncthreads();
+  if (part == 0 && col < n) {
+    float total = 0.f;
+    for (int i = 0; i < DW_SUMS; ++i) total += sums[i][threadIdx.x];
+    dw[col] = total;
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+// ---------------------------------------------------------------------------------------------
+
+// Calls f(offset, W) for every chunk of an n-element tensor: 16-byte chunks (W = VEC) grid-
+// stride when `vec`, then the remaining elements one by one (W = 1).
+template <typename F>
+__device__ __forceinline__ void for_each_chunk(long long n, int vec, F f) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long long chunks = vec ? n / VEC : 0;
+  for (long long i = tid; i < chunks; i += stride) f.template operator()<VEC>(i * VEC);
+  for (long long i = chunks * VEC + tid; i < n; i += stride) f.template operator()<1>(i);
+}
+
+struct SwigluFwd {
+  const input_t* a;
+  const input_t* b;
+  input_t* y;
+  template <int W>
+  __device__ __forceinline__ void operator()(long long i) const {
+    const Chunk<W> ac = load_chunk<W>(a + i), bc = load_chunk<W>(b + i);
+    float out[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) out[k] = silu(to_f32(ac.e[k])).value * to_f32(bc.e[k]);
+    store_chunk<W>(y + i, out);
+  }
+};
+
+struct SwigluBwd {
+  const input_t* a;
+  const input_t* b;
+  const input_t* dy;
+  input_t* da;
+  input_t* db;
+  template <int W>
+  __device__ __forceinline__ void operator()(long long i) const {
+    const Chunk<W> ac = load_chunk<W>(a + i), bc = load_chunk<W>(b + i);
+    const Chunk<W> dc = load_chunk<W>(dy + i);
+    float dav[W], dbv[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const Silu s = silu(to_f32(ac.e[k]));
+      const float d = to_f32(dc.e[k]);
+      dav[k] = d * to_f32(bc.e[k]) * s.slope;
+      dbv[k] = d * s.value;
+    }
+    store_chunk<W>(da + i, dav);
+    store_chunk<W>(db + i, dbv);
+  }
+};
+
+#if WANT_KERNEL(3)
+extern "C" __global__ void __launch_bounds__(256)
+    ENTRY(swiglu_fwd)(const input_t* __restrict__ a, const input_t* __restrict__ b,
+                      input_t* __restrict__ y, long long n, int vec) {
+  for_each_chunk(n, vec, SwigluFwd{a, b, y});
+}
+#endif
+
+#if WANT_KERNEL(4)
+extern "C" __global__ void __launch_bounds__(256)
+    ENTRY(swiglu_bwd)(const input_t* __restrict__ a, const input_t* __restrict__ b,
+                      const input_t* __restrict__ dy, input_t* __restrict__ da,
+                      input_t* __restrict__ db, long long n, int vec) {
+  for_each_chunk(n, vec, SwigluBwd{a, b, dy, da, db});
+}
+#endif
