@@ -2,6 +2,7 @@
 //! CUDA kernels that run as autograd ops.
 //!
 //! - [`gla`]: gated linear attention, every [`GlaMode`];
+//! - [`selective_scan`]: Mamba's selective scan ([`ScanMode`]);
 //! - [`sdpa`]: libtorch's causal softmax attention on the same `[B, T, H, D]` layout.
 
 mod error;
@@ -9,11 +10,15 @@ pub mod gla;
 pub mod launch;
 pub mod reference;
 pub mod sdpa;
+pub mod selective_scan;
 
 pub use error::OpError;
 pub use gla::{gla, GlaMode};
+pub use selective_scan::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 
 /// Every kernel source of every op, for the check that they all compile.
 pub fn kernel_sources() -> Vec<&'static glatrain_cuda::KernelSource> {
-    gla::kernels::SOURCES.to_vec()
+    let mut sources = gla::kernels::SOURCES.to_vec();
+    sources.push(&selective_scan::kernels::SELECTIVE_SCAN);
+    sources
 }
