@@ -113,11 +113,9 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
             assert!(err <= 1e-5, "{name}: relative RMS {err:.2e}");
 
             let mut cache = model.new_cache(2);
-            let prefill = model.forward_cached(&x.narrow(1, 0, 70), &mut cache);
-            let rest: Vec<Tensor> = (70..seq)
-                .map(|t| model.step(&x.select(1, t), &mut cache).unsqueeze(1))
-                .collect();
-            let pieces = Tensor::cat(&[vec![prefill], rest].concat(), 1);
+            let mut pieces = vec![model.forward_cached(&x.narrow(1, 0, 70), &mut cache)];
+            pieces.extend((70..seq).map(|t| model.step(&x.select(1, t), &mut cache).unsqueeze(1)));
+            let pieces = Tensor::cat(&pieces, 1);
             let err = (&pieces - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
             assert!(err <= 1e-5, "{name}: prefill + steps: relative RMS {err:.2e}");
         });

@@ -173,6 +173,12 @@ fn per_segment(chunks: i64, wanted: i64) -> (i64, i64) {
     (tiles(chunks, seg_chunks).max(1), seg_chunks)
 }
 
+/// (segments, chunks per segment) for at most `per` chunks per segment.
+fn fixed_split(chunks: i64, per: i64) -> (i64, i64) {
+    let seg_chunks = per.clamp(1, chunks.max(1));
+    (tiles(chunks, seg_chunks).max(1), seg_chunks)
+}
+
 /// `d_state` rounded up to a power of two >= 4: the states a channel's thread lanes hold.
 fn padded_states(n: i64) -> i64 {
     (n.max(4) as u64).next_power_of_two() as i64
@@ -362,9 +368,7 @@ pub fn forward(
     let blocks = tiles(d, channels);
     let (segs, seg_chunks) = match segments {
         Segments::Auto => segment_split(dims.chunks(), blocks * b, dev.sm_count() as i64),
-        Segments::ChunksPerSegment { forward, .. } => {
-            per_segment(dims.chunks(), tiles(dims.chunks(), forward.max(1)))
-        }
+        Segments::ChunksPerSegment { forward, .. } => fixed_split(dims.chunks(), forward),
     };
     (p.segments, p.seg_chunks) = (segs as i32, seg_chunks as i32);
     // Workspaces live until the launches are queued (libtorch orders any reuse after them).
@@ -488,9 +492,7 @@ pub fn backward(inputs: &BackwardInputs, softplus: bool, segments: Segments) -> 
     let channel_tiles = tiles(d, BWD_TILE);
     let (segs, seg_chunks) = match segments {
         Segments::Auto => segment_split(dims.chunks(), channel_tiles * b, dev.sm_count() as i64),
-        Segments::ChunksPerSegment { backward, .. } => {
-            per_segment(dims.chunks(), tiles(dims.chunks(), backward.max(1)))
-        }
+        Segments::ChunksPerSegment { backward, .. } => fixed_split(dims.chunks(), backward),
     };
     (p.segments, p.seg_chunks) = (segs as i32, seg_chunks as i32);
     let part_bc = buffer(&[channel_tiles, b, t, 2, n], Kind::Float, u)?;
@@ -558,6 +560,10 @@ mod tests {
         assert_eq!(per_segment(10, 4), (4, 3));
         assert_eq!(per_segment(9, 4), (3, 3));
         assert_eq!(per_segment(1, 1), (1, 1));
+        // Fixed splits: the last segment takes what is left; huge counts mean one segment.
+        assert_eq!(fixed_split(10, 3), (4, 3));
+        assert_eq!(fixed_split(10, i64::MAX), (1, 10));
+        assert_eq!(fixed_split(10, 0), (10, 1));
     }
 
     #[test]
