@@ -18,7 +18,8 @@ use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
 use crate::norm::RmsNorm;
 use crate::CausalLm;
 use glatrain_config::{MambaConfig, ModelConfig};
-use glatrain_ops::{selective_scan, ScanInputs, ScanOptions};
+use glatrain_ops::selective_scan::kernels::geometry::MAX_STATES;
+use glatrain_ops::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Checks that `cfg` describes a buildable model; errors name the offending key.
@@ -78,6 +79,8 @@ pub struct MambaMixer {
     d_inner: i64,
     d_state: i64,
     dt_rank: i64,
+    /// The kernels up to their largest d_state (on the CPU the op runs the reference anyway).
+    scan_mode: ScanMode,
 }
 
 impl MambaMixer {
@@ -139,6 +142,11 @@ impl MambaMixer {
             d_inner: e,
             d_state: n,
             dt_rank: r,
+            scan_mode: if n > MAX_STATES {
+                ScanMode::Reference
+            } else {
+                ScanMode::Kernels
+            },
         }
     }
 
@@ -147,8 +155,8 @@ impl MambaMixer {
     /// The selective scan is `glatrain_ops::selective_scan` as mamba_ssm's `selective_scan_fn`
     /// gets it: the dt projection's matmul in the compute dtype, its bias and the softplus
     /// fused into the scan (in fp32), the gate `silu(z)` too; z, B and C are column slices of
-    /// the projections' outputs, read in place. On CUDA the scan runs its kernels, on the CPU
-    /// the reference (token by token).
+    /// the projections' outputs, read in place. On CUDA the scan runs its kernels (the
+    /// reference past their d_state of 256), on the CPU the reference (token by token).
     ///
     /// # Shapes
     /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
@@ -179,6 +187,7 @@ impl MambaMixer {
         };
         let options = ScanOptions {
             output_final_state: cache.is_some(),
+            mode: self.scan_mode,
             ..ScanOptions::default()
         };
         let (y, ssm_state) = selective_scan(&inputs, &options)

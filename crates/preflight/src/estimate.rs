@@ -48,9 +48,9 @@ pub const FUSED_CHUNK_MIN_WAVES: f64 = 1.0;
 /// The reference ops (tensor ops in fp32) write and read every intermediate: this many times
 /// the chunk schedule's time.
 pub const REFERENCE_OVERHEAD: f64 = 4.0;
-/// Chunk length of the reference selective scan (`DEFAULT_CHUNK` in
-/// crates/ops/src/reference/selective_scan.rs): it materialises `[B, T/C, D, N, C, C]` decays.
-pub const SELECTIVE_SCAN_CHUNK: u64 = 16;
+/// Chunk length of the reference selective scan on a GPU: it materialises `[B, T/C, C, C, D, N]`
+/// decays.
+pub const SELECTIVE_SCAN_CHUNK: u64 = glatrain_ops::reference::selective_scan::DEFAULT_CHUNK as u64;
 /// Passes over the chunk states (and, in bf16/fp16, the chunks' A) in forward+backward: written
 /// and read in forward, the adjoint states written and read in backward.
 const STATE_PASSES: u64 = 4;
@@ -258,10 +258,16 @@ fn op_parts(shape: &LayerShape, mode: LayerOp) -> Vec<MemoryPart> {
                 bytes: shape.act_bytes() * token_heads,
             },
         ],
-        // Per token and channel: the [C, C] decays' row of C * N, plus N each of the states,
-        // exp(delta A) and delta B u, fp32.
+        // On the CPU, token by token: per token and channel N each of exp(delta A), delta B u,
+        // the states and the previous state each step's product keeps, fp32.
+        LayerOp::SelectiveScanReference if shape.device == DeviceKind::Cpu.name() => part(
+            "reference scan, token by token: exp(delta A), delta B u, states (fp32, twice)",
+            token_heads * k * 4 * 4,
+        ),
+        // Chunked: per token and channel the [C, C] decays' row of C * N, plus N each of the
+        // states, exp(delta A) and delta B u, fp32.
         LayerOp::SelectiveScanReference => part(
-            "reference scan: decays, states, exp(delta A), delta B u (fp32)",
+            "reference scan, chunked: decays, states, exp(delta A), delta B u (fp32)",
             token_heads * k * (SELECTIVE_SCAN_CHUNK + 3) * 4,
         ),
     }
