@@ -3,7 +3,7 @@
 registers, spills and shared memory per kernel.
 
 Each source is compiled once per (entry point, dtype, tier), with the options of
-crates/ops/src/cuda/compile.rs:
+crates/cuda/src/compile.rs:
 
     --gpu-architecture=<arch> -std=c++17 -DKERNEL_DTYPE_<DT> -DKERNEL_INDEX=<i> --ftz=true
     [--Ofast-compile=mid]   (the quick tier)
