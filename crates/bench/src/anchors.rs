@@ -124,7 +124,10 @@ mod tests {
         assert_eq!(a.scan_shapes().len(), 4);
         let scan = RowShape::Scan(ScanShape::parse("1x16384x2048x16").unwrap());
         let m = a.for_row(Op::SelectiveScan, &scan).unwrap();
-        assert_eq!((m.name.as_str(), m.fwd_bwd_ms), ("mamba_ssm_selective_scan", 3.86));
+        assert_eq!(
+            (m.name.as_str(), m.fwd_bwd_ms),
+            ("mamba_ssm_selective_scan", 3.86)
+        );
         assert_eq!(a.for_row(Op::Gla(GlaMode::Chunk), &scan), None);
     }
 }

@@ -9,8 +9,8 @@
 
 use std::path::Path;
 
-use glatrain_plot::{draw_line_charts, Axis, LineChart, Series};
 use glatrain_ops::GlaMode;
+use glatrain_plot::{draw_line_charts, Axis, LineChart, Series};
 use glatrain_shim::sdp::SdpaBackend;
 use tch::Kind;
 
@@ -164,7 +164,12 @@ pub fn charts(rows: &[RowResult]) -> Vec<LineChart> {
     };
     let mamba_flat: Vec<(f64, Option<f64>)> = HEAD_DIMS
         .iter()
-        .map(|&d| (d as f64, measured(rows, Op::SelectiveScan, scan_shape(CHART_T))))
+        .map(|&d| {
+            (
+                d as f64,
+                measured(rows, Op::SelectiveScan, scan_shape(CHART_T)),
+            )
+        })
         .collect();
     let by_t = |op: Op, shape: &dyn Fn(i64) -> RowShape| -> Vec<(f64, Option<f64>)> {
         LENGTHS
@@ -196,7 +201,9 @@ pub fn charts(rows: &[RowResult]) -> Vec<LineChart> {
             series: vec![
                 series(
                     "GLA chunk",
-                    by_t(Op::Gla(GlaMode::Chunk), &|t| attention_shape(t, CHART_HEAD_DIM)),
+                    by_t(Op::Gla(GlaMode::Chunk), &|t| {
+                        attention_shape(t, CHART_HEAD_DIM)
+                    }),
                 ),
                 series(
                     "FlashAttention",
@@ -268,9 +275,15 @@ mod tests {
             })
             .collect();
         let table = table(&results);
-        let line = table.lines().find(|l| l.trim_start().starts_with("2048")).unwrap();
+        let line = table
+            .lines()
+            .find(|l| l.trim_start().starts_with("2048"))
+            .unwrap();
         let cells: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(cells, ["2048", "0.250", "2.000", "1.000", "2.000", "8.000", "-", "0.500"]);
+        assert_eq!(
+            cells,
+            ["2048", "0.250", "2.000", "1.000", "2.000", "8.000", "-", "0.500"]
+        );
         let charts = charts(&results);
         assert_eq!(charts.len(), 2);
         // Against head dim: D = 1024's softmax did not run; Mamba is flat.
@@ -288,6 +301,11 @@ mod tests {
             preset: None,
         };
         draw(&report, &dir.path().join("article.png")).unwrap();
-        assert!(std::fs::metadata(dir.path().join("article.png")).unwrap().len() > 4000);
+        assert!(
+            std::fs::metadata(dir.path().join("article.png"))
+                .unwrap()
+                .len()
+                > 4000
+        );
     }
 }

@@ -164,7 +164,11 @@ mod tests {
         let f = scan_floor(&s, 2.0, &rates);
         assert!((f.fwd_ms - 0.1284).abs() < 0.001, "{}", f.fwd_ms);
         assert!((f.fwd_bwd_ms - 0.2568).abs() < 0.001, "{}", f.fwd_bwd_ms);
-        assert!(f.arithmetic.contains("132 SMs x 16 ex2/clock x 1.980 GHz"), "{}", f.arithmetic);
+        assert!(
+            f.arithmetic.contains("132 SMs x 16 ex2/clock x 1.980 GHz"),
+            "{}",
+            f.arithmetic
+        );
         // fp32 moves twice the bytes: memory takes over.
         let f32 = scan_floor(&s, 4.0, &rates);
         assert!((f32.fwd_bwd_ms - ms(2.0 * all, 3.0e12)).abs() < 1e-9);

@@ -133,7 +133,11 @@ impl Plan {
             .iter()
             .map(|s| {
                 Shape::parse(s).ok_or_else(|| {
-                    arg("--shape", s, "expected BxTxHxD or BxTxHxKxV, sizes >= 1".into())
+                    arg(
+                        "--shape",
+                        s,
+                        "expected BxTxHxD or BxTxHxKxV, sizes >= 1".into(),
+                    )
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -229,7 +233,11 @@ impl Plan {
             .find(|p| p.name() == name)
             .ok_or_else(|| {
                 let names: Vec<&str> = Preset::ALL.iter().map(|p| p.name()).collect();
-                arg("--preset", name, format!("expected one of {}", names.join(", ")))
+                arg(
+                    "--preset",
+                    name,
+                    format!("expected one of {}", names.join(", ")),
+                )
             })?;
         if *sel != Selection::default() {
             let expected = "a preset's rows are fixed: leave out --op, --shape, --scan-shape \
@@ -309,14 +317,20 @@ mod tests {
         assert_eq!((plan.rows.len(), plan.rows[0].op), (1, Op::SelectiveScan));
         // The scan without shapes: mamba_ssm's four.
         assert_eq!(
-            Plan::select(&sel(&["selective_scan"], &[], &[], &[])).unwrap().rows.len(),
+            Plan::select(&sel(&["selective_scan"], &[], &[], &[]))
+                .unwrap()
+                .rows
+                .len(),
             4
         );
         for (s, words) in [
             (sel(&["fast"], &[], &[], &[]), "--op \"fast\""),
             (sel(&[], &["8x2048"], &[], &[]), "--shape \"8x2048\""),
             (sel(&[], &[], &[], &["int8"]), "--dtype \"int8\""),
-            (sel(&[], &[], &["8x2048x16"], &[]), "--scan-shape \"8x2048x16\""),
+            (
+                sel(&[], &[], &["8x2048x16"], &[]),
+                "--scan-shape \"8x2048x16\"",
+            ),
             (
                 sel(&["chunk"], &[], &["8x2048x2048x16"], &[]),
                 "--scan-shape is for selective_scan",

@@ -33,14 +33,7 @@ pub struct RowResult {
 pub fn table_header() -> String {
     format!(
         "{:<24} {:<16} {:<5} {:>9} {:>11} {:>9} {:>8} {:>10}",
-        "shape",
-        "op",
-        "dtype",
-        "fwd ms",
-        "fwd+bwd ms",
-        "floor ms",
-        "x floor",
-        "vs anchor"
+        "shape", "op", "dtype", "fwd ms", "fwd+bwd ms", "floor ms", "x floor", "vs anchor"
     )
 }
 

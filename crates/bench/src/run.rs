@@ -67,14 +67,14 @@ impl ScanRowInputs {
             .f_exp()?;
         let bias = &dt + dt.f_neg()?.f_expm1()?.f_neg()?.f_log()?;
         let leaves = [
-            Tensor::f_randn(btd, (dtype, dev))?,                    // u
-            (Tensor::f_randn(btd, f32)? * 0.5).f_to_kind(dtype)?,   // delta
-            a,                                                      // A
-            Tensor::f_randn(btn, (dtype, dev))?,                    // B
-            Tensor::f_randn(btn, (dtype, dev))?,                    // C
-            Tensor::f_ones([s.d], f32)?,                            // D
-            Tensor::f_randn(btd, (dtype, dev))?,                    // z
-            bias,                                                   // delta_bias
+            Tensor::f_randn(btd, (dtype, dev))?,                  // u
+            (Tensor::f_randn(btd, f32)? * 0.5).f_to_kind(dtype)?, // delta
+            a,                                                    // A
+            Tensor::f_randn(btn, (dtype, dev))?,                  // B
+            Tensor::f_randn(btn, (dtype, dev))?,                  // C
+            Tensor::f_ones([s.d], f32)?,                          // D
+            Tensor::f_randn(btd, (dtype, dev))?,                  // z
+            bias,                                                 // delta_bias
         ]
         .into_iter()
         .map(|t| t.f_set_requires_grad(true))
@@ -217,7 +217,10 @@ fn time_row(
         ),
         (RowShape::Scan(s), RowInputs::Scan(x)) if spec.op.is_scan() => {
             let (fwd, all) = time_scan(timer, spec, s, x)?;
-            ((fwd, all, None), rates.map(|r| floor::scan_floor(s, elem, r)))
+            (
+                (fwd, all, None),
+                rates.map(|r| floor::scan_floor(s, elem, r)),
+            )
         }
         _ => {
             return Err(BenchError::Arg {

@@ -173,7 +173,11 @@ impl MambaMixer {
             .linear(&self.dt_proj.weight, None::<&Tensor>);
         let a = -self.a_log.to_kind(Kind::Float).exp();
         let prev_ssm = cache.as_mut().and_then(|c| c.ssm.take());
-        let (b, c, z) = (x_dbl.narrow(2, r, n), x_dbl.narrow(2, r + n, n), xz.narrow(2, e, e));
+        let (b, c, z) = (
+            x_dbl.narrow(2, r, n),
+            x_dbl.narrow(2, r + n, n),
+            xz.narrow(2, e, e),
+        );
         let inputs = ScanInputs {
             u: &u,
             delta: &delta,

@@ -117,7 +117,10 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
             pieces.extend((70..seq).map(|t| model.step(&x.select(1, t), &mut cache).unsqueeze(1)));
             let pieces = Tensor::cat(&pieces, 1);
             let err = (&pieces - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
-            assert!(err <= 1e-5, "{name}: prefill + steps: relative RMS {err:.2e}");
+            assert!(
+                err <= 1e-5,
+                "{name}: prefill + steps: relative RMS {err:.2e}"
+            );
         });
     }
 }

@@ -213,8 +213,8 @@ fn check(c: &Case, kind: Kind, seed: u64, dev: Device) -> Vec<Compared> {
     let x = inputs(c, seed, dev);
     let exact = evaluate(&x, c, Kind::Double, Kind::Double, ScanMode::Reference);
     let got = evaluate(&x, c, kind, Kind::Float, ScanMode::Kernels);
-    let naive = (kind != Kind::Float)
-        .then(|| evaluate(&x, c, kind, Kind::Float, ScanMode::Reference));
+    let naive =
+        (kind != Kind::Float).then(|| evaluate(&x, c, kind, Kind::Float, ScanMode::Reference));
     exact
         .iter()
         .enumerate()
@@ -286,7 +286,10 @@ fn grid(ts: &[i64]) -> Vec<(Case, &'static [Kind])> {
             let kinds: &'static [Kind] = if t <= 65 {
                 ALL_KINDS
             } else {
-                [&[Kind::Float, Kind::BFloat16][..], &[Kind::Float, Kind::Half][..]][i % 2]
+                [
+                    &[Kind::Float, Kind::BFloat16][..],
+                    &[Kind::Float, Kind::Half][..],
+                ][i % 2]
             };
             cases.push((c, kinds));
             i += 1;
@@ -367,7 +370,12 @@ fn decoding_token_by_token_continues_the_whole_sequence() {
     let x = inputs(&c, 7, dev);
     let f = |t: &Tensor| t.to_kind(Kind::Float);
     let (u, delta, b, cm) = (f(&x.u), f(&x.delta), f(&x.b), f(&x.c));
-    let (a, skip, z, bias) = (f(&x.a), x.skip.as_ref().map(f), x.z.as_ref().map(f), x.bias.as_ref().map(f));
+    let (a, skip, z, bias) = (
+        f(&x.a),
+        x.skip.as_ref().map(f),
+        x.z.as_ref().map(f),
+        x.bias.as_ref().map(f),
+    );
     let with_state = ScanOptions {
         output_final_state: true,
         ..ScanOptions::default()
@@ -400,7 +408,10 @@ fn decoding_token_by_token_continues_the_whole_sequence() {
         outs.push(out);
         state = h;
     }
-    let (ey, eh) = (rel_rms(&Tensor::cat(&outs, 1), &whole), rel_rms(&state, &h_whole));
+    let (ey, eh) = (
+        rel_rms(&Tensor::cat(&outs, 1), &whole),
+        rel_rms(&state, &h_whole),
+    );
     assert!(ey < 1e-5 && eh < 1e-5, "out {ey:e}, state {eh:e}");
 }
 
@@ -491,7 +502,10 @@ fn bad_inputs_on_cuda_name_the_tensor() {
         initial_state: None,
     };
     let err = selective_scan(&inputs, &ScanOptions::default()).unwrap_err();
-    assert!(err.is_bad_input() && err.to_string().contains("N <= 256"), "{err}");
+    assert!(
+        err.is_bad_input() && err.to_string().contains("N <= 256"),
+        "{err}"
+    );
     let cpu = Tensor::randn([8], (Kind::Float, Device::Cpu));
     let a = -Tensor::ones([8, 16], (Kind::Float, dev));
     let bc = Tensor::randn([1, 4, 16], (Kind::Float, dev));
@@ -500,7 +514,10 @@ fn bad_inputs_on_cuda_name_the_tensor() {
     inputs.c = &bc;
     inputs.d = Some(&cpu);
     let err = selective_scan(&inputs, &ScanOptions::default()).unwrap_err();
-    assert!(err.is_bad_input() && err.to_string().contains("D is on Cpu"), "{err}");
+    assert!(
+        err.is_bad_input() && err.to_string().contains("D is on Cpu"),
+        "{err}"
+    );
     let (wide, bc64) = (u.to_kind(Kind::Double), bc.to_kind(Kind::Double));
     let inputs = ScanInputs {
         u: &wide,
@@ -511,5 +528,8 @@ fn bad_inputs_on_cuda_name_the_tensor() {
         ..inputs
     };
     let err = selective_scan(&inputs, &ScanOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("ScanMode::Reference takes any"), "{err}");
+    assert!(
+        err.to_string().contains("ScanMode::Reference takes any"),
+        "{err}"
+    );
 }

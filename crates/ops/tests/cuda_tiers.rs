@@ -48,11 +48,7 @@ fn run(shape: Shape, kind: Kind, mode: GlaMode) -> Vec<(&'static str, Tensor)> {
 
 /// The selective scan's output, final state and every gradient for random inputs of
 /// `[b, t, d, n]` (u, delta, z, B, C in `kind`; the rest f32), every option on, with `segments`.
-fn run_scan(
-    [b, t, d, n]: [i64; 4],
-    kind: Kind,
-    segments: Segments,
-) -> Vec<(&'static str, Tensor)> {
+fn run_scan([b, t, d, n]: [i64; 4], kind: Kind, segments: Segments) -> Vec<(&'static str, Tensor)> {
     let mut rng = Rng::new(9);
     let mut leaf = |size: &[i64], kind: Kind| {
         rng.randn(size, Kind::Float)
@@ -60,9 +56,17 @@ fn run_scan(
             .to_device(Device::Cuda(0))
             .set_requires_grad(true)
     };
-    let (u, delta, z) = (leaf(&[b, t, d], kind), leaf(&[b, t, d], kind), leaf(&[b, t, d], kind));
+    let (u, delta, z) = (
+        leaf(&[b, t, d], kind),
+        leaf(&[b, t, d], kind),
+        leaf(&[b, t, d], kind),
+    );
     let (bm, cm) = (leaf(&[b, t, n], kind), leaf(&[b, t, n], kind));
-    let (a_log, skip, bias) = (leaf(&[d, n], Kind::Float), leaf(&[d], Kind::Float), leaf(&[d], Kind::Float));
+    let (a_log, skip, bias) = (
+        leaf(&[d, n], Kind::Float),
+        leaf(&[d], Kind::Float),
+        leaf(&[d], Kind::Float),
+    );
     let h0 = leaf(&[b, d, n], Kind::Float);
     let dout = leaf(&[b, t, d], kind).detach();
     let dht = leaf(&[b, d, n], Kind::Float).detach();
@@ -89,14 +93,28 @@ fn run_scan(
         + (&ht * dht).sum(Kind::Float);
     let leaves = [&u, &delta, &a_log, &bm, &cm, &skip, &z, &bias, &h0];
     let grads = Tensor::run_backward(&[&loss], &leaves, false, false);
-    let names = ["du", "ddelta", "dA_log", "dB", "dC", "dD", "dz", "ddelta_bias", "dh0"];
+    let names = [
+        "du",
+        "ddelta",
+        "dA_log",
+        "dB",
+        "dC",
+        "dD",
+        "dz",
+        "ddelta_bias",
+        "dh0",
+    ];
     let mut results = vec![("out", out), ("final state", ht)];
     results.extend(names.into_iter().zip(grads));
     results
 }
 
 /// Names of the results that differ between two runs, with the largest difference.
-fn differences(what: &str, a: &[(&'static str, Tensor)], b: &[(&'static str, Tensor)]) -> Vec<String> {
+fn differences(
+    what: &str,
+    a: &[(&'static str, Tensor)],
+    b: &[(&'static str, Tensor)],
+) -> Vec<String> {
     a.iter()
         .zip(b)
         .filter(|((_, x), (_, y))| !identical(x, y))
@@ -200,7 +218,14 @@ fn quick_code_first_then_the_optimised_code_with_identical_results() {
         ([1, 200, 9, 256], Kind::Half, segmented),
         ([1, 130, 33, 1], Kind::Float, segmented),
         ([2, 100, 65, 64], Kind::Float, Segments::Auto),
-        ([2, 70, 40, 4], Kind::BFloat16, Segments::ChunksPerSegment { forward: 1000, backward: 1000 }),
+        (
+            [2, 70, 40, 4],
+            Kind::BFloat16,
+            Segments::ChunksPerSegment {
+                forward: 1000,
+                backward: 1000,
+            },
+        ),
     ];
     for (shape, kind, segments) in scan_cases {
         let dtype = kernel_dtype(kind).unwrap();

@@ -90,7 +90,11 @@ impl Axis {
         if !lo.is_finite() {
             return (0.0, 1.0);
         }
-        let pad = ((hi - lo) * 0.08).max(if self.log { 0.05 } else { hi.abs() * 0.05 + 1e-9 });
+        let pad = ((hi - lo) * 0.08).max(if self.log {
+            0.05
+        } else {
+            hi.abs() * 0.05 + 1e-9
+        });
         (lo - pad, hi + pad)
     }
 
@@ -154,7 +158,10 @@ pub fn draw_line_charts(
     root.present().map_err(|e| err(e.to_string()))
 }
 
-fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, chart: &LineChart) -> Result<(), String> {
+fn draw_panel(
+    area: &DrawingArea<BitMapBackend, plotters::coord::Shift>,
+    chart: &LineChart,
+) -> Result<(), String> {
     let points = || chart.series.iter().flat_map(|s| s.points.iter().copied());
     let (x0, x1) = chart.x.range(points().map(|p| p.0));
     let (y0, y1) = chart.y.range(points().map(|p| p.1));
@@ -186,7 +193,9 @@ fn draw_panel(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, chart: 
         c.draw_series(LineSeries::new(drawn.clone(), color.stroke_width(2)))
             .map_err(|e| e.to_string())?
             .label(s.name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
         c.draw_series(drawn.iter().map(|&p| Circle::new(p, 3, color.filled())))
             .map_err(|e| e.to_string())?;
     }
@@ -234,7 +243,11 @@ mod tests {
         draw_line_charts(&path, &[chart(true), chart(false)], (400, 300)).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
-        assert!(bytes.len() > 4000, "text, lines and legends: {}", bytes.len());
+        assert!(
+            bytes.len() > 4000,
+            "text, lines and legends: {}",
+            bytes.len()
+        );
     }
 
     #[test]
@@ -244,7 +257,10 @@ mod tests {
         c.series[1].points.push((8192.0, 0.0));
         let err = draw_line_charts(&tmp.path().join("x.png"), &[c], (400, 300)).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("x.png") && msg.contains("(8192, 0) of b"), "{msg}");
+        assert!(
+            msg.contains("x.png") && msg.contains("(8192, 0) of b"),
+            "{msg}"
+        );
         let err = draw_line_charts(&tmp.path().join("y.png"), &[], (400, 300)).unwrap_err();
         assert!(err.to_string().contains("no charts"));
     }

@@ -422,8 +422,7 @@ fn selective_scan_kernels_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
     let tiles = (e / scan::BWD_TILE as f64).ceil();
     let per_token = a * (13.0 * e + 6.0 * n) + 2.0 * 4.0 * tiles * 2.0 * n;
     let bytes = tokens * per_token + 2.0 * scan_checkpoint_bytes(shape) as f64;
-    let roofline =
-        (bytes / bandwidth(device)).max(exps / (device.ex2_per_s * COMPUTE_EFFICIENCY));
+    let roofline = (bytes / bandwidth(device)).max(exps / (device.ex2_per_s * COMPUTE_EFFICIENCY));
     roofline + launches_s(device, scan::LAUNCHES as f64)
 }
 
@@ -498,7 +497,10 @@ pub(crate) mod tests {
         let per_token = 4 * 1024 + 2 * (1024 + 6 * 2048 + 2 * 16);
         let total = tokens * per_token + 2 * 8 * 64 * 2048 * 16 * 4;
         let h100 = DeviceProfile::h100_sxm();
-        assert_eq!(estimate(&s, &h100, LayerOp::SelectiveScan).memory_bytes, total);
+        assert_eq!(
+            estimate(&s, &h100, LayerOp::SelectiveScan).memory_bytes,
+            total
+        );
         assert_eq!(block_activation_bytes(&s), tokens * per_token);
         // 609 MiB per layer: 28.5 GiB for Mamba-370M's 48 layers.
         assert_eq!(total / (1 << 20), 609);
@@ -514,7 +516,10 @@ pub(crate) mod tests {
         let t = estimate(&s, &h100, LayerOp::SelectiveScan).time_ms;
         let exps = 3.0 * 16384.0 * 2048.0 * 16.0 / (h100.ex2_per_s * COMPUTE_EFFICIENCY) * 1e3;
         assert!((exps - 0.642).abs() < 0.001, "{exps}");
-        assert!((t - exps - 4.0 * LAUNCH_S * 1e3).abs() < 1e-9, "{t} vs {exps}");
+        assert!(
+            (t - exps - 4.0 * LAUNCH_S * 1e3).abs() < 1e-9,
+            "{t} vs {exps}"
+        );
         // Linear in T and in d_state; far below the reference's tensor ops.
         let long = mamba(1, 16384, 1024, 2048, 16);
         let ratio = estimate(&long, &h100, LayerOp::SelectiveScan).time_ms / t;

@@ -361,7 +361,10 @@ impl MemoryEstimate {
         if self.weight_copies_bytes > 0 {
             parts.insert(
                 1,
-                format!("autocast weight copies {}", human_bytes(self.weight_copies_bytes)),
+                format!(
+                    "autocast weight copies {}",
+                    human_bytes(self.weight_copies_bytes)
+                ),
             );
         }
         if self.runtime_bytes > 0 {
@@ -582,7 +585,10 @@ mod tests {
             table.contains("memory per layer (mamba, selective_scan): residual stream (fp32) "),
             "{table}"
         );
-        assert!(table.contains("scan checkpoints (fp32 state every 32 steps)"), "{table}");
+        assert!(
+            table.contains("scan checkpoints (fp32 state every 32 steps)"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -127,7 +127,10 @@ pub fn selective_scan_sequential(
         d,
         initial_state,
     );
-    let kind = compute_kind(&[u, delta, a, b, c].into_iter().chain(d).collect::<Vec<_>>(), initial_state);
+    let kind = compute_kind(
+        &[u, delta, a, b, c].into_iter().chain(d).collect::<Vec<_>>(),
+        initial_state,
+    );
     let mut h = start_state(initial_state, dims, kind, u.device());
     if dims.seq == 0 {
         return (u.zeros_like(), h);
@@ -198,7 +201,10 @@ pub fn selective_scan_chunked(
         d,
         initial_state,
     );
-    let kind = compute_kind(&[u, delta, a, b, c].into_iter().chain(d).collect::<Vec<_>>(), initial_state);
+    let kind = compute_kind(
+        &[u, delta, a, b, c].into_iter().chain(d).collect::<Vec<_>>(),
+        initial_state,
+    );
     let device = u.device();
     let mut h = start_state(initial_state, dims, kind, device);
     if dims.seq == 0 {
@@ -316,10 +322,23 @@ mod tests {
                             let h0 = with_state.then_some(&x.h0);
                             let what = format!("{kind:?} T {t} D {dd} N {n} chunk {chunk} {steps:?} state {with_state}");
                             let (y_s, h_s) = selective_scan_sequential(
-                                &x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), h0,
+                                &x.u,
+                                &x.delta,
+                                &x.a,
+                                &x.b,
+                                &x.c,
+                                Some(&x.d),
+                                h0,
                             );
                             let (y_c, h_c) = selective_scan_chunked(
-                                &x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), h0, chunk,
+                                &x.u,
+                                &x.delta,
+                                &x.a,
+                                &x.b,
+                                &x.c,
+                                Some(&x.d),
+                                h0,
+                                chunk,
                             );
                             assert!(
                                 all_finite(&y_c) && all_finite(&h_c),
@@ -351,7 +370,8 @@ mod tests {
     #[test]
     fn sequential_matches_the_recurrence_by_hand() {
         let x = inputs(5, [1, 3, 1, 2], Steps::Mild, Kind::Double);
-        let (y, h) = selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
+        let (y, h) =
+            selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
         let at = |t: &Tensor, idx: &[i64]| t.double_value(idx);
         let mut state = [at(&x.h0, &[0, 0, 0]), at(&x.h0, &[0, 0, 1])];
         for t in 0..3 {
@@ -377,7 +397,16 @@ mod tests {
                 selective_scan_sequential(&a[0], &a[1], &a[2], &a[3], &a[4], Some(&a[5]), h)
             }),
             ("chunked", |a, h| {
-                selective_scan_chunked(&a[0], &a[1], &a[2], &a[3], &a[4], Some(&a[5]), h, DEFAULT_CHUNK)
+                selective_scan_chunked(
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    &a[4],
+                    Some(&a[5]),
+                    h,
+                    DEFAULT_CHUNK,
+                )
             }),
         ];
         // A and D have no time axis; the others are cut along time.
@@ -411,10 +440,27 @@ mod tests {
         type Form = fn(&[Tensor]) -> (Tensor, Tensor);
         let forms: [(&str, Form); 3] = [
             ("sequential", |a| {
-                selective_scan_sequential(&a[0], &a[1], &a[2], &a[3], &a[4], Some(&a[5]), Some(&a[6]))
+                selective_scan_sequential(
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    &a[4],
+                    Some(&a[5]),
+                    Some(&a[6]),
+                )
             }),
             ("chunked 4", |a| {
-                selective_scan_chunked(&a[0], &a[1], &a[2], &a[3], &a[4], Some(&a[5]), Some(&a[6]), 4)
+                selective_scan_chunked(
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    &a[4],
+                    Some(&a[5]),
+                    Some(&a[6]),
+                    4,
+                )
             }),
             ("chunked default", |a| {
                 selective_scan_chunked(
@@ -459,8 +505,16 @@ mod tests {
             .map(|t| t.detach().set_requires_grad(true))
             .collect();
         let l = &leaves;
-        let (y, h) =
-            selective_scan_chunked(&l[0], &l[1], &l[2], &l[3], &l[4], Some(&l[5]), Some(&l[6]), 64);
+        let (y, h) = selective_scan_chunked(
+            &l[0],
+            &l[1],
+            &l[2],
+            &l[3],
+            &l[4],
+            Some(&l[5]),
+            Some(&l[6]),
+            64,
+        );
         let loss = y.sum(Kind::Float) + h.sum(Kind::Float);
         for (grad, name) in Tensor::run_backward(&[loss], l, false, false)
             .iter()
@@ -511,10 +565,19 @@ mod tests {
     #[test]
     fn dtypes_output_follows_u_and_state_is_at_least_f32() {
         let x = inputs(31, [1, 9, 2, 3], Steps::Mild, Kind::BFloat16);
-        let (y, h) =
-            selective_scan_chunked(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), None, DEFAULT_CHUNK);
+        let (y, h) = selective_scan_chunked(
+            &x.u,
+            &x.delta,
+            &x.a,
+            &x.b,
+            &x.c,
+            Some(&x.d),
+            None,
+            DEFAULT_CHUNK,
+        );
         assert_eq!((y.kind(), h.kind()), (Kind::BFloat16, Kind::Float));
-        let (y, h) = selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
+        let (y, h) =
+            selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
         assert_eq!((y.kind(), h.kind()), (Kind::BFloat16, Kind::Float));
     }
 

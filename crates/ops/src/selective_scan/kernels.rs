@@ -230,11 +230,6 @@ impl Dims {
         tiles(self.t, CHUNK_LEN)
     }
 
-    /// Bytes of the chunk-start states the forward keeps for the backward (fp32).
-    pub fn checkpoint_bytes(&self) -> i64 {
-        4 * self.b * self.chunks() * self.d * self.n
-    }
-
     /// The sizes as the kernels' 32-bit ints, or an error naming the size past that range.
     fn as_i32(&self) -> Result<[i32; 4], OpError> {
         let int = |name: &str, n: i64| {
@@ -350,11 +345,10 @@ pub fn forward(
     let checkpoints = keep
         .then(|| buffer(&[b, dims.chunks(), d, n], Kind::Float, x.u))
         .transpose()?;
-    let ypre = x
-        .z
-        .filter(|_| keep)
-        .map(|_| buffer(&[b, t, d], x.u.kind(), x.u))
-        .transpose()?;
+    let ypre =
+        x.z.filter(|_| keep)
+            .map(|_| buffer(&[b, t, d], x.u.kind(), x.u))
+            .transpose()?;
 
     let mut p = dims.params(softplus)?;
     (p.u, p.delta, p.z) = (Rows::of(x.u), Rows::of(x.delta), Rows::of_opt(x.z));
@@ -436,7 +430,11 @@ pub struct BackwardInputs<'a> {
 }
 
 /// Scan backward: the gradient of every input from the output's (and the final state's).
-pub fn backward(inputs: &BackwardInputs, softplus: bool, segments: Segments) -> Result<Backward, OpError> {
+pub fn backward(
+    inputs: &BackwardInputs,
+    softplus: bool,
+    segments: Segments,
+) -> Result<Backward, OpError> {
     let x = inputs.x;
     let dims = Dims::of(x.u, x.a);
     let Dims { b, t, d, n } = dims;
@@ -448,7 +446,8 @@ pub fn backward(inputs: &BackwardInputs, softplus: bool, segments: Segments) -> 
             (Some(_), Some(g)) => Some(g.f_detach_copy()?),
             (Some(_), None) => Some(zeros(&[b, d, n], Kind::Float)?),
         };
-        let per_channel = |given: Option<&Tensor>| given.map(|_| zeros(&[d], Kind::Float)).transpose();
+        let per_channel =
+            |given: Option<&Tensor>| given.map(|_| zeros(&[d], Kind::Float)).transpose();
         return Ok(Backward {
             du: zeros(&[b, t, d], dt_kind)?,
             ddelta: zeros(&[b, t, d], dt_kind)?,
@@ -472,7 +471,9 @@ pub fn backward(inputs: &BackwardInputs, softplus: bool, segments: Segments) -> 
     let dd = x.d.map(|_| buffer(&[d], Kind::Float, u)).transpose()?;
     let dz = x.z.map(|_| buffer(&[b, t, d], dt_kind, u)).transpose()?;
     let dbias = x.bias.map(|_| buffer(&[d], Kind::Float, u)).transpose()?;
-    let dh0 = x.h0.map(|_| buffer(&[b, d, n], Kind::Float, u)).transpose()?;
+    let dh0 =
+        x.h0.map(|_| buffer(&[b, d, n], Kind::Float, u))
+            .transpose()?;
 
     let mut p = dims.params(softplus)?;
     (p.u, p.delta, p.z) = (Rows::of(x.u), Rows::of(x.delta), Rows::of_opt(x.z));
@@ -577,7 +578,10 @@ mod tests {
         // Backward: 32 channel pairs x min(lanes, 4), 16 states per pass at most.
         assert_eq!((backward_threads(4), backward_pass_states(4)), (32, 4));
         assert_eq!((backward_threads(16), backward_pass_states(16)), (128, 16));
-        assert_eq!((backward_threads(256), backward_pass_states(256)), (128, 16));
+        assert_eq!(
+            (backward_threads(256), backward_pass_states(256)),
+            (128, 16)
+        );
         assert_eq!(padded_states(100), 128);
     }
 
@@ -601,7 +605,10 @@ mod tests {
 
     /// The field names of the kernels' `ScanParams`, lower-cased, in declaration order.
     fn kernel_fields() -> Vec<String> {
-        let (_, rest) = SELECTIVE_SCAN.embedded.split_once("struct ScanParams {").unwrap();
+        let (_, rest) = SELECTIVE_SCAN
+            .embedded
+            .split_once("struct ScanParams {")
+            .unwrap();
         let (body, _) = rest.split_once("};").unwrap();
         body.lines()
             .filter_map(|l| l.split("//").next().unwrap().trim().strip_suffix(';'))

@@ -142,11 +142,11 @@ impl ScanInputs<'_> {
             return Err(shape_error("A", expected, a));
         }
         let (b, t, d, n) = (us[0], us[1], us[2], a[1]);
-        let want = |name, tensor: Option<&Tensor>, shape: Vec<i64>, words: &str| {
-            match tensor.filter(|x| x.size() != shape) {
-                Some(x) => Err(shape_error(name, format!("{words} = {shape:?}"), x.size())),
-                None => Ok(()),
-            }
+        let want = |name, tensor: Option<&Tensor>, shape: Vec<i64>, words: &str| match tensor
+            .filter(|x| x.size() != shape)
+        {
+            Some(x) => Err(shape_error(name, format!("{words} = {shape:?}"), x.size())),
+            None => Ok(()),
         };
         want("delta", Some(self.delta), us.clone(), "u's shape [B, T, D]")?;
         want("z", self.z, us.clone(), "u's shape [B, T, D]")?;
@@ -154,7 +154,12 @@ impl ScanInputs<'_> {
         want("C", Some(self.c), vec![b, t, n], "[B, T, N]")?;
         want("D", self.d, vec![d], "[D]")?;
         want("delta_bias", self.delta_bias, vec![d], "[D]")?;
-        want("initial_state", self.initial_state, vec![b, d, n], "[B, D, N]")?;
+        want(
+            "initial_state",
+            self.initial_state,
+            vec![b, d, n],
+            "[B, D, N]",
+        )?;
         for (name, x) in self.named() {
             if !is_float(x.kind()) {
                 let expected = "expected a floating-point dtype".into();
@@ -261,7 +266,16 @@ fn reference(x: &ScanInputs, softplus: bool) -> Result<(Tensor, Tensor), OpError
     let (y, state) = if x.u.device() == Device::Cpu || x.u.size()[1] == 1 {
         selective_scan_sequential(&u, &delta, &a, &b, &c, d.as_ref(), h0.as_ref())
     } else {
-        selective_scan_chunked(&u, &delta, &a, &b, &c, d.as_ref(), h0.as_ref(), DEFAULT_CHUNK)
+        selective_scan_chunked(
+            &u,
+            &delta,
+            &a,
+            &b,
+            &c,
+            d.as_ref(),
+            h0.as_ref(),
+            DEFAULT_CHUNK,
+        )
     };
     let out = match x.z {
         Some(z) => y.f_mul(&z.f_to_kind(kind)?.f_silu()?)?,
@@ -403,8 +417,8 @@ fn apply(x: &ScanInputs, options: &ScanOptions) -> Result<(Tensor, Tensor), OpEr
     let (u, delta, b, c) = (rows(x.u)?, rows(x.delta)?, rows(x.b)?, rows(x.c)?);
     let z = x.z.map(rows).transpose()?;
     let a = contiguous_f32(x.a)?;
-    let [d, bias, h0] = [x.d, x.delta_bias, x.initial_state]
-        .map(|t| t.map(contiguous_f32).transpose());
+    let [d, bias, h0] =
+        [x.d, x.delta_bias, x.initial_state].map(|t| t.map(contiguous_f32).transpose());
     let (d, bias, h0) = (d?, bias?, h0?);
     let list = [
         Some(&u),
@@ -588,7 +602,13 @@ mod tests {
         let mut outs = Vec::new();
         for t in 0..6 {
             let step = |v: &Tensor| v.narrow(1, t, 1);
-            let (u, delta, b, c, z) = (step(&x.u), step(&x.delta), step(&x.b), step(&x.c), step(&x.z));
+            let (u, delta, b, c, z) = (
+                step(&x.u),
+                step(&x.delta),
+                step(&x.b),
+                step(&x.c),
+                step(&x.z),
+            );
             let inputs = ScanInputs {
                 u: &u,
                 delta: &delta,
@@ -632,7 +652,10 @@ mod tests {
             initial_state: None,
         };
         let (out, state) = selective_scan(&inputs, &with_state()).unwrap();
-        assert_eq!((out.kind(), state.unwrap().kind()), (Kind::BFloat16, Kind::Float));
+        assert_eq!(
+            (out.kind(), state.unwrap().kind()),
+            (Kind::BFloat16, Kind::Float)
+        );
     }
 
     #[test]
@@ -661,7 +684,10 @@ mod tests {
             &["A must be [D, N] with D = 3", "[4, 5]"],
         );
         let bm = x.b.narrow(2, 0, 4);
-        check(ScanInputs { b: &bm, ..base }, &["B must be [B, T, N] = [2, 4, 5]", "[2, 4, 4]"]);
+        check(
+            ScanInputs { b: &bm, ..base },
+            &["B must be [B, T, N] = [2, 4, 5]", "[2, 4, 4]"],
+        );
         let h0 = Tensor::zeros([2, 3, 4], (Kind::Double, Device::Cpu));
         check(
             ScanInputs {
@@ -671,9 +697,18 @@ mod tests {
             &["initial_state must be [B, D, N] = [2, 3, 5]"],
         );
         let dd = Tensor::zeros([4], (Kind::Double, Device::Cpu));
-        check(ScanInputs { d: Some(&dd), ..base }, &["D must be [D] = [3]", "[4]"]);
+        check(
+            ScanInputs {
+                d: Some(&dd),
+                ..base
+            },
+            &["D must be [D] = [3]", "[4]"],
+        );
         let c32 = x.c.to_kind(Kind::Float);
-        check(ScanInputs { c: &c32, ..base }, &["C has dtype Float", "u's dtype Double"]);
+        check(
+            ScanInputs { c: &c32, ..base },
+            &["C has dtype Float", "u's dtype Double"],
+        );
         let int = x.z.to_kind(Kind::Int64);
         check(
             ScanInputs {
