@@ -260,9 +260,10 @@ fn reference(x: &ScanInputs, softplus: bool) -> Result<(Tensor, Tensor), OpError
     if softplus {
         delta = delta.f_softplus()?;
     }
-    let [u, a, b, c] = [x.u, x.a, x.b, x.c].map(|t| t.to_kind(kind));
-    let d = x.d.map(|d| d.to_kind(kind));
-    let h0 = x.initial_state.map(|h| h.to_kind(kind));
+    let [u, a, b, c] = [x.u, x.a, x.b, x.c].map(|t| t.f_to_kind(kind));
+    let (u, a, b, c) = (u?, a?, b?, c?);
+    let d = x.d.map(|d| d.f_to_kind(kind)).transpose()?;
+    let h0 = x.initial_state.map(|h| h.f_to_kind(kind)).transpose()?;
     let (y, state) = if x.u.device() == Device::Cpu || x.u.size()[1] == 1 {
         selective_scan_sequential(&u, &delta, &a, &b, &c, d.as_ref(), h0.as_ref())
     } else {
