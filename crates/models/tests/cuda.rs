@@ -110,7 +110,15 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
             let stepped = Tensor::stack(&steps, 1);
             let err = (&stepped - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
             println!("{name}: token by token vs full sequence on CUDA: relative RMS {err:.2e}");
-            assert!(err <= 1e-5, "{name}: relative RMS {err:.2e}");
+            assert!(err <= 1e-4, "{name}: relative RMS {err:.2e}");
+            // The check can fail: the last token without its history is far off.
+            let last = model.forward(&x.narrow(1, seq - 1, 1)).squeeze_dim(1);
+            let forgetful = (&last - full.select(1, seq - 1)).norm().double_value(&[])
+                / full.select(1, seq - 1).norm().double_value(&[]);
+            assert!(
+                forgetful > 1e-2,
+                "{name}: history barely matters ({forgetful:.2e})"
+            );
 
             let mut cache = model.new_cache(2);
             let mut pieces = vec![model.forward_cached(&x.narrow(1, 0, 70), &mut cache)];
