@@ -51,8 +51,8 @@ pub enum Command {
     Preflight(PreflightArgs),
     /// Tokenize text files into token shards (and optionally train a BPE tokenizer).
     Prepare(PrepareArgs),
-    /// Time the sequence-mixing ops on the GPU (GLA modes, libtorch's SDPA backends) against
-    /// their memory floors and anchors.
+    /// Time the sequence-mixing ops on the GPU (GLA modes, libtorch's SDPA backends, Mamba's
+    /// selective scan) against their floors and anchors.
     Bench(BenchArgs),
 }
 
