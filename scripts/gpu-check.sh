@@ -51,7 +51,7 @@ run() {
     # The kernel tests run at each compile tier (crates/cuda/src/compile.rs): the quick code
     # serves first calls, so it must be as correct as the optimised code.
     tiers=default
-    [[ $name == cuda_gla-* || $name == cuda_fused-* ]] && tiers="full quick"
+    [[ $name == cuda_gla-* || $name == cuda_scan-* || $name == cuda_fused-* ]] && tiers="full quick"
     for tier in $tiers; do
       start=$SECONDS
       log="$out/test-$name.log" label=$name

@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::op::{Op, Shape};
+use crate::op::{Op, RowShape, ScanShape, Shape};
 use glatrain_ops::GlaMode;
 use glatrain_shim::sdp::SdpaBackend;
 
@@ -48,18 +48,23 @@ impl Anchors {
     }
 
     /// The anchor of `op` at `shape` (bf16): flash-linear-attention's `chunk_gla` for GLA
-    /// modes, FlashAttention for `sdpa_flash`.
-    pub fn for_row(&self, op: Op, shape: &Shape) -> Option<Anchor> {
-        let name = match op {
-            Op::Gla(GlaMode::Chunk | GlaMode::FusedChunk | GlaMode::FusedRecurrent) => {
-                "fla_chunk_gla"
+    /// modes, FlashAttention for `sdpa_flash`, mamba_ssm's selective scan for the scan.
+    pub fn for_row(&self, op: Op, shape: &RowShape) -> Option<Anchor> {
+        let (name, key) = match (op, shape) {
+            (
+                Op::Gla(GlaMode::Chunk | GlaMode::FusedChunk | GlaMode::FusedRecurrent),
+                RowShape::Attention(s),
+            ) => ("fla_chunk_gla", s.square()?),
+            (Op::Sdpa(Some(SdpaBackend::Flash)), RowShape::Attention(s)) => {
+                ("sdpa_flash", s.square()?)
             }
-            Op::Sdpa(Some(SdpaBackend::Flash)) => "sdpa_flash",
+            (Op::SelectiveScan, RowShape::Scan(s)) => {
+                ("mamba_ssm_selective_scan", [s.b, s.t, s.d, s.n])
+            }
             _ => return None,
         };
-        let square = shape.square()?;
         let anchor = self.ops.iter().find(|o| o.name == name)?;
-        let row = anchor.rows.iter().find(|r| r.shape == square)?;
+        let row = anchor.rows.iter().find(|r| r.shape == key)?;
         Some(Anchor {
             name: anchor.name.clone(),
             what: anchor.what.clone(),
@@ -68,22 +73,33 @@ impl Anchors {
         })
     }
 
-    /// The shapes flash-linear-attention's `chunk_gla` was measured at: the default rows.
-    pub fn gla_shapes(&self) -> Vec<Shape> {
+    /// The rows of the anchor op `name`, by shape.
+    fn shapes(&self, name: &str) -> impl Iterator<Item = [i64; 4]> + '_ {
+        let name = name.to_string();
         self.ops
             .iter()
-            .filter(|o| o.name == "fla_chunk_gla")
+            .filter(move |o| o.name == name)
             .flat_map(|o| &o.rows)
-            .map(|r| {
-                let [b, t, h, d] = r.shape;
-                Shape {
-                    b,
-                    t,
-                    h,
-                    k: d,
-                    v: d,
-                }
+            .map(|r| r.shape)
+    }
+
+    /// The shapes flash-linear-attention's `chunk_gla` was measured at: the default GLA rows.
+    pub fn gla_shapes(&self) -> Vec<Shape> {
+        self.shapes("fla_chunk_gla")
+            .map(|[b, t, h, d]| Shape {
+                b,
+                t,
+                h,
+                k: d,
+                v: d,
             })
+            .collect()
+    }
+
+    /// The shapes mamba_ssm's selective scan was measured at: the default scan rows.
+    pub fn scan_shapes(&self) -> Vec<ScanShape> {
+        self.shapes("mamba_ssm_selective_scan")
+            .map(|[b, t, d, n]| ScanShape { b, t, d, n })
             .collect()
     }
 }
@@ -96,13 +112,22 @@ mod tests {
     fn the_embedded_file_parses_and_keys_rows_by_shape() {
         let a = Anchors::embedded();
         assert_eq!(a.gla_shapes().len(), 6);
-        let s = Shape::parse("8x2048x16x128").unwrap();
+        let s = RowShape::Attention(Shape::parse("8x2048x16x128").unwrap());
         let fla = a.for_row(Op::Gla(GlaMode::Chunk), &s).unwrap();
         assert_eq!((fla.name.as_str(), fla.fwd_bwd_ms), ("fla_chunk_gla", 3.69));
         let flash = a.for_row(Op::Sdpa(Some(SdpaBackend::Flash)), &s).unwrap();
         assert_eq!(flash.fwd_bwd_ms, 2.30);
         assert_eq!(a.for_row(Op::Sdpa(None), &s), None);
-        let other = Shape::parse("8x2048x4x128x256").unwrap();
+        let other = RowShape::Attention(Shape::parse("8x2048x4x128x256").unwrap());
         assert_eq!(a.for_row(Op::Gla(GlaMode::Chunk), &other), None);
+        // mamba_ssm's four rows, keyed B x T x D_inner x N.
+        assert_eq!(a.scan_shapes().len(), 4);
+        let scan = RowShape::Scan(ScanShape::parse("1x16384x2048x16").unwrap());
+        let m = a.for_row(Op::SelectiveScan, &scan).unwrap();
+        assert_eq!(
+            (m.name.as_str(), m.fwd_bwd_ms),
+            ("mamba_ssm_selective_scan", 3.86)
+        );
+        assert_eq!(a.for_row(Op::Gla(GlaMode::Chunk), &scan), None);
     }
 }

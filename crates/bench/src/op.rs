@@ -1,4 +1,5 @@
-//! What a benchmark row times: an op and the shape of its inputs.
+//! What a benchmark row times: an op and the shape of its inputs (attention-like ops
+//! `BxTxHxKxV`, the selective scan `BxTxDxN`).
 
 use glatrain_ops::GlaMode;
 use glatrain_shim::sdp::SdpaBackend;
@@ -10,6 +11,8 @@ pub enum Op {
     Gla(GlaMode),
     /// libtorch's causal SDPA on one backend alone, or (`None`) on the backend it picks.
     Sdpa(Option<SdpaBackend>),
+    /// Mamba's selective scan (the CUDA kernels), at a [`ScanShape`].
+    SelectiveScan,
 }
 
 /// The SDPA backends a row can pin, with their names.
@@ -27,25 +30,38 @@ impl Op {
         let sdpa = SDPA_BACKENDS.map(|b| Op::Sdpa(Some(b)));
         gla.into_iter()
             .chain(sdpa)
-            .chain([Op::Sdpa(None)])
+            .chain([Op::Sdpa(None), Op::SelectiveScan])
             .collect()
     }
 
     /// The name on the command line and in the report: a GLA mode's config name (`chunk`,
     /// `fused_chunk`, `fused_recurrent`), `sdpa_<backend>` for one SDPA backend alone, `sdpa`
-    /// for libtorch's own choice.
+    /// for libtorch's own choice, `selective_scan`.
     pub fn name(self) -> String {
         match self {
             Op::Gla(mode) => mode.name().to_string(),
             Op::Sdpa(Some(backend)) => format!("sdpa_{}", backend.name()),
             Op::Sdpa(None) => "sdpa".to_string(),
+            Op::SelectiveScan => "selective_scan".to_string(),
         }
+    }
+
+    /// Whether the op takes a [`ScanShape`] (else a [`Shape`]).
+    pub fn is_scan(self) -> bool {
+        self == Op::SelectiveScan
     }
 
     /// The op a name gives (see [`Op::name`]).
     pub fn parse(name: &str) -> Option<Op> {
         Op::all().into_iter().find(|op| op.name() == name)
     }
+}
+
+/// Parses `AxBx...` into sizes, each at least 1.
+fn sizes(text: &str) -> Option<Vec<i64>> {
+    text.split('x')
+        .map(|s| s.parse().ok().filter(|&n: &i64| n >= 1))
+        .collect()
 }
 
 /// The sizes of an attention-like op's inputs: q, k `[B, T, H, K]`, v `[B, T, H, V]`.
@@ -61,11 +77,7 @@ pub struct Shape {
 impl Shape {
     /// `BxTxHxD` (K = V = D) or `BxTxHxKxV`, each size at least 1.
     pub fn parse(text: &str) -> Option<Shape> {
-        let sizes: Vec<i64> = text
-            .split('x')
-            .map(|s| s.parse().ok().filter(|&n: &i64| n >= 1))
-            .collect::<Option<_>>()?;
-        match sizes[..] {
+        match sizes(text)?[..] {
             [b, t, h, d] => Some(Shape {
                 b,
                 t,
@@ -104,6 +116,59 @@ impl Shape {
     }
 }
 
+/// The sizes of a selective scan: u, delta, z `[B, T, D]` (D = d_inner), B, C `[B, T, N]`
+/// (N = d_state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanShape {
+    pub b: i64,
+    pub t: i64,
+    pub d: i64,
+    pub n: i64,
+}
+
+impl ScanShape {
+    /// `BxTxDxN`, each size at least 1.
+    pub fn parse(text: &str) -> Option<ScanShape> {
+        match sizes(text)?[..] {
+            [b, t, d, n] => Some(ScanShape { b, t, d, n }),
+            _ => None,
+        }
+    }
+
+    /// As [`ScanShape::parse`] reads it.
+    pub fn name(&self) -> String {
+        format!("{}x{}x{}x{}", self.b, self.t, self.d, self.n)
+    }
+
+    /// Tokens: B T.
+    pub fn tokens(&self) -> i64 {
+        self.b * self.t
+    }
+
+    /// Elements of the state over the sequence, B T D N: one exponential each per walk.
+    pub fn state_elements(&self) -> i64 {
+        self.tokens() * self.d * self.n
+    }
+}
+
+/// The shape of one benchmark row: an attention-like op's or the scan's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowShape {
+    Attention(Shape),
+    Scan(ScanShape),
+}
+
+impl RowShape {
+    /// The shape as the table and the JSON spell it, with its dimension names
+    /// (`B8 T2048 H16 K128 V128`, `B8 T2048 D2048 N16`).
+    pub fn describe(&self) -> String {
+        match *self {
+            RowShape::Attention(Shape { b, t, h, k, v }) => format!("B{b} T{t} H{h} K{k} V{v}"),
+            RowShape::Scan(ScanShape { b, t, d, n }) => format!("B{b} T{t} D{d} N{n}"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +184,8 @@ mod tests {
             Some(Op::Sdpa(Some(SdpaBackend::Flash)))
         );
         assert_eq!(Op::parse("sdpa"), Some(Op::Sdpa(None)));
+        assert_eq!(Op::parse("selective_scan"), Some(Op::SelectiveScan));
+        assert!(Op::SelectiveScan.is_scan() && !Op::Sdpa(None).is_scan());
         assert_eq!(Op::parse("reference"), None);
     }
 
@@ -134,5 +201,19 @@ mod tests {
         for bad in ["8x2048x16", "8x0x16x128", "axbxcxd", "1x2x3x4x5x6", ""] {
             assert_eq!(Shape::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn scan_shapes_are_b_t_d_n() {
+        let s = ScanShape::parse("8x2048x2048x16").unwrap();
+        assert_eq!((s.b, s.t, s.d, s.n), (8, 2048, 2048, 16));
+        assert_eq!(s.name(), "8x2048x2048x16");
+        assert_eq!(s.state_elements(), 8 * 2048 * 2048 * 16);
+        assert_eq!(RowShape::Scan(s).describe(), "B8 T2048 D2048 N16");
+        for bad in ["8x2048x16", "8x2048x16x1x1", "8x2048x0x16"] {
+            assert_eq!(ScanShape::parse(bad), None, "{bad}");
+        }
+        let a = Shape::parse("1x64x2x32").unwrap();
+        assert_eq!(RowShape::Attention(a).describe(), "B1 T64 H2 K32 V32");
     }
 }

@@ -5,8 +5,11 @@ use std::path::Path;
 use serde_json::{json, Value};
 
 use crate::anchors::Anchor;
+use crate::article;
 use crate::first_call::FirstCall;
-use crate::plan::{dtype_name, RowSpec};
+use crate::floor::{Floor, Rates};
+use crate::op::RowShape;
+use crate::plan::{dtype_name, Preset, RowSpec};
 use crate::BenchError;
 
 /// The measurement of one row.
@@ -19,8 +22,9 @@ pub struct RowResult {
     pub fwd_ms: f64,
     /// Forward + backward, ms.
     pub fwd_bwd_ms: f64,
-    /// Memory floors (forward, forward + backward), ms, on a GPU whose copy bandwidth is known.
-    pub floor_ms: Option<(f64, f64)>,
+    /// The floors (the memory floor; for the scan the larger of it and the exponential floor),
+    /// on a GPU of the table.
+    pub floor: Option<Floor>,
     /// The anchor of this row, if the project measured one.
     pub anchor: Option<Anchor>,
 }
@@ -28,36 +32,31 @@ pub struct RowResult {
 /// Column titles of [`RowResult::table_line`].
 pub fn table_header() -> String {
     format!(
-        "{:<22} {:<16} {:<5} {:>9} {:>11} {:>9} {:>8} {:>10}",
-        "B x T x H x K x V",
-        "op",
-        "dtype",
-        "fwd ms",
-        "fwd+bwd ms",
-        "floor ms",
-        "x floor",
-        "vs anchor"
+        "{:<24} {:<16} {:<5} {:>9} {:>11} {:>9} {:>8} {:>10}",
+        "shape", "op", "dtype", "fwd ms", "fwd+bwd ms", "floor ms", "x floor", "vs anchor"
     )
 }
 
 impl RowResult {
     /// The row under [`table_header`]: forward+backward against its floor and its anchor.
     pub fn table_line(&self) -> String {
-        let s = self.spec.shape;
         let op = match self.sdpa_backend {
             Some(backend) if self.spec.op.name() == "sdpa" => format!("sdpa ({backend})"),
             _ => self.spec.op.name(),
         };
-        let (floor, times_floor) = match self.floor_ms {
-            Some((_, f)) => (format!("{f:.3}"), format!("{:.1}", self.fwd_bwd_ms / f)),
+        let (floor, times_floor) = match &self.floor {
+            Some(f) => (
+                format!("{:.3}", f.fwd_bwd_ms),
+                format!("{:.1}", self.fwd_bwd_ms / f.fwd_bwd_ms),
+            ),
             None => ("-".into(), "-".into()),
         };
         let vs = self.anchor.as_ref().map_or("-".into(), |a| {
             format!("{:.2}", self.fwd_bwd_ms / a.fwd_bwd_ms)
         });
         format!(
-            "{:<22} {:<16} {:<5} {:>9.3} {:>11.3} {:>9} {:>8} {:>10}",
-            format!("{} x {} x {} x {} x {}", s.b, s.t, s.h, s.k, s.v),
+            "{:<24} {:<16} {:<5} {:>9.3} {:>11.3} {:>9} {:>8} {:>10}",
+            self.spec.shape.describe(),
             op,
             dtype_name(self.spec.dtype),
             self.fwd_ms,
@@ -69,16 +68,20 @@ impl RowResult {
     }
 
     fn to_json(&self) -> Value {
-        let s = self.spec.shape;
+        let shape = match self.spec.shape {
+            RowShape::Attention(s) => json!({"B": s.b, "T": s.t, "H": s.h, "K": s.k, "V": s.v}),
+            RowShape::Scan(s) => json!({"B": s.b, "T": s.t, "D": s.d, "N": s.n}),
+        };
         json!({
             "op": self.spec.op.name(),
-            "shape": {"B": s.b, "T": s.t, "H": s.h, "K": s.k, "V": s.v},
+            "shape": shape,
             "dtype": dtype_name(self.spec.dtype),
             "sdpa_backend": self.sdpa_backend,
             "fwd_ms": self.fwd_ms,
             "fwd_bwd_ms": self.fwd_bwd_ms,
-            "floor_fwd_ms": self.floor_ms.map(|f| f.0),
-            "floor_fwd_bwd_ms": self.floor_ms.map(|f| f.1),
+            "floor_fwd_ms": self.floor.as_ref().map(|f| f.fwd_ms),
+            "floor_fwd_bwd_ms": self.floor.as_ref().map(|f| f.fwd_bwd_ms),
+            "floor_arithmetic": self.floor.as_ref().map(|f| f.arithmetic.clone()),
             "anchor": self.anchor.as_ref().map(|a| json!({
                 "name": a.name,
                 "fwd_bwd_ms": a.fwd_bwd_ms,
@@ -96,11 +99,14 @@ pub struct Report {
     pub gpu: String,
     /// UTC date of the run, `YYYY-MM-DD`.
     pub date: String,
-    /// The copy bandwidth the floors use, bytes/s, and where it comes from.
-    pub copy_bandwidth: Option<(f64, &'static str)>,
+    /// The rates the floors use (None for a GPU not in the table), and where the copy bandwidth
+    /// comes from.
+    pub rates: Option<(Rates, &'static str)>,
     /// The kernels' cold first call, when the plan measured it.
     pub first_call: Option<FirstCall>,
     pub rows: Vec<RowResult>,
+    /// The comparison the run reproduced, if any.
+    pub preset: Option<Preset>,
 }
 
 impl Report {
@@ -109,11 +115,20 @@ impl Report {
         json!({
             "gpu": self.gpu,
             "date": self.date,
-            "timing": "CUDA-event median after warm-up, the fastest of 3 rounds; each timed call queued behind a 256 MiB write (Triton do_bench's method: cold L2, the host's launch latency hidden); fwd+bwd = forward + o.backward(do) (gradients returned, not accumulated); GLA log gates fp32",
-            "floor": "bytes moved once (forward: q, k, v, g read, o written; backward: q, k, v, g, do read, dq, dk, dv, dg written; g and dg fp32) at the GPU's device-to-device copy bandwidth",
-            "copy_bytes_per_s": self.copy_bandwidth.map(|b| b.0),
-            "copy_bandwidth_source": self.copy_bandwidth.map(|b| b.1),
+            "timing": "CUDA-event median after warm-up, the fastest of 3 rounds; each timed call queued behind a 256 MiB write (Triton do_bench's method: cold L2, the host's launch latency hidden); fwd+bwd = forward + o.backward(do) (gradients returned, not accumulated); GLA log gates fp32; the scan's forward as in training (inputs requiring gradients: it keeps its checkpoints), z, D, delta_bias and softplus on, A, D, delta_bias fp32",
+            "floor": "attention-like rows: bytes moved once (forward: q, k, v, g read, o written; backward: q, k, v, g, do read, dq, dk, dv, dg written; g and dg fp32) at the GPU's device-to-device copy bandwidth; selective_scan rows: the larger of that memory floor (u, delta, z, B, C read, y written; backward the same read again with dy, du, ddelta, dz, dB, dC written) and the exponential floor (one ex2 per (b, t, d, n) forward, again in the backward's recompute, at SMs x 16 ex2/clock x the boost clock); each row's floor_arithmetic has the numbers",
+            "copy_bytes_per_s": self.rates.as_ref().map(|r| r.0.copy_bytes_per_s),
+            "copy_bandwidth_source": self.rates.as_ref().map(|r| r.1),
+            "ex2_per_s": self.rates.as_ref().map(|r| r.0.ex2_per_s),
+            "ex2_source": self.rates.as_ref().map(|r| r.0.ex2_source.clone()),
             "first_call": self.first_call.as_ref().map(FirstCall::to_json),
+            "preset": self.preset.map(|p| match p {
+                Preset::Article => json!({
+                    "name": p.name(),
+                    "choices": article::choices(),
+                    "table": article::table(&self.rows),
+                }),
+            }),
             "rows": self.rows.iter().map(RowResult::to_json).collect::<Vec<_>>(),
         })
     }
@@ -158,7 +173,7 @@ fn civil_date(days: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::op::{Op, Shape};
+    use crate::op::{Op, ScanShape, Shape};
     use glatrain_ops::GlaMode;
 
     #[test]
@@ -173,13 +188,17 @@ mod tests {
         let row = RowResult {
             spec: RowSpec {
                 op: Op::Gla(GlaMode::Chunk),
-                shape: Shape::parse("8x2048x16x128").unwrap(),
+                shape: RowShape::Attention(Shape::parse("8x2048x16x128").unwrap()),
                 dtype: tch::Kind::BFloat16,
             },
             sdpa_backend: None,
             fwd_ms: 0.36,
             fwd_bwd_ms: 0.97,
-            floor_ms: Some((0.134, 0.38)),
+            floor: Some(Floor {
+                fwd_ms: 0.134,
+                fwd_bwd_ms: 0.38,
+                arithmetic: "memory".into(),
+            }),
             anchor: Some(Anchor {
                 name: "fla_chunk_gla".into(),
                 what: String::new(),
@@ -189,12 +208,23 @@ mod tests {
         };
         let line = row.table_line();
         assert!(
-            line.contains("8 x 2048 x 16 x 128 x 128") && line.contains("chunk"),
+            line.contains("B8 T2048 H16 K128 V128") && line.contains("chunk"),
             "{line}"
         );
         assert!(line.contains(" 2.6 ") && line.contains("0.26"), "{line}");
         let json = row.to_json();
         assert_eq!(json["anchor"]["fwd_bwd_ms"], 3.69);
         assert_eq!(json["shape"]["K"], 128);
+        assert_eq!(json["floor_arithmetic"], "memory");
+        let scan = RowResult {
+            spec: RowSpec {
+                op: Op::SelectiveScan,
+                shape: RowShape::Scan(ScanShape::parse("8x2048x2048x16").unwrap()),
+                dtype: tch::Kind::BFloat16,
+            },
+            ..row
+        };
+        assert!(scan.table_line().starts_with("B8 T2048 D2048 N16"));
+        assert_eq!(scan.to_json()["shape"]["N"], 16);
     }
 }

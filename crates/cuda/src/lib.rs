@@ -9,7 +9,7 @@
 //!   stream, and the modules, functions and occupancies loaded on it; the tiered swap.
 //! - [`Kernel`] and [`launch!`]: a launch whose geometry is checked against CUDA's limits first.
 //! - [`CudaTimer`]: CUDA-event medians of GPU work, as Triton's `do_bench` takes them.
-//! - [`GpuSpec`]: what we know about GPU models (peak rates, copy bandwidth).
+//! - [`GpuSpec`]: what we know about GPU models (peak rates, copy bandwidth, clock).
 //!
 //! No libtorch here: ops hand device addresses to [`launch!`]. libtorch and this crate launch on
 //! the same legacy default stream, so kernels are ordered with libtorch's ops without any
@@ -28,7 +28,7 @@ pub use device::{DeviceProperties, Gpu};
 pub use error::CudaError;
 pub use launch::Kernel;
 pub use source::{KernelDtype, KernelSource, PRELUDE};
-pub use spec::GpuSpec;
+pub use spec::{GpuSpec, EX2_PER_SM_PER_CLOCK};
 pub use timer::{CudaTimer, FLUSH_BYTES, TIMING_ROUNDS, WARMUP_MIN};
 
 #[doc(hidden)]

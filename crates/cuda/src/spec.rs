@@ -15,13 +15,21 @@ pub struct GpuSpec {
     pub matmul_flops: f64,
     /// Bytes per second (read + written) a large device-to-device copy reaches: the memory floor.
     pub copy_bytes_per_s: f64,
+    /// The datasheet's maximum boost clock of the SMs, Hz: the fastest any instruction issues.
+    pub boost_clock_hz: f64,
     /// Where `matmul_flops` and `copy_bytes_per_s` come from.
     pub measured: &'static str,
 }
 
+/// `ex2` (2^x, the `MUFU.EX2` instruction every `exp` compiles to) results per SM per clock on
+/// compute capability 8.0 to 9.0: the CUDA C++ Programming Guide's table of arithmetic
+/// instruction throughput ("base-2 exponential (exp2f)": 16).
+pub const EX2_PER_SM_PER_CLOCK: f64 = 16.0;
+
 /// Known GPUs, the most specific name fragments first (an "H100 PCIe" is not an "H100" SXM).
 /// Datasheets: NVIDIA H100 (SXM 989.4 / PCIe 756 / NVL 835 TFLOP/s bf16 dense; 3.35 / 2.0 / 3.9
-/// TB/s), H200 (989.4 TFLOP/s, 4.8 TB/s), A100 80GB SXM (312 TFLOP/s, 2.04 TB/s).
+/// TB/s; 132 / 114 / 132 SMs at 1.98 / 1.755 / 1.785 GHz boost), H200 (989.4 TFLOP/s, 4.8 TB/s;
+/// 132 SMs, 1.98 GHz), A100 80GB SXM (312 TFLOP/s, 2.04 TB/s; 108 SMs, 1.41 GHz).
 const TABLE: &[GpuSpec] = &[
     GpuSpec {
         model: "H100 PCIe",
@@ -29,6 +37,7 @@ const TABLE: &[GpuSpec] = &[
         datasheet_fp32_flops: 51e12,
         matmul_flops: 0.8 * 756e12,
         copy_bytes_per_s: 0.9 * 2.0e12,
+        boost_clock_hz: 1.755e9,
         measured: "not measured: 0.8x / 0.9x the datasheet",
     },
     GpuSpec {
@@ -37,6 +46,7 @@ const TABLE: &[GpuSpec] = &[
         datasheet_fp32_flops: 60e12,
         matmul_flops: 0.8 * 835e12,
         copy_bytes_per_s: 0.9 * 3.9e12,
+        boost_clock_hz: 1.785e9,
         measured: "not measured: 0.8x / 0.9x the datasheet",
     },
     GpuSpec {
@@ -45,6 +55,7 @@ const TABLE: &[GpuSpec] = &[
         datasheet_fp32_flops: 67e12,
         matmul_flops: 790e12,
         copy_bytes_per_s: 3.0e12,
+        boost_clock_hz: 1.98e9,
         measured: "measured on an H100 80GB HBM3 (SXM), 2026-11-25: an 8192^3 bf16 matmul and a \
                    device-to-device copy through PyTorch",
     },
@@ -54,6 +65,7 @@ const TABLE: &[GpuSpec] = &[
         datasheet_fp32_flops: 67e12,
         matmul_flops: 790e12,
         copy_bytes_per_s: 4.3e12,
+        boost_clock_hz: 1.98e9,
         measured: "not measured: matmul as the H100's (the same compute), copy 0.9x the datasheet",
     },
     GpuSpec {
@@ -62,6 +74,7 @@ const TABLE: &[GpuSpec] = &[
         datasheet_fp32_flops: 19.5e12,
         matmul_flops: 0.8 * 312e12,
         copy_bytes_per_s: 0.9 * 2.04e12,
+        boost_clock_hz: 1.41e9,
         measured: "not measured: 0.8x / 0.9x the datasheet",
     },
 ];
@@ -74,6 +87,12 @@ impl GpuSpec {
         TABLE
             .iter()
             .find(|spec| name.contains(&spec.model.to_ascii_uppercase()))
+    }
+
+    /// ex2 results per second with `sm_count` SMs at the boost clock: the exponential floor of
+    /// kernels that take one `exp` per element (the selective scan's).
+    pub fn ex2_per_s(&self, sm_count: usize) -> f64 {
+        sm_count as f64 * EX2_PER_SM_PER_CLOCK * self.boost_clock_hz
     }
 
     /// The table, for listings and tests.
@@ -102,6 +121,14 @@ mod tests {
             );
         }
         assert!(GpuSpec::lookup("NVIDIA GeForce RTX 4090").is_none());
+    }
+
+    #[test]
+    fn the_h100_takes_4_2e12_ex2_per_second() {
+        // 132 SMs x 16 per clock x 1.98 GHz.
+        let h100 = GpuSpec::lookup("NVIDIA H100 80GB HBM3").unwrap();
+        assert_eq!(h100.ex2_per_s(132), 132.0 * 16.0 * 1.98e9);
+        assert!((h100.ex2_per_s(132) - 4.18e12).abs() < 0.01e12);
     }
 
     #[test]

@@ -59,8 +59,8 @@ pub enum Command {
     /// Tokenize a corpus (text, JSON Lines, parquet; plain, gzip or zstd) into token shards,
     /// optionally training a BPE tokenizer on it first.
     Prepare(PrepareArgs),
-    /// Time the sequence-mixing ops on the GPU (GLA modes, libtorch's SDPA backends) against
-    /// their memory floors and anchors.
+    /// Time the sequence-mixing ops on the GPU (GLA modes, libtorch's SDPA backends, Mamba's
+    /// selective scan) against their floors and anchors.
     Bench(BenchArgs),
 }
 
@@ -179,20 +179,32 @@ pub enum BadRecordArg {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// An op to time: chunk, fused_chunk, fused_recurrent (GLA modes), sdpa_flash, sdpa_cudnn,
-    /// sdpa_efficient, sdpa_math (one SDPA backend alone) or sdpa (libtorch's own choice);
-    /// repeatable. Default: every GLA mode, sdpa_flash and sdpa.
+    /// sdpa_efficient, sdpa_math (one SDPA backend alone), sdpa (libtorch's own choice) or
+    /// selective_scan (Mamba's scan); repeatable. Default: every GLA mode, sdpa_flash and sdpa
+    /// at the --shape shapes, selective_scan at the --scan-shape shapes.
     #[arg(long = "op", value_name = "OP")]
     pub ops: Vec<String>,
-    /// A shape, `BxTxHxD` (K = V = D) or `BxTxHxKxV`; repeatable. Default: the shapes
-    /// flash-linear-attention was measured at (bench/anchors.json).
+    /// A shape of the GLA and SDPA ops, `BxTxHxD` (K = V = D) or `BxTxHxKxV`; repeatable.
+    /// Default: the shapes flash-linear-attention was measured at (bench/anchors.json).
     #[arg(long = "shape", value_name = "SHAPE")]
     pub shapes: Vec<String>,
-    /// q/k/v dtype: bf16, fp16 or fp32; repeatable. Default: bf16.
+    /// A shape of the selective scan, `BxTxDxN` (D = d_inner, N = d_state); repeatable.
+    /// Default: the shapes mamba_ssm's scan was measured at (bench/anchors.json).
+    #[arg(long = "scan-shape", value_name = "SHAPE")]
+    pub scan_shapes: Vec<String>,
+    /// Input dtype: bf16, fp16 or fp32; repeatable. Default: bf16.
     #[arg(long = "dtype", value_name = "DTYPE")]
     pub dtypes: Vec<String>,
+    /// Run a fixed comparison instead of chosen rows: `article` (GLA vs FlashAttention vs Mamba
+    /// at head dims 32, 128 and 1024 over T from 1K to 16K, with a table and a chart).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
     /// Write the results as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Draw the preset's chart (PNG) here. Default: next to --json, with the extension .png.
+    #[arg(long, value_name = "FILE")]
+    pub chart: Option<PathBuf>,
     /// Skip the cold first-call measurement (NVRTC compilation into an empty cache).
     #[arg(long)]
     pub no_first_call: bool,

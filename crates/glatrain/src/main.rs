@@ -94,9 +94,22 @@ fn train(args: TrainArgs) -> Result<ExitCode, AppError> {
 }
 
 fn bench(args: BenchArgs) -> Result<(), AppError> {
-    let mut plan = glatrain_bench::Plan::select(&args.ops, &args.shapes, &args.dtypes)?;
-    plan.first_call = !args.no_first_call;
-    glatrain_bench::run(&plan, args.json.as_deref())?;
+    let selection = glatrain_bench::Selection {
+        ops: args.ops,
+        shapes: args.shapes,
+        scan_shapes: args.scan_shapes,
+        dtypes: args.dtypes,
+    };
+    let mut plan = match &args.preset {
+        Some(name) => glatrain_bench::Plan::preset(name, &selection)?,
+        None => glatrain_bench::Plan::select(&selection)?,
+    };
+    plan.first_call &= !args.no_first_call;
+    let chart = args
+        .chart
+        .or_else(|| args.json.as_ref().map(|j| j.with_extension("png")))
+        .filter(|_| plan.preset.is_some());
+    glatrain_bench::run(&plan, args.json.as_deref(), chart.as_deref())?;
     Ok(())
 }
 

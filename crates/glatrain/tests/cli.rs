@@ -83,6 +83,34 @@ fn preflight_explains_the_cpu_choice() {
 }
 
 #[test]
+fn bench_arguments_are_checked_before_any_gpu_work() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, words) in [
+        (
+            &["bench", "--preset", "paper"][..],
+            "bench: --preset \"paper\": expected one of article",
+        ),
+        (
+            &["bench", "--preset", "article", "--op", "chunk"][..],
+            "a preset's rows are fixed",
+        ),
+        (
+            &["bench", "--op", "chunk", "--scan-shape", "8x2048x2048x16"][..],
+            "--scan-shape is for selective_scan",
+        ),
+        (
+            &["bench", "--scan-shape", "8x2048x2048"][..],
+            "expected BxTxDxN",
+        ),
+    ] {
+        let out = glatrain(args, dir.path());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(words), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
 fn bad_data_and_checkpoints_exit_2_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir(dir.path().join("empty")).unwrap();

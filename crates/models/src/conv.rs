@@ -37,24 +37,40 @@ impl CausalConv {
     /// that precede `x` (None = zeros, the start of a sequence); the returned state holds the
     /// last `K - 1` inputs, ready for the next call.
     ///
+    /// From the start of a sequence the convolution reads `x` in place (zero padding on both
+    /// sides, the last `K - 1` outputs dropped), so the autograd graph keeps `x` itself rather
+    /// than a padded copy; after a state, it runs on the state and `x` concatenated.
+    ///
     /// # Shapes
     /// `x: [B, T, D]`, `state: [B, D, K-1]` -> (`y: [B, T, D]`, `state: [B, D, K-1]`).
     pub fn forward(&self, x: &Tensor, state: Option<&Tensor>) -> (Tensor, Tensor) {
-        let t = x.size()[1];
+        let (t, past) = (x.size()[1], self.kernel - 1);
         let xt = x.transpose(1, 2); // [B, D, T]
-        let padded = match state {
-            Some(s) => Tensor::cat(&[s.to_kind(xt.kind()), xt], 2),
-            None => xt.constant_pad_nd([self.kernel - 1, 0]),
-        }; // [B, D, T + K - 1]
-        let y = padded.conv1d(
-            &self.weight,
-            self.bias.as_ref(),
-            [1],
-            [0],
-            [1],
-            self.channels,
-        ); // [B, D, T]
-        let new_state = padded.narrow(2, t, self.kernel - 1);
+        let conv = |input: &Tensor, padding: i64| {
+            input.conv1d(
+                &self.weight,
+                self.bias.as_ref(),
+                [1],
+                [padding],
+                [1],
+                self.channels,
+            )
+        };
+        let (y, new_state) = match state {
+            Some(s) => {
+                let joined = Tensor::cat(&[s.to_kind(xt.kind()), xt], 2); // [B, D, T + K - 1]
+                (conv(&joined, 0), joined.narrow(2, t, past))
+            }
+            None => {
+                let y = conv(&xt, past).narrow(2, 0, t);
+                let new_state = if t >= past {
+                    xt.narrow(2, t - past, past)
+                } else {
+                    xt.constant_pad_nd([past - t, 0])
+                };
+                (y, new_state)
+            }
+        }; // y: [B, D, T]
         (y.silu().transpose(1, 2), new_state)
     }
 }
@@ -100,10 +116,13 @@ mod tests {
         let (_vs, c) = conv(false);
         let x = Tensor::randn([2, 7, 3], (Kind::Float, Device::Cpu));
         let (full, _) = c.forward(&x, None);
-        let (a, s) = c.forward(&x.narrow(1, 0, 3), None);
-        let (b, s) = c.forward(&x.narrow(1, 3, 1), Some(&s));
-        let (d, _) = c.forward(&x.narrow(1, 4, 3), Some(&s));
-        let pieces = Tensor::cat(&[a, b, d], 1);
-        assert!(pieces.allclose(&full, 1e-6, 1e-6, false));
+        // A first piece as long as the state (K - 1 = 3 inputs) and one shorter than it.
+        for first in [3, 2] {
+            let (a, s) = c.forward(&x.narrow(1, 0, first), None);
+            let (b, s) = c.forward(&x.narrow(1, first, 1), Some(&s));
+            let (d, _) = c.forward(&x.narrow(1, first + 1, 6 - first), Some(&s));
+            let pieces = Tensor::cat(&[a, b, d], 1);
+            assert!(pieces.allclose(&full, 1e-6, 1e-6, false), "first {first}");
+        }
     }
 }

@@ -18,9 +18,8 @@ use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
 use crate::norm::RmsNorm;
 use crate::CausalLm;
 use glatrain_config::{MambaConfig, ModelConfig};
-use glatrain_ops::reference::selective_scan::{
-    selective_scan_chunked, selective_scan_sequential, DEFAULT_CHUNK as SCAN_CHUNK,
-};
+use glatrain_ops::selective_scan::kernels::geometry::MAX_STATES;
+use glatrain_ops::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Checks that `cfg` describes a buildable model; errors name the offending key.
@@ -56,32 +55,6 @@ pub fn validate(cfg: &MambaConfig) -> Result<(), ModelError> {
     check_norm_and_init(cfg.norm_eps, cfg.initializer_range)
 }
 
-/// Runs the selective scan: the one place the mixer calls an op. The chunked form pays off only
-/// on a GPU (fewer, larger ops; measured forward+backward at B8 T128 D256 N16: 3.5 ms chunked
-/// vs 8.8 ms sequential on an H100), while on the CPU the sequential recurrence is about 7x
-/// faster (94 ms vs 710 ms), as it is for single-token decoding. The reference computes in fp32
-/// whatever the input dtype (`delta` and `a` go in as fp32).
-///
-/// # Shapes
-/// `u, delta: [B, T, D]`, `a: [D, N]`, `b, c: [B, T, N]`, `d: [D]`, `initial_state: [B, D, N]`
-/// -> (`y: [B, T, D]` in `u`'s dtype, `state: [B, D, N]` fp32).
-pub fn scan_op(
-    u: &Tensor,
-    delta: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    c: &Tensor,
-    d: &Tensor,
-    initial_state: Option<&Tensor>,
-) -> (Tensor, Tensor) {
-    let (delta, a) = (delta.to_kind(Kind::Float), a.to_kind(Kind::Float));
-    if u.size()[1] == 1 || u.device() == Device::Cpu {
-        selective_scan_sequential(u, &delta, &a, b, c, d, initial_state)
-    } else {
-        selective_scan_chunked(u, &delta, &a, b, c, d, initial_state, SCAN_CHUNK)
-    }
-}
-
 /// Per-layer decoding state.
 #[derive(Debug, Default)]
 pub struct MambaLayerCache {
@@ -106,6 +79,8 @@ pub struct MambaMixer {
     d_inner: i64,
     d_state: i64,
     dt_rank: i64,
+    /// The kernels up to their largest d_state (on the CPU the op runs the reference anyway).
+    scan_mode: ScanMode,
 }
 
 impl MambaMixer {
@@ -167,40 +142,64 @@ impl MambaMixer {
             d_inner: e,
             d_state: n,
             dt_rank: r,
+            scan_mode: if n > MAX_STATES {
+                ScanMode::Reference
+            } else {
+                ScanMode::Kernels
+            },
         }
     }
 
     /// Mixes the sequence; with a cache, continues from (and updates) its states.
     ///
+    /// The selective scan is `glatrain_ops::selective_scan` as mamba_ssm's `selective_scan_fn`
+    /// gets it: the dt projection's matmul in the compute dtype, its bias and the softplus
+    /// fused into the scan (in fp32), the gate `silu(z)` too; z, B and C are column slices of
+    /// the projections' outputs, read in place. On CUDA the scan runs its kernels (the
+    /// reference past their d_state of 256), on the CPU the reference (token by token).
+    ///
     /// # Shapes
     /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
     pub fn forward(&self, x: &Tensor, mut cache: Option<&mut MambaLayerCache>) -> Tensor {
         let (e, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        let xz = self.in_proj.forward(x).split_with_sizes([e, e], -1); // 2 x [B, T, E]
+        let xz = self.in_proj.forward(x); // [B, T, 2E]
         let prev_conv = cache.as_mut().and_then(|c| c.conv.take());
-        let (u, conv_state) = self.conv1d.forward(&xz[0], prev_conv.as_ref());
-        let parts = self.x_proj.forward(&u).split_with_sizes([r, n, n], -1);
-        // As mamba_ssm: the dt projection's matmul in the compute dtype, bias and softplus
-        // in fp32.
-        let dt = parts[0].linear(&self.dt_proj.weight, None::<&Tensor>);
-        let bias = self.dt_proj.bias.as_ref().expect("dt_proj has a bias");
-        let delta = (dt.to_kind(Kind::Float) + bias.to_kind(Kind::Float)).softplus();
+        let (u, conv_state) = self.conv1d.forward(&xz.narrow(2, 0, e), prev_conv.as_ref());
+        // Time-major rows for the scan and x_proj (the convolution runs channel-major).
+        let u = u.contiguous();
+        let x_dbl = self.x_proj.forward(&u); // [B, T, R + 2N]
+        let delta = x_dbl
+            .narrow(2, 0, r)
+            .linear(&self.dt_proj.weight, None::<&Tensor>);
         let a = -self.a_log.to_kind(Kind::Float).exp();
         let prev_ssm = cache.as_mut().and_then(|c| c.ssm.take());
-        let (y, ssm_state) = scan_op(
-            &u,
-            &delta,
-            &a,
-            &parts[1],
-            &parts[2],
-            &self.d,
-            prev_ssm.as_ref(),
+        let (b, c, z) = (
+            x_dbl.narrow(2, r, n),
+            x_dbl.narrow(2, r + n, n),
+            xz.narrow(2, e, e),
         );
+        let inputs = ScanInputs {
+            u: &u,
+            delta: &delta,
+            a: &a,
+            b: &b,
+            c: &c,
+            d: Some(&self.d),
+            z: Some(&z),
+            delta_bias: self.dt_proj.bias.as_ref(),
+            initial_state: prev_ssm.as_ref(),
+        };
+        let options = ScanOptions {
+            output_final_state: cache.is_some(),
+            mode: self.scan_mode,
+            ..ScanOptions::default()
+        };
+        let (y, ssm_state) = selective_scan(&inputs, &options)
+            .unwrap_or_else(|e| panic!("selective scan failed on the layer's own inputs: {e}"));
         if let Some(c) = cache {
             c.conv = Some(conv_state);
-            c.ssm = Some(ssm_state);
+            c.ssm = ssm_state;
         }
-        let y = y.to_kind(u.kind()) * xz[1].silu();
         self.out_proj.forward(&y)
     }
 }
@@ -236,6 +235,10 @@ impl MambaModel {
     /// Creates the variables under `root` (paths as in the module docs).
     pub fn new(root: &nn::Path, cfg: &MambaConfig) -> Result<Self, ModelError> {
         validate(cfg)?;
+        if let Device::Cuda(ordinal) = root.device() {
+            glatrain_cuda::Gpu::get(ordinal)
+                .map_err(|source| ModelError::Kernels { ordinal, source })?;
+        }
         let hidden = cfg.hidden_size as i64;
         let vocab = cfg.vocab_size as i64;
         let std = cfg.initializer_range;

@@ -1,5 +1,5 @@
-//! The mixed-precision paths on a GPU: bf16 autocast over fp32 weights (the trainer's default)
-//! for every family. Skipped without a CUDA device.
+//! Every family on a GPU: bf16 autocast over fp32 weights (the trainer's default), and decoding
+//! token by token on the CUDA kernels against the full sequence. Skipped without a CUDA device.
 
 use glatrain_config::{GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig};
 use glatrain_models::build;
@@ -82,5 +82,53 @@ fn bf16_autocast_on_cuda_stays_close_to_fp32_and_trains() {
             let finite = grad.isfinite().all().int64_value(&[]) == 1;
             assert!(finite, "{name}: {var} has a non-finite gradient");
         }
+    }
+}
+
+#[test]
+fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
+    // The CUDA kernels on both paths: the whole sequence at once (GLA chunk, the scan over 100
+    // tokens) and one token per call with the carried states (GLA fused_recurrent, the scan with
+    // T = 1), in fp32; then a prefill followed by single steps.
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let device = Device::Cuda(0);
+    let seq = 100;
+    for (name, cfg) in zoo() {
+        tch::manual_seed(11);
+        let vs = nn::VarStore::new(device);
+        let model = build(&vs.root(), &cfg, GlaMode::Chunk).unwrap();
+        let x = Tensor::randint(VOCAB, [2, seq], (Kind::Int64, device));
+        tch::no_grad(|| {
+            let full = model.forward(&x);
+            let mut cache = model.new_cache(2);
+            let steps: Vec<Tensor> = (0..seq)
+                .map(|t| model.step(&x.select(1, t), &mut cache))
+                .collect();
+            let stepped = Tensor::stack(&steps, 1);
+            let err = (&stepped - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
+            println!("{name}: token by token vs full sequence on CUDA: relative RMS {err:.2e}");
+            assert!(err <= 1e-4, "{name}: relative RMS {err:.2e}");
+            // The check can fail: the last token without its history is far off.
+            let last = model.forward(&x.narrow(1, seq - 1, 1)).squeeze_dim(1);
+            let forgetful = (&last - full.select(1, seq - 1)).norm().double_value(&[])
+                / full.select(1, seq - 1).norm().double_value(&[]);
+            assert!(
+                forgetful > 1e-2,
+                "{name}: history barely matters ({forgetful:.2e})"
+            );
+
+            let mut cache = model.new_cache(2);
+            let mut pieces = vec![model.forward_cached(&x.narrow(1, 0, 70), &mut cache)];
+            pieces.extend((70..seq).map(|t| model.step(&x.select(1, t), &mut cache).unsqueeze(1)));
+            let pieces = Tensor::cat(&pieces, 1);
+            let err = (&pieces - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
+            assert!(
+                err <= 1e-5,
+                "{name}: prefill + steps: relative RMS {err:.2e}"
+            );
+        });
     }
 }

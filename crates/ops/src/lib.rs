@@ -2,6 +2,7 @@
 //! has them, CUDA kernels that run as autograd ops.
 //!
 //! - [`gla`]: gated linear attention, every [`GlaMode`];
+//! - [`selective_scan`]: Mamba's selective scan ([`ScanMode`]);
 //! - [`sdpa`]: libtorch's causal softmax attention on the same `[B, T, H, D]` layout;
 //! - [`loss`]: the output projection and cross-entropy chunk by chunk, never the full logits;
 //! - [`fused`]: RMSNorm (with an optional swish gate) and SwiGLU, one kernel per direction.
@@ -13,14 +14,17 @@ pub mod launch;
 pub mod loss;
 pub mod reference;
 pub mod sdpa;
+pub mod selective_scan;
 
 pub use error::OpError;
 pub use fused::{rms_norm, swiglu};
 pub use gla::{gla, GlaMode};
+pub use selective_scan::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 
 /// Every kernel source of every op, for the check that they all compile.
 pub fn kernel_sources() -> Vec<&'static glatrain_cuda::KernelSource> {
     let mut sources = gla::kernels::SOURCES.to_vec();
     sources.push(&fused::FUSED);
+    sources.push(&selective_scan::kernels::SELECTIVE_SCAN);
     sources
 }

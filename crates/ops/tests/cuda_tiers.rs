@@ -1,15 +1,17 @@
 //! Tiered compilation on a GPU: with an empty kernel cache, the first call runs the Quick tier,
 //! the Full tier replaces it once compiled, both tiers are cached, and the two tiers give the same
-//! results bit for bit (training from a cold cache then matches one from a warm cache), for the
-//! GLA kernels and the fused ones. Its own test binary (one process, one test): it points the
-//! kernel cache at an empty directory and clears `GLATRAIN_KERNEL_TIER`, which no other test may
-//! see. Skips on machines without CUDA.
+//! results bit for bit (training from a cold cache then matches one from a warm cache), for
+//! every kernel of every source (GLA's, the selective scan's and the fused ops'). Its own
+//! test binary (one process, one test): it points the kernel cache at an empty directory and
+//! clears `GLATRAIN_KERNEL_TIER`, which no other test may see. Skips on machines without CUDA.
 
 use glatrain_cuda::{Gpu, KernelDtype, Tier};
 use glatrain_ops::fused::FUSED;
 use glatrain_ops::gla::kernels::{source_of, GLA_TC};
 use glatrain_ops::launch::kernel_dtype;
-use glatrain_ops::{gla, rms_norm, swiglu, GlaMode};
+use glatrain_ops::selective_scan::kernels::SELECTIVE_SCAN;
+use glatrain_ops::selective_scan::Segments;
+use glatrain_ops::{gla, rms_norm, selective_scan, swiglu, GlaMode, ScanInputs, ScanOptions};
 use glatrain_testing::Rng;
 use tch::{Device, Kind, Tensor};
 
@@ -92,6 +94,88 @@ fn run_fused(kind: Kind) -> Vec<(&'static str, Tensor)> {
     out
 }
 
+/// The selective scan's output, final state and every gradient for random inputs of
+/// `[b, t, d, n]` (u, delta, z, B, C in `kind`; the rest f32), every option on, with `segments`.
+fn run_scan([b, t, d, n]: [i64; 4], kind: Kind, segments: Segments) -> Vec<(&'static str, Tensor)> {
+    let mut rng = Rng::new(9);
+    let mut leaf = |size: &[i64], kind: Kind| {
+        rng.randn(size, Kind::Float)
+            .to_kind(kind)
+            .to_device(Device::Cuda(0))
+            .set_requires_grad(true)
+    };
+    let (u, delta, z) = (
+        leaf(&[b, t, d], kind),
+        leaf(&[b, t, d], kind),
+        leaf(&[b, t, d], kind),
+    );
+    let (bm, cm) = (leaf(&[b, t, n], kind), leaf(&[b, t, n], kind));
+    let (a_log, skip, bias) = (
+        leaf(&[d, n], Kind::Float),
+        leaf(&[d], Kind::Float),
+        leaf(&[d], Kind::Float),
+    );
+    let h0 = leaf(&[b, d, n], Kind::Float);
+    let dout = leaf(&[b, t, d], kind).detach();
+    let dht = leaf(&[b, d, n], Kind::Float).detach();
+    let a = -a_log.exp();
+    let inputs = ScanInputs {
+        u: &u,
+        delta: &delta,
+        a: &a,
+        b: &bm,
+        c: &cm,
+        d: Some(&skip),
+        z: Some(&z),
+        delta_bias: Some(&bias),
+        initial_state: Some(&h0),
+    };
+    let options = ScanOptions {
+        output_final_state: true,
+        segments,
+        ..ScanOptions::default()
+    };
+    let (out, ht) = selective_scan(&inputs, &options).unwrap();
+    let ht = ht.unwrap();
+    let loss = (out.to_kind(Kind::Float) * dout.to_kind(Kind::Float)).sum(Kind::Float)
+        + (&ht * dht).sum(Kind::Float);
+    let leaves = [&u, &delta, &a_log, &bm, &cm, &skip, &z, &bias, &h0];
+    let grads = Tensor::run_backward(&[&loss], &leaves, false, false);
+    let names = [
+        "du",
+        "ddelta",
+        "dA_log",
+        "dB",
+        "dC",
+        "dD",
+        "dz",
+        "ddelta_bias",
+        "dh0",
+    ];
+    let mut results = vec![("out", out), ("final state", ht)];
+    results.extend(names.into_iter().zip(grads));
+    results
+}
+
+/// Names of the results that differ between two runs, with the largest difference.
+fn differences(
+    what: &str,
+    a: &[(&'static str, Tensor)],
+    b: &[(&'static str, Tensor)],
+) -> Vec<String> {
+    a.iter()
+        .zip(b)
+        .filter(|((_, x), (_, y))| !identical(x, y))
+        .map(|((name, x), (_, y))| {
+            let largest = (x.to_kind(Kind::Double) - y.to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[]);
+            format!("{what}: {name} differs between the tiers (largest difference {largest:e})")
+        })
+        .collect()
+}
+
 fn identical(a: &Tensor, b: &Tensor) -> bool {
     a.size() == b.size() && a.kind() == b.kind() && a.equal(b)
 }
@@ -166,19 +250,41 @@ fn quick_code_first_then_the_optimised_code_with_identical_results() {
             device.use_tier(source, dtype, tier).unwrap();
             results.push(run(shape, kind, mode));
         }
-        for ((name, quick), (_, full)) in results[0].iter().zip(&results[1]) {
-            if !identical(quick, full) {
-                let largest = (quick.to_kind(Kind::Double) - full.to_kind(Kind::Double))
-                    .abs()
-                    .max()
-                    .double_value(&[]);
-                differ.push(format!(
-                    "{shape:?} {kind:?} {mode:?}: {name} differs between the tiers (largest \
-                     difference {largest:e})"
-                ));
-            }
+        let what = format!("{shape:?} {kind:?} {mode:?}");
+        differ.extend(differences(&what, &results[0], &results[1]));
+        println!("{what}: compared");
+    }
+
+    // The selective scan: segmented launches (state walk, carry, adjoint walk) and single
+    // segments; N <= 16 (one backward pass) and N > 16 (several passes, the adjoint workspace).
+    let segmented = Segments::ChunksPerSegment {
+        forward: 2,
+        backward: 3,
+    };
+    let scan_cases: [([i64; 4], Kind, Segments); 5] = [
+        ([2, 300, 70, 16], Kind::BFloat16, segmented),
+        ([1, 200, 9, 256], Kind::Half, segmented),
+        ([1, 130, 33, 1], Kind::Float, segmented),
+        ([2, 100, 65, 64], Kind::Float, Segments::Auto),
+        (
+            [2, 70, 40, 4],
+            Kind::BFloat16,
+            Segments::ChunksPerSegment {
+                forward: 1000,
+                backward: 1000,
+            },
+        ),
+    ];
+    for (shape, kind, segments) in scan_cases {
+        let dtype = kernel_dtype(kind).unwrap();
+        let mut results = Vec::new();
+        for tier in [Tier::Quick, Tier::Full] {
+            device.use_tier(&SELECTIVE_SCAN, dtype, tier).unwrap();
+            results.push(run_scan(shape, kind, segments));
         }
-        println!("{shape:?} {kind:?} {mode:?}: compared");
+        let what = format!("selective scan {shape:?} {kind:?} {segments:?}");
+        differ.extend(differences(&what, &results[0], &results[1]));
+        println!("{what}: compared");
     }
     for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
         let dtype = kernel_dtype(kind).unwrap();
@@ -187,11 +293,11 @@ fn quick_code_first_then_the_optimised_code_with_identical_results() {
             device.use_tier(&FUSED, dtype, tier).unwrap();
             results.push(run_fused(kind));
         }
-        for ((name, quick), (_, full)) in results[0].iter().zip(&results[1]) {
-            if !identical(quick, full) {
-                differ.push(format!("fused {kind:?}: {name} differs between the tiers"));
-            }
-        }
+        differ.extend(differences(
+            &format!("fused {kind:?}"),
+            &results[0],
+            &results[1],
+        ));
         println!("fused ops {kind:?}: compared");
     }
     assert!(differ.is_empty(), "\n{}", differ.join("\n"));

@@ -45,6 +45,9 @@ pub struct DeviceProfile {
     pub peak_tensor_flops: f64,
     /// Scalar fp32 FLOP/s (FMA = 2 FLOPs), no tensor cores.
     pub peak_fp32_flops: f64,
+    /// Exponentials (`ex2`) per second: SMs x 16 per clock x the boost clock on a GPU
+    /// ([`GpuSpec::ex2_per_s`]); what the selective scan's kernels are bound by.
+    pub ex2_per_s: f64,
 }
 
 impl DeviceProfile {
@@ -62,6 +65,7 @@ impl DeviceProfile {
                 mem_bandwidth_bytes_per_s: spec.copy_bytes_per_s,
                 peak_tensor_flops: spec.matmul_flops,
                 peak_fp32_flops: spec.datasheet_fp32_flops,
+                ex2_per_s: spec.ex2_per_s(sm_count),
             },
             None => Self::generic_cuda(name, sm_count, memory_bytes),
         }
@@ -96,13 +100,14 @@ impl DeviceProfile {
             mem_bandwidth_bytes_per_s: a100.mem_bandwidth_bytes_per_s * per_sm,
             peak_tensor_flops: a100.peak_tensor_flops * per_sm,
             peak_fp32_flops: a100.peak_fp32_flops * per_sm,
+            ex2_per_s: a100.ex2_per_s * per_sm,
         }
     }
 
     /// This machine's CPU: cores from the OS, memory from `/proc/meminfo` (0 = unknown where
     /// that file is missing), and modest per-core rates (~20 GB/s memory, 32 GFLOP/s per core;
-    /// no tensor cores). The reference ops are the only ones on CPU, so only the estimates use
-    /// the rates.
+    /// no tensor cores; an exp as 8 FLOPs of a polynomial). The reference ops are the only ones
+    /// on CPU, so only the estimates use the rates.
     pub fn cpu() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let memory_bytes = std::fs::read_to_string("/proc/meminfo")
@@ -118,6 +123,7 @@ impl DeviceProfile {
             mem_bandwidth_bytes_per_s: 20e9,
             peak_tensor_flops: flops,
             peak_fp32_flops: flops,
+            ex2_per_s: flops / 8.0,
         }
     }
 
@@ -145,6 +151,7 @@ mod tests {
     fn known_gpus_keep_their_rates_and_take_the_device_numbers() {
         let p = DeviceProfile::from_cuda_device("NVIDIA H100 80GB HBM3", 132, 79 * GIB);
         assert_eq!(p.peak_tensor_flops, 790e12);
+        assert_eq!(p.ex2_per_s, 132.0 * 16.0 * 1.98e9);
         assert_eq!(p.memory_bytes, 79 * GIB);
         assert_eq!(
             DeviceProfile::from_cuda_device("NVIDIA H200", 132, GIB).mem_bandwidth_bytes_per_s,
@@ -167,6 +174,7 @@ mod tests {
         let a100 = DeviceProfile::a100_80gb();
         let half = |x: f64| x / 2.0;
         assert!((small.peak_tensor_flops - half(a100.peak_tensor_flops)).abs() < 1e6);
+        assert!((small.ex2_per_s - half(a100.ex2_per_s)).abs() < 1e3);
         assert!(
             (small.mem_bandwidth_bytes_per_s - half(a100.mem_bandwidth_bytes_per_s)).abs() < 1e3
         );

@@ -20,6 +20,7 @@ use crate::tiles::{
     TENSOR_CORE_CHUNK_LAUNCHES,
 };
 use glatrain_config::GlaMode;
+use glatrain_ops::selective_scan::kernels::geometry as scan;
 
 /// Share of the measured copy bandwidth a streaming kernel reaches.
 pub const BANDWIDTH_EFFICIENCY: f64 = 0.8;
@@ -47,9 +48,9 @@ pub const FUSED_CHUNK_MIN_WAVES: f64 = 1.0;
 /// The reference ops (tensor ops in fp32) write and read every intermediate: this many times
 /// the chunk schedule's time.
 pub const REFERENCE_OVERHEAD: f64 = 4.0;
-/// Chunk length of the reference selective scan (`DEFAULT_CHUNK` in
-/// crates/ops/src/reference/selective_scan.rs): it materialises `[B, T/C, D, N, C, C]` decays.
-pub const SELECTIVE_SCAN_CHUNK: u64 = 16;
+/// Chunk length of the reference selective scan on a GPU: it materialises `[B, T/C, C, C, D, N]`
+/// decays.
+pub const SELECTIVE_SCAN_CHUNK: u64 = glatrain_ops::reference::selective_scan::DEFAULT_CHUNK as u64;
 /// Passes over the chunk states (and, in bf16/fp16, the chunks' A) in forward+backward: written
 /// and read in forward, the adjoint states written and read in backward.
 const STATE_PASSES: u64 = 4;
@@ -77,12 +78,31 @@ pub fn estimate(shape: &LayerShape, device: &DeviceProfile, mode: LayerOp) -> Es
         // The reference ops keep their states in fp32, as the fp32 kernels do.
         LayerOp::Gla(GlaMode::Reference) => REFERENCE_OVERHEAD * gla_chunk_s(shape, device, false),
         LayerOp::SdpaFused | LayerOp::Sdpa => sdpa_s(shape, device, mode == LayerOp::SdpaFused),
+        LayerOp::SelectiveScan => selective_scan_kernels_s(shape, device),
         LayerOp::SelectiveScanReference => selective_scan_s(shape, device),
     };
     Estimate {
         time_ms: seconds * 1e3,
-        memory_bytes: block_activation_bytes(shape) + op_memory_bytes(shape, mode),
+        memory_bytes: memory_parts(shape, mode).iter().map(|p| p.bytes).sum(),
     }
+}
+
+/// One item of what a layer keeps for its backward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryPart {
+    /// What the tensor is (and its dtype where that is not the activations').
+    pub what: &'static str,
+    /// Bytes per layer and micro-batch.
+    pub bytes: u64,
+}
+
+/// What one layer keeps from its forward for its backward, item by item: the block's
+/// activations ([`block_activation_bytes`]) and the op's own. Their sum is the layer's
+/// [`Estimate::memory_bytes`].
+pub fn memory_parts(shape: &LayerShape, mode: LayerOp) -> Vec<MemoryPart> {
+    let mut parts = block_parts(shape);
+    parts.extend(op_parts(shape, mode));
+    parts
 }
 
 /// Bytes that chunk mode materialises for one layer, by input precision:
@@ -131,53 +151,125 @@ pub fn sdpa_is_fused(shape: &LayerShape, device: &DeviceProfile) -> bool {
         && shape.head_k_dim.max(shape.head_v_dim) <= 256
 }
 
-/// Activation bytes one block (mixer + MLP + norms) keeps for backward, per layer. Counted per
-/// token, in activation precision unless noted:
+/// Activation bytes one block (mixer + MLP + norms) keeps for backward, per layer: the sum of
+/// [`block_parts`].
+pub fn block_activation_bytes(shape: &LayerShape) -> u64 {
+    block_parts(shape).iter().map(|p| p.bytes).sum()
+}
+
+/// The block's activations kept for backward, per layer. Counted per token, in activation
+/// precision unless noted:
 /// - GLA: 4d (two residual inputs, two norm outputs) + q, k (2 dk) + v, g (2 dv) + output,
 ///   its norm and its gate (3 dv) + MLP gate, up, product (3 m) + gk in fp32 (4 bytes * dk),
 ///   and the conv inputs (2 dk + dv) with `short_conv`;
 /// - Transformer: 4d + q and o (2 H D) + k, v (2 H_kv D) + 3m;
-/// - Mamba: 2d + x, z, conv output, its silu, y, gated y (6 d_inner) + delta in fp32.
+/// - Mamba (d_inner = E; crates/models/src/mamba.rs): the fp32 residual stream (4d bytes, kept by
+///   the norm) and the norm's output cast for in_proj (d); in_proj's output x | z (2E: x kept by
+///   the convolution, which reads it in place, z by the scan's gate); the convolution's output
+///   (E, kept by its silu); u (E, time-major, kept by x_proj and the scan); B and C (2N, x_proj's
+///   columns, read in place by the scan); delta (E, dt_proj's output; its bias and softplus run
+///   inside the scan); the scan's output (E, kept by out_proj).
 ///
-/// Neglected: norm statistics and the rank-16 gate projection (< 1%).
-pub fn block_activation_bytes(shape: &LayerShape) -> u64 {
+/// Neglected: norm statistics, the rank-16 gate projection, Mamba's dt_rank columns of x_proj
+/// and its convolution's K - 1 extra outputs per sequence (< 1%).
+pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
     let a = shape.act_bytes();
     let d = shape.hidden_size as u64;
     let m = shape.mlp_size as u64;
     let heads = shape.num_heads as u64;
     let dk = heads * shape.head_k_dim as u64;
     let dv = heads * shape.head_v_dim as u64;
-    let per_token = match shape.model_type {
+    let per_token: Vec<(&'static str, u64)> = match shape.model_type {
         ModelType::Gla => {
-            let conv = if shape.short_conv { 2 * dk + dv } else { 0 };
-            a * (4 * d + 2 * dk + 5 * dv + 3 * m + conv) + 4 * dk
+            let mut parts = vec![
+                ("residual inputs and norm outputs (4 x hidden)", a * 4 * d),
+                ("q, k", a * 2 * dk),
+                ("v, output gate g", a * 2 * dv),
+                ("attention output, its norm and gate", a * 3 * dv),
+                ("MLP gate, up and product", a * 3 * m),
+                ("log forget gates (fp32)", 4 * dk),
+            ];
+            if shape.short_conv {
+                parts.push(("short-convolution inputs", a * (2 * dk + dv)));
+            }
+            parts
         }
         ModelType::Transformer => {
             let kv = shape.num_kv_heads as u64 * shape.head_k_dim as u64;
-            a * (4 * d + 2 * dk + 2 * kv + 3 * m)
+            vec![
+                ("residual inputs and norm outputs (4 x hidden)", a * 4 * d),
+                ("q, attention output", a * 2 * dk),
+                ("k, v", a * 2 * kv),
+                ("MLP gate, up and product", a * 3 * m),
+            ]
         }
-        // num_heads = d_inner for Mamba.
-        ModelType::Mamba => a * (2 * d + 6 * heads) + 4 * heads,
+        ModelType::Mamba => {
+            // num_heads = d_inner, head_k_dim = d_state.
+            let (e, n) = (heads, shape.head_k_dim as u64);
+            vec![
+                ("residual stream (fp32)", 4 * d),
+                ("norm output (in_proj input)", a * d),
+                ("in_proj output x | z", a * 2 * e),
+                ("conv output (silu input)", a * e),
+                ("u (conv + silu)", a * e),
+                ("B, C (x_proj output)", a * 2 * n),
+                ("delta (dt_proj output)", a * e),
+                ("scan output (out_proj input)", a * e),
+            ]
+        }
     };
-    per_token * shape.tokens()
+    per_token
+        .into_iter()
+        .map(|(what, bytes)| MemoryPart {
+            what,
+            bytes: bytes * shape.tokens(),
+        })
+        .collect()
+}
+
+/// Bytes of the selective-scan kernels' chunk-start states: fp32 `[B, ceil(T / 32), E, N]`.
+pub fn scan_checkpoint_bytes(shape: &LayerShape) -> u64 {
+    let chunks = shape.seq_len.div_ceil(scan::CHUNK_LEN as usize) as u64;
+    4 * shape.batch as u64 * chunks * shape.num_heads as u64 * shape.head_k_dim as u64
 }
 
 /// What the op itself keeps on top of the block's activations.
-fn op_memory_bytes(shape: &LayerShape, mode: LayerOp) -> u64 {
+fn op_parts(shape: &LayerShape, mode: LayerOp) -> Vec<MemoryPart> {
     let token_heads = shape.tokens() * shape.num_heads as u64;
     let k = shape.head_k_dim as u64;
+    let part = |what, bytes| vec![MemoryPart { what, bytes }];
     match mode {
-        LayerOp::Gla(GlaMode::Chunk) => chunk_state_bytes(shape),
-        LayerOp::Gla(GlaMode::FusedChunk) | LayerOp::Gla(GlaMode::FusedRecurrent) => 0,
+        LayerOp::Gla(GlaMode::Chunk) => part("chunk states", chunk_state_bytes(shape)),
+        LayerOp::Gla(GlaMode::FusedChunk) | LayerOp::Gla(GlaMode::FusedRecurrent) => Vec::new(),
         // Chunk states, sub-chunk scores and the cumulative gates and gated q, k, all fp32.
-        LayerOp::Gla(GlaMode::Reference) => {
-            chunk_bytes(shape, false) + token_heads * 4 * (SUB_CHUNK as u64 + 3 * k)
-        }
-        // The softmax log-sum-exp, fp32 per token and head.
-        LayerOp::SdpaFused | LayerOp::Sdpa => token_heads * 4,
-        // Per token and channel: the [C, C] decays' row of C * N, plus N each of the states,
-        // exp(delta A) and delta B u, fp32.
-        LayerOp::SelectiveScanReference => token_heads * k * (SELECTIVE_SCAN_CHUNK + 3) * 4,
+        LayerOp::Gla(GlaMode::Reference) => part(
+            "reference: chunk states, scores, cumulative gates, gated q, k (fp32)",
+            chunk_bytes(shape, false) + token_heads * 4 * (SUB_CHUNK as u64 + 3 * k),
+        ),
+        LayerOp::SdpaFused | LayerOp::Sdpa => part("softmax log-sum-exp (fp32)", token_heads * 4),
+        // The fp32 state every 32 steps, and the output before the gate (for dz).
+        LayerOp::SelectiveScan => vec![
+            MemoryPart {
+                what: "scan checkpoints (fp32 state every 32 steps)",
+                bytes: scan_checkpoint_bytes(shape),
+            },
+            MemoryPart {
+                what: "scan output before the gate",
+                bytes: shape.act_bytes() * token_heads,
+            },
+        ],
+        // On the CPU, token by token: per token and channel N each of exp(delta A), delta B u,
+        // the states and the previous state each step's product keeps, fp32.
+        LayerOp::SelectiveScanReference if shape.device == DeviceKind::Cpu.name() => part(
+            "reference scan, token by token: exp(delta A), delta B u, states (fp32, twice)",
+            token_heads * k * 4 * 4,
+        ),
+        // Chunked: per token and channel the [C, C] decays' row of C * N, plus N each of the
+        // states, exp(delta A) and delta B u, fp32.
+        LayerOp::SelectiveScanReference => part(
+            "reference scan, chunked: decays, states, exp(delta A), delta B u (fp32)",
+            token_heads * k * (SELECTIVE_SCAN_CHUNK + 3) * 4,
+        ),
     }
 }
 
@@ -313,8 +405,29 @@ fn sdpa_s(shape: &LayerShape, device: &DeviceProfile, fused: bool) -> f64 {
     roofline + launches_s(device, 3.0)
 }
 
+/// The selective scan's CUDA kernels (kernels/selective_scan.cu), bound by the exponentials
+/// (one `ex2` per element (b, t, d, n) in the forward, two in the backward: its recompute of each
+/// chunk's states and of each 4-step sub-chunk) or by memory: the forward reads u, delta, z and
+/// B, C and writes the output and the pre-gate output; the backward reads those inputs, the
+/// pre-gate output and the output gradient and writes du, ddelta, dz, dB, dC; the chunk-start
+/// states and the dB / dC partials per 64-channel tile are written and read once each.
+fn selective_scan_kernels_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
+    let tokens = shape.tokens() as f64;
+    let (a, e, n) = (
+        shape.act_bytes() as f64,
+        shape.num_heads as f64,
+        shape.head_k_dim as f64,
+    );
+    let exps = 3.0 * tokens * e * n;
+    let tiles = (e / scan::BWD_TILE as f64).ceil();
+    let per_token = a * (13.0 * e + 6.0 * n) + 2.0 * 4.0 * tiles * 2.0 * n;
+    let bytes = tokens * per_token + 2.0 * scan_checkpoint_bytes(shape) as f64;
+    let roofline = (bytes / bandwidth(device)).max(exps / (device.ex2_per_s * COMPUTE_EFFICIENCY));
+    roofline + launches_s(device, scan::LAUNCHES as f64)
+}
+
 /// The reference selective scan: per (token, channel) the decays and states of
-/// [`op_memory_bytes`] are written in forward and read in backward, and the sequential walk
+/// [`op_parts`] are written in forward and read in backward, and the sequential walk
 /// over chunks launches a few ops per chunk.
 fn selective_scan_s(shape: &LayerShape, device: &DeviceProfile) -> f64 {
     let n = (shape.tokens() * shape.num_heads as u64) as f64;
@@ -351,6 +464,68 @@ pub(crate) mod tests {
             device: "cuda".into(),
             decoding: false,
         }
+    }
+
+    /// A one-layer bf16 Mamba shape on CUDA: d_inner `e`, d_state `n`.
+    pub(crate) fn mamba(b: usize, t: usize, hidden: usize, e: usize, n: usize) -> LayerShape {
+        LayerShape {
+            model_type: ModelType::Mamba,
+            num_kv_heads: e,
+            hidden_size: hidden,
+            ..gla(b, t, e, n, 1)
+        }
+    }
+
+    #[test]
+    fn mamba_370m_layer_memory_item_by_item() {
+        // d 1024, E 2048, N 16, 8 x 2048 tokens in bf16. Per token: the fp32 residual (4d), the
+        // norm output (2d), x | z (4E), conv output, u, delta, scan output (2E each), B and C
+        // (4N); the scan adds fp32 states every 32 steps (N E / 8 bytes per token) and the
+        // pre-gate output (2E).
+        let s = mamba(8, 2048, 1024, 2048, 16);
+        let parts = memory_parts(&s, LayerOp::SelectiveScan);
+        let bytes = |what: &str| parts.iter().find(|p| p.what == what).unwrap().bytes;
+        let tokens = 16384;
+        assert_eq!(bytes("residual stream (fp32)"), tokens * 4 * 1024);
+        assert_eq!(bytes("in_proj output x | z"), tokens * 2 * 2 * 2048);
+        assert_eq!(bytes("B, C (x_proj output)"), tokens * 2 * 32);
+        assert_eq!(
+            bytes("scan checkpoints (fp32 state every 32 steps)"),
+            8 * 64 * 2048 * 16 * 4
+        );
+        assert_eq!(bytes("scan output before the gate"), tokens * 2 * 2048);
+        let per_token = 4 * 1024 + 2 * (1024 + 6 * 2048 + 2 * 16);
+        let total = tokens * per_token + 2 * 8 * 64 * 2048 * 16 * 4;
+        let h100 = DeviceProfile::h100_sxm();
+        assert_eq!(
+            estimate(&s, &h100, LayerOp::SelectiveScan).memory_bytes,
+            total
+        );
+        assert_eq!(block_activation_bytes(&s), tokens * per_token);
+        // 609 MiB per layer: 28.5 GiB for Mamba-370M's 48 layers.
+        assert_eq!(total / (1 << 20), 609);
+    }
+
+    #[test]
+    fn the_scan_kernels_are_bound_by_their_exponentials_at_mamba_shapes() {
+        // 8 x 2048 x 2048 x 16: 3 ex2 per element (one forward, two backward) = 1.61e9 at
+        // 132 x 16 x 1.98 GHz, derated by the compute efficiency: 0.64 ms, over the 0.48 ms
+        // its bytes take; mamba_ssm's kernels take 3.25 ms (bench/anchors.json).
+        let h100 = DeviceProfile::h100_sxm();
+        let s = mamba(8, 2048, 1024, 2048, 16);
+        let t = estimate(&s, &h100, LayerOp::SelectiveScan).time_ms;
+        let exps = 3.0 * 16384.0 * 2048.0 * 16.0 / (h100.ex2_per_s * COMPUTE_EFFICIENCY) * 1e3;
+        assert!((exps - 0.642).abs() < 0.001, "{exps}");
+        assert!(
+            (t - exps - 4.0 * LAUNCH_S * 1e3).abs() < 1e-9,
+            "{t} vs {exps}"
+        );
+        // Linear in T and in d_state; far below the reference's tensor ops.
+        let long = mamba(1, 16384, 1024, 2048, 16);
+        let ratio = estimate(&long, &h100, LayerOp::SelectiveScan).time_ms / t;
+        assert!((ratio - 1.0).abs() < 0.01, "{ratio}");
+        let reference = estimate(&s, &h100, LayerOp::SelectiveScanReference).time_ms;
+        assert!(reference > 3.0 * t, "{reference} vs {t}");
     }
 
     /// `shape` in fp32 (the kernels of kernels/gla.cu for every mode).

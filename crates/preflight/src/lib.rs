@@ -26,13 +26,15 @@ pub mod tiles;
 pub use device::{DeviceKind, DeviceProfile};
 pub use error::PreflightError;
 pub use estimate::{
-    block_activation_bytes, chunk_state_bytes, estimate, fused_chunk_blocks, Estimate,
-    BACKWARD_FLOP_FACTOR, BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY,
+    block_activation_bytes, block_parts, chunk_state_bytes, estimate, fused_chunk_blocks,
+    memory_parts, scan_checkpoint_bytes, Estimate, MemoryPart, BACKWARD_FLOP_FACTOR,
+    BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY,
 };
 pub use measure::{measure, ModeTimer, SoftmaxTiming, MEASURE_RECURRENT_MAX_T};
 pub use op::{LayerOp, Source};
 pub use report::{
     MemoryEstimate, Report, Row, BYTES_PER_PARAMETER, CUDA_RUNTIME_BYTES, ESTIMATE_NOTE,
+    LOSS_BYTES_PER_LOGIT,
 };
 pub use rules::{
     choose_mode, softmax_advice, Decision, BAD_FIT_FACTOR, FUSED_RECURRENT_MAX_T,

@@ -16,18 +16,21 @@ pub enum LayerOp {
     /// Transformer: causal `scaled_dot_product_attention` where no fused kernel applies (CPU,
     /// fp32, head dim > 256); libtorch runs another backend.
     Sdpa,
+    /// Mamba: the selective scan's CUDA kernels (kernels/selective_scan.cu).
+    SelectiveScan,
     /// Mamba: the selective scan in tensor ops (sequential on a CPU, chunked on a GPU).
     SelectiveScanReference,
 }
 
 impl LayerOp {
     /// The spelling used in the table and the JSON: a GLA mode's config name ("chunk",
-    /// "fused_chunk", ...), "sdpa_fused", "sdpa" or "selective_scan_reference".
+    /// "fused_chunk", ...), "sdpa_fused", "sdpa", "selective_scan" or "selective_scan_reference".
     pub fn name(self) -> &'static str {
         match self {
             LayerOp::Gla(mode) => mode.name(),
             LayerOp::SdpaFused => "sdpa_fused",
             LayerOp::Sdpa => "sdpa",
+            LayerOp::SelectiveScan => "selective_scan",
             LayerOp::SelectiveScanReference => "selective_scan_reference",
         }
     }
@@ -54,6 +57,7 @@ impl TryFrom<String> for LayerOp {
         let baselines = [
             LayerOp::SdpaFused,
             LayerOp::Sdpa,
+            LayerOp::SelectiveScan,
             LayerOp::SelectiveScanReference,
         ];
         GlaMode::from_name(&name)
@@ -98,6 +102,7 @@ mod tests {
         let ops = GlaMode::ALL.map(LayerOp::Gla).into_iter().chain([
             LayerOp::SdpaFused,
             LayerOp::Sdpa,
+            LayerOp::SelectiveScan,
             LayerOp::SelectiveScanReference,
         ]);
         for op in ops {

@@ -12,6 +12,7 @@ use crate::op::{LayerOp, Source};
 use crate::report::{human_bytes, ms};
 use crate::shape::{LayerShape, ModelType};
 use crate::tiles::{Padding, CHUNK_SIZE};
+use glatrain_ops::selective_scan::kernels::geometry::MAX_STATES as MAX_SCAN_STATES;
 
 /// Longest sequence that runs token by token: up to one chunk, the chunked schedules have no
 /// chunks to spread over and fused_recurrent needs no state pass.
@@ -50,9 +51,10 @@ pub struct Decision {
 /// Picks the op of one layer shape. The rules, in order (the first that applies decides):
 ///
 /// 1. **Baselines.** Transformer layers run causal SDPA (a fused kernel on CUDA in bf16/fp16 with
-///    head dim <= 256, FlashAttention or cuDNN as libtorch picks, else the unfused math); Mamba layers run the reference
-///    selective scan. `kernels.mode` concerns GLA only; a forced mode here is reported as
-///    not applying.
+///    head dim <= 256, FlashAttention or cuDNN as libtorch picks, else the unfused math); Mamba
+///    layers run the selective scan's CUDA kernels (d_state up to 256), else (CPU, larger
+///    d_state) the tensor-op reference. `kernels.mode` concerns GLA only; a forced mode here is
+///    reported as not applying.
 /// 2. **CPU -> reference.** The CUDA kernels need a GPU; the reference tensor ops run anywhere.
 ///    A forced CUDA mode on CPU is reported and replaced.
 /// 3. **Forced -> respected.** `kernels.mode` other than `auto` is what the user asked for; it
@@ -101,19 +103,24 @@ fn baseline(shape: &LayerShape, device: &DeviceProfile, forced: ModeChoice) -> D
                 shape.head_k_dim
             ),
         ),
-        _ => (
+        _ if device.kind == DeviceKind::Cpu => (
             LayerOp::SelectiveScanReference,
-            match device.kind {
-                DeviceKind::Cpu => {
-                    "Mamba: the selective scan in tensor ops, token by token \
-                                   (on a CPU faster than the chunked form)"
-                }
-                DeviceKind::Cuda => {
-                    "Mamba: the selective scan in tensor ops, chunked \
-                                    (no CUDA scan kernel yet)"
-                }
-            }
-            .to_owned(),
+            "Mamba: the selective scan in tensor ops, token by token (the CUDA kernels need a GPU)"
+                .to_owned(),
+        ),
+        _ if shape.head_k_dim as i64 > MAX_SCAN_STATES => (
+            LayerOp::SelectiveScanReference,
+            format!(
+                "Mamba: d_state = {} is more than the {MAX_SCAN_STATES} states the CUDA scan \
+                 kernels take: the selective scan in tensor ops, chunked",
+                shape.head_k_dim
+            ),
+        ),
+        _ => (
+            LayerOp::SelectiveScan,
+            "Mamba: the selective scan's CUDA kernels (the state stays on chip; the forward \
+             keeps it in fp32 every 32 steps for the backward's recompute)"
+                .to_owned(),
         ),
     };
     let mut d = decide(shape, device, mode, Source::Rules, reason);
@@ -856,7 +863,18 @@ mod tests {
         };
         let d = auto(&m, &DeviceProfile::cpu());
         assert_eq!(d.op, LayerOp::SelectiveScanReference);
+        assert!(d.reason.contains("token by token"), "{}", d.reason);
         assert!(d.est_memory_bytes > 0 && d.est_time_ms > 0.0);
+        let d = auto(&m, &h100);
+        assert_eq!(d.op, LayerOp::SelectiveScan);
+        assert!(d.reason.contains("CUDA kernels"), "{}", d.reason);
+        let wide = LayerShape {
+            head_k_dim: 512,
+            ..m
+        };
+        let d = auto(&wide, &h100);
+        assert_eq!(d.op, LayerOp::SelectiveScanReference);
+        assert!(d.reason.contains("d_state = 512"), "{}", d.reason);
     }
 
     #[test]

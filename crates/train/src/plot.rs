@@ -1,16 +1,10 @@
-//! The perplexity-by-position chart (`ppl_by_position.png`), drawn with plotters into a bitmap.
-//! Text uses DejaVu Sans Mono, embedded (`assets/`, Bitstream Vera licence) so the chart needs
-//! no system fonts.
+//! The perplexity-by-position chart (`ppl_by_position.png`), drawn with plotters into a bitmap,
+//! its text in glatrain-plot's embedded font (no system fonts needed).
 
 use std::path::Path;
-use std::sync::OnceLock;
 
+use glatrain_plot::{register_font, FONT_FAMILY};
 use plotters::prelude::*;
-use plotters::style::FontStyle;
-
-const FONT_FAMILY: &str = "glatrain-mono";
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
-static FONT_REGISTERED: OnceLock<bool> = OnceLock::new();
 
 /// One point of the chart: positions `[start, end)` and their perplexity.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,12 +35,7 @@ pub fn draw_ppl_by_position(
     if points.is_empty() {
         return Err(err("no buckets to draw".into()));
     }
-    let registered = *FONT_REGISTERED.get_or_init(|| {
-        plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, FONT).is_ok()
-    });
-    if !registered {
-        return Err(err("the embedded font does not load".into()));
-    }
+    register_font().map_err(err)?;
 
     let x_max = points.iter().map(|p| p.end).max().unwrap_or(1) as f64;
     let finite: Vec<f64> = points

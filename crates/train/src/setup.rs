@@ -147,8 +147,14 @@ pub fn prepare_kernels(cfg: &ResolvedConfig, device: Device, mode: GlaMode, kind
     let Device::Cuda(ordinal) = device else {
         return;
     };
-    if let ModelConfig::Gla(_) = &cfg.config.model {
-        std::thread::spawn(move || glatrain_ops::gla::prepare(ordinal, kind, mode, false));
+    match &cfg.config.model {
+        ModelConfig::Gla(_) => {
+            std::thread::spawn(move || glatrain_ops::gla::prepare(ordinal, kind, mode, false));
+        }
+        ModelConfig::Mamba(_) => {
+            std::thread::spawn(move || glatrain_ops::selective_scan::prepare(ordinal, kind, false));
+        }
+        ModelConfig::Transformer(_) => {}
     }
     std::thread::spawn(move || {
         for k in [Kind::Float, kind] {

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t      (per channel d and state n)
-//! y_t = C_t . h_t + D * u_t
+//! y_t = C_t . h_t + D * u_t                                   (D optional)
 //! ```
 //!
 //! `delta` is already softplus'ed and biased by the caller and A is negative, so `delta * A` <= 0
@@ -34,8 +34,13 @@ struct Dims {
 ///
 /// # Panics
 /// On any shape mismatch, naming the tensor and its shape.
-fn check_inputs(form: &str, inputs: [&Tensor; 6], initial_state: Option<&Tensor>) -> Dims {
-    let [u, delta, a, b, c, d] = inputs;
+fn check_inputs(
+    form: &str,
+    inputs: [&Tensor; 5],
+    d: Option<&Tensor>,
+    initial_state: Option<&Tensor>,
+) -> Dims {
+    let [u, delta, a, b, c] = inputs;
     let us = u.size();
     assert!(
         us.len() == 3,
@@ -69,12 +74,14 @@ fn check_inputs(form: &str, inputs: [&Tensor; 6], initial_state: Option<&Tensor>
         "{form}: C has shape {:?}, expected [B, T, N] = {bc:?}",
         c.size()
     );
-    assert!(
-        d.size() == [dims.channels],
-        "{form}: D has shape {:?}, expected [{}]",
-        d.size(),
-        dims.channels
-    );
+    if let Some(d) = d {
+        assert!(
+            d.size() == [dims.channels],
+            "{form}: D has shape {:?}, expected [{}]",
+            d.size(),
+            dims.channels
+        );
+    }
     if let Some(h) = initial_state {
         let expected = [dims.batch, dims.channels, dims.states];
         assert!(
@@ -111,15 +118,19 @@ pub fn selective_scan_sequential(
     a: &Tensor,
     b: &Tensor,
     c: &Tensor,
-    d: &Tensor,
+    d: Option<&Tensor>,
     initial_state: Option<&Tensor>,
 ) -> (Tensor, Tensor) {
     let dims = check_inputs(
         "selective_scan_sequential",
-        [u, delta, a, b, c, d],
+        [u, delta, a, b, c],
+        d,
         initial_state,
     );
-    let kind = compute_kind(&[u, delta, a, b, c, d], initial_state);
+    let kind = compute_kind(
+        &[u, delta, a, b, c].into_iter().chain(d).collect::<Vec<_>>(),
+        initial_state,
+    );
     let mut h = start_state(initial_state, dims, kind, u.device());
     if dims.seq == 0 {
         return (u.zeros_like(), h);
@@ -141,8 +152,8 @@ pub fn selective_scan_sequential(
         states.push(h.shallow_clone());
     }
     let states = Tensor::stack(&states, 1); // [B, T, D, N]
-    let y = states.matmul(&c.unsqueeze(-1)).squeeze_dim(-1) + &u_c * d.to_kind(kind); // [B, T, D]
-    (y.to_kind(u.kind()), h)
+    let y = states.matmul(&c.unsqueeze(-1)).squeeze_dim(-1); // [B, T, D]
+    (with_skip(y, &u_c, d).to_kind(u.kind()), h)
 }
 
 /// Chunked scan: within each chunk of `chunk_size` steps the states come from element-wise
@@ -176,7 +187,7 @@ pub fn selective_scan_chunked(
     a: &Tensor,
     b: &Tensor,
     c: &Tensor,
-    d: &Tensor,
+    d: Option<&Tensor>,
     initial_state: Option<&Tensor>,
     chunk_size: i64,
 ) -> (Tensor, Tensor) {
@@ -186,10 +197,14 @@ pub fn selective_scan_chunked(
     );
     let dims = check_inputs(
         "selective_scan_chunked",
-        [u, delta, a, b, c, d],
+        [u, delta, a, b, c],
+        d,
         initial_state,
     );
-    let kind = compute_kind(&[u, delta, a, b, c, d], initial_state);
+    let kind = compute_kind(
+        &[u, delta, a, b, c].into_iter().chain(d).collect::<Vec<_>>(),
+        initial_state,
+    );
     let device = u.device();
     let mut h = start_state(initial_state, dims, kind, device);
     if dims.seq == 0 {
@@ -231,8 +246,15 @@ pub fn selective_scan_chunked(
     let y = y
         .reshape([dims.batch, padded, dims.channels])
         .narrow(1, 0, dims.seq);
-    let y = y + u.to_kind(kind) * d.to_kind(kind);
-    (y.to_kind(u.kind()), h)
+    (with_skip(y, &u.to_kind(kind), d).to_kind(u.kind()), h)
+}
+
+/// `y + D u` (D broadcast over B and T), or `y` without D.
+fn with_skip(y: Tensor, u: &Tensor, d: Option<&Tensor>) -> Tensor {
+    match d {
+        Some(d) => y + u * d.to_kind(u.kind()),
+        None => y,
+    }
 }
 
 #[cfg(test)]
@@ -300,10 +322,23 @@ mod tests {
                             let h0 = with_state.then_some(&x.h0);
                             let what = format!("{kind:?} T {t} D {dd} N {n} chunk {chunk} {steps:?} state {with_state}");
                             let (y_s, h_s) = selective_scan_sequential(
-                                &x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, h0,
+                                &x.u,
+                                &x.delta,
+                                &x.a,
+                                &x.b,
+                                &x.c,
+                                Some(&x.d),
+                                h0,
                             );
                             let (y_c, h_c) = selective_scan_chunked(
-                                &x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, h0, chunk,
+                                &x.u,
+                                &x.delta,
+                                &x.a,
+                                &x.b,
+                                &x.c,
+                                Some(&x.d),
+                                h0,
+                                chunk,
                             );
                             assert!(
                                 all_finite(&y_c) && all_finite(&h_c),
@@ -335,7 +370,8 @@ mod tests {
     #[test]
     fn sequential_matches_the_recurrence_by_hand() {
         let x = inputs(5, [1, 3, 1, 2], Steps::Mild, Kind::Double);
-        let (y, h) = selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, Some(&x.h0));
+        let (y, h) =
+            selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
         let at = |t: &Tensor, idx: &[i64]| t.double_value(idx);
         let mut state = [at(&x.h0, &[0, 0, 0]), at(&x.h0, &[0, 0, 1])];
         for t in 0..3 {
@@ -358,10 +394,19 @@ mod tests {
         type Form = fn(&[Tensor], Option<&Tensor>) -> (Tensor, Tensor);
         let forms: [(&str, Form); 2] = [
             ("sequential", |a, h| {
-                selective_scan_sequential(&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], h)
+                selective_scan_sequential(&a[0], &a[1], &a[2], &a[3], &a[4], Some(&a[5]), h)
             }),
             ("chunked", |a, h| {
-                selective_scan_chunked(&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], h, DEFAULT_CHUNK)
+                selective_scan_chunked(
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    &a[4],
+                    Some(&a[5]),
+                    h,
+                    DEFAULT_CHUNK,
+                )
             }),
         ];
         // A and D have no time axis; the others are cut along time.
@@ -395,10 +440,27 @@ mod tests {
         type Form = fn(&[Tensor]) -> (Tensor, Tensor);
         let forms: [(&str, Form); 3] = [
             ("sequential", |a| {
-                selective_scan_sequential(&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], Some(&a[6]))
+                selective_scan_sequential(
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    &a[4],
+                    Some(&a[5]),
+                    Some(&a[6]),
+                )
             }),
             ("chunked 4", |a| {
-                selective_scan_chunked(&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], Some(&a[6]), 4)
+                selective_scan_chunked(
+                    &a[0],
+                    &a[1],
+                    &a[2],
+                    &a[3],
+                    &a[4],
+                    Some(&a[5]),
+                    Some(&a[6]),
+                    4,
+                )
             }),
             ("chunked default", |a| {
                 selective_scan_chunked(
@@ -407,7 +469,7 @@ mod tests {
                     &a[2],
                     &a[3],
                     &a[4],
-                    &a[5],
+                    Some(&a[5]),
                     Some(&a[6]),
                     DEFAULT_CHUNK,
                 )
@@ -443,8 +505,16 @@ mod tests {
             .map(|t| t.detach().set_requires_grad(true))
             .collect();
         let l = &leaves;
-        let (y, h) =
-            selective_scan_chunked(&l[0], &l[1], &l[2], &l[3], &l[4], &l[5], Some(&l[6]), 64);
+        let (y, h) = selective_scan_chunked(
+            &l[0],
+            &l[1],
+            &l[2],
+            &l[3],
+            &l[4],
+            Some(&l[5]),
+            Some(&l[6]),
+            64,
+        );
         let loss = y.sum(Kind::Float) + h.sum(Kind::Float);
         for (grad, name) in Tensor::run_backward(&[loss], l, false, false)
             .iter()
@@ -465,7 +535,7 @@ mod tests {
         let cuda = Device::Cuda(0);
         let x = inputs(61, [2, 130, 5, 16], Steps::Strong, Kind::Double);
         let (y_ref, h_ref) =
-            selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, Some(&x.h0));
+            selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
         for (kind, tol) in [(Kind::Double, 1e-10), (Kind::Float, 1e-5)] {
             let leaves: Vec<Tensor> = [&x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, &x.h0]
                 .iter()
@@ -478,7 +548,7 @@ mod tests {
                 &l[2],
                 &l[3],
                 &l[4],
-                &l[5],
+                Some(&l[5]),
                 Some(&l[6]),
                 DEFAULT_CHUNK,
             );
@@ -495,10 +565,19 @@ mod tests {
     #[test]
     fn dtypes_output_follows_u_and_state_is_at_least_f32() {
         let x = inputs(31, [1, 9, 2, 3], Steps::Mild, Kind::BFloat16);
-        let (y, h) =
-            selective_scan_chunked(&x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, None, DEFAULT_CHUNK);
+        let (y, h) = selective_scan_chunked(
+            &x.u,
+            &x.delta,
+            &x.a,
+            &x.b,
+            &x.c,
+            Some(&x.d),
+            None,
+            DEFAULT_CHUNK,
+        );
         assert_eq!((y.kind(), h.kind()), (Kind::BFloat16, Kind::Float));
-        let (y, h) = selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, Some(&x.h0));
+        let (y, h) =
+            selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
         assert_eq!((y.kind(), h.kind()), (Kind::BFloat16, Kind::Float));
     }
 
@@ -511,7 +590,7 @@ mod tests {
             &x.a,
             &x.b,
             &x.c,
-            &x.d,
+            Some(&x.d),
             Some(&x.h0),
             DEFAULT_CHUNK,
         );
@@ -526,6 +605,6 @@ mod tests {
     fn mismatched_a_is_reported_with_shapes() {
         let x = inputs(51, [1, 4, 2, 3], Steps::Mild, Kind::Float);
         let a = Tensor::zeros([3, 3], (Kind::Float, Device::Cpu));
-        let _ = selective_scan_sequential(&x.u, &x.delta, &a, &x.b, &x.c, &x.d, None);
+        let _ = selective_scan_sequential(&x.u, &x.delta, &a, &x.b, &x.c, Some(&x.d), None);
     }
 }
