@@ -498,7 +498,9 @@ mod tests {
             "model.init_from = \" \": must name a Hugging Face model directory",
         );
         assert_err(
-            check(transformer(), |c| transformer_mut(c).init_from = Some(String::new())),
+            check(transformer(), |c| {
+                transformer_mut(c).init_from = Some(String::new())
+            }),
             "model.init_from = \"\": must name",
         );
     }

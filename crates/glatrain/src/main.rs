@@ -3,11 +3,15 @@
 
 mod cli;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use cli::{BenchArgs, Cli, Command, EvalArgs, PreflightArgs, PrepareArgs, SampleArgs, TrainArgs};
+use cli::{
+    BenchArgs, Cli, Command, EvalArgs, ExportArgs, PreflightArgs, PrepareArgs, SampleArgs,
+    TrainArgs,
+};
 
 /// Any failure a command can end with.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +24,11 @@ enum AppError {
     Train(#[from] glatrain_train::TrainError),
     #[error(transparent)]
     Bench(#[from] glatrain_bench::BenchError),
+    #[error("{}: cannot write: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AppError {
@@ -29,6 +38,7 @@ impl AppError {
             AppError::Data(e) => e.is_bad_input(),
             AppError::Train(e) => e.is_bad_input(),
             AppError::Bench(e) => e.is_bad_input(),
+            AppError::Write { .. } => false,
         };
         if bad_input {
             2
@@ -45,6 +55,7 @@ fn main() -> ExitCode {
         Some(Command::Train(args)) => train(args),
         Some(Command::Eval(args)) => eval(args),
         Some(Command::Sample(args)) => sample(args),
+        Some(Command::Export(args)) => export(args),
         Some(Command::Prepare(args)) => prepare(args),
         Some(Command::Preflight(args)) => preflight(args),
         Some(Command::Bench(args)) => bench(args),
@@ -90,6 +101,11 @@ fn preflight(args: PreflightArgs) -> Result<(), AppError> {
 }
 
 fn eval(args: EvalArgs) -> Result<(), AppError> {
+    if let Some(text) = &args.text {
+        let report = glatrain_train::evaluate_text(&args.checkpoint, text, &args.text_field)?;
+        println!("{report}");
+        return write_json(args.json.as_deref(), &report);
+    }
     let report = glatrain_train::evaluate(
         &args.checkpoint,
         args.data.as_deref(),
@@ -97,6 +113,33 @@ fn eval(args: EvalArgs) -> Result<(), AppError> {
         args.plot.as_deref(),
     )?;
     println!("{report}");
+    write_json(args.json.as_deref(), &report)
+}
+
+/// Writes `report` as JSON to `path`, when one is given.
+fn write_json(path: Option<&Path>, report: &impl serde::Serialize) -> Result<(), AppError> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let write_err = |source| AppError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = serde_json::to_vec_pretty(report).map_err(|e| write_err(e.into()))?;
+    glatrain_fs::write_atomic(path, &bytes).map_err(write_err)
+}
+
+fn export(args: ExportArgs) -> Result<(), AppError> {
+    let dtype = glatrain_hub::Dtype::from_name(&args.dtype).expect("clap checks --dtype");
+    let summary = glatrain_train::export(&args.checkpoint, &args.out, dtype, args.force)?;
+    println!(
+        "{}: {} ({} weights) from {}: {}",
+        summary.out.display(),
+        summary.architecture,
+        summary.dtype.name(),
+        summary.checkpoint.display(),
+        summary.files.join(", ")
+    );
     Ok(())
 }
 

@@ -75,7 +75,9 @@ pub fn to_json(model: &ModelConfig, seq_len: usize, dtype: Dtype) -> Result<Valu
         "pad_token_id": null,
         "use_cache": true,
     });
-    let object = config.as_object_mut().expect("the class configs are JSON objects");
+    let object = config
+        .as_object_mut()
+        .expect("the class configs are JSON objects");
     for (key, value) in common.as_object().expect("a JSON object") {
         object.insert(key.clone(), value.clone());
     }
@@ -648,7 +650,11 @@ fn function_fields(model: &ModelConfig) -> Vec<Field> {
                 ("num_heads", "num_heads", json!(m.num_heads)),
                 ("expand_k", "expand_k", json!(m.expand_k)),
                 ("expand_v", "expand_v", json!(m.expand_v)),
-                ("intermediate_size", "intermediate_size", json!(m.mlp_size())),
+                (
+                    "intermediate_size",
+                    "intermediate_size",
+                    json!(m.mlp_size()),
+                ),
                 (
                     "gate_low_rank_dim",
                     "gate_low_rank_dim",
@@ -660,9 +666,17 @@ fn function_fields(model: &ModelConfig) -> Vec<Field> {
                     json!(m.gate_logit_normalizer),
                 ),
                 ("use_short_conv", "use_short_conv", json!(m.use_short_conv)),
-                ("use_output_gate", "use_output_gate", json!(m.use_output_gate)),
+                (
+                    "use_output_gate",
+                    "use_output_gate",
+                    json!(m.use_output_gate),
+                ),
                 ("norm_eps", "norm_eps", json!(m.norm_eps)),
-                ("tie_embeddings", "tie_word_embeddings", json!(m.tie_embeddings)),
+                (
+                    "tie_embeddings",
+                    "tie_word_embeddings",
+                    json!(m.tie_embeddings),
+                ),
             ];
             if m.use_short_conv {
                 fields.push(("conv_size", "conv_size", json!(m.conv_size)));
@@ -675,10 +689,18 @@ fn function_fields(model: &ModelConfig) -> Vec<Field> {
             ("num_layers", "num_hidden_layers", json!(m.num_layers)),
             ("num_heads", "num_attention_heads", json!(m.num_heads)),
             ("num_kv_heads", "num_key_value_heads", json!(m.kv_heads())),
-            ("intermediate_size", "intermediate_size", json!(m.mlp_size())),
+            (
+                "intermediate_size",
+                "intermediate_size",
+                json!(m.mlp_size()),
+            ),
             ("rope_theta", "rope_theta", json!(m.rope_theta)),
             ("norm_eps", "rms_norm_eps", json!(m.norm_eps)),
-            ("tie_embeddings", "tie_word_embeddings", json!(m.tie_embeddings)),
+            (
+                "tie_embeddings",
+                "tie_word_embeddings",
+                json!(m.tie_embeddings),
+            ),
         ],
         ModelConfig::Mamba(m) => vec![
             ("vocab_size", "vocab_size", json!(m.vocab_size)),
@@ -689,7 +711,11 @@ fn function_fields(model: &ModelConfig) -> Vec<Field> {
             ("conv_size", "conv_kernel", json!(m.conv_size)),
             ("dt_rank", "time_step_rank", json!(m.dt_rank())),
             ("norm_eps", "layer_norm_epsilon", json!(m.norm_eps)),
-            ("tie_embeddings", "tie_word_embeddings", json!(m.tie_embeddings)),
+            (
+                "tie_embeddings",
+                "tie_word_embeddings",
+                json!(m.tie_embeddings),
+            ),
         ],
     }
 }
@@ -971,8 +997,9 @@ mod tests {
         let err = to_json(&model, 128, Dtype::Fp32).unwrap_err();
         assert!(err.is_bad_input());
         assert!(
-            err.to_string()
-                .starts_with("model.gate_logit_normalizer = 8: fla's GLAForCausalLM always uses 16"),
+            err.to_string().starts_with(
+                "model.gate_logit_normalizer = 8: fla's GLAForCausalLM always uses 16"
+            ),
             "{err}"
         );
     }

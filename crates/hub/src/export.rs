@@ -82,11 +82,10 @@ pub fn write_model_dir(
     fs::create_dir_all(parent).map_err(write_err(parent))?;
     let tmp = glatrain_fs::temporary_name(out);
     fs::create_dir(&tmp).map_err(write_err(&tmp))?;
-    let written = fill(&tmp, export, &config, tokenizer.as_deref())
-        .and_then(|files| {
-            glatrain_fs::publish_dir(&tmp, out).map_err(write_err(out))?;
-            Ok(files)
-        });
+    let written = fill(&tmp, export, &config, tokenizer.as_deref()).and_then(|files| {
+        glatrain_fs::publish_dir(&tmp, out).map_err(write_err(out))?;
+        Ok(files)
+    });
     if written.is_err() {
         // Best effort: the half-written directory is useless; the error is what matters.
         let _ = fs::remove_dir_all(&tmp);
@@ -203,4 +202,3 @@ pub(crate) fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> HubError +
         source,
     }
 }
-

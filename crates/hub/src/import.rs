@@ -106,11 +106,10 @@ impl ModelDir {
         let (weights_path, files) = self.weight_files()?;
         let mut found: BTreeMap<String, HfTensor> = BTreeMap::new();
         for file in files {
-            let tensors =
-                Tensor::read_safetensors(&file).map_err(|e| HubError::Tensors {
-                    path: file.clone(),
-                    message: e.to_string(),
-                })?;
+            let tensors = Tensor::read_safetensors(&file).map_err(|e| HubError::Tensors {
+                path: file.clone(),
+                message: e.to_string(),
+            })?;
             for (hf_name, tensor) in tensors {
                 if NameMap::is_ignored_hf(&hf_name) {
                     continue;
@@ -148,7 +147,10 @@ impl ModelDir {
             }
         }
         let params: BTreeSet<&str> = vars.iter().map(|(name, _)| name.as_str()).collect();
-        if let Some(extra) = found.iter().find(|(name, _)| !params.contains(name.as_str())) {
+        if let Some(extra) = found
+            .iter()
+            .find(|(name, _)| !params.contains(name.as_str()))
+        {
             let hf = extra.1;
             return Err(HubError::UnexpectedTensor {
                 path: hf.file.clone(),

@@ -230,8 +230,10 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>
 
 fn edit_weights(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
     let path = dir.join("model.safetensors");
-    let mut tensors: BTreeMap<String, Tensor> =
-        Tensor::read_safetensors(&path).unwrap().into_iter().collect();
+    let mut tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .collect();
     edit(&mut tensors);
     let list: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     Tensor::write_safetensors(&list, &path).unwrap();
@@ -276,7 +278,10 @@ fn a_tensor_of_the_wrong_shape_is_named_with_both_shapes() {
     let dir = exported_gla(tmp.path());
     let name = "model.layers.0.attn.q_proj.weight";
     edit_weights(&dir, |w| {
-        w.insert(name.into(), Tensor::zeros([8, 32], (Kind::Float, Device::Cpu)));
+        w.insert(
+            name.into(),
+            Tensor::zeros([8, 32], (Kind::Float, Device::Cpu)),
+        );
     });
     assert_refused(
         import(&gla(), &dir),
@@ -363,11 +368,7 @@ fn split_weights_and_flas_unfused_norm_names_are_read() {
         }
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": map});
-    fs::write(
-        dir.join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
+    fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     edit_config(&dir, |c| {
         c.insert("fuse_norm".into(), false.into());
     });
@@ -402,7 +403,10 @@ fn the_target_is_never_overwritten_by_accident() {
     );
     let tokenizer_config = read_json(&out.join("tokenizer_config.json"));
     assert_eq!(tokenizer_config["model_max_length"], 64);
-    assert_eq!(tokenizer_config["tokenizer_class"], "PreTrainedTokenizerFast");
+    assert_eq!(
+        tokenizer_config["tokenizer_class"],
+        "PreTrainedTokenizerFast"
+    );
 
     let err = write_model_dir(&out, &e, false).unwrap_err();
     assert!(matches!(err, HubError::OutputExists { .. }), "{err}");

@@ -24,6 +24,16 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// Writing or reading a Hugging Face model directory (`glatrain export`).
+    #[error(transparent)]
+    Hub(#[from] glatrain_hub::HubError),
+    /// `model.init_from` names a directory that cannot start this run.
+    #[error("{source_name}: model.init_from = {dir:?}: {source}")]
+    InitFrom {
+        source_name: String,
+        dir: String,
+        source: glatrain_hub::HubError,
+    },
     /// A config key whose value cannot be used here (device, thread count, ...).
     #[error("{source_name}: {key} = {value}: {reason}")]
     BadValue {
@@ -84,6 +94,7 @@ impl TrainError {
             TrainError::Checkpoint(e) => e.is_bad_input(),
             TrainError::Preflight(e) => e.is_bad_input(),
             TrainError::Kernels(e) => e.is_bad_input(),
+            TrainError::Hub(e) | TrainError::InitFrom { source: e, .. } => e.is_bad_input(),
             TrainError::BadValue { .. }
             | TrainError::BadArgument(_)
             | TrainError::CheckpointMismatch { .. }

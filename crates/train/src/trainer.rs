@@ -167,6 +167,7 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
         precision: tc.precision,
         glatrain_version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    crate::init_from::apply(cfg, &vs, resume_dir.is_some())?;
     let (loader, state) = match &resume_dir {
         None => {
             let loader = BatchLoader::new(
