@@ -193,8 +193,9 @@ fn mamba_json(m: &MambaConfig) -> Value {
         "time_step_max": m.dt_max,
         "time_step_init_scheme": "random",
         "time_step_floor": m.dt_init_floor,
-        // glatrain divides out_proj's initial weights by sqrt(num_layers), as this asks.
-        "rescale_prenorm_residual": true,
+        // Off although glatrain initialises out_proj rescaled: transformers applies the rescaling
+        // to loaded weights too (seen in 5.25), which would change the model.
+        "rescale_prenorm_residual": false,
         "tie_word_embeddings": m.tie_embeddings,
     })
 }
@@ -877,6 +878,7 @@ mod tests {
             ("use_bias", json!(false)),
             ("use_conv_bias", json!(true)),
             ("residual_in_fp32", json!(true)),
+            ("rescale_prenorm_residual", json!(false)),
             ("layer_norm_epsilon", json!(1e-6)),
             ("tie_word_embeddings", json!(false)),
             ("dtype", json!("float16")),
