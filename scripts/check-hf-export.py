@@ -11,7 +11,7 @@ or mismatched keys; `glatrain eval --text` on the text; and the same tokens, in 
 a fresh state), through the transformers model. Prints both losses and their difference and exits
 1 when a relative difference exceeds --tol.
 
-Exits 0 with a skip message where `transformers` is not installed. A GLA checkpoint needs
+Exits 0 with a skip message where torch or `transformers` is not installed. A GLA checkpoint needs
 flash-linear-attention (`import fla`, which registers GLAForCausalLM) and a CUDA device (its
 kernels are Triton); without them it is skipped with a message.
 
@@ -94,7 +94,7 @@ def main():
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
-        print(f"skipped: transformers is not installed ({e}); pip install transformers safetensors torch")
+        print(f"skipped: this check needs torch and transformers ({e}); pip install torch transformers safetensors")
         return 0
     try:
         import fla  # noqa: F401  (registers GLAConfig / GLAForCausalLM with the Auto classes)

@@ -171,6 +171,24 @@ fn export_and_text_evaluation_from_the_command_line() {
     );
     let json = std::fs::read_to_string(dir.path().join("eval.json")).unwrap();
     assert!(json.contains("\"predicted\": 439"), "{json}");
+
+    // The same checkpoint through transformers' LlamaForCausalLM, where this Python has it
+    // (GLATRAIN_HF_PYTHON names another interpreter); the script says when it skips.
+    let python = std::env::var("GLATRAIN_HF_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = repo().join("scripts/check-hf-export.py");
+    match Command::new(&python)
+        .arg(&script)
+        .args(["--glatrain", env!("CARGO_BIN_EXE_glatrain"), run])
+        .current_dir(dir.path())
+        .output()
+    {
+        Ok(check) => {
+            let said = String::from_utf8_lossy(&check.stdout);
+            println!("{said}");
+            assert_eq!(check.status.code(), Some(0), "{said}{}", stderr(&check));
+        }
+        Err(e) => println!("check-hf-export.py skipped: cannot run {python}: {e}"),
+    }
 }
 
 #[test]
