@@ -241,7 +241,7 @@ fn edit_weights(dir: &Path, edit: impl FnOnce(&mut BTreeMap<String, Tensor>)) {
 
 #[track_caller]
 fn assert_refused(result: Result<VarStore, HubError>, expected: &[&str]) {
-    let err = result.err().expect("the import must be refused");
+    let err = result.expect_err("the import must be refused");
     assert!(err.is_bad_input(), "{err}");
     let msg = err.to_string();
     for part in expected {

@@ -26,13 +26,13 @@ pub enum TrainError {
     Metrics(#[from] MetricsError),
     /// Writing or reading a Hugging Face model directory (`glatrain export`).
     #[error(transparent)]
-    Hub(#[from] glatrain_hub::HubError),
+    Hub(Box<glatrain_hub::HubError>),
     /// `model.init_from` names a directory that cannot start this run.
     #[error("{source_name}: model.init_from = {dir:?}: {source}")]
     InitFrom {
         source_name: String,
         dir: String,
-        source: glatrain_hub::HubError,
+        source: Box<glatrain_hub::HubError>,
     },
     /// A config key whose value cannot be used here (device, thread count, ...).
     #[error("{source_name}: {key} = {value}: {reason}")]
@@ -80,6 +80,12 @@ pub enum TrainError {
     /// glatrain's CUDA kernels cannot run on the device.
     #[error("GLA kernels: {0}")]
     Kernels(glatrain_cuda::CudaError),
+}
+
+impl From<glatrain_hub::HubError> for TrainError {
+    fn from(e: glatrain_hub::HubError) -> Self {
+        TrainError::Hub(Box::new(e))
+    }
 }
 
 impl TrainError {

@@ -27,7 +27,7 @@ pub fn apply(cfg: &ResolvedConfig, vs: &VarStore, resuming: bool) -> Result<(), 
     let wrap = |source| TrainError::InitFrom {
         source_name: cfg.source.clone(),
         dir: dir.to_string(),
-        source,
+        source: Box::new(source),
     };
     let hf = ModelDir::open(Path::new(dir)).map_err(wrap)?;
     hf.check_config(&cfg.config.model).map_err(wrap)?;
