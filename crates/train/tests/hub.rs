@@ -1,7 +1,8 @@
 //! Hugging Face export, `model.init_from` and evaluation on text through the trainer, on micro
 //! models (CPU, seq_len 16): a run started from an export of another run has that run's weights
-//! bit for bit, a directory that does not fit is refused before anything is written, and
-//! `evaluate_text` computes the same loss as the validation path on the same tokens.
+//! bit for bit, a directory that does not fit is refused before anything is written, a resumed
+//! run does not read it, and `evaluate_text` computes the same loss as the validation path on
+//! the same tokens.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -220,4 +221,42 @@ fn a_hugging_face_tokenizer_goes_along_with_the_export() {
         err.is_bad_input() && err.to_string().contains("--force"),
         "{err}"
     );
+}
+
+#[test]
+fn a_resumed_run_never_reads_init_from() {
+    let tmp = tempfile::tempdir().unwrap();
+    run(config(tmp.path(), GLA, &[])).unwrap();
+    let hf = tmp.path().join("hf");
+    export(&tmp.path().join("source"), &hf, Dtype::Fp32, false).unwrap();
+    let started = || {
+        config(
+            tmp.path(),
+            GLA,
+            &[
+                "run.name=started".into(),
+                format!("model.init_from={:?}", hf.display().to_string()),
+            ],
+        )
+    };
+    let first = train(
+        started(),
+        &TrainOptions {
+            resume: false,
+            stop_after: Some(1),
+        },
+    )
+    .unwrap();
+    assert_eq!(first.final_step, 1);
+    // The directory is gone: a resume that read it would fail.
+    fs::remove_dir_all(&hf).unwrap();
+    let resumed = train(
+        started(),
+        &TrainOptions {
+            resume: true,
+            stop_after: None,
+        },
+    )
+    .unwrap();
+    assert_eq!((resumed.start_step, resumed.final_step), (1, 2));
 }
