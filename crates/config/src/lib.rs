@@ -247,6 +247,20 @@ mod tests {
     }
 
     #[test]
+    fn init_from_is_read_and_written_back() {
+        for model in ["gla", "transformer", "mamba"] {
+            let text = format!("[model]\ntype = \"{model}\"\ninit_from = \"hf/model\"\n");
+            let r = from_str(&text, "x.toml", &[]).unwrap();
+            assert_eq!(r.config.model.init_from(), Some("hf/model"), "{model}");
+            let reloaded = from_str(&r.to_toml_string().unwrap(), "resolved", &[]).unwrap();
+            assert_eq!(reloaded.config, r.config, "{model}");
+        }
+        let r = from_str("[model]\ntype = \"gla\"\n", "x.toml", &[]).unwrap();
+        assert_eq!(r.config.model.init_from(), None);
+        assert!(!r.to_toml_string().unwrap().contains("init_from"));
+    }
+
+    #[test]
     fn missing_file_names_the_path_and_the_shipped_configs() {
         let err = load("configs/does-not-exist.toml", &[]).unwrap_err();
         assert!(err.is_bad_input());

@@ -100,6 +100,10 @@ pub struct GlaConfig {
     pub tie_embeddings: bool,
     /// Std of the normal initialisation of linear and embedding weights.
     pub initializer_range: f64,
+    /// A Hugging Face model directory whose weights a fresh run starts from (written by
+    /// `glatrain export`, or a published model of the matching class); `None` = initialise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl Default for GlaConfig {
@@ -120,6 +124,7 @@ impl Default for GlaConfig {
             norm_eps: 1e-6,
             tie_embeddings: true,
             initializer_range: 0.02,
+            init_from: None,
         }
     }
 }
@@ -148,6 +153,10 @@ pub struct TransformerConfig {
     pub tie_embeddings: bool,
     /// Std of the normal initialisation of linear and embedding weights.
     pub initializer_range: f64,
+    /// A Hugging Face model directory whose weights a fresh run starts from (written by
+    /// `glatrain export`, or a published model of the matching class); `None` = initialise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl Default for TransformerConfig {
@@ -163,6 +172,7 @@ impl Default for TransformerConfig {
             norm_eps: 1e-6,
             tie_embeddings: true,
             initializer_range: 0.02,
+            init_from: None,
         }
     }
 }
@@ -197,6 +207,10 @@ pub struct MambaConfig {
     pub tie_embeddings: bool,
     /// Std of the normal initialisation of linear and embedding weights.
     pub initializer_range: f64,
+    /// A Hugging Face model directory whose weights a fresh run starts from (written by
+    /// `glatrain export`, or a published model of the matching class); `None` = initialise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
 }
 
 impl Default for MambaConfig {
@@ -215,6 +229,7 @@ impl Default for MambaConfig {
             norm_eps: 1e-5,
             tie_embeddings: true,
             initializer_range: 0.02,
+            init_from: None,
         }
     }
 }
@@ -593,6 +608,14 @@ impl ModelConfig {
             ModelConfig::Gla(c) => c.vocab_size,
             ModelConfig::Transformer(c) => c.vocab_size,
             ModelConfig::Mamba(c) => c.vocab_size,
+        }
+    }
+    /// `model.init_from`: the Hugging Face model directory a fresh run starts from, if any.
+    pub fn init_from(&self) -> Option<&str> {
+        match self {
+            ModelConfig::Gla(c) => c.init_from.as_deref(),
+            ModelConfig::Transformer(c) => c.init_from.as_deref(),
+            ModelConfig::Mamba(c) => c.init_from.as_deref(),
         }
     }
     /// "gla", "transformer" or "mamba".

@@ -97,6 +97,20 @@ impl Validator<'_> {
         Ok(())
     }
 
+    /// `model.init_from`, when given, names a directory: not empty. Whether it holds a model that
+    /// fits is checked when a fresh run starts (a resumed run, `eval` and `sample` never read it).
+    fn init_from(&self, dir: Option<&str>) -> Check {
+        match dir {
+            Some(dir) if dir.trim().is_empty() => Err(self.fail(
+                "model.init_from",
+                format!("{dir:?}"),
+                "must name a Hugging Face model directory (leave the key out to start from a \
+                 fresh initialisation)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn run(&self, run: &RunConfig) -> Check {
         let name = &run.name;
         if name.is_empty() {
@@ -170,7 +184,8 @@ impl Validator<'_> {
         self.positive("model.gate_logit_normalizer", m.gate_logit_normalizer)?;
         self.at_least_1("model.conv_size", m.conv_size)?;
         self.positive("model.norm_eps", m.norm_eps)?;
-        self.positive("model.initializer_range", m.initializer_range)
+        self.positive("model.initializer_range", m.initializer_range)?;
+        self.init_from(m.init_from.as_deref())
     }
 
     /// hidden_size * expand as an integer width >= 1 (key_dim, value_dim).
@@ -251,7 +266,8 @@ impl Validator<'_> {
         )?;
         self.positive("model.rope_theta", m.rope_theta)?;
         self.positive("model.norm_eps", m.norm_eps)?;
-        self.positive("model.initializer_range", m.initializer_range)
+        self.positive("model.initializer_range", m.initializer_range)?;
+        self.init_from(m.init_from.as_deref())
     }
 
     fn mamba(&self, m: &MambaConfig) -> Check {
@@ -273,7 +289,8 @@ impl Validator<'_> {
         }
         self.non_negative("model.dt_init_floor", m.dt_init_floor)?;
         self.positive("model.norm_eps", m.norm_eps)?;
-        self.positive("model.initializer_range", m.initializer_range)
+        self.positive("model.initializer_range", m.initializer_range)?;
+        self.init_from(m.init_from.as_deref())
     }
 
     fn data(&self, d: &DataConfig, model: &ModelConfig) -> Check {
@@ -509,6 +526,24 @@ mod tests {
         assert_eq!(check(gla(), |_| ()), None);
         assert_eq!(check(transformer(), |_| ()), None);
         assert_eq!(check(mamba(), |_| ()), None);
+    }
+
+    #[test]
+    fn init_from_must_name_a_directory() {
+        assert_eq!(
+            check(gla(), |c| gla_mut(c).init_from = Some("hf/gla".into())),
+            None
+        );
+        assert_err(
+            check(mamba(), |c| mamba_mut(c).init_from = Some(" ".into())),
+            "model.init_from = \" \": must name a Hugging Face model directory",
+        );
+        assert_err(
+            check(transformer(), |c| {
+                transformer_mut(c).init_from = Some(String::new())
+            }),
+            "model.init_from = \"\": must name",
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
     version,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  glatrain --config gla-tiny\n  glatrain --config gla-340m --resume\n  glatrain --config my-run.toml --set train.lr=1e-3 --set run.name=lr1e-3\n  glatrain configs\n  glatrain eval --checkpoint runs/gla-tiny\n  glatrain preflight --config gla-340m"
+    after_help = "Examples:\n  glatrain --config gla-tiny\n  glatrain --config gla-340m --resume\n  glatrain --config my-run.toml --set train.lr=1e-3 --set run.name=lr1e-3\n  glatrain configs\n  glatrain eval --checkpoint runs/gla-tiny\n  glatrain eval --checkpoint runs/gla-tiny --text wiki.test.txt\n  glatrain export --checkpoint runs/gla-tiny --out hf/gla-tiny\n  glatrain preflight --config gla-340m"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -47,10 +47,14 @@ pub struct TrainArgs {
 pub enum Command {
     /// Train (the same as the main form).
     Train(TrainArgs),
-    /// Validation perplexity and bits per byte of a checkpoint, overall and by position.
+    /// Validation perplexity and bits per byte of a checkpoint, overall and by position; or of a
+    /// text file (--text).
     Eval(EvalArgs),
     /// Generate text from a checkpoint.
     Sample(SampleArgs),
+    /// Write a checkpoint as a Hugging Face model directory (config.json, model.safetensors,
+    /// tokenizer) that transformers' AutoModelForCausalLM.from_pretrained loads.
+    Export(ExportArgs),
     /// Show each layer's kernel mode, why it was chosen, and its estimated cost.
     Preflight(PreflightArgs),
     /// List the configs built into glatrain (any directory can run one by name:
@@ -79,6 +83,32 @@ pub struct EvalArgs {
     /// Where to write the loss-by-position plot (default: next to the checkpoint).
     #[arg(long, value_name = "PNG")]
     pub plot: Option<PathBuf>,
+    /// Evaluate on a text file instead (.txt, or .jsonl with --text-field), tokenized with the
+    /// run's tokenizer as one stream in non-overlapping windows of data.seq_len tokens.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["data", "batches", "plot"])]
+    pub text: Option<PathBuf>,
+    /// The text field of each line of a .jsonl --text file.
+    #[arg(long, value_name = "NAME", default_value = "text", requires = "text")]
+    pub text_field: String,
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A checkpoint directory (runs/NAME/checkpoints/step-N) or a run directory (its newest).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// The model directory to write (it must not exist, unless --force).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Weight dtype: fp32 (the master weights, bit for bit), bf16 or fp16.
+    #[arg(long, default_value = "fp32", value_parser = ["fp32", "bf16", "fp16"])]
+    pub dtype: String,
+    /// Replace an existing model directory at --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

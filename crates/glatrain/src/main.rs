@@ -5,7 +5,7 @@
 mod cli;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -13,8 +13,8 @@ use std::sync::Arc;
 use clap::Parser;
 
 use cli::{
-    BadRecordArg, BenchArgs, Cli, Command, ConfigsArgs, EvalArgs, PreflightArgs, PrepareArgs,
-    SampleArgs, TrainArgs,
+    BadRecordArg, BenchArgs, Cli, Command, ConfigsArgs, EvalArgs, ExportArgs, PreflightArgs,
+    PrepareArgs, SampleArgs, TrainArgs,
 };
 
 /// Any failure a command can end with.
@@ -33,6 +33,11 @@ enum AppError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{}: cannot write: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl AppError {
@@ -43,6 +48,7 @@ impl AppError {
             AppError::Train(e) => e.is_bad_input(),
             AppError::Bench(e) => e.is_bad_input(),
             AppError::PromptFile { .. } => true,
+            AppError::Write { .. } => false,
         };
         if bad_input {
             2
@@ -60,6 +66,7 @@ fn main() -> ExitCode {
         Some(Command::Train(args)) => train(args),
         Some(Command::Eval(args)) => done(eval(args)),
         Some(Command::Sample(args)) => done(sample(args)),
+        Some(Command::Export(args)) => done(export(args)),
         Some(Command::Prepare(args)) => done(prepare(args)),
         Some(Command::Configs(args)) => done(configs(args)),
         Some(Command::Preflight(args)) => done(preflight(args)),
@@ -185,6 +192,11 @@ fn preflight(args: PreflightArgs) -> Result<(), AppError> {
 }
 
 fn eval(args: EvalArgs) -> Result<(), AppError> {
+    if let Some(text) = &args.text {
+        let report = glatrain_train::evaluate_text(&args.checkpoint, text, &args.text_field)?;
+        println!("{report}");
+        return write_json(args.json.as_deref(), &report);
+    }
     let report = glatrain_train::evaluate(
         &args.checkpoint,
         args.data.as_deref(),
@@ -192,6 +204,33 @@ fn eval(args: EvalArgs) -> Result<(), AppError> {
         args.plot.as_deref(),
     )?;
     println!("{report}");
+    write_json(args.json.as_deref(), &report)
+}
+
+/// Writes `report` as JSON to `path`, when one is given.
+fn write_json(path: Option<&Path>, report: &impl serde::Serialize) -> Result<(), AppError> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let write_err = |source| AppError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes = serde_json::to_vec_pretty(report).map_err(|e| write_err(e.into()))?;
+    glatrain_fs::write_atomic(path, &bytes).map_err(write_err)
+}
+
+fn export(args: ExportArgs) -> Result<(), AppError> {
+    let dtype = glatrain_hub::Dtype::from_name(&args.dtype).expect("clap checks --dtype");
+    let summary = glatrain_train::export(&args.checkpoint, &args.out, dtype, args.force)?;
+    println!(
+        "{}: {} ({} weights) from {}: {}",
+        summary.out.display(),
+        summary.architecture,
+        summary.dtype.name(),
+        summary.checkpoint.display(),
+        summary.files.join(", ")
+    );
     Ok(())
 }
 

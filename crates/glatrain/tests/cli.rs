@@ -283,3 +283,139 @@ fn prepare_reads_json_lines_and_stops_at_a_bad_record() {
         stderr(&skip)
     );
 }
+
+#[test]
+fn export_and_text_evaluation_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = repo().join("configs/transformer-tiny.toml");
+    let trained = glatrain(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.warmup_steps=1",
+            "--set",
+            "train.eval_batches=1",
+        ],
+        dir.path(),
+    );
+    assert_eq!(trained.status.code(), Some(0), "{}", stderr(&trained));
+
+    let run = "runs/transformer-tiny";
+    let export = glatrain(
+        &[
+            "export",
+            "--checkpoint",
+            run,
+            "--out",
+            "hf",
+            "--dtype",
+            "bf16",
+        ],
+        dir.path(),
+    );
+    assert_eq!(export.status.code(), Some(0), "{}", stderr(&export));
+    let said = String::from_utf8_lossy(&export.stdout);
+    assert!(said.contains("LlamaForCausalLM (bf16 weights)"), "{said}");
+    for file in ["config.json", "generation_config.json", "model.safetensors"] {
+        assert!(dir.path().join("hf").join(file).is_file(), "{file}");
+    }
+    let again = glatrain(&["export", "--checkpoint", run, "--out", "hf"], dir.path());
+    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
+    assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
+    let forced = glatrain(
+        &["export", "--checkpoint", run, "--out", "hf", "--force"],
+        dir.path(),
+    );
+    assert_eq!(forced.status.code(), Some(0), "{}", stderr(&forced));
+
+    std::fs::write(
+        dir.path().join("wiki.txt"),
+        "The jury said it did. ".repeat(20),
+    )
+    .unwrap();
+    let eval = glatrain(
+        &[
+            "eval",
+            "--checkpoint",
+            run,
+            "--text",
+            "wiki.txt",
+            "--json",
+            "eval.json",
+        ],
+        dir.path(),
+    );
+    assert_eq!(eval.status.code(), Some(0), "{}", stderr(&eval));
+    let table = String::from_utf8_lossy(&eval.stdout);
+    assert!(
+        table.contains("4 non-overlapping windows of up to 128 predicted tokens"),
+        "{table}"
+    );
+    let json = std::fs::read_to_string(dir.path().join("eval.json")).unwrap();
+    assert!(json.contains("\"predicted\": 439"), "{json}");
+
+    // The same checkpoint through transformers' LlamaForCausalLM, where this Python has it
+    // (GLATRAIN_HF_PYTHON names another interpreter); the script says when it skips.
+    let python = std::env::var("GLATRAIN_HF_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = repo().join("scripts/check-hf-export.py");
+    match Command::new(&python)
+        .arg(&script)
+        .args(["--glatrain", env!("CARGO_BIN_EXE_glatrain"), run])
+        .current_dir(dir.path())
+        .output()
+    {
+        Ok(check) => {
+            let said = String::from_utf8_lossy(&check.stdout);
+            println!("{said}");
+            assert_eq!(check.status.code(), Some(0), "{said}{}", stderr(&check));
+        }
+        Err(e) => println!("check-hf-export.py skipped: cannot run {python}: {e}"),
+    }
+}
+
+#[test]
+fn export_and_text_evaluation_refuse_bad_input_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = glatrain(
+        &["export", "--checkpoint", "runs/none", "--out", "hf"],
+        dir.path(),
+    );
+    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("runs/none"),
+        "{}",
+        stderr(&missing)
+    );
+    let dtype = glatrain(
+        &[
+            "export",
+            "--checkpoint",
+            "x",
+            "--out",
+            "hf",
+            "--dtype",
+            "fp8",
+        ],
+        dir.path(),
+    );
+    assert_eq!(dtype.status.code(), Some(2));
+    assert!(stderr(&dtype).contains("fp8"), "{}", stderr(&dtype));
+    let both = glatrain(
+        &[
+            "eval",
+            "--checkpoint",
+            "x",
+            "--text",
+            "a.txt",
+            "--data",
+            "embedded",
+        ],
+        dir.path(),
+    );
+    assert_eq!(both.status.code(), Some(2));
+    assert!(stderr(&both).contains("--data"), "{}", stderr(&both));
+    assert!(!dir.path().join("hf").exists());
+}

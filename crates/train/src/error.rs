@@ -26,6 +26,16 @@ pub enum TrainError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// Writing or reading a Hugging Face model directory (`glatrain export`).
+    #[error(transparent)]
+    Hub(Box<glatrain_hub::HubError>),
+    /// `model.init_from` names a directory that cannot start this run.
+    #[error("{source_name}: model.init_from = {dir:?}: {source}")]
+    InitFrom {
+        source_name: String,
+        dir: String,
+        source: Box<glatrain_hub::HubError>,
+    },
     /// A config key whose value cannot be used here (device, thread count, ...).
     #[error("{source_name}: {key} = {value}: {reason}")]
     BadValue {
@@ -125,6 +135,12 @@ fn out_of_memory_hint(message: &str) -> &'static str {
     }
 }
 
+impl From<glatrain_hub::HubError> for TrainError {
+    fn from(e: glatrain_hub::HubError) -> Self {
+        TrainError::Hub(Box::new(e))
+    }
+}
+
 impl TrainError {
     /// True for errors caused by the user's config, data, checkpoint or arguments (the CLI exits
     /// 2), false for internal failures (exit 1).
@@ -138,6 +154,7 @@ impl TrainError {
             TrainError::Preflight(e) => e.is_bad_input(),
             TrainError::Kernels(e) => e.is_bad_input(),
             TrainError::AfterTraining { source, .. } => source.is_bad_input(),
+            TrainError::Hub(e) | TrainError::InitFrom { source: e, .. } => e.is_bad_input(),
             TrainError::BadValue { .. }
             | TrainError::BadArgument(_)
             | TrainError::CheckpointMismatch { .. }

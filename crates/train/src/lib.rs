@@ -1,11 +1,12 @@
 //! The glatrain trainer: AdamW with tensor state, learning-rate schedules, mixed precision with
 //! dynamic loss scaling, atomic checkpoints with exact resume, evaluation (perplexity, bits per
-//! byte, loss by position), sampling, and metrics (TensorBoard, JSON lines, progress).
+//! byte, loss by position; on text files), sampling, Hugging Face export and `model.init_from`,
+//! and metrics (TensorBoard, JSON lines, progress).
 //!
-//! Entry points: [`train`], [`evaluate`], [`sample`]. They print progress to stderr themselves
-//! and return [`TrainError`]s (with `is_bad_input()`) rather than exiting; no panic of theirs
-//! reaches a caller ([`boundary`]), and the lints below keep the crate's own code from adding
-//! one.
+//! Entry points: [`train`], [`evaluate`], [`evaluate_text`], [`sample`], [`export`]. They print
+//! progress to stderr themselves and return [`TrainError`]s (with `is_bad_input()`) rather than
+//! exiting; no panic of theirs reaches a caller ([`boundary`]), and the lints below keep the
+//! crate's own code from adding one.
 
 #![cfg_attr(
     not(test),
@@ -24,7 +25,9 @@ pub mod checkpoint;
 pub mod datasets;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod flops;
+pub mod init_from;
 pub mod interrupt;
 pub mod metrics;
 pub mod optim;
@@ -39,9 +42,12 @@ pub mod schedule;
 pub mod setup;
 pub mod state;
 pub mod sysinfo;
+pub mod text_eval;
 pub mod trainer;
 
 pub use error::TrainError;
 pub use eval::{evaluate, EvalReport, PositionBucket};
+pub use export::{export, ExportSummary};
 pub use sample::sample;
+pub use text_eval::{evaluate_text, TextEvalReport};
 pub use trainer::{describe_summary, train, TrainOptions, TrainSummary};

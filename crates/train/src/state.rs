@@ -80,7 +80,8 @@ impl TrainState {
 }
 
 /// Differences between two model configs as `model.<key> = <a> vs <b>` lines (keys of the
-/// JSON form, `type` included).
+/// JSON form, `type` included). `init_from` is left out: it says where a run started, not what
+/// the weights are.
 pub fn model_differences(checkpoint: &ModelConfig, config: &ModelConfig) -> Vec<String> {
     let (Ok(a), Ok(b)) = (
         serde_json::to_value(checkpoint),
@@ -95,7 +96,7 @@ pub fn model_differences(checkpoint: &ModelConfig, config: &ModelConfig) -> Vec<
     keys.sort();
     keys.dedup();
     keys.into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
+        .filter(|k| *k != "init_from" && a.get(*k) != b.get(*k))
         .map(|k| {
             let show = |v: Option<&serde_json::Value>| {
                 v.map_or_else(|| "(unset)".to_string(), |v| v.to_string())
@@ -127,6 +128,11 @@ mod tests {
             d,
             vec!["model.hidden_size = 1024 in the checkpoint, 512 in the config".to_string()]
         );
+        let started = ModelConfig::Gla(GlaConfig {
+            init_from: Some("hf/gla".into()),
+            ..GlaConfig::default()
+        });
+        assert!(model_differences(&started, &a).is_empty());
         let m = ModelConfig::Mamba(MambaConfig::default());
         let d = model_differences(&a, &m);
         assert!(

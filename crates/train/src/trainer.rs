@@ -179,6 +179,8 @@ fn train_locked(
         train_source,
         valid,
     } = build(cfg, device, crate::preflight::chosen_mode(&preflight))?;
+    // Weights from a Hugging Face model directory (`model.init_from`), unless resuming.
+    crate::init_from::apply(cfg, &vs, resume_dir.is_some())?;
     let (loader, state) = match &resume_dir {
         None => {
             let loader = BatchLoader::new(
