@@ -602,6 +602,15 @@ impl MambaConfig {
 }
 
 impl ModelConfig {
+    /// Model width (`hidden_size`) of whichever model.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            ModelConfig::Gla(c) => c.hidden_size,
+            ModelConfig::Transformer(c) => c.hidden_size,
+            ModelConfig::Mamba(c) => c.hidden_size,
+        }
+    }
+
     /// Embedding rows and output logits of whichever model.
     pub fn vocab_size(&self) -> usize {
         match self {

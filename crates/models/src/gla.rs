@@ -288,7 +288,8 @@ impl GlaModel {
         })
     }
 
-    fn run(&self, tokens: &Tensor, caches: Option<&mut [GlaLayerCache]>) -> Tensor {
+    /// The final hidden states, continuing from (and updating) `caches` when given.
+    fn hidden(&self, tokens: &Tensor, caches: Option<&mut [GlaLayerCache]>) -> Tensor {
         let mut x = self.embeddings.forward(tokens);
         match caches {
             Some(caches) => {
@@ -302,8 +303,7 @@ impl GlaModel {
                 }
             }
         }
-        self.lm_head
-            .forward(&self.norm.forward(&x), &self.embeddings)
+        self.norm.forward(&x)
     }
 }
 
@@ -312,8 +312,12 @@ impl CausalLm for GlaModel {
         &self.config
     }
 
-    fn forward(&self, tokens: &Tensor) -> Tensor {
-        self.run(tokens, None)
+    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
+        self.hidden(tokens, None)
+    }
+
+    fn output_weight(&self) -> &Tensor {
+        self.lm_head.weight(&self.embeddings)
     }
 
     fn new_cache(&self, batch: i64) -> DecodeCache {
@@ -329,7 +333,9 @@ impl CausalLm for GlaModel {
         cache.advance(tokens);
         let message = cache.wrong_family("gla");
         match &mut cache.layers {
-            LayerCaches::Gla(layers) => self.run(tokens, Some(layers)),
+            LayerCaches::Gla(layers) => self
+                .lm_head
+                .forward(&self.hidden(tokens, Some(layers)), &self.embeddings),
             _ => panic!("{message}"),
         }
     }

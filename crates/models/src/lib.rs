@@ -33,11 +33,25 @@ pub trait CausalLm: Send {
     /// The model's config.
     fn config(&self) -> &ModelConfig;
 
+    /// The final hidden states (after the last norm) of whole sequences: what the output
+    /// projection turns into logits. Training computes its loss from them without the full
+    /// logits (`glatrain_ops::loss`).
+    ///
+    /// # Shapes
+    /// `tokens: [B, T]` (i64) -> `[B, T, hidden]`.
+    fn hidden_states(&self, tokens: &Tensor) -> Tensor;
+
+    /// The output projection's weight, `[vocab, hidden]`: `lm_head.weight`, or the embedding
+    /// table when tied.
+    fn output_weight(&self) -> &Tensor;
+
     /// Logits for every position of whole sequences.
     ///
     /// # Shapes
     /// `tokens: [B, T]` (i64) -> `[B, T, vocab]` fp32.
-    fn forward(&self, tokens: &Tensor) -> Tensor;
+    fn forward(&self, tokens: &Tensor) -> Tensor {
+        logits(&self.hidden_states(tokens), self.output_weight())
+    }
 
     /// An empty decoding cache for `batch` sequences.
     fn new_cache(&self, batch: i64) -> DecodeCache;
@@ -63,6 +77,11 @@ pub trait CausalLm: Send {
         self.forward_cached(&tokens.unsqueeze(1), cache)
             .squeeze_dim(1)
     }
+}
+
+/// Logits of hidden states `h` through the output weight `w` (`[vocab, hidden]`), in fp32.
+pub fn logits(h: &Tensor, w: &Tensor) -> Tensor {
+    h.linear(w, None::<&Tensor>).to_kind(tch::Kind::Float)
 }
 
 /// Checks that `cfg` describes a buildable model; errors name the `[model]` key and its value.

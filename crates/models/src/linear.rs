@@ -1,7 +1,7 @@
 //! Linear and embedding layers whose variables sit at the checkpoint paths of the Hugging Face
 //! layouts (`<path>.weight`, `<path>.bias`). Weights are stored `[out, in]` as in PyTorch.
 
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
 /// `y = x W^T (+ b)`; under autocast the matmul runs in the autocast dtype.
 #[derive(Debug)]
@@ -105,21 +105,25 @@ impl LmHead {
         }
     }
 
+    /// The projection's weight `[vocab, hidden]`: its own, or the embedding table.
+    pub fn weight<'a>(&'a self, embeddings: &'a Embedding) -> &'a Tensor {
+        match self {
+            LmHead::Tied => &embeddings.weight,
+            LmHead::Own(linear) => &linear.weight,
+        }
+    }
+
     /// # Shapes
     /// `h: [..., hidden]` -> `[..., vocab]` fp32.
     pub fn forward(&self, h: &Tensor, embeddings: &Embedding) -> Tensor {
-        let weight = match self {
-            LmHead::Tied => &embeddings.weight,
-            LmHead::Own(linear) => &linear.weight,
-        };
-        h.linear(weight, None::<&Tensor>).to_kind(Kind::Float)
+        crate::logits(h, self.weight(embeddings))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     #[test]
     fn linear_matches_matmul_and_paths_mirror_checkpoint_keys() {

@@ -261,15 +261,15 @@ impl MambaModel {
         })
     }
 
-    fn run(&self, tokens: &Tensor, caches: Option<&mut [MambaLayerCache]>) -> Tensor {
+    /// The final hidden states, continuing from (and updating) `caches` when given.
+    fn hidden(&self, tokens: &Tensor, caches: Option<&mut [MambaLayerCache]>) -> Tensor {
         let mut x = self.embeddings.forward(tokens);
         let mut caches = caches.map(|c| c.iter_mut());
         for layer in &self.layers {
             let cache = caches.as_mut().and_then(|c| c.next());
             x = &x + layer.mixer.forward(&layer.norm.forward(&x), cache);
         }
-        self.lm_head
-            .forward(&self.norm_f.forward(&x), &self.embeddings)
+        self.norm_f.forward(&x)
     }
 }
 
@@ -278,8 +278,12 @@ impl CausalLm for MambaModel {
         &self.config
     }
 
-    fn forward(&self, tokens: &Tensor) -> Tensor {
-        self.run(tokens, None)
+    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
+        self.hidden(tokens, None)
+    }
+
+    fn output_weight(&self) -> &Tensor {
+        self.lm_head.weight(&self.embeddings)
     }
 
     fn new_cache(&self, batch: i64) -> DecodeCache {
@@ -295,7 +299,9 @@ impl CausalLm for MambaModel {
         cache.advance(tokens);
         let message = cache.wrong_family("mamba");
         match &mut cache.layers {
-            LayerCaches::Mamba(layers) => self.run(tokens, Some(layers)),
+            LayerCaches::Mamba(layers) => self
+                .lm_head
+                .forward(&self.hidden(tokens, Some(layers)), &self.embeddings),
             _ => panic!("{message}"),
         }
     }

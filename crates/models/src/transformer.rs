@@ -211,7 +211,9 @@ impl TransformerModel {
         })
     }
 
-    fn run(&self, tokens: &Tensor, past: i64, caches: Option<&mut [KvCache]>) -> Tensor {
+    /// The final hidden states of `tokens` at positions from `past` on, continuing from (and
+    /// updating) `caches` when given.
+    fn hidden(&self, tokens: &Tensor, past: i64, caches: Option<&mut [KvCache]>) -> Tensor {
         let t = tokens.size()[1];
         let rope = Rotary::new(self.head_dim, self.rope_theta, past, t, tokens.device());
         let mut x = self.embeddings.forward(tokens);
@@ -220,8 +222,7 @@ impl TransformerModel {
             let cache = caches.as_mut().and_then(|c| c.next());
             x = layer.forward(&x, &rope, past, cache);
         }
-        self.lm_head
-            .forward(&self.norm.forward(&x), &self.embeddings)
+        self.norm.forward(&x)
     }
 }
 
@@ -230,8 +231,12 @@ impl CausalLm for TransformerModel {
         &self.config
     }
 
-    fn forward(&self, tokens: &Tensor) -> Tensor {
-        self.run(tokens, 0, None)
+    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
+        self.hidden(tokens, 0, None)
+    }
+
+    fn output_weight(&self) -> &Tensor {
+        self.lm_head.weight(&self.embeddings)
     }
 
     fn new_cache(&self, batch: i64) -> DecodeCache {
@@ -243,7 +248,9 @@ impl CausalLm for TransformerModel {
         let past = cache.advance(tokens);
         let message = cache.wrong_family("transformer");
         match &mut cache.layers {
-            LayerCaches::Transformer(layers) => self.run(tokens, past, Some(layers)),
+            LayerCaches::Transformer(layers) => self
+                .lm_head
+                .forward(&self.hidden(tokens, past, Some(layers)), &self.embeddings),
             _ => panic!("{message}"),
         }
     }

@@ -33,8 +33,7 @@ pub use estimate::{
 pub use measure::{measure, ModeTimer, SoftmaxTiming, MEASURE_RECURRENT_MAX_T};
 pub use op::{LayerOp, Source};
 pub use report::{
-    MemoryEstimate, Report, Row, BYTES_PER_PARAMETER, CUDA_RUNTIME_BYTES, ESTIMATE_NOTE,
-    LOSS_BYTES_PER_LOGIT,
+    loss_bytes, MemoryEstimate, Report, Row, BYTES_PER_PARAMETER, CUDA_RUNTIME_BYTES, ESTIMATE_NOTE,
 };
 pub use rules::{
     choose_mode, softmax_advice, Decision, BAD_FIT_FACTOR, FUSED_RECURRENT_MAX_T,

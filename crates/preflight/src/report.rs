@@ -27,11 +27,18 @@ pub const ESTIMATE_NOTE: &str = "est. time: roofline estimate of one layer's seq
      forward+backward per micro-batch (measured/cached rows: measured time); est. mem: what one \
      layer keeps for backward (block activations, plus what the op keeps: chunk states in chunk \
      mode, checkpoints and the pre-gate output for the selective scan)";
-/// Bytes per (token, vocabulary entry) of the loss at its peak, the start of the backward: the
-/// fp32 logits (the trainer holds them through the backward), their log-softmax (kept by the
-/// loss), and the two fp32 gradients alive while the log-softmax's backward runs (its incoming
-/// gradient and its result).
-pub const LOSS_BYTES_PER_LOGIT: u64 = 16;
+/// What the loss holds at its peak (`glatrain_ops::loss`, which never holds the full logits):
+/// the final hidden states it keeps for the backward (fp32, `tokens x hidden`) and each row's
+/// logsumexp, and while one chunk of rows is processed in the backward: that chunk's fp32 logits,
+/// their softmax and its bf16/fp16 (or fp32) copy, plus the output weight's fp32 gradient
+/// accumulator and its compute-dtype copy (`vocab x hidden`).
+pub fn loss_bytes(tokens: u64, hidden: u64, vocab: u64, act_bytes: u64) -> u64 {
+    let chunk = tokens.min(glatrain_ops::loss::DEFAULT_CHUNK_ROWS as u64);
+    let kept = tokens * (hidden * 4 + 4);
+    let chunk_work = chunk * vocab * (4 + 4 + act_bytes);
+    let weight_work = vocab * hidden * (4 + act_bytes);
+    kept + chunk_work + weight_work
+}
 
 /// One distinct layer shape and the op chosen for it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -51,8 +58,8 @@ pub struct MemoryEstimate {
     /// Copies of the weights in the autocast dtype that the matmuls' backward keeps (bf16/fp16:
     /// 2 bytes per parameter; none in fp32).
     pub weight_copies_bytes: u64,
-    /// The loss's logits at its peak: [`LOSS_BYTES_PER_LOGIT`] per token and vocabulary entry.
-    pub logits_bytes: u64,
+    /// The loss at its peak ([`loss_bytes`]).
+    pub loss_bytes: u64,
     /// [`CUDA_RUNTIME_BYTES`] on CUDA, 0 on CPU.
     pub runtime_bytes: u64,
     pub total_bytes: u64,
@@ -130,7 +137,12 @@ impl Report {
         } else {
             0
         };
-        let logits_bytes = tokens * c.model.vocab_size() as u64 * LOSS_BYTES_PER_LOGIT;
+        let loss_bytes = loss_bytes(
+            tokens,
+            c.model.hidden_size() as u64,
+            c.model.vocab_size() as u64,
+            act_bytes,
+        );
         let runtime_bytes = if device.kind == DeviceKind::Cuda {
             CUDA_RUNTIME_BYTES
         } else {
@@ -141,12 +153,12 @@ impl Report {
             weights_and_optimizer_bytes,
             weight_copies_bytes,
             activation_bytes,
-            logits_bytes,
+            loss_bytes,
             runtime_bytes,
             total_bytes: weights_and_optimizer_bytes
                 + weight_copies_bytes
                 + activation_bytes
-                + logits_bytes
+                + loss_bytes
                 + runtime_bytes,
             limit_bytes: device.memory_bytes,
         };
@@ -356,7 +368,7 @@ impl MemoryEstimate {
                 "activations of {layers} layers {}",
                 human_bytes(self.activation_bytes)
             ),
-            format!("logits and loss {}", human_bytes(self.logits_bytes)),
+            format!("loss {}", human_bytes(self.loss_bytes)),
         ];
         if self.weight_copies_bytes > 0 {
             parts.insert(
@@ -449,17 +461,21 @@ mod tests {
         );
         assert!(table.contains("(est. time: roofline estimate"), "{table}");
         // The parts: 16 bytes per parameter, a bf16 copy of each for autocast, the layers'
-        // activations, the loss over 8 x 2048 tokens x 32000 logits, the runtime.
+        // activations, the chunked loss over 8 x 2048 tokens (hidden 1024, vocab 32000), the
+        // runtime.
         let m = &report.memory;
         assert_eq!(m.weights_and_optimizer_bytes, 16 * m.parameters);
         assert_eq!(m.weight_copies_bytes, 2 * m.parameters);
-        assert_eq!(m.logits_bytes, 16384 * 32000 * LOSS_BYTES_PER_LOGIT);
+        assert_eq!(
+            m.loss_bytes,
+            16384 * (1024 * 4 + 4) + 4096 * 32000 * 10 + 32000 * 1024 * 6
+        );
         assert_eq!(
             m.total_bytes,
             m.weights_and_optimizer_bytes
                 + m.weight_copies_bytes
                 + m.activation_bytes
-                + m.logits_bytes
+                + m.loss_bytes
                 + m.runtime_bytes
         );
         assert!(table.contains("memory: ~"), "{table}");

@@ -22,7 +22,7 @@ use std::time::Instant;
 use glatrain_config::ResolvedConfig;
 use glatrain_data::{BatchLoader, EvalBatches, TokenSource};
 use glatrain_fs::DirLock;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use crate::boundary::{catch_torch, is_out_of_memory, torch_error};
 use crate::checkpoint::{self, CheckpointContents, CheckpointError};
@@ -715,7 +715,6 @@ impl Run<'_> {
     fn optimizer_step(&mut self, lr: f64) -> Result<StepResult, TrainError> {
         let accum = self.cfg.grad_accum_steps;
         let seq_len = self.cfg.config.data.seq_len as i64;
-        let vocab = self.cfg.config.model.vocab_size() as i64;
         let scale = self.state.loss_scaler.scale();
         let device = self.device;
         self.opt.zero_grad();
@@ -725,6 +724,7 @@ impl Run<'_> {
             let batch = self.loader.next_batch();
             let rows = batch.rows as i64;
             let (model, precision) = (self.model.as_ref(), &self.precision);
+            let compute = precision.autocast_kind().unwrap_or(Kind::Float);
             let pass = catch_torch("the forward and backward pass", || {
                 let inputs = Tensor::f_from_slice(&batch.inputs)?
                     .f_view([rows, seq_len])?
@@ -732,12 +732,19 @@ impl Run<'_> {
                 let targets = Tensor::f_from_slice(&batch.targets)?
                     .f_view([-1])?
                     .f_to_device(device)?;
-                let logits = precision.run(|| model.forward(&inputs)); // [B, T, V]
-                let loss = logits
-                    .f_to_kind(Kind::Float)?
-                    .f_view([-1, vocab])?
-                    .f_log_softmax(-1, Kind::Float)?
-                    .f_nll_loss::<Tensor>(&targets, None, Reduction::Mean, -100)?; // mean over B*T
+                // The mean cross-entropy over B*T tokens, the logits never held whole.
+                let loss = precision.run(|| {
+                    let hidden = model.hidden_states(&inputs); // [B, T, hidden]
+                    let width = hidden.size().last().copied().unwrap_or(1);
+                    glatrain_ops::loss::linear_cross_entropy(
+                        &hidden.f_view([-1, width])?,
+                        model.output_weight(),
+                        &targets,
+                        compute,
+                        glatrain_ops::loss::DEFAULT_CHUNK_ROWS,
+                    )
+                    .map_err(|e| TchError::Torch(e.to_string()))
+                })?;
                 loss.f_mul_scalar(scale / accum as f64)?.f_backward()?;
                 // In place; the returned handle is the same tensor.
                 let _ = loss_sum.f_add_(&loss.f_detach()?.f_to_kind(Kind::Double)?)?;
