@@ -8,6 +8,13 @@
 #                                        (default .device/ops), with the kernel sources
 #   scripts/gpu-check.sh run [DIR] [OUT] run what `build` left in DIR on a GPU machine with
 #                                        PyTorch 2.11 (no Rust needed); logs and JSON go to OUT
+#   scripts/gpu-check.sh measure [DIR] [OUT]
+#                                        the training measurements: GLA-340M, Transformer++-340M,
+#                                        Mamba-370M and GLA-1.3B as shipped (8 x 2048, bf16) with
+#                                        tokens/s, MFU, peak memory against the preflight's
+#                                        estimate and a step profile each, and GLA-340M at 32K to
+#                                        128K tokens; BEFORE=path/to/glatrain also times an
+#                                        earlier build on the same runs, for a before/after table
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cmd=${1:-all}
@@ -69,9 +76,58 @@ run() {
   return $failed
 }
 
+# One training run of binary $1 named $2 on config $3 (more --set overrides after it), on the
+# embedded corpus, with a run directory under $RUNS; its log goes to $out/$2.log.
+train_run() {
+  local bin=$1 name=$2 config=$3
+  shift 3
+  local start=$SECONDS status=ok
+  timeout 400 "$bin" --config "$config" --set data.train=embedded --set data.valid=embedded \
+    --set data.tokenizer=byte --set train.eval_every=0 --set train.eval_batches=1 \
+    --set train.checkpoint_every=0 --set logging.log_every=5 --set logging.progress=lines \
+    --set train.warmup_steps=5 --set run.out_dir="$RUNS" --set run.name="$name" "$@" \
+    >"$out/$name.log" 2>&1 || status="FAILED (exit $?)"
+  summary+=("$(printf '%-40s %-16s %4d s' "$name" "$status" $((SECONDS - start)))")
+  tail -n 4 "$out/$name.log"
+  # The checkpoints are not needed once the metrics are read; they fill a RAM disk fast.
+  rm -rf "$RUNS/$name/checkpoints"
+}
+
+measure() {
+  out=${1:-$ROOT/.device/out}
+  mkdir -p "$out"
+  local torch_dir
+  torch_dir=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+  export LD_LIBRARY_PATH="$torch_dir/lib:$torch_dir/../nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+  export GLATRAIN_KERNEL_DIR="$DIR/kernels"
+  export GLATRAIN_CACHE_DIR=${GLATRAIN_CACHE_DIR:-/tmp/glatrain-kernel-cache}
+  RUNS=${RUNS:-/dev/shm/glatrain-runs}
+  mkdir -p "$RUNS"
+  summary=()
+  local new=$DIR/glatrain steps=(--set train.max_steps=30 --set logging.profile_steps=[26,28])
+  for model in gla-340m transformer-340m mamba-370m; do
+    train_run "$new" "$model" "$model" "${steps[@]}"
+    [[ -n ${BEFORE:-} ]] && train_run "$BEFORE" "$model-before" "$model" --set train.max_steps=25
+  done
+  train_run "$new" gla-1.3b gla-1.3b --set train.max_steps=20 --set logging.profile_steps=[16,18]
+  for t in 32768 65536 131072; do
+    train_run "$new" "gla-340m-t$t" gla-340m --set data.seq_len=$t --set train.micro_batch_size=1 \
+      --set train.batch_tokens=$t --set train.max_steps=12
+  done
+  train_run "$new" transformer-340m-t32768 transformer-340m --set data.seq_len=32768 \
+    --set train.micro_batch_size=1 --set train.batch_tokens=32768 --set train.max_steps=12
+  python3 "$ROOT/scripts/run-summary.py" --out "$out/runs.json" "$RUNS"/*/ | tee "$out/runs.log"
+  for profile in "$RUNS"/*/profile/summary.txt; do
+    [[ -f $profile ]] && { echo "== $profile"; cat "$profile"; } >>"$out/profiles.txt"
+  done
+  echo "== summary =="
+  printf '%s\n' "${summary[@]}"
+}
+
 case $cmd in
   build) build ;;
   run) run "${3:-}" ;;
+  measure) measure "${3:-}" ;;
   all) build && run ;;
-  *) echo "usage: $0 [build [DIR] | run [DIR] [OUT]]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build [DIR] | run [DIR] [OUT] | measure [DIR] [OUT]]" >&2; exit 2 ;;
 esac
