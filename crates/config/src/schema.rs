@@ -283,6 +283,32 @@ pub enum Precision {
     Fp16,
 }
 
+/// What the backward recomputes instead of keeping from the forward
+/// (`train.activation_checkpointing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationCheckpointing {
+    /// Keep every activation the backward needs.
+    #[default]
+    None,
+    /// Keep each block's input only; the backward runs the block's forward again.
+    Full,
+    /// Keep each block's input and the outputs of its matrix products; the backward recomputes
+    /// the norms, the sequence mixer and the elementwise work from them.
+    Selective,
+}
+
+impl ActivationCheckpointing {
+    /// The TOML spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Full => "full",
+            Self::Selective => "selective",
+        }
+    }
+}
+
 /// `[train]`: optimisation and checkpoints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -318,6 +344,8 @@ pub struct TrainConfig {
     pub grad_clip: f64,
     /// Forward/backward precision.
     pub precision: Precision,
+    /// What the backward recomputes instead of keeping (memory for time).
+    pub activation_checkpointing: ActivationCheckpointing,
     /// Dynamic loss scaling (fp16 only).
     pub loss_scale: LossScaleConfig,
     /// Stop the run after this many consecutive steps with non-finite gradients.
@@ -350,6 +378,7 @@ impl Default for TrainConfig {
             eps: 1e-8,
             grad_clip: 1.0,
             precision: Precision::Bf16,
+            activation_checkpointing: ActivationCheckpointing::None,
             loss_scale: LossScaleConfig::default(),
             max_consecutive_skips: 20,
             eval_every: 500,

@@ -25,13 +25,14 @@
 //! (`prenorm_residual_strategy = None`), so neither does this.
 
 use crate::cache::{DecodeCache, LayerCaches};
+use crate::checkpoint::{self, Shared};
 use crate::conv::CausalConv;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
 use crate::linear::{Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use crate::CausalLm;
-use glatrain_config::{GlaConfig, GlaMode, ModelConfig};
+use glatrain_config::{ActivationCheckpointing, GlaConfig, GlaMode, ModelConfig};
 use glatrain_ops::reference::gla::default_scale;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -251,9 +252,10 @@ impl GlaBlock {
 pub struct GlaModel {
     config: ModelConfig,
     embeddings: Embedding,
-    layers: Vec<GlaBlock>,
+    layers: Vec<Shared<GlaBlock>>,
     norm: RmsNorm,
     lm_head: LmHead,
+    checkpointing: ActivationCheckpointing,
 }
 
 impl GlaModel {
@@ -271,12 +273,12 @@ impl GlaModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &model / "layers" / i;
-                GlaBlock {
+                Shared::new(GlaBlock {
                     attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
                     attn: GlaAttention::new(&(&p / "attn"), cfg, mode),
                     mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
                     mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
-                }
+                })
             })
             .collect();
         Ok(Self {
@@ -285,6 +287,7 @@ impl GlaModel {
             layers,
             norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
             lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            checkpointing: ActivationCheckpointing::None,
         })
     }
 
@@ -294,12 +297,15 @@ impl GlaModel {
         match caches {
             Some(caches) => {
                 for (layer, cache) in self.layers.iter().zip(caches) {
-                    x = layer.forward(&x, Some(cache));
+                    x = layer.lock().forward(&x, Some(cache));
                 }
             }
             None => {
                 for layer in &self.layers {
-                    x = layer.forward(&x, None);
+                    let layer = layer.clone();
+                    x = checkpoint::forward(self.checkpointing, &x, move |x| {
+                        layer.lock().forward(x, None)
+                    });
                 }
             }
         }
@@ -318,6 +324,10 @@ impl CausalLm for GlaModel {
 
     fn output_weight(&self) -> &Tensor {
         self.lm_head.weight(&self.embeddings)
+    }
+
+    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
+        self.checkpointing = mode;
     }
 
     fn new_cache(&self, batch: i64) -> DecodeCache {

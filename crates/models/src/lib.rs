@@ -10,6 +10,7 @@
 //! always returned in fp32.
 
 pub mod cache;
+pub mod checkpoint;
 pub mod conv;
 pub mod error;
 pub mod gla;
@@ -25,7 +26,7 @@ pub use cache::DecodeCache;
 pub use error::ModelError;
 pub use params::{count_parameters, no_weight_decay};
 
-use glatrain_config::{GlaMode, ModelConfig};
+use glatrain_config::{ActivationCheckpointing, GlaMode, ModelConfig};
 use tch::{nn, Tensor};
 
 /// A causal language model.
@@ -44,6 +45,10 @@ pub trait CausalLm: Send {
     /// The output projection's weight, `[vocab, hidden]`: `lm_head.weight`, or the embedding
     /// table when tied.
     fn output_weight(&self) -> &Tensor;
+
+    /// What [`CausalLm::hidden_states`] keeps for the backward from now on ([`checkpoint`]);
+    /// `None` (keep everything) until set.
+    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing);
 
     /// Logits for every position of whole sequences.
     ///

@@ -3,7 +3,8 @@
 
 use tch::{nn, Tensor};
 
-/// `y = x W^T (+ b)`; under autocast the matmul runs in the autocast dtype.
+/// `y = x W^T (+ b)`; under autocast the matmul runs in the autocast dtype. Selective activation
+/// checkpointing keeps its output (`crate::checkpoint`).
 #[derive(Debug)]
 pub struct Linear {
     /// `[out, in]`.
@@ -45,7 +46,7 @@ impl Linear {
     /// # Shapes
     /// `x: [..., in]` -> `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        crate::checkpoint::tape::linear(x, &self.weight, self.bias.as_ref())
     }
 }
 

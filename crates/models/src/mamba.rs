@@ -12,12 +12,13 @@
 //! `mamba_ssm`); norms one.
 
 use crate::cache::{DecodeCache, LayerCaches};
+use crate::checkpoint::{self, Shared};
 use crate::conv::CausalConv;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
 use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
 use crate::norm::RmsNorm;
 use crate::CausalLm;
-use glatrain_config::{MambaConfig, ModelConfig};
+use glatrain_config::{ActivationCheckpointing, MambaConfig, ModelConfig};
 use glatrain_ops::selective_scan::kernels::geometry::MAX_STATES;
 use glatrain_ops::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 use tch::{nn, Device, Kind, Tensor};
@@ -221,14 +222,21 @@ struct Block {
     mixer: MambaMixer,
 }
 
+impl Block {
+    fn forward(&self, x: &Tensor, cache: Option<&mut MambaLayerCache>) -> Tensor {
+        x + self.mixer.forward(&self.norm.forward(x), cache)
+    }
+}
+
 /// Mamba language model.
 #[derive(Debug)]
 pub struct MambaModel {
     config: ModelConfig,
     embeddings: Embedding,
-    layers: Vec<Block>,
+    layers: Vec<Shared<Block>>,
     norm_f: RmsNorm,
     lm_head: LmHead,
+    checkpointing: ActivationCheckpointing,
 }
 
 impl MambaModel {
@@ -246,10 +254,10 @@ impl MambaModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &backbone / "layers" / i;
-                Block {
+                Shared::new(Block {
                     norm: RmsNorm::new(&(&p / "norm"), hidden, cfg.norm_eps),
                     mixer: MambaMixer::new(&(&p / "mixer"), cfg),
-                }
+                })
             })
             .collect();
         Ok(Self {
@@ -258,16 +266,27 @@ impl MambaModel {
             layers,
             norm_f: RmsNorm::new(&(&backbone / "norm_f"), hidden, cfg.norm_eps),
             lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            checkpointing: ActivationCheckpointing::None,
         })
     }
 
     /// The final hidden states, continuing from (and updating) `caches` when given.
     fn hidden(&self, tokens: &Tensor, caches: Option<&mut [MambaLayerCache]>) -> Tensor {
         let mut x = self.embeddings.forward(tokens);
-        let mut caches = caches.map(|c| c.iter_mut());
-        for layer in &self.layers {
-            let cache = caches.as_mut().and_then(|c| c.next());
-            x = &x + layer.mixer.forward(&layer.norm.forward(&x), cache);
+        match caches {
+            Some(caches) => {
+                for (layer, cache) in self.layers.iter().zip(caches) {
+                    x = layer.lock().forward(&x, Some(cache));
+                }
+            }
+            None => {
+                for layer in &self.layers {
+                    let layer = layer.clone();
+                    x = checkpoint::forward(self.checkpointing, &x, move |x| {
+                        layer.lock().forward(x, None)
+                    });
+                }
+            }
         }
         self.norm_f.forward(&x)
     }
@@ -284,6 +303,10 @@ impl CausalLm for MambaModel {
 
     fn output_weight(&self) -> &Tensor {
         self.lm_head.weight(&self.embeddings)
+    }
+
+    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
+        self.checkpointing = mode;
     }
 
     fn new_cache(&self, batch: i64) -> DecodeCache {

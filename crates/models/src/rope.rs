@@ -29,6 +29,14 @@ impl Rotary {
         }
     }
 
+    /// Another handle to the same tables (a checkpointed block keeps one for its recomputation).
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            cos: self.cos.shallow_clone(),
+            sin: self.sin.shallow_clone(),
+        }
+    }
+
     /// Rotates query or key heads; computes in fp32 and casts back.
     ///
     /// # Shapes

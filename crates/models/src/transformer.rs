@@ -8,13 +8,14 @@
 //! `N(0, initializer_range)`, norms one, no depth rescaling.
 
 use crate::cache::{DecodeCache, LayerCaches};
+use crate::checkpoint::{self, Shared};
 use crate::error::{check_norm_and_init, require_positive, ModelError};
 use crate::linear::{Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use crate::rope::Rotary;
 use crate::CausalLm;
-use glatrain_config::{ModelConfig, TransformerConfig};
+use glatrain_config::{ActivationCheckpointing, ModelConfig, TransformerConfig};
 use tch::{nn, Kind, Tensor};
 
 /// Checks that `cfg` describes a buildable model; errors name the offending key.
@@ -174,11 +175,12 @@ impl Block {
 pub struct TransformerModel {
     config: ModelConfig,
     embeddings: Embedding,
-    layers: Vec<Block>,
+    layers: Vec<Shared<Block>>,
     norm: RmsNorm,
     lm_head: LmHead,
     head_dim: i64,
     rope_theta: f64,
+    checkpointing: ActivationCheckpointing,
 }
 
 impl TransformerModel {
@@ -192,12 +194,12 @@ impl TransformerModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &model / "layers" / i;
-                Block {
+                Shared::new(Block {
                     attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
                     attn: Attention::new(&(&p / "attn"), cfg),
                     mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
                     mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
-                }
+                })
             })
             .collect();
         Ok(Self {
@@ -208,6 +210,7 @@ impl TransformerModel {
             lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
             head_dim: cfg.head_dim() as i64,
             rope_theta: cfg.rope_theta,
+            checkpointing: ActivationCheckpointing::None,
         })
     }
 
@@ -217,10 +220,20 @@ impl TransformerModel {
         let t = tokens.size()[1];
         let rope = Rotary::new(self.head_dim, self.rope_theta, past, t, tokens.device());
         let mut x = self.embeddings.forward(tokens);
-        let mut caches = caches.map(|c| c.iter_mut());
-        for layer in &self.layers {
-            let cache = caches.as_mut().and_then(|c| c.next());
-            x = layer.forward(&x, &rope, past, cache);
+        match caches {
+            Some(caches) => {
+                for (layer, cache) in self.layers.iter().zip(caches) {
+                    x = layer.lock().forward(&x, &rope, past, Some(cache));
+                }
+            }
+            None => {
+                for layer in &self.layers {
+                    let (layer, rope) = (layer.clone(), rope.shallow_clone());
+                    x = checkpoint::forward(self.checkpointing, &x, move |x| {
+                        layer.lock().forward(x, &rope, past, None)
+                    });
+                }
+            }
         }
         self.norm.forward(&x)
     }
@@ -237,6 +250,10 @@ impl CausalLm for TransformerModel {
 
     fn output_weight(&self) -> &Tensor {
         self.lm_head.weight(&self.embeddings)
+    }
+
+    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
+        self.checkpointing = mode;
     }
 
     fn new_cache(&self, batch: i64) -> DecodeCache {

@@ -1,8 +1,11 @@
-//! Every family on a GPU: bf16 autocast over fp32 weights (the trainer's default), and decoding
-//! token by token on the CUDA kernels against the full sequence. Skipped without a CUDA device.
+//! Every family on a GPU: bf16 autocast over fp32 weights (the trainer's default), decoding
+//! token by token on the CUDA kernels against the full sequence, and activation checkpointing
+//! (gradients and peak memory). Skipped without a CUDA device.
 
-use glatrain_config::{GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig};
-use glatrain_models::build;
+use glatrain_config::{
+    ActivationCheckpointing, GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig,
+};
+use glatrain_models::{build, CausalLm};
 use tch::{nn, Device, Kind, Tensor};
 
 const VOCAB: i64 = 37;
@@ -130,5 +133,85 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
                 "{name}: prefill + steps: relative RMS {err:.2e}"
             );
         });
+    }
+}
+
+/// The bf16-autocast cross-entropy gradients of every parameter (sorted by name) of `model` on
+/// `x` keeping what `mode` says, and the step's peak allocated bytes above what was held before.
+fn checkpointed_step(
+    vs: &nn::VarStore,
+    model: &mut dyn CausalLm,
+    mode: ActivationCheckpointing,
+    x: &Tensor,
+) -> (Vec<(String, Tensor)>, u64) {
+    model.set_activation_checkpointing(mode);
+    let (b, t) = x.size2().unwrap();
+    tch::Cuda::synchronize(0);
+    let before = glatrain_shim::memory::stats(0).unwrap().allocated;
+    glatrain_shim::memory::reset_peak(0).unwrap();
+    let logits = glatrain_shim::autocast::autocast(|| model.forward(&x.narrow(1, 0, t - 1)));
+    logits
+        .reshape([b * (t - 1), -1])
+        .cross_entropy_for_logits(&x.narrow(1, 1, t - 1).reshape([-1]))
+        .backward();
+    drop(logits);
+    tch::Cuda::synchronize(0);
+    let peak = glatrain_shim::memory::stats(0).unwrap().peak_allocated - before;
+    let mut grads: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, mut v)| {
+            let g = v.grad().copy();
+            v.zero_grad();
+            (name, g)
+        })
+        .collect();
+    grads.sort_by(|a, b| a.0.cmp(&b.0));
+    (grads, peak)
+}
+
+#[test]
+fn checkpointing_on_cuda_keeps_the_gradients_and_less_memory() {
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    glatrain_shim::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
+    let device = Device::Cuda(0);
+    for (name, cfg) in zoo() {
+        tch::manual_seed(11);
+        let vs = nn::VarStore::new(device);
+        let mut model = build(&vs.root(), &cfg, GlaMode::Chunk).unwrap();
+        let x = Tensor::randint(VOCAB, [4, 1000], (Kind::Int64, device));
+        let (plain, plain_peak) =
+            checkpointed_step(&vs, model.as_mut(), ActivationCheckpointing::None, &x);
+        // The same step twice: what run-to-run nondeterminism (atomics in backward kernels) is.
+        let (again, _) = checkpointed_step(&vs, model.as_mut(), ActivationCheckpointing::None, &x);
+        for mode in [
+            ActivationCheckpointing::Selective,
+            ActivationCheckpointing::Full,
+        ] {
+            let (got, peak) = checkpointed_step(&vs, model.as_mut(), mode, &x);
+            for (((param, g), (_, want)), (_, repeat)) in got.iter().zip(&plain).zip(&again) {
+                // Recomputation is the same computation: within the run-to-run noise, or (where
+                // that is 0) within a bf16 rounding of the gradient.
+                let noise = glatrain_testing::rel_rms(repeat, want);
+                let err = glatrain_testing::rel_rms(g, want);
+                assert!(
+                    err <= (2.0 * noise).max(1e-2),
+                    "{name} {mode:?}: {param}: relative RMS {err:.2e}, run-to-run {noise:.2e}"
+                );
+            }
+            println!(
+                "{name} {mode:?}: peak {:.1} MiB (plain {:.1} MiB)",
+                peak as f64 / 1048576.0,
+                plain_peak as f64 / 1048576.0
+            );
+            // Selective keeps the products of every layer and recomputes one: it only pays off
+            // past a few layers; full keeps one tensor per layer.
+            if mode == ActivationCheckpointing::Full {
+                assert!(peak < plain_peak, "{name}: {peak} >= {plain_peak}");
+            }
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! Model-level properties on tiny CPU configs: causality, full-sequence logits == cached
 //! decoding, finite gradients for every parameter, parameter counts, config errors, dtypes.
 
-use glatrain_config::{GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig};
+use glatrain_config::{
+    ActivationCheckpointing, GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig,
+};
 use glatrain_models::{build, count_parameters, CausalLm};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -425,5 +427,55 @@ fn whole_model_cast_to_bf16_runs_and_returns_fp32_logits() {
             err <= 1.5e-2,
             "{name}: bf16 vs fp32 logits: relative RMS {err:.2e}"
         );
+    }
+}
+
+/// The gradients of every parameter (sorted by name) for one cross-entropy backward of `x`,
+/// the model keeping what `mode` says; leaves the gradients cleared.
+fn gradients(
+    vs: &nn::VarStore,
+    model: &mut dyn CausalLm,
+    mode: ActivationCheckpointing,
+    x: &Tensor,
+) -> Vec<(String, Tensor)> {
+    model.set_activation_checkpointing(mode);
+    let logits = model.forward(&x.narrow(1, 0, SEQ - 1));
+    let targets = x.narrow(1, 1, SEQ - 1).reshape([-1]);
+    logits
+        .reshape([-1, VOCAB as i64])
+        .cross_entropy_for_logits(&targets)
+        .backward();
+    let mut grads: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, mut t)| {
+            let g = t.grad().copy();
+            t.zero_grad();
+            (name, g)
+        })
+        .collect();
+    grads.sort_by(|a, b| a.0.cmp(&b.0));
+    grads
+}
+
+#[test]
+fn checkpointed_gradients_equal_the_plain_ones_bit_for_bit() {
+    for (name, cfg) in zoo() {
+        let (vs, mut model) = make(&cfg, GlaMode::Chunk);
+        let x = tokens(2, SEQ);
+        let plain = gradients(&vs, model.as_mut(), ActivationCheckpointing::None, &x);
+        for mode in [
+            ActivationCheckpointing::Full,
+            ActivationCheckpointing::Selective,
+        ] {
+            let got = gradients(&vs, model.as_mut(), mode, &x);
+            for ((param, g), (_, want)) in got.iter().zip(&plain) {
+                assert!(
+                    want.abs().max().double_value(&[]) > 0.0,
+                    "{name}: {param} has no gradient"
+                );
+                assert!(g.equal(want), "{name} {mode:?}: {param} differs");
+            }
+        }
     }
 }

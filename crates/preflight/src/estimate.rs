@@ -19,7 +19,7 @@ use crate::tiles::{
     FUSED_CHUNK_LAUNCHES, FUSED_RECURRENT_LAUNCHES, RECURRENT_BLOCK_K, RECURRENT_BLOCK_V,
     TENSOR_CORE_CHUNK_LAUNCHES,
 };
-use glatrain_config::GlaMode;
+use glatrain_config::{ActivationCheckpointing, GlaMode};
 use glatrain_ops::selective_scan::kernels::geometry as scan;
 
 /// Share of the measured copy bandwidth a streaming kernel reaches.
@@ -218,6 +218,59 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
             ]
         }
     };
+    per_token
+        .into_iter()
+        .map(|(what, bytes)| MemoryPart {
+            what,
+            bytes: bytes * shape.tokens(),
+        })
+        .collect()
+}
+
+/// What one layer keeps for its backward while it waits for it under activation checkpointing
+/// (crates/models/src/checkpoint.rs), per layer and micro-batch; `None` keeps [`memory_parts`]
+/// instead and gets nothing here. The layer whose backward runs holds its recomputed
+/// activations ([`memory_parts`]) besides.
+/// Counted per token:
+/// - full: the block's input, the fp32 residual stream (4d bytes);
+/// - selective: that and the outputs of the block's matrix products in activation precision:
+///   GLA q, k and the forget-gate projections (2 dk + dk + 16), v and g (2 dv), o_proj (d), MLP
+///   gate and up (2m), down (d); Transformer q and k, v (H D + 2 H_kv D), o_proj (d), gate, up,
+///   down (2m + d); Mamba in_proj (2E), x_proj (dt_rank + 2N, dt_rank = hidden / 16), out_proj
+///   (d).
+pub fn checkpointed_parts(shape: &LayerShape, mode: ActivationCheckpointing) -> Vec<MemoryPart> {
+    let a = shape.act_bytes();
+    let d = shape.hidden_size as u64;
+    let m = shape.mlp_size as u64;
+    let heads = shape.num_heads as u64;
+    let dk = heads * shape.head_k_dim as u64;
+    let dv = heads * shape.head_v_dim as u64;
+    if mode == ActivationCheckpointing::None {
+        return Vec::new();
+    }
+    let mut per_token = vec![("block input (fp32 residual stream)", 4 * d)];
+    if mode == ActivationCheckpointing::Selective {
+        per_token.push(match shape.model_type {
+            ModelType::Gla => (
+                "matrix products: q, k, gates, v, g, o_proj, MLP",
+                a * (3 * dk + 16 + 2 * dv + 2 * d + 2 * m),
+            ),
+            ModelType::Transformer => {
+                let kv = shape.num_kv_heads as u64 * shape.head_k_dim as u64;
+                (
+                    "matrix products: q, k, v, o_proj, MLP",
+                    a * (dk + 2 * kv + 2 * d + 2 * m),
+                )
+            }
+            ModelType::Mamba => {
+                let (e, n) = (heads, shape.head_k_dim as u64);
+                (
+                    "matrix products: in_proj, x_proj, out_proj",
+                    a * (2 * e + d / 16 + 2 * n + d),
+                )
+            }
+        });
+    }
     per_token
         .into_iter()
         .map(|(what, bytes)| MemoryPart {

@@ -16,6 +16,7 @@
 mod device;
 mod error;
 mod estimate;
+mod fit;
 mod measure;
 mod op;
 mod report;
@@ -24,11 +25,11 @@ mod shape;
 pub mod tiles;
 
 pub use device::{DeviceKind, DeviceProfile};
-pub use error::PreflightError;
+pub use error::{MemoryShortfall, PreflightError};
 pub use estimate::{
-    block_activation_bytes, block_parts, chunk_state_bytes, estimate, fused_chunk_blocks,
-    memory_parts, scan_checkpoint_bytes, Estimate, MemoryPart, BACKWARD_FLOP_FACTOR,
-    BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY,
+    block_activation_bytes, block_parts, checkpointed_parts, chunk_state_bytes, estimate,
+    fused_chunk_blocks, memory_parts, scan_checkpoint_bytes, Estimate, MemoryPart,
+    BACKWARD_FLOP_FACTOR, BANDWIDTH_EFFICIENCY, COMPUTE_EFFICIENCY,
 };
 pub use measure::{measure, ModeTimer, SoftmaxTiming, MEASURE_RECURRENT_MAX_T};
 pub use op::{LayerOp, Source};

@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use glatrain_config::ResolvedConfig;
+use glatrain_config::{ActivationCheckpointing, ResolvedConfig};
 use serde::{Serialize, Serializer};
 
 use crate::device::{DeviceKind, DeviceProfile};
-use crate::error::PreflightError;
-use crate::estimate::memory_parts;
+use crate::error::{MemoryShortfall, PreflightError};
+use crate::estimate::{checkpointed_parts, memory_parts};
 use crate::measure::{measure, ModeTimer};
 use crate::op::Source;
 use crate::rules::{choose_mode, Decision};
@@ -40,6 +40,35 @@ pub fn loss_bytes(tokens: u64, hidden: u64, vocab: u64, act_bytes: u64) -> u64 {
     kept + chunk_work + weight_work
 }
 
+/// The activations of a step's layers: every layer's [`Decision::est_memory_bytes`], or under
+/// activation checkpointing what each layer keeps ([`checkpointed_parts`]) plus the one layer
+/// whose recomputed activations the backward holds at a time.
+pub(crate) fn activation_bytes(rows: &[Row], checkpointing: ActivationCheckpointing) -> u64 {
+    let layers = |r: &Row| r.shape.num_layers as u64;
+    if checkpointing == ActivationCheckpointing::None {
+        return rows
+            .iter()
+            .map(|r| r.decision.est_memory_bytes * layers(r))
+            .sum();
+    }
+    let kept: u64 = rows
+        .iter()
+        .map(|r| {
+            let per_layer: u64 = checkpointed_parts(&r.shape, checkpointing)
+                .iter()
+                .map(|p| p.bytes)
+                .sum();
+            per_layer * layers(r)
+        })
+        .sum();
+    let recomputed = rows
+        .iter()
+        .map(|r| r.decision.est_memory_bytes)
+        .max()
+        .unwrap_or(0);
+    kept + recomputed
+}
+
 /// One distinct layer shape and the op chosen for it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Row {
@@ -53,8 +82,10 @@ pub struct MemoryEstimate {
     pub parameters: u64,
     /// [`BYTES_PER_PARAMETER`] per parameter.
     pub weights_and_optimizer_bytes: u64,
-    /// Every layer's [`Decision::est_memory_bytes`].
+    /// What the layers keep for the backward under `checkpointing` ([`activation_bytes`]).
     pub activation_bytes: u64,
+    /// `train.activation_checkpointing`.
+    pub checkpointing: ActivationCheckpointing,
     /// Copies of the weights in the autocast dtype that the matmuls' backward keeps (bf16/fp16:
     /// 2 bytes per parameter; none in fp32).
     pub weight_copies_bytes: u64,
@@ -127,10 +158,7 @@ impl Report {
         let first = rows.first().map(|r| &r.shape);
         let tokens = first.map_or(0, LayerShape::tokens);
         let act_bytes = first.map_or(4, LayerShape::act_bytes);
-        let activation_bytes = rows
-            .iter()
-            .map(|r| r.decision.est_memory_bytes * r.shape.num_layers as u64)
-            .sum();
+        let activation_bytes = activation_bytes(&rows, c.train.activation_checkpointing);
         let weights_and_optimizer_bytes = parameters * BYTES_PER_PARAMETER;
         let weight_copies_bytes = if act_bytes < 4 {
             parameters * act_bytes
@@ -153,6 +181,7 @@ impl Report {
             weights_and_optimizer_bytes,
             weight_copies_bytes,
             activation_bytes,
+            checkpointing: c.train.activation_checkpointing,
             loss_bytes,
             runtime_bytes,
             total_bytes: weights_and_optimizer_bytes
@@ -173,15 +202,17 @@ impl Report {
                 device.name
             ));
         } else if memory.total_bytes > memory.limit_bytes {
-            errors.push(PreflightError::OutOfMemory {
+            errors.push(PreflightError::OutOfMemory(Box::new(MemoryShortfall {
                 config: cfg.source.clone(),
                 micro_batch_size: c.train.micro_batch_size,
                 seq_len: c.data.seq_len,
+                checkpointing: c.train.activation_checkpointing.name(),
                 estimate_bytes: memory.total_bytes,
                 limit_bytes: memory.limit_bytes,
                 device: device.name.clone(),
                 breakdown: memory.breakdown(rows.iter().map(|r| r.shape.num_layers).sum()),
-            });
+                advice: crate::fit::advice(cfg, &rows, &memory),
+            })));
         }
         Report {
             config: cfg.source.clone(),
@@ -364,10 +395,17 @@ impl MemoryEstimate {
                 self.parameters as f64 / 1e6,
                 human_bytes(self.weights_and_optimizer_bytes)
             ),
-            format!(
-                "activations of {layers} layers {}",
-                human_bytes(self.activation_bytes)
-            ),
+            match self.checkpointing {
+                ActivationCheckpointing::None => format!(
+                    "activations of {layers} layers {}",
+                    human_bytes(self.activation_bytes)
+                ),
+                mode => format!(
+                    "activations of {layers} layers with {} checkpointing {}",
+                    mode.name(),
+                    human_bytes(self.activation_bytes)
+                ),
+            },
             format!("loss {}", human_bytes(self.loss_bytes)),
         ];
         if self.weight_copies_bytes > 0 {
@@ -533,6 +571,33 @@ mod tests {
     }
 
     #[test]
+    fn checkpointing_keeps_less_and_the_recomputed_layer_is_counted_once() {
+        let activations = |mode: &str| {
+            let cfg = resolved(
+                GLA_340M,
+                &[&format!("train.activation_checkpointing={mode}")],
+            );
+            Report::rules(&cfg, &DeviceProfile::h100_sxm())
+                .memory
+                .activation_bytes
+        };
+        let (none, selective, full) = (
+            activations("none"),
+            activations("selective"),
+            activations("full"),
+        );
+        assert!(
+            full < selective && selective < none,
+            "{full} {selective} {none}"
+        );
+        // Full: 24 layers keep their fp32 input (4 x 1024 bytes per token), one layer its all.
+        let report = Report::rules(&resolved(GLA_340M, &[]), &DeviceProfile::h100_sxm());
+        let one_layer = report.rows[0].decision.est_memory_bytes;
+        assert_eq!(full, 24 * 4 * 1024 * 8 * 2048 + one_layer);
+        assert!(2 * full < none, "at least 2x less: {full} vs {none}");
+    }
+
+    #[test]
     fn a_config_that_does_not_fit_names_its_keys() {
         let cfg = resolved(
             GLA_340M,
@@ -544,9 +609,27 @@ mod tests {
         assert!(err.is_bad_input());
         let msg = err.to_string();
         assert!(
-            msg.starts_with("configs/gla-340m.toml: train.micro_batch_size = 64, data.seq_len = 16384: estimated memory "),
+            msg.starts_with(
+                "configs/gla-340m.toml: train.micro_batch_size = 64, data.seq_len = 16384, \
+                 train.activation_checkpointing = \"none\": estimated memory "
+            ),
             "{msg}"
         );
+        // Every change the advice names makes the step fit.
+        let advice = &msg[msg.find("to fit, ").expect("advice") + "to fit, ".len()..];
+        let options: Vec<&str> = advice.split(", or ").collect();
+        assert!(!options.is_empty(), "{msg}");
+        for option in options {
+            let sets: Vec<&str> = option
+                .split_whitespace()
+                .filter(|w| w.starts_with("train.") || w.starts_with("data."))
+                .collect();
+            assert!(!sets.is_empty(), "{option}");
+            let mut overrides = vec!["train.micro_batch_size=64", "data.seq_len=16384"];
+            overrides.extend(sets);
+            let fixed = Report::rules(&resolved(GLA_340M, &overrides), &DeviceProfile::h100_sxm());
+            assert!(fixed.errors.is_empty(), "{option}: {:?}", fixed.errors);
+        }
         assert!(
             msg.contains("exceeds the 80.0 GiB of NVIDIA H100 80GB HBM3"),
             "{msg}"

@@ -8,6 +8,9 @@
 //   reaches custom kernels (GLA, the selective scan, fused training ops).
 // - `glatrain_grad`: gradients from a given output gradient, `o.backward(do)` without the
 //   accumulation (tch's backward seeds with ones only).
+// - `glatrain_backward`: `o.backward(do)` itself, accumulating into the leaves; activation
+//   checkpointing calls it from inside a backward (a reentrant backward, as PyTorch's
+//   `checkpoint(use_reentrant=True)` does).
 // - `glatrain_sdp_backends` / `glatrain_set_sdp_backends`: which SDPA backends libtorch may pick
 //   (what torch.nn.attention.sdpa_kernel sets; tch has no binding).
 // - `glatrain_fused_adamw`, `glatrain_global_norm`, `glatrain_scale_all`, `glatrain_clear_grads`:
@@ -165,6 +168,9 @@ void glatrain_autocast_exit(int previous) {
   at::autocast::set_autocast_enabled(at::kCUDA, previous != 0);
 }
 
+// Whether CUDA autocast is on in this thread (1) or not (0).
+int glatrain_autocast_is_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA) ? 1 : 0; }
+
 // The CUDA autocast dtype now in effect (at::ScalarType as int).
 int glatrain_get_autocast_dtype() {
   return static_cast<int>(at::autocast::get_autocast_dtype(at::kCUDA));
@@ -209,6 +215,18 @@ int glatrain_grad(const at::Tensor* out, const at::Tensor* grad, const at::Tenso
     auto gs = torch::autograd::grad({*out}, ins, {*grad}, /*retain_graph=*/false,
                                     /*create_graph=*/false, /*allow_unused=*/true);
     for (size_t i = 0; i < n; ++i) grads[i] = new at::Tensor(gs[i]);
+    return 0;
+  } catch (const std::exception& e) {
+    write_error(err, err_len, e.what());
+    return 1;
+  }
+}
+
+// `out.backward(grad)`: accumulates the gradients of the leaves `out` depends on into their
+// `.grad`. Callable from inside another backward. Returns 0, or 1 with a message in `err`.
+int glatrain_backward(const at::Tensor* out, const at::Tensor* grad, char* err, size_t err_len) {
+  try {
+    torch::autograd::backward({*out}, {*grad});
     return 0;
   } catch (const std::exception& e) {
     write_error(err, err_len, e.what());

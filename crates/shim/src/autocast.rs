@@ -9,6 +9,7 @@ use std::ffi::{c_char, c_int};
 extern "C" {
     fn glatrain_set_autocast_dtype(scalar_type: c_int, err: *mut c_char, err_len: usize) -> c_int;
     fn glatrain_get_autocast_dtype() -> c_int;
+    fn glatrain_autocast_is_enabled() -> c_int;
     fn glatrain_autocast_enter() -> c_int;
     fn glatrain_autocast_exit(previous: c_int);
 }
@@ -64,6 +65,13 @@ pub fn autocast_dtype() -> tch::Kind {
     }
 }
 
+/// Whether this thread is inside a CUDA autocast region. Autocast is thread-local: libtorch's
+/// backward threads run outside any region.
+pub fn autocast_enabled() -> bool {
+    // SAFETY: reads thread-local state; no arguments.
+    unsafe { glatrain_autocast_is_enabled() != 0 }
+}
+
 /// Runs `f` in a CUDA autocast region (matmuls and the like compute in [`autocast_dtype`]).
 /// Regions nest; the previous state comes back when `f` returns or panics.
 pub fn autocast<T>(f: impl FnOnce() -> T) -> T {
@@ -93,8 +101,10 @@ mod tests {
 
     #[test]
     fn regions_nest_and_casts_happen_on_cuda() {
-        let nested = autocast(|| autocast(|| 7));
-        assert_eq!(nested, 7);
+        assert!(!autocast_enabled());
+        let nested = autocast(|| autocast(|| (7, autocast_enabled())));
+        assert_eq!(nested, (7, true));
+        assert!(!autocast_enabled());
         if !tch::Cuda::is_available() {
             println!("skipped the cast check: no CUDA device");
             return;

@@ -23,6 +23,12 @@ extern "C" {
         err: *mut c_char,
         err_len: usize,
     ) -> c_int;
+    fn glatrain_backward(
+        out: *const C_tensor,
+        grad: *const C_tensor,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
 }
 
 /// An op with a Rust forward and backward that libtorch's autograd records like its own: the
@@ -317,10 +323,37 @@ pub fn grad(
         .collect())
 }
 
+/// `output.backward(grad_output)`: accumulates the gradients of the leaves `output` depends on
+/// into their `.grad`. May be called from inside a [`CustomOp::backward`] (a reentrant backward:
+/// how activation checkpointing runs the backward of a recomputed block).
+///
+/// # Errors
+/// libtorch's message.
+pub fn backward(output: &Tensor, grad_output: &Tensor) -> Result<(), String> {
+    // SAFETY: both pointers are live tch tensors for the call.
+    checked(|err, len| unsafe {
+        glatrain_backward(output.as_ptr(), grad_output.as_ptr(), err, len)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::{Device, Kind};
+
+    #[test]
+    fn backward_accumulates_the_given_output_gradient() {
+        let x = Tensor::randn([3, 4], (Kind::Double, Device::Cpu)).set_requires_grad(true);
+        let dy = Tensor::randn([3, 4], (Kind::Double, Device::Cpu));
+        for _ in 0..2 {
+            backward(&(&x * &x * 3.0), &dy).unwrap();
+        }
+        // Twice d(3 x^2) = 6 x dy, accumulated.
+        let want = &x.detach() * 12.0 * &dy;
+        assert!(x.grad().allclose(&want, 1e-12, 1e-12, false));
+        let err = backward(&(&x * 2.0), &Tensor::ones([5], (Kind::Double, Device::Cpu)));
+        assert!(err.is_err());
+    }
 
     #[test]
     fn gradients_follow_the_given_output_gradient() {

@@ -2,7 +2,9 @@
 //! report (by rules, or by timing the GLA kernels on the real shapes), and the kernel mode the
 //! model is built with.
 
-use glatrain_config::{GlaMode, Precision, PreflightPolicy, ResolvedConfig};
+use glatrain_config::{
+    ActivationCheckpointing, GlaMode, Precision, PreflightPolicy, ResolvedConfig,
+};
 use glatrain_cuda::{CudaError, CudaTimer, TIMING_ROUNDS};
 use glatrain_ops::sdpa;
 use glatrain_preflight::{DeviceProfile, LayerShape, ModeTimer, ModelType, Report, SoftmaxTiming};
@@ -61,26 +63,42 @@ pub fn chosen_mode(report: &Report) -> GlaMode {
         .unwrap_or(GlaMode::Reference)
 }
 
-/// The change to a config whose step ran out of memory that keeps its tokens per step and needs
-/// less: half the micro-batch with twice the accumulation, or, at a micro-batch of one, a shorter
-/// sequence or a smaller model.
+/// The changes to a config whose step ran out of memory that need less and keep its tokens per
+/// step: the next activation-checkpointing mode (`selective`, then `full`), and half the
+/// micro-batch with twice the accumulation; at a micro-batch of one with full checkpointing, a
+/// shorter sequence or a smaller model.
 pub fn smaller_step_advice(cfg: &ResolvedConfig) -> String {
     let mb = cfg.config.train.micro_batch_size;
-    if mb > 1 {
-        format!(
+    let next_mode = match cfg.config.train.activation_checkpointing {
+        ActivationCheckpointing::None => Some(ActivationCheckpointing::Selective),
+        ActivationCheckpointing::Selective => Some(ActivationCheckpointing::Full),
+        ActivationCheckpointing::Full => None,
+    };
+    let mut options = Vec::new();
+    if let Some(mode) = next_mode {
+        options.push(format!(
+            "--set train.activation_checkpointing={}",
+            mode.name()
+        ));
+    }
+    if mb > 1 && cfg.batch_size % (mb / 2) == 0 {
+        options.push(format!(
             "--set train.micro_batch_size={} (train.batch_tokens stays {}: {} micro-batches per \
              step instead of {})",
             mb / 2,
             cfg.tokens_per_step,
-            cfg.grad_accum_steps * 2,
+            cfg.batch_size / (mb / 2),
             cfg.grad_accum_steps
-        )
-    } else {
-        format!(
-            "micro-batch 1 of {} tokens does not fit: a shorter data.seq_len or a smaller model",
-            cfg.config.data.seq_len
-        )
+        ));
     }
+    if options.is_empty() {
+        return format!(
+            "micro-batch 1 of {} tokens does not fit even with full activation checkpointing: a \
+             shorter data.seq_len or a smaller model",
+            cfg.config.data.seq_len
+        );
+    }
+    options.join(", or ")
 }
 
 /// Times one forward + backward of the GLA op for the measured preflight (the fastest of
@@ -219,14 +237,21 @@ mod tests {
     }
 
     #[test]
-    fn advice_halves_the_micro_batch_and_keeps_the_step() {
+    fn advice_checkpoints_more_or_halves_the_micro_batch_and_keeps_the_step() {
         let cfg = tiny("auto");
         let advice = smaller_step_advice(&cfg);
         assert!(
-            advice.starts_with("--set train.micro_batch_size=1"),
+            advice.starts_with(
+                "--set train.activation_checkpointing=selective, or --set train.micro_batch_size=1"
+            ),
             "{advice}"
         );
         assert!(advice.contains("batch_tokens stays 32"), "{advice}");
+        let mut cfg = tiny("auto");
+        cfg.config.train.activation_checkpointing = ActivationCheckpointing::Full;
+        cfg.config.train.micro_batch_size = 1;
+        let advice = smaller_step_advice(&cfg);
+        assert!(advice.starts_with("micro-batch 1 of 16 tokens"), "{advice}");
     }
 
     #[test]

@@ -113,7 +113,8 @@ impl std::fmt::Debug for BuiltModel {
 static INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// Seeds libtorch with `run.seed` and builds the configured model on `device`, its GLA layers
-/// running `mode` (the preflight's choice). The same seed gives the same initial weights
+/// running `mode` (the preflight's choice), keeping for the backward what
+/// `train.activation_checkpointing` says. The same seed gives the same initial weights
 /// whatever other threads of the process do with glatrain.
 pub fn build_model(
     cfg: &ResolvedConfig,
@@ -126,13 +127,14 @@ pub fn build_model(
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     tch::manual_seed(cfg.config.run.seed as i64);
     let vs = VarStore::new(device);
-    let model = catch_torch("building the model", || {
+    let mut model = catch_torch("building the model", || {
         Ok(glatrain_models::build(&vs.root(), &cfg.config.model, mode))
     })?
     .map_err(|source| TrainError::Model {
         source_name: cfg.source.clone(),
         source: Box::new(source),
     })?;
+    model.set_activation_checkpointing(cfg.config.train.activation_checkpointing);
     Ok(BuiltModel { vs, model })
 }
 

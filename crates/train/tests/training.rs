@@ -141,6 +141,24 @@ fn resume_is_bit_identical_transformer() {
 }
 
 #[test]
+fn activation_checkpointing_trains_exactly_as_the_plain_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, model) in [
+        ("gla", None),
+        ("mamba", Some(MAMBA_MODEL)),
+        ("transformer", Some(TRANSFORMER_MODEL)),
+    ] {
+        let plain = run(config(&tmp.path().join(name), model, &[]), false, None);
+        for mode in ["selective", "full"] {
+            let setting = format!("train.activation_checkpointing=\"{mode}\"");
+            let dir = tmp.path().join(format!("{name}-{mode}"));
+            let got = run(config(&dir, model, &[&setting]), false, None);
+            assert_eq!(bits(&got.losses), bits(&plain.losses), "{name} {mode}");
+        }
+    }
+}
+
+#[test]
 fn loss_falls() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(
