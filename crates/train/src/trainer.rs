@@ -201,37 +201,15 @@ fn train_locked(
             (loader, state)
         }
     };
-    for r in &rejected {
-        eprintln!("warning: skipping checkpoint {r}");
-    }
+    begin_session(cfg, device, &rejected, state.step)?;
     preflight.write_json(&run_dir)?;
-    if state.step >= tc.max_steps {
-        eprintln!(
-            "note: the checkpoint is at step {}, train.max_steps = {}: nothing left to train; \
-             evaluating it (raise train.max_steps to train further)",
-            state.step, tc.max_steps
-        );
-    }
     let logger = MetricsLogger::open(
         &run_dir,
         &cfg.config.logging,
         resume_dir.as_ref().map(|_| state.step),
     )?;
-    let mfu_basis = mfu_basis(cfg, device);
     announce(cfg, device, parameters, &run_dir);
-    if let Err(e) = interrupt::install() {
-        eprintln!(
-            "warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run loses the steps \
-             since its last checkpoint"
-        );
-    }
-    if let Device::Cuda(ordinal) = device {
-        // The run's peaks start here, not at whatever the preflight's timing allocated.
-        glatrain_shim::memory::reset_peak(ordinal).map_err(|message| TrainError::Torch {
-            what: "resetting the memory peaks".into(),
-            message,
-        })?;
-    }
+    let mfu_basis = mfu_basis(cfg, device);
 
     let elapsed_before = state.elapsed_secs;
     let start_step = state.step;
@@ -284,6 +262,40 @@ fn train_locked(
         elapsed_secs: run.state.elapsed_secs,
         memory: sysinfo::memory(device),
     })
+}
+
+/// What a session says and sets up before its first step: the refused checkpoints, a resume
+/// with nothing left to train, the signal handlers, and (on a GPU) the memory peaks started
+/// afresh, not at whatever the preflight's timing allocated.
+fn begin_session(
+    cfg: &ResolvedConfig,
+    device: Device,
+    rejected: &[String],
+    step: u64,
+) -> Result<(), TrainError> {
+    for r in rejected {
+        eprintln!("warning: skipping checkpoint {r}");
+    }
+    let max_steps = cfg.config.train.max_steps;
+    if step >= max_steps {
+        eprintln!(
+            "note: the checkpoint is at step {step}, train.max_steps = {max_steps}: nothing left \
+             to train; evaluating it (raise train.max_steps to train further)"
+        );
+    }
+    if let Err(e) = interrupt::install() {
+        eprintln!(
+            "warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run loses the steps \
+             since its last checkpoint"
+        );
+    }
+    if let Device::Cuda(ordinal) = device {
+        glatrain_shim::memory::reset_peak(ordinal).map_err(|message| TrainError::Torch {
+            what: "resetting the memory peaks".into(),
+            message,
+        })?;
+    }
+    Ok(())
 }
 
 /// The run directory before anything is built: leftovers of interrupted writes removed (under
@@ -588,32 +600,8 @@ impl Run<'_> {
             } else {
                 step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9)
             };
-            let memory = log_now.then(|| sysinfo::memory(self.device)).flatten();
-            let view = StepView {
-                step,
-                loss: result.loss,
-                lr,
-                grad_norm: result.grad_norm,
-                tokens_per_sec: rate,
-                mfu: self.mfu(rate),
-                memory: memory.map(|m| m.describe()),
-            };
-            self.progress.step(&view, log_now);
-            if result.skipped {
-                let scaler = &self.state.loss_scaler;
-                let scale_note = if scaler.enabled {
-                    format!("; loss scale now {}", scaler.scale())
-                } else {
-                    String::new()
-                };
-                self.progress.println(&format!(
-                    "step {step}: non-finite gradients (loss {:.4}, grad norm {}), step skipped \
-                     ({} in a row{scale_note})",
-                    result.loss, result.grad_norm, self.state.consecutive_skips,
-                ));
-            }
+            self.report_step(&result, lr, rate, log_now)?;
             if log_now {
-                self.log_step(&result, lr, rate, memory)?;
                 window_start = Instant::now();
                 window_tokens = 0;
             }
@@ -627,18 +615,7 @@ impl Run<'_> {
                 });
             }
             if tc.eval_every > 0 && step % tc.eval_every == 0 && step < tc.max_steps {
-                match self.evaluate() {
-                    Ok(report) => {
-                        self.progress.println(&format!(
-                            "step {step}: validation loss {:.4} | perplexity {:.3}",
-                            report.loss, report.perplexity
-                        ));
-                        last_eval = Some(report);
-                    }
-                    // The stop below handles it.
-                    Err(TrainError::Stopped(_)) => {}
-                    Err(e) => return Err(e),
-                }
+                last_eval = self.periodic_evaluation(step)?.or(last_eval);
             }
             let signal = interrupt::requested();
             let stop = signal.is_some() || opts.stop_after.is_some_and(|s| step >= s);
@@ -664,27 +641,9 @@ impl Run<'_> {
         }
 
         if !stopped_early {
-            // The checkpoint first: whatever happens to the evaluation, the training is kept.
-            let checkpoint = self.save_checkpoint()?;
-            self.progress
-                .println(&format!("checkpoint: {}", checkpoint.display()));
-            match self.final_evaluation() {
+            match self.finish()? {
                 Ok(report) => last_eval = Some(report),
-                Err(TrainError::Stopped(signal)) => {
-                    self.progress.println(&format!(
-                        "stop requested ({}): final evaluation skipped; the run is complete \
-                         (`glatrain eval --checkpoint {}` evaluates it)",
-                        signal.name(),
-                        checkpoint.display()
-                    ));
-                    interrupted = Some(signal);
-                }
-                Err(e) => {
-                    return Err(TrainError::AfterTraining {
-                        checkpoint,
-                        source: Box::new(e),
-                    })
-                }
+                Err(signal) => interrupted = Some(signal),
             }
         }
         Ok(LoopOutcome {
@@ -693,6 +652,87 @@ impl Run<'_> {
             stopped_early,
             interrupted,
         })
+    }
+
+    /// Shows a finished step on the progress display, says when it was skipped, and (when
+    /// `log_now`) logs its metrics with the memory in use.
+    fn report_step(
+        &mut self,
+        result: &StepResult,
+        lr: f64,
+        rate: f64,
+        log_now: bool,
+    ) -> Result<(), TrainError> {
+        let step = self.state.step;
+        let memory = log_now.then(|| sysinfo::memory(self.device)).flatten();
+        let view = StepView {
+            step,
+            loss: result.loss,
+            lr,
+            grad_norm: result.grad_norm,
+            tokens_per_sec: rate,
+            mfu: self.mfu(rate),
+            memory: memory.map(|m| m.describe()),
+        };
+        self.progress.step(&view, log_now);
+        if result.skipped {
+            let scaler = &self.state.loss_scaler;
+            let scale_note = if scaler.enabled {
+                format!("; loss scale now {}", scaler.scale())
+            } else {
+                String::new()
+            };
+            self.progress.println(&format!(
+                "step {step}: non-finite gradients (loss {:.4}, grad norm {}), step skipped \
+                 ({} in a row{scale_note})",
+                result.loss, result.grad_norm, self.state.consecutive_skips,
+            ));
+        }
+        if log_now {
+            self.log_step(result, lr, rate, memory)?;
+        }
+        Ok(())
+    }
+
+    /// The evaluation every `train.eval_every` steps, printed; `None` when a stop request cut
+    /// it short (the loop's stop check handles that).
+    fn periodic_evaluation(&mut self, step: u64) -> Result<Option<EvalReport>, TrainError> {
+        match self.evaluate() {
+            Ok(report) => {
+                self.progress.println(&format!(
+                    "step {step}: validation loss {:.4} | perplexity {:.3}",
+                    report.loss, report.perplexity
+                ));
+                Ok(Some(report))
+            }
+            Err(TrainError::Stopped(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The end of a run that trained to `max_steps`: the final checkpoint first (whatever
+    /// happens to the evaluation, the training is kept), then the final evaluation, or the stop
+    /// signal that skipped it.
+    fn finish(&mut self) -> Result<Result<EvalReport, StopSignal>, TrainError> {
+        let checkpoint = self.save_checkpoint()?;
+        self.progress
+            .println(&format!("checkpoint: {}", checkpoint.display()));
+        match self.final_evaluation() {
+            Ok(report) => Ok(Ok(report)),
+            Err(TrainError::Stopped(signal)) => {
+                self.progress.println(&format!(
+                    "stop requested ({}): final evaluation skipped; the run is complete \
+                     (`glatrain eval --checkpoint {}` evaluates it)",
+                    signal.name(),
+                    checkpoint.display()
+                ));
+                Ok(Err(signal))
+            }
+            Err(e) => Err(TrainError::AfterTraining {
+                checkpoint,
+                source: Box::new(e),
+            }),
+        }
     }
 
     /// The evaluation at the end of the run: logged, printed as a table, drawn as a chart.
