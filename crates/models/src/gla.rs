@@ -25,12 +25,12 @@
 //! (`prenorm_residual_strategy = None`), so neither does this.
 
 use crate::cache::{DecodeCache, LayerCaches};
-use crate::checkpoint::{self, Shared};
 use crate::conv::CausalConv;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
 use crate::linear::{Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
+use crate::stack::{Block, Stack};
 use crate::CausalLm;
 use glatrain_config::{ActivationCheckpointing, GlaConfig, GlaMode, ModelConfig};
 use glatrain_ops::reference::gla::default_scale;
@@ -240,22 +240,23 @@ struct GlaBlock {
     mlp: SwiGlu,
 }
 
-impl GlaBlock {
-    fn forward(&self, x: &Tensor, cache: Option<&mut GlaLayerCache>) -> Tensor {
+impl Block for GlaBlock {
+    type Cache = GlaLayerCache;
+    type Context = ();
+
+    fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut GlaLayerCache>) -> Tensor {
         let x = x + self.attn.forward(&self.attn_norm.forward(x), cache);
         &x + self.mlp.forward(&self.mlp_norm.forward(&x))
     }
+
+    fn share(_: &()) {}
 }
 
 /// flash-linear-attention's `GLAForCausalLM`.
 #[derive(Debug)]
 pub struct GlaModel {
     config: ModelConfig,
-    embeddings: Embedding,
-    layers: Vec<Shared<GlaBlock>>,
-    norm: RmsNorm,
-    lm_head: LmHead,
-    checkpointing: ActivationCheckpointing,
+    stack: Stack<GlaBlock>,
 }
 
 impl GlaModel {
@@ -273,43 +274,23 @@ impl GlaModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &model / "layers" / i;
-                Shared::new(GlaBlock {
+                GlaBlock {
                     attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
                     attn: GlaAttention::new(&(&p / "attn"), cfg, mode),
                     mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
                     mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
-                })
+                }
             })
             .collect();
         Ok(Self {
             config: ModelConfig::Gla(cfg.clone()),
-            embeddings: Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
-            layers,
-            norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
-            lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            checkpointing: ActivationCheckpointing::None,
+            stack: Stack::new(
+                Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
+                layers,
+                RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
+                LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            ),
         })
-    }
-
-    /// The final hidden states, continuing from (and updating) `caches` when given.
-    fn hidden(&self, tokens: &Tensor, caches: Option<&mut [GlaLayerCache]>) -> Tensor {
-        let mut x = self.embeddings.forward(tokens);
-        match caches {
-            Some(caches) => {
-                for (layer, cache) in self.layers.iter().zip(caches) {
-                    x = layer.lock().forward(&x, Some(cache));
-                }
-            }
-            None => {
-                for layer in &self.layers {
-                    let layer = layer.clone();
-                    x = checkpoint::forward(self.checkpointing, &x, move |x| {
-                        layer.lock().forward(x, None)
-                    });
-                }
-            }
-        }
-        self.norm.forward(&x)
     }
 }
 
@@ -319,33 +300,29 @@ impl CausalLm for GlaModel {
     }
 
     fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.hidden(tokens, None)
+        self.stack.hidden(tokens, &(), None)
     }
 
     fn output_weight(&self) -> &Tensor {
-        self.lm_head.weight(&self.embeddings)
+        self.stack.output_weight()
     }
 
     fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
-        self.checkpointing = mode;
+        self.stack.set_checkpointing(mode);
     }
 
     fn new_cache(&self, batch: i64) -> DecodeCache {
-        let layers = self
-            .layers
-            .iter()
-            .map(|_| GlaLayerCache::default())
-            .collect();
-        DecodeCache::new(batch, LayerCaches::Gla(layers))
+        DecodeCache::new(batch, LayerCaches::Gla(self.stack.new_caches()))
     }
 
     fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
         cache.advance(tokens);
         let message = cache.wrong_family("gla");
         match &mut cache.layers {
-            LayerCaches::Gla(layers) => self
-                .lm_head
-                .forward(&self.hidden(tokens, Some(layers)), &self.embeddings),
+            LayerCaches::Gla(layers) => {
+                self.stack
+                    .logits(&self.stack.hidden(tokens, &(), Some(layers)))
+            }
             _ => panic!("{message}"),
         }
     }

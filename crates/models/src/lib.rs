@@ -20,6 +20,7 @@ pub mod mlp;
 pub mod norm;
 pub mod params;
 pub mod rope;
+pub mod stack;
 pub mod transformer;
 
 pub use cache::DecodeCache;

@@ -12,11 +12,11 @@
 //! `mamba_ssm`); norms one.
 
 use crate::cache::{DecodeCache, LayerCaches};
-use crate::checkpoint::{self, Shared};
 use crate::conv::CausalConv;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
 use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
 use crate::norm::RmsNorm;
+use crate::stack::{Block, Stack};
 use crate::CausalLm;
 use glatrain_config::{ActivationCheckpointing, MambaConfig, ModelConfig};
 use glatrain_ops::selective_scan::kernels::geometry::MAX_STATES;
@@ -217,26 +217,27 @@ fn inverse_softplus_dt(e: i64, dt_min: f64, dt_max: f64, floor: f64, p: &nn::Pat
 
 /// `x + mixer(norm(x))`.
 #[derive(Debug)]
-struct Block {
+struct MambaBlock {
     norm: RmsNorm,
     mixer: MambaMixer,
 }
 
-impl Block {
-    fn forward(&self, x: &Tensor, cache: Option<&mut MambaLayerCache>) -> Tensor {
+impl Block for MambaBlock {
+    type Cache = MambaLayerCache;
+    type Context = ();
+
+    fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut MambaLayerCache>) -> Tensor {
         x + self.mixer.forward(&self.norm.forward(x), cache)
     }
+
+    fn share(_: &()) {}
 }
 
 /// Mamba language model.
 #[derive(Debug)]
 pub struct MambaModel {
     config: ModelConfig,
-    embeddings: Embedding,
-    layers: Vec<Shared<Block>>,
-    norm_f: RmsNorm,
-    lm_head: LmHead,
-    checkpointing: ActivationCheckpointing,
+    stack: Stack<MambaBlock>,
 }
 
 impl MambaModel {
@@ -254,41 +255,21 @@ impl MambaModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &backbone / "layers" / i;
-                Shared::new(Block {
+                MambaBlock {
                     norm: RmsNorm::new(&(&p / "norm"), hidden, cfg.norm_eps),
                     mixer: MambaMixer::new(&(&p / "mixer"), cfg),
-                })
+                }
             })
             .collect();
         Ok(Self {
             config: ModelConfig::Mamba(cfg.clone()),
-            embeddings: Embedding::new(&(&backbone / "embeddings"), vocab, hidden, std),
-            layers,
-            norm_f: RmsNorm::new(&(&backbone / "norm_f"), hidden, cfg.norm_eps),
-            lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            checkpointing: ActivationCheckpointing::None,
+            stack: Stack::new(
+                Embedding::new(&(&backbone / "embeddings"), vocab, hidden, std),
+                layers,
+                RmsNorm::new(&(&backbone / "norm_f"), hidden, cfg.norm_eps),
+                LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            ),
         })
-    }
-
-    /// The final hidden states, continuing from (and updating) `caches` when given.
-    fn hidden(&self, tokens: &Tensor, caches: Option<&mut [MambaLayerCache]>) -> Tensor {
-        let mut x = self.embeddings.forward(tokens);
-        match caches {
-            Some(caches) => {
-                for (layer, cache) in self.layers.iter().zip(caches) {
-                    x = layer.lock().forward(&x, Some(cache));
-                }
-            }
-            None => {
-                for layer in &self.layers {
-                    let layer = layer.clone();
-                    x = checkpoint::forward(self.checkpointing, &x, move |x| {
-                        layer.lock().forward(x, None)
-                    });
-                }
-            }
-        }
-        self.norm_f.forward(&x)
     }
 }
 
@@ -298,33 +279,29 @@ impl CausalLm for MambaModel {
     }
 
     fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.hidden(tokens, None)
+        self.stack.hidden(tokens, &(), None)
     }
 
     fn output_weight(&self) -> &Tensor {
-        self.lm_head.weight(&self.embeddings)
+        self.stack.output_weight()
     }
 
     fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
-        self.checkpointing = mode;
+        self.stack.set_checkpointing(mode);
     }
 
     fn new_cache(&self, batch: i64) -> DecodeCache {
-        let layers = self
-            .layers
-            .iter()
-            .map(|_| MambaLayerCache::default())
-            .collect();
-        DecodeCache::new(batch, LayerCaches::Mamba(layers))
+        DecodeCache::new(batch, LayerCaches::Mamba(self.stack.new_caches()))
     }
 
     fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
         cache.advance(tokens);
         let message = cache.wrong_family("mamba");
         match &mut cache.layers {
-            LayerCaches::Mamba(layers) => self
-                .lm_head
-                .forward(&self.hidden(tokens, Some(layers)), &self.embeddings),
+            LayerCaches::Mamba(layers) => {
+                self.stack
+                    .logits(&self.stack.hidden(tokens, &(), Some(layers)))
+            }
             _ => panic!("{message}"),
         }
     }

@@ -8,12 +8,12 @@
 //! `N(0, initializer_range)`, norms one, no depth rescaling.
 
 use crate::cache::{DecodeCache, LayerCaches};
-use crate::checkpoint::{self, Shared};
 use crate::error::{check_norm_and_init, require_positive, ModelError};
 use crate::linear::{Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use crate::rope::Rotary;
+use crate::stack::{Block, Stack};
 use crate::CausalLm;
 use glatrain_config::{ActivationCheckpointing, ModelConfig, TransformerConfig};
 use tch::{nn, Kind, Tensor};
@@ -154,19 +154,35 @@ impl Attention {
 
 /// `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`.
 #[derive(Debug)]
-struct Block {
+struct TransformerBlock {
     attn_norm: RmsNorm,
     attn: Attention,
     mlp_norm: RmsNorm,
     mlp: SwiGlu,
 }
 
-impl Block {
-    fn forward(&self, x: &Tensor, rope: &Rotary, past: i64, cache: Option<&mut KvCache>) -> Tensor {
+/// The rotary table of one forward and the position of its first token.
+struct Positions {
+    rope: Rotary,
+    past: i64,
+}
+
+impl Block for TransformerBlock {
+    type Cache = KvCache;
+    type Context = Positions;
+
+    fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
         let x = x + self
             .attn
-            .forward(&self.attn_norm.forward(x), rope, past, cache);
+            .forward(&self.attn_norm.forward(x), &at.rope, at.past, cache);
         &x + self.mlp.forward(&self.mlp_norm.forward(&x))
+    }
+
+    fn share(at: &Positions) -> Positions {
+        Positions {
+            rope: at.rope.shallow_clone(),
+            past: at.past,
+        }
     }
 }
 
@@ -174,13 +190,9 @@ impl Block {
 #[derive(Debug)]
 pub struct TransformerModel {
     config: ModelConfig,
-    embeddings: Embedding,
-    layers: Vec<Shared<Block>>,
-    norm: RmsNorm,
-    lm_head: LmHead,
+    stack: Stack<TransformerBlock>,
     head_dim: i64,
     rope_theta: f64,
-    checkpointing: ActivationCheckpointing,
 }
 
 impl TransformerModel {
@@ -194,48 +206,34 @@ impl TransformerModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &model / "layers" / i;
-                Shared::new(Block {
+                TransformerBlock {
                     attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
                     attn: Attention::new(&(&p / "attn"), cfg),
                     mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
                     mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
-                })
+                }
             })
             .collect();
         Ok(Self {
             config: ModelConfig::Transformer(cfg.clone()),
-            embeddings: Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
-            layers,
-            norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
-            lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            stack: Stack::new(
+                Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
+                layers,
+                RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
+                LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            ),
             head_dim: cfg.head_dim() as i64,
             rope_theta: cfg.rope_theta,
-            checkpointing: ActivationCheckpointing::None,
         })
     }
 
-    /// The final hidden states of `tokens` at positions from `past` on, continuing from (and
-    /// updating) `caches` when given.
-    fn hidden(&self, tokens: &Tensor, past: i64, caches: Option<&mut [KvCache]>) -> Tensor {
+    /// The positions of `tokens` from `past` on.
+    fn positions(&self, tokens: &Tensor, past: i64) -> Positions {
         let t = tokens.size()[1];
-        let rope = Rotary::new(self.head_dim, self.rope_theta, past, t, tokens.device());
-        let mut x = self.embeddings.forward(tokens);
-        match caches {
-            Some(caches) => {
-                for (layer, cache) in self.layers.iter().zip(caches) {
-                    x = layer.lock().forward(&x, &rope, past, Some(cache));
-                }
-            }
-            None => {
-                for layer in &self.layers {
-                    let (layer, rope) = (layer.clone(), rope.shallow_clone());
-                    x = checkpoint::forward(self.checkpointing, &x, move |x| {
-                        layer.lock().forward(x, &rope, past, None)
-                    });
-                }
-            }
+        Positions {
+            rope: Rotary::new(self.head_dim, self.rope_theta, past, t, tokens.device()),
+            past,
         }
-        self.norm.forward(&x)
     }
 }
 
@@ -245,29 +243,30 @@ impl CausalLm for TransformerModel {
     }
 
     fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.hidden(tokens, 0, None)
+        self.stack.hidden(tokens, &self.positions(tokens, 0), None)
     }
 
     fn output_weight(&self) -> &Tensor {
-        self.lm_head.weight(&self.embeddings)
+        self.stack.output_weight()
     }
 
     fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
-        self.checkpointing = mode;
+        self.stack.set_checkpointing(mode);
     }
 
     fn new_cache(&self, batch: i64) -> DecodeCache {
-        let layers = self.layers.iter().map(|_| KvCache::default()).collect();
-        DecodeCache::new(batch, LayerCaches::Transformer(layers))
+        DecodeCache::new(batch, LayerCaches::Transformer(self.stack.new_caches()))
     }
 
     fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
         let past = cache.advance(tokens);
         let message = cache.wrong_family("transformer");
+        let positions = self.positions(tokens, past);
         match &mut cache.layers {
-            LayerCaches::Transformer(layers) => self
-                .lm_head
-                .forward(&self.hidden(tokens, past, Some(layers)), &self.embeddings),
+            LayerCaches::Transformer(layers) => {
+                self.stack
+                    .logits(&self.stack.hidden(tokens, &positions, Some(layers)))
+            }
             _ => panic!("{message}"),
         }
     }
