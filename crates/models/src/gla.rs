@@ -24,15 +24,14 @@
 //! current default applies no depth rescaling of `o_proj` / `down_proj`
 //! (`prenorm_residual_strategy = None`), so neither does this.
 
-use crate::cache::{DecodeCache, LayerCaches};
+use crate::cache::LayerCaches;
 use crate::conv::CausalConv;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
-use crate::stack::{Block, Stack};
-use crate::CausalLm;
-use glatrain_config::{ActivationCheckpointing, GlaConfig, GlaMode, ModelConfig};
+use glatrain_config::{GlaConfig, GlaMode, ModelConfig};
 use glatrain_ops::reference::gla::default_scale;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -233,7 +232,7 @@ impl GlaAttention {
 
 /// `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`.
 #[derive(Debug)]
-struct GlaBlock {
+pub struct GlaBlock {
     attn_norm: RmsNorm,
     attn: GlaAttention,
     mlp_norm: RmsNorm,
@@ -241,23 +240,34 @@ struct GlaBlock {
 }
 
 impl Block for GlaBlock {
+    const FAMILY: &'static str = "gla";
     type Cache = GlaLayerCache;
     type Context = ();
+    type Settings = ();
 
     fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut GlaLayerCache>) -> Tensor {
         let x = x + self.attn.forward(&self.attn_norm.forward(x), cache);
         &x + self.mlp.forward(&self.mlp_norm.forward(&x))
     }
 
+    fn context(_: &(), _: &Tensor, _: i64) {}
+
     fn share(_: &()) {}
+
+    fn wrap_caches(caches: Vec<GlaLayerCache>) -> LayerCaches {
+        LayerCaches::Gla(caches)
+    }
+
+    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<GlaLayerCache>> {
+        match layers {
+            LayerCaches::Gla(caches) => Some(caches),
+            _ => None,
+        }
+    }
 }
 
 /// flash-linear-attention's `GLAForCausalLM`.
-#[derive(Debug)]
-pub struct GlaModel {
-    config: ModelConfig,
-    stack: Stack<GlaBlock>,
-}
+pub type GlaModel = LanguageModel<GlaBlock>;
 
 impl GlaModel {
     /// Creates the variables under `root` (paths as in the module docs).
@@ -282,49 +292,14 @@ impl GlaModel {
                 }
             })
             .collect();
-        Ok(Self {
+        Ok(Self::assemble(Parts {
             config: ModelConfig::Gla(cfg.clone()),
-            stack: Stack::new(
-                Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
-                layers,
-                RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
-                LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            ),
-        })
-    }
-}
-
-impl CausalLm for GlaModel {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.stack.hidden(tokens, &(), None)
-    }
-
-    fn output_weight(&self) -> &Tensor {
-        self.stack.output_weight()
-    }
-
-    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
-        self.stack.set_checkpointing(mode);
-    }
-
-    fn new_cache(&self, batch: i64) -> DecodeCache {
-        DecodeCache::new(batch, LayerCaches::Gla(self.stack.new_caches()))
-    }
-
-    fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
-        cache.advance(tokens);
-        let message = cache.wrong_family("gla");
-        match &mut cache.layers {
-            LayerCaches::Gla(layers) => {
-                self.stack
-                    .logits(&self.stack.hidden(tokens, &(), Some(layers)))
-            }
-            _ => panic!("{message}"),
-        }
+            embeddings: Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
+            layers,
+            norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
+            lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            settings: (),
+        }))
     }
 }
 

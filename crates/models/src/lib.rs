@@ -14,13 +14,13 @@ pub mod checkpoint;
 pub mod conv;
 pub mod error;
 pub mod gla;
+pub mod language_model;
 pub mod linear;
 pub mod mamba;
 pub mod mlp;
 pub mod norm;
 pub mod params;
 pub mod rope;
-pub mod stack;
 pub mod transformer;
 
 pub use cache::DecodeCache;

@@ -11,14 +11,13 @@
 //! channel; `D = 1`; embeddings `N(0, initializer_range)` (the only use of that key, as in
 //! `mamba_ssm`); norms one.
 
-use crate::cache::{DecodeCache, LayerCaches};
+use crate::cache::LayerCaches;
 use crate::conv::CausalConv;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
 use crate::norm::RmsNorm;
-use crate::stack::{Block, Stack};
-use crate::CausalLm;
-use glatrain_config::{ActivationCheckpointing, MambaConfig, ModelConfig};
+use glatrain_config::{MambaConfig, ModelConfig};
 use glatrain_ops::selective_scan::kernels::geometry::MAX_STATES;
 use glatrain_ops::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 use tch::{nn, Device, Kind, Tensor};
@@ -217,28 +216,39 @@ fn inverse_softplus_dt(e: i64, dt_min: f64, dt_max: f64, floor: f64, p: &nn::Pat
 
 /// `x + mixer(norm(x))`.
 #[derive(Debug)]
-struct MambaBlock {
+pub struct MambaBlock {
     norm: RmsNorm,
     mixer: MambaMixer,
 }
 
 impl Block for MambaBlock {
+    const FAMILY: &'static str = "mamba";
     type Cache = MambaLayerCache;
     type Context = ();
+    type Settings = ();
 
     fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut MambaLayerCache>) -> Tensor {
         x + self.mixer.forward(&self.norm.forward(x), cache)
     }
 
+    fn context(_: &(), _: &Tensor, _: i64) {}
+
     fn share(_: &()) {}
+
+    fn wrap_caches(caches: Vec<MambaLayerCache>) -> LayerCaches {
+        LayerCaches::Mamba(caches)
+    }
+
+    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<MambaLayerCache>> {
+        match layers {
+            LayerCaches::Mamba(caches) => Some(caches),
+            _ => None,
+        }
+    }
 }
 
-/// Mamba language model.
-#[derive(Debug)]
-pub struct MambaModel {
-    config: ModelConfig,
-    stack: Stack<MambaBlock>,
-}
+/// Mamba language model (`transformers`' `MambaForCausalLM`).
+pub type MambaModel = LanguageModel<MambaBlock>;
 
 impl MambaModel {
     /// Creates the variables under `root` (paths as in the module docs).
@@ -261,49 +271,14 @@ impl MambaModel {
                 }
             })
             .collect();
-        Ok(Self {
+        Ok(Self::assemble(Parts {
             config: ModelConfig::Mamba(cfg.clone()),
-            stack: Stack::new(
-                Embedding::new(&(&backbone / "embeddings"), vocab, hidden, std),
-                layers,
-                RmsNorm::new(&(&backbone / "norm_f"), hidden, cfg.norm_eps),
-                LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            ),
-        })
-    }
-}
-
-impl CausalLm for MambaModel {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.stack.hidden(tokens, &(), None)
-    }
-
-    fn output_weight(&self) -> &Tensor {
-        self.stack.output_weight()
-    }
-
-    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
-        self.stack.set_checkpointing(mode);
-    }
-
-    fn new_cache(&self, batch: i64) -> DecodeCache {
-        DecodeCache::new(batch, LayerCaches::Mamba(self.stack.new_caches()))
-    }
-
-    fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
-        cache.advance(tokens);
-        let message = cache.wrong_family("mamba");
-        match &mut cache.layers {
-            LayerCaches::Mamba(layers) => {
-                self.stack
-                    .logits(&self.stack.hidden(tokens, &(), Some(layers)))
-            }
-            _ => panic!("{message}"),
-        }
+            embeddings: Embedding::new(&(&backbone / "embeddings"), vocab, hidden, std),
+            layers,
+            norm: RmsNorm::new(&(&backbone / "norm_f"), hidden, cfg.norm_eps),
+            lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            settings: (),
+        }))
     }
 }
 

@@ -7,15 +7,14 @@
 //! Initialisation as Hugging Face LLaMA and FLA: every linear and embedding weight
 //! `N(0, initializer_range)`, norms one, no depth rescaling.
 
-use crate::cache::{DecodeCache, LayerCaches};
+use crate::cache::LayerCaches;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use crate::rope::Rotary;
-use crate::stack::{Block, Stack};
-use crate::CausalLm;
-use glatrain_config::{ActivationCheckpointing, ModelConfig, TransformerConfig};
+use glatrain_config::{ModelConfig, TransformerConfig};
 use tch::{nn, Kind, Tensor};
 
 /// Checks that `cfg` describes a buildable model; errors name the offending key.
@@ -154,22 +153,31 @@ impl Attention {
 
 /// `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`.
 #[derive(Debug)]
-struct TransformerBlock {
+pub struct TransformerBlock {
     attn_norm: RmsNorm,
     attn: Attention,
     mlp_norm: RmsNorm,
     mlp: SwiGlu,
 }
 
+/// What a forward's rotary table is made from.
+#[derive(Debug)]
+pub struct RotarySettings {
+    head_dim: i64,
+    theta: f64,
+}
+
 /// The rotary table of one forward and the position of its first token.
-struct Positions {
+pub struct Positions {
     rope: Rotary,
     past: i64,
 }
 
 impl Block for TransformerBlock {
+    const FAMILY: &'static str = "transformer";
     type Cache = KvCache;
     type Context = Positions;
+    type Settings = RotarySettings;
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
         let x = x + self
@@ -178,22 +186,33 @@ impl Block for TransformerBlock {
         &x + self.mlp.forward(&self.mlp_norm.forward(&x))
     }
 
+    fn context(settings: &RotarySettings, tokens: &Tensor, past: i64) -> Positions {
+        let t = tokens.size()[1];
+        let rope = Rotary::new(settings.head_dim, settings.theta, past, t, tokens.device());
+        Positions { rope, past }
+    }
+
     fn share(at: &Positions) -> Positions {
         Positions {
             rope: at.rope.shallow_clone(),
             past: at.past,
         }
     }
+
+    fn wrap_caches(caches: Vec<KvCache>) -> LayerCaches {
+        LayerCaches::Transformer(caches)
+    }
+
+    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<KvCache>> {
+        match layers {
+            LayerCaches::Transformer(caches) => Some(caches),
+            _ => None,
+        }
+    }
 }
 
 /// LLaMA-style Transformer++ language model.
-#[derive(Debug)]
-pub struct TransformerModel {
-    config: ModelConfig,
-    stack: Stack<TransformerBlock>,
-    head_dim: i64,
-    rope_theta: f64,
-}
+pub type TransformerModel = LanguageModel<TransformerBlock>;
 
 impl TransformerModel {
     /// Creates the variables under `root` (paths as in the module docs).
@@ -214,61 +233,17 @@ impl TransformerModel {
                 }
             })
             .collect();
-        Ok(Self {
+        Ok(Self::assemble(Parts {
             config: ModelConfig::Transformer(cfg.clone()),
-            stack: Stack::new(
-                Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
-                layers,
-                RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
-                LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            ),
-            head_dim: cfg.head_dim() as i64,
-            rope_theta: cfg.rope_theta,
-        })
-    }
-
-    /// The positions of `tokens` from `past` on.
-    fn positions(&self, tokens: &Tensor, past: i64) -> Positions {
-        let t = tokens.size()[1];
-        Positions {
-            rope: Rotary::new(self.head_dim, self.rope_theta, past, t, tokens.device()),
-            past,
-        }
-    }
-}
-
-impl CausalLm for TransformerModel {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.stack.hidden(tokens, &self.positions(tokens, 0), None)
-    }
-
-    fn output_weight(&self) -> &Tensor {
-        self.stack.output_weight()
-    }
-
-    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
-        self.stack.set_checkpointing(mode);
-    }
-
-    fn new_cache(&self, batch: i64) -> DecodeCache {
-        DecodeCache::new(batch, LayerCaches::Transformer(self.stack.new_caches()))
-    }
-
-    fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
-        let past = cache.advance(tokens);
-        let message = cache.wrong_family("transformer");
-        let positions = self.positions(tokens, past);
-        match &mut cache.layers {
-            LayerCaches::Transformer(layers) => {
-                self.stack
-                    .logits(&self.stack.hidden(tokens, &positions, Some(layers)))
-            }
-            _ => panic!("{message}"),
-        }
+            embeddings: Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
+            layers,
+            norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
+            lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
+            settings: RotarySettings {
+                head_dim: cfg.head_dim() as i64,
+                theta: cfg.rope_theta,
+            },
+        }))
     }
 }
 
