@@ -986,6 +986,126 @@ __device__ __forceinline__ void split_low(unsigned hb[16][2], const float st[16]
                              st[j][2 * u + 1] - hi_half<T>(hb[j][u]));
 }
 
+// The walk's state S^T, warp-distributed (see tc_walk_out): st[j][e] is S[k][v] for
+// k = 8 j + c2 + (e & 1), v = col_v + 16 w + g8 + 8 (e >> 1). Read from start[k * V + v].
+__device__ __forceinline__ void load_state(float st[16][4], const float* start, int K, int V,
+                                           int col_v, int w, int g8, int c2) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int k = 8 * j + c2 + (e & 1), v = col_v + 16 * w + g8 + 8 * (e >> 1);
+      st[j][e] = start != nullptr && k < K && v < V ? start[(long long)k * V + v] : 0.f;
+    }
+}
+
+// st (as load_state lays it out) into dst[at + k * V + v].
+__device__ __forceinline__ void store_state(float* dst, long long at, const float st[16][4], int K,
+                                            int V, int col_v, int w, int g8, int c2) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int k = 8 * j + c2 + (e & 1), v = col_v + 16 * w + g8 + 8 * (e >> 1);
+      if (k < K && v < V) dst[at + (long long)k * V + v] = st[j][e];
+    }
+}
+
+// hb = st packed to the input dtype; with `round`, st takes the packed values (the walk goes on
+// from the kept state, as in tc_states).
+template <typename T>
+__device__ __forceinline__ void pack_state(unsigned hb[16][2], float st[16][4], bool round) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int u = 0; u < 2; ++u) hb[j][u] = Op<T>::pack(st[j][2 * u], st[j][2 * u + 1]);
+  if (round) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        st[j][2 * u] = lo_half<T>(hb[j][u]);
+        st[j][2 * u + 1] = hi_half<T>(hb[j][u]);
+      }
+  }
+}
+
+// A warp's 64 x 16 outputs of a step: x_out S (hb: S packed; an fp32 initial state, `exact`,
+// takes a second pass over its low half), plus A y over the blocks s <= t of the rows t, or
+// A^T y over the blocks t >= s of the rows s (the A operand (s, t) = A[t][s]: [k][m] storage).
+template <typename T, bool ADJOINT>
+__device__ __forceinline__ void walk_outputs(float o[4][2][4], unsigned hb[16][2],
+                                             const float st[16][4], const u16* xo,
+                                             const u16* a_tile, const u16* y_tile, int kt, int wc,
+                                             bool exact) {
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[m][nb][e] = 0.f;
+#pragma unroll 1
+  for (int p = 0; p <= (int)exact; ++p) {
+    if (p == 1) split_low<T>(hb, st);
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+      if (kk >= 4 * kt) break;
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        unsigned a[4];
+        a_mk(a, xo + (kk >> 2) * WALK_TILE, 16 * m, 16 * (kk & 3));
+        Op<T>::mma(o[m][0], a, hb[2 * kk][0], hb[2 * kk + 1][0]);
+        Op<T>::mma(o[m][1], a, hb[2 * kk][1], hb[2 * kk + 1][1]);
+      }
+    }
+    if (p == 1) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+#pragma unroll
+        for (int u = 0; u < 2; ++u) hb[j][u] = Op<T>::pack(st[j][2 * u], st[j][2 * u + 1]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) {
+      if (ADJOINT ? kb < m : kb > m) continue;
+      unsigned a[4], bf[4];
+      if (ADJOINT) a_km(a, a_tile, 16 * m, 16 * kb); else a_mk(a, a_tile, 16 * m, 16 * kb);
+      b_kn(bf, y_tile, 16 * kb, wc);
+      Op<T>::mma(o[m][0], a, bf[0], bf[1]);
+      Op<T>::mma(o[m][1], a, bf[2], bf[3]);
+    }
+}
+
+// S^T = S^T diag(d) + y^T x_walk for the warp's 16 columns.
+template <typename T>
+__device__ __forceinline__ void walk_state(float st[16][4], const float* dec, const u16* y_tile,
+                                           const u16* xw, int kt, int wc, int c2) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    if (j >= 8 * kt) break;
+    const float2 d = *reinterpret_cast<const float2*>(dec + 8 * j + c2);
+    st[j][0] *= d.x;
+    st[j][1] *= d.y;
+    st[j][2] *= d.x;
+    st[j][3] *= d.y;
+  }
+#pragma unroll
+  for (int tb = 0; tb < 4; ++tb) {
+    unsigned a[4];
+    a_km(a, y_tile, wc, 16 * tb);
+#pragma unroll
+    for (int qq = 0; qq < 8; ++qq) {
+      if (qq >= 4 * kt) break;
+      unsigned bf[4];
+      b_kn(bf, xw + (qq >> 2) * WALK_TILE, 16 * tb, 16 * (qq & 3));
+      Op<T>::mma(st[2 * qq], a, bf[0], bf[1]);
+      Op<T>::mma(st[2 * qq + 1], a, bf[2], bf[3]);
+    }
+  }
+}
+
 template <typename T, bool ADJOINT, int WARPS, int STAGES>
 __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const float* decay,
                             const T* attn, const float* s0, const float* carry, T* states, T* out,
@@ -1007,13 +1127,7 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
   float st[16][4];
   const float* start = seg == 0 ? s0 : carry + ((long long)bh * S + seg) * KV;
   if (seg == 0 && s0 != nullptr) start += bh * KV;
-#pragma unroll
-  for (int j = 0; j < 16; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int k = 8 * j + c2 + (e & 1), v = col_v + 16 * w + g8 + 8 * (e >> 1);
-      st[j][e] = start != nullptr && k < K && v < V ? start[(long long)k * V + v] : 0.f;
-    }
+  load_state(st, start, K, V, col_v, w, g8, c2);
 
   auto issue = [&](int step) {
     const int n = ADJOINT ? NCH - 1 - step : step;
@@ -1058,89 +1172,12 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
     // The state entering the chunk in the input dtype: what is kept, and (after the first step,
     // which keeps an fp32 initial state exactly) what the walk goes on from, as in tc_states.
     unsigned hb[16][2];
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-      for (int u = 0; u < 2; ++u) hb[j][u] = Op<T>::pack(st[j][2 * u], st[j][2 * u + 1]);
-    if (step > 0) {
-#pragma unroll
-      for (int j = 0; j < 16; ++j)
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          st[j][2 * u] = lo_half<T>(hb[j][u]);
-          st[j][2 * u + 1] = hi_half<T>(hb[j][u]);
-        }
-    }
+    pack_state<T>(hb, st, step > 0);
 
     float o[4][2][4];
-    if (out != nullptr) {
-#pragma unroll
-      for (int m = 0; m < 4; ++m)
-#pragma unroll
-        for (int nb = 0; nb < 2; ++nb)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) o[m][nb][e] = 0.f;
-      // x_out S; an fp32 initial state takes a second pass over its low half.
-      const bool exact = step == 0 && start != nullptr;
-#pragma unroll 1
-      for (int p = 0; p <= (int)exact; ++p) {
-        if (p == 1) split_low<T>(hb, st);
-#pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-          if (kk >= 4 * kt) break;
-#pragma unroll
-          for (int m = 0; m < 4; ++m) {
-            unsigned a[4];
-            a_mk(a, xo + (kk >> 2) * WALK_TILE, 16 * m, 16 * (kk & 3));
-            Op<T>::mma(o[m][0], a, hb[2 * kk][0], hb[2 * kk + 1][0]);
-            Op<T>::mma(o[m][1], a, hb[2 * kk][1], hb[2 * kk + 1][1]);
-          }
-        }
-        if (p == 1) {
-#pragma unroll
-          for (int j = 0; j < 16; ++j)
-#pragma unroll
-            for (int u = 0; u < 2; ++u) hb[j][u] = Op<T>::pack(st[j][2 * u], st[j][2 * u + 1]);
-        }
-      }
-      // A y over the blocks s <= t of the rows t, or A^T y over the blocks t >= s of the rows s
-      // (the A operand (s, t) = A[t][s]: [k][m] storage).
-#pragma unroll
-      for (int m = 0; m < 4; ++m)
-#pragma unroll
-        for (int kb = 0; kb < 4; ++kb) {
-          if (ADJOINT ? kb < m : kb > m) continue;
-          unsigned a[4], bf[4];
-          if (ADJOINT) a_km(a, a_tile, 16 * m, 16 * kb); else a_mk(a, a_tile, 16 * m, 16 * kb);
-          b_kn(bf, y_tile, 16 * kb, wc);
-          Op<T>::mma(o[m][0], a, bf[0], bf[1]);
-          Op<T>::mma(o[m][1], a, bf[2], bf[3]);
-        }
-    }
-
-    // S^T = S^T diag(d) + y^T x_walk.
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      if (j >= 8 * kt) break;
-      const float2 d = *reinterpret_cast<const float2*>(dec + 8 * j + c2);
-      st[j][0] *= d.x;
-      st[j][1] *= d.y;
-      st[j][2] *= d.x;
-      st[j][3] *= d.y;
-    }
-#pragma unroll
-    for (int tb = 0; tb < 4; ++tb) {
-      unsigned a[4];
-      a_km(a, y_tile, wc, 16 * tb);
-#pragma unroll
-      for (int qq = 0; qq < 8; ++qq) {
-        if (qq >= 4 * kt) break;
-        unsigned bf[4];
-        b_kn(bf, xw + (qq >> 2) * WALK_TILE, 16 * tb, 16 * (qq & 3));
-        Op<T>::mma(st[2 * qq], a, bf[0], bf[1]);
-        Op<T>::mma(st[2 * qq + 1], a, bf[2], bf[3]);
-      }
-    }
+    if (out != nullptr)
+      walk_outputs<T, ADJOINT>(o, hb, st, xo, a_tile, y_tile, kt, wc, step == 0 && start != nullptr);
+    walk_state<T>(st, dec, y_tile, xw, kt, wc, c2);
 
     // Every warp is done with the step's tiles: stage the outputs and the state in their place,
     // then store both in 16-byte pieces.
@@ -1178,15 +1215,7 @@ __device__ void tc_walk_out(const T* x_out, const T* x_walk, const T* y, const f
     }
   }
   // The last segment ends with the final state.
-  if (last != nullptr && seg == S - 1) {
-#pragma unroll
-    for (int j = 0; j < 16; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int k = 8 * j + c2 + (e & 1), v = col_v + 16 * w + g8 + 8 * (e >> 1);
-        if (k < K && v < V) last[bh * KV + (long long)k * V + v] = st[j][e];
-      }
-  }
+  if (last != nullptr && seg == S - 1) store_state(last, bh * KV, st, K, V, col_v, w, g8, c2);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,7 +8,11 @@ crates/cuda/src/compile.rs:
     --gpu-architecture=<arch> -std=c++17 -DKERNEL_DTYPE_<DT> -DKERNEL_INDEX=<i> --ftz=true
     [--Ofast-compile=mid]   (the quick tier)
 
-plus --ptxas-options=-v so the log carries ptxas's resource report. Entry points are found by
+plus --ptxas-options=-v so the log carries ptxas's resource report. The last column is a digest of
+the machine code (the CUBIN's executable sections): a change to a source that leaves a kernel's
+digest as it was leaves its SASS byte for byte as it was (for refactors of kernel code). Compare
+digests of `--jobs 1` runs: programs compiled side by side in one process have come out with
+other bytes (NVRTC 13.0), and the same ones again whenever compiled alone. Entry points are found by
 their `WANT_KERNEL(i)` guards; headers a source includes with `#include "name"` are read from the
 source's directory and passed to NVRTC as headers. No GPU is needed, only libnvrtc: by default
 the one of the NVIDIA wheels in the running Python's environment (the project's .venv, which
@@ -23,8 +27,10 @@ Exits 1 if any program fails to compile (its log is printed), 2 on bad arguments
 import argparse
 import concurrent.futures
 import ctypes
+import hashlib
 import os
 import re
+import struct
 import sys
 import time
 from pathlib import Path
@@ -68,7 +74,7 @@ class Nvrtc:
             raise RuntimeError(f"{what}: {self.lib.nvrtcGetErrorString(status).decode()}")
 
     def compile(self, name, text, headers, options):
-        """Returns (ok, log, cubin size)."""
+        """Returns (ok, log, cubin bytes)."""
         prog = ctypes.c_void_p()
         hnames = list(headers)
         htexts = [headers[h] for h in hnames]
@@ -92,14 +98,39 @@ class Nvrtc:
             buf = ctypes.create_string_buffer(size.value)
             self.check(self.lib.nvrtcGetProgramLog(prog, buf), "log")
             log = buf.value.decode(errors="replace")
-            cubin = 0
+            cubin = b""
             if status == 0:
                 csize = ctypes.c_size_t()
                 self.check(self.lib.nvrtcGetCUBINSize(prog, ctypes.byref(csize)), "cubin size")
-                cubin = csize.value
+                cbuf = ctypes.create_string_buffer(csize.value)
+                self.check(self.lib.nvrtcGetCUBIN(prog, cbuf), "cubin")
+                cubin = cbuf.raw
             return status == 0, log, cubin
         finally:
             self.lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def code_digest(cubin):
+    """The first 12 hex digits of a sha256 over the CUBIN's `.text.*` sections (name and
+    bytes, in name order): the kernels' machine code, without the metadata around it."""
+    shoff, = struct.unpack_from("<Q", cubin, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+
+    def section(i):
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize)
+        return name, offset, size
+
+    _, names_at, _ = section(shstrndx)
+    texts = []
+    for i in range(shnum):
+        name_at, offset, size = section(i)
+        name = cubin[names_at + name_at:cubin.index(b"\0", names_at + name_at)]
+        if name.startswith(b".text."):
+            texts.append((name, cubin[offset:offset + size]))
+    digest = hashlib.sha256()
+    for name, code in sorted(texts):
+        digest.update(name + b"\0" + code)
+    return digest.hexdigest()[:12]
 
 
 def entry_points(text):
@@ -202,19 +233,21 @@ def main():
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(run, jobs))
     print(f"{'source':<20} {'kernel':<34} {'tier':<5} {'regs':>4} {'spill st/ld':>11} "
-          f"{'stack':>5} {'smem':>5} {'cubin':>7} {'time s':>6}")
+          f"{'stack':>5} {'smem':>5} {'cubin':>7} {'time s':>6} {'code':>12}")
     for (src, _, _, k, dt, tier, _), ok, log, cubin, secs in results:
         if not ok:
             failed += 1
             print(f"{src.name:<20} #{k} {dt:<5} {tier:<5} FAILED\n{log}")
             continue
         res = resources(log)
+        code = code_digest(cubin)
         if not res:
             print(f"{src.name:<20} #{k} {dt:<5} {tier:<5} compiled, no ptxas report\n{log}")
         for name, r in sorted(res.items()):
             spill = f"{r.get('spill_st', 0)}/{r.get('spill_ld', 0)}"
             print(f"{src.name:<20} {name:<34} {tier:<5} {r.get('regs', 0):>4} {spill:>11} "
-                  f"{r.get('stack', 0):>5} {r.get('smem', 0):>5} {cubin:>7} {secs:>6.2f}")
+                  f"{r.get('stack', 0):>5} {r.get('smem', 0):>5} {len(cubin):>7} {secs:>6.2f} "
+                  f"{code:>12}")
         warnings = [l for l in log.splitlines() if "warning" in l.lower()]
         for w in warnings:
             print(f"    {w}")
