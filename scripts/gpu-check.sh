@@ -15,10 +15,30 @@
 #                                        estimate and a step profile each, and GLA-340M at 32K to
 #                                        128K tokens; BEFORE=path/to/glatrain also times an
 #                                        earlier build on the same runs, for a before/after table
+#   scripts/gpu-check.sh session [DIR] [OUT]
+#                                        one device call's worth (DEADLINE seconds, default 560):
+#                                        the test binaries side by side, then the measurements in
+#                                        order of importance, then the benchmark in the time left;
+#                                        each step is skipped when its time limit no longer fits,
+#                                        and everything is written to OUT as it finishes
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cmd=${1:-all}
 DIR=${2:-$ROOT/.device/ops}
+START=$SECONDS
+
+# Seconds left before $DEADLINE (seconds from the start; unset: no limit).
+left() { echo $((${DEADLINE:-1000000} - (SECONDS - START))); }
+
+# The environment the built binaries need on a machine with PyTorch: libtorch, the wheel's
+# libnvrtc for run-time kernel compilation, the kernel sources and a kernel cache.
+device_env() {
+  local torch_dir
+  torch_dir=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')
+  export LD_LIBRARY_PATH="$torch_dir/lib:$torch_dir/../nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+  export GLATRAIN_KERNEL_DIR="$DIR/kernels"
+  export GLATRAIN_CACHE_DIR=${GLATRAIN_CACHE_DIR:-/tmp/glatrain-kernel-cache}
+}
 
 build() {
   # shellcheck source=env.sh
@@ -44,12 +64,7 @@ for line in sys.stdin:
 run() {
   local out=${1:-$ROOT/.device/out}
   mkdir -p "$out"
-  local torch_dir
-  torch_dir=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')
-  # libtorch, and the wheel's libnvrtc for run-time kernel compilation.
-  export LD_LIBRARY_PATH="$torch_dir/lib:$torch_dir/../nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
-  export GLATRAIN_KERNEL_DIR="$DIR/kernels"
-  export GLATRAIN_CACHE_DIR=${GLATRAIN_CACHE_DIR:-/tmp/glatrain-kernel-cache}
+  device_env
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
   local summary=() failed=0
   for t in "$DIR"/tests/*; do
@@ -77,12 +92,17 @@ run() {
 }
 
 # One training run of binary $1 named $2 on config $3 (more --set overrides after it), on the
-# embedded corpus, with a run directory under $RUNS; its log goes to $out/$2.log.
+# embedded corpus, with a run directory under $RUNS; its log goes to $out/$2.log. $LIMIT
+# (seconds, default 400) bounds it; it is skipped when that no longer fits before $DEADLINE.
 train_run() {
   local bin=$1 name=$2 config=$3
   shift 3
-  local start=$SECONDS status=ok
-  timeout 400 "$bin" --config "$config" --set data.train=embedded --set data.valid=embedded \
+  local start=$SECONDS status=ok limit=${LIMIT:-400}
+  if (($(left) < limit + 10)); then
+    summary+=("$(printf '%-40s %-16s' "$name" "skipped ($(left) s left)")")
+    return
+  fi
+  timeout "$limit" "$bin" --config "$config" --set data.train=embedded --set data.valid=embedded \
     --set data.tokenizer=byte --set train.eval_every=0 --set train.eval_batches=1 \
     --set train.checkpoint_every=0 --set logging.log_every=5 --set logging.progress=lines \
     --set train.warmup_steps=5 --set run.out_dir="$RUNS" --set run.name="$name" "$@" \
@@ -96,26 +116,34 @@ train_run() {
 measure() {
   out=${1:-$ROOT/.device/out}
   mkdir -p "$out"
-  local torch_dir
-  torch_dir=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')
-  export LD_LIBRARY_PATH="$torch_dir/lib:$torch_dir/../nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
-  export GLATRAIN_KERNEL_DIR="$DIR/kernels"
-  export GLATRAIN_CACHE_DIR=${GLATRAIN_CACHE_DIR:-/tmp/glatrain-kernel-cache}
+  device_env
   RUNS=${RUNS:-/dev/shm/glatrain-runs}
   mkdir -p "$RUNS"
   summary=()
   local new=$DIR/glatrain steps=(--set train.max_steps=30 --set logging.profile_steps=[26,28])
-  for model in gla-340m transformer-340m mamba-370m; do
-    train_run "$new" "$model" "$model" "${steps[@]}"
-    [[ -n ${BEFORE:-} ]] && train_run "$BEFORE" "$model-before" "$model" --set train.max_steps=25
-  done
+  local long=(--set train.micro_batch_size=1 --set train.max_steps=12)
+  # In order of importance, so that a deadline cuts the least useful runs.
+  train_run "$new" gla-340m gla-340m "${steps[@]}"
+  train_run "$new" mamba-370m mamba-370m "${steps[@]}"
   train_run "$new" gla-1.3b gla-1.3b --set train.max_steps=20 --set logging.profile_steps=[16,18]
-  for t in 32768 65536 131072; do
-    train_run "$new" "gla-340m-t$t" gla-340m --set data.seq_len=$t --set train.micro_batch_size=1 \
-      --set train.batch_tokens=$t --set train.max_steps=12
+  train_run "$new" gla-340m-t32768 gla-340m --set data.seq_len=32768 --set train.batch_tokens=32768 \
+    "${long[@]}"
+  train_run "$new" transformer-340m transformer-340m "${steps[@]}"
+  if [[ -n ${BEFORE:-} ]]; then
+    for model in gla-340m transformer-340m mamba-370m; do
+      train_run "$BEFORE" "$model-before" "$model" --set train.max_steps=25
+    done
+  fi
+  for mode in selective full; do
+    train_run "$new" "gla-340m-$mode" gla-340m --set train.max_steps=25 \
+      --set train.activation_checkpointing=$mode
+  done
+  for t in 65536 131072; do
+    train_run "$new" "gla-340m-t$t-full" gla-340m --set data.seq_len=$t --set train.batch_tokens=$t \
+      --set train.activation_checkpointing=full "${long[@]}"
   done
   train_run "$new" transformer-340m-t32768 transformer-340m --set data.seq_len=32768 \
-    --set train.micro_batch_size=1 --set train.batch_tokens=32768 --set train.max_steps=12
+    --set train.batch_tokens=32768 "${long[@]}"
   python3 "$ROOT/scripts/run-summary.py" --out "$out/runs.json" "$RUNS"/*/ | tee "$out/runs.log"
   for profile in "$RUNS"/*/profile/summary.txt; do
     [[ -f $profile ]] && { echo "== $profile"; cat "$profile"; } >>"$out/profiles.txt"
@@ -124,10 +152,54 @@ measure() {
   printf '%s\n' "${summary[@]}"
 }
 
+# The test binaries side by side (each at both tiers where it tests kernels), bounded by the
+# deadline; a line per binary in $out/tests.txt.
+parallel_tests() {
+  local out=$1 limit
+  limit=$(( $(left) < 300 ? $(left) : 300 ))
+  for t in "$DIR"/tests/*; do
+    local name tiers
+    name=$(basename "$t")
+    tiers=default
+    [[ $name == cuda_gla-* || $name == cuda_scan-* || $name == cuda_fused-* ]] && tiers="full quick"
+    for tier in $tiers; do
+      (
+        local log="$out/test-$name-$tier.log" start=$SECONDS status=ok
+        GLATRAIN_KERNEL_TIER=${tier/default/} timeout "$limit" "$t" --test-threads=2 >"$log" 2>&1 ||
+          status="FAILED (exit $?)"
+        printf '%-48s %-16s %4d s  %s\n' "$name ($tier)" "$status" $((SECONDS - start)) \
+          "$(grep -E '^test result' "$log" | tail -n 1)" >>"$out/tests.txt"
+      ) &
+    done
+  done
+  wait
+  cat "$out/tests.txt"
+  grep -h -B2 -A12 'panicked' "$out"/test-*.log | head -n 80 || true
+}
+
+session() {
+  local out=${1:-$ROOT/.device/out}
+  DEADLINE=${DEADLINE:-560}
+  mkdir -p "$out"
+  device_env
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
+  parallel_tests "$out"
+  echo "tests done at $((SECONDS - START)) s"
+  LIMIT=60 measure "$out"
+  local limit=$(( $(left) - 10 ))
+  if ((limit > 40)); then
+    timeout "$limit" "$DIR/glatrain" bench --json "$out/bench.json" >"$out/bench.log" 2>&1 ||
+      echo "glatrain bench: exit $? after its ${limit} s"
+    tail -n 30 "$out/bench.log"
+  fi
+  echo "session done at $((SECONDS - START)) s"
+}
+
 case $cmd in
   build) build ;;
   run) run "${3:-}" ;;
   measure) measure "${3:-}" ;;
+  session) session "${3:-}" ;;
   all) build && run ;;
-  *) echo "usage: $0 [build [DIR] | run [DIR] [OUT] | measure [DIR] [OUT]]" >&2; exit 2 ;;
+  *) echo "usage: $0 [build [DIR] | run [DIR] [OUT] | measure [DIR] [OUT] | session [DIR] [OUT]]" >&2; exit 2 ;;
 esac
