@@ -1,0 +1,335 @@
+//! c10d process groups (`csrc/process_group.cpp`): rendezvous through libtorch's `TCPStore`,
+//! collectives through its `ProcessGroupGloo` (CPU tensors). Every failure, a peer that died or
+//! a collective past the group's timeout included, comes back as a message.
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::time::Duration;
+
+use tch::Tensor;
+
+use crate::checked::checked;
+
+#[repr(C)]
+struct RawGroup {
+    _private: [u8; 0],
+}
+
+extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn glatrain_pg_gloo_new(
+        master_host: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        iface: *const c_char,
+        hostname: *const c_char,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut RawGroup;
+    fn glatrain_pg_free(pg: *mut RawGroup);
+    fn glatrain_pg_all_reduce_sum(
+        pg: *mut RawGroup,
+        tensors: *const *const c_void,
+        n: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn glatrain_pg_broadcast(
+        pg: *mut RawGroup,
+        tensors: *const *const c_void,
+        n: usize,
+        root: c_int,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn glatrain_pg_barrier(pg: *mut RawGroup, err: *mut c_char, err_len: usize) -> c_int;
+}
+
+/// Where a rank meets the others, and how long anything may wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendezvous {
+    /// Host of rank 0, which serves the store (`MASTER_ADDR`).
+    pub master_addr: String,
+    /// The store's TCP port on that host (`MASTER_PORT`).
+    pub master_port: u16,
+    /// This process's rank, `0..world_size`.
+    pub rank: usize,
+    pub world_size: usize,
+    /// How long the rendezvous and each collective may wait for the other ranks.
+    pub timeout: Duration,
+    /// Where Gloo's transport binds (see [`GlooBinding`]).
+    pub binding: GlooBinding,
+}
+
+/// The address Gloo's transport listens on for the other ranks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlooBinding {
+    /// A network interface by name (`GLOO_SOCKET_IFNAME`).
+    Interface(String),
+    /// The address of a host name (`127.0.0.1` when every rank is on this machine).
+    Host(String),
+    /// The address this machine's hostname resolves to (loopback if it does not resolve), as
+    /// torch.distributed does by default.
+    Default,
+}
+
+/// This process's membership in a group of ranks that run collectives together. Every rank must
+/// call the same collectives in the same order with tensors of the same shapes.
+#[derive(Debug)]
+pub struct ProcessGroup {
+    raw: *mut RawGroup,
+    rank: usize,
+    world_size: usize,
+}
+
+// SAFETY: the c10d backend may be driven from any thread (libtorch runs its collectives on its
+// own threads); the handle is only freed in `drop`.
+unsafe impl Send for ProcessGroup {}
+
+fn c_string(what: &str, s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{what} {s:?} contains a NUL byte"))
+}
+
+fn tensor_pointers(tensors: &[Tensor]) -> Vec<*const c_void> {
+    tensors
+        .iter()
+        .map(|t| t.as_ptr() as *const c_void)
+        .collect()
+}
+
+impl ProcessGroup {
+    /// Meets the other ranks (rank 0 serves the store) and builds a Gloo group with them.
+    ///
+    /// # Errors
+    /// libtorch's message: the store cannot be served or reached within the timeout, the ranks
+    /// disagree, the transport cannot bind.
+    pub fn gloo(rendezvous: &Rendezvous) -> Result<Self, String> {
+        let Rendezvous {
+            master_addr,
+            master_port,
+            rank,
+            world_size,
+            timeout,
+            binding,
+        } = rendezvous;
+        let host = c_string("MASTER_ADDR", master_addr)?;
+        let (iface, hostname) = match binding {
+            GlooBinding::Interface(name) => {
+                (c_string("GLOO_SOCKET_IFNAME", name)?, CString::default())
+            }
+            GlooBinding::Host(name) => (CString::default(), c_string("host", name)?),
+            GlooBinding::Default => (CString::default(), CString::default()),
+        };
+        let as_int = |what: &str, x: usize| {
+            c_int::try_from(x).map_err(|_| format!("{what} {x} is too large"))
+        };
+        let (rank_c, world_c) = (as_int("rank", *rank)?, as_int("world size", *world_size)?);
+        let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the strings outlive the call; the message buffer is the checked helper's.
+        checked(|err, len| {
+            raw = unsafe {
+                glatrain_pg_gloo_new(
+                    host.as_ptr(),
+                    c_int::from(*master_port),
+                    rank_c,
+                    world_c,
+                    timeout_ms,
+                    iface.as_ptr(),
+                    hostname.as_ptr(),
+                    err,
+                    len,
+                )
+            };
+            c_int::from(raw.is_null())
+        })?;
+        Ok(ProcessGroup {
+            raw,
+            rank: *rank,
+            world_size: *world_size,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    /// Replaces each tensor (contiguous, CPU) by its sum over the ranks.
+    ///
+    /// # Errors
+    /// libtorch's message (a peer gone, the timeout passed, a tensor Gloo cannot reduce).
+    pub fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<(), String> {
+        let ptrs = tensor_pointers(tensors);
+        // SAFETY: the tensors are live for the call; the message buffer is the checked helper's.
+        checked(|err, len| unsafe {
+            glatrain_pg_all_reduce_sum(self.raw, ptrs.as_ptr(), ptrs.len(), err, len)
+        })
+    }
+
+    /// Overwrites each tensor with rank `root`'s.
+    ///
+    /// # Errors
+    /// As [`Self::all_reduce_sum`].
+    pub fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<(), String> {
+        let ptrs = tensor_pointers(tensors);
+        let root = c_int::try_from(root).map_err(|_| format!("root rank {root} is too large"))?;
+        // SAFETY: as in `all_reduce_sum`.
+        checked(|err, len| unsafe {
+            glatrain_pg_broadcast(self.raw, ptrs.as_ptr(), ptrs.len(), root, err, len)
+        })
+    }
+
+    /// Waits until every rank has called it.
+    ///
+    /// # Errors
+    /// As [`Self::all_reduce_sum`].
+    pub fn barrier(&self) -> Result<(), String> {
+        // SAFETY: the message buffer is the checked helper's.
+        checked(|err, len| unsafe { glatrain_pg_barrier(self.raw, err, len) })
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from glatrain_pg_gloo_new and is freed once.
+        unsafe { glatrain_pg_free(self.raw) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tch::Kind;
+
+    fn free_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    }
+
+    fn rendezvous(port: u16, rank: usize, world_size: usize, timeout: Duration) -> Rendezvous {
+        Rendezvous {
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            rank,
+            world_size,
+            timeout,
+            binding: GlooBinding::Host("127.0.0.1".into()),
+        }
+    }
+
+    /// Runs `body(group)` on `world_size` threads, one rank each, and returns their results in
+    /// rank order.
+    fn on_ranks<T: Send + 'static>(
+        world_size: usize,
+        timeout: Duration,
+        body: impl Fn(ProcessGroup) -> T + Send + Sync + Clone + 'static,
+    ) -> Vec<T> {
+        let port = free_port();
+        let threads: Vec<_> = (0..world_size)
+            .map(|rank| {
+                let body = body.clone();
+                std::thread::spawn(move || {
+                    let group =
+                        ProcessGroup::gloo(&rendezvous(port, rank, world_size, timeout)).unwrap();
+                    body(group)
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    }
+
+    fn rank_tensor(rank: usize, size: i64) -> Tensor {
+        glatrain_testing::Rng::new(rank as u64 * 1000 + size as u64).randn(&[size], Kind::Float)
+    }
+
+    #[test]
+    fn all_reduce_sums_and_broadcast_copies_over_three_ranks() {
+        let sizes = [7i64, 1, 1031];
+        let results = on_ranks(3, Duration::from_secs(30), move |group| {
+            let rank = group.rank();
+            let tensors: Vec<Tensor> = sizes.iter().map(|&n| rank_tensor(rank, n)).collect();
+            group.all_reduce_sum(&tensors).unwrap();
+            let summed: Vec<Vec<f32>> = tensors.iter().map(|t| Vec::try_from(t).unwrap()).collect();
+            let mine = rank_tensor(rank, 5);
+            group.broadcast(std::slice::from_ref(&mine), 2).unwrap();
+            group.barrier().unwrap();
+            (summed, Vec::<f32>::try_from(&mine).unwrap())
+        });
+        for (i, &n) in sizes.iter().enumerate() {
+            let expected = (0..3)
+                .map(|r| rank_tensor(r, n))
+                .reduce(|a, b| a + b)
+                .unwrap();
+            let expected = Vec::<f32>::try_from(&expected).unwrap();
+            for (summed, _) in &results {
+                for (a, b) in summed[i].iter().zip(&expected) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+                }
+            }
+        }
+        let root = Vec::<f32>::try_from(&rank_tensor(2, 5)).unwrap();
+        for (_, broadcast) in &results {
+            assert_eq!(broadcast, &root);
+        }
+    }
+
+    #[test]
+    fn a_peer_that_leaves_fails_the_collective_instead_of_hanging() {
+        let start = Instant::now();
+        let results = on_ranks(2, Duration::from_secs(60), |group| {
+            if group.rank() == 1 {
+                drop(group);
+                return None;
+            }
+            let t = rank_tensor(0, 4);
+            Some(group.all_reduce_sum(std::slice::from_ref(&t)))
+        });
+        let err = results[0].clone().unwrap().unwrap_err();
+        assert!(!err.is_empty() && !err.contains("frame #"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_silent_peer_fails_the_collective_at_the_timeout() {
+        let start = Instant::now();
+        let results = on_ranks(2, Duration::from_secs(2), |group| {
+            if group.rank() == 1 {
+                // Alive but never joining the collective, until rank 0 gave up on it.
+                std::thread::sleep(Duration::from_secs(4));
+                return None;
+            }
+            let t = rank_tensor(0, 4);
+            Some(group.all_reduce_sum(std::slice::from_ref(&t)))
+        });
+        let err = results[0].clone().unwrap().unwrap_err();
+        assert!(err.to_lowercase().contains("timed out"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn an_unreachable_store_is_an_error_after_the_timeout() {
+        let port = free_port();
+        let start = Instant::now();
+        let err = ProcessGroup::gloo(&rendezvous(port, 1, 2, Duration::from_secs(2))).unwrap_err();
+        assert!(!err.is_empty() && !err.contains("frame #"), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}
