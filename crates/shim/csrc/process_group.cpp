@@ -5,6 +5,7 @@
 // Every entry point catches what libtorch throws and returns it as a message (for c10::Error
 // without its C++ backtrace).
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -49,15 +50,22 @@ struct GlatrainProcessGroup {
   c10::intrusive_ptr<c10d::Backend> backend;
 };
 
+// A store this process serves for others.
+struct GlatrainStore {
+  c10::intrusive_ptr<c10d::TCPStore> store;
+};
+
 extern "C" {
 
-// Joins the group of `world` processes as `rank`: rank 0 serves a TCPStore at `master_host`:
-// `port`, the others connect to it (retrying until `timeout_ms`), then all build a Gloo group
-// whose collectives fail after `timeout_ms`. Gloo's transport binds to the interface `iface` when
+// Joins the group of `world` processes as `rank`: the store at `master_host`:`port` is served by
+// this process when `serve_store` is non-zero (rank 0), else connected to (retrying until
+// `timeout_ms`); then all build a Gloo group, its keys under "glatrain/" in the store, whose
+// collectives fail after `timeout_ms`. Gloo's transport binds to the interface `iface` when
 // it is not empty, else to the address of `hostname` when that is not empty, else to this
 // machine's hostname (loopback if it does not resolve). Returns the group, or null with a message.
-GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, int rank, int world,
-                                           int64_t timeout_ms, const char* iface,
+GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, int serve_store,
+                                           int rank, int world, int64_t timeout_ms,
+                                           const char* iface,
                                            const char* hostname, char* err, size_t err_len) {
   GlatrainProcessGroup* out = nullptr;
   guarded(err, err_len, [&] {
@@ -65,7 +73,7 @@ GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, in
     const std::chrono::milliseconds timeout(timeout_ms);
     c10d::TCPStoreOptions store_opts;
     store_opts.port = static_cast<std::uint16_t>(port);
-    store_opts.isServer = rank == 0;
+    store_opts.isServer = serve_store != 0;
     store_opts.numWorkers = world;
     store_opts.waitWorkers = true;
     store_opts.timeout = timeout;
@@ -89,6 +97,8 @@ GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, in
     } else {
       opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
+    // Apart from the keys of whoever else uses the store (torchrun's agent).
+    store = c10::make_intrusive<c10d::PrefixStore>("glatrain", store);
     auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
     out = new GlatrainProcessGroup{store, backend};
   });
@@ -96,6 +106,28 @@ GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, in
 }
 
 void glatrain_pg_free(GlatrainProcessGroup* pg) { delete pg; }
+
+// Serves a TCPStore on `port` of every interface (0: a free port, chosen atomically by the bind)
+// for ranks that all connect to it as clients, as torchrun's agent does. Returns the store, or
+// null with a message (the port is taken).
+GlatrainStore* glatrain_store_serve(int port, int64_t timeout_ms, char* err, size_t err_len) {
+  GlatrainStore* out = nullptr;
+  guarded(err, err_len, [&] {
+    TORCH_CHECK(port >= 0 && port < 65536, "port ", port, " is not a TCP port");
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = true;
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    out = new GlatrainStore{c10::make_intrusive<c10d::TCPStore>("127.0.0.1", opts)};
+  });
+  return out;
+}
+
+// The port a served store listens on.
+int glatrain_store_port(GlatrainStore* store) { return store->store->getPort(); }
+
+void glatrain_store_free(GlatrainStore* store) { delete store; }
 
 // Sums each of the `n` tensors over the group in place (each one contiguous and of the same
 // shape on every rank). All reductions are queued before the first wait.

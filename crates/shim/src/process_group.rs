@@ -19,6 +19,7 @@ extern "C" {
     fn glatrain_pg_gloo_new(
         master_host: *const c_char,
         port: c_int,
+        serve_store: c_int,
         rank: c_int,
         world: c_int,
         timeout_ms: i64,
@@ -44,6 +45,57 @@ extern "C" {
         err_len: usize,
     ) -> c_int;
     fn glatrain_pg_barrier(pg: *mut RawGroup, err: *mut c_char, err_len: usize) -> c_int;
+    fn glatrain_store_serve(
+        port: c_int,
+        timeout_ms: i64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut RawStore;
+    fn glatrain_store_port(store: *mut RawStore) -> c_int;
+    fn glatrain_store_free(store: *mut RawStore);
+}
+
+#[repr(C)]
+struct RawStore {
+    _private: [u8; 0],
+}
+
+/// A c10d `TCPStore` served by this process for ranks that all connect to it (their
+/// [`Rendezvous::serve_store`] false), as torchrun's agent serves one; it stops when dropped.
+#[derive(Debug)]
+pub struct StoreServer {
+    raw: *mut RawStore,
+}
+
+impl StoreServer {
+    /// Serves a store on `port` (0: a free port, picked by the bind itself, so no other process
+    /// can take it in between).
+    ///
+    /// # Errors
+    /// libtorch's message (the port is taken).
+    pub fn serve(port: u16, timeout: Duration) -> Result<Self, String> {
+        let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the message buffer is the checked helper's.
+        checked(|err, len| {
+            raw = unsafe { glatrain_store_serve(c_int::from(port), timeout_ms, err, len) };
+            c_int::from(raw.is_null())
+        })?;
+        Ok(StoreServer { raw })
+    }
+
+    /// The port the store listens on.
+    pub fn port(&self) -> u16 {
+        // SAFETY: `raw` is live until drop.
+        u16::try_from(unsafe { glatrain_store_port(self.raw) }).unwrap_or(0)
+    }
+}
+
+impl Drop for StoreServer {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from glatrain_store_serve and is freed once.
+        unsafe { glatrain_store_free(self.raw) }
+    }
 }
 
 /// Where a rank meets the others, and how long anything may wait.
@@ -53,6 +105,8 @@ pub struct Rendezvous {
     pub master_addr: String,
     /// The store's TCP port on that host (`MASTER_PORT`).
     pub master_port: u16,
+    /// Whether this process serves the store (rank 0, unless a launcher's agent serves it).
+    pub serve_store: bool,
     /// This process's rank, `0..world_size`.
     pub rank: usize,
     pub world_size: usize,
@@ -108,6 +162,7 @@ impl ProcessGroup {
         let Rendezvous {
             master_addr,
             master_port,
+            serve_store,
             rank,
             world_size,
             timeout,
@@ -133,6 +188,7 @@ impl ProcessGroup {
                 glatrain_pg_gloo_new(
                     host.as_ptr(),
                     c_int::from(*master_port),
+                    c_int::from(*serve_store),
                     rank_c,
                     world_c,
                     timeout_ms,
@@ -216,6 +272,7 @@ mod tests {
         Rendezvous {
             master_addr: "127.0.0.1".into(),
             master_port: port,
+            serve_store: rank == 0,
             rank,
             world_size,
             timeout,
@@ -223,25 +280,31 @@ mod tests {
         }
     }
 
-    /// Runs `body(group)` on `world_size` threads, one rank each, and returns their results in
-    /// rank order.
+    /// Runs `body(group)` on `world_size` threads, one rank each, around a store served apart
+    /// (its port taken by the bind itself: no race with other tests), and returns their results
+    /// in rank order.
     fn on_ranks<T: Send + 'static>(
         world_size: usize,
         timeout: Duration,
         body: impl Fn(ProcessGroup) -> T + Send + Sync + Clone + 'static,
     ) -> Vec<T> {
-        let port = free_port();
+        let store = StoreServer::serve(0, timeout).unwrap();
+        let port = store.port();
         let threads: Vec<_> = (0..world_size)
             .map(|rank| {
                 let body = body.clone();
                 std::thread::spawn(move || {
-                    let group =
-                        ProcessGroup::gloo(&rendezvous(port, rank, world_size, timeout)).unwrap();
-                    body(group)
+                    let rendezvous = Rendezvous {
+                        serve_store: false,
+                        ..rendezvous(port, rank, world_size, timeout)
+                    };
+                    body(ProcessGroup::gloo(&rendezvous).unwrap())
                 })
             })
             .collect();
-        threads.into_iter().map(|t| t.join().unwrap()).collect()
+        let results = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        drop(store);
+        results
     }
 
     fn rank_tensor(rank: usize, size: i64) -> Tensor {
@@ -277,6 +340,34 @@ mod tests {
         for (_, broadcast) in &results {
             assert_eq!(broadcast, &root);
         }
+    }
+
+    #[test]
+    fn rank_zero_can_serve_the_store() {
+        let port = free_port();
+        let threads: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let group =
+                        ProcessGroup::gloo(&rendezvous(port, rank, 2, Duration::from_secs(30)))
+                            .unwrap();
+                    let t = Tensor::from_slice(&[rank as f32 + 1.0]);
+                    group.all_reduce_sum(std::slice::from_ref(&t)).unwrap();
+                    t.double_value(&[0])
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 3.0);
+        }
+    }
+
+    #[test]
+    fn a_served_store_holds_its_port() {
+        let store = StoreServer::serve(0, Duration::from_secs(5)).unwrap();
+        assert_ne!(store.port(), 0);
+        let err = StoreServer::serve(store.port(), Duration::from_secs(5)).unwrap_err();
+        assert!(!err.is_empty() && !err.contains("frame #"), "{err}");
     }
 
     #[test]
