@@ -74,14 +74,14 @@ impl DataParallel {
         self.rank() == 0
     }
 
-    /// Overwrites `tensors` (contiguous, e.g. the parameters) with rank 0's.
+    /// Overwrites `tensors` (contiguous, e.g. the parameters) with rank `root`'s.
     ///
     /// # Errors
     /// [`DistError::Collective`].
-    pub fn broadcast_from_writer(&self, tensors: &[Tensor]) -> Result<(), DistError> {
+    pub fn broadcast(&self, what: &str, tensors: &[Tensor], root: usize) -> Result<(), DistError> {
         self.group
-            .broadcast(tensors, 0)
-            .map_err(collective("broadcasting rank 0's weights"))
+            .broadcast(tensors, root)
+            .map_err(collective(what))
     }
 
     /// Replaces each gradient by its mean over the ranks, in flat buckets of about
@@ -139,6 +139,26 @@ impl DataParallel {
     }
 }
 
+/// The rank that owns each of the tensors of `sizes` elements when they are shared out over
+/// `ranks` (ZeRO stage 1): the largest first, each to the rank that holds the fewest elements so
+/// far (the lowest such rank), so that every rank holds about the same.
+pub fn owners(sizes: &[usize], ranks: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), i));
+    let mut held = vec![0usize; ranks.max(1)];
+    let mut owner = vec![0; sizes.len()];
+    for i in order {
+        let (rank, _) = held
+            .iter()
+            .enumerate()
+            .min_by_key(|&(r, &h)| (h, r))
+            .unwrap_or((0, &0));
+        owner[i] = rank;
+        held[rank] += sizes[i];
+    }
+    owner
+}
+
 /// Consecutive tensors grouped so that each group holds at most `bytes` (a larger tensor is a
 /// group of its own) and holds one dtype.
 fn buckets<'a>(tensors: &[&'a Tensor], bytes: usize) -> Vec<Vec<&'a Tensor>> {
@@ -167,6 +187,20 @@ mod tests {
     use super::*;
 
     use glatrain_shim::process_group::StoreServer;
+
+    #[test]
+    fn owners_balance_the_elements() {
+        assert_eq!(owners(&[10, 40, 30, 20, 5], 2), vec![0, 0, 1, 1, 0]);
+        assert_eq!(owners(&[3, 3], 1), vec![0, 0]);
+        let sizes: Vec<usize> = (1..=50).map(|i| i * 37 % 101 + 1).collect();
+        let owner = owners(&sizes, 4);
+        let mut held = [0usize; 4];
+        for (s, o) in sizes.iter().zip(&owner) {
+            held[*o] += s;
+        }
+        let (min, max) = (held.iter().min().unwrap(), held.iter().max().unwrap());
+        assert!(max - min <= *sizes.iter().max().unwrap(), "{held:?}");
+    }
 
     #[test]
     fn buckets_keep_order_size_and_dtype() {

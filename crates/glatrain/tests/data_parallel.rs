@@ -293,6 +293,71 @@ fn a_killed_rank_stops_the_run_and_the_run_resumes_exactly() {
 }
 
 #[test]
+fn a_sharded_optimizer_state_trains_and_resumes_as_the_replicated_one() {
+    let dir = workdir();
+    let two = |name: &str, steps: u64, extra: &[&str]| {
+        let (name, steps) = (
+            format!("run.name={name}"),
+            format!("train.max_steps={steps}"),
+        );
+        let mut args = vec![
+            "--nproc-per-node",
+            "2",
+            "--set",
+            "train.micro_batch_size=4",
+            "--set",
+            "train.schedule=\"constant\"",
+            "--set",
+            &name,
+            "--set",
+            &steps,
+        ];
+        args.extend_from_slice(extra);
+        let out = run(dir.path(), &args);
+        check_success(&out);
+        text(&out.stderr)
+    };
+    let shard = ["--set", "train.shard_optimizer_state=true"];
+    two("replicated", 12, &[]);
+    let err = two("sharded", 6, &shard);
+    assert!(
+        err.contains("optimizer state sharded over 2 ranks"),
+        "{err}"
+    );
+    two("sharded", 12, &[&shard[..], &["--resume"]].concat());
+    let runs = dir.path().join("runs");
+    let bits = |l: Vec<(u64, f64)>| l.iter().map(|&(s, x)| (s, x.to_bits())).collect::<Vec<_>>();
+    assert_eq!(
+        bits(losses(&runs.join("sharded"))),
+        bits(losses(&runs.join("replicated")))
+    );
+    // The gathered moments are the replicated run's, bit for bit.
+    let optimizer = |name: &str| {
+        std::fs::read(
+            runs.join(name)
+                .join("checkpoints/step-12/optimizer.safetensors"),
+        )
+        .unwrap()
+    };
+    assert!(optimizer("sharded") == optimizer("replicated"));
+    // One rank continues the sharded run.
+    let one = run(
+        dir.path(),
+        &[
+            "--set",
+            "run.name=sharded",
+            "--set",
+            "train.schedule=\"constant\"",
+            "--set",
+            "train.max_steps=14",
+            "--resume",
+        ],
+    );
+    check_success(&one);
+    assert_eq!(losses(&runs.join("sharded")).len(), 14);
+}
+
+#[test]
 fn a_signal_to_the_launcher_stops_every_rank_after_the_same_step() {
     let dir = workdir();
     let run_dir = dir.path().join("runs/r");

@@ -117,6 +117,8 @@ struct Run<'a> {
     dp: Option<DataParallel>,
     /// This rank's share of the step: `accum` micro-batches of `rows` sequences.
     shard: Shard,
+    /// With the optimizer state sharded: the rank that owns each of [`AdamW::params`].
+    owners: Option<Vec<usize>>,
     valid: Arc<TokenSource>,
     state: TrainState,
     /// Rank 0's (a single process's) metrics; the other ranks write none.
@@ -218,6 +220,28 @@ fn train_locked(
     } = build(cfg, device, crate::preflight::chosen_mode(&preflight))?;
     // Weights from a Hugging Face model directory (`model.init_from`), unless resuming.
     crate::init_from::apply(cfg, &vs, resume_dir.is_some())?;
+    // ZeRO stage 1: this rank keeps (and loads, on a resume) its parameters' moments only.
+    let owners = match &dp {
+        Some(dp) if tc.shard_optimizer_state => {
+            let sizes: Vec<usize> = opt.params().iter().map(|p| p.param.numel()).collect();
+            let owner = glatrain_dist::data_parallel::owners(&sizes, dp.world_size());
+            opt.keep_only(|i| owner[i] == dp.rank())?;
+            if dp.is_writer() {
+                let own: usize = (sizes.iter().zip(&owner))
+                    .filter(|(_, &o)| o == 0)
+                    .map(|(s, _)| s)
+                    .sum();
+                eprintln!(
+                    "optimizer state sharded over {} ranks (ZeRO stage 1): rank 0 keeps the AdamW \
+                     moments of {own} of {} parameters",
+                    dp.world_size(),
+                    sizes.iter().sum::<usize>()
+                );
+            }
+            Some(owner)
+        }
+        _ => None,
+    };
     let (loader, state) = match &resume_dir {
         None => {
             let loader = BatchLoader::new(
@@ -245,7 +269,7 @@ fn train_locked(
     if let Some(dp) = &dp {
         // Whatever each rank initialised or loaded, all start from rank 0's weights.
         let weights: Vec<Tensor> = named_variables(&vs).into_iter().map(|(_, t)| t).collect();
-        tch::no_grad(|| dp.broadcast_from_writer(&weights))?;
+        tch::no_grad(|| dp.broadcast("broadcasting rank 0's weights", &weights, 0))?;
     }
     if writer {
         for r in &rejected {
@@ -307,6 +331,7 @@ fn train_locked(
         loader,
         dp,
         shard,
+        owners,
         valid,
         state,
         logger,
@@ -728,30 +753,31 @@ impl Run<'_> {
                         signal.name()
                     ));
                 }
-                if writer {
-                    let dir = self.save_checkpoint()?;
-                    self.progress.println(&format!(
-                        "stopped at step {step}; checkpoint {} (continue with --resume)",
-                        dir.display()
-                    ));
-                }
+                let dir = self.save_checkpoint()?;
+                self.progress.println(&format!(
+                    "stopped at step {step}; checkpoint {} (continue with --resume)",
+                    dir.display()
+                ));
                 stopped_early = true;
                 interrupted = signal;
                 break;
             }
-            if writer && tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 {
+            if tc.checkpoint_every > 0 && step % tc.checkpoint_every == 0 {
                 self.save_checkpoint()?;
             }
         }
 
-        if !stopped_early && self.is_writer() {
+        if !stopped_early {
             // The checkpoint first: whatever happens to the evaluation, the training is kept.
             let checkpoint = self.save_checkpoint()?;
             self.progress
                 .println(&format!("checkpoint: {}", checkpoint.display()));
-            match self.final_evaluation() {
-                Ok(report) => last_eval = Some(report),
-                Err(TrainError::Stopped(signal)) => {
+            // Rank 0 alone evaluates.
+            let evaluation = self.is_writer().then(|| self.final_evaluation());
+            match evaluation {
+                None => {}
+                Some(Ok(report)) => last_eval = Some(report),
+                Some(Err(TrainError::Stopped(signal))) => {
                     self.progress.println(&format!(
                         "stop requested ({}): final evaluation skipped; the run is complete \
                          (`glatrain eval --checkpoint {}` evaluates it)",
@@ -760,7 +786,7 @@ impl Run<'_> {
                     ));
                     interrupted = Some(signal);
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     return Err(TrainError::AfterTraining {
                         checkpoint,
                         source: Box::new(e),
@@ -790,6 +816,52 @@ impl Run<'_> {
             self.cfg.run_dir().join(PLOT_FILE).display()
         ));
         Ok(report)
+    }
+
+    /// The whole AdamW state, named for the checkpoint. Sharded, each rank sends the moments it
+    /// owns to the others (all ranks take part; every rank holds the whole state meanwhile).
+    fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let (Some(dp), Some(owners)) = (&self.dp, &self.owners) else {
+            return Ok(self.opt.state_tensors());
+        };
+        let mut named = Vec::with_capacity(2 * owners.len());
+        let mut by_owner: Vec<Vec<Tensor>> = (0..dp.world_size()).map(|_| Vec::new()).collect();
+        for (p, &owner) in self.opt.params().iter().zip(owners) {
+            let [m, v] = if p.owned {
+                [p.exp_avg.shallow_clone(), p.exp_avg_sq.shallow_clone()]
+            } else {
+                let zeros = || {
+                    Tensor::f_zeros(p.param.size(), (Kind::Float, p.param.device()))
+                        .map_err(torch_error("gathering the optimizer state"))
+                };
+                [zeros()?, zeros()?]
+            };
+            by_owner[owner].extend([m.shallow_clone(), v.shallow_clone()]);
+            named.push((format!("exp_avg.{}", p.name), m));
+            named.push((format!("exp_avg_sq.{}", p.name), v));
+        }
+        for (root, tensors) in by_owner.iter().enumerate() {
+            dp.broadcast("gathering the optimizer state", tensors, root)?;
+        }
+        Ok(named)
+    }
+
+    /// Sends each parameter from the rank that updated it to the others (sharded optimizer
+    /// state only).
+    fn share_updated_parameters(&self) -> Result<(), TrainError> {
+        let (Some(dp), Some(owners)) = (&self.dp, &self.owners) else {
+            return Ok(());
+        };
+        let mut by_owner: Vec<Vec<Tensor>> = (0..dp.world_size()).map(|_| Vec::new()).collect();
+        for (p, &owner) in self.opt.params().iter().zip(owners) {
+            by_owner[owner].push(p.param.shallow_clone());
+        }
+        tch::no_grad(|| {
+            by_owner.iter().enumerate().try_for_each(|(root, tensors)| {
+                dp.broadcast("sharing the updated parameters", tensors, root)
+            })
+        })?;
+        Ok(())
     }
 
     /// Whether this process writes the run directory (rank 0, or a single process).
@@ -884,6 +956,7 @@ impl Run<'_> {
         if finite {
             clip_grads(&mut grads, grad_norm, self.cfg.config.train.grad_clip)?;
             self.opt.step(lr)?;
+            self.share_updated_parameters()?;
             self.state.optimizer_updates = self.opt.step_count();
             self.state.consecutive_skips = 0;
         } else {
@@ -978,7 +1051,8 @@ impl Run<'_> {
     }
 
     /// Writes a checkpoint of the current step (unless this session already wrote it) and
-    /// prunes old ones.
+    /// prunes old ones. Every rank calls it at the same steps (a sharded optimizer state is
+    /// gathered for it); rank 0 writes, the others return the directory rank 0 writes.
     fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
         let step = self.state.step;
         if let Some((s, dir)) = &self.last_checkpoint {
@@ -986,9 +1060,14 @@ impl Run<'_> {
                 return Ok(dir.clone());
             }
         }
+        let optimizer = self.optimizer_state()?;
+        if !self.is_writer() {
+            let dir = self.checkpoints_dir.join(checkpoint::step_dir_name(step));
+            self.last_checkpoint = Some((step, dir.clone()));
+            return Ok(dir);
+        }
         self.state.elapsed_secs = self.elapsed_before + self.session_start.elapsed().as_secs_f64();
         let weights = named_variables(&self.vs);
-        let optimizer = self.opt.state_tensors();
         let dir = checkpoint::save(
             &self.checkpoints_dir,
             &CheckpointContents {
