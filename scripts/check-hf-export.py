@@ -5,15 +5,20 @@
                                RUN_OR_CHECKPOINT...
 
 For each checkpoint (a run directory means its newest): `glatrain export` (fp32) into a temporary
-directory; `AutoModelForCausalLM.from_pretrained` on it, which must report no missing, unexpected
+directory; `from_pretrained` of the class its config.json names (transformers' own class; fla's
+GLAForCausalLM for GLA, named explicitly because importing fla also registers fla's Mamba under
+the Auto classes' "mamba"), which must report no missing, unexpected
 or mismatched keys; `glatrain eval --text` on the text; and the same tokens, in the same windows
 (the whole text as one stream, non-overlapping windows of data.seq_len predicted tokens, each from
 a fresh state), through the transformers model. Prints both losses and their difference and exits
 1 when a relative difference exceeds --tol.
 
 Exits 0 with a skip message where torch or `transformers` is not installed. A GLA checkpoint needs
-flash-linear-attention (`import fla`, which registers GLAForCausalLM) and a CUDA device (its
-kernels are Triton); without them it is skipped with a message.
+flash-linear-attention (`import fla`, which registers GLAForCausalLM; skipped with a message
+without it). Its kernels are Triton, for CUDA only: on the CPU the model runs with fla's own
+plain-torch references in their place (`naive_recurrent_gla` for the sequence mixing,
+`rms_norm_ref` for the norms, the SwiGLU and the swish-gated norm written out), so the check covers
+fla's model code, its config and the exported weights; on CUDA fla's kernels run as they are.
 
 The text defaults to the first 8 KiB of the embedded corpus's validation split
 (data/brown-valid.txt.gz). Its tokens come from the exported tokenizer through AutoTokenizer (the
@@ -87,20 +92,52 @@ def hf_nats(model, tokens, seq_len, batch, device, torch):
     return total
 
 
+def use_fla_references_on_cpu():
+    """Swaps fla's Triton kernels in the GLA model for plain torch (fla's own references where it
+    has them), so that the model runs on the CPU."""
+    import torch.nn.functional as F
+    import fla.layers.gla as gla_layer
+    from fla.modules import FusedRMSNormGated, RMSNorm
+    from fla.modules.mlp import SwiGLULinear
+    from fla.modules.norm.layernorm import rms_norm_ref
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    def rms_norm(self, x, residual=None, prenorm=False, residual_in_fp32=False):
+        return rms_norm_ref(x, self.weight, self.bias, residual, self.eps, prenorm, upcast=True)
+
+    def rms_norm_swish_gate(self, x, g, residual=None, prenorm=False, residual_in_fp32=False):
+        if residual is not None or prenorm or self.activation not in ("swish", "silu"):
+            raise NotImplementedError("only the plain swish-gated norm has a CPU stand-in")
+        return rms_norm_ref(x, self.weight, self.bias, None, self.eps, False, upcast=True) * F.silu(g)
+
+    def swiglu_linear(self, x, y, weight, bias):
+        return F.linear(F.silu(x) * y, weight, bias)
+
+    def gla(q, k, v, g=None, initial_state=None, output_final_state=False, cu_seqlens=None, gk=None, **_):
+        if cu_seqlens is not None:
+            raise NotImplementedError("cu_seqlens has no CPU stand-in")
+        return naive_recurrent_gla(q, k, v, g if g is not None else gk, initial_state, output_final_state)
+
+    RMSNorm.forward = rms_norm
+    FusedRMSNormGated.forward = rms_norm_swish_gate
+    SwiGLULinear.forward = swiglu_linear
+    gla_layer.chunk_gla = gla_layer.fused_chunk_gla = gla_layer.fused_recurrent_gla = gla
+
+
 def main():
     args = parse_args()
     try:
         import torch
         import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
     except ImportError as e:
         print(f"skipped: this check needs torch and transformers ({e}); pip install torch transformers safetensors")
         return 0
     try:
-        import fla  # noqa: F401  (registers GLAConfig / GLAForCausalLM with the Auto classes)
+        from fla.models import GLAForCausalLM
         fla_error = None
     except ImportError as e:
-        fla_error = str(e)
+        GLAForCausalLM, fla_error = None, str(e)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tol = args.tol if args.tol is not None else (1e-5 if device == "cpu" else 2e-3)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, device {device}, "
@@ -124,10 +161,11 @@ def main():
         with open(os.path.join(out, "config.json")) as f:
             config = json.load(f)
         model_type = config["model_type"]
-        if model_type == "gla" and (fla_error or device != "cuda"):
-            why = f"flash-linear-attention is not importable ({fla_error})" if fla_error else "no CUDA device"
-            print(f"skipped {checkpoint} (GLA): {why}")
+        if model_type == "gla" and fla_error:
+            print(f"skipped {checkpoint} (GLA): flash-linear-attention is not importable ({fla_error})")
             continue
+        if model_type == "gla" and device == "cpu":
+            use_fla_references_on_cpu()
         report_path = os.path.join(work, f"eval-{i}.json")
         glatrain(args.glatrain, "eval", "--checkpoint", checkpoint, "--text", text_path,
                  "--text-field", args.text_field, "--json", report_path)
@@ -145,7 +183,8 @@ def main():
             failed += 1
             continue
 
-        model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+        model_class = GLAForCausalLM if model_type == "gla" else getattr(transformers, config["architectures"][0])
+        model, info = model_class.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
         problems = {k: v for k, v in info.items() if v}
         if problems:
             print(f"FAILED {checkpoint}: from_pretrained reports {problems}")

@@ -150,13 +150,38 @@ fn weight_shapes(model: &ModelConfig) -> Vec<Shape> {
     }
 }
 
-/// The MLP width and the keys it grows with: `intermediate_size` when set, else hidden_size's
-/// default.
-fn mlp_key(intermediate: Option<usize>, hidden: &Key) -> Key {
-    match intermediate {
-        Some(width) => size_key("model.intermediate_size", width),
+/// The token embedding, `vocab_size x hidden_size`.
+fn embedding(vocab_size: usize, vocab: &Key, hidden_size: usize, hidden: &Key) -> Shape {
+    Shape::new(
+        "the embedding",
+        &[
+            ("vocab_size", vocab_size as u128),
+            ("hidden_size", hidden_size as u128),
+        ],
+        &[hidden, vocab],
+    )
+}
+
+/// An MLP projection, `hidden_size x width`; the width grows with `intermediate_size` when set,
+/// else with hidden_size (its default).
+fn mlp_projection(
+    hidden_size: usize,
+    hidden: &Key,
+    intermediate: Option<usize>,
+    width: usize,
+) -> Shape {
+    let grows_with = match intermediate {
+        Some(set) => size_key("model.intermediate_size", set),
         None => hidden.clone(),
-    }
+    };
+    Shape::new(
+        "the MLP projection",
+        &[
+            ("hidden_size", hidden_size as u128),
+            ("intermediate_size", width as u128),
+        ],
+        &[hidden, &grows_with],
+    )
 }
 
 fn gla(m: &GlaConfig) -> Vec<Shape> {
@@ -168,13 +193,8 @@ fn gla(m: &GlaConfig) -> Vec<Shape> {
     let vocab = size_key("model.vocab_size", m.vocab_size);
     let rank = size_key("model.gate_low_rank_dim", m.gate_low_rank_dim);
     let conv = size_key("model.conv_size", m.conv_size);
-    let mlp = mlp_key(m.intermediate_size, &hidden);
     vec![
-        Shape::new(
-            "the embedding",
-            &[("vocab_size", m.vocab_size as u128), ("hidden_size", h)],
-            &[&hidden, &vocab],
-        ),
+        embedding(m.vocab_size, &vocab, m.hidden_size, &hidden),
         Shape::new(
             "the query/key projection",
             &[("hidden_size", h), ("key_dim", kd)],
@@ -201,14 +221,7 @@ fn gla(m: &GlaConfig) -> Vec<Shape> {
             ],
             &[&hidden, &expand_k, &expand_v, &conv],
         ),
-        Shape::new(
-            "the MLP projection",
-            &[
-                ("hidden_size", h),
-                ("intermediate_size", m.mlp_size() as u128),
-            ],
-            &[&hidden, &mlp],
-        ),
+        mlp_projection(m.hidden_size, &hidden, m.intermediate_size, m.mlp_size()),
     ]
 }
 
@@ -216,26 +229,14 @@ fn transformer(m: &TransformerConfig) -> Vec<Shape> {
     let h = m.hidden_size as u128;
     let hidden = size_key("model.hidden_size", m.hidden_size);
     let vocab = size_key("model.vocab_size", m.vocab_size);
-    let mlp = mlp_key(m.intermediate_size, &hidden);
     vec![
-        Shape::new(
-            "the embedding",
-            &[("vocab_size", m.vocab_size as u128), ("hidden_size", h)],
-            &[&hidden, &vocab],
-        ),
+        embedding(m.vocab_size, &vocab, m.hidden_size, &hidden),
         Shape::new(
             "the query/output projection",
             &[("hidden_size", h), ("hidden_size", h)],
             &[&hidden],
         ),
-        Shape::new(
-            "the MLP projection",
-            &[
-                ("hidden_size", h),
-                ("intermediate_size", m.mlp_size() as u128),
-            ],
-            &[&hidden, &mlp],
-        ),
+        mlp_projection(m.hidden_size, &hidden, m.intermediate_size, m.mlp_size()),
     ]
 }
 
@@ -254,11 +255,7 @@ fn mamba(m: &MambaConfig) -> Vec<Shape> {
     };
     let x_proj_width = m.dt_rank() as u128 + 2 * m.d_state as u128;
     vec![
-        Shape::new(
-            "the embedding",
-            &[("vocab_size", m.vocab_size as u128), ("hidden_size", h)],
-            &[&hidden, &vocab],
-        ),
+        embedding(m.vocab_size, &vocab, m.hidden_size, &hidden),
         Shape::new(
             "the input/output projection",
             &[("hidden_size", h), ("d_inner", inner)],

@@ -96,6 +96,10 @@ pub enum DataError {
     )]
     BadRecord(crate::inputs::BadRecord),
 
+    /// A record of a file read whole (evaluation text) that is not a document.
+    #[error("{0}")]
+    BadTextRecord(crate::inputs::BadRecord),
+
     /// A parquet input without the text column, or whose text column does not hold strings.
     #[error("{}: column {field:?}: {what}", path.display())]
     ParquetColumn {
@@ -173,6 +177,7 @@ impl DataError {
             | DataError::Empty { .. }
             | DataError::Manifest { .. }
             | DataError::BadRecord(_)
+            | DataError::BadTextRecord(_)
             | DataError::ParquetColumn { .. }
             | DataError::NoInputs { .. }
             | DataError::OutputExists { .. }

@@ -89,11 +89,12 @@ pub struct EvalArgs {
     /// Where to write the loss-by-position plot (default: next to the checkpoint).
     #[arg(long, value_name = "PNG")]
     pub plot: Option<PathBuf>,
-    /// Evaluate on a text file instead (.txt, or .jsonl with --text-field), tokenized with the
-    /// run's tokenizer as one stream in non-overlapping windows of data.seq_len tokens.
+    /// Evaluate on a text file instead (.txt, .jsonl or .parquet, also .gz/.zst compressed),
+    /// tokenized with the run's tokenizer as one stream in non-overlapping windows of
+    /// data.seq_len tokens.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["data", "batches", "plot"])]
     pub text: Option<PathBuf>,
-    /// The text field of each line of a .jsonl --text file.
+    /// The text field of each record of a JSON Lines or parquet --text file.
     #[arg(long, value_name = "NAME", default_value = "text", requires = "text")]
     pub text_field: String,
     /// Also write the report as JSON to this file.

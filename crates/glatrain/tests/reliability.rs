@@ -279,8 +279,8 @@ fn a_failed_checkpoint_write_leaves_nothing_and_resume_works() {
 
 /// Memory that runs out (an address-space limit of 4 GB, of which libtorch reserves 2.7 here,
 /// and attention over a 2048-token context at micro-batch 32, 1.4 GiB by the preflight's
-/// estimate) is exit 1 with libtorch's message, the peak so far and the micro-batch that fits,
-/// without a panic or a C++ stack trace.
+/// estimate) is exit 1 with libtorch's message, the peak so far and the checkpointing mode and
+/// micro-batch that fit, without a panic or a C++ stack trace.
 #[test]
 fn an_allocation_failure_is_an_error_not_a_panic() {
     let dir = workdir();
@@ -307,7 +307,7 @@ fn an_allocation_failure_is_an_error_not_a_panic() {
     assert!(
         msg.contains("the forward and backward pass ran out of memory")
             && msg.contains("can't allocate memory")
-            && msg.contains("to fit: --set train.micro_batch_size=16 (train.batch_tokens stays")
+            && msg.contains("to fit: --set train.activation_checkpointing=selective, or --set train.micro_batch_size=16 (train.batch_tokens stays")
             && msg.contains("held at the peak so far"),
         "{msg}"
     );

@@ -18,7 +18,7 @@ pub struct DecodeCache {
 
 /// One entry per layer, by model family.
 #[derive(Debug)]
-pub(crate) enum LayerCaches {
+pub enum LayerCaches {
     Gla(Vec<GlaLayerCache>),
     Transformer(Vec<KvCache>),
     Mamba(Vec<MambaLayerCache>),

@@ -24,15 +24,14 @@
 //! current default applies no depth rescaling of `o_proj` / `down_proj`
 //! (`prenorm_residual_strategy = None`), so neither does this.
 
-use crate::cache::{DecodeCache, LayerCaches};
-use crate::checkpoint::{self, Shared};
+use crate::cache::LayerCaches;
 use crate::conv::CausalConv;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
-use crate::CausalLm;
-use glatrain_config::{ActivationCheckpointing, GlaConfig, GlaMode, ModelConfig};
+use glatrain_config::{GlaConfig, GlaMode, ModelConfig};
 use glatrain_ops::reference::gla::default_scale;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -233,30 +232,42 @@ impl GlaAttention {
 
 /// `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`.
 #[derive(Debug)]
-struct GlaBlock {
+pub struct GlaBlock {
     attn_norm: RmsNorm,
     attn: GlaAttention,
     mlp_norm: RmsNorm,
     mlp: SwiGlu,
 }
 
-impl GlaBlock {
-    fn forward(&self, x: &Tensor, cache: Option<&mut GlaLayerCache>) -> Tensor {
+impl Block for GlaBlock {
+    const FAMILY: &'static str = "gla";
+    type Cache = GlaLayerCache;
+    type Context = ();
+    type Settings = ();
+
+    fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut GlaLayerCache>) -> Tensor {
         let x = x + self.attn.forward(&self.attn_norm.forward(x), cache);
         &x + self.mlp.forward(&self.mlp_norm.forward(&x))
+    }
+
+    fn context(_: &(), _: &Tensor, _: i64) {}
+
+    fn share(_: &()) {}
+
+    fn wrap_caches(caches: Vec<GlaLayerCache>) -> LayerCaches {
+        LayerCaches::Gla(caches)
+    }
+
+    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<GlaLayerCache>> {
+        match layers {
+            LayerCaches::Gla(caches) => Some(caches),
+            _ => None,
+        }
     }
 }
 
 /// flash-linear-attention's `GLAForCausalLM`.
-#[derive(Debug)]
-pub struct GlaModel {
-    config: ModelConfig,
-    embeddings: Embedding,
-    layers: Vec<Shared<GlaBlock>>,
-    norm: RmsNorm,
-    lm_head: LmHead,
-    checkpointing: ActivationCheckpointing,
-}
+pub type GlaModel = LanguageModel<GlaBlock>;
 
 impl GlaModel {
     /// Creates the variables under `root` (paths as in the module docs).
@@ -273,81 +284,22 @@ impl GlaModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &model / "layers" / i;
-                Shared::new(GlaBlock {
+                GlaBlock {
                     attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
                     attn: GlaAttention::new(&(&p / "attn"), cfg, mode),
                     mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
                     mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
-                })
+                }
             })
             .collect();
-        Ok(Self {
+        Ok(Self::assemble(Parts {
             config: ModelConfig::Gla(cfg.clone()),
             embeddings: Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
             layers,
             norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
             lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            checkpointing: ActivationCheckpointing::None,
-        })
-    }
-
-    /// The final hidden states, continuing from (and updating) `caches` when given.
-    fn hidden(&self, tokens: &Tensor, caches: Option<&mut [GlaLayerCache]>) -> Tensor {
-        let mut x = self.embeddings.forward(tokens);
-        match caches {
-            Some(caches) => {
-                for (layer, cache) in self.layers.iter().zip(caches) {
-                    x = layer.lock().forward(&x, Some(cache));
-                }
-            }
-            None => {
-                for layer in &self.layers {
-                    let layer = layer.clone();
-                    x = checkpoint::forward(self.checkpointing, &x, move |x| {
-                        layer.lock().forward(x, None)
-                    });
-                }
-            }
-        }
-        self.norm.forward(&x)
-    }
-}
-
-impl CausalLm for GlaModel {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.hidden(tokens, None)
-    }
-
-    fn output_weight(&self) -> &Tensor {
-        self.lm_head.weight(&self.embeddings)
-    }
-
-    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
-        self.checkpointing = mode;
-    }
-
-    fn new_cache(&self, batch: i64) -> DecodeCache {
-        let layers = self
-            .layers
-            .iter()
-            .map(|_| GlaLayerCache::default())
-            .collect();
-        DecodeCache::new(batch, LayerCaches::Gla(layers))
-    }
-
-    fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
-        cache.advance(tokens);
-        let message = cache.wrong_family("gla");
-        match &mut cache.layers {
-            LayerCaches::Gla(layers) => self
-                .lm_head
-                .forward(&self.hidden(tokens, Some(layers)), &self.embeddings),
-            _ => panic!("{message}"),
-        }
+            settings: (),
+        }))
     }
 }
 

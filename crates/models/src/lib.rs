@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod conv;
 pub mod error;
 pub mod gla;
+pub mod language_model;
 pub mod linear;
 pub mod mamba;
 pub mod mlp;

@@ -11,14 +11,13 @@
 //! channel; `D = 1`; embeddings `N(0, initializer_range)` (the only use of that key, as in
 //! `mamba_ssm`); norms one.
 
-use crate::cache::{DecodeCache, LayerCaches};
-use crate::checkpoint::{self, Shared};
+use crate::cache::LayerCaches;
 use crate::conv::CausalConv;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
 use crate::norm::RmsNorm;
-use crate::CausalLm;
-use glatrain_config::{ActivationCheckpointing, MambaConfig, ModelConfig};
+use glatrain_config::{MambaConfig, ModelConfig};
 use glatrain_ops::selective_scan::kernels::geometry::MAX_STATES;
 use glatrain_ops::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 use tch::{nn, Device, Kind, Tensor};
@@ -217,27 +216,39 @@ fn inverse_softplus_dt(e: i64, dt_min: f64, dt_max: f64, floor: f64, p: &nn::Pat
 
 /// `x + mixer(norm(x))`.
 #[derive(Debug)]
-struct Block {
+pub struct MambaBlock {
     norm: RmsNorm,
     mixer: MambaMixer,
 }
 
-impl Block {
-    fn forward(&self, x: &Tensor, cache: Option<&mut MambaLayerCache>) -> Tensor {
+impl Block for MambaBlock {
+    const FAMILY: &'static str = "mamba";
+    type Cache = MambaLayerCache;
+    type Context = ();
+    type Settings = ();
+
+    fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut MambaLayerCache>) -> Tensor {
         x + self.mixer.forward(&self.norm.forward(x), cache)
+    }
+
+    fn context(_: &(), _: &Tensor, _: i64) {}
+
+    fn share(_: &()) {}
+
+    fn wrap_caches(caches: Vec<MambaLayerCache>) -> LayerCaches {
+        LayerCaches::Mamba(caches)
+    }
+
+    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<MambaLayerCache>> {
+        match layers {
+            LayerCaches::Mamba(caches) => Some(caches),
+            _ => None,
+        }
     }
 }
 
-/// Mamba language model.
-#[derive(Debug)]
-pub struct MambaModel {
-    config: ModelConfig,
-    embeddings: Embedding,
-    layers: Vec<Shared<Block>>,
-    norm_f: RmsNorm,
-    lm_head: LmHead,
-    checkpointing: ActivationCheckpointing,
-}
+/// Mamba language model (`transformers`' `MambaForCausalLM`).
+pub type MambaModel = LanguageModel<MambaBlock>;
 
 impl MambaModel {
     /// Creates the variables under `root` (paths as in the module docs).
@@ -254,79 +265,20 @@ impl MambaModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &backbone / "layers" / i;
-                Shared::new(Block {
+                MambaBlock {
                     norm: RmsNorm::new(&(&p / "norm"), hidden, cfg.norm_eps),
                     mixer: MambaMixer::new(&(&p / "mixer"), cfg),
-                })
+                }
             })
             .collect();
-        Ok(Self {
+        Ok(Self::assemble(Parts {
             config: ModelConfig::Mamba(cfg.clone()),
             embeddings: Embedding::new(&(&backbone / "embeddings"), vocab, hidden, std),
             layers,
-            norm_f: RmsNorm::new(&(&backbone / "norm_f"), hidden, cfg.norm_eps),
+            norm: RmsNorm::new(&(&backbone / "norm_f"), hidden, cfg.norm_eps),
             lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            checkpointing: ActivationCheckpointing::None,
-        })
-    }
-
-    /// The final hidden states, continuing from (and updating) `caches` when given.
-    fn hidden(&self, tokens: &Tensor, caches: Option<&mut [MambaLayerCache]>) -> Tensor {
-        let mut x = self.embeddings.forward(tokens);
-        match caches {
-            Some(caches) => {
-                for (layer, cache) in self.layers.iter().zip(caches) {
-                    x = layer.lock().forward(&x, Some(cache));
-                }
-            }
-            None => {
-                for layer in &self.layers {
-                    let layer = layer.clone();
-                    x = checkpoint::forward(self.checkpointing, &x, move |x| {
-                        layer.lock().forward(x, None)
-                    });
-                }
-            }
-        }
-        self.norm_f.forward(&x)
-    }
-}
-
-impl CausalLm for MambaModel {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.hidden(tokens, None)
-    }
-
-    fn output_weight(&self) -> &Tensor {
-        self.lm_head.weight(&self.embeddings)
-    }
-
-    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
-        self.checkpointing = mode;
-    }
-
-    fn new_cache(&self, batch: i64) -> DecodeCache {
-        let layers = self
-            .layers
-            .iter()
-            .map(|_| MambaLayerCache::default())
-            .collect();
-        DecodeCache::new(batch, LayerCaches::Mamba(layers))
-    }
-
-    fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
-        cache.advance(tokens);
-        let message = cache.wrong_family("mamba");
-        match &mut cache.layers {
-            LayerCaches::Mamba(layers) => self
-                .lm_head
-                .forward(&self.hidden(tokens, Some(layers)), &self.embeddings),
-            _ => panic!("{message}"),
-        }
+            settings: (),
+        }))
     }
 }
 

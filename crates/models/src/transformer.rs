@@ -7,15 +7,14 @@
 //! Initialisation as Hugging Face LLaMA and FLA: every linear and embedding weight
 //! `N(0, initializer_range)`, norms one, no depth rescaling.
 
-use crate::cache::{DecodeCache, LayerCaches};
-use crate::checkpoint::{self, Shared};
+use crate::cache::LayerCaches;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use crate::rope::Rotary;
-use crate::CausalLm;
-use glatrain_config::{ActivationCheckpointing, ModelConfig, TransformerConfig};
+use glatrain_config::{ModelConfig, TransformerConfig};
 use tch::{nn, Kind, Tensor};
 
 /// Checks that `cfg` describes a buildable model; errors name the offending key.
@@ -154,34 +153,66 @@ impl Attention {
 
 /// `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`.
 #[derive(Debug)]
-struct Block {
+pub struct TransformerBlock {
     attn_norm: RmsNorm,
     attn: Attention,
     mlp_norm: RmsNorm,
     mlp: SwiGlu,
 }
 
-impl Block {
-    fn forward(&self, x: &Tensor, rope: &Rotary, past: i64, cache: Option<&mut KvCache>) -> Tensor {
+/// What a forward's rotary table is made from.
+#[derive(Debug)]
+pub struct RotarySettings {
+    head_dim: i64,
+    theta: f64,
+}
+
+/// The rotary table of one forward and the position of its first token.
+pub struct Positions {
+    rope: Rotary,
+    past: i64,
+}
+
+impl Block for TransformerBlock {
+    const FAMILY: &'static str = "transformer";
+    type Cache = KvCache;
+    type Context = Positions;
+    type Settings = RotarySettings;
+
+    fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
         let x = x + self
             .attn
-            .forward(&self.attn_norm.forward(x), rope, past, cache);
+            .forward(&self.attn_norm.forward(x), &at.rope, at.past, cache);
         &x + self.mlp.forward(&self.mlp_norm.forward(&x))
+    }
+
+    fn context(settings: &RotarySettings, tokens: &Tensor, past: i64) -> Positions {
+        let t = tokens.size()[1];
+        let rope = Rotary::new(settings.head_dim, settings.theta, past, t, tokens.device());
+        Positions { rope, past }
+    }
+
+    fn share(at: &Positions) -> Positions {
+        Positions {
+            rope: at.rope.shallow_clone(),
+            past: at.past,
+        }
+    }
+
+    fn wrap_caches(caches: Vec<KvCache>) -> LayerCaches {
+        LayerCaches::Transformer(caches)
+    }
+
+    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<KvCache>> {
+        match layers {
+            LayerCaches::Transformer(caches) => Some(caches),
+            _ => None,
+        }
     }
 }
 
 /// LLaMA-style Transformer++ language model.
-#[derive(Debug)]
-pub struct TransformerModel {
-    config: ModelConfig,
-    embeddings: Embedding,
-    layers: Vec<Shared<Block>>,
-    norm: RmsNorm,
-    lm_head: LmHead,
-    head_dim: i64,
-    rope_theta: f64,
-    checkpointing: ActivationCheckpointing,
-}
+pub type TransformerModel = LanguageModel<TransformerBlock>;
 
 impl TransformerModel {
     /// Creates the variables under `root` (paths as in the module docs).
@@ -194,82 +225,25 @@ impl TransformerModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &model / "layers" / i;
-                Shared::new(Block {
+                TransformerBlock {
                     attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
                     attn: Attention::new(&(&p / "attn"), cfg),
                     mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
                     mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
-                })
+                }
             })
             .collect();
-        Ok(Self {
+        Ok(Self::assemble(Parts {
             config: ModelConfig::Transformer(cfg.clone()),
             embeddings: Embedding::new(&(&model / "embeddings"), vocab, hidden, std),
             layers,
             norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
             lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            head_dim: cfg.head_dim() as i64,
-            rope_theta: cfg.rope_theta,
-            checkpointing: ActivationCheckpointing::None,
-        })
-    }
-
-    /// The final hidden states of `tokens` at positions from `past` on, continuing from (and
-    /// updating) `caches` when given.
-    fn hidden(&self, tokens: &Tensor, past: i64, caches: Option<&mut [KvCache]>) -> Tensor {
-        let t = tokens.size()[1];
-        let rope = Rotary::new(self.head_dim, self.rope_theta, past, t, tokens.device());
-        let mut x = self.embeddings.forward(tokens);
-        match caches {
-            Some(caches) => {
-                for (layer, cache) in self.layers.iter().zip(caches) {
-                    x = layer.lock().forward(&x, &rope, past, Some(cache));
-                }
-            }
-            None => {
-                for layer in &self.layers {
-                    let (layer, rope) = (layer.clone(), rope.shallow_clone());
-                    x = checkpoint::forward(self.checkpointing, &x, move |x| {
-                        layer.lock().forward(x, &rope, past, None)
-                    });
-                }
-            }
-        }
-        self.norm.forward(&x)
-    }
-}
-
-impl CausalLm for TransformerModel {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.hidden(tokens, 0, None)
-    }
-
-    fn output_weight(&self) -> &Tensor {
-        self.lm_head.weight(&self.embeddings)
-    }
-
-    fn set_activation_checkpointing(&mut self, mode: ActivationCheckpointing) {
-        self.checkpointing = mode;
-    }
-
-    fn new_cache(&self, batch: i64) -> DecodeCache {
-        let layers = self.layers.iter().map(|_| KvCache::default()).collect();
-        DecodeCache::new(batch, LayerCaches::Transformer(layers))
-    }
-
-    fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
-        let past = cache.advance(tokens);
-        let message = cache.wrong_family("transformer");
-        match &mut cache.layers {
-            LayerCaches::Transformer(layers) => self
-                .lm_head
-                .forward(&self.hidden(tokens, past, Some(layers)), &self.embeddings),
-            _ => panic!("{message}"),
-        }
+            settings: RotarySettings {
+                head_dim: cfg.head_dim() as i64,
+                theta: cfg.rope_theta,
+            },
+        }))
     }
 }
 

@@ -64,6 +64,31 @@ pub enum OpError {
 }
 
 impl OpError {
+    /// `op`'s argument `tensor` has shape `actual` where it needs `expected` (in words).
+    pub fn shape(
+        op: &'static str,
+        tensor: &'static str,
+        expected: String,
+        actual: Vec<i64>,
+    ) -> Self {
+        OpError::Shape {
+            op,
+            tensor,
+            expected,
+            actual,
+        }
+    }
+
+    /// `op`'s argument `tensor` has dtype `actual`; `expected` says what is accepted.
+    pub fn dtype(op: &'static str, tensor: &'static str, expected: String, actual: Kind) -> Self {
+        OpError::Dtype {
+            op,
+            tensor,
+            expected,
+            actual,
+        }
+    }
+
     /// True for inputs that are wrong (shapes, dtypes, devices, scalars, kernel settings in the
     /// environment): the user's to fix.
     pub fn is_bad_input(&self) -> bool {
@@ -76,4 +101,12 @@ impl OpError {
             OpError::Torch(_) | OpError::Autograd(_) => false,
         }
     }
+}
+
+/// Whether an op takes tensors of `kind` as floating-point inputs.
+pub(crate) fn is_float(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    )
 }

@@ -233,8 +233,28 @@ impl Report {
     /// The report as an aligned text table, followed by the memory line, advice and warnings.
     /// Errors are not in it: [`Report::check`] returns them for the caller to report once.
     pub fn render_table(&self) -> String {
+        let mut out = self.device_line();
+        out.push_str(&self.decision_table());
+        out.push_str(&format!("({ESTIMATE_NOTE})\n"));
+        out.push_str(&self.memory_lines());
+        for row in &self.rows {
+            if let Some(advice) = &row.decision.advice {
+                out.push_str(&format!(
+                    "advice ({}): {advice}\n",
+                    row.shape.model_type.name()
+                ));
+            }
+        }
+        for w in &self.warnings {
+            out.push_str(&format!("warning: {w}\n"));
+        }
+        out
+    }
+
+    /// The first line: the config and the device it was checked on.
+    fn device_line(&self) -> String {
         let d = &self.device;
-        let mut out = format!(
+        format!(
             "glatrain preflight: {} on {} ({}, {} {}, {})\n",
             self.config,
             d.name,
@@ -250,7 +270,12 @@ impl Report {
             } else {
                 human_bytes(d.memory_bytes)
             }
-        );
+        )
+    }
+
+    /// One row per layer type: its shape, the chosen op and why, the estimates; columns padded
+    /// to their widest cell, the reason last and unpadded.
+    fn decision_table(&self) -> String {
         let header = [
             "model",
             "layers",
@@ -304,6 +329,7 @@ impl Report {
                     .unwrap_or(0)
             })
             .collect();
+        let mut out = String::new();
         for row in &cells {
             let last = row.len() - 1;
             let line: Vec<String> = row
@@ -320,18 +346,23 @@ impl Report {
             out.push_str(line.join("  ").trim_end());
             out.push('\n');
         }
-        out.push_str(&format!("({ESTIMATE_NOTE})\n"));
+        out
+    }
+
+    /// The memory estimate of the whole step against the limit, then what one layer of each
+    /// type keeps, part by part.
+    fn memory_lines(&self) -> String {
         let m = &self.memory;
         let limit = if m.limit_bytes == 0 {
             "unknown".to_owned()
         } else {
             human_bytes(m.limit_bytes)
         };
-        out.push_str(&format!(
+        let mut out = format!(
             "memory: ~{} estimated of {limit} ({})\n",
             human_bytes(m.total_bytes),
             m.breakdown(self.rows.iter().map(|r| r.shape.num_layers).sum())
-        ));
+        );
         for row in &self.rows {
             let parts: Vec<String> = memory_parts(&row.shape, row.decision.op)
                 .iter()
@@ -345,17 +376,6 @@ impl Report {
                 parts.join(", "),
                 human_bytes(row.decision.est_memory_bytes)
             ));
-        }
-        for row in &self.rows {
-            if let Some(advice) = &row.decision.advice {
-                out.push_str(&format!(
-                    "advice ({}): {advice}\n",
-                    row.shape.model_type.name()
-                ));
-            }
-        }
-        for w in &self.warnings {
-            out.push_str(&format!("warning: {w}\n"));
         }
         out
     }

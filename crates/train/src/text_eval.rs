@@ -1,6 +1,6 @@
 //! Perplexity of a text file, computed the way published WikiText-style numbers are: the whole
-//! file is one token stream (a `.jsonl` file: the text fields of its lines, joined by blank
-//! lines), cut into non-overlapping windows of `data.seq_len` predicted tokens.
+//! file is one token stream (a JSON Lines or parquet file: the text fields of its records,
+//! joined by blank lines), cut into non-overlapping windows of `data.seq_len` predicted tokens.
 //!
 //! Window `i` feeds tokens `i*L .. i*L+L` and predicts tokens `i*L+1 ..= i*L+L`, each window
 //! from a fresh state (nothing is carried between windows); the last window is shorter when the
@@ -72,41 +72,12 @@ impl fmt::Display for TextEvalReport {
     }
 }
 
-/// The text of `path`: a `.jsonl` file's `field` strings joined by blank lines, any other
-/// file's contents (UTF-8). Errors name the file (and the line of a bad record).
+/// The text of `path`: a text file (`.txt`, or gzip/zstd-compressed) as it is; a JSON Lines
+/// (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`) or parquet file's `field` strings joined by blank
+/// lines. Errors name the file (and the line or row of a bad record).
 pub fn read_text(path: &Path, field: &str) -> Result<String, TrainError> {
-    let bad = |what: String| TrainError::BadArgument(format!("--text {}: {what}", path.display()));
-    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if extension == "parquet" {
-        return Err(bad(
-            "parquet is not read by eval --text; give a .txt or .jsonl file".into(),
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        bad(format!(
-            "not UTF-8 text (byte {} is not valid UTF-8)",
-            e.utf8_error().valid_up_to()
-        ))
-    })?;
-    if extension != "jsonl" {
-        return Ok(text);
-    }
-    let mut documents = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = |what: String| bad(format!("line {}: {what}", i + 1));
-        let record: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
-        match record.get(field) {
-            Some(serde_json::Value::String(s)) => documents.push(s.as_str().to_owned()),
-            Some(other) => return Err(at(format!("field {field:?} is not a string: {other}"))),
-            None => return Err(at(format!("no field {field:?}"))),
-        }
-    }
-    Ok(documents.join("\n\n"))
+    glatrain_data::inputs::read_whole_text(path, field)
+        .map_err(|e| TrainError::BadArgument(format!("--text {e}")))
 }
 
 /// The evaluation windows of a stream of `tokens` tokens, as `(start, predicted)`: window `i`
@@ -168,8 +139,8 @@ pub fn evaluate_tokens(
 }
 
 /// Evaluates the checkpoint at `checkpoint` (a `step-N` directory or a run directory: its
-/// newest complete checkpoint) on the text file `text` (`field` names a `.jsonl` file's text
-/// field), tokenized with the run's tokenizer; see the module docs for the windowing.
+/// newest complete checkpoint) on the text file `text` (`field` names a JSON Lines or parquet
+/// file's text field), tokenized with the run's tokenizer; see the module docs for the windowing.
 pub fn evaluate_text(
     checkpoint: &Path,
     text: &Path,
@@ -253,23 +224,23 @@ mod tests {
     fn jsonl_documents_join_with_blank_lines_and_bad_records_name_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("docs.jsonl");
-        std::fs::write(
-            &path,
-            "{\"text\": \"one\", \"id\": 1}\n\n{\"text\": \"two\\nlines\"}\n",
-        )
-        .unwrap();
+        let lines = "{\"text\": \"one\", \"id\": 1}\n\n{\"text\": \"two\\nlines\"}\n";
+        std::fs::write(&path, lines).unwrap();
         assert_eq!(read_text(&path, "text").unwrap(), "one\n\ntwo\nlines");
+        let zst = dir.path().join("docs.jsonl.zst");
+        std::fs::write(&zst, zstd::encode_all(lines.as_bytes(), 3).unwrap()).unwrap();
+        assert_eq!(read_text(&zst, "text").unwrap(), "one\n\ntwo\nlines");
         let err = read_text(&path, "body").unwrap_err();
         assert!(err.is_bad_input());
         assert!(
             err.to_string()
-                .ends_with("docs.jsonl: line 1: no field \"body\""),
+                .contains("docs.jsonl: line 1: no field \"body\""),
             "{err}"
         );
         std::fs::write(&path, "{\"text\": \"ok\"}\n{\"text\": 3}\nnot json\n").unwrap();
         let err = read_text(&path, "text").unwrap_err().to_string();
         assert!(
-            err.ends_with("line 2: field \"text\" is not a string: 3"),
+            err.ends_with("line 2: field \"text\" is a number, not a string"),
             "{err}"
         );
     }
@@ -278,21 +249,25 @@ mod tests {
     fn text_files_are_read_whole_and_must_be_utf8() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.txt");
-        std::fs::write(&path, " = Title = \n\nBody {\"text\": 1}\n").unwrap();
-        assert_eq!(
-            read_text(&path, "text").unwrap(),
-            " = Title = \n\nBody {\"text\": 1}\n"
-        );
+        let text = " = Title = \n\n\n\nBody {\"text\": 1}\n";
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(read_text(&path, "text").unwrap(), text);
+        let gz = dir.path().join("a.txt.gz");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut encoder, text.as_bytes()).unwrap();
+        std::fs::write(&gz, encoder.finish().unwrap()).unwrap();
+        assert_eq!(read_text(&gz, "text").unwrap(), text);
         std::fs::write(&path, b"ok\xff").unwrap();
-        let err = read_text(&path, "text").unwrap_err().to_string();
-        assert!(err.contains("a.txt: not UTF-8 text (byte 2"), "{err}");
+        let err = read_text(&path, "text").unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(err.to_string().contains("a.txt: not valid UTF-8"), "{err}");
         let err = read_text(&dir.path().join("none.txt"), "text")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("none.txt: cannot read"), "{err}");
-        let err = read_text(&dir.path().join("x.parquet"), "text")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("parquet is not read"), "{err}");
+        assert!(err.contains("none.txt: "), "{err}");
+        let parquet = dir.path().join("x.parquet");
+        std::fs::write(&parquet, "not parquet").unwrap();
+        let err = read_text(&parquet, "text").unwrap_err().to_string();
+        assert!(err.contains("x.parquet"), "{err}");
     }
 }

@@ -271,45 +271,20 @@ fn train_locked(
         let weights: Vec<Tensor> = named_variables(&vs).into_iter().map(|(_, t)| t).collect();
         tch::no_grad(|| dp.broadcast("broadcasting rank 0's weights", &weights, 0))?;
     }
-    if writer {
-        for r in &rejected {
-            eprintln!("warning: skipping checkpoint {r}");
-        }
+    begin_session(cfg, device, &rejected, state.step, writer)?;
+    let logger = if writer {
         preflight.write_json(&run_dir)?;
-        if state.step >= tc.max_steps {
-            eprintln!(
-                "note: the checkpoint is at step {}, train.max_steps = {}: nothing left to \
-                 train; evaluating it (raise train.max_steps to train further)",
-                state.step, tc.max_steps
-            );
-        }
-    }
-    let logger = writer
-        .then(|| {
-            MetricsLogger::open(
-                &run_dir,
-                &cfg.config.logging,
-                resume_dir.as_ref().map(|_| state.step),
-            )
-        })
-        .transpose()?;
-    let mfu_basis = mfu_basis(cfg, device, shard.ranks);
-    if writer {
+        let logger = MetricsLogger::open(
+            &run_dir,
+            &cfg.config.logging,
+            resume_dir.as_ref().map(|_| state.step),
+        )?;
         announce(cfg, device, parameters, &run_dir, &shard);
-    }
-    if let Err(e) = interrupt::install(writer) {
-        eprintln!(
-            "warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run loses the steps \
-             since its last checkpoint"
-        );
-    }
-    if let Device::Cuda(ordinal) = device {
-        // The run's peaks start here, not at whatever the preflight's timing allocated.
-        glatrain_shim::memory::reset_peak(ordinal).map_err(|message| TrainError::Torch {
-            what: "resetting the memory peaks".into(),
-            message,
-        })?;
-    }
+        Some(logger)
+    } else {
+        None
+    };
+    let mfu_basis = mfu_basis(cfg, device, shard.ranks);
 
     let elapsed_before = state.elapsed_secs;
     let start_step = state.step;
@@ -373,6 +348,43 @@ fn train_locked(
         elapsed_secs: run.state.elapsed_secs,
         memory: sysinfo::memory(device),
     })
+}
+
+/// What a session says (the `writer` alone) and sets up before its first step: the refused
+/// checkpoints, a resume with nothing left to train, the signal handlers, and (on a GPU) the
+/// memory peaks started afresh, not at whatever the preflight's timing allocated.
+fn begin_session(
+    cfg: &ResolvedConfig,
+    device: Device,
+    rejected: &[String],
+    step: u64,
+    writer: bool,
+) -> Result<(), TrainError> {
+    let max_steps = cfg.config.train.max_steps;
+    if writer {
+        for r in rejected {
+            eprintln!("warning: skipping checkpoint {r}");
+        }
+        if step >= max_steps {
+            eprintln!(
+                "note: the checkpoint is at step {step}, train.max_steps = {max_steps}: nothing \
+                 left to train; evaluating it (raise train.max_steps to train further)"
+            );
+        }
+    }
+    if let Err(e) = interrupt::install(writer) {
+        eprintln!(
+            "warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run loses the steps \
+             since its last checkpoint"
+        );
+    }
+    if let Device::Cuda(ordinal) = device {
+        glatrain_shim::memory::reset_peak(ordinal).map_err(|message| TrainError::Torch {
+            what: "resetting the memory peaks".into(),
+            message,
+        })?;
+    }
+    Ok(())
 }
 
 /// The run directory before anything is built: leftovers of interrupted writes removed (under
@@ -691,32 +703,8 @@ impl Run<'_> {
             } else {
                 step_tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9)
             };
-            let memory = log_now.then(|| sysinfo::memory(self.device)).flatten();
-            let view = StepView {
-                step,
-                loss: result.loss,
-                lr,
-                grad_norm: result.grad_norm,
-                tokens_per_sec: rate,
-                mfu: self.mfu(rate),
-                memory: memory.map(|m| m.describe()),
-            };
-            self.progress.step(&view, log_now);
-            if result.skipped {
-                let scaler = &self.state.loss_scaler;
-                let scale_note = if scaler.enabled {
-                    format!("; loss scale now {}", scaler.scale())
-                } else {
-                    String::new()
-                };
-                self.progress.println(&format!(
-                    "step {step}: non-finite gradients (loss {:.4}, grad norm {}), step skipped \
-                     ({} in a row{scale_note})",
-                    result.loss, result.grad_norm, self.state.consecutive_skips,
-                ));
-            }
+            self.report_step(&result, lr, rate, log_now)?;
             if log_now {
-                self.log_step(&result, lr, rate, memory)?;
                 window_start = Instant::now();
                 window_tokens = 0;
             }
@@ -729,20 +717,10 @@ impl Run<'_> {
                     scale: self.state.loss_scaler.scale(),
                 });
             }
-            let writer = self.is_writer();
-            if writer && tc.eval_every > 0 && step % tc.eval_every == 0 && step < tc.max_steps {
-                match self.evaluate() {
-                    Ok(report) => {
-                        self.progress.println(&format!(
-                            "step {step}: validation loss {:.4} | perplexity {:.3}",
-                            report.loss, report.perplexity
-                        ));
-                        last_eval = Some(report);
-                    }
-                    // The stop below handles it.
-                    Err(TrainError::Stopped(_)) => {}
-                    Err(e) => return Err(e),
-                }
+            // Rank 0 alone evaluates; the others wait for it at the stop vote below.
+            let eval_now = tc.eval_every > 0 && step % tc.eval_every == 0 && step < tc.max_steps;
+            if eval_now && self.is_writer() {
+                last_eval = self.periodic_evaluation(step)?.or(last_eval);
             }
             let signal = self.agreed_stop()?;
             let stop = signal.is_some() || opts.stop_after.is_some_and(|s| step >= s);
@@ -768,30 +746,10 @@ impl Run<'_> {
         }
 
         if !stopped_early {
-            // The checkpoint first: whatever happens to the evaluation, the training is kept.
-            let checkpoint = self.save_checkpoint()?;
-            self.progress
-                .println(&format!("checkpoint: {}", checkpoint.display()));
-            // Rank 0 alone evaluates.
-            let evaluation = self.is_writer().then(|| self.final_evaluation());
-            match evaluation {
-                None => {}
+            match self.finish()? {
                 Some(Ok(report)) => last_eval = Some(report),
-                Some(Err(TrainError::Stopped(signal))) => {
-                    self.progress.println(&format!(
-                        "stop requested ({}): final evaluation skipped; the run is complete \
-                         (`glatrain eval --checkpoint {}` evaluates it)",
-                        signal.name(),
-                        checkpoint.display()
-                    ));
-                    interrupted = Some(signal);
-                }
-                Some(Err(e)) => {
-                    return Err(TrainError::AfterTraining {
-                        checkpoint,
-                        source: Box::new(e),
-                    })
-                }
+                Some(Err(signal)) => interrupted = Some(signal),
+                None => {}
             }
         }
         Ok(LoopOutcome {
@@ -800,6 +758,91 @@ impl Run<'_> {
             stopped_early,
             interrupted,
         })
+    }
+
+    /// Shows a finished step on the progress display, says when it was skipped, and (when
+    /// `log_now`) logs its metrics with the memory in use.
+    fn report_step(
+        &mut self,
+        result: &StepResult,
+        lr: f64,
+        rate: f64,
+        log_now: bool,
+    ) -> Result<(), TrainError> {
+        let step = self.state.step;
+        let memory = log_now.then(|| sysinfo::memory(self.device)).flatten();
+        let view = StepView {
+            step,
+            loss: result.loss,
+            lr,
+            grad_norm: result.grad_norm,
+            tokens_per_sec: rate,
+            mfu: self.mfu(rate),
+            memory: memory.map(|m| m.describe()),
+        };
+        self.progress.step(&view, log_now);
+        if result.skipped {
+            let scaler = &self.state.loss_scaler;
+            let scale_note = if scaler.enabled {
+                format!("; loss scale now {}", scaler.scale())
+            } else {
+                String::new()
+            };
+            self.progress.println(&format!(
+                "step {step}: non-finite gradients (loss {:.4}, grad norm {}), step skipped \
+                 ({} in a row{scale_note})",
+                result.loss, result.grad_norm, self.state.consecutive_skips,
+            ));
+        }
+        if log_now {
+            self.log_step(result, lr, rate, memory)?;
+        }
+        Ok(())
+    }
+
+    /// The evaluation every `train.eval_every` steps, printed; `None` when a stop request cut
+    /// it short (the loop's stop check handles that).
+    fn periodic_evaluation(&mut self, step: u64) -> Result<Option<EvalReport>, TrainError> {
+        match self.evaluate() {
+            Ok(report) => {
+                self.progress.println(&format!(
+                    "step {step}: validation loss {:.4} | perplexity {:.3}",
+                    report.loss, report.perplexity
+                ));
+                Ok(Some(report))
+            }
+            Err(TrainError::Stopped(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The end of a run that trained to `max_steps`: the final checkpoint first (whatever
+    /// happens to the evaluation, the training is kept), then the final evaluation, or the stop
+    /// signal that skipped it; `None` on the ranks other than rank 0, which take part in the
+    /// checkpoint only.
+    fn finish(&mut self) -> Result<Option<Result<EvalReport, StopSignal>>, TrainError> {
+        let checkpoint = self.save_checkpoint()?;
+        self.progress
+            .println(&format!("checkpoint: {}", checkpoint.display()));
+        if !self.is_writer() {
+            return Ok(None);
+        }
+        match self.final_evaluation() {
+            Ok(report) => Ok(Some(Ok(report))),
+            Err(TrainError::Stopped(signal)) => {
+                self.progress.println(&format!(
+                    "stop requested ({}): final evaluation skipped; the run is complete \
+                     (`glatrain eval --checkpoint {}` evaluates it)",
+                    signal.name(),
+                    checkpoint.display()
+                ));
+                Ok(Some(Err(signal)))
+            }
+            Err(e) => Err(TrainError::AfterTraining {
+                checkpoint,
+                source: Box::new(e),
+            }),
+        }
     }
 
     /// The evaluation at the end of the run: logged, printed as a table, drawn as a chart.

@@ -25,7 +25,7 @@ pub(super) fn read(
             Ok(0) => return Ok(ControlFlow::Continue(())),
             Ok(_) => number += 1,
             Err(e) => {
-                let problem = errors.classify(e)?;
+                let problem = errors.classify(e, super::REST_SKIPPED)?;
                 return Ok(emit(Location::Line(number + 1), Raw::Bad(problem)));
             }
         }

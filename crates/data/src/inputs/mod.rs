@@ -356,8 +356,8 @@ impl Stream {
 
 impl StreamErrors {
     /// Sorts a read error: the file could not be read (an error to return), or what was read
-    /// does not decompress (a bad record, and the end of this file).
-    fn classify(&self, e: io::Error) -> Result<Problem> {
+    /// does not decompress (a bad record whose message ends with `consequence`).
+    fn classify(&self, e: io::Error, consequence: &str) -> Result<Problem> {
         if self.read_failed.load(Ordering::Relaxed) || self.compression == Compression::None {
             return Err(DataError::io(&self.path, e));
         }
@@ -366,10 +366,13 @@ impl StreamErrors {
             _ => "zstd",
         };
         Ok(Problem::Unreadable(format!(
-            "corrupt or truncated {codec} data ({e}); the rest of the file is skipped"
+            "corrupt or truncated {codec} data ({e}){consequence}"
         )))
     }
 }
+
+/// What happens to a file whose compressed stream breaks while it is read record by record.
+pub(crate) const REST_SKIPPED: &str = "; the rest of the file is skipped";
 
 /// Reads every record of `file` (number `index` in the input list) in order and hands each to
 /// `sink`, which can stop the reading. Adds the bytes read from disk to `bytes_read`. Errors are
@@ -399,6 +402,55 @@ pub(crate) fn read_file(
     let counted = bytes_read.load(Ordering::Relaxed) - before;
     bytes_read.fetch_add(file.size.saturating_sub(counted), Ordering::Relaxed);
     Ok(flow)
+}
+
+/// The whole text of one file the user named, for evaluation on it: a text file (compressed or
+/// not) as it is, JSON Lines and parquet records' `text_field` strings joined by blank lines,
+/// in order. The first bad record is an error naming the file and its place.
+pub fn read_whole_text(path: &Path, text_field: &str) -> Result<String> {
+    let size = fs::metadata(path)
+        .map_err(|e| DataError::io(path, e))?
+        .len();
+    let file = InputFile::named(path, size);
+    let bytes_read = Arc::new(AtomicU64::new(0));
+    let bad = |location: Location, problem: Problem| {
+        DataError::BadTextRecord(BadRecord {
+            path: path.to_path_buf(),
+            location,
+            problem,
+        })
+    };
+    if file.format == InputFormat::Text {
+        let mut stream = Stream::open(&file, &bytes_read)?;
+        let mut bytes = Vec::new();
+        if let Err(e) = stream.reader.read_to_end(&mut bytes) {
+            return Err(bad(Location::File, stream.errors.classify(e, "")?));
+        }
+        return String::from_utf8(bytes).map_err(|_| bad(Location::File, Problem::NotUtf8));
+    }
+    let mut documents = Vec::new();
+    let mut first_bad = None;
+    // A stop is the first bad record, returned below.
+    let _stopped = read_file(
+        &file,
+        0,
+        text_field,
+        &bytes_read,
+        &mut |record| match parse(record.raw, text_field) {
+            Ok(text) => {
+                documents.push(text);
+                ControlFlow::Continue(())
+            }
+            Err(problem) => {
+                first_bad = Some(bad(record.location, problem));
+                ControlFlow::Break(())
+            }
+        },
+    )?;
+    match first_bad {
+        Some(error) => Err(error),
+        None => Ok(documents.join("\n\n")),
+    }
 }
 
 #[cfg(test)]

@@ -474,3 +474,42 @@ fn broken_parquet_files_are_bad_records_or_column_errors() {
         )
     );
 }
+
+#[test]
+fn whole_text_joins_records_and_stops_at_the_first_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = sample_documents(25);
+    let joined = docs.join("\n\n");
+    let rows: Vec<Option<&str>> = docs.iter().map(|d| Some(d.as_str())).collect();
+    let parquet = dir.path().join("docs.parquet");
+    write_parquet(&parquet, &rows, 10, ParquetCompression::SNAPPY);
+    assert_eq!(read_whole_text(&parquet, "text").unwrap(), joined);
+    let jsonl = dir.path().join("docs.jsonl.gz");
+    fs::write(&jsonl, gzip(jsonl_text(&docs).as_bytes())).unwrap();
+    assert_eq!(read_whole_text(&jsonl, "text").unwrap(), joined);
+    // A text file is one document, its blank lines kept as they are.
+    let text = dir.path().join("wiki.txt.zst");
+    let raw = " = A = \n\n\n x \n";
+    fs::write(&text, zstd(raw.as_bytes())).unwrap();
+    assert_eq!(read_whole_text(&text, "text").unwrap(), raw);
+
+    let mut with_null = rows.clone();
+    with_null[13] = None;
+    write_parquet(&parquet, &with_null, 10, ParquetCompression::SNAPPY);
+    let err = read_whole_text(&parquet, "text").unwrap_err().to_string();
+    assert!(
+        err.ends_with("docs.parquet: row group 1, row 3: field \"text\" is null, not a string"),
+        "{err}"
+    );
+    let err = read_whole_text(&parquet, "body").unwrap_err().to_string();
+    assert!(
+        err.contains("docs.parquet") && err.contains("body"),
+        "{err}"
+    );
+    fs::write(&text, b"not zstd").unwrap();
+    let err = read_whole_text(&text, "text").unwrap_err().to_string();
+    assert!(
+        err.contains("wiki.txt.zst: corrupt or truncated zstd"),
+        "{err}"
+    );
+}

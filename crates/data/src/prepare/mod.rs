@@ -236,76 +236,13 @@ fn run(
         })?;
     let staging = Staging::create(out_dir)?;
 
-    let tokenizer_path = staging.path.join(TOKENIZER_FILE);
-    let mut bpe_training = None;
-    let tokenizer = match &spec {
-        TokenizerSpec::Byte => Tokenizer::Byte,
-        TokenizerSpec::File(path) => {
-            let tokenizer = Tokenizer::from_file(path)?;
-            fs::copy(path, &tokenizer_path).map_err(|e| DataError::io(path, e))?;
-            tokenizer
-        }
-        TokenizerSpec::Bpe { vocab_size } => {
-            let started = Instant::now();
-            let tokenizer = match &corpus {
-                Corpus::Files(files) => pipeline::train_bpe_on_files(
-                    files,
-                    *vocab_size,
-                    &tokenizer_path,
-                    options,
-                    &pool,
-                    out_dir,
-                )?,
-                Corpus::Embedded => {
-                    let text = embedded::train_text()?;
-                    let docs = split_documents(&text);
-                    pool.install(|| {
-                        crate::tokenizer::train_bpe(docs.iter(), *vocab_size, &tokenizer_path)
-                    })?
-                }
-            };
-            bpe_training = Some(started.elapsed());
-            tokenizer
-        }
-    };
+    let started = Instant::now();
+    let tokenizer = build_tokenizer(&spec, &corpus, &staging.path, options, &pool, out_dir)?;
+    let bpe_training = matches!(spec, TokenizerSpec::Bpe { .. }).then(|| started.elapsed());
     let vocab_size = tokenizer.vocab_size();
 
     let mut job = Tokenizing::new(&staging.path, &tokenizer, &pool, options, out_dir, threads)?;
-    match &corpus {
-        Corpus::Files(files) => {
-            let mut selector = ValidSelector::new(options.valid_fraction);
-            job.run_files(files, &mut || {
-                if selector.next_is_valid() {
-                    Split::Valid
-                } else {
-                    Split::Train
-                }
-            })?;
-        }
-        Corpus::Embedded => {
-            for (split, text) in [
-                (Split::Train, embedded::train_text()?),
-                (Split::Valid, embedded::valid_text()?),
-            ] {
-                let name = PathBuf::from(format!("embedded:{}/{}", embedded::NAME, split.name()));
-                let file = InputFile {
-                    path: name,
-                    format: InputFormat::Text,
-                    compression: crate::inputs::Compression::None,
-                    size: text.len() as u64,
-                };
-                let records = split_documents(&text)
-                    .into_iter()
-                    .map(|doc| RawRecord {
-                        file: 0,
-                        location: Location::File,
-                        raw: Raw::Text(doc),
-                    })
-                    .collect();
-                job.run_records(&[file], records, &mut || split)?;
-            }
-        }
-    }
+    tokenize_corpus(&mut job, &corpus, options)?;
     let (train, valid, mut stats) = job.finish()?;
     stats.bpe_training = bpe_training;
     if train.tokens == 0 {
@@ -331,6 +268,85 @@ fn run(
     manifest.save(&staging.path)?;
     staging.publish(out_dir)?;
     Ok(PrepareReport { manifest, stats })
+}
+
+/// The tokenizer the spec names, written into the staging directory when it is a file: bytes,
+/// a copy of a tokenizer file, or a byte-level BPE trained on the corpus.
+fn build_tokenizer(
+    spec: &TokenizerSpec,
+    corpus: &Corpus,
+    staging: &Path,
+    options: &PrepareOptions,
+    pool: &rayon::ThreadPool,
+    out_dir: &Path,
+) -> Result<Tokenizer> {
+    let tokenizer_path = staging.join(TOKENIZER_FILE);
+    match spec {
+        TokenizerSpec::Byte => Ok(Tokenizer::Byte),
+        TokenizerSpec::File(path) => {
+            let tokenizer = Tokenizer::from_file(path)?;
+            fs::copy(path, &tokenizer_path).map_err(|e| DataError::io(path, e))?;
+            Ok(tokenizer)
+        }
+        TokenizerSpec::Bpe { vocab_size } => match corpus {
+            Corpus::Files(files) => pipeline::train_bpe_on_files(
+                files,
+                *vocab_size,
+                &tokenizer_path,
+                options,
+                pool,
+                out_dir,
+            ),
+            Corpus::Embedded => {
+                let text = embedded::train_text()?;
+                let docs = split_documents(&text);
+                pool.install(|| {
+                    crate::tokenizer::train_bpe(docs.iter(), *vocab_size, &tokenizer_path)
+                })
+            }
+        },
+    }
+}
+
+/// Every document of the corpus through the tokenizing job: files split into train and
+/// validation by `valid_fraction`, the embedded corpus by its own two texts.
+fn tokenize_corpus(job: &mut Tokenizing, corpus: &Corpus, options: &PrepareOptions) -> Result<()> {
+    match corpus {
+        Corpus::Files(files) => {
+            let mut selector = ValidSelector::new(options.valid_fraction);
+            job.run_files(files, &mut || {
+                if selector.next_is_valid() {
+                    Split::Valid
+                } else {
+                    Split::Train
+                }
+            })
+        }
+        Corpus::Embedded => {
+            for (split, text) in [
+                (Split::Train, embedded::train_text()?),
+                (Split::Valid, embedded::valid_text()?),
+            ] {
+                let name = PathBuf::from(format!("embedded:{}/{}", embedded::NAME, split.name()));
+                let file = InputFile {
+                    path: name,
+                    format: InputFormat::Text,
+                    compression: crate::inputs::Compression::None,
+                    size: text.len() as u64,
+                };
+                let records = split_documents(&text)
+                    .into_iter()
+                    .map(|doc| RawRecord {
+                        file: 0,
+                        location: Location::File,
+                        raw: Raw::Text(doc),
+                    })
+                    .collect();
+                job.run_records(&[file], records, &mut || split)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

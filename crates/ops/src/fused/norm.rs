@@ -5,7 +5,8 @@ use glatrain_cuda::{launch, CudaError, KernelDtype};
 use glatrain_shim::autograd::{self, CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
-use super::{aligned, contiguous, int32, is_float, present, vec_width, FUSED};
+use super::{aligned, contiguous, int32, present, vec_width, FUSED};
+use crate::error::is_float;
 use crate::launch::{buffer, device_of, kernel_dtype, opt_ptr, ptr, tiles};
 use crate::reference::norm as reference;
 use crate::OpError;
@@ -51,25 +52,26 @@ impl BackwardPlan {
     }
 }
 
-fn shape_error(tensor: &'static str, expected: String, actual: Vec<i64>) -> OpError {
-    OpError::Shape {
-        op: OP,
-        tensor,
-        expected,
-        actual,
-    }
-}
-
 fn check(x: &Tensor, weight: &Tensor, eps: f64, gate: Option<&Tensor>) -> Result<(), OpError> {
     let xs = x.size();
     let Some(&n) = xs.last().filter(|&&n| n >= 1) else {
-        return Err(shape_error("x", "[..., n] with n >= 1".into(), xs));
+        return Err(OpError::shape(OP, "x", "[..., n] with n >= 1".into(), xs));
     };
     if weight.size() != [n] {
-        return Err(shape_error("weight", format!("[{n}]"), weight.size()));
+        return Err(OpError::shape(
+            OP,
+            "weight",
+            format!("[{n}]"),
+            weight.size(),
+        ));
     }
     if let Some(g) = gate.filter(|g| g.size() != xs) {
-        return Err(shape_error("gate", format!("x's shape {xs:?}"), g.size()));
+        return Err(OpError::shape(
+            OP,
+            "gate",
+            format!("x's shape {xs:?}"),
+            g.size(),
+        ));
     }
     for (name, t) in [("x", x), ("weight", weight)] {
         if !is_float(t.kind()) {

@@ -5,7 +5,8 @@ use glatrain_cuda::{launch, KernelDtype};
 use glatrain_shim::autograd::{self, CustomOp, Forward};
 use tch::{Device, Tensor};
 
-use super::{aligned, contiguous, is_float, present, vec_width, FUSED};
+use super::{aligned, contiguous, present, vec_width, FUSED};
+use crate::error::is_float;
 use crate::launch::{buffer, device_of, kernel_dtype, ptr, tiles};
 use crate::reference::swiglu as reference;
 use crate::OpError;

@@ -16,36 +16,12 @@ pub use kernels::geometry;
 use glatrain_shim::autograd::{self, CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
+use crate::error::is_float;
 use crate::launch::kernel_dtype;
 use crate::reference::gla::{gla_chunked, gla_recurrent, DEFAULT_CHUNK};
 use crate::OpError;
 
 const OP: &str = "gla";
-
-fn is_float(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-    )
-}
-
-fn shape_error(tensor: &'static str, expected: String, actual: Vec<i64>) -> OpError {
-    OpError::Shape {
-        op: OP,
-        tensor,
-        expected,
-        actual,
-    }
-}
-
-fn dtype_error(tensor: &'static str, expected: String, actual: Kind) -> OpError {
-    OpError::Dtype {
-        op: OP,
-        tensor,
-        expected,
-        actual,
-    }
-}
 
 /// Checks shapes, dtypes, devices and the scale.
 fn check(
@@ -59,39 +35,44 @@ fn check(
     let qs = q.size();
     if qs.len() != 4 || qs[3] < 1 {
         let expected = "[B, T, H, K] with K >= 1".into();
-        return Err(shape_error("q", expected, qs));
+        return Err(OpError::shape(OP, "q", expected, qs));
     }
     for (name, t) in [("k", k), ("gk", gk)] {
         if t.size() != qs {
-            return Err(shape_error(name, format!("q's shape {qs:?}"), t.size()));
+            return Err(OpError::shape(
+                OP,
+                name,
+                format!("q's shape {qs:?}"),
+                t.size(),
+            ));
         }
     }
     let vs = v.size();
     if vs.len() != 4 || vs[..3] != qs[..3] || vs[3] < 1 {
         let expected = format!("[{}, {}, {}, V] with V >= 1", qs[0], qs[1], qs[2]);
-        return Err(shape_error("v", expected, vs));
+        return Err(OpError::shape(OP, "v", expected, vs));
     }
     if let Some(h0) = initial_state {
         let want = vec![qs[0], qs[2], qs[3], vs[3]];
         if h0.size() != want {
             let expected = format!("[B, H, K, V] = {want:?}");
-            return Err(shape_error("initial_state", expected, h0.size()));
+            return Err(OpError::shape(OP, "initial_state", expected, h0.size()));
         }
     }
     if !is_float(q.kind()) {
         let expected = "expected a floating-point dtype".into();
-        return Err(dtype_error("q", expected, q.kind()));
+        return Err(OpError::dtype(OP, "q", expected, q.kind()));
     }
     for (name, t) in [("k", k), ("v", v)] {
         if t.kind() != q.kind() {
             let expected = format!("expected q's dtype {:?}", q.kind());
-            return Err(dtype_error(name, expected, t.kind()));
+            return Err(OpError::dtype(OP, name, expected, t.kind()));
         }
     }
     for (name, t) in [("gk", Some(gk)), ("initial_state", initial_state)] {
         if let Some(t) = t.filter(|t| !is_float(t.kind())) {
             let expected = "expected a floating-point dtype".into();
-            return Err(dtype_error(name, expected, t.kind()));
+            return Err(OpError::dtype(OP, name, expected, t.kind()));
         }
     }
     for (name, t) in [
@@ -190,7 +171,7 @@ pub fn gla(
             if kernel_dtype(q.kind()).is_none() {
                 let expected =
                     "the CUDA kernels take f32, bf16 or f16 (GlaMode::Reference takes any)".into();
-                return Err(dtype_error("q", expected, q.kind()));
+                return Err(OpError::dtype(OP, "q", expected, q.kind()));
             }
             apply(q, k, v, gk, initial_state, scale, kernel_mode)?
         }

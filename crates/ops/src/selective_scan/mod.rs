@@ -16,6 +16,7 @@ pub use kernels::{Dims, Segments};
 use glatrain_shim::autograd::{self, CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
+use crate::error::is_float;
 use crate::launch::kernel_dtype;
 use crate::reference::selective_scan::{
     selective_scan_chunked, selective_scan_sequential, DEFAULT_CHUNK,
@@ -84,31 +85,6 @@ impl Default for ScanOptions {
     }
 }
 
-fn is_float(kind: Kind) -> bool {
-    matches!(
-        kind,
-        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
-    )
-}
-
-fn shape_error(tensor: &'static str, expected: String, actual: Vec<i64>) -> OpError {
-    OpError::Shape {
-        op: OP,
-        tensor,
-        expected,
-        actual,
-    }
-}
-
-fn dtype_error(tensor: &'static str, expected: String, actual: Kind) -> OpError {
-    OpError::Dtype {
-        op: OP,
-        tensor,
-        expected,
-        actual,
-    }
-}
-
 impl ScanInputs<'_> {
     /// Every present tensor with its name, u first.
     fn named(&self) -> Vec<(&'static str, &Tensor)> {
@@ -134,18 +110,23 @@ impl ScanInputs<'_> {
     fn check(&self) -> Result<Dims, OpError> {
         let us = self.u.size();
         if us.len() != 3 {
-            return Err(shape_error("u", "[B, T, D]".into(), us));
+            return Err(OpError::shape(OP, "u", "[B, T, D]".into(), us));
         }
         let a = self.a.size();
         if a.len() != 2 || a[0] != us[2] || a[1] < 1 {
             let expected = format!("[D, N] with D = {} and N >= 1", us[2]);
-            return Err(shape_error("A", expected, a));
+            return Err(OpError::shape(OP, "A", expected, a));
         }
         let (b, t, d, n) = (us[0], us[1], us[2], a[1]);
         let want = |name, tensor: Option<&Tensor>, shape: Vec<i64>, words: &str| match tensor
             .filter(|x| x.size() != shape)
         {
-            Some(x) => Err(shape_error(name, format!("{words} = {shape:?}"), x.size())),
+            Some(x) => Err(OpError::shape(
+                OP,
+                name,
+                format!("{words} = {shape:?}"),
+                x.size(),
+            )),
             None => Ok(()),
         };
         want("delta", Some(self.delta), us.clone(), "u's shape [B, T, D]")?;
@@ -163,7 +144,7 @@ impl ScanInputs<'_> {
         for (name, x) in self.named() {
             if !is_float(x.kind()) {
                 let expected = "expected a floating-point dtype".into();
-                return Err(dtype_error(name, expected, x.kind()));
+                return Err(OpError::dtype(OP, name, expected, x.kind()));
             }
             if x.device() != self.u.device() {
                 return Err(OpError::Device {
@@ -182,7 +163,7 @@ impl ScanInputs<'_> {
         for (name, x) in same_dtype {
             if let Some(x) = x.filter(|x| x.kind() != self.u.kind()) {
                 let expected = format!("expected u's dtype {:?}", self.u.kind());
-                return Err(dtype_error(name, expected, x.kind()));
+                return Err(OpError::dtype(OP, name, expected, x.kind()));
             }
         }
         Ok(Dims { b, t, d, n })
@@ -229,14 +210,14 @@ pub fn selective_scan(
             if kernel_dtype(x.u.kind()).is_none() {
                 let expected =
                     "the CUDA kernels take f32, bf16 or f16 (ScanMode::Reference takes any)".into();
-                return Err(dtype_error("u", expected, x.u.kind()));
+                return Err(OpError::dtype(OP, "u", expected, x.u.kind()));
             }
             if dims.n > kernels::geometry::MAX_STATES {
                 let expected = format!(
                     "[D, N] with N <= {} for the CUDA kernels (ScanMode::Reference takes any)",
                     kernels::geometry::MAX_STATES
                 );
-                return Err(shape_error("A", expected, x.a.size()));
+                return Err(OpError::shape(OP, "A", expected, x.a.size()));
             }
             apply(x, options)?
         }
