@@ -1,11 +1,11 @@
 //! A training run's process group: every rank holds the same weights, trains on its share of
-//! each global micro-batch, and averages the gradients over the ranks before the optimizer step,
-//! so that all ranks take the same step.
+//! each global micro-batch, and averages the gradients over the ranks (while the backward of the
+//! step's last micro-batch runs) before the optimizer step, so that all ranks take the same step.
 //!
 //! The backend follows the device, in [`DataParallel::join`] alone: Gloo for CPU tensors; CUDA
 //! needs NCCL, which this build does not have.
 
-use glatrain_shim::process_group::ProcessGroup;
+use glatrain_shim::process_group::{GradReducer, ProcessGroup};
 use tch::{Device, Kind, Tensor};
 
 use crate::{DistError, WorldEnv};
@@ -18,6 +18,8 @@ pub const BUCKET_BYTES: usize = 25 << 20;
 #[derive(Debug)]
 pub struct DataParallel {
     group: ProcessGroup,
+    /// Averages the gradients of the watched parameters.
+    reducer: Option<GradReducer>,
 }
 
 fn collective(what: &str) -> impl FnOnce(String) -> DistError + '_ {
@@ -58,7 +60,10 @@ impl DataParallel {
                 port: env.master_port,
                 message,
             })?;
-        Ok(DataParallel { group })
+        Ok(DataParallel {
+            group,
+            reducer: None,
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -84,46 +89,43 @@ impl DataParallel {
             .map_err(collective(what))
     }
 
-    /// Replaces each gradient by its mean over the ranks, in flat buckets of about
-    /// [`BUCKET_BYTES`], last parameters first (the order the backward produces them). Every
-    /// rank must have gradients for the same parameters; `None` entries are left alone.
+    /// Hooks `params` (every rank's in the same order) so that the next [`Self::arm`]ed
+    /// backward starts averaging their gradients in buckets of about [`BUCKET_BYTES`] while it
+    /// runs (see [`GradReducer`]).
     ///
     /// # Errors
-    /// [`DistError::Collective`], or [`DistError::Torch`] when the buckets cannot be built.
-    pub fn average_gradients(&self, grads: &[Option<Tensor>]) -> Result<(), DistError> {
-        let present: Vec<&Tensor> = grads.iter().rev().flatten().collect();
-        let buckets = buckets(&present, BUCKET_BYTES);
-        let flat: Vec<Tensor> = buckets
-            .iter()
-            .map(|bucket| {
-                let views: Vec<Tensor> = bucket
-                    .iter()
-                    .map(|g| g.f_reshape([-1]))
-                    .collect::<Result<_, _>>()?;
-                Tensor::f_cat(&views, 0)
-            })
-            .collect::<Result<_, _>>()
-            .map_err(torch("packing the gradients into buckets"))?;
-        self.group
-            .all_reduce_sum(&flat)
-            .map_err(collective("averaging the gradients"))?;
-        let inv = 1.0 / self.world_size() as f64;
-        for (bucket, sum) in buckets.iter().zip(&flat) {
-            let mut offset = 0;
-            for g in bucket {
-                let n = g.numel() as i64;
-                let mean = sum
-                    .f_narrow(0, offset, n)
-                    .and_then(|s| s.f_view_as(g))
-                    .and_then(|s| s.f_mul_scalar(inv))
-                    .map_err(torch("unpacking the averaged gradients"))?;
-                let mut g = g.shallow_clone();
-                g.f_copy_(&mean)
-                    .map_err(torch("unpacking the averaged gradients"))?;
-                offset += n;
+    /// [`DistError::Torch`]: a parameter that is not a trainable leaf.
+    pub fn watch_gradients(&mut self, params: &[Tensor]) -> Result<(), DistError> {
+        let reducer = GradReducer::new(&self.group, params, BUCKET_BYTES).map_err(|message| {
+            DistError::Torch {
+                what: "hooking the parameters for the gradient average".into(),
+                message,
             }
-        }
+        })?;
+        self.reducer = Some(reducer);
         Ok(())
+    }
+
+    /// Makes the next backward (the one that completes the step's gradients) start the
+    /// average.
+    pub fn arm(&self) {
+        if let Some(reducer) = &self.reducer {
+            reducer.arm();
+        }
+    }
+
+    /// After the armed backward: each watched gradient becomes its mean over the ranks.
+    /// Every rank must have gradients for the same parameters; those without are left alone.
+    ///
+    /// # Errors
+    /// [`DistError::Collective`].
+    pub fn average_gradients(&self) -> Result<(), DistError> {
+        match &self.reducer {
+            Some(reducer) => reducer
+                .finish(self.world_size() as f64)
+                .map_err(collective("averaging the gradients")),
+            None => Ok(()),
+        }
     }
 
     /// The sums of `values` over the ranks (in f64).
@@ -159,29 +161,6 @@ pub fn owners(sizes: &[usize], ranks: usize) -> Vec<usize> {
     owner
 }
 
-/// Consecutive tensors grouped so that each group holds at most `bytes` (a larger tensor is a
-/// group of its own) and holds one dtype.
-fn buckets<'a>(tensors: &[&'a Tensor], bytes: usize) -> Vec<Vec<&'a Tensor>> {
-    let mut out: Vec<Vec<&Tensor>> = Vec::new();
-    let mut held = 0;
-    for &t in tensors {
-        let size = t.numel() * t.kind().elt_size_in_bytes();
-        let fits = out.last().is_some_and(|b: &Vec<&Tensor>| {
-            held + size <= bytes && b.first().is_some_and(|f| f.kind() == t.kind())
-        });
-        if fits {
-            held += size;
-            if let Some(last) = out.last_mut() {
-                last.push(t);
-            }
-        } else {
-            out.push(vec![t]);
-            held = size;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,23 +181,6 @@ mod tests {
         assert!(max - min <= *sizes.iter().max().unwrap(), "{held:?}");
     }
 
-    #[test]
-    fn buckets_keep_order_size_and_dtype() {
-        let f = |n: i64| Tensor::zeros([n], (Kind::Float, Device::Cpu));
-        let d = Tensor::zeros([2], (Kind::Double, Device::Cpu));
-        let ts = [f(10), f(10), f(30), f(1), d.shallow_clone(), f(1)];
-        let refs: Vec<&Tensor> = ts.iter().collect();
-        let sizes: Vec<Vec<i64>> = buckets(&refs, 80)
-            .iter()
-            .map(|b| b.iter().map(|t| t.numel() as i64).collect())
-            .collect();
-        // 40 + 40 bytes fill the first; 120 bytes is a bucket alone; f64 starts a new one.
-        assert_eq!(
-            sizes,
-            vec![vec![10, 10], vec![30], vec![1], vec![2], vec![1]]
-        );
-    }
-
     /// Rank `rank` of a run whose store a launcher serves on `port`.
     fn world(port: u16, rank: usize, world_size: usize) -> WorldEnv {
         WorldEnv {
@@ -233,7 +195,7 @@ mod tests {
         }
     }
 
-    /// Rank `rank`'s gradients: random, of odd sizes, one missing.
+    /// Rank `rank`'s data for parameters of odd sizes (the second gets no gradient).
     fn rank_grads(rank: usize) -> Vec<Option<Tensor>> {
         let mut rng = glatrain_testing::Rng::new(rank as u64 + 7);
         vec![
@@ -244,6 +206,26 @@ mod tests {
         ]
     }
 
+    /// Parameters whose loss has the gradients of [`rank_grads`] on `rank`.
+    fn params_with_grads(dp: &mut DataParallel, rank: usize) -> Vec<Tensor> {
+        let data = rank_grads(rank);
+        let params: Vec<Tensor> = [vec![3, 5], vec![2], vec![1], vec![257, 3]]
+            .iter()
+            .map(|shape| {
+                Tensor::ones(shape.as_slice(), (Kind::Float, Device::Cpu)).set_requires_grad(true)
+            })
+            .collect();
+        dp.watch_gradients(&params).unwrap();
+        dp.arm();
+        let loss: Tensor = params
+            .iter()
+            .zip(&data)
+            .filter_map(|(p, d)| d.as_ref().map(|d| (p * d).sum(Kind::Float)))
+            .sum();
+        loss.backward();
+        params
+    }
+
     #[test]
     fn gradients_become_their_mean_over_the_ranks() {
         let store = StoreServer::serve(0, std::time::Duration::from_secs(30)).unwrap();
@@ -252,10 +234,14 @@ mod tests {
         let threads: Vec<_> = (0..world_size)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let dp =
+                    let mut dp =
                         DataParallel::join(&world(port, rank, world_size), Device::Cpu).unwrap();
-                    let grads = rank_grads(rank);
-                    dp.average_gradients(&grads).unwrap();
+                    let params = params_with_grads(&mut dp, rank);
+                    dp.average_gradients().unwrap();
+                    let grads: Vec<Option<Tensor>> = params
+                        .iter()
+                        .map(|p| Some(p.grad()).filter(Tensor::defined))
+                        .collect();
                     let sums = dp.sum("a test sum", &[rank as f64, 1.0]).unwrap();
                     let averaged: Vec<Option<Vec<f32>>> = grads
                         .iter()

@@ -155,6 +155,52 @@ fn two_ranks_train_as_one_rank_with_twice_the_micro_batch() {
     assert!(diff <= 1e-6, "evaluation: {diff}");
 }
 
+/// With micro-batches accumulated and blocks recomputed in the backward (the gradient average
+/// starts from hooks inside that nested backward), 2 ranks still train as 1.
+#[test]
+fn accumulation_and_activation_checkpointing_keep_two_ranks_equal_to_one() {
+    let dir = workdir();
+    let common = [
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        "train.activation_checkpointing=\"full\"",
+    ];
+    let one = run(
+        dir.path(),
+        &[
+            &common[..],
+            &["--set", "run.name=one", "--set", "train.micro_batch_size=4"],
+        ]
+        .concat(),
+    );
+    check_success(&one);
+    let two = run(
+        dir.path(),
+        &[
+            &common[..],
+            &[
+                "--nproc-per-node",
+                "2",
+                "--set",
+                "run.name=two",
+                "--set",
+                "train.micro_batch_size=2",
+            ],
+        ]
+        .concat(),
+    );
+    check_success(&two);
+    assert!(
+        text(&two.stderr).contains("2 micro-batches of 2 on each of 2 ranks"),
+        "{}",
+        text(&two.stderr)
+    );
+    let runs = dir.path().join("runs");
+    let diff = max_relative_difference(&losses(&runs.join("two")), &losses(&runs.join("one")));
+    assert!(diff <= 1e-6, "{diff}");
+}
+
 /// The pids of `launcher`'s children, with their `RANK`.
 fn ranks_of(launcher: u32) -> Vec<(u32, String)> {
     let mut out = Vec::new();

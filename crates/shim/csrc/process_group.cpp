@@ -5,12 +5,16 @@
 // Every entry point catches what libtorch throws and returns it as a message (for c10::Error
 // without its C++ backtrace).
 
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -54,6 +58,71 @@ struct GlatrainProcessGroup {
 struct GlatrainStore {
   c10::intrusive_ptr<c10d::TCPStore> store;
 };
+
+// Averages the gradients of `params` over the group while the backward runs, DDP's reducer
+// design: the parameters are grouped into buckets; a hook on each parameter (run by autograd once
+// its gradient is accumulated) counts down its bucket, and a complete bucket is flattened and its
+// all-reduce started, buckets strictly in order so that every rank issues the same collectives in
+// the same sequence. Only an armed backward (the step's last micro-batch) counts; `finish` starts
+// what is left (parameters that got no gradient this time), waits, and writes the means back.
+struct GlatrainGradReducer {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::vector<at::Tensor> params;
+  std::vector<std::vector<size_t>> buckets;
+  std::vector<size_t> bucket_of;
+  std::mutex mutex;
+  bool armed = false;
+  std::vector<size_t> waiting;  // per bucket: gradients still to come in this backward
+  size_t next = 0;              // the next bucket to start
+  std::vector<at::Tensor> flat;  // per started bucket: its gradients, flattened
+  std::vector<std::vector<size_t>> members;  // per started bucket: the parameters in `flat`
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+
+  // Starts bucket `b`'s all-reduce over the gradients its parameters have. Under `mutex`.
+  void start(size_t b) {
+    std::vector<at::Tensor> parts;
+    std::vector<size_t> present;
+    for (size_t i : buckets[b]) {
+      const at::Tensor& g = params[i].grad();
+      if (!g.defined()) continue;
+      parts.push_back(g.reshape({-1}));
+      present.push_back(i);
+    }
+    members.push_back(present);
+    if (parts.empty()) {
+      flat.emplace_back();
+      works.emplace_back();
+      return;
+    }
+    std::vector<at::Tensor> one{at::cat(parts)};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    works.push_back(backend->allreduce(one, opts));
+    flat.push_back(one[0]);
+  }
+
+  // Parameter `i`'s gradient is accumulated.
+  void ready(size_t i) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!armed) return;
+    const size_t b = bucket_of[i];
+    if (waiting[b] > 0) --waiting[b];
+    while (next < buckets.size() && waiting[next] == 0) start(next++);
+  }
+};
+
+namespace {
+
+struct ReadyHook : torch::autograd::PostAccumulateGradHook {
+  GlatrainGradReducer* reducer;
+  size_t index;
+  ReadyHook(GlatrainGradReducer* r, size_t i) : reducer(r), index(i) {}
+  void operator()(const torch::autograd::Variable& /*param*/) override {
+    reducer->ready(index);
+  }
+};
+
+}  // namespace
 
 extern "C" {
 
@@ -160,6 +229,91 @@ int glatrain_pg_broadcast(GlatrainProcessGroup* pg, const at::Tensor* const* ten
     }
     for (auto& work : pending) work->wait();
   });
+}
+
+// A reducer over the `n` leaf tensors `params` (the same on every rank, in the same order) in
+// buckets of about `bucket_bytes`, the last parameters first (the order the backward produces
+// their gradients in). Installs its hooks on them; null with a message on failure.
+GlatrainGradReducer* glatrain_reducer_new(GlatrainProcessGroup* pg, const at::Tensor* const* params,
+                                          size_t n, size_t bucket_bytes, char* err,
+                                          size_t err_len) {
+  std::unique_ptr<GlatrainGradReducer> r(new GlatrainGradReducer);
+  const int rc = guarded(err, err_len, [&] {
+    r->backend = pg->backend;
+    for (size_t i = 0; i < n; ++i) r->params.push_back(*params[i]);
+    r->bucket_of.assign(n, 0);
+    size_t held = 0;
+    for (size_t k = n; k-- > 0;) {
+      const at::Tensor& p = r->params[k];
+      TORCH_CHECK(p.is_leaf() && p.requires_grad(), "parameter ", k, " is not a trainable leaf");
+      const size_t bytes = p.numel() * p.element_size();
+      const bool fits = !r->buckets.empty() && held + bytes <= bucket_bytes &&
+                        r->params[r->buckets.back().front()].scalar_type() == p.scalar_type();
+      if (!fits) {
+        r->buckets.emplace_back();
+        held = 0;
+      }
+      r->buckets.back().push_back(k);
+      r->bucket_of[k] = r->buckets.size() - 1;
+      held += bytes;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      torch::autograd::impl::set_post_acc_grad_hooks(
+          r->params[i], std::make_unique<ReadyHook>(r.get(), i));
+    }
+  });
+  return rc == 0 ? r.release() : nullptr;
+}
+
+// Counts the gradients of the next backward (the step's last micro-batch).
+void glatrain_reducer_arm(GlatrainGradReducer* r) {
+  std::lock_guard<std::mutex> lock(r->mutex);
+  r->armed = true;
+  r->next = 0;
+  r->waiting.clear();
+  for (const auto& b : r->buckets) r->waiting.push_back(b.size());
+  r->flat.clear();
+  r->members.clear();
+  r->works.clear();
+}
+
+// After the armed backward: starts the buckets not started yet, waits for all, and replaces each
+// gradient by its sum over the ranks divided by `divisor`. Returns 0, or 1 with a message.
+int glatrain_reducer_finish(GlatrainGradReducer* r, double divisor, char* err, size_t err_len) {
+  std::lock_guard<std::mutex> lock(r->mutex);
+  r->armed = false;
+  return guarded(err, err_len, [&] {
+    while (r->next < r->buckets.size()) r->start(r->next++);
+    for (auto& work : r->works) {
+      if (work) work->wait();
+    }
+    at::NoGradGuard no_grad;
+    for (size_t b = 0; b < r->flat.size(); ++b) {
+      if (!r->flat[b].defined()) continue;
+      r->flat[b].div_(divisor);
+      int64_t offset = 0;
+      for (size_t i : r->members[b]) {
+        at::Tensor g = r->params[i].grad();
+        const int64_t count = g.numel();
+        g.copy_(r->flat[b].narrow(0, offset, count).view_as(g));
+        offset += count;
+      }
+    }
+    r->flat.clear();
+    r->works.clear();
+  });
+}
+
+// Buckets whose all-reduce has started since the last arm (0 after `finish`).
+size_t glatrain_reducer_started(GlatrainGradReducer* r) {
+  std::lock_guard<std::mutex> lock(r->mutex);
+  return r->works.size();
+}
+
+// Removes the hooks and frees the reducer.
+void glatrain_reducer_free(GlatrainGradReducer* r) {
+  for (const auto& p : r->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+  delete r;
 }
 
 // Returns once every rank of the group has called it.

@@ -53,6 +53,95 @@ extern "C" {
     ) -> *mut RawStore;
     fn glatrain_store_port(store: *mut RawStore) -> c_int;
     fn glatrain_store_free(store: *mut RawStore);
+    fn glatrain_reducer_new(
+        pg: *mut RawGroup,
+        params: *const *const c_void,
+        n: usize,
+        bucket_bytes: usize,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut RawReducer;
+    fn glatrain_reducer_arm(reducer: *mut RawReducer);
+    fn glatrain_reducer_finish(
+        reducer: *mut RawReducer,
+        divisor: f64,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> c_int;
+    fn glatrain_reducer_started(reducer: *mut RawReducer) -> usize;
+    fn glatrain_reducer_free(reducer: *mut RawReducer);
+}
+
+#[repr(C)]
+struct RawReducer {
+    _private: [u8; 0],
+}
+
+/// Sums the gradients of a list of parameters over the group while the backward runs, as
+/// PyTorch DDP's reducer does: hooks on the parameters start each bucket's all-reduce as soon as
+/// the backward has produced all of its gradients (buckets in order, the last parameters first),
+/// so communication overlaps the rest of the backward.
+#[derive(Debug)]
+pub struct GradReducer {
+    raw: *mut RawReducer,
+}
+
+// SAFETY: as for ProcessGroup; the shim serialises the reducer's state with a mutex.
+unsafe impl Send for GradReducer {}
+
+impl GradReducer {
+    /// Hooks `params` (trainable leaves, the same list in the same order on every rank) into
+    /// buckets of about `bucket_bytes`.
+    ///
+    /// # Errors
+    /// A parameter that is not a trainable leaf; libtorch's message.
+    pub fn new(
+        group: &ProcessGroup,
+        params: &[Tensor],
+        bucket_bytes: usize,
+    ) -> Result<Self, String> {
+        let ptrs = tensor_pointers(params);
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the tensors are live for the call (the shim keeps its own references); the
+        // message buffer is the checked helper's.
+        checked(|err, len| {
+            raw = unsafe {
+                glatrain_reducer_new(group.raw, ptrs.as_ptr(), ptrs.len(), bucket_bytes, err, len)
+            };
+            c_int::from(raw.is_null())
+        })?;
+        Ok(GradReducer { raw })
+    }
+
+    /// Counts the gradients of the next backward: the one that completes the step's gradients.
+    pub fn arm(&self) {
+        // SAFETY: `raw` is live until drop.
+        unsafe { glatrain_reducer_arm(self.raw) }
+    }
+
+    /// Buckets whose all-reduce has started since [`Self::arm`]: after the armed backward and
+    /// before [`Self::finish`], those the backward started.
+    pub fn started(&self) -> usize {
+        // SAFETY: `raw` is live until drop.
+        unsafe { glatrain_reducer_started(self.raw) }
+    }
+
+    /// After the armed backward: waits for every bucket and replaces each gradient by its sum
+    /// over the ranks divided by `divisor`.
+    ///
+    /// # Errors
+    /// libtorch's message (a peer gone, the timeout passed).
+    pub fn finish(&self, divisor: f64) -> Result<(), String> {
+        // SAFETY: `raw` is live until drop; the message buffer is the checked helper's.
+        checked(|err, len| unsafe { glatrain_reducer_finish(self.raw, divisor, err, len) })
+    }
+}
+
+impl Drop for GradReducer {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from glatrain_reducer_new and is freed once.
+        unsafe { glatrain_reducer_free(self.raw) }
+    }
 }
 
 #[repr(C)]
@@ -368,6 +457,91 @@ mod tests {
         assert_ne!(store.port(), 0);
         let err = StoreServer::serve(store.port(), Duration::from_secs(5)).unwrap_err();
         assert!(!err.is_empty() && !err.contains("frame #"), "{err}");
+    }
+
+    #[test]
+    fn the_reducer_averages_gradients_during_the_backward() {
+        // Sizes that make several buckets of 64 bytes, one parameter left without a gradient.
+        let sizes = [5i64, 3, 40, 1, 7];
+        let results = on_ranks(2, Duration::from_secs(30), move |group| {
+            let rank = group.rank();
+            let params: Vec<Tensor> = sizes
+                .iter()
+                .map(|&n| rank_tensor(9, n).set_requires_grad(true))
+                .collect();
+            let reducer = GradReducer::new(&group, &params, 64).unwrap();
+            // Two micro-batches; only the second is armed.
+            for micro in 0..2 {
+                if micro == 1 {
+                    reducer.arm();
+                }
+                let loss = params
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != 3)
+                    .map(|(i, p)| {
+                        (p * rank_tensor(rank * 10 + micro + i, p.size()[0])).sum(tch::Kind::Float)
+                    })
+                    .reduce(|a, b| a + b)
+                    .unwrap();
+                loss.backward();
+            }
+            // The bucket holding the parameter without a gradient (the first) holds back all.
+            assert_eq!(reducer.started(), 0);
+            reducer.finish(2.0).unwrap();
+            params
+                .iter()
+                .map(|p| {
+                    let g = p.grad();
+                    g.defined().then(|| Vec::<f32>::try_from(&g).unwrap())
+                })
+                .collect::<Vec<_>>()
+        });
+        for (i, &n) in sizes.iter().enumerate() {
+            if i == 3 {
+                assert!(results.iter().all(|r| r[i].is_none()));
+                continue;
+            }
+            // d loss / d p = the data: summed over micro-batches, averaged over ranks.
+            let expected = (0..2)
+                .flat_map(|rank| (0..2).map(move |micro| rank_tensor(rank * 10 + micro + i, n)))
+                .reduce(|a, b| a + b)
+                .unwrap()
+                / 2.0;
+            let expected = Vec::<f32>::try_from(&expected).unwrap();
+            for r in &results {
+                let got = r[i].as_ref().unwrap();
+                for (a, b) in got.iter().zip(&expected) {
+                    assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_backward_starts_each_bucket_once_its_gradients_are_in() {
+        let started = on_ranks(2, Duration::from_secs(30), |group| {
+            let params: Vec<Tensor> = [5i64, 3, 40, 1, 7]
+                .iter()
+                .map(|&n| rank_tensor(group.rank(), n).set_requires_grad(true))
+                .collect();
+            // Buckets of 64 bytes: [p4, p3], [p2], [p1, p0].
+            let reducer = GradReducer::new(&group, &params, 64).unwrap();
+            reducer.arm();
+            let loss: Tensor = params.iter().map(|p| p.sum(Kind::Float)).sum();
+            loss.backward();
+            let during = reducer.started();
+            reducer.finish(2.0).unwrap();
+            // d loss / d p = 1 on both ranks.
+            for p in &params {
+                assert_eq!(
+                    Vec::<f32>::try_from(p.grad()).unwrap(),
+                    vec![1.0; p.numel()]
+                );
+            }
+            during
+        });
+        assert_eq!(started, vec![3, 3]);
     }
 
     #[test]

@@ -18,8 +18,9 @@
 //! Data parallel ([`TrainOptions::world`]): every rank builds the same model and takes rank 0's
 //! weights, draws the same global micro-batches (`micro_batch_size` x ranks sequences, what one
 //! process with that micro-batch would draw) and trains on its own rows of each; the gradients
-//! and the loss are averaged over the ranks after the backward, so every rank then takes the
-//! same (global) norm, clipping, skip decision and update. The ranks agree on a stop after every
+//! are averaged over the ranks during the backward of the step's last micro-batch, and the loss
+//! after it, so every rank then takes the same (global) norm, clipping, skip decision and
+//! update. The ranks agree on a stop after every
 //! step. Rank 0 alone writes the run directory: lock, config, logs, progress, evaluations,
 //! checkpoints.
 
@@ -266,10 +267,17 @@ fn train_locked(
             (loader, state)
         }
     };
-    if let Some(dp) = &dp {
+    let mut dp = dp;
+    if let Some(dp) = &mut dp {
         // Whatever each rank initialised or loaded, all start from rank 0's weights.
         let weights: Vec<Tensor> = named_variables(&vs).into_iter().map(|(_, t)| t).collect();
         tch::no_grad(|| dp.broadcast("broadcasting rank 0's weights", &weights, 0))?;
+        let params: Vec<Tensor> = opt
+            .params()
+            .iter()
+            .map(|p| p.param.shallow_clone())
+            .collect();
+        dp.watch_gradients(&params)?;
     }
     begin_session(cfg, device, &rejected, state.step, writer)?;
     let logger = if writer {
@@ -947,7 +955,13 @@ impl Run<'_> {
         self.opt.zero_grad();
         let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))
             .map_err(torch_error("allocating the loss"))?;
-        for _ in 0..accum {
+        for micro in 0..accum {
+            if micro + 1 == accum {
+                // This backward completes the step's gradients: average them as it runs.
+                if let Some(dp) = &self.dp {
+                    dp.arm();
+                }
+            }
             let batch = self.shard.own_rows(self.loader.next_batch());
             let rows = batch.rows as i64;
             let (model, precision) = (self.model.as_ref(), &self.precision);
@@ -987,7 +1001,7 @@ impl Run<'_> {
 
         let mut grads = self.opt.grads()?;
         if let Some(dp) = &self.dp {
-            dp.average_gradients(&grads)?;
+            dp.average_gradients()?;
             loss = dp.sum("averaging the loss", &[loss])?[0] / dp.world_size() as f64;
         }
         if scale != 1.0 {
