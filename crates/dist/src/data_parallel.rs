@@ -46,9 +46,10 @@ impl DataParallel {
         if let Device::Cuda(_) = device {
             return Err(DistError::NoBackend(format!(
                 "NCCL backend not built: training on {device:?} with WORLD_SIZE={} needs \
-                 c10d's ProcessGroupNCCL, whose headers need the CUDA toolkit's (cuda_runtime.h \
-                 and CCCL's nv/target), which the torch wheel does not ship; train on CPU \
-                 (run.device = \"cpu\") or with one rank",
+                 c10d's ProcessGroupNCCL, whose header includes CUDA headers that neither the \
+                 torch wheel nor its nvidia packages ship (CCCL's nv/target, the CUDA C \
+                 runtime's crt/host_config.h); train on CPU (run.device = \"cpu\") or with one \
+                 rank",
                 env.world_size
             )));
         }
