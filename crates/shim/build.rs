@@ -3,11 +3,16 @@
 fn main() {
     glatrain_build::link_libtorch();
 
-    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=csrc");
     let mut build = cc::Build::new();
     build
         .cpp(true)
         .file("csrc/shim.cpp")
+        .file("csrc/process_group.cpp")
+        // ProcessGroupGloo.hpp declares its class only with this set; the wheel lacks gloo's
+        // headers, so csrc/gloo-decls declares the few gloo names that header mentions.
+        .define("USE_C10D_GLOO", None)
+        .include("csrc/gloo-decls")
         .flag("-std=c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         // libtorch's headers are noisy under -Wall; the shim's own code is small and reviewed.

@@ -358,6 +358,9 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Complete checkpoints kept on disk (oldest deleted first).
     pub keep_checkpoints: usize,
+    /// Data parallel: each rank keeps the AdamW moments of its share of the parameters only and
+    /// updates those (ZeRO stage 1).
+    pub shard_optimizer_state: bool,
 }
 
 impl Default for TrainConfig {
@@ -385,6 +388,7 @@ impl Default for TrainConfig {
             eval_batches: 50,
             checkpoint_every: 1000,
             keep_checkpoints: 3,
+            shard_optimizer_state: false,
         }
     }
 }

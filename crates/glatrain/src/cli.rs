@@ -18,7 +18,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
     version,
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
-    after_help = "Examples:\n  glatrain --config gla-tiny\n  glatrain --config gla-340m --resume\n  glatrain --config my-run.toml --set train.lr=1e-3 --set run.name=lr1e-3\n  glatrain configs\n  glatrain eval --checkpoint runs/gla-tiny\n  glatrain eval --checkpoint runs/gla-tiny --text wiki.test.txt\n  glatrain export --checkpoint runs/gla-tiny --out hf/gla-tiny\n  glatrain preflight --config gla-340m"
+    after_help = "Examples:\n  glatrain --config gla-tiny\n  glatrain --config gla-340m --resume\n  glatrain --config gla-tiny --nproc-per-node 2\n  glatrain --config my-run.toml --set train.lr=1e-3 --set run.name=lr1e-3\n  glatrain configs\n  glatrain eval --checkpoint runs/gla-tiny\n  glatrain eval --checkpoint runs/gla-tiny --text wiki.test.txt\n  glatrain export --checkpoint runs/gla-tiny --out hf/gla-tiny\n  glatrain preflight --config gla-340m"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -41,6 +41,12 @@ pub struct TrainArgs {
     /// Continue from the newest complete checkpoint of this run.
     #[arg(long)]
     pub resume: bool,
+    /// Train data-parallel on N ranks of this host: starts N processes of glatrain with
+    /// torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and stops
+    /// them all when one fails. Without it, those variables (from torchrun or Slurm) make this
+    /// process one rank.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub nproc_per_node: Option<u16>,
 }
 
 #[derive(Debug, Subcommand)]

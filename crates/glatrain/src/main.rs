@@ -28,6 +28,11 @@ enum AppError {
     Train(#[from] glatrain_train::TrainError),
     #[error(transparent)]
     Bench(#[from] glatrain_bench::BenchError),
+    #[error(transparent)]
+    Dist(#[from] glatrain_dist::DistError),
+    /// A failure of one rank of a data-parallel run.
+    #[error("rank {rank}: {source}")]
+    Rank { rank: usize, source: Box<AppError> },
     #[error("{}: cannot read the prompt: {source}", path.display())]
     PromptFile {
         path: PathBuf,
@@ -47,6 +52,8 @@ impl AppError {
             AppError::Data(e) => e.is_bad_input(),
             AppError::Train(e) => e.is_bad_input(),
             AppError::Bench(e) => e.is_bad_input(),
+            AppError::Dist(e) => e.is_bad_input(),
+            AppError::Rank { source, .. } => return source.exit_code(),
             AppError::PromptFile { .. } => true,
             AppError::Write { .. } => false,
         };
@@ -82,22 +89,61 @@ fn main() -> ExitCode {
 }
 
 /// Trains; a run stopped by a signal exits with 128 + its number, as a shell reports a process
-/// the signal ended.
+/// the signal ended. With `--nproc-per-node`, starts the ranks instead and exits as they did.
 fn train(args: TrainArgs) -> Result<ExitCode, AppError> {
     let path = args
         .config
         .expect("clap requires --config for the train form");
     let cfg = glatrain_config::load(&path, &args.overrides)?;
     check_data_paths(&cfg)?;
+    if let Some(nproc) = args.nproc_per_node {
+        // What every rank would refuse, refused once, before any starts.
+        glatrain_train::shard::Shard::new(&cfg, 0, usize::from(nproc))?;
+        return launch(usize::from(nproc), &path, &args.overrides, args.resume);
+    }
+    let world = glatrain_dist::WorldEnv::from_env()?.filter(|w| w.world_size > 1);
+    let rank = world.as_ref().map(|w| w.rank);
     let opts = glatrain_train::TrainOptions {
         resume: args.resume,
         stop_after: None,
+        world,
     };
-    let summary = glatrain_train::train(cfg, &opts)?;
-    println!("{}", glatrain_train::describe_summary(&summary));
+    let summary = glatrain_train::train(cfg, &opts).map_err(|e| match rank {
+        Some(rank) => AppError::Rank {
+            rank,
+            source: Box::new(e.into()),
+        },
+        None => e.into(),
+    })?;
+    if rank.is_none_or(|r| r == 0) {
+        println!("{}", glatrain_train::describe_summary(&summary));
+    }
     Ok(summary.interrupted.map_or(ExitCode::SUCCESS, |signal| {
         ExitCode::from(signal.exit_status())
     }))
+}
+
+/// `--nproc-per-node N`: runs this program's training form as N local ranks.
+fn launch(
+    nproc: usize,
+    config: &Path,
+    overrides: &[String],
+    resume: bool,
+) -> Result<ExitCode, AppError> {
+    let program = std::env::current_exe().map_err(|source| glatrain_dist::DistError::Process {
+        what: "finding the glatrain executable to start the ranks".into(),
+        source,
+    })?;
+    let mut args = vec!["--config".into(), config.as_os_str().to_owned()];
+    for o in overrides {
+        args.push("--set".into());
+        args.push(o.into());
+    }
+    if resume {
+        args.push("--resume".into());
+    }
+    let status = glatrain_dist::launch::run(nproc, &program, &args)?;
+    Ok(ExitCode::from(status))
 }
 
 fn bench(args: BenchArgs) -> Result<(), AppError> {

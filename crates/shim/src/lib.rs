@@ -7,12 +7,15 @@
 //! - [`sdp`]: which backends libtorch's scaled-dot-product attention may choose from;
 //! - [`multi_tensor`]: the optimizer step in libtorch's multi-tensor kernels;
 //! - [`memory`]: the CUDA caching allocator's counters (allocated, reserved, their peaks);
-//! - [`profiler`]: libtorch's Kineto profiler, its Chrome trace and events.
+//! - [`profiler`]: libtorch's Kineto profiler, its Chrome trace and events;
+//! - [`process_group`]: c10d process groups (TCPStore rendezvous, Gloo collectives, a gradient
+//!   reducer that all-reduces during the backward).
 
 pub mod autocast;
 pub mod autograd;
 mod checked;
 pub mod memory;
 pub mod multi_tensor;
+pub mod process_group;
 pub mod profiler;
 pub mod sdp;

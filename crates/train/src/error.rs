@@ -122,6 +122,9 @@ pub enum TrainError {
     /// The preflight refused the config (e.g. it cannot fit in the device's memory).
     #[error(transparent)]
     Preflight(#[from] glatrain_preflight::PreflightError),
+    /// Data-parallel training: the launch environment, the process group, a collective.
+    #[error(transparent)]
+    Dist(#[from] glatrain_dist::DistError),
     /// glatrain's CUDA kernels cannot run on the device.
     #[error("GLA kernels: {0}")]
     Kernels(glatrain_cuda::CudaError),
@@ -153,6 +156,7 @@ impl TrainError {
             TrainError::Checkpoint(e) => e.is_bad_input(),
             TrainError::Preflight(e) => e.is_bad_input(),
             TrainError::Kernels(e) => e.is_bad_input(),
+            TrainError::Dist(e) => e.is_bad_input(),
             TrainError::AfterTraining { source, .. } => source.is_bad_input(),
             TrainError::Hub(e) | TrainError::InitFrom { source: e, .. } => e.is_bad_input(),
             TrainError::BadValue { .. }

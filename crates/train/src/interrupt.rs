@@ -7,16 +7,19 @@
 //! are left as a SIGKILL leaves them: an unfinished checkpoint is a temporary directory that the
 //! next run of the directory removes.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// The signals that stop a run.
-const SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGHUP];
+pub const SIGNALS: [i32; 3] = [SIGINT, SIGTERM, SIGHUP];
 
 /// The first signal since [`install`]; 0 while none came.
 static SIGNAL: AtomicUsize = AtomicUsize::new(0);
+/// Whether the handler prints its lines (the ranks of a data-parallel run other than rank 0,
+/// which get the same signals, do not).
+static ANNOUNCE: AtomicBool = AtomicBool::new(true);
 static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// A signal that asked the run to stop.
@@ -41,10 +44,11 @@ impl StopSignal {
 }
 
 /// Installs the handlers once (later calls return the first outcome) and clears any earlier
-/// request. An error means the signals cannot be handled; training still works but an
-/// interruption loses the steps since the last checkpoint.
-pub fn install() -> Result<(), String> {
+/// request; `announce`: whether a signal prints a line. An error means the signals cannot be
+/// handled; training still works but an interruption loses the steps since the last checkpoint.
+pub fn install(announce: bool) -> Result<(), String> {
     SIGNAL.store(0, Ordering::SeqCst);
+    ANNOUNCE.store(announce, Ordering::SeqCst);
     INSTALLED
         .get_or_init(|| {
             for signal in SIGNALS {
@@ -63,13 +67,16 @@ fn on_signal(signal: i32) {
     let first = SIGNAL
         .compare_exchange(0, signal as usize, Ordering::SeqCst, Ordering::SeqCst)
         .is_ok();
-    if first {
+    let announce = ANNOUNCE.load(Ordering::SeqCst);
+    if first && announce {
         write_stderr(
             b"\nstop requested: finishing this step, then writing a checkpoint (signal again to \
               exit at once, without it)\n",
         );
-    } else {
-        write_stderr(b"\nsecond signal: exiting now, without a checkpoint of this step\n");
+    } else if !first {
+        if announce {
+            write_stderr(b"\nsecond signal: exiting now, without a checkpoint of this step\n");
+        }
         signal_hook::low_level::exit(128 + signal);
     }
 }

@@ -40,6 +40,7 @@ pub mod sample;
 pub mod scaler;
 pub mod schedule;
 pub mod setup;
+pub mod shard;
 pub mod state;
 pub mod sysinfo;
 pub mod text_eval;

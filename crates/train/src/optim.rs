@@ -14,6 +14,10 @@
 //! `t` counts applied updates only: a skipped step (non-finite gradients) advances neither `t`
 //! nor the moments. A parameter without a gradient this step (gradients are dropped, not zeroed,
 //! between steps) is left alone, as PyTorch does.
+//!
+//! With the optimizer state sharded over data-parallel ranks (ZeRO stage 1, [`AdamW::keep_only`])
+//! a rank keeps the moments of the parameters it owns and updates those only; the trainer
+//! then sends each parameter from its owner to the other ranks.
 
 use std::collections::BTreeMap;
 
@@ -42,6 +46,10 @@ pub struct ParamState {
     pub param: Tensor,
     /// Whether weight decay applies (false for norms, biases, gate biases, A_log, D).
     pub decay: bool,
+    /// Whether this process keeps its moments and updates it (all parameters, unless the state
+    /// is sharded over ranks).
+    pub owned: bool,
+    /// The moments; empty where not `owned`.
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
 }
@@ -72,6 +80,7 @@ impl AdamW {
                     name,
                     param,
                     decay,
+                    owned: true,
                 })
             })
             .collect::<Result<Vec<ParamState>, TchError>>()
@@ -97,6 +106,21 @@ impl AdamW {
     /// Updates applied so far.
     pub fn step_count(&self) -> u64 {
         self.step
+    }
+
+    /// Keeps the moments of the parameters (in [`Self::params`] order) that `owned` picks, and
+    /// drops the others' (ZeRO stage 1): [`Self::step`] then updates the owned ones only.
+    pub fn keep_only(&mut self, owned: impl Fn(usize) -> bool) -> Result<(), TrainError> {
+        for (i, p) in self.params.iter_mut().enumerate() {
+            if !owned(i) {
+                let empty = Tensor::f_empty([0], (Kind::Float, p.param.device()))
+                    .map_err(torch_error("dropping AdamW moments"))?;
+                p.exp_avg = empty.shallow_clone();
+                p.exp_avg_sq = empty;
+                p.owned = false;
+            }
+        }
+        Ok(())
     }
 
     /// Drops the gradients of every parameter (`zero_grad(set_to_none=True)`).
@@ -138,7 +162,7 @@ impl AdamW {
                     .params
                     .iter()
                     .zip(&grads)
-                    .filter(|(p, _)| p.decay == decay)
+                    .filter(|(p, _)| p.decay == decay && p.owned)
                     .filter_map(|(p, g)| g.as_ref().map(|g| (p, g)))
                     .map(|(p, g)| AdamWTensors {
                         param: &p.param,
@@ -166,7 +190,8 @@ impl AdamW {
         Ok(())
     }
 
-    /// Named state tensors for the checkpoint: `exp_avg.<name>` and `exp_avg_sq.<name>`.
+    /// Named state tensors for the checkpoint: `exp_avg.<name>` and `exp_avg_sq.<name>` (empty
+    /// ones for parameters this process does not own).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::with_capacity(2 * self.params.len());
         for p in &self.params {
@@ -179,9 +204,9 @@ impl AdamW {
         out
     }
 
-    /// Restores the moments from checkpoint tensors and the update count from `state.json`.
-    /// Every parameter must have both moments with its shape; the error names the first that is
-    /// missing or mismatched.
+    /// Restores the moments (of the owned parameters) from checkpoint tensors and the update
+    /// count from `state.json`. Every parameter must have both moments with its shape; the
+    /// error names the first that is missing or mismatched.
     pub fn load_state(
         &mut self,
         mut tensors: BTreeMap<String, Tensor>,
@@ -196,12 +221,15 @@ impl AdamW {
                 let src = tensors
                     .remove(&key)
                     .ok_or_else(|| OptimStateError::Missing(key.clone()))?;
-                if src.size() != dst.size() {
+                if src.size() != p.param.size() {
                     return Err(OptimStateError::Shape {
                         key,
                         found: src.size(),
-                        expected: dst.size(),
+                        expected: p.param.size(),
                     });
+                }
+                if !p.owned {
+                    continue;
                 }
                 tch::no_grad(|| dst.f_copy_(&src)).map_err(|e| OptimStateError::Copy {
                     key,

@@ -25,6 +25,8 @@ pub struct StepView {
 #[derive(Debug)]
 pub struct Progress {
     bar: Option<ProgressBar>,
+    /// Prints nothing (a rank other than the run's writer).
+    silent: bool,
     max_steps: u64,
     start_step: u64,
     started: Instant,
@@ -53,6 +55,18 @@ impl Progress {
         });
         Self {
             bar,
+            silent: false,
+            max_steps,
+            start_step,
+            started: Instant::now(),
+        }
+    }
+
+    /// Progress that prints nothing: the ranks of a data-parallel run other than rank 0.
+    pub fn silent(start_step: u64, max_steps: u64) -> Self {
+        Self {
+            bar: None,
+            silent: true,
             max_steps,
             start_step,
             started: Instant::now(),
@@ -67,6 +81,9 @@ impl Progress {
     /// Advances the bar every step; `log_line` asks for a line in line mode (every
     /// `logging.log_every` steps).
     pub fn step(&self, view: &StepView, log_line: bool) {
+        if self.silent {
+            return;
+        }
         match &self.bar {
             Some(bar) => {
                 bar.set_position(view.step);
@@ -115,6 +132,9 @@ impl Progress {
 
     /// Prints a message above the bar (or as a line).
     pub fn println(&self, msg: &str) {
+        if self.silent {
+            return;
+        }
         match &self.bar {
             Some(bar) => bar.println(msg),
             None => eprintln!("{msg}"),

@@ -14,6 +14,15 @@
 //!
 //! A signal (see [`crate::interrupt`]) is noticed after a step or between evaluation batches:
 //! the run writes a checkpoint of its last finished step and returns, naming the signal.
+//!
+//! Data parallel ([`TrainOptions::world`]): every rank builds the same model and takes rank 0's
+//! weights, draws the same global micro-batches (`micro_batch_size` x ranks sequences, what one
+//! process with that micro-batch would draw) and trains on its own rows of each; the gradients
+//! are averaged over the ranks during the backward of the step's last micro-batch, and the loss
+//! after it, so every rank then takes the same (global) norm, clipping, skip decision and
+//! update. The ranks agree on a stop after every
+//! step. Rank 0 alone writes the run directory: lock, config, logs, progress, evaluations,
+//! checkpoints.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +30,7 @@ use std::time::Instant;
 
 use glatrain_config::ResolvedConfig;
 use glatrain_data::{BatchLoader, EvalBatches, TokenSource};
+use glatrain_dist::{DataParallel, WorldEnv};
 use glatrain_fs::DirLock;
 use tch::{Device, Kind, TchError, Tensor};
 
@@ -38,6 +48,7 @@ use crate::profile::ProfileWindow;
 use crate::progress::{format_rate, Progress, StepView};
 use crate::schedule::LrSchedule;
 use crate::setup::{self, named_variables};
+use crate::shard::Shard;
 use crate::state::{model_differences, TrainState};
 use crate::sysinfo;
 
@@ -49,6 +60,8 @@ pub struct TrainOptions {
     /// Stop after this optimizer step (if reached before `max_steps`) exactly as an
     /// interruption would: checkpoint, then return. For splitting a run into sessions.
     pub stop_after: Option<u64>,
+    /// This process's rank in a data-parallel run (`None`: it trains alone).
+    pub world: Option<WorldEnv>,
 }
 
 /// What a training session did.
@@ -99,10 +112,18 @@ struct Run<'a> {
     model: Box<dyn glatrain_models::CausalLm>,
     vs: tch::nn::VarStore,
     opt: AdamW,
+    /// Draws the global micro-batches (every rank's rows).
     loader: BatchLoader,
+    /// The process group of a data-parallel run.
+    dp: Option<DataParallel>,
+    /// This rank's share of the step: `accum` micro-batches of `rows` sequences.
+    shard: Shard,
+    /// With the optimizer state sharded: the rank that owns each of [`AdamW::params`].
+    owners: Option<Vec<usize>>,
     valid: Arc<TokenSource>,
     state: TrainState,
-    logger: MetricsLogger,
+    /// Rank 0's (a single process's) metrics; the other ranks write none.
+    logger: Option<MetricsLogger>,
     progress: Progress,
     checkpoints_dir: PathBuf,
     config_toml: String,
@@ -125,6 +146,16 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
     let device = setup::resolve_device(&cfg.config.run.device, &cfg.source)?;
     let threads = setup::apply_threads(cfg)?;
     let precision = MixedPrecision::new(cfg.config.train.precision, device, &cfg.source)?;
+    let world = opts.world.as_ref().filter(|w| w.world_size > 1);
+    if let Some(world) = world {
+        // Before meeting the others: a config that cannot split is every rank's exit 2.
+        Shard::new(cfg, world.rank, world.world_size)?;
+    }
+    let dp = world.map(|w| DataParallel::join(w, device)).transpose()?;
+    if dp.as_ref().is_some_and(|dp| !dp.is_writer()) {
+        // Reads the run directory, writes nothing there: no lock, no clean-up.
+        return train_locked(cfg, opts, device, threads, precision, dp);
+    }
 
     let run_dir = cfg.run_dir();
     let fresh_dir = !run_dir.exists();
@@ -135,7 +166,7 @@ pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, T
             run_dir.display()
         );
     }
-    let outcome = train_locked(cfg, opts, device, threads, precision);
+    let outcome = train_locked(cfg, opts, device, threads, precision, dp);
     if outcome.is_err() && fresh_dir {
         remove_if_unused(&run_dir);
     }
@@ -158,19 +189,28 @@ fn remove_if_unused(run_dir: &Path) {
     }
 }
 
-/// [`train`] once the run directory is locked: its stages in order.
+/// [`train`] once the run directory is locked (by rank 0 of a data-parallel run): its stages
+/// in order.
 fn train_locked(
     cfg: &ResolvedConfig,
     opts: &TrainOptions,
     device: Device,
     threads: i32,
     precision: MixedPrecision,
+    dp: Option<DataParallel>,
 ) -> Result<TrainSummary, TrainError> {
     let tc = &cfg.config.train;
+    let writer = dp.as_ref().is_none_or(DataParallel::is_writer);
+    let shard = Shard::new(
+        cfg,
+        dp.as_ref().map_or(0, DataParallel::rank),
+        dp.as_ref().map_or(1, DataParallel::world_size),
+    )?;
     let run_dir = cfg.run_dir();
     let checkpoints_dir = run_dir.join("checkpoints");
-    let (resume_dir, rejected) = check_run_dir(cfg, &run_dir, &checkpoints_dir, opts.resume)?;
-    let preflight = preflight(cfg, device, &precision)?;
+    let (resume_dir, rejected) =
+        check_run_dir(cfg, &run_dir, &checkpoints_dir, opts.resume, writer)?;
+    let preflight = preflight(cfg, device, &precision, writer)?;
     let Built {
         vs,
         model,
@@ -181,40 +221,89 @@ fn train_locked(
     } = build(cfg, device, crate::preflight::chosen_mode(&preflight))?;
     // Weights from a Hugging Face model directory (`model.init_from`), unless resuming.
     crate::init_from::apply(cfg, &vs, resume_dir.is_some())?;
+    // ZeRO stage 1: this rank keeps (and loads, on a resume) its parameters' moments only.
+    let owners = match &dp {
+        Some(dp) if tc.shard_optimizer_state => {
+            let sizes: Vec<usize> = opt.params().iter().map(|p| p.param.numel()).collect();
+            let owner = glatrain_dist::data_parallel::owners(&sizes, dp.world_size());
+            opt.keep_only(|i| owner[i] == dp.rank())?;
+            if dp.is_writer() {
+                let own: usize = (sizes.iter().zip(&owner))
+                    .filter(|(_, &o)| o == 0)
+                    .map(|(s, _)| s)
+                    .sum();
+                eprintln!(
+                    "optimizer state sharded over {} ranks (ZeRO stage 1): rank 0 keeps the AdamW \
+                     moments of {own} of {} parameters",
+                    dp.world_size(),
+                    sizes.iter().sum::<usize>()
+                );
+            }
+            Some(owner)
+        }
+        _ => None,
+    };
     let (loader, state) = match &resume_dir {
         None => {
             let loader = BatchLoader::new(
                 Arc::clone(&train_source),
-                tc.micro_batch_size,
+                shard.global_rows(),
                 cfg.config.data.seq_len,
                 cfg.config.run.seed,
             )?;
             let state = TrainState::fresh(cfg, &loader, &precision, threads, parameters);
-            cfg.write_resolved(&run_dir)?;
+            if writer {
+                cfg.write_resolved(&run_dir)?;
+            }
             (loader, state)
         }
         Some(dir) => {
             let (loader, state, earlier) =
-                restore(cfg, dir, &vs, &mut opt, &train_source, threads)?;
+                restore(cfg, dir, &vs, &mut opt, &train_source, threads, &shard)?;
             // Only now that the resume is known to fit: the run directory records this config.
-            record_resumed_config(cfg, dir, &earlier, state.step)?;
+            if writer {
+                record_resumed_config(cfg, dir, &earlier, state.step)?;
+            }
             (loader, state)
         }
     };
-    begin_session(cfg, device, &rejected, state.step)?;
-    preflight.write_json(&run_dir)?;
-    let logger = MetricsLogger::open(
-        &run_dir,
-        &cfg.config.logging,
-        resume_dir.as_ref().map(|_| state.step),
-    )?;
-    announce(cfg, device, parameters, &run_dir);
-    let mfu_basis = mfu_basis(cfg, device);
+    let mut dp = dp;
+    if let Some(dp) = &mut dp {
+        // Whatever each rank initialised or loaded, all start from rank 0's weights.
+        let weights: Vec<Tensor> = named_variables(&vs).into_iter().map(|(_, t)| t).collect();
+        tch::no_grad(|| dp.broadcast("broadcasting rank 0's weights", &weights, 0))?;
+        let params: Vec<Tensor> = opt
+            .params()
+            .iter()
+            .map(|p| p.param.shallow_clone())
+            .collect();
+        dp.watch_gradients(&params)?;
+    }
+    begin_session(cfg, device, &rejected, state.step, writer)?;
+    let logger = if writer {
+        preflight.write_json(&run_dir)?;
+        let logger = MetricsLogger::open(
+            &run_dir,
+            &cfg.config.logging,
+            resume_dir.as_ref().map(|_| state.step),
+        )?;
+        announce(cfg, device, parameters, &run_dir, &shard);
+        Some(logger)
+    } else {
+        None
+    };
+    let mfu_basis = mfu_basis(cfg, device, shard.ranks);
 
     let elapsed_before = state.elapsed_secs;
     let start_step = state.step;
-    let progress = Progress::new(cfg.config.logging.progress, state.step, tc.max_steps);
-    let profile = ProfileWindow::from_config(&cfg.config.logging, &run_dir, device);
+    let progress = if writer {
+        Progress::new(cfg.config.logging.progress, state.step, tc.max_steps)
+    } else {
+        Progress::silent(state.step, tc.max_steps)
+    };
+    let profile = writer
+        .then(|| ProfileWindow::from_config(&cfg.config.logging, &run_dir, device))
+        .flatten();
     let mut run = Run {
         cfg,
         device,
@@ -223,6 +312,9 @@ fn train_locked(
         vs,
         opt,
         loader,
+        dp,
+        shard,
+        owners,
         valid,
         state,
         logger,
@@ -238,7 +330,9 @@ fn train_locked(
     };
     let outcome = run.train_loop(opts);
     run.progress.finish();
-    run.logger.flush()?;
+    if let Some(logger) = &mut run.logger {
+        logger.flush()?;
+    }
     let LoopOutcome {
         losses,
         last_eval: eval,
@@ -264,26 +358,29 @@ fn train_locked(
     })
 }
 
-/// What a session says and sets up before its first step: the refused checkpoints, a resume
-/// with nothing left to train, the signal handlers, and (on a GPU) the memory peaks started
-/// afresh, not at whatever the preflight's timing allocated.
+/// What a session says (the `writer` alone) and sets up before its first step: the refused
+/// checkpoints, a resume with nothing left to train, the signal handlers, and (on a GPU) the
+/// memory peaks started afresh, not at whatever the preflight's timing allocated.
 fn begin_session(
     cfg: &ResolvedConfig,
     device: Device,
     rejected: &[String],
     step: u64,
+    writer: bool,
 ) -> Result<(), TrainError> {
-    for r in rejected {
-        eprintln!("warning: skipping checkpoint {r}");
-    }
     let max_steps = cfg.config.train.max_steps;
-    if step >= max_steps {
-        eprintln!(
-            "note: the checkpoint is at step {step}, train.max_steps = {max_steps}: nothing left \
-             to train; evaluating it (raise train.max_steps to train further)"
-        );
+    if writer {
+        for r in rejected {
+            eprintln!("warning: skipping checkpoint {r}");
+        }
+        if step >= max_steps {
+            eprintln!(
+                "note: the checkpoint is at step {step}, train.max_steps = {max_steps}: nothing \
+                 left to train; evaluating it (raise train.max_steps to train further)"
+            );
+        }
     }
-    if let Err(e) = interrupt::install() {
+    if let Err(e) = interrupt::install(writer) {
         eprintln!(
             "warning: cannot handle SIGINT/SIGTERM ({e}); an interrupted run loses the steps \
              since its last checkpoint"
@@ -299,22 +396,27 @@ fn begin_session(
 }
 
 /// The run directory before anything is built: leftovers of interrupted writes removed (under
-/// the lock every temporary is one), the checkpoint to resume from (with the newer ones refused),
-/// the tokenizer and the chart path checked.
+/// the lock every temporary is one; by the `writer` only), the checkpoint to resume from (with
+/// the newer ones refused), the tokenizer and the chart path checked.
 fn check_run_dir(
     cfg: &ResolvedConfig,
     run_dir: &Path,
     checkpoints_dir: &Path,
     resume: bool,
+    writer: bool,
 ) -> Result<(Option<PathBuf>, Vec<String>), TrainError> {
-    for dir in [run_dir, checkpoints_dir] {
-        for path in glatrain_fs::remove_temporaries(dir).map_err(io_err(dir))? {
-            eprintln!("removed {} (left by an interrupted write)", path.display());
+    if writer {
+        for dir in [run_dir, checkpoints_dir] {
+            for path in glatrain_fs::remove_temporaries(dir).map_err(io_err(dir))? {
+                eprintln!("removed {} (left by an interrupted write)", path.display());
+            }
         }
     }
     let found = find_resume_point(checkpoints_dir, run_dir, resume)?;
     open_tokenizer_for_model(cfg)?;
-    check_chart_path(&run_dir.join(PLOT_FILE))?;
+    if writer {
+        check_chart_path(&run_dir.join(PLOT_FILE))?;
+    }
     Ok(found)
 }
 
@@ -324,9 +426,12 @@ fn preflight(
     cfg: &ResolvedConfig,
     device: Device,
     precision: &MixedPrecision,
+    writer: bool,
 ) -> Result<glatrain_preflight::Report, TrainError> {
     let report = crate::preflight::report(cfg, device, false)?;
-    eprint!("{}", report.render_table());
+    if writer {
+        eprint!("{}", report.render_table());
+    }
     report.check()?;
     let kernel_kind = precision.autocast_kind().unwrap_or(Kind::Float);
     setup::prepare_kernels(
@@ -394,29 +499,34 @@ fn build(
     })
 }
 
-/// FLOPs per token and the GPU's dense peak for the precision, when MFU can be reported.
-fn mfu_basis(cfg: &ResolvedConfig, device: Device) -> Option<(u64, f64)> {
+/// FLOPs per token and the dense peak of the run's GPUs (one per rank) for the precision, when
+/// MFU can be reported.
+fn mfu_basis(cfg: &ResolvedConfig, device: Device, ranks: usize) -> Option<(u64, f64)> {
     let name = sysinfo::gpu_name(device)?;
     let peak = flops::peak_flops(&name, cfg.config.train.precision)?;
     Some((
         flops::flops_per_token(&cfg.config.model, cfg.config.data.seq_len),
-        peak,
+        peak * ranks as f64,
     ))
 }
 
 /// The lines a run starts with: what trains where, and how its FLOPs are counted.
-fn announce(cfg: &ResolvedConfig, device: Device, parameters: i64, run_dir: &Path) {
+fn announce(cfg: &ResolvedConfig, device: Device, parameters: i64, run_dir: &Path, shard: &Shard) {
     let tc = &cfg.config.train;
     let seq_len = cfg.config.data.seq_len;
+    let ranks = match shard.ranks {
+        1 => String::new(),
+        n => format!(" on each of {n} ranks"),
+    };
     eprintln!(
         "training {} ({} parameters) on {device:?}, {} | {} sequences x {seq_len} tokens per step \
-         ({} micro-batches of {}) | {} steps | run dir {}",
+         ({} micro-batches of {}{ranks}) | {} steps | run dir {}",
         cfg.config.model.type_name(),
         parameters,
         crate::precision::precision_name(tc.precision),
         cfg.batch_size,
-        cfg.grad_accum_steps,
-        tc.micro_batch_size,
+        shard.accum,
+        shard.rows,
         tc.max_steps,
         run_dir.display()
     );
@@ -461,6 +571,7 @@ fn restore(
     opt: &mut AdamW,
     train_source: &Arc<TokenSource>,
     threads: i32,
+    shard: &Shard,
 ) -> Result<(BatchLoader, TrainState, String), TrainError> {
     let ck = checkpoint::load::<TrainState>(dir)?;
     let diffs = model_differences(&ck.state.model, &cfg.config.model);
@@ -483,7 +594,7 @@ fn restore(
             ),
         });
     }
-    if ck.state.torch_threads != threads {
+    if ck.state.torch_threads != threads && shard.rank == 0 {
         eprintln!(
             "warning: the checkpoint was trained with {} libtorch threads, this session has {threads}: \
              CPU losses will not be bit-identical to an uninterrupted run (set run.cpu_threads)",
@@ -498,7 +609,7 @@ fn restore(
         })?;
     let loader = BatchLoader::with_state(
         Arc::clone(train_source),
-        cfg.config.train.micro_batch_size,
+        shard.global_rows(),
         &ck.state.loader,
     )?;
     let mut state = ck.state;
@@ -614,10 +725,12 @@ impl Run<'_> {
                     scale: self.state.loss_scaler.scale(),
                 });
             }
-            if tc.eval_every > 0 && step % tc.eval_every == 0 && step < tc.max_steps {
+            // Rank 0 alone evaluates; the others wait for it at the stop vote below.
+            let eval_now = tc.eval_every > 0 && step % tc.eval_every == 0 && step < tc.max_steps;
+            if eval_now && self.is_writer() {
                 last_eval = self.periodic_evaluation(step)?.or(last_eval);
             }
-            let signal = interrupt::requested();
+            let signal = self.agreed_stop()?;
             let stop = signal.is_some() || opts.stop_after.is_some_and(|s| step >= s);
             if stop && step < tc.max_steps {
                 if let Some(signal) = signal {
@@ -642,8 +755,9 @@ impl Run<'_> {
 
         if !stopped_early {
             match self.finish()? {
-                Ok(report) => last_eval = Some(report),
-                Err(signal) => interrupted = Some(signal),
+                Some(Ok(report)) => last_eval = Some(report),
+                Some(Err(signal)) => interrupted = Some(signal),
+                None => {}
             }
         }
         Ok(LoopOutcome {
@@ -712,13 +826,17 @@ impl Run<'_> {
 
     /// The end of a run that trained to `max_steps`: the final checkpoint first (whatever
     /// happens to the evaluation, the training is kept), then the final evaluation, or the stop
-    /// signal that skipped it.
-    fn finish(&mut self) -> Result<Result<EvalReport, StopSignal>, TrainError> {
+    /// signal that skipped it; `None` on the ranks other than rank 0, which take part in the
+    /// checkpoint only.
+    fn finish(&mut self) -> Result<Option<Result<EvalReport, StopSignal>>, TrainError> {
         let checkpoint = self.save_checkpoint()?;
         self.progress
             .println(&format!("checkpoint: {}", checkpoint.display()));
+        if !self.is_writer() {
+            return Ok(None);
+        }
         match self.final_evaluation() {
-            Ok(report) => Ok(Ok(report)),
+            Ok(report) => Ok(Some(Ok(report))),
             Err(TrainError::Stopped(signal)) => {
                 self.progress.println(&format!(
                     "stop requested ({}): final evaluation skipped; the run is complete \
@@ -726,7 +844,7 @@ impl Run<'_> {
                     signal.name(),
                     checkpoint.display()
                 ));
-                Ok(Err(signal))
+                Ok(Some(Err(signal)))
             }
             Err(e) => Err(TrainError::AfterTraining {
                 checkpoint,
@@ -751,17 +869,100 @@ impl Run<'_> {
         Ok(report)
     }
 
-    /// Forward/backward over the micro-batches, then the update (or a skip).
+    /// The whole AdamW state, named for the checkpoint. Sharded, each rank sends the moments it
+    /// owns to the others (all ranks take part; every rank holds the whole state meanwhile).
+    fn optimizer_state(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
+        let (Some(dp), Some(owners)) = (&self.dp, &self.owners) else {
+            return Ok(self.opt.state_tensors());
+        };
+        let mut named = Vec::with_capacity(2 * owners.len());
+        let mut by_owner: Vec<Vec<Tensor>> = (0..dp.world_size()).map(|_| Vec::new()).collect();
+        for (p, &owner) in self.opt.params().iter().zip(owners) {
+            let [m, v] = if p.owned {
+                [p.exp_avg.shallow_clone(), p.exp_avg_sq.shallow_clone()]
+            } else {
+                let zeros = || {
+                    Tensor::f_zeros(p.param.size(), (Kind::Float, p.param.device()))
+                        .map_err(torch_error("gathering the optimizer state"))
+                };
+                [zeros()?, zeros()?]
+            };
+            by_owner[owner].extend([m.shallow_clone(), v.shallow_clone()]);
+            named.push((format!("exp_avg.{}", p.name), m));
+            named.push((format!("exp_avg_sq.{}", p.name), v));
+        }
+        for (root, tensors) in by_owner.iter().enumerate() {
+            dp.broadcast("gathering the optimizer state", tensors, root)?;
+        }
+        Ok(named)
+    }
+
+    /// Sends each parameter from the rank that updated it to the others (sharded optimizer
+    /// state only).
+    fn share_updated_parameters(&self) -> Result<(), TrainError> {
+        let (Some(dp), Some(owners)) = (&self.dp, &self.owners) else {
+            return Ok(());
+        };
+        let mut by_owner: Vec<Vec<Tensor>> = (0..dp.world_size()).map(|_| Vec::new()).collect();
+        for (p, &owner) in self.opt.params().iter().zip(owners) {
+            by_owner[owner].push(p.param.shallow_clone());
+        }
+        tch::no_grad(|| {
+            by_owner.iter().enumerate().try_for_each(|(root, tensors)| {
+                dp.broadcast("sharing the updated parameters", tensors, root)
+            })
+        })?;
+        Ok(())
+    }
+
+    /// Whether this process writes the run directory (rank 0, or a single process).
+    fn is_writer(&self) -> bool {
+        self.dp.as_ref().is_none_or(DataParallel::is_writer)
+    }
+
+    /// The stop signal, if any: this process's, or the first in [`interrupt::SIGNALS`] that any
+    /// rank received (every rank then stops after the same step).
+    fn agreed_stop(&self) -> Result<Option<StopSignal>, TrainError> {
+        let mine = interrupt::requested();
+        let Some(dp) = &self.dp else {
+            return Ok(mine);
+        };
+        let votes: Vec<f64> = interrupt::SIGNALS
+            .iter()
+            .map(|&s| {
+                if mine == Some(StopSignal(s)) {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let counts = dp.sum("agreeing on a stop", &votes)?;
+        Ok(interrupt::SIGNALS
+            .iter()
+            .zip(counts)
+            .find(|(_, n)| *n > 0.0)
+            .map(|(&s, _)| StopSignal(s)))
+    }
+
+    /// Forward/backward over this rank's micro-batches, the gradients and the loss averaged over
+    /// the ranks, then the update (or a skip).
     fn optimizer_step(&mut self, lr: f64) -> Result<StepResult, TrainError> {
-        let accum = self.cfg.grad_accum_steps;
+        let accum = self.shard.accum;
         let seq_len = self.cfg.config.data.seq_len as i64;
         let scale = self.state.loss_scaler.scale();
         let device = self.device;
         self.opt.zero_grad();
         let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))
             .map_err(torch_error("allocating the loss"))?;
-        for _ in 0..accum {
-            let batch = self.loader.next_batch();
+        for micro in 0..accum {
+            if micro + 1 == accum {
+                // This backward completes the step's gradients: average them as it runs.
+                if let Some(dp) = &self.dp {
+                    dp.arm();
+                }
+            }
+            let batch = self.shard.own_rows(self.loader.next_batch());
             let rows = batch.rows as i64;
             let (model, precision) = (self.model.as_ref(), &self.precision);
             let compute = precision.autocast_kind().unwrap_or(Kind::Float);
@@ -792,13 +993,17 @@ impl Run<'_> {
             });
             pass.map_err(|e| self.out_of_memory(e))?;
         }
-        let loss = loss_sum
+        let mut loss = loss_sum
             .f_double_value(&[])
             .map_err(torch_error("reading the loss"))?
             / accum as f64;
         self.state.loader = self.loader.state();
 
         let mut grads = self.opt.grads()?;
+        if let Some(dp) = &self.dp {
+            dp.average_gradients()?;
+            loss = dp.sum("averaging the loss", &[loss])?[0] / dp.world_size() as f64;
+        }
         if scale != 1.0 {
             scale_grads(&mut grads, 1.0 / scale)?;
         }
@@ -808,6 +1013,7 @@ impl Run<'_> {
         if finite {
             clip_grads(&mut grads, grad_norm, self.cfg.config.train.grad_clip)?;
             self.opt.step(lr)?;
+            self.share_updated_parameters()?;
             self.state.optimizer_updates = self.opt.step_count();
             self.state.consecutive_skips = 0;
         } else {
@@ -866,12 +1072,16 @@ impl Run<'_> {
         if let Some(memory) = memory {
             scalars.extend(memory.scalars());
         }
-        self.logger.log(self.state.step, &scalars)?;
+        if let Some(logger) = &mut self.logger {
+            logger.log(self.state.step, &scalars)?;
+        }
         Ok(())
     }
 
     /// Evaluates on the validation source and logs the result; a stop request ends it between
-    /// two batches ([`TrainError::Stopped`]).
+    /// two batches ([`TrainError::Stopped`]). With several ranks, rank 0 evaluates the
+    /// sequences one process with the global micro-batch would (`eval_batches` x ranks batches
+    /// of `micro_batch_size`).
     fn evaluate(&mut self) -> Result<EvalReport, TrainError> {
         let cfg = self.cfg;
         let tc = &cfg.config.train;
@@ -882,7 +1092,7 @@ impl Run<'_> {
             &self.valid,
             tc.micro_batch_size,
             self.cfg.config.data.seq_len,
-            (tc.eval_batches > 0).then_some(tc.eval_batches),
+            (tc.eval_batches > 0).then_some(tc.eval_batches * self.shard.ranks),
             &interrupt::requested,
         )?;
         report.step = Some(self.state.step);
@@ -890,13 +1100,16 @@ impl Run<'_> {
         if let Some(bpb) = report.bits_per_byte {
             scalars.push(("eval/bpb", bpb));
         }
-        self.logger.log(self.state.step, &scalars)?;
-        self.logger.flush()?;
+        if let Some(logger) = &mut self.logger {
+            logger.log(self.state.step, &scalars)?;
+            logger.flush()?;
+        }
         Ok(report)
     }
 
     /// Writes a checkpoint of the current step (unless this session already wrote it) and
-    /// prunes old ones.
+    /// prunes old ones. Every rank calls it at the same steps (a sharded optimizer state is
+    /// gathered for it); rank 0 writes, the others return the directory rank 0 writes.
     fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
         let step = self.state.step;
         if let Some((s, dir)) = &self.last_checkpoint {
@@ -904,9 +1117,14 @@ impl Run<'_> {
                 return Ok(dir.clone());
             }
         }
+        let optimizer = self.optimizer_state()?;
+        if !self.is_writer() {
+            let dir = self.checkpoints_dir.join(checkpoint::step_dir_name(step));
+            self.last_checkpoint = Some((step, dir.clone()));
+            return Ok(dir);
+        }
         self.state.elapsed_secs = self.elapsed_before + self.session_start.elapsed().as_secs_f64();
         let weights = named_variables(&self.vs);
-        let optimizer = self.opt.state_tensors();
         let dir = checkpoint::save(
             &self.checkpoints_dir,
             &CheckpointContents {
@@ -925,7 +1143,9 @@ impl Run<'_> {
             self.progress
                 .println(&format!("removed old checkpoint {}", old.display()));
         }
-        self.logger.flush()?;
+        if let Some(logger) = &mut self.logger {
+            logger.flush()?;
+        }
         self.last_checkpoint = Some((step, dir.clone()));
         Ok(dir)
     }

@@ -244,6 +244,7 @@ fn a_resumed_run_never_reads_init_from() {
         &TrainOptions {
             resume: false,
             stop_after: Some(1),
+            world: None,
         },
     )
     .unwrap();
@@ -255,6 +256,7 @@ fn a_resumed_run_never_reads_init_from() {
         &TrainOptions {
             resume: true,
             stop_after: None,
+            world: None,
         },
     )
     .unwrap();

@@ -98,6 +98,7 @@ fn sigterm_checkpoints_and_resume_finishes() {
         &TrainOptions {
             resume: true,
             stop_after: None,
+            world: None,
         },
     )
     .unwrap();

@@ -79,7 +79,15 @@ fn config(out_dir: &Path, model: Option<&str>, overrides: &[&str]) -> ResolvedCo
 }
 
 fn run(cfg: ResolvedConfig, resume: bool, stop_after: Option<u64>) -> TrainSummary {
-    train(cfg, &TrainOptions { resume, stop_after }).unwrap_or_else(|e| panic!("{e}"))
+    train(
+        cfg,
+        &TrainOptions {
+            resume,
+            stop_after,
+            world: None,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn bits(losses: &[(u64, f64)]) -> Vec<(u64, u64)> {
@@ -254,6 +262,7 @@ fn resume_refuses_another_model_and_fresh_runs_refuse_existing_checkpoints() {
         &TrainOptions {
             resume: true,
             stop_after: None,
+            world: None,
         },
     )
     .unwrap_err();
@@ -281,6 +290,7 @@ fn resume_refuses_another_model_and_fresh_runs_refuse_existing_checkpoints() {
         &TrainOptions {
             resume: true,
             stop_after: None,
+            world: None,
         },
     )
     .unwrap_err();
@@ -440,6 +450,7 @@ fn resume(cfg: ResolvedConfig) -> Result<TrainSummary, TrainError> {
         &TrainOptions {
             resume: true,
             stop_after: None,
+            world: None,
         },
     )
 }

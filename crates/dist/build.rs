@@ -1,0 +1,3 @@
+fn main() {
+    glatrain_build::link_libtorch();
+}

@@ -1,0 +1,324 @@
+// c10d process groups for data-parallel training (glatrain_shim::process_group): rendezvous
+// through a TCPStore, then libtorch's ProcessGroupGloo, called through the c10d::Backend
+// interface so that another backend (NCCL) only changes how the group is made.
+//
+// Every entry point catches what libtorch throws and returns it as a message (for c10::Error
+// without its C++ backtrace).
+
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace {
+
+// c10's log level that lets only fatal messages through.
+constexpr int kQuietLogLevel = 3;
+
+void write_message(char* buf, size_t len, const char* msg) {
+  if (buf == nullptr || len == 0) return;
+  std::strncpy(buf, msg, len - 1);
+  buf[len - 1] = '\0';
+}
+
+// Runs `body`; returns 0, or 1 with what it threw in `err`.
+template <typename F>
+int guarded(char* err, size_t err_len, F body) {
+  try {
+    body();
+    return 0;
+  } catch (const c10::Error& e) {
+    write_message(err, err_len, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    write_message(err, err_len, e.what());
+  } catch (...) {
+    write_message(err, err_len, "an unknown C++ exception");
+  }
+  return 1;
+}
+
+}  // namespace
+
+// One process's membership in a group: the store it met the others through and the backend
+// that runs the collectives.
+struct GlatrainProcessGroup {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::Backend> backend;
+};
+
+// A store this process serves for others.
+struct GlatrainStore {
+  c10::intrusive_ptr<c10d::TCPStore> store;
+};
+
+// Averages the gradients of `params` over the group while the backward runs, DDP's reducer
+// design: the parameters are grouped into buckets; a hook on each parameter (run by autograd once
+// its gradient is accumulated) counts down its bucket, and a complete bucket is flattened and its
+// all-reduce started, buckets strictly in order so that every rank issues the same collectives in
+// the same sequence. Only an armed backward (the step's last micro-batch) counts; `finish` starts
+// what is left (parameters that got no gradient this time), waits, and writes the means back.
+struct GlatrainGradReducer {
+  c10::intrusive_ptr<c10d::Backend> backend;
+  std::vector<at::Tensor> params;
+  std::vector<std::vector<size_t>> buckets;
+  std::vector<size_t> bucket_of;
+  std::mutex mutex;
+  bool armed = false;
+  std::vector<size_t> waiting;  // per bucket: gradients still to come in this backward
+  size_t next = 0;              // the next bucket to start
+  std::vector<at::Tensor> flat;  // per started bucket: its gradients, flattened
+  std::vector<std::vector<size_t>> members;  // per started bucket: the parameters in `flat`
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+
+  // Starts bucket `b`'s all-reduce over the gradients its parameters have. Under `mutex`.
+  void start(size_t b) {
+    std::vector<at::Tensor> parts;
+    std::vector<size_t> present;
+    for (size_t i : buckets[b]) {
+      const at::Tensor& g = params[i].grad();
+      if (!g.defined()) continue;
+      parts.push_back(g.reshape({-1}));
+      present.push_back(i);
+    }
+    members.push_back(present);
+    if (parts.empty()) {
+      flat.emplace_back();
+      works.emplace_back();
+      return;
+    }
+    std::vector<at::Tensor> one{at::cat(parts)};
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    works.push_back(backend->allreduce(one, opts));
+    flat.push_back(one[0]);
+  }
+
+  // Parameter `i`'s gradient is accumulated.
+  void ready(size_t i) {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!armed) return;
+    const size_t b = bucket_of[i];
+    if (waiting[b] > 0) --waiting[b];
+    while (next < buckets.size() && waiting[next] == 0) start(next++);
+  }
+};
+
+namespace {
+
+struct ReadyHook : torch::autograd::PostAccumulateGradHook {
+  GlatrainGradReducer* reducer;
+  size_t index;
+  ReadyHook(GlatrainGradReducer* r, size_t i) : reducer(r), index(i) {}
+  void operator()(const torch::autograd::Variable& /*param*/) override {
+    reducer->ready(index);
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Joins the group of `world` processes as `rank`: the store at `master_host`:`port` is served by
+// this process when `serve_store` is non-zero (rank 0), else connected to (retrying until
+// `timeout_ms`); then all build a Gloo group, its keys under "glatrain/" in the store, whose
+// collectives fail after `timeout_ms`. Gloo's transport binds to the interface `iface` when
+// it is not empty, else to the address of `hostname` when that is not empty, else to this
+// machine's hostname (loopback if it does not resolve). Returns the group, or null with a message.
+GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, int serve_store,
+                                           int rank, int world, int64_t timeout_ms,
+                                           const char* iface,
+                                           const char* hostname, char* err, size_t err_len) {
+  GlatrainProcessGroup* out = nullptr;
+  guarded(err, err_len, [&] {
+    TORCH_CHECK(port > 0 && port < 65536, "port ", port, " is not a TCP port");
+    const std::chrono::milliseconds timeout(timeout_ms);
+    c10d::TCPStoreOptions store_opts;
+    store_opts.port = static_cast<std::uint16_t>(port);
+    store_opts.isServer = serve_store != 0;
+    store_opts.numWorkers = world;
+    store_opts.waitWorkers = true;
+    store_opts.timeout = timeout;
+    // Ranks that start before rank 0 serves the store retry until the timeout; libtorch logs
+    // every failed try (with a C++ backtrace), and only the outcome matters: quiet it meanwhile.
+    const int log_level = FLAGS_caffe2_log_level;
+    FLAGS_caffe2_log_level = kQuietLogLevel;
+    c10::intrusive_ptr<c10d::Store> store;
+    try {
+      store = c10::make_intrusive<c10d::TCPStore>(std::string(master_host), store_opts);
+    } catch (...) {
+      FLAGS_caffe2_log_level = log_level;
+      throw;
+    }
+    FLAGS_caffe2_log_level = log_level;
+    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+    if (iface != nullptr && iface[0] != '\0') {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+    } else if (hostname != nullptr && hostname[0] != '\0') {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(hostname));
+    } else {
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    // Apart from the keys of whoever else uses the store (torchrun's agent).
+    store = c10::make_intrusive<c10d::PrefixStore>("glatrain", store);
+    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+    out = new GlatrainProcessGroup{store, backend};
+  });
+  return out;
+}
+
+void glatrain_pg_free(GlatrainProcessGroup* pg) { delete pg; }
+
+// Serves a TCPStore on `port` of every interface (0: a free port, chosen atomically by the bind)
+// for ranks that all connect to it as clients, as torchrun's agent does. Returns the store, or
+// null with a message (the port is taken).
+GlatrainStore* glatrain_store_serve(int port, int64_t timeout_ms, char* err, size_t err_len) {
+  GlatrainStore* out = nullptr;
+  guarded(err, err_len, [&] {
+    TORCH_CHECK(port >= 0 && port < 65536, "port ", port, " is not a TCP port");
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = true;
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    out = new GlatrainStore{c10::make_intrusive<c10d::TCPStore>("127.0.0.1", opts)};
+  });
+  return out;
+}
+
+// The port a served store listens on.
+int glatrain_store_port(GlatrainStore* store) { return store->store->getPort(); }
+
+void glatrain_store_free(GlatrainStore* store) { delete store; }
+
+// Sums each of the `n` tensors over the group in place (each one contiguous and of the same
+// shape on every rank). All reductions are queued before the first wait.
+int glatrain_pg_all_reduce_sum(GlatrainProcessGroup* pg, const at::Tensor* const* tensors,
+                               size_t n, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    std::vector<c10::intrusive_ptr<c10d::Work>> pending;
+    pending.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<at::Tensor> one{*tensors[i]};
+      pending.push_back(pg->backend->allreduce(one, opts));
+    }
+    for (auto& work : pending) work->wait();
+  });
+}
+
+// Copies each of the `n` tensors of rank `root` into the same tensors of every other rank.
+int glatrain_pg_broadcast(GlatrainProcessGroup* pg, const at::Tensor* const* tensors, size_t n,
+                          int root, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    std::vector<c10::intrusive_ptr<c10d::Work>> pending;
+    pending.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      std::vector<at::Tensor> one{*tensors[i]};
+      pending.push_back(pg->backend->broadcast(one, opts));
+    }
+    for (auto& work : pending) work->wait();
+  });
+}
+
+// A reducer over the `n` leaf tensors `params` (the same on every rank, in the same order) in
+// buckets of about `bucket_bytes`, the last parameters first (the order the backward produces
+// their gradients in). Installs its hooks on them; null with a message on failure.
+GlatrainGradReducer* glatrain_reducer_new(GlatrainProcessGroup* pg, const at::Tensor* const* params,
+                                          size_t n, size_t bucket_bytes, char* err,
+                                          size_t err_len) {
+  std::unique_ptr<GlatrainGradReducer> r(new GlatrainGradReducer);
+  const int rc = guarded(err, err_len, [&] {
+    r->backend = pg->backend;
+    for (size_t i = 0; i < n; ++i) r->params.push_back(*params[i]);
+    r->bucket_of.assign(n, 0);
+    size_t held = 0;
+    for (size_t k = n; k-- > 0;) {
+      const at::Tensor& p = r->params[k];
+      TORCH_CHECK(p.is_leaf() && p.requires_grad(), "parameter ", k, " is not a trainable leaf");
+      const size_t bytes = p.numel() * p.element_size();
+      const bool fits = !r->buckets.empty() && held + bytes <= bucket_bytes &&
+                        r->params[r->buckets.back().front()].scalar_type() == p.scalar_type();
+      if (!fits) {
+        r->buckets.emplace_back();
+        held = 0;
+      }
+      r->buckets.back().push_back(k);
+      r->bucket_of[k] = r->buckets.size() - 1;
+      held += bytes;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      torch::autograd::impl::set_post_acc_grad_hooks(
+          r->params[i], std::make_unique<ReadyHook>(r.get(), i));
+    }
+  });
+  return rc == 0 ? r.release() : nullptr;
+}
+
+// Counts the gradients of the next backward (the step's last micro-batch).
+void glatrain_reducer_arm(GlatrainGradReducer* r) {
+  std::lock_guard<std::mutex> lock(r->mutex);
+  r->armed = true;
+  r->next = 0;
+  r->waiting.clear();
+  for (const auto& b : r->buckets) r->waiting.push_back(b.size());
+  r->flat.clear();
+  r->members.clear();
+  r->works.clear();
+}
+
+// After the armed backward: starts the buckets not started yet, waits for all, and replaces each
+// gradient by its sum over the ranks divided by `divisor`. Returns 0, or 1 with a message.
+int glatrain_reducer_finish(GlatrainGradReducer* r, double divisor, char* err, size_t err_len) {
+  std::lock_guard<std::mutex> lock(r->mutex);
+  r->armed = false;
+  return guarded(err, err_len, [&] {
+    while (r->next < r->buckets.size()) r->start(r->next++);
+    for (auto& work : r->works) {
+      if (work) work->wait();
+    }
+    at::NoGradGuard no_grad;
+    for (size_t b = 0; b < r->flat.size(); ++b) {
+      if (!r->flat[b].defined()) continue;
+      r->flat[b].div_(divisor);
+      int64_t offset = 0;
+      for (size_t i : r->members[b]) {
+        at::Tensor g = r->params[i].grad();
+        const int64_t count = g.numel();
+        g.copy_(r->flat[b].narrow(0, offset, count).view_as(g));
+        offset += count;
+      }
+    }
+    r->flat.clear();
+    r->works.clear();
+  });
+}
+
+// Buckets whose all-reduce has started since the last arm (0 after `finish`).
+size_t glatrain_reducer_started(GlatrainGradReducer* r) {
+  std::lock_guard<std::mutex> lock(r->mutex);
+  return r->works.size();
+}
+
+// Removes the hooks and frees the reducer.
+void glatrain_reducer_free(GlatrainGradReducer* r) {
+  for (const auto& p : r->params) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+  delete r;
+}
+
+// Returns once every rank of the group has called it.
+int glatrain_pg_barrier(GlatrainProcessGroup* pg, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] { pg->backend->barrier()->wait(); });
+}
+
+}  // extern "C"
