@@ -221,28 +221,7 @@ fn train_locked(
     } = build(cfg, device, crate::preflight::chosen_mode(&preflight))?;
     // Weights from a Hugging Face model directory (`model.init_from`), unless resuming.
     crate::init_from::apply(cfg, &vs, resume_dir.is_some())?;
-    // ZeRO stage 1: this rank keeps (and loads, on a resume) its parameters' moments only.
-    let owners = match &dp {
-        Some(dp) if tc.shard_optimizer_state => {
-            let sizes: Vec<usize> = opt.params().iter().map(|p| p.param.numel()).collect();
-            let owner = glatrain_dist::data_parallel::owners(&sizes, dp.world_size());
-            opt.keep_only(|i| owner[i] == dp.rank())?;
-            if dp.is_writer() {
-                let own: usize = (sizes.iter().zip(&owner))
-                    .filter(|(_, &o)| o == 0)
-                    .map(|(s, _)| s)
-                    .sum();
-                eprintln!(
-                    "optimizer state sharded over {} ranks (ZeRO stage 1): rank 0 keeps the AdamW \
-                     moments of {own} of {} parameters",
-                    dp.world_size(),
-                    sizes.iter().sum::<usize>()
-                );
-            }
-            Some(owner)
-        }
-        _ => None,
-    };
+    let owners = shard_optimizer_state(cfg, dp.as_ref(), &mut opt)?;
     let (loader, state) = match &resume_dir {
         None => {
             let loader = BatchLoader::new(
@@ -269,18 +248,13 @@ fn train_locked(
     };
     let mut dp = dp;
     if let Some(dp) = &mut dp {
-        // Whatever each rank initialised or loaded, all start from rank 0's weights.
-        let weights: Vec<Tensor> = named_variables(&vs).into_iter().map(|(_, t)| t).collect();
-        tch::no_grad(|| dp.broadcast("broadcasting rank 0's weights", &weights, 0))?;
-        let params: Vec<Tensor> = opt
-            .params()
-            .iter()
-            .map(|p| p.param.shallow_clone())
-            .collect();
-        dp.watch_gradients(&params)?;
+        join_weights_and_gradients(dp, &vs, &opt)?;
     }
     begin_session(cfg, device, &rejected, state.step, writer)?;
-    let logger = if writer {
+    let mfu_basis = mfu_basis(cfg, device, shard.ranks);
+    let elapsed_before = state.elapsed_secs;
+    let start_step = state.step;
+    let (logger, progress, profile) = if writer {
         preflight.write_json(&run_dir)?;
         let logger = MetricsLogger::open(
             &run_dir,
@@ -288,22 +262,12 @@ fn train_locked(
             resume_dir.as_ref().map(|_| state.step),
         )?;
         announce(cfg, device, parameters, &run_dir, &shard);
-        Some(logger)
+        let progress = Progress::new(cfg.config.logging.progress, state.step, tc.max_steps);
+        let profile = ProfileWindow::from_config(&cfg.config.logging, &run_dir, device);
+        (Some(logger), progress, profile)
     } else {
-        None
+        (None, Progress::silent(state.step, tc.max_steps), None)
     };
-    let mfu_basis = mfu_basis(cfg, device, shard.ranks);
-
-    let elapsed_before = state.elapsed_secs;
-    let start_step = state.step;
-    let progress = if writer {
-        Progress::new(cfg.config.logging.progress, state.step, tc.max_steps)
-    } else {
-        Progress::silent(state.step, tc.max_steps)
-    };
-    let profile = writer
-        .then(|| ProfileWindow::from_config(&cfg.config.logging, &run_dir, device))
-        .flatten();
     let mut run = Run {
         cfg,
         device,
@@ -333,29 +297,54 @@ fn train_locked(
     if let Some(logger) = &mut run.logger {
         logger.flush()?;
     }
-    let LoopOutcome {
-        losses,
-        last_eval: eval,
-        stopped_early,
-        interrupted,
-    } = outcome?;
-    Ok(TrainSummary {
-        run_dir,
-        start_step,
-        final_step: run.state.step,
-        tokens_seen: run.state.tokens_seen,
-        losses,
-        eval,
-        checkpoint: run.last_checkpoint.map(|(_, p)| p),
-        resumed_from: resume_dir,
-        rejected_checkpoints: rejected,
-        stopped_early,
-        interrupted,
-        skipped_steps: run.state.skipped_steps,
-        parameters,
-        elapsed_secs: run.state.elapsed_secs,
-        memory: sysinfo::memory(device),
-    })
+    Ok(run.summary(outcome?, start_step, resume_dir, rejected, parameters))
+}
+
+/// ZeRO stage 1 (`train.shard_optimizer_state` in a data-parallel run): this rank keeps (and
+/// loads, on a resume) the AdamW moments of its share of the parameters only. The owner of each
+/// parameter, by rank; `None` when the state is not sharded.
+fn shard_optimizer_state(
+    cfg: &ResolvedConfig,
+    dp: Option<&DataParallel>,
+    opt: &mut AdamW,
+) -> Result<Option<Vec<usize>>, TrainError> {
+    let Some(dp) = dp.filter(|_| cfg.config.train.shard_optimizer_state) else {
+        return Ok(None);
+    };
+    let sizes: Vec<usize> = opt.params().iter().map(|p| p.param.numel()).collect();
+    let owner = glatrain_dist::data_parallel::owners(&sizes, dp.world_size());
+    opt.keep_only(|i| owner[i] == dp.rank())?;
+    if dp.is_writer() {
+        let own: usize = (sizes.iter().zip(&owner))
+            .filter(|(_, &o)| o == 0)
+            .map(|(s, _)| s)
+            .sum();
+        eprintln!(
+            "optimizer state sharded over {} ranks (ZeRO stage 1): rank 0 keeps the AdamW \
+             moments of {own} of {} parameters",
+            dp.world_size(),
+            sizes.iter().sum::<usize>()
+        );
+    }
+    Ok(Some(owner))
+}
+
+/// Every rank starts from rank 0's weights, whatever it initialised or loaded, and its
+/// gradients are all-reduced in buckets as the backward produces them.
+fn join_weights_and_gradients(
+    dp: &mut DataParallel,
+    vs: &tch::nn::VarStore,
+    opt: &AdamW,
+) -> Result<(), TrainError> {
+    let weights: Vec<Tensor> = named_variables(vs).into_iter().map(|(_, t)| t).collect();
+    tch::no_grad(|| dp.broadcast("broadcasting rank 0's weights", &weights, 0))?;
+    let params: Vec<Tensor> = opt
+        .params()
+        .iter()
+        .map(|p| p.param.shallow_clone())
+        .collect();
+    dp.watch_gradients(&params)?;
+    Ok(())
 }
 
 /// What a session says (the `writer` alone) and sets up before its first step: the refused
@@ -671,6 +660,34 @@ struct StepResult {
 }
 
 impl Run<'_> {
+    /// What the session did, from the loop's outcome and what the run started from.
+    fn summary(
+        self,
+        outcome: LoopOutcome,
+        start_step: u64,
+        resumed_from: Option<PathBuf>,
+        rejected_checkpoints: Vec<String>,
+        parameters: i64,
+    ) -> TrainSummary {
+        TrainSummary {
+            run_dir: self.cfg.run_dir(),
+            start_step,
+            final_step: self.state.step,
+            tokens_seen: self.state.tokens_seen,
+            losses: outcome.losses,
+            eval: outcome.last_eval,
+            checkpoint: self.last_checkpoint.map(|(_, p)| p),
+            resumed_from,
+            rejected_checkpoints,
+            stopped_early: outcome.stopped_early,
+            interrupted: outcome.interrupted,
+            skipped_steps: self.state.skipped_steps,
+            parameters,
+            elapsed_secs: self.state.elapsed_secs,
+            memory: sysinfo::memory(self.device),
+        }
+    }
+
     fn train_loop(&mut self, opts: &TrainOptions) -> Result<LoopOutcome, TrainError> {
         let cfg = self.cfg;
         let tc = &cfg.config.train;
