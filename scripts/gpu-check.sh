@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check: every test binary of the crates with GPU tests (the CUDA kernel tests against the f64
 # reference, at both kernel compile tiers; the tiers against each other; the shim and the models
-# under bf16 autocast), then the benchmark (`glatrain bench`), with a summary.
+# under bf16 autocast; the NCCL process group), then the benchmark (`glatrain bench`), with a summary.
 #
 #   scripts/gpu-check.sh                 build here, then run (a machine with cargo, a GPU, torch)
 #   scripts/gpu-check.sh build [DIR]     build the test binaries and the glatrain CLI into DIR
@@ -46,7 +46,7 @@ build() {
   cd "$ROOT"
   rm -rf "$DIR" && mkdir -p "$DIR/tests" "$DIR/kernels"
   cargo build --release -p glatrain
-  cargo test --release -p glatrain-cuda -p glatrain-shim -p glatrain-ops -p glatrain-models \
+  cargo test --release -p glatrain-cuda -p glatrain-shim -p glatrain-dist -p glatrain-ops -p glatrain-models \
     --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys

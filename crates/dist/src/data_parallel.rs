@@ -2,8 +2,8 @@
 //! each global micro-batch, and averages the gradients over the ranks (while the backward of the
 //! step's last micro-batch runs) before the optimizer step, so that all ranks take the same step.
 //!
-//! The backend follows the device, in [`DataParallel::join`] alone: Gloo for CPU tensors; CUDA
-//! needs NCCL, which this build does not have.
+//! The backend follows the device, in [`DataParallel::join`] alone: Gloo for CPU tensors, NCCL
+//! for CUDA ones (each rank on its own device).
 
 use glatrain_shim::process_group::{GradReducer, ProcessGroup};
 use tch::{Device, Kind, Tensor};
@@ -18,6 +18,8 @@ pub const BUCKET_BYTES: usize = 25 << 20;
 #[derive(Debug)]
 pub struct DataParallel {
     group: ProcessGroup,
+    /// Where the group's collectives run: the tensors they take live there.
+    device: Device,
     /// Averages the gradients of the watched parameters.
     reducer: Option<GradReducer>,
 }
@@ -37,32 +39,29 @@ fn torch(what: &str) -> impl FnOnce(tch::TchError) -> DistError + '_ {
 }
 
 impl DataParallel {
-    /// Meets the other ranks of `env` with the backend for `device`.
+    /// Meets the other ranks of `env` with the backend for `device`: Gloo on the CPU, NCCL on a
+    /// CUDA device (which must differ from that of every other rank of this host; the trainer
+    /// gives rank `LOCAL_RANK` the device `cuda:LOCAL_RANK`).
     ///
     /// # Errors
-    /// [`DistError::NoBackend`] for a CUDA device (NCCL is not built in);
-    /// [`DistError::Rendezvous`] when the ranks cannot meet within the timeout.
+    /// [`DistError::Rendezvous`] when the ranks cannot meet within the timeout, or NCCL cannot
+    /// make its communicator on `device`.
     pub fn join(env: &WorldEnv, device: Device) -> Result<Self, DistError> {
-        if let Device::Cuda(_) = device {
-            return Err(DistError::NoBackend(format!(
-                "NCCL backend not built: training on {device:?} with WORLD_SIZE={} needs \
-                 c10d's ProcessGroupNCCL, whose header includes CUDA headers that neither the \
-                 torch wheel nor its nvidia packages ship (CCCL's nv/target, the CUDA C \
-                 runtime's crt/host_config.h); train on CPU (run.device = \"cpu\") or with one \
-                 rank",
-                env.world_size
-            )));
+        let rendezvous = env.rendezvous();
+        let group = match device {
+            Device::Cuda(index) => ProcessGroup::nccl(&rendezvous, index),
+            _ => ProcessGroup::gloo(&rendezvous),
         }
-        let group =
-            ProcessGroup::gloo(&env.rendezvous()).map_err(|message| DistError::Rendezvous {
-                rank: env.rank,
-                world_size: env.world_size,
-                addr: env.master_addr.clone(),
-                port: env.master_port,
-                message,
-            })?;
+        .map_err(|message| DistError::Rendezvous {
+            rank: env.rank,
+            world_size: env.world_size,
+            addr: env.master_addr.clone(),
+            port: env.master_port,
+            message,
+        })?;
         Ok(DataParallel {
             group,
+            device,
             reducer: None,
         })
     }
@@ -134,7 +133,9 @@ impl DataParallel {
     /// # Errors
     /// [`DistError::Collective`].
     pub fn sum(&self, what: &str, values: &[f64]) -> Result<Vec<f64>, DistError> {
-        let t = Tensor::f_from_slice(values).map_err(torch(what))?;
+        let t = Tensor::f_from_slice(values)
+            .and_then(|t| t.f_to_device(self.device))
+            .map_err(torch(what))?;
         self.group
             .all_reduce_sum(std::slice::from_ref(&t))
             .map_err(collective(what))?;
@@ -275,15 +276,5 @@ mod tests {
         for (_, sums) in &results {
             assert_eq!(sums, &vec![3.0, 3.0]);
         }
-    }
-
-    #[test]
-    fn cuda_has_no_backend_in_this_build() {
-        let err = DataParallel::join(&world(1, 0, 2), Device::Cuda(0)).unwrap_err();
-        assert!(err.is_bad_input());
-        assert!(
-            err.to_string().starts_with("NCCL backend not built"),
-            "{err}"
-        );
     }
 }

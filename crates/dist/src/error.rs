@@ -13,9 +13,6 @@ pub enum DistError {
     /// A launch option that cannot be used.
     #[error("{0}")]
     BadLaunch(String),
-    /// The device has no collective backend in this build.
-    #[error("{0}")]
-    NoBackend(String),
     /// The ranks could not meet (the store at MASTER_ADDR:MASTER_PORT, the transport).
     #[error("rank {rank} of {world_size}: no process group at {addr}:{port}: {message}")]
     Rendezvous {
@@ -45,9 +42,6 @@ pub enum DistError {
 impl DistError {
     /// True for errors caused by the launch's settings (the CLI exits 2).
     pub fn is_bad_input(&self) -> bool {
-        matches!(
-            self,
-            DistError::BadEnv { .. } | DistError::BadLaunch(_) | DistError::NoBackend(_)
-        )
+        matches!(self, DistError::BadEnv { .. } | DistError::BadLaunch(_))
     }
 }

@@ -1,7 +1,8 @@
 //! Data-parallel training through the real launcher (`--nproc-per-node`) on the CPU (Gloo):
 //! two ranks train as one rank with twice the micro-batch, a killed rank stops the run with a
-//! message naming it, the run resumes exactly, and bad launches are exit 2. Tiny GLA models;
-//! each run takes seconds.
+//! message naming it, the run resumes exactly, and bad launches are exit 2; and on two CUDA
+//! devices (NCCL, skipped without them), two ranks train as one. Tiny GLA models; each run takes
+//! seconds.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -153,6 +154,46 @@ fn two_ranks_train_as_one_rank_with_twice_the_micro_batch() {
     assert_eq!(e1.len(), 1);
     let diff = max_relative_difference(&e2, &e1);
     assert!(diff <= 1e-6, "evaluation: {diff}");
+}
+
+/// On two CUDA devices through NCCL, each rank on `cuda:LOCAL_RANK` (`run.device = "cuda"`):
+/// 2 ranks x 4 train as 1 rank x 8. Skips with fewer than two CUDA devices.
+#[test]
+fn two_ranks_on_two_gpus_train_as_one_rank_with_twice_the_micro_batch() {
+    if tch::Cuda::device_count() < 2 {
+        println!("skipped: fewer than 2 CUDA devices");
+        return;
+    }
+    let dir = workdir();
+    let cuda = ["--set", "run.device=\"cuda\""];
+    let one = run(
+        dir.path(),
+        &[&cuda[..], &["--set", "run.name=one"]].concat(),
+    );
+    check_success(&one);
+    let two = run(
+        dir.path(),
+        &[
+            &cuda[..],
+            &[
+                "--nproc-per-node",
+                "2",
+                "--set",
+                "run.name=two",
+                "--set",
+                "train.micro_batch_size=4",
+            ],
+        ]
+        .concat(),
+    );
+    check_success(&two);
+    let runs = dir.path().join("runs");
+    let (l1, l2) = (losses(&runs.join("one")), losses(&runs.join("two")));
+    assert_eq!(l1.len(), 20);
+    let diff = max_relative_difference(&l2, &l1);
+    eprintln!("largest relative loss difference on 2 GPUs, 2 ranks x 4 vs 1 rank x 8: {diff:e}");
+    // fp32 on the GPU: the ranks sum their halves of each mean in another order than one rank.
+    assert!(diff <= 1e-4, "{diff}");
 }
 
 /// With micro-batches accumulated and blocks recomputed in the backward (the gradient average
@@ -474,6 +515,18 @@ fn bad_launches_are_exit_2_with_the_reason() {
             ],
             vec![],
             "multiple of 4 x 2 = 8",
+        ),
+        (
+            vec![
+                "--nproc-per-node",
+                "2",
+                "--set",
+                "train.micro_batch_size=4",
+                "--set",
+                "run.device=\"cuda:0\"",
+            ],
+            vec![],
+            "names one device for all WORLD_SIZE=2 ranks",
         ),
     ];
     for (args, env, expected) in cases {

@@ -1,14 +1,17 @@
 // c10d process groups for data-parallel training (glatrain_shim::process_group): rendezvous
-// through a TCPStore, then libtorch's ProcessGroupGloo, called through the c10d::Backend
-// interface so that another backend (NCCL) only changes how the group is made.
+// through a TCPStore, then libtorch's ProcessGroupGloo (CPU tensors) or ProcessGroupNCCL (CUDA
+// tensors), both called through the c10d::Backend interface so that the backend only changes how
+// the group is made.
 //
 // Every entry point catches what libtorch throws and returns it as a message (for c10::Error
 // without its C++ backtrace).
 
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
@@ -122,42 +125,52 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
   }
 };
 
+// Meets the other `world` processes through the store at `master_host`:`port`, served by this
+// process when `serve_store` is true (rank 0), else connected to (retrying until `timeout`).
+// The group's keys go under "glatrain/", apart from those of whoever else uses the store
+// (torchrun's agent).
+c10::intrusive_ptr<c10d::Store> rendezvous_store(const char* master_host, int port,
+                                                 bool serve_store, int world,
+                                                 std::chrono::milliseconds timeout) {
+  TORCH_CHECK(port > 0 && port < 65536, "port ", port, " is not a TCP port");
+  c10d::TCPStoreOptions store_opts;
+  store_opts.port = static_cast<std::uint16_t>(port);
+  store_opts.isServer = serve_store;
+  store_opts.numWorkers = world;
+  store_opts.waitWorkers = true;
+  store_opts.timeout = timeout;
+  // Ranks that start before rank 0 serves the store retry until the timeout; libtorch logs
+  // every failed try (with a C++ backtrace), and only the outcome matters: quiet it meanwhile.
+  const int log_level = FLAGS_caffe2_log_level;
+  FLAGS_caffe2_log_level = kQuietLogLevel;
+  c10::intrusive_ptr<c10d::Store> store;
+  try {
+    store = c10::make_intrusive<c10d::TCPStore>(std::string(master_host), store_opts);
+  } catch (...) {
+    FLAGS_caffe2_log_level = log_level;
+    throw;
+  }
+  FLAGS_caffe2_log_level = log_level;
+  return c10::make_intrusive<c10d::PrefixStore>("glatrain", store);
+}
+
 }  // namespace
 
 extern "C" {
 
-// Joins the group of `world` processes as `rank`: the store at `master_host`:`port` is served by
-// this process when `serve_store` is non-zero (rank 0), else connected to (retrying until
-// `timeout_ms`); then all build a Gloo group, its keys under "glatrain/" in the store, whose
-// collectives fail after `timeout_ms`. Gloo's transport binds to the interface `iface` when
-// it is not empty, else to the address of `hostname` when that is not empty, else to this
-// machine's hostname (loopback if it does not resolve). Returns the group, or null with a message.
+// Joins the group of `world` processes as `rank` (see rendezvous_store), then all build a Gloo
+// group whose collectives fail after `timeout_ms`. Gloo's transport binds to the interface
+// `iface` when it is not empty, else to the address of `hostname` when that is not empty, else
+// to this machine's hostname (loopback if it does not resolve). Returns the group, or null with
+// a message.
 GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, int serve_store,
                                            int rank, int world, int64_t timeout_ms,
                                            const char* iface,
                                            const char* hostname, char* err, size_t err_len) {
   GlatrainProcessGroup* out = nullptr;
   guarded(err, err_len, [&] {
-    TORCH_CHECK(port > 0 && port < 65536, "port ", port, " is not a TCP port");
     const std::chrono::milliseconds timeout(timeout_ms);
-    c10d::TCPStoreOptions store_opts;
-    store_opts.port = static_cast<std::uint16_t>(port);
-    store_opts.isServer = serve_store != 0;
-    store_opts.numWorkers = world;
-    store_opts.waitWorkers = true;
-    store_opts.timeout = timeout;
-    // Ranks that start before rank 0 serves the store retry until the timeout; libtorch logs
-    // every failed try (with a C++ backtrace), and only the outcome matters: quiet it meanwhile.
-    const int log_level = FLAGS_caffe2_log_level;
-    FLAGS_caffe2_log_level = kQuietLogLevel;
-    c10::intrusive_ptr<c10d::Store> store;
-    try {
-      store = c10::make_intrusive<c10d::TCPStore>(std::string(master_host), store_opts);
-    } catch (...) {
-      FLAGS_caffe2_log_level = log_level;
-      throw;
-    }
-    FLAGS_caffe2_log_level = log_level;
+    auto store = rendezvous_store(master_host, port, serve_store != 0, world, timeout);
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     if (iface != nullptr && iface[0] != '\0') {
       opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
@@ -166,15 +179,46 @@ GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, in
     } else {
       opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
-    // Apart from the keys of whoever else uses the store (torchrun's agent).
-    store = c10::make_intrusive<c10d::PrefixStore>("glatrain", store);
     auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
     out = new GlatrainProcessGroup{store, backend};
   });
   return out;
 }
 
-void glatrain_pg_free(GlatrainProcessGroup* pg) { delete pg; }
+// Joins the group of `world` processes as `rank` (see rendezvous_store), then all build an NCCL
+// group on CUDA device `cuda_index` (one device per rank), its communicator made now so that a
+// failure shows here rather than in the first collective. A collective not done within
+// `timeout_ms` is ended by libtorch's NCCL watchdog. Returns the group, or null with a message.
+GlatrainProcessGroup* glatrain_pg_nccl_new(const char* master_host, int port, int serve_store,
+                                           int rank, int world, int64_t timeout_ms,
+                                           int cuda_index, char* err, size_t err_len) {
+  GlatrainProcessGroup* out = nullptr;
+  guarded(err, err_len, [&] {
+    const int visible = c10::cuda::device_count();
+    TORCH_CHECK(cuda_index >= 0 && cuda_index < visible, "CUDA device ", cuda_index,
+                " does not exist (", visible, " visible)");
+    const std::chrono::milliseconds timeout(timeout_ms);
+    auto store = rendezvous_store(master_host, port, serve_store != 0, world, timeout);
+    auto opts = c10d::ProcessGroupNCCL::Options::create();
+    opts->timeout = timeout;
+    auto backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+    const at::Device device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_index));
+    backend->setBoundDeviceId(device);
+    backend->eagerConnectSingleDevice(device);
+    out = new GlatrainProcessGroup{store, backend};
+  });
+  return out;
+}
+
+// Shuts the backend down (NCCL's frees its communicators; it warns when destroyed without) and
+// frees the group. Nothing is left to report a failure to: it is dropped.
+void glatrain_pg_free(GlatrainProcessGroup* pg) {
+  try {
+    pg->backend->shutdown();
+  } catch (...) {
+  }
+  delete pg;
+}
 
 // Serves a TCPStore on `port` of every interface (0: a free port, chosen atomically by the bind)
 // for ranks that all connect to it as clients, as torchrun's agent does. Returns the store, or

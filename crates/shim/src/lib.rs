@@ -8,8 +8,8 @@
 //! - [`multi_tensor`]: the optimizer step in libtorch's multi-tensor kernels;
 //! - [`memory`]: the CUDA caching allocator's counters (allocated, reserved, their peaks);
 //! - [`profiler`]: libtorch's Kineto profiler, its Chrome trace and events;
-//! - [`process_group`]: c10d process groups (TCPStore rendezvous, Gloo collectives, a gradient
-//!   reducer that all-reduces during the backward).
+//! - [`process_group`]: c10d process groups (TCPStore rendezvous, Gloo and NCCL collectives, a
+//!   gradient reducer that all-reduces during the backward).
 
 pub mod autocast;
 pub mod autograd;

@@ -1,6 +1,8 @@
 //! c10d process groups (`csrc/process_group.cpp`): rendezvous through libtorch's `TCPStore`,
-//! collectives through its `ProcessGroupGloo` (CPU tensors). Every failure, a peer that died or
-//! a collective past the group's timeout included, comes back as a message.
+//! collectives through its `ProcessGroupGloo` (CPU tensors) or `ProcessGroupNCCL` (CUDA tensors,
+//! one device per rank). Every Gloo failure, a peer that died or a collective past the group's
+//! timeout included, comes back as a message; an NCCL collective past the timeout is ended by
+//! libtorch's NCCL watchdog, which stops the process.
 
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::time::Duration;
@@ -25,6 +27,18 @@ extern "C" {
         timeout_ms: i64,
         iface: *const c_char,
         hostname: *const c_char,
+        err: *mut c_char,
+        err_len: usize,
+    ) -> *mut RawGroup;
+    #[allow(clippy::too_many_arguments)]
+    fn glatrain_pg_nccl_new(
+        master_host: *const c_char,
+        port: c_int,
+        serve_store: c_int,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        cuda_index: c_int,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut RawGroup;
@@ -201,7 +215,7 @@ pub struct Rendezvous {
     pub world_size: usize,
     /// How long the rendezvous and each collective may wait for the other ranks.
     pub timeout: Duration,
-    /// Where Gloo's transport binds (see [`GlooBinding`]).
+    /// Where Gloo's transport binds (see [`GlooBinding`]; NCCL finds its own).
     pub binding: GlooBinding,
 }
 
@@ -241,6 +255,33 @@ fn tensor_pointers(tensors: &[Tensor]) -> Vec<*const c_void> {
         .collect()
 }
 
+fn as_c_int(what: &str, x: usize) -> Result<c_int, String> {
+    c_int::try_from(x).map_err(|_| format!("{what} {x} is too large"))
+}
+
+/// A [`Rendezvous`] as the shim's constructors take it.
+struct CRendezvous {
+    host: CString,
+    port: c_int,
+    serve_store: c_int,
+    rank: c_int,
+    world: c_int,
+    timeout_ms: i64,
+}
+
+impl Rendezvous {
+    fn to_c(&self) -> Result<CRendezvous, String> {
+        Ok(CRendezvous {
+            host: c_string("MASTER_ADDR", &self.master_addr)?,
+            port: c_int::from(self.master_port),
+            serve_store: c_int::from(self.serve_store),
+            rank: as_c_int("rank", self.rank)?,
+            world: as_c_int("world size", self.world_size)?,
+            timeout_ms: i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX),
+        })
+    }
+}
+
 impl ProcessGroup {
     /// Meets the other ranks (rank 0 serves the store) and builds a Gloo group with them.
     ///
@@ -248,39 +289,25 @@ impl ProcessGroup {
     /// libtorch's message: the store cannot be served or reached within the timeout, the ranks
     /// disagree, the transport cannot bind.
     pub fn gloo(rendezvous: &Rendezvous) -> Result<Self, String> {
-        let Rendezvous {
-            master_addr,
-            master_port,
-            serve_store,
-            rank,
-            world_size,
-            timeout,
-            binding,
-        } = rendezvous;
-        let host = c_string("MASTER_ADDR", master_addr)?;
-        let (iface, hostname) = match binding {
+        let c = rendezvous.to_c()?;
+        let (iface, hostname) = match &rendezvous.binding {
             GlooBinding::Interface(name) => {
                 (c_string("GLOO_SOCKET_IFNAME", name)?, CString::default())
             }
             GlooBinding::Host(name) => (CString::default(), c_string("host", name)?),
             GlooBinding::Default => (CString::default(), CString::default()),
         };
-        let as_int = |what: &str, x: usize| {
-            c_int::try_from(x).map_err(|_| format!("{what} {x} is too large"))
-        };
-        let (rank_c, world_c) = (as_int("rank", *rank)?, as_int("world size", *world_size)?);
-        let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
         let mut raw = std::ptr::null_mut();
         // SAFETY: the strings outlive the call; the message buffer is the checked helper's.
         checked(|err, len| {
             raw = unsafe {
                 glatrain_pg_gloo_new(
-                    host.as_ptr(),
-                    c_int::from(*master_port),
-                    c_int::from(*serve_store),
-                    rank_c,
-                    world_c,
-                    timeout_ms,
+                    c.host.as_ptr(),
+                    c.port,
+                    c.serve_store,
+                    c.rank,
+                    c.world,
+                    c.timeout_ms,
                     iface.as_ptr(),
                     hostname.as_ptr(),
                     err,
@@ -289,11 +316,45 @@ impl ProcessGroup {
             };
             c_int::from(raw.is_null())
         })?;
-        Ok(ProcessGroup {
+        Ok(Self::from_raw(raw, rendezvous))
+    }
+
+    /// Meets the other ranks (rank 0 serves the store) and builds an NCCL group with them on
+    /// CUDA device `cuda_index` (a different device for each rank of a host).
+    ///
+    /// # Errors
+    /// libtorch's message: no such device, the store cannot be served or reached within the
+    /// timeout, NCCL cannot make its communicator.
+    pub fn nccl(rendezvous: &Rendezvous, cuda_index: usize) -> Result<Self, String> {
+        let c = rendezvous.to_c()?;
+        let cuda_index = as_c_int("CUDA device", cuda_index)?;
+        let mut raw = std::ptr::null_mut();
+        // SAFETY: the string outlives the call; the message buffer is the checked helper's.
+        checked(|err, len| {
+            raw = unsafe {
+                glatrain_pg_nccl_new(
+                    c.host.as_ptr(),
+                    c.port,
+                    c.serve_store,
+                    c.rank,
+                    c.world,
+                    c.timeout_ms,
+                    cuda_index,
+                    err,
+                    len,
+                )
+            };
+            c_int::from(raw.is_null())
+        })?;
+        Ok(Self::from_raw(raw, rendezvous))
+    }
+
+    fn from_raw(raw: *mut RawGroup, rendezvous: &Rendezvous) -> Self {
+        ProcessGroup {
             raw,
-            rank: *rank,
-            world_size: *world_size,
-        })
+            rank: rendezvous.rank,
+            world_size: rendezvous.world_size,
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -304,7 +365,8 @@ impl ProcessGroup {
         self.world_size
     }
 
-    /// Replaces each tensor (contiguous, CPU) by its sum over the ranks.
+    /// Replaces each tensor (contiguous, on the group's device: CPU for Gloo, the group's CUDA
+    /// device for NCCL) by its sum over the ranks.
     ///
     /// # Errors
     /// libtorch's message (a peer gone, the timeout passed, a tensor Gloo cannot reduce).
@@ -341,7 +403,7 @@ impl ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
-        // SAFETY: `raw` came from glatrain_pg_gloo_new and is freed once.
+        // SAFETY: `raw` came from glatrain_pg_gloo_new or glatrain_pg_nccl_new, freed once.
         unsafe { glatrain_pg_free(self.raw) }
     }
 }
@@ -582,6 +644,17 @@ mod tests {
             start.elapsed() < Duration::from_secs(10),
             "{:?}",
             start.elapsed()
+        );
+    }
+
+    #[test]
+    fn an_nccl_group_on_a_missing_cuda_device_is_an_error() {
+        let missing = tch::Cuda::device_count() as usize;
+        let rendezvous = rendezvous(free_port(), 0, 1, Duration::from_secs(5));
+        let err = ProcessGroup::nccl(&rendezvous, missing).unwrap_err();
+        assert!(
+            err.starts_with(&format!("CUDA device {missing} does not exist")),
+            "{err}"
         );
     }
 

@@ -47,6 +47,48 @@ pub fn resolve_device(spec: &str, source: &str) -> Result<Device, TrainError> {
     }
 }
 
+/// The device of this process: `spec` resolved as by [`resolve_device`], except in a
+/// data-parallel run of several ranks (`world`), where `"auto"` and `"cuda"` mean
+/// `cuda:LOCAL_RANK` when CUDA is available, so that the ranks of a host each train on their own
+/// device (`CUDA_VISIBLE_DEVICES` chooses which). An explicit `"cuda:N"` would put every rank on
+/// the same device: refused then.
+pub fn resolve_rank_device(
+    spec: &str,
+    source: &str,
+    world: Option<&glatrain_dist::WorldEnv>,
+) -> Result<Device, TrainError> {
+    let Some(world) = world.filter(|w| w.world_size > 1) else {
+        return resolve_device(spec, source);
+    };
+    let bad = |reason: String| TrainError::BadValue {
+        source_name: source.to_string(),
+        key: "run.device",
+        value: format!("{spec:?}"),
+        reason,
+    };
+    if spec.starts_with("cuda:") {
+        return Err(bad(format!(
+            "names one device for all WORLD_SIZE={} ranks; use \"cuda\" or \"auto\" (the rank \
+             with LOCAL_RANK=n trains on cuda:n) and CUDA_VISIBLE_DEVICES to choose the devices",
+            world.world_size
+        )));
+    }
+    match resolve_device(spec, source)? {
+        Device::Cuda(_) => {
+            let count = tch::Cuda::device_count() as usize;
+            if world.local_rank >= count {
+                return Err(bad(format!(
+                    "the rank with LOCAL_RANK={} trains on cuda:{}, but this host has {count} \
+                     CUDA devices: start at most {count} ranks per host",
+                    world.local_rank, world.local_rank
+                )));
+            }
+            Ok(Device::Cuda(world.local_rank))
+        }
+        device => Ok(device),
+    }
+}
+
 /// The CPU cores this process may use (`None` when the system does not say).
 pub fn cpu_cores() -> Option<usize> {
     std::thread::available_parallelism().ok().map(|n| n.get())
@@ -233,6 +275,54 @@ mod tests {
             assert!(err.contains("no CUDA device"), "{err}");
             assert_eq!(resolve_device("auto", "x.toml").unwrap(), Device::Cpu);
         }
+    }
+
+    fn world(local_rank: usize, world_size: usize) -> glatrain_dist::WorldEnv {
+        glatrain_dist::WorldEnv {
+            rank: local_rank,
+            local_rank,
+            world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29500,
+            timeout: std::time::Duration::from_secs(30),
+            interface: None,
+            agent_store: false,
+        }
+    }
+
+    #[test]
+    fn each_rank_of_a_host_takes_the_cuda_device_of_its_local_rank() {
+        let one_rank = world(0, 1);
+        for spec in ["cpu", "auto"] {
+            assert_eq!(
+                resolve_rank_device(spec, "x.toml", Some(&one_rank)).unwrap(),
+                resolve_device(spec, "x.toml").unwrap()
+            );
+        }
+        let err = resolve_rank_device("cuda:0", "x.toml", Some(&world(1, 2))).unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(
+            err.to_string().starts_with(
+                "x.toml: run.device = \"cuda:0\": names one device for all WORLD_SIZE=2"
+            ),
+            "{err}"
+        );
+        let count = tch::Cuda::device_count() as usize;
+        for local_rank in [0, 1, count] {
+            let got = resolve_rank_device("auto", "x.toml", Some(&world(local_rank, 4)));
+            match got {
+                Ok(device) if count == 0 => assert_eq!(device, Device::Cpu),
+                Ok(device) => assert_eq!(device, Device::Cuda(local_rank)),
+                Err(err) => {
+                    assert!(count > 0 && local_rank >= count, "{err}");
+                    assert!(err.to_string().contains("start at most"), "{err}");
+                }
+            }
+        }
+        assert_eq!(
+            resolve_rank_device("cpu", "x.toml", Some(&world(3, 4))).unwrap(),
+            Device::Cpu
+        );
     }
 
     #[test]

@@ -143,10 +143,10 @@ struct Run<'a> {
 /// second process on the same run (a concurrent `--resume` included) is refused.
 pub fn train(cfg: ResolvedConfig, opts: &TrainOptions) -> Result<TrainSummary, TrainError> {
     let cfg = &cfg;
-    let device = setup::resolve_device(&cfg.config.run.device, &cfg.source)?;
+    let world = opts.world.as_ref().filter(|w| w.world_size > 1);
+    let device = setup::resolve_rank_device(&cfg.config.run.device, &cfg.source, world)?;
     let threads = setup::apply_threads(cfg)?;
     let precision = MixedPrecision::new(cfg.config.train.precision, device, &cfg.source)?;
-    let world = opts.world.as_ref().filter(|w| w.world_size > 1);
     if let Some(world) = world {
         // Before meeting the others: a config that cannot split is every rank's exit 2.
         Shard::new(cfg, world.rank, world.world_size)?;
