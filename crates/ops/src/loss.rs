@@ -13,6 +13,7 @@
 use glatrain_shim::autograd::{self, CustomOp, Forward};
 use tch::{Kind, Tensor};
 
+use crate::error::bridged;
 use crate::OpError;
 
 /// Rows per chunk unless the caller says otherwise: 4096 x 32000 fp32 logits are 500 MiB.
@@ -163,19 +164,15 @@ impl LinearCrossEntropy {
     }
 }
 
-fn present<'a>(t: Option<&'a Tensor>, what: &str) -> Result<&'a Tensor, String> {
-    t.ok_or_else(|| format!("{OP}: {what} missing in the autograd bridge"))
-}
-
 impl CustomOp for LinearCrossEntropy {
     fn forward(&self, inputs: &[Option<&Tensor>]) -> Result<Forward, String> {
         let [h, w, t] = inputs else {
             return Err(format!("{OP}: 3 inputs expected, got {}", inputs.len()));
         };
         let (h, w, t) = (
-            present(*h, "hidden")?,
-            present(*w, "weight")?,
-            present(*t, "targets")?,
+            bridged(OP, *h, "hidden")?,
+            bridged(OP, *w, "weight")?,
+            bridged(OP, *t, "targets")?,
         );
         let (loss, lse) = self.forward(h, w, t).map_err(|e| e.to_string())?;
         let saved = [h, w, t]
@@ -201,10 +198,10 @@ impl CustomOp for LinearCrossEntropy {
             ));
         };
         let saved = (
-            present(*h, "hidden")?,
-            present(*w, "weight")?,
-            present(*t, "targets")?,
-            present(*lse, "logsumexp")?,
+            bridged(OP, *h, "hidden")?,
+            bridged(OP, *w, "weight")?,
+            bridged(OP, *t, "targets")?,
+            bridged(OP, *lse, "logsumexp")?,
         );
         let Some(grad) = grads.first().copied().flatten() else {
             return Ok(vec![None, None, None]);

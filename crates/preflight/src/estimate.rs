@@ -218,13 +218,7 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
             ]
         }
     };
-    per_token
-        .into_iter()
-        .map(|(what, bytes)| MemoryPart {
-            what,
-            bytes: bytes * shape.tokens(),
-        })
-        .collect()
+    per_layer(per_token, shape)
 }
 
 /// What one layer keeps for its backward while it waits for it under activation checkpointing
@@ -271,6 +265,11 @@ pub fn checkpointed_parts(shape: &LayerShape, mode: ActivationCheckpointing) -> 
             }
         });
     }
+    per_layer(per_token, shape)
+}
+
+/// Parts given in bytes per token, as the bytes of one layer and micro-batch of `shape`.
+fn per_layer(per_token: Vec<(&'static str, u64)>, shape: &LayerShape) -> Vec<MemoryPart> {
     per_token
         .into_iter()
         .map(|(what, bytes)| MemoryPart {

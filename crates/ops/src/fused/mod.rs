@@ -85,11 +85,6 @@ fn int32(kernel: &str, what: &str, n: i64) -> Result<i32, OpError> {
     })
 }
 
-/// The tensor the autograd bridge hands back at `what`, or a message naming it.
-fn present<'a>(op: &str, t: Option<&'a Tensor>, what: &str) -> Result<&'a Tensor, String> {
-    t.ok_or_else(|| format!("{op}: {what} missing in the autograd bridge"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,8 @@ use glatrain_cuda::{launch, CudaError, KernelDtype};
 use glatrain_shim::autograd::{self, CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
-use super::{aligned, contiguous, int32, present, vec_width, FUSED};
-use crate::error::is_float;
+use super::{aligned, contiguous, int32, vec_width, FUSED};
+use crate::error::{bridged, is_float};
 use crate::launch::{buffer, device_of, kernel_dtype, opt_ptr, ptr, tiles};
 use crate::reference::norm as reference;
 use crate::OpError;
@@ -158,7 +158,7 @@ impl CustomOp for RmsNormOp {
         let [x, w, g] = inputs else {
             return Err(format!("{OP}: 3 inputs expected, got {}", inputs.len()));
         };
-        let (x, w) = (present(OP, *x, "x")?, present(OP, *w, "weight")?);
+        let (x, w) = (bridged(OP, *x, "x")?, bridged(OP, *w, "weight")?);
         let (y, rstd) = forward(x, w, *g, self.eps).map_err(|e| e.to_string())?;
         let saved = [Some(x), Some(w), *g]
             .map(|t| t.map(Tensor::shallow_clone))
@@ -182,8 +182,8 @@ impl CustomOp for RmsNormOp {
                 saved.len()
             ));
         };
-        let (x, w) = (present(OP, *x, "x")?, present(OP, *w, "weight")?);
-        let rstd = present(OP, *rstd, "rstd")?;
+        let (x, w) = (bridged(OP, *x, "x")?, bridged(OP, *w, "weight")?);
+        let rstd = bridged(OP, *rstd, "rstd")?;
         let Some(dy) = grads.first().copied().flatten() else {
             return Ok(vec![None, None, None]);
         };

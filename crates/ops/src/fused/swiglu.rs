@@ -5,8 +5,8 @@ use glatrain_cuda::{launch, KernelDtype};
 use glatrain_shim::autograd::{self, CustomOp, Forward};
 use tch::{Device, Tensor};
 
-use super::{aligned, contiguous, present, vec_width, FUSED};
-use crate::error::is_float;
+use super::{aligned, contiguous, vec_width, FUSED};
+use crate::error::{bridged, is_float};
 use crate::launch::{buffer, device_of, kernel_dtype, ptr, tiles};
 use crate::reference::swiglu as reference;
 use crate::OpError;
@@ -87,7 +87,7 @@ impl CustomOp for SwiGluOp {
         let [a, b] = inputs else {
             return Err(format!("{OP}: 2 inputs expected, got {}", inputs.len()));
         };
-        let (a, b) = (present(OP, *a, "a")?, present(OP, *b, "b")?);
+        let (a, b) = (bridged(OP, *a, "a")?, bridged(OP, *b, "b")?);
         let y = forward(a, b).map_err(|e| e.to_string())?;
         Ok(Forward {
             outputs: vec![y],
@@ -106,7 +106,7 @@ impl CustomOp for SwiGluOp {
                 saved.len()
             ));
         };
-        let (a, b) = (present(OP, *a, "a")?, present(OP, *b, "b")?);
+        let (a, b) = (bridged(OP, *a, "a")?, bridged(OP, *b, "b")?);
         let Some(dy) = grads.first().copied().flatten() else {
             return Ok(vec![None, None]);
         };

@@ -16,7 +16,7 @@ pub use kernels::geometry;
 use glatrain_shim::autograd::{self, CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::is_float;
+use crate::error::{bridged, is_float};
 use crate::launch::kernel_dtype;
 use crate::reference::gla::{gla_chunked, gla_recurrent, DEFAULT_CHUNK};
 use crate::OpError;
@@ -186,20 +186,16 @@ struct GlaOp {
     mode: GlaMode,
 }
 
-fn required<'a>(t: Option<&'a Tensor>, what: &str) -> Result<&'a Tensor, String> {
-    t.ok_or_else(|| format!("gla: {what} missing in the autograd bridge"))
-}
-
 impl CustomOp for GlaOp {
     fn forward(&self, inputs: &[Option<&Tensor>]) -> Result<Forward, String> {
         let [q, k, v, g, h0] = inputs else {
             return Err(format!("gla: 5 inputs expected, got {}", inputs.len()));
         };
         let (q, k, v, g) = (
-            required(*q, "q")?,
-            required(*k, "k")?,
-            required(*v, "v")?,
-            required(*g, "g")?,
+            bridged(OP, *q, "q")?,
+            bridged(OP, *k, "k")?,
+            bridged(OP, *v, "v")?,
+            bridged(OP, *g, "g")?,
         );
         let out = kernels::forward(
             &kernels::Inputs {
@@ -236,11 +232,11 @@ impl CustomOp for GlaOp {
             ));
         };
         let (q, k, v, g, ht) = (
-            required(*q, "q")?,
-            required(*k, "k")?,
-            required(*v, "v")?,
-            required(*g, "g")?,
-            required(*ht, "the final state")?,
+            bridged(OP, *q, "q")?,
+            bridged(OP, *k, "k")?,
+            bridged(OP, *v, "v")?,
+            bridged(OP, *g, "g")?,
+            bridged(OP, *ht, "the final state")?,
         );
         let run = || -> Result<kernels::Backward, OpError> {
             // Only the final state was used: the outputs contribute nothing.

@@ -16,7 +16,7 @@ pub use kernels::{Dims, Segments};
 use glatrain_shim::autograd::{self, CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::is_float;
+use crate::error::{bridged, is_float};
 use crate::launch::kernel_dtype;
 use crate::reference::selective_scan::{
     selective_scan_chunked, selective_scan_sequential, DEFAULT_CHUNK,
@@ -273,10 +273,6 @@ struct ScanOp {
     segments: Segments,
 }
 
-fn required<'a>(t: Option<&'a Tensor>, what: &str) -> Result<&'a Tensor, String> {
-    t.ok_or_else(|| format!("selective_scan: {what} missing in the autograd bridge"))
-}
-
 /// The kernels' inputs from the bridge's list (u, delta, A, B, C, D, z, delta_bias, h0).
 fn kernel_inputs<'a>(list: &[Option<&'a Tensor>]) -> Result<kernels::Inputs<'a>, String> {
     let [u, delta, a, b, c, d, z, bias, h0] = list else {
@@ -286,11 +282,11 @@ fn kernel_inputs<'a>(list: &[Option<&'a Tensor>]) -> Result<kernels::Inputs<'a>,
         ));
     };
     Ok(kernels::Inputs {
-        u: required(*u, "u")?,
-        delta: required(*delta, "delta")?,
-        a: required(*a, "A")?,
-        b: required(*b, "B")?,
-        c: required(*c, "C")?,
+        u: bridged(OP, *u, "u")?,
+        delta: bridged(OP, *delta, "delta")?,
+        a: bridged(OP, *a, "A")?,
+        b: bridged(OP, *b, "B")?,
+        c: bridged(OP, *c, "C")?,
         d: *d,
         z: *z,
         bias: *bias,
@@ -323,7 +319,7 @@ impl CustomOp for ScanOp {
             return Err("selective_scan: no saved tensors".into());
         };
         let x = kernel_inputs(inputs)?;
-        let checkpoints = required(*checkpoints, "the chunk-start states")?;
+        let checkpoints = bridged(OP, *checkpoints, "the chunk-start states")?;
         let run = || -> Result<kernels::Backward, OpError> {
             // Only the final state was used: the output contributes nothing.
             let dout = match grads.first().copied().flatten() {
