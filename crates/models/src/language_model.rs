@@ -131,9 +131,9 @@ impl<B: Block> CausalLm for LanguageModel<B> {
 
     fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
         let past = cache.advance(tokens);
-        let message = cache.wrong_family(B::FAMILY);
-        let Some(caches) = B::caches(&mut cache.layers) else {
-            panic!("{message}");
+        let caches = match B::caches(&mut cache.layers) {
+            Some(caches) => caches,
+            None => panic!("{}", cache.wrong_family(B::FAMILY)),
         };
         let hidden = self.hidden(tokens, past, Some(caches));
         self.lm_head.forward(&hidden, &self.embeddings)
