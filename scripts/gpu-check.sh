@@ -61,6 +61,15 @@ for line in sys.stdin:
   du -sh "$DIR"
 }
 
+# The compile tiers a test binary runs at: both for the kernel tests (the quick code serves first
+# calls, so it must be as correct as the optimised code), else the default.
+tiers_of() {
+  case $1 in
+    cuda_gla-* | cuda_scan-* | cuda_fused-*) echo "full quick" ;;
+    *) echo default ;;
+  esac
+}
+
 run() {
   local out=${1:-$ROOT/.device/out}
   mkdir -p "$out"
@@ -70,10 +79,7 @@ run() {
   for t in "$DIR"/tests/*; do
     local name tiers tier log label start status
     name=$(basename "$t")
-    # The kernel tests run at each compile tier (crates/cuda/src/compile.rs): the quick code
-    # serves first calls, so it must be as correct as the optimised code.
-    tiers=default
-    [[ $name == cuda_gla-* || $name == cuda_scan-* || $name == cuda_fused-* ]] && tiers="full quick"
+    tiers=$(tiers_of "$name")
     for tier in $tiers; do
       start=$SECONDS
       log="$out/test-$name.log" label=$name
@@ -160,8 +166,7 @@ parallel_tests() {
   for t in "$DIR"/tests/*; do
     local name tiers
     name=$(basename "$t")
-    tiers=default
-    [[ $name == cuda_gla-* || $name == cuda_scan-* || $name == cuda_fused-* ]] && tiers="full quick"
+    tiers=$(tiers_of "$name")
     for tier in $tiers; do
       (
         local log="$out/test-$name-$tier.log" start=$SECONDS status=ok
