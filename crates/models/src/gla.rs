@@ -28,7 +28,7 @@ use crate::cache::LayerCaches;
 use crate::conv::CausalConv;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
 use crate::language_model::{Block, LanguageModel, Parts};
-use crate::linear::{Embedding, Linear, LmHead};
+use crate::linear::{autocast_input, Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use glatrain_config::{GlaConfig, GlaMode, ModelConfig};
@@ -246,8 +246,11 @@ impl Block for GlaBlock {
     type Settings = ();
 
     fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut GlaLayerCache>) -> Tensor {
-        let x = x + self.attn.forward(&self.attn_norm.forward(x), cache);
-        &x + self.mlp.forward(&self.mlp_norm.forward(&x))
+        let h = autocast_input(&self.attn_norm.forward(x));
+        let x = x + self.attn.forward(&h, cache);
+        &x + self
+            .mlp
+            .forward(&autocast_input(&self.mlp_norm.forward(&x)))
     }
 
     fn context(_: &(), _: &Tensor, _: i64) {}

@@ -1,7 +1,8 @@
 //! Linear and embedding layers whose variables sit at the checkpoint paths of the Hugging Face
 //! layouts (`<path>.weight`, `<path>.bias`). Weights are stored `[out, in]` as in PyTorch.
 
-use tch::{nn, Tensor};
+use glatrain_shim::autocast::{autocast_dtype, autocast_enabled};
+use tch::{nn, Kind, Tensor};
 
 /// `y = x W^T (+ b)`; under autocast the matmul runs in the autocast dtype. Selective activation
 /// checkpointing keeps its output (`crate::checkpoint`).
@@ -47,6 +48,18 @@ impl Linear {
     /// `x: [..., in]` -> `[..., out]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         crate::checkpoint::tape::linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// `x` in the dtype autocast gives a matrix product's operands: fp32 CUDA tensors cast to the
+/// autocast dtype, anything else as it is. A block casts a norm's output once with this before
+/// the several projections that read it; left to autocast, each product would cast it again and
+/// keep its own copy for the backward (five copies for GLA's q, k, v, g and gate projections).
+pub fn autocast_input(x: &Tensor) -> Tensor {
+    if autocast_enabled() && x.kind() == Kind::Float && x.device().is_cuda() {
+        x.to_kind(autocast_dtype())
+    } else {
+        x.shallow_clone()
     }
 }
 

@@ -10,7 +10,7 @@
 use crate::cache::LayerCaches;
 use crate::error::{check_norm_and_init, require_positive, ModelError};
 use crate::language_model::{Block, LanguageModel, Parts};
-use crate::linear::{Embedding, Linear, LmHead};
+use crate::linear::{autocast_input, Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use crate::rope::Rotary;
@@ -180,10 +180,11 @@ impl Block for TransformerBlock {
     type Settings = RotarySettings;
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
-        let x = x + self
-            .attn
-            .forward(&self.attn_norm.forward(x), &at.rope, at.past, cache);
-        &x + self.mlp.forward(&self.mlp_norm.forward(&x))
+        let h = autocast_input(&self.attn_norm.forward(x));
+        let x = x + self.attn.forward(&h, &at.rope, at.past, cache);
+        &x + self
+            .mlp
+            .forward(&autocast_input(&self.mlp_norm.forward(&x)))
     }
 
     fn context(settings: &RotarySettings, tokens: &Tensor, past: i64) -> Positions {

@@ -114,13 +114,17 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
             let err = (&stepped - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
             println!("{name}: token by token vs full sequence on CUDA: relative RMS {err:.2e}");
             assert!(err <= 1e-4, "{name}: relative RMS {err:.2e}");
-            // The check can fail: the last token without its history is far off.
-            let last = model.forward(&x.narrow(1, seq - 1, 1)).squeeze_dim(1);
-            let forgetful = (&last - full.select(1, seq - 1)).norm().double_value(&[])
-                / full.select(1, seq - 1).norm().double_value(&[]);
+            // The check can fail: the last token without its history is off by far more than
+            // the stepped one. (At this initialisation the history moves the logits little,
+            // 5e-5 relative with short convolutions, so the margin is relative to the stepping
+            // error, not absolute.)
+            let want = full.select(1, seq - 1);
+            let off = |y: &Tensor| (y - &want).norm().double_value(&[]);
+            let forgetful = off(&model.forward(&x.narrow(1, seq - 1, 1)).squeeze_dim(1));
+            let stepped_off = off(&stepped.select(1, seq - 1));
             assert!(
-                forgetful > 1e-2,
-                "{name}: history barely matters ({forgetful:.2e})"
+                forgetful > 100.0 * stepped_off && forgetful > 0.0,
+                "{name}: history barely matters ({forgetful:.2e} without it, {stepped_off:.2e} stepped)"
             );
 
             let mut cache = model.new_cache(2);
@@ -211,6 +215,77 @@ fn checkpointing_on_cuda_keeps_the_gradients_and_less_memory() {
             // past a few layers; full keeps one tensor per layer.
             if mode == ActivationCheckpointing::Full {
                 assert!(peak < plain_peak, "{name}: {peak} >= {plain_peak}");
+            }
+        }
+    }
+}
+
+/// The mean next-token cross-entropy of `model` on `x`, under bf16 autocast if `autocast`, and
+/// every parameter's gradient (sorted by name), on the CPU.
+fn loss_and_gradients(
+    vs: &nn::VarStore,
+    model: &dyn CausalLm,
+    x: &Tensor,
+    autocast: bool,
+) -> (f64, Vec<(String, Tensor)>) {
+    let (b, t) = x.size2().unwrap();
+    let forward = || model.forward(&x.narrow(1, 0, t - 1));
+    let logits = if autocast {
+        glatrain_shim::autocast::autocast(forward)
+    } else {
+        forward()
+    };
+    let loss = logits
+        .to_kind(Kind::Float)
+        .reshape([b * (t - 1), -1])
+        .cross_entropy_for_logits(&x.narrow(1, 1, t - 1).reshape([-1]));
+    loss.backward();
+    let mut grads: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, v)| (name, v.grad().to_device(Device::Cpu)))
+        .collect();
+    grads.sort_by(|a, b| a.0.cmp(&b.0));
+    (loss.double_value(&[]), grads)
+}
+
+#[test]
+fn cuda_gradients_equal_the_cpu_reference_model() {
+    // The whole model on the GPU (GLA's chunk kernels, the scan kernels, the fused norms and
+    // SwiGLU) against the same weights on the CPU (tensor-op references): the loss and every
+    // parameter's gradient, in fp32 (1e-4 relative RMS, the kernels' fp32 bound), and under bf16
+    // autocast (within 3e-2: a few bf16 roundings of each product, far below what a wrong or
+    // missing gradient term gives).
+    if !tch::Cuda::is_available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    glatrain_shim::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
+    for (name, cfg) in zoo() {
+        tch::manual_seed(5);
+        let cpu = nn::VarStore::new(Device::Cpu);
+        let cpu_model = build(&cpu.root(), &cfg, GlaMode::Chunk).unwrap();
+        let x = Tensor::randint(VOCAB, [2, 300], (Kind::Int64, Device::Cpu));
+        let (want_loss, want) = loss_and_gradients(&cpu, cpu_model.as_ref(), &x, false);
+        let mut gpu = nn::VarStore::new(Device::Cuda(0));
+        let gpu_model = build(&gpu.root(), &cfg, GlaMode::Chunk).unwrap();
+        gpu.copy(&cpu).unwrap();
+        let xg = x.to_device(Device::Cuda(0));
+        for (autocast, bound) in [(false, 1e-4), (true, 3e-2)] {
+            for (_, mut v) in gpu.variables() {
+                v.zero_grad();
+            }
+            let (loss, got) = loss_and_gradients(&gpu, gpu_model.as_ref(), &xg, autocast);
+            let loss_err = (loss - want_loss).abs() / want_loss;
+            println!("{name} (autocast {autocast}): loss {loss:.6} vs {want_loss:.6} on the CPU");
+            assert!(loss_err <= bound, "{name}: loss off by {loss_err:.2e}");
+            for ((param, g), (_, w)) in got.iter().zip(&want) {
+                let err = glatrain_testing::rel_rms(g, w);
+                println!("  {param}: relative RMS {err:.2e}");
+                assert!(
+                    err <= bound,
+                    "{name} (autocast {autocast}): {param}: {err:.2e}"
+                );
             }
         }
     }

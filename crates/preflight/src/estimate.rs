@@ -159,10 +159,13 @@ pub fn block_activation_bytes(shape: &LayerShape) -> u64 {
 
 /// The block's activations kept for backward, per layer. Counted per token, in activation
 /// precision unless noted:
-/// - GLA: 4d (two residual inputs, two norm outputs) + q, k (2 dk) + v, g (2 dv) + output,
-///   its norm and its gate (3 dv) + MLP gate, up, product (3 m) + gk in fp32 (4 bytes * dk),
+/// - GLA: the fp32 residual stream at both norms (2 * 4d bytes, kept by the norms) and the two
+///   norm outputs (2d, cast once for all the projections that read them) + q, k (2 dk) + v, g
+///   (2 dv) + output, its norm and its gate (3 dv) + MLP gate, up, product (3 m) + the gate
+///   logits and gk in fp32 (2 * 4 bytes * dk: logsigmoid keeps its input, the op its output),
 ///   and the conv inputs (2 dk + dv) with `short_conv`;
-/// - Transformer: 4d + q and o (2 H D) + k, v (2 H_kv D) + 3m;
+/// - Transformer: the residual stream and norm outputs as GLA's + q and o (2 H D) + k, v
+///   (2 H_kv D) + 3m;
 /// - Mamba (d_inner = E; crates/models/src/mamba.rs): the fp32 residual stream (4d bytes, kept by
 ///   the norm) and the norm's output cast for in_proj (d); in_proj's output x | z (2E: x kept by
 ///   the convolution, which reads it in place, z by the scan's gate); the convolution's output
@@ -182,12 +185,13 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
     let per_token: Vec<(&'static str, u64)> = match shape.model_type {
         ModelType::Gla => {
             let mut parts = vec![
-                ("residual inputs and norm outputs (4 x hidden)", a * 4 * d),
+                ("residual stream at both norms (fp32)", 2 * 4 * d),
+                ("norm outputs (projection inputs)", a * 2 * d),
                 ("q, k", a * 2 * dk),
                 ("v, output gate g", a * 2 * dv),
                 ("attention output, its norm and gate", a * 3 * dv),
                 ("MLP gate, up and product", a * 3 * m),
-                ("log forget gates (fp32)", 4 * dk),
+                ("forget-gate logits and log forget gates (fp32)", 2 * 4 * dk),
             ];
             if shape.short_conv {
                 parts.push(("short-convolution inputs", a * (2 * dk + dv)));
@@ -197,7 +201,8 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
         ModelType::Transformer => {
             let kv = shape.num_kv_heads as u64 * shape.head_k_dim as u64;
             vec![
-                ("residual inputs and norm outputs (4 x hidden)", a * 4 * d),
+                ("residual stream at both norms (fp32)", 2 * 4 * d),
+                ("norm outputs (projection inputs)", a * 2 * d),
                 ("q, attention output", a * 2 * dk),
                 ("k, v", a * 2 * kv),
                 ("MLP gate, up and product", a * 3 * m),
@@ -712,8 +717,9 @@ pub(crate) mod tests {
                 - block_activation_bytes(s)
         };
         assert_eq!(reference(&s), reference(&fp32(s.clone())));
-        // Per token: 4d + 2dk + 5dv + 3m at 2 bytes, plus gk in fp32 (d = 1024, no MLP here).
-        let per_token = 2 * (4 * 1024 + 2 * 512 + 5 * 1024) + 4 * 512;
+        // Per token: the fp32 residual stream at both norms (2 * 4d bytes), then 2d + 2dk + 5dv
+        // at 2 bytes, plus the gate logits and gk in fp32 (d = 1024, no MLP here).
+        let per_token = 2 * 4 * 1024 + 2 * (2 * 1024 + 2 * 512 + 5 * 1024) + 2 * 4 * 512;
         assert_eq!(block, per_token * 8 * 2048);
     }
 

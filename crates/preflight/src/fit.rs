@@ -3,7 +3,10 @@
 
 use glatrain_config::{ActivationCheckpointing, ResolvedConfig};
 
+use crate::device::DeviceProfile;
 use crate::report::{activation_bytes, human_bytes, loss_bytes, MemoryEstimate, Row};
+use crate::rules::choose_mode;
+use crate::shape::LayerShape;
 
 /// The checkpointing modes in order of memory kept (most first).
 const MODES: [ActivationCheckpointing; 3] = [
@@ -21,22 +24,35 @@ struct Candidate {
 }
 
 /// The estimated memory of `cfg`'s step with `micro_batch_size` and `checkpointing` instead of
-/// its own settings. Activations and the loss's per-token parts scale with the micro-batch.
+/// its own settings. Each layer shape is estimated again at the new micro-batch, with the op the
+/// rules choose there (the choice can change with the batch, and with it what the op keeps).
 fn total_with(
     cfg: &ResolvedConfig,
+    device: &DeviceProfile,
     rows: &[Row],
     memory: &MemoryEstimate,
     micro_batch_size: usize,
     checkpointing: ActivationCheckpointing,
 ) -> u64 {
-    let own = cfg.config.train.micro_batch_size as u64;
-    let scale = |bytes: u64| bytes * micro_batch_size as u64 / own;
+    let rows: Vec<Row> = rows
+        .iter()
+        .map(|r| {
+            let shape = LayerShape {
+                batch: micro_batch_size,
+                ..r.shape.clone()
+            };
+            Row {
+                decision: choose_mode(&shape, device, cfg.config.kernels.mode),
+                shape,
+            }
+        })
+        .collect();
     let tokens = (micro_batch_size * cfg.config.data.seq_len) as u64;
     let act_bytes = rows.first().map_or(4, |r| r.shape.act_bytes());
     memory.weights_and_optimizer_bytes
         + memory.weight_copies_bytes
         + memory.runtime_bytes
-        + scale(activation_bytes(rows, checkpointing))
+        + activation_bytes(&rows, checkpointing)
         + loss_bytes(
             tokens,
             cfg.config.model.hidden_size() as u64,
@@ -56,14 +72,19 @@ fn smaller_micro_batches(cfg: &ResolvedConfig) -> impl Iterator<Item = usize> + 
 /// checkpointing that fits at the config's micro-batch, and the largest micro-batch that fits
 /// with the config's checkpointing (or, when none does, with full checkpointing). Each names the
 /// `--set` to pass and its estimate.
-pub fn advice(cfg: &ResolvedConfig, rows: &[Row], memory: &MemoryEstimate) -> String {
+pub fn advice(
+    cfg: &ResolvedConfig,
+    device: &DeviceProfile,
+    rows: &[Row],
+    memory: &MemoryEstimate,
+) -> String {
     let own_mb = cfg.config.train.micro_batch_size;
     let own_mode = cfg.config.train.activation_checkpointing;
     let fits = |c: &Candidate| c.total_bytes <= memory.limit_bytes;
     let candidate = |micro_batch_size, checkpointing| Candidate {
         micro_batch_size,
         checkpointing,
-        total_bytes: total_with(cfg, rows, memory, micro_batch_size, checkpointing),
+        total_bytes: total_with(cfg, device, rows, memory, micro_batch_size, checkpointing),
     };
     let stronger = MODES.iter().skip_while(|m| **m != own_mode).skip(1);
     let by_checkpointing = stronger.map(|&mode| candidate(own_mb, mode)).find(fits);

@@ -211,7 +211,7 @@ impl Report {
                 limit_bytes: memory.limit_bytes,
                 device: device.name.clone(),
                 breakdown: memory.breakdown(rows.iter().map(|r| r.shape.num_layers).sum()),
-                advice: crate::fit::advice(cfg, &rows, &memory),
+                advice: crate::fit::advice(cfg, device, &rows, &memory),
             })));
         }
         Report {
@@ -538,7 +538,7 @@ mod tests {
         );
         assert!(table.contains("memory: ~"), "{table}");
         assert!(
-            table.contains("memory per layer (gla, chunk): residual inputs and norm outputs"),
+            table.contains("memory per layer (gla, chunk): residual stream at both norms (fp32)"),
             "{table}"
         );
         assert_eq!(

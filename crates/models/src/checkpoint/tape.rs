@@ -8,9 +8,9 @@
 use std::cell::RefCell;
 use std::sync::Mutex;
 
-use glatrain_shim::autocast::{autocast_dtype, autocast_enabled};
+use crate::linear::autocast_input;
 use glatrain_shim::autograd::{apply, CustomOp, Forward};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 enum Tape {
     Recording(Vec<Tensor>),
@@ -89,14 +89,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
             y
         }
         Some(Some(y)) => {
-            let cast = |t: &Tensor| {
-                if autocast_enabled() && t.kind() == Kind::Float && t.device().is_cuda() {
-                    t.to_kind(autocast_dtype())
-                } else {
-                    t.shallow_clone()
-                }
-            };
-            let (x, w, b) = (cast(x), cast(w), b.map(cast));
+            let (x, w, b) = (autocast_input(x), autocast_input(w), b.map(autocast_input));
             let op = Replayed {
                 product: Mutex::new(y),
                 has_bias: b.is_some(),
@@ -155,7 +148,7 @@ impl CustomOp for Replayed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     #[test]
     fn replay_hands_back_the_recorded_products_in_order() {
