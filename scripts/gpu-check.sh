@@ -17,10 +17,14 @@
 #                                        earlier build on the same runs, for a before/after table
 #   scripts/gpu-check.sh session [DIR] [OUT]
 #                                        one device call's worth (DEADLINE seconds, default 560):
-#                                        the test binaries side by side, then the measurements in
-#                                        order of importance, then the benchmark in the time left;
-#                                        each step is skipped when its time limit no longer fits,
-#                                        and everything is written to OUT as it finishes
+#                                        the phases in PHASES (default "tests speed bench extent
+#                                        article"): the test binaries side by side (TESTS: a glob
+#                                        of their names, default all), the speed runs, the
+#                                        benchmark, the long-context and memory runs, the
+#                                        article's comparison; "losses": 200 steps against
+#                                        BEFORE and one NCCL rank. Each step is skipped when its
+#                                        time limit no longer fits; everything lands in
+#                                        OUT/session.tar.gz
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cmd=${1:-all}
@@ -108,7 +112,8 @@ train_run() {
     summary+=("$(printf '%-40s %-16s' "$name" "skipped ($(left) s left)")")
     return
   fi
-  timeout "$limit" "$bin" --config "$config" --set data.train=embedded --set data.valid=embedded \
+  # Each binary runs with the kernel sources it was built with.
+  GLATRAIN_KERNEL_DIR=$(dirname "$bin")/kernels timeout "$limit" "$bin" --config "$config" --set data.train=embedded --set data.valid=embedded \
     --set data.tokenizer=byte --set train.eval_every=0 --set train.eval_batches=1 \
     --set train.checkpoint_every=0 --set logging.log_every=5 --set logging.progress=lines \
     --set train.warmup_steps=5 --set run.out_dir="$RUNS" --set run.name="$name" "$@" \
@@ -119,6 +124,78 @@ train_run() {
   rm -rf "$RUNS/$name/checkpoints"
 }
 
+# Short runs at the shipped micro-batch (8 x 2048): 4 micro-batches per step, a window logged
+# every 2 steps; run-summary.py times the windows after step 4 that miss the profiled steps.
+SHORT=(--set train.batch_tokens=65536 --set logging.log_every=2)
+LONG=(--set train.micro_batch_size=1 --set train.max_steps=8 --set logging.log_every=2)
+
+# Tokens/s, MFU and peak memory of the shipped GPU configs (and of $BEFORE, an earlier build, on
+# the same runs), in order of importance, so that a deadline cuts the least useful runs.
+speed_runs() {
+  local new=$DIR/glatrain steps=("${SHORT[@]}" --set train.max_steps=16 --set logging.profile_steps=[13,14])
+  train_run "$new" gla-340m configs/gla-340m.toml "${steps[@]}"
+  if [[ -n ${BEFORE:-} ]]; then
+    train_run "$BEFORE" gla-340m-before configs/gla-340m.toml "${steps[@]}"
+  fi
+  train_run "$new" transformer-340m configs/transformer-340m.toml "${steps[@]}"
+  if [[ -n ${BEFORE:-} ]]; then
+    train_run "$BEFORE" transformer-340m-before configs/transformer-340m.toml "${steps[@]}"
+  fi
+  train_run "$new" mamba-370m configs/mamba-370m.toml "${SHORT[@]}" --set train.max_steps=10 \
+    --set logging.profile_steps=[9,10]
+  train_run "$new" gla-1.3b configs/gla-1.3b.toml "${SHORT[@]}" --set train.max_steps=8
+  train_run "$new" gla-340m-t32768 configs/gla-340m.toml --set data.seq_len=32768 \
+    --set train.batch_tokens=32768 "${LONG[@]}"
+}
+
+# Long context and the variations that check the memory estimate against the measured peak.
+extent_runs() {
+  local new=$DIR/glatrain few=("${SHORT[@]}" --set train.max_steps=4 --set train.warmup_steps=1)
+  train_run "$new" gla-340m-t65536-selective configs/gla-340m.toml --set data.seq_len=65536 \
+    --set train.batch_tokens=65536 --set train.activation_checkpointing=selective "${LONG[@]}"
+  train_run "$new" gla-340m-t131072-full configs/gla-340m.toml --set data.seq_len=131072 \
+    --set train.batch_tokens=131072 --set train.activation_checkpointing=full "${LONG[@]}"
+  train_run "$new" transformer-340m-t32768 configs/transformer-340m.toml --set data.seq_len=32768 \
+    --set train.batch_tokens=32768 "${LONG[@]}"
+  train_run "$new" gla-340m-selective configs/gla-340m.toml "${few[@]}" \
+    --set train.activation_checkpointing=selective
+  train_run "$new" gla-340m-full configs/gla-340m.toml "${few[@]}" --set train.activation_checkpointing=full
+  train_run "$new" gla-340m-mb4 configs/gla-340m.toml "${few[@]}" --set train.micro_batch_size=4
+  train_run "$new" transformer-340m-selective configs/transformer-340m.toml "${few[@]}" \
+    --set train.activation_checkpointing=selective
+  train_run "$new" mamba-370m-full configs/mamba-370m.toml "${few[@]}" \
+    --set train.activation_checkpointing=full
+  train_run "$new" gla-340m-fp16 configs/gla-340m.toml "${few[@]}" --set train.precision=fp16
+  train_run "$new" gla-340m-fp32 configs/gla-340m.toml "${few[@]}" --set train.precision=fp32
+}
+
+# 200 steps of one micro-batch each, this build and $BEFORE on the same data, for the losses'
+# agreement; and one rank through NCCL (`--nproc-per-node 1`) against the plain process.
+loss_runs() {
+  local new=$DIR/glatrain run=(--set train.batch_tokens=16384 --set train.max_steps=200
+    --set logging.log_every=10)
+  for model in gla-340m transformer-340m; do
+    train_run "$new" "$model-200" "configs/$model.toml" "${run[@]}"
+    if [[ -n ${BEFORE:-} ]]; then
+      train_run "$BEFORE" "$model-200-before" "configs/$model.toml" "${run[@]}"
+    fi
+  done
+  local few=("${SHORT[@]}" --set train.max_steps=6 --set train.warmup_steps=1)
+  train_run "$new" gla-340m-one-process configs/gla-340m.toml "${few[@]}"
+  train_run "$new" gla-340m-nccl-rank configs/gla-340m.toml "${few[@]}" --nproc-per-node 1
+}
+
+# The runs' table (run-summary.py), their step profiles and the list of what ran.
+summarise_runs() {
+  python3 "$ROOT/scripts/run-summary.py" --warmup-steps 4 --out "$out/runs.json" "$RUNS"/*/ |
+    tee "$out/runs.log"
+  for profile in "$RUNS"/*/profile/summary.txt; do
+    [[ -f $profile ]] && { echo "== $profile"; cat "$profile"; } >>"$out/profiles.txt"
+  done
+  echo "== summary =="
+  printf '%s\n' "${summary[@]}" | tee "$out/measure.txt"
+}
+
 measure() {
   out=${1:-$ROOT/.device/out}
   mkdir -p "$out"
@@ -126,36 +203,26 @@ measure() {
   RUNS=${RUNS:-/dev/shm/glatrain-runs}
   mkdir -p "$RUNS"
   summary=()
-  local new=$DIR/glatrain steps=(--set train.max_steps=30 --set logging.profile_steps=[26,28])
-  local long=(--set train.micro_batch_size=1 --set train.max_steps=12)
-  # In order of importance, so that a deadline cuts the least useful runs.
-  train_run "$new" gla-340m gla-340m "${steps[@]}"
-  train_run "$new" mamba-370m mamba-370m "${steps[@]}"
-  train_run "$new" gla-1.3b gla-1.3b --set train.max_steps=20 --set logging.profile_steps=[16,18]
-  train_run "$new" gla-340m-t32768 gla-340m --set data.seq_len=32768 --set train.batch_tokens=32768 \
-    "${long[@]}"
-  train_run "$new" transformer-340m transformer-340m "${steps[@]}"
-  if [[ -n ${BEFORE:-} ]]; then
-    for model in gla-340m transformer-340m mamba-370m; do
-      train_run "$BEFORE" "$model-before" "$model" --set train.max_steps=25
-    done
+  speed_runs
+  extent_runs
+  summarise_runs
+}
+
+# `glatrain bench` with the arguments after $1 into $out/$1.json and $1.log, within
+# $LIMIT_BENCH seconds (default 150) and the deadline.
+bench() {
+  local name=$1 limit=${LIMIT_BENCH:-150}
+  shift
+  ((limit > $(left) - 10)) && limit=$(($(left) - 10))
+  if ((limit < 30)); then
+    summary+=("$(printf '%-40s %-16s' "$name" "skipped ($(left) s left)")")
+    return
   fi
-  for mode in selective full; do
-    train_run "$new" "gla-340m-$mode" gla-340m --set train.max_steps=25 \
-      --set train.activation_checkpointing=$mode
-  done
-  for t in 65536 131072; do
-    train_run "$new" "gla-340m-t$t-full" gla-340m --set data.seq_len=$t --set train.batch_tokens=$t \
-      --set train.activation_checkpointing=full "${long[@]}"
-  done
-  train_run "$new" transformer-340m-t32768 transformer-340m --set data.seq_len=32768 \
-    --set train.batch_tokens=32768 "${long[@]}"
-  python3 "$ROOT/scripts/run-summary.py" --out "$out/runs.json" "$RUNS"/*/ | tee "$out/runs.log"
-  for profile in "$RUNS"/*/profile/summary.txt; do
-    [[ -f $profile ]] && { echo "== $profile"; cat "$profile"; } >>"$out/profiles.txt"
-  done
-  echo "== summary =="
-  printf '%s\n' "${summary[@]}"
+  local start=$SECONDS status=ok
+  timeout "$limit" "$DIR/glatrain" bench "$@" --json "$out/$name.json" >"$out/$name.log" 2>&1 ||
+    status="FAILED (exit $?)"
+  summary+=("$(printf '%-40s %-16s %4d s' "$name" "$status" $((SECONDS - start)))")
+  tail -n 40 "$out/$name.log"
 }
 
 # The test binaries side by side (each at both tiers where it tests kernels), bounded by the
@@ -163,7 +230,7 @@ measure() {
 parallel_tests() {
   local out=$1 limit
   limit=$(( $(left) < 300 ? $(left) : 300 ))
-  for t in "$DIR"/tests/*; do
+  for t in "$DIR"/tests/${TESTS:-*}; do
     local name tiers
     name=$(basename "$t")
     tiers=$(tiers_of "$name")
@@ -183,20 +250,36 @@ parallel_tests() {
 }
 
 session() {
-  local out=${1:-$ROOT/.device/out}
-  DEADLINE=${DEADLINE:-560}
-  mkdir -p "$out"
+  local final=${1:-$ROOT/.device/out}
+  DEADLINE=${DEADLINE:-560} LIMIT=${LIMIT:-60}
+  # Everything goes to one archive at the end (a device call brings back only a few files).
+  out=$(mktemp -d)
   device_env
+  RUNS=${RUNS:-/dev/shm/glatrain-runs}
+  mkdir -p "$RUNS" "$final"
+  summary=()
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
-  parallel_tests "$out"
-  echo "tests done at $((SECONDS - START)) s"
-  LIMIT=60 measure "$out"
-  local limit=$(( $(left) - 10 ))
-  if ((limit > 40)); then
-    timeout "$limit" "$DIR/glatrain" bench --json "$out/bench.json" >"$out/bench.log" 2>&1 ||
-      echo "glatrain bench: exit $? after its ${limit} s"
-    tail -n 30 "$out/bench.log"
-  fi
+  for phase in ${PHASES:-tests speed bench extent article}; do
+    case $phase in
+      tests) parallel_tests "$out" ;;
+      speed) speed_runs ;;
+      bench) bench bench ;;
+      extent) extent_runs ;;
+      losses) loss_runs ;;
+      article) LIMIT_BENCH=$(($(left) - 25)) bench bench-article --preset article ;;
+      *) echo "unknown phase $phase" >&2 ;;
+    esac
+    echo "$phase done at $((SECONDS - START)) s"
+  done
+  summarise_runs
+  for run in "$RUNS"/*/; do
+    [[ -d $run ]] || continue
+    mkdir -p "$out/runs/$(basename "$run")"
+    cp "$run"/{preflight.json,summary.json,metrics.jsonl,config.toml} "$out/runs/$(basename "$run")/" 2>/dev/null || true
+    cp "$run"/profile/summary.txt "$out/runs/$(basename "$run")/profile.txt" 2>/dev/null || true
+  done
+  tar -czf "$final/session.tar.gz" -C "$out" .
+  cp "$out/tests.txt" "$out/measure.txt" "$final/" 2>/dev/null || true
   echo "session done at $((SECONDS - START)) s"
 }
 

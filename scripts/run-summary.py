@@ -4,8 +4,9 @@
 For each run directory: tokens/s as the median of the logged windows after the warm-up (windows
 that overlap `logging.profile_steps` are left out: the profiler slows them), MFU likewise, the
 allocator's peak (allocated, reserved) and the device memory in use, the preflight's memory
-estimate and its ratio to the measured peak, and the first and last logged loss. Prints one JSON
-object per run; with --out, writes them as a JSON list.
+estimate and its ratios to the allocator's peak and to the device memory in use (the estimate
+counts the CUDA runtime, which the allocator does not see), and the first and last logged loss.
+Prints one JSON object per run; with --out, writes them as a JSON list.
 
     scripts/run-summary.py [--warmup-steps N] [--out FILE] RUN_DIR...
 """
@@ -33,6 +34,7 @@ def summary(run: pathlib.Path, warmup: int) -> dict:
     preflight = json.loads((run / "preflight.json").read_text())
     estimate = preflight["memory"]["total_bytes"]
     peak_allocated = peak("memory/peak_allocated_bytes")
+    used = peak("memory/gpu_used_bytes")
     gb = lambda b: None if b is None else round(b / 1e9, 2)
     return {
         "run": run.name,
@@ -45,9 +47,10 @@ def summary(run: pathlib.Path, warmup: int) -> dict:
         "mfu": median("perf/mfu"),
         "peak_allocated_gb": gb(peak_allocated),
         "peak_reserved_gb": gb(peak("memory/peak_reserved_bytes")),
-        "device_used_gb": gb(peak("memory/gpu_used_bytes")),
+        "device_used_gb": gb(used),
         "estimate_gb": gb(estimate),
         "estimate_over_peak": None if not peak_allocated else round(estimate / peak_allocated, 3),
+        "estimate_over_device_used": None if not used else round(estimate / used, 3),
         "first_loss": steps[0]["train/loss"] if steps else None,
         "last_loss": steps[-1]["train/loss"] if steps else None,
     }
