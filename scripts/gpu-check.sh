@@ -17,13 +17,13 @@
 #                                        earlier build on the same runs, for a before/after table
 #   scripts/gpu-check.sh session [DIR] [OUT]
 #                                        one device call's worth (DEADLINE seconds, default 560):
-#                                        the phases in PHASES (default "tests speed bench extent
-#                                        article"): the test binaries side by side (TESTS: a glob
-#                                        of their names, default all), the speed runs, the
-#                                        benchmark, the long-context and memory runs, the
-#                                        article's comparison; "losses": 200 steps against
-#                                        BEFORE and one NCCL rank. Each step is skipped when its
-#                                        time limit no longer fits; everything lands in
+#                                        the phases in PHASES (default "tests speed bench long
+#                                        memory article"): the test binaries side by side (TESTS:
+#                                        a glob of their names, default all), the speed runs, the
+#                                        benchmark, the long-context runs, the memory-estimate
+#                                        runs, the article's comparison; "losses": 200 steps
+#                                        against BEFORE and one NCCL rank. Each step is skipped
+#                                        when its time limit no longer fits; everything lands in
 #                                        OUT/session.tar.gz
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -148,15 +148,21 @@ speed_runs() {
     --set train.batch_tokens=32768 "${LONG[@]}"
 }
 
-# Long context and the variations that check the memory estimate against the measured peak.
-extent_runs() {
-  local new=$DIR/glatrain few=("${SHORT[@]}" --set train.max_steps=4 --set train.warmup_steps=1)
+# Long context: GLA at 64K and 128K tokens (checkpointed to fit), Transformer++ at 32K.
+long_runs() {
+  local new=$DIR/glatrain
   train_run "$new" gla-340m-t65536-selective configs/gla-340m.toml --set data.seq_len=65536 \
     --set train.batch_tokens=65536 --set train.activation_checkpointing=selective "${LONG[@]}"
   train_run "$new" gla-340m-t131072-full configs/gla-340m.toml --set data.seq_len=131072 \
     --set train.batch_tokens=131072 --set train.activation_checkpointing=full "${LONG[@]}"
   train_run "$new" transformer-340m-t32768 configs/transformer-340m.toml --set data.seq_len=32768 \
     --set train.batch_tokens=32768 "${LONG[@]}"
+}
+
+# Variations of micro-batch, precision and checkpointing that check the memory estimate against
+# the measured peak.
+memory_runs() {
+  local new=$DIR/glatrain few=("${SHORT[@]}" --set train.max_steps=4 --set train.warmup_steps=1)
   train_run "$new" gla-340m-selective configs/gla-340m.toml "${few[@]}" \
     --set train.activation_checkpointing=selective
   train_run "$new" gla-340m-full configs/gla-340m.toml "${few[@]}" --set train.activation_checkpointing=full
@@ -204,7 +210,8 @@ measure() {
   mkdir -p "$RUNS"
   summary=()
   speed_runs
-  extent_runs
+  long_runs
+  memory_runs
   summarise_runs
 }
 
@@ -259,12 +266,13 @@ session() {
   mkdir -p "$RUNS" "$final"
   summary=()
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$out/gpu.txt"
-  for phase in ${PHASES:-tests speed bench extent article}; do
+  for phase in ${PHASES:-tests speed bench long memory article}; do
     case $phase in
       tests) parallel_tests "$out" ;;
       speed) speed_runs ;;
       bench) bench bench ;;
-      extent) extent_runs ;;
+      long) long_runs ;;
+      memory) memory_runs ;;
       losses) loss_runs ;;
       article) LIMIT_BENCH=$(($(left) - 25)) bench bench-article --preset article ;;
       *) echo "unknown phase $phase" >&2 ;;
