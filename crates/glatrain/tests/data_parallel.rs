@@ -4,6 +4,7 @@
 //! devices (NCCL, skipped without them), two ranks train as one. Tiny GLA models; each run takes
 //! seconds.
 
+use glatrain_fs::sorted_names;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -101,15 +102,6 @@ fn max_relative_difference(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
 #[test]
 fn two_ranks_train_as_one_rank_with_twice_the_micro_batch() {
     let dir = workdir();
@@ -140,7 +132,10 @@ fn two_ranks_train_as_one_rank_with_twice_the_micro_batch() {
         .count();
     assert_eq!(summaries, 1, "{}", text(&two.stdout));
     let runs = dir.path().join("runs");
-    assert_eq!(names(&runs.join("one")), names(&runs.join("two")));
+    assert_eq!(
+        sorted_names(&runs.join("one")).unwrap(),
+        sorted_names(&runs.join("two")).unwrap()
+    );
     let (l1, l2) = (losses(&runs.join("one")), losses(&runs.join("two")));
     assert_eq!(l1.len(), 20);
     let diff = max_relative_difference(&l2, &l1);

@@ -9,7 +9,9 @@
 //! is off by percents). Kernel output buffers are poisoned with NaN first, so an unwritten
 //! element fails. Skips on machines without CUDA.
 
-use glatrain_ops::launch::set_poison_outputs;
+mod common;
+
+use common::cuda;
 use glatrain_ops::{rms_norm, swiglu};
 use glatrain_shim::autograd::grad;
 use glatrain_testing::{rel_rms, Rng};
@@ -18,16 +20,6 @@ use tch::{Device, Kind, Tensor};
 const EPS: f64 = 1e-6;
 const FLOOR: f64 = 1e-5;
 const KINDS: [Kind; 3] = [Kind::Float, Kind::BFloat16, Kind::Half];
-
-fn cuda() -> Option<Device> {
-    if tch::Cuda::is_available() {
-        set_poison_outputs(true);
-        Some(Device::Cuda(0))
-    } else {
-        println!("skipped: no CUDA device");
-        None
-    }
-}
 
 /// `values` (any dtype) as a contiguous CUDA tensor of `kind` whose data starts `offset`
 /// elements past its allocation (offset 1: not 16-byte aligned), a leaf requiring grad.

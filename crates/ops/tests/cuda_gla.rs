@@ -6,22 +6,14 @@
 //! than the fp32 bound (where the naive error happens to be ~0, e.g. a single token). Kernel output buffers are
 //! poisoned with NaN first, so an unwritten element fails. Skips on machines without CUDA.
 
+mod common;
+
+use common::cuda;
 use glatrain_ops::gla::kernels::{self, BackwardInputs};
-use glatrain_ops::launch::set_poison_outputs;
 use glatrain_ops::reference::gla::{gla_chunked, DEFAULT_CHUNK};
 use glatrain_ops::{gla, GlaMode};
 use glatrain_testing::{rel_rms, Rng};
 use tch::{Device, Kind, Tensor};
-
-fn cuda() -> Option<Device> {
-    if tch::Cuda::is_available() {
-        set_poison_outputs(true);
-        Some(Device::Cuda(0))
-    } else {
-        println!("skipped: no CUDA device");
-        None
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Case {

@@ -3,21 +3,13 @@
 //! after the first one runs on reused memory), and a sequence split in two with the state carried
 //! across the split. Skips on machines without CUDA.
 
-use glatrain_ops::launch::set_poison_outputs;
+mod common;
+
+use common::cuda;
 use glatrain_ops::reference::gla::{gla_chunked, DEFAULT_CHUNK};
 use glatrain_ops::{gla, GlaMode};
 use glatrain_testing::{rel_rms, Rng};
 use tch::{Device, Kind, Tensor};
-
-fn cuda() -> Option<Device> {
-    if tch::Cuda::is_available() {
-        set_poison_outputs(true);
-        Some(Device::Cuda(0))
-    } else {
-        println!("skipped: no CUDA device");
-        None
-    }
-}
 
 /// f64 inputs on the device and the output gradient.
 struct Inputs {

@@ -8,21 +8,13 @@
 //! fp32 bound. Kernel output buffers are poisoned with NaN first, so an unwritten element fails.
 //! Skips on machines without CUDA.
 
-use glatrain_ops::launch::set_poison_outputs;
+mod common;
+
+use common::cuda;
 use glatrain_ops::selective_scan::{prepare, Segments};
 use glatrain_ops::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 use glatrain_testing::{rel_rms, Rng};
 use tch::{Device, Kind, Tensor};
-
-fn cuda() -> Option<Device> {
-    if tch::Cuda::is_available() {
-        set_poison_outputs(true);
-        Some(Device::Cuda(0))
-    } else {
-        println!("skipped: no CUDA device");
-        None
-    }
-}
 
 /// Segments forced on every launch: one chunk each (the most segments), or one segment.
 const MOST_SEGMENTS: Segments = Segments::ChunksPerSegment {

@@ -182,8 +182,7 @@ fn identical(a: &Tensor, b: &Tensor) -> bool {
 
 #[test]
 fn quick_code_first_then_the_optimised_code_with_identical_results() {
-    if !tch::Cuda::is_available() {
-        println!("skipped: no CUDA device");
+    if glatrain_testing::cuda_or_skip().is_none() {
         return;
     }
     let cache = tempfile::tempdir().unwrap();

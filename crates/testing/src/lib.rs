@@ -1,10 +1,20 @@
-//! Helpers for testing tensor ops: relative error, a seeded random source, and a finite-difference
-//! gradient check (tch has no `gradcheck`). The ops' tests compare fast ops against their
-//! references with them.
+//! Helpers for testing tensor ops: relative error, a seeded random source, a finite-difference
+//! gradient check (tch has no `gradcheck`), and the CUDA device of tests that skip without one.
 
 use std::collections::BTreeSet;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+/// The first CUDA device, or `None` after printing that the calling test is skipped (on machines
+/// without CUDA, where GPU tests pass without running).
+pub fn cuda_or_skip() -> Option<Device> {
+    if tch::Cuda::is_available() {
+        Some(Device::Cuda(0))
+    } else {
+        println!("skipped: no CUDA device");
+        None
+    }
+}
 
 /// Relative root-mean-square error `||a - b|| / ||b||`, computed in f64.
 ///

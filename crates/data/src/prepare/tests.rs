@@ -1,6 +1,7 @@
 //! `prepare` end to end: formats, splits, shards, tokenizers, bad records, threads, and that a
 //! failed or stopped run leaves nothing behind.
 
+use glatrain_testing::sorted_names;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -34,16 +35,6 @@ fn prep(
         &options(tokenizer, shard_tokens, valid_fraction),
     )
     .map(|r| r.manifest)
-}
-
-/// Names in `dir`, sorted.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 /// Three small files: 12 documents in all.
@@ -232,7 +223,7 @@ fn failures_leave_nothing_behind() {
         )),
         "{err}"
     );
-    assert_eq!(listing(dir.path()), ["in"]);
+    assert_eq!(sorted_names(dir.path()), ["in"]);
 
     let err = prep(
         std::slice::from_ref(&input),
@@ -286,7 +277,7 @@ fn corrupted_datasets_are_refused_on_open() {
 /// Every file of a dataset directory with its bytes, for comparing two runs.
 fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    for name in listing(dir) {
+    for name in sorted_names(dir) {
         let path = dir.join(&name);
         if path.is_dir() {
             for (inner, bytes) in contents(&path) {
@@ -525,7 +516,7 @@ fn a_bad_record_stops_the_run_and_leaves_nothing() {
             ),
             "{tokenizer}"
         );
-        assert_eq!(listing(dir.path()), ["corpus"], "{tokenizer}");
+        assert_eq!(sorted_names(dir.path()), ["corpus"], "{tokenizer}");
     }
 
     // A parquet file without the text column stops whatever the policy.
@@ -540,7 +531,7 @@ fn a_bad_record_stops_the_run_and_leaves_nothing() {
     )
     .unwrap_err();
     assert!(matches!(err, DataError::ParquetColumn { .. }), "{err}");
-    assert_eq!(listing(dir.path()), ["corpus"]);
+    assert_eq!(sorted_names(dir.path()), ["corpus"]);
 }
 
 #[test]
@@ -560,5 +551,5 @@ fn an_interrupted_run_leaves_nothing() {
     .unwrap_err();
     assert!(matches!(err, DataError::Interrupted { .. }), "{err}");
     assert!(!err.is_bad_input());
-    assert_eq!(listing(dir.path()), ["input"]);
+    assert_eq!(sorted_names(dir.path()), ["input"]);
 }

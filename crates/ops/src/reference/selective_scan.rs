@@ -528,11 +528,9 @@ mod tests {
     /// f64 sequential scan on the CPU, and its gradients are finite.
     #[test]
     fn chunked_on_cuda_matches_cpu_sequential() {
-        if !tch::Cuda::is_available() {
-            println!("skipped: no CUDA device");
+        let Some(cuda) = glatrain_testing::cuda_or_skip() else {
             return;
-        }
-        let cuda = Device::Cuda(0);
+        };
         let x = inputs(61, [2, 130, 5, 16], Steps::Strong, Kind::Double);
         let (y_ref, h_ref) =
             selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
