@@ -2,11 +2,12 @@
 //! `kernels/fused.cu`).
 
 use glatrain_cuda::{launch, KernelDtype};
-use glatrain_shim::autograd::{self, CustomOp, Forward};
+use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Tensor};
 
 use super::{aligned, contiguous, vec_width, FUSED};
-use crate::error::{bridged, is_float};
+use crate::bridge::{self, bridged, bridged_list};
+use crate::error::is_float;
 use crate::launch::{buffer, device_of, kernel_dtype, ptr, tiles};
 use crate::reference::swiglu as reference;
 use crate::OpError;
@@ -70,10 +71,8 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
         (Device::Cuda(_), Some(_)) => {
             let a = contiguous(a, a.kind())?;
             let b = contiguous(b, b.kind())?;
-            let mut outs = autograd::apply(Box::new(SwiGluOp), &[Some(&a), Some(&b)])
-                .map_err(OpError::Autograd)?;
-            outs.pop()
-                .ok_or_else(|| OpError::Autograd(format!("{OP}: no output")))
+            let [y] = bridge::apply(OP, SwiGluOp, &[Some(&a), Some(&b)])?;
+            Ok(y)
         }
         _ => Ok(reference::swiglu(a, b)?),
     }
@@ -84,15 +83,10 @@ struct SwiGluOp;
 
 impl CustomOp for SwiGluOp {
     fn forward(&self, inputs: &[Option<&Tensor>]) -> Result<Forward, String> {
-        let [a, b] = inputs else {
-            return Err(format!("{OP}: 2 inputs expected, got {}", inputs.len()));
-        };
+        let [a, b] = bridged_list(OP, "inputs", inputs)?;
         let (a, b) = (bridged(OP, *a, "a")?, bridged(OP, *b, "b")?);
         let y = forward(a, b).map_err(|e| e.to_string())?;
-        Ok(Forward {
-            outputs: vec![y],
-            saved: vec![Some(a.shallow_clone()), Some(b.shallow_clone())],
-        })
+        Ok(Forward::saving(vec![y], &[Some(a), Some(b)], []))
     }
 
     fn backward(
@@ -100,12 +94,7 @@ impl CustomOp for SwiGluOp {
         saved: &[Option<&Tensor>],
         grads: &[Option<&Tensor>],
     ) -> Result<Vec<Option<Tensor>>, String> {
-        let [a, b] = saved else {
-            return Err(format!(
-                "{OP}: 2 saved tensors expected, got {}",
-                saved.len()
-            ));
-        };
+        let [a, b] = bridged_list(OP, "saved tensors", saved)?;
         let (a, b) = (bridged(OP, *a, "a")?, bridged(OP, *b, "b")?);
         let Some(dy) = grads.first().copied().flatten() else {
             return Ok(vec![None, None]);
