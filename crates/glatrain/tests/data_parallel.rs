@@ -4,10 +4,12 @@
 //! devices (NCCL, skipped without them), two ranks train as one. Tiny GLA models; each run takes
 //! seconds.
 
-use glatrain_fs::sorted_names;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use glatrain_fs::sorted_names;
+use glatrain_testing::process::{dir_with, logged_series, send_signal, text, wait_until};
 
 /// A micro GLA model, fp32, one libtorch thread per rank, a checkpoint every 5 steps.
 const CONFIG: &str = r#"
@@ -44,9 +46,7 @@ progress = "lines"
 "#;
 
 fn workdir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("r.toml"), CONFIG).unwrap();
-    dir
+    dir_with("r.toml", CONFIG)
 }
 
 fn glatrain(dir: &Path, args: &[&str]) -> Command {
@@ -64,10 +64,6 @@ fn run(dir: &Path, args: &[&str]) -> Output {
     glatrain(dir, args).output().unwrap()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn check_success(out: &Output) {
     assert!(
         out.status.success(),
@@ -77,18 +73,8 @@ fn check_success(out: &Output) {
     );
 }
 
-/// The `step` and `key` of every record of a run's metrics.jsonl that has `key`.
-fn scalars(run_dir: &Path, key: &str) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_u64()?, v[key].as_f64()?)))
-        .collect()
-}
-
 fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
-    scalars(run_dir, "train/loss")
+    logged_series(run_dir, "train/loss")
 }
 
 fn max_relative_difference(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
@@ -143,8 +129,8 @@ fn two_ranks_train_as_one_rank_with_twice_the_micro_batch() {
     assert!(diff <= 1e-6, "{diff}");
     // Rank 0 evaluates the sequences one rank with the global micro-batch would.
     let (e1, e2) = (
-        scalars(&runs.join("one"), "eval/loss"),
-        scalars(&runs.join("two"), "eval/loss"),
+        logged_series(&runs.join("one"), "eval/loss"),
+        logged_series(&runs.join("two"), "eval/loss"),
     );
     assert_eq!(e1.len(), 1);
     let diff = max_relative_difference(&e2, &e1);
@@ -267,19 +253,17 @@ fn ranks_of(launcher: u32) -> Vec<(u32, String)> {
 
 /// Waits until `done`, while `launcher` runs.
 fn wait_for(launcher: &mut Child, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
+    wait_until(what, || {
+        if done() {
+            return true;
+        }
         if let Some(status) = launcher.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
             panic!("the launcher ended ({status}) before {what}:\n{err}");
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "waited for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        false
+    });
 }
 
 fn newest_checkpoint(run_dir: &Path) -> Option<u64> {
@@ -328,11 +312,7 @@ fn a_killed_rank_stops_the_run_and_the_run_resumes_exactly() {
     let ranks = ranks_of(launcher.id());
     let rank1 = ranks.iter().find(|(_, r)| r == "1").expect("rank 1 runs").0;
     let killed_at = Instant::now();
-    let status = Command::new("kill")
-        .args(["-KILL", &rank1.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(rank1, "KILL");
     let out = launcher.wait_with_output().unwrap();
     let took = killed_at.elapsed();
     let err = text(&out.stderr);
@@ -461,11 +441,7 @@ fn a_signal_to_the_launcher_stops_every_rank_after_the_same_step() {
     .spawn()
     .unwrap();
     wait_for(&mut launcher, "three steps", || losses(&run_dir).len() >= 3);
-    let status = Command::new("kill")
-        .args(["-INT", &launcher.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(launcher.id(), "INT");
     let out = launcher.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");

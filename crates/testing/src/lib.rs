@@ -1,5 +1,8 @@
 //! Helpers for testing tensor ops: relative error, a seeded random source, a finite-difference
-//! gradient check (tch has no `gradcheck`), and the CUDA device of tests that skip without one.
+//! gradient check (tch has no `gradcheck`), and the CUDA device of tests that skip without one;
+//! and, in [`process`], for tests that run training processes.
+
+pub mod process;
 
 use std::collections::BTreeSet;
 
