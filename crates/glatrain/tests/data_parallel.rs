@@ -5,11 +5,11 @@
 //! seconds.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use glatrain_fs::sorted_names;
-use glatrain_testing::process::{dir_with, logged_series, send_signal, text, wait_until};
+use glatrain_testing::process::{dir_with, logged_series, send_signal, start, text, wait_until};
 
 /// A micro GLA model, fp32, one libtorch thread per rank, a checkpoint every 5 steps.
 const CONFIG: &str = r#"
@@ -295,17 +295,12 @@ fn a_killed_rank_stops_the_run_and_the_run_resumes_exactly() {
         "train.schedule=\"constant\"",
     ];
     let killed_dir: PathBuf = dir.path().join("runs/killed");
-    let mut launcher: Child = glatrain(dir.path(), &common)
-        .args([
-            "--set",
-            "run.name=killed",
-            "--set",
-            "train.max_steps=100000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut launcher = start(glatrain(dir.path(), &common).args([
+        "--set",
+        "run.name=killed",
+        "--set",
+        "train.max_steps=100000",
+    ]));
     wait_for(&mut launcher, "the first checkpoint", || {
         newest_checkpoint(&killed_dir).is_some()
     });
@@ -423,7 +418,7 @@ fn a_sharded_optimizer_state_trains_and_resumes_as_the_replicated_one() {
 fn a_signal_to_the_launcher_stops_every_rank_after_the_same_step() {
     let dir = workdir();
     let run_dir = dir.path().join("runs/r");
-    let mut launcher = glatrain(
+    let mut launcher = start(&mut glatrain(
         dir.path(),
         &[
             "--nproc-per-node",
@@ -435,11 +430,7 @@ fn a_signal_to_the_launcher_stops_every_rank_after_the_same_step() {
             "--set",
             "train.checkpoint_every=0",
         ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ));
     wait_for(&mut launcher, "three steps", || losses(&run_dir).len() >= 3);
     send_signal(launcher.id(), "INT");
     let out = launcher.wait_with_output().unwrap();

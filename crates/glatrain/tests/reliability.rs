@@ -3,10 +3,10 @@
 //! Tiny models on the CPU; every test takes seconds.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::time::Duration;
 
-use glatrain_testing::process::{dir_with, logged_series, send_signal, text, wait_until};
+use glatrain_testing::process::{dir_with, logged_series, send_signal, start, text, wait_until};
 
 /// A micro Transformer++ whose steps take milliseconds, checkpointing every 5 steps.
 const CONFIG: &str = r#"
@@ -74,14 +74,8 @@ fn run_limited(dir: &Path, limits: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn start(dir: &Path, args: &[&str]) -> Child {
-    binary()
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the glatrain binary starts")
+fn start_in(dir: &Path, args: &[&str]) -> Child {
+    start(binary().args(args).current_dir(dir))
 }
 
 /// The `step` and `train/loss` of every training line of a run's metrics.jsonl.
@@ -139,7 +133,7 @@ fn one_writer_per_run_and_an_interrupted_run_resumes_exactly() {
 
     let mut args = vec!["--config", "r.toml"];
     args.extend(short);
-    let first = start(d, &args);
+    let first = start_in(d, &args);
     let run_dir = d.join("runs/r");
     wait_for_steps(&run_dir, 3);
     let mut second_args = args.clone();
@@ -196,7 +190,7 @@ fn a_second_signal_exits_at_once_and_the_run_resumes() {
         if trial > 0 {
             trial_args.push("--resume");
         }
-        let child = start(d, &trial_args);
+        let child = start_in(d, &trial_args);
         wait_for_steps(&run_dir, 5 * (trial + 1) + 2);
         send_signal(child.id(), "TERM");
         std::thread::sleep(Duration::from_millis(15));

@@ -1,8 +1,8 @@
-//! Helpers for tests that run training processes: a polling wait with a deadline, signals, a
-//! process's output as text, a run directory to start from and the metrics a run logged.
+//! Helpers for tests that run training processes: a background start, a polling wait with a
+//! deadline, signals, a process's output as text, a run directory to start from and the metrics a run logged.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Waits (polling every 5 ms, two minutes at most) until `done`.
@@ -31,6 +31,18 @@ pub fn send_signal(pid: u32, name: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "kill -{name} {pid}: {status}");
+}
+
+/// Starts `cmd` in the background with its stdout discarded and its stderr kept (for
+/// `wait_with_output`).
+///
+/// # Panics
+/// When it cannot start.
+pub fn start(cmd: &mut Command) -> Child {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"))
 }
 
 /// A process's output (stdout or stderr bytes) as text.
