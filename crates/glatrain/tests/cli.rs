@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use glatrain_testing::process::text;
+use glatrain_testing::process::{assert_exit, text};
 
 fn glatrain(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_glatrain"))
@@ -25,24 +25,14 @@ fn help_succeeds_and_missing_config_is_a_usage_error() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("--config <FILE|NAME>"));
     let bare = glatrain(&[], dir.path());
-    assert_eq!(bare.status.code(), Some(2));
-    assert!(
-        text(&bare.stderr).contains("--config"),
-        "{}",
-        text(&bare.stderr)
-    );
+    assert_exit(&bare, 2, "--config");
 }
 
 #[test]
 fn config_errors_exit_2_and_name_file_key_and_value() {
     let dir = tempfile::tempdir().unwrap();
     let missing = glatrain(&["--config", "nope.toml"], dir.path());
-    assert_eq!(missing.status.code(), Some(2));
-    assert!(
-        text(&missing.stderr).contains("nope.toml"),
-        "{}",
-        text(&missing.stderr)
-    );
+    assert_exit(&missing, 2, "nope.toml");
 
     std::fs::write(
         dir.path().join("bad.toml"),
@@ -57,12 +47,7 @@ fn config_errors_exit_2_and_name_file_key_and_value() {
     let config = repo().join("configs/gla-tiny.toml");
     let config = config.to_str().unwrap();
     let unknown = glatrain(&["--config", config, "--set", "train.lrr=1"], dir.path());
-    assert_eq!(unknown.status.code(), Some(2));
-    assert!(
-        text(&unknown.stderr).contains("train.lrr"),
-        "{}",
-        text(&unknown.stderr)
-    );
+    assert_exit(&unknown, 2, "train.lrr");
     // Nothing was written for any of these.
     assert!(!dir.path().join("runs").exists());
 }
@@ -129,21 +114,11 @@ fn bad_data_and_checkpoints_exit_2_and_write_nothing() {
         &["prepare", "--input", "empty", "--out", "tokens"],
         dir.path(),
     );
-    assert_eq!(prepare.status.code(), Some(2), "{}", text(&prepare.stderr));
-    assert!(
-        text(&prepare.stderr).contains("empty"),
-        "{}",
-        text(&prepare.stderr)
-    );
+    assert_exit(&prepare, 2, "empty");
     assert!(!dir.path().join("tokens").exists());
 
     let eval = glatrain(&["eval", "--checkpoint", "runs/none"], dir.path());
-    assert_eq!(eval.status.code(), Some(2), "{}", text(&eval.stderr));
-    assert!(
-        text(&eval.stderr).contains("runs/none"),
-        "{}",
-        text(&eval.stderr)
-    );
+    assert_exit(&eval, 2, "runs/none");
 }
 
 #[test]
@@ -185,12 +160,7 @@ fn shipped_configs_run_by_name_from_any_directory() {
     assert!(other.path().join("runs/gla-tiny/config.toml").exists());
 
     let unknown = glatrain(&["--config", "gla-341m"], dir.path());
-    assert_eq!(unknown.status.code(), Some(2));
-    assert!(
-        text(&unknown.stderr).contains("no such config file; the shipped configs"),
-        "{}",
-        text(&unknown.stderr)
-    );
+    assert_exit(&unknown, 2, "no such config file; the shipped configs");
 }
 
 #[test]
@@ -342,12 +312,7 @@ fn export_and_text_evaluation_from_the_command_line() {
         assert!(dir.path().join("hf").join(file).is_file(), "{file}");
     }
     let again = glatrain(&["export", "--checkpoint", run, "--out", "hf"], dir.path());
-    assert_eq!(again.status.code(), Some(2), "{}", text(&again.stderr));
-    assert!(
-        text(&again.stderr).contains("--force"),
-        "{}",
-        text(&again.stderr)
-    );
+    assert_exit(&again, 2, "--force");
     let forced = glatrain(
         &["export", "--checkpoint", run, "--out", "hf", "--force"],
         dir.path(),
@@ -411,12 +376,7 @@ fn export_and_text_evaluation_refuse_bad_input_with_exit_2() {
         &["export", "--checkpoint", "runs/none", "--out", "hf"],
         dir.path(),
     );
-    assert_eq!(missing.status.code(), Some(2), "{}", text(&missing.stderr));
-    assert!(
-        text(&missing.stderr).contains("runs/none"),
-        "{}",
-        text(&missing.stderr)
-    );
+    assert_exit(&missing, 2, "runs/none");
     let dtype = glatrain(
         &[
             "export",
@@ -429,12 +389,7 @@ fn export_and_text_evaluation_refuse_bad_input_with_exit_2() {
         ],
         dir.path(),
     );
-    assert_eq!(dtype.status.code(), Some(2));
-    assert!(
-        text(&dtype.stderr).contains("fp8"),
-        "{}",
-        text(&dtype.stderr)
-    );
+    assert_exit(&dtype, 2, "fp8");
     let both = glatrain(
         &[
             "eval",
@@ -447,11 +402,6 @@ fn export_and_text_evaluation_refuse_bad_input_with_exit_2() {
         ],
         dir.path(),
     );
-    assert_eq!(both.status.code(), Some(2));
-    assert!(
-        text(&both.stderr).contains("--data"),
-        "{}",
-        text(&both.stderr)
-    );
+    assert_exit(&both, 2, "--data");
     assert!(!dir.path().join("hf").exists());
 }

@@ -1,8 +1,9 @@
 //! Helpers for tests that run training processes: a background start, a polling wait with a
-//! deadline, signals, a process's output as text, a run directory to start from and the metrics a run logged.
+//! deadline, signals, a process's output as text and its exit status, a run directory to start
+//! from and the metrics a run logged.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Waits (polling every 5 ms, two minutes at most) until `done`.
@@ -48,6 +49,17 @@ pub fn start(cmd: &mut Command) -> Child {
 /// A process's output (stdout or stderr bytes) as text.
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Asserts that a finished process exited with `code` and said `says` on stderr.
+///
+/// # Panics
+/// Otherwise, showing its stderr.
+#[track_caller]
+pub fn assert_exit(out: &Output, code: i32, says: &str) {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr:\n{err}");
+    assert!(err.contains(says), "{says:?} is not in its stderr:\n{err}");
 }
 
 /// A temporary directory holding one file, `name` with `contents` (a config to run from it).
