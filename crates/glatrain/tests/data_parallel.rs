@@ -88,23 +88,33 @@ fn max_relative_difference(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Trains run `one` on one rank with micro-batches of `2 * micro` and run `two` on two ranks with
+/// `micro` each, both with `extra` arguments; checks that both succeed and returns two's output.
+fn one_rank_and_two(dir: &Path, extra: &[&str], micro: u32) -> Output {
+    let one_micro = format!("train.micro_batch_size={}", 2 * micro);
+    let one = run(
+        dir,
+        &[extra, &["--set", "run.name=one", "--set", &one_micro]].concat(),
+    );
+    check_success(&one);
+    let two_micro = format!("train.micro_batch_size={micro}");
+    let two_ranks = [
+        "--nproc-per-node",
+        "2",
+        "--set",
+        "run.name=two",
+        "--set",
+        &two_micro,
+    ];
+    let two = run(dir, &[extra, &two_ranks].concat());
+    check_success(&two);
+    two
+}
+
 #[test]
 fn two_ranks_train_as_one_rank_with_twice_the_micro_batch() {
     let dir = workdir();
-    let one = run(dir.path(), &["--set", "run.name=one"]);
-    check_success(&one);
-    let two = run(
-        dir.path(),
-        &[
-            "--nproc-per-node",
-            "2",
-            "--set",
-            "run.name=two",
-            "--set",
-            "train.micro_batch_size=4",
-        ],
-    );
-    check_success(&two);
+    let two = one_rank_and_two(dir.path(), &[], 4);
     let err = text(&two.stderr);
     assert!(err.contains("launching 2 ranks"), "{err}");
     assert!(
@@ -146,28 +156,7 @@ fn two_ranks_on_two_gpus_train_as_one_rank_with_twice_the_micro_batch() {
         return;
     }
     let dir = workdir();
-    let cuda = ["--set", "run.device=\"cuda\""];
-    let one = run(
-        dir.path(),
-        &[&cuda[..], &["--set", "run.name=one"]].concat(),
-    );
-    check_success(&one);
-    let two = run(
-        dir.path(),
-        &[
-            &cuda[..],
-            &[
-                "--nproc-per-node",
-                "2",
-                "--set",
-                "run.name=two",
-                "--set",
-                "train.micro_batch_size=4",
-            ],
-        ]
-        .concat(),
-    );
-    check_success(&two);
+    one_rank_and_two(dir.path(), &["--set", "run.device=\"cuda\""], 4);
     let runs = dir.path().join("runs");
     let (l1, l2) = (losses(&runs.join("one")), losses(&runs.join("two")));
     assert_eq!(l1.len(), 20);
@@ -188,31 +177,7 @@ fn accumulation_and_activation_checkpointing_keep_two_ranks_equal_to_one() {
         "--set",
         "train.activation_checkpointing=\"full\"",
     ];
-    let one = run(
-        dir.path(),
-        &[
-            &common[..],
-            &["--set", "run.name=one", "--set", "train.micro_batch_size=4"],
-        ]
-        .concat(),
-    );
-    check_success(&one);
-    let two = run(
-        dir.path(),
-        &[
-            &common[..],
-            &[
-                "--nproc-per-node",
-                "2",
-                "--set",
-                "run.name=two",
-                "--set",
-                "train.micro_batch_size=2",
-            ],
-        ]
-        .concat(),
-    );
-    check_success(&two);
+    let two = one_rank_and_two(dir.path(), &common, 2);
     assert!(
         text(&two.stderr).contains("2 micro-batches of 2 on each of 2 ranks"),
         "{}",
