@@ -1,14 +1,14 @@
 //! [`rms_norm`]: RMSNorm over the last dimension with an optional swish gate, and the launchers
 //! of its kernels (`rms_norm_fwd`, `rms_norm_bwd`, `rms_norm_dw` in `kernels/fused.cu`).
 
-use glatrain_cuda::{launch, CudaError, KernelDtype};
+use glatrain_cuda::{launch, CudaError};
 use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
 use super::{aligned, contiguous, int32, vec_width, FUSED};
 use crate::bridge::{self, bridged, bridged_list};
 use crate::error::is_float;
-use crate::launch::{buffer, device_of, kernel_dtype, opt_ptr, ptr, tiles};
+use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, opt_ptr, ptr, tiles};
 use crate::reference::norm as reference;
 use crate::OpError;
 
@@ -187,15 +187,6 @@ fn rows_of(x: &Tensor) -> (i64, i64) {
     (x.numel() as i64 / n, n)
 }
 
-fn dtype(x: &Tensor) -> Result<KernelDtype, OpError> {
-    kernel_dtype(x.kind()).ok_or_else(|| OpError::Dtype {
-        op: OP,
-        tensor: "x",
-        expected: "the CUDA kernels take f32, bf16 or f16".into(),
-        actual: x.kind(),
-    })
-}
-
 /// y and rstd (`[rows]` fp32) from contiguous CUDA x and gate.
 fn forward(
     x: &Tensor,
@@ -209,7 +200,7 @@ fn forward(
     if rows == 0 {
         return Ok((y, rstd));
     }
-    let (dev, dt) = (device_of(x)?, dtype(x)?);
+    let (dev, dt) = (device_of(x)?, kernel_dtype_of(OP, "x", x)?);
     let w32 = contiguous(w, Kind::Float)?;
     let vec = i32::from(n % vec_width(dt) == 0 && aligned(&[Some(x), g, Some(&y), Some(&w32)]));
     let (rows32, n32) = (int32(OP, "rows", rows)?, int32(OP, "n", n)?);
@@ -238,7 +229,7 @@ fn backward(
     if rows == 0 {
         return Ok((dx, w.f_zeros_like()?, dg));
     }
-    let (dev, dt) = (device_of(x)?, dtype(x)?);
+    let (dev, dt) = (device_of(x)?, kernel_dtype_of(OP, "x", x)?);
     let w32 = contiguous(w, Kind::Float)?;
     let vec = n % vec_width(dt) == 0
         && aligned(&[Some(x), g, Some(&dy), Some(&dx), dg.as_ref(), Some(&w32)]);

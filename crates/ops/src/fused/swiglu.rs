@@ -8,7 +8,7 @@ use tch::{Device, Tensor};
 use super::{aligned, contiguous, vec_width, FUSED};
 use crate::bridge::{self, bridged, bridged_list};
 use crate::error::is_float;
-use crate::launch::{buffer, device_of, kernel_dtype, ptr, tiles};
+use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, ptr, tiles};
 use crate::reference::swiglu as reference;
 use crate::OpError;
 
@@ -22,28 +22,16 @@ const MAX_BLOCKS: i64 = 4096;
 
 fn check(a: &Tensor, b: &Tensor) -> Result<(), OpError> {
     if b.size() != a.size() {
-        return Err(OpError::Shape {
-            op: OP,
-            tensor: "b",
-            expected: format!("a's shape {:?}", a.size()),
-            actual: b.size(),
-        });
+        let expected = format!("a's shape {:?}", a.size());
+        return Err(OpError::shape(OP, "b", expected, b.size()));
     }
     if !is_float(a.kind()) {
-        return Err(OpError::Dtype {
-            op: OP,
-            tensor: "a",
-            expected: "expected a floating-point dtype".into(),
-            actual: a.kind(),
-        });
+        let expected = "expected a floating-point dtype".into();
+        return Err(OpError::dtype(OP, "a", expected, a.kind()));
     }
     if b.kind() != a.kind() {
-        return Err(OpError::Dtype {
-            op: OP,
-            tensor: "b",
-            expected: format!("expected a's dtype {:?}", a.kind()),
-            actual: b.kind(),
-        });
+        let expected = format!("expected a's dtype {:?}", a.kind());
+        return Err(OpError::dtype(OP, "b", expected, b.kind()));
     }
     if b.device() != a.device() {
         return Err(OpError::Device {
@@ -104,15 +92,6 @@ impl CustomOp for SwiGluOp {
     }
 }
 
-fn dtype(a: &Tensor) -> Result<KernelDtype, OpError> {
-    kernel_dtype(a.kind()).ok_or_else(|| OpError::Dtype {
-        op: OP,
-        tensor: "a",
-        expected: "the CUDA kernels take f32, bf16 or f16".into(),
-        actual: a.kind(),
-    })
-}
-
 /// Blocks and the `vec` flag of a launch over `n` elements of `dt`: 16-byte chunks where every
 /// tensor is 16-byte aligned, then the tail element by element.
 fn geometry(n: i64, dt: KernelDtype, tensors: &[Option<&Tensor>]) -> (i64, i32) {
@@ -127,7 +106,7 @@ fn forward(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
     if n == 0 {
         return Ok(y);
     }
-    let (dev, dt) = (device_of(a)?, dtype(a)?);
+    let (dev, dt) = (device_of(a)?, kernel_dtype_of(OP, "a", a)?);
     let (blocks, vec) = geometry(n, dt, &[Some(a), Some(b), Some(&y)]);
     let (ap, bp, yp) = (ptr(a), ptr(b), ptr(&y));
     let f = dev.kernel(&FUSED, dt, "swiglu_fwd")?;
@@ -143,7 +122,7 @@ fn backward(a: &Tensor, b: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor), OpE
     if n == 0 {
         return Ok((da, db));
     }
-    let (dev, dt) = (device_of(a)?, dtype(a)?);
+    let (dev, dt) = (device_of(a)?, kernel_dtype_of(OP, "a", a)?);
     let tensors = [Some(a), Some(b), Some(&dy), Some(&da), Some(&db)];
     let (blocks, vec) = geometry(n, dt, &tensors);
     let (ap, bp, dyp, dap, dbp) = (ptr(a), ptr(b), ptr(&dy), ptr(&da), ptr(&db));
