@@ -45,6 +45,9 @@ tensorboard = false
 progress = "lines"
 "#;
 
+/// The launch of most tests: two ranks, each with micro-batches of 4 (one rank's 8).
+const TWO_RANKS_OF_4: [&str; 4] = ["--nproc-per-node", "2", "--set", "train.micro_batch_size=4"];
+
 fn workdir() -> tempfile::TempDir {
     dir_with("r.toml", CONFIG)
 }
@@ -252,13 +255,10 @@ fn a_killed_rank_stops_the_run_and_the_run_resumes_exactly() {
     // A constant learning rate: the killed run may train up to any step without changing the
     // steps it shares with the uninterrupted one.
     let common = [
-        "--nproc-per-node",
-        "2",
-        "--set",
-        "train.micro_batch_size=4",
-        "--set",
-        "train.schedule=\"constant\"",
-    ];
+        &TWO_RANKS_OF_4[..],
+        &["--set", "train.schedule=\"constant\""],
+    ]
+    .concat();
     let killed_dir: PathBuf = dir.path().join("runs/killed");
     let mut launcher = start(glatrain(dir.path(), &common).args([
         "--set",
@@ -322,18 +322,15 @@ fn a_sharded_optimizer_state_trains_and_resumes_as_the_replicated_one() {
             format!("run.name={name}"),
             format!("train.max_steps={steps}"),
         );
-        let mut args = vec![
-            "--nproc-per-node",
-            "2",
-            "--set",
-            "train.micro_batch_size=4",
+        let mut args = TWO_RANKS_OF_4.to_vec();
+        args.extend([
             "--set",
             "train.schedule=\"constant\"",
             "--set",
             &name,
             "--set",
             &steps,
-        ];
+        ]);
         args.extend_from_slice(extra);
         let out = run(dir.path(), &args);
         check_success(&out);
@@ -386,15 +383,15 @@ fn a_signal_to_the_launcher_stops_every_rank_after_the_same_step() {
     let mut launcher = start(&mut glatrain(
         dir.path(),
         &[
-            "--nproc-per-node",
-            "2",
-            "--set",
-            "train.micro_batch_size=4",
-            "--set",
-            "train.max_steps=100000",
-            "--set",
-            "train.checkpoint_every=0",
-        ],
+            &TWO_RANKS_OF_4[..],
+            &[
+                "--set",
+                "train.max_steps=100000",
+                "--set",
+                "train.checkpoint_every=0",
+            ],
+        ]
+        .concat(),
     ));
     wait_for(&mut launcher, "three steps", || losses(&run_dir).len() >= 3);
     send_signal(launcher.id(), "INT");
@@ -427,7 +424,7 @@ fn bad_launches_are_exit_2_with_the_reason() {
             "MASTER_ADDR",
         ),
         (
-            vec!["--nproc-per-node", "2", "--set", "train.micro_batch_size=4"],
+            TWO_RANKS_OF_4.to_vec(),
             vec![("RANK", "0"), ("WORLD_SIZE", "2")],
             "WORLD_SIZE=2 is set",
         ),
@@ -444,14 +441,7 @@ fn bad_launches_are_exit_2_with_the_reason() {
             "multiple of 4 x 2 = 8",
         ),
         (
-            vec![
-                "--nproc-per-node",
-                "2",
-                "--set",
-                "train.micro_batch_size=4",
-                "--set",
-                "run.device=\"cuda:0\"",
-            ],
+            [&TWO_RANKS_OF_4[..], &["--set", "run.device=\"cuda:0\""]].concat(),
             vec![],
             "names one device for all WORLD_SIZE=2 ranks",
         ),
