@@ -358,6 +358,13 @@ mod tests {
         text.parse().expect("test TOML parses")
     }
 
+    /// The message `check_document` rejects `text` with.
+    fn rejection(text: &str) -> String {
+        check_document(&parse(text), &Origin::new("x.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn field_lists_come_from_the_structs() {
         assert_eq!(
@@ -403,10 +410,7 @@ mod tests {
 
     #[test]
     fn unknown_nested_and_top_level_keys() {
-        let doc = parse("[model]\ntype = \"gla\"\n[train.loss_scale]\ninitial = 1.0\n");
-        let msg = check_document(&doc, &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\ntype = \"gla\"\n[train.loss_scale]\ninitial = 1.0\n");
         assert!(
             msg.contains("train.loss_scale.initial: unknown key"),
             "{msg}"
@@ -416,10 +420,7 @@ mod tests {
             "{msg}"
         );
 
-        let doc = parse("[model]\ntype = \"gla\"\n[optim]\nlr = 1.0\n");
-        let msg = check_document(&doc, &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\ntype = \"gla\"\n[optim]\nlr = 1.0\n");
         assert!(
             msg.contains("x.toml: optim: unknown key; valid keys of the top level are: run, model"),
             "{msg}"
@@ -428,10 +429,7 @@ mod tests {
 
     #[test]
     fn keys_of_another_model_type_are_unknown() {
-        let doc = parse("[model]\ntype = \"mamba\"\nnum_heads = 4\n");
-        let msg = check_document(&doc, &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\ntype = \"mamba\"\nnum_heads = 4\n");
         assert!(msg.contains("model.num_heads: unknown key"), "{msg}");
         assert!(msg.contains("type = \"mamba\""), "{msg}");
         assert!(msg.contains("d_state"), "{msg}");
@@ -439,45 +437,30 @@ mod tests {
 
     #[test]
     fn wrong_types_name_key_value_and_expectation() {
-        let doc = parse("[model]\ntype = \"gla\"\n[train]\nlr = \"fast\"\n");
-        let msg = check_document(&doc, &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\ntype = \"gla\"\n[train]\nlr = \"fast\"\n");
         assert!(
             msg.starts_with("x.toml: train.lr = \"fast\": invalid type: string"),
             "{msg}"
         );
         assert!(msg.contains("expected f64"), "{msg}");
 
-        let doc = parse("[model]\ntype = \"gla\"\nnum_layers = -2\n");
-        let msg = check_document(&doc, &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\ntype = \"gla\"\nnum_layers = -2\n");
         assert!(
             msg.contains("model.num_layers = -2: invalid value"),
             "{msg}"
         );
 
-        let doc = parse("[model]\ntype = \"gla\"\n[train]\nschedule = \"linear\"\n");
-        let msg = check_document(&doc, &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\ntype = \"gla\"\n[train]\nschedule = \"linear\"\n");
         assert!(
             msg.contains("train.schedule = \"linear\": unknown variant `linear`"),
             "{msg}"
         );
         assert!(msg.contains("`cosine`"), "{msg}");
 
-        let doc = parse("train = 3\n[model]\ntype = \"gla\"\n");
-        let msg = check_document(&doc, &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("train = 3\n[model]\ntype = \"gla\"\n");
         assert_eq!(msg, "x.toml: train = 3: expected a table [train]");
 
-        let doc = parse("[model]\ntype = \"gla\"\n[train]\nloss_scale = 2.0\n");
-        let msg = check_document(&doc, &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\ntype = \"gla\"\n[train]\nloss_scale = 2.0\n");
         assert_eq!(
             msg,
             "x.toml: train.loss_scale = 2.0: expected a table [train.loss_scale]"
@@ -486,28 +469,20 @@ mod tests {
 
     #[test]
     fn model_table_and_type_are_required_and_checked() {
-        let msg = check_document(&parse("[train]\nlr = 1.0\n"), &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[train]\nlr = 1.0\n");
         assert!(msg.starts_with("x.toml: missing [model]"), "{msg}");
 
-        let msg = check_document(&parse("[model]\nhidden_size = 8\n"), &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\nhidden_size = 8\n");
         assert!(msg.starts_with("x.toml: missing model.type"), "{msg}");
 
-        let msg = check_document(&parse("[model]\ntype = \"rwkv\"\n"), &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\ntype = \"rwkv\"\n");
         assert_eq!(
             msg,
             "x.toml: model.type = \"rwkv\": unknown model type; \
              expected \"gla\", \"transformer\" or \"mamba\""
         );
 
-        let msg = check_document(&parse("[model]\ntype = 1\n"), &Origin::new("x.toml"))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection("[model]\ntype = 1\n");
         assert!(
             msg.starts_with("x.toml: model.type = 1: expected a string"),
             "{msg}"

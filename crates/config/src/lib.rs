@@ -128,6 +128,13 @@ mod tests {
         items.iter().map(|s| s.to_string()).collect()
     }
 
+    /// The message `text` (from `origin`, with `overrides`) is rejected with.
+    fn rejection(text: &str, origin: &str, overrides: &[&str]) -> String {
+        from_str(text, origin, &s(overrides))
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn every_shipped_config_loads_validates_and_round_trips() {
         let mut names = Vec::new();
@@ -153,18 +160,8 @@ mod tests {
             }
         }
         names.sort();
-        assert_eq!(
-            names,
-            [
-                "gla-1.3b",
-                "gla-340m",
-                "gla-tiny",
-                "mamba-370m",
-                "mamba-tiny",
-                "transformer-340m",
-                "transformer-tiny"
-            ]
-        );
+        let shipped: Vec<&str> = shipped::SHIPPED.iter().map(|c| c.name).collect();
+        assert_eq!(names, shipped);
     }
 
     #[test]
@@ -342,30 +339,22 @@ mod tests {
         };
         assert!(m.use_short_conv);
 
-        let msg = from_str(text, "x.toml", &s(&["train.lr=-1"]))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection(text, "x.toml", &["train.lr=-1"]);
         assert_eq!(
             msg,
             "x.toml (--set train.lr=-1): train.lr = -1: must be a finite number >= 0"
         );
-        let msg = from_str(text, "x.toml", &s(&["train.lr=fast"]))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection(text, "x.toml", &["train.lr=fast"]);
         assert!(
             msg.starts_with("x.toml (--set train.lr=fast): train.lr = \"fast\": invalid type"),
             "{msg}"
         );
-        let msg = from_str(text, "x.toml", &s(&["model.hiden_size=3"]))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection(text, "x.toml", &["model.hiden_size=3"]);
         assert!(
             msg.starts_with("override `--set model.hiden_size=3`: model.hiden_size: unknown key"),
             "{msg}"
         );
-        let msg = from_str(text, "x.toml", &s(&["model.type=rnn"]))
-            .unwrap_err()
-            .to_string();
+        let msg = rejection(text, "x.toml", &["model.type=rnn"]);
         assert!(
             msg.contains("(--set model.type=rnn): model.type = \"rnn\": unknown model type"),
             "{msg}"
@@ -374,36 +363,30 @@ mod tests {
 
     #[test]
     fn file_errors_name_the_file_and_key() {
-        let msg = from_str(
+        let msg = rejection(
             "[model]\ntype = \"gla\"\nnum_heads = 3\n",
             "configs/x.toml",
             &[],
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert_eq!(
             msg,
             "configs/x.toml: model.num_heads = 3: key_dim 512 (hidden_size 1024 * expand_k 0.5) \
              is not divisible by it"
         );
-        let msg = from_str(
+        let msg = rejection(
             "[model]\ntype = \"transformer\"\nnum_heads = 3\n",
             "configs/x.toml",
             &[],
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert_eq!(
             msg,
             "configs/x.toml: model.num_heads = 3: hidden_size 1024 is not divisible by it"
         );
-        let msg = from_str(
+        let msg = rejection(
             "[model]\ntype = \"gla\"\nhiden_size = 3\n",
             "configs/x.toml",
             &[],
-        )
-        .unwrap_err()
-        .to_string();
+        );
         assert!(
             msg.starts_with("configs/x.toml: model.hiden_size: unknown key; valid keys of"),
             "{msg}"

@@ -511,6 +511,17 @@ mod tests {
         }
     }
 
+    /// A change to a config, for tables of cases.
+    type Edit = fn(&mut Config);
+
+    /// Each edit of a `base()` config is rejected with a message containing its text.
+    #[track_caller]
+    fn rejected(base: fn() -> Config, cases: &[(Edit, &str)]) {
+        for (edit, expected) in cases {
+            assert_err(check(base(), edit), expected);
+        }
+    }
+
     #[track_caller]
     fn assert_err(msg: Option<String>, expected: &str) {
         let msg = msg.expect("config should be rejected");
@@ -571,95 +582,81 @@ mod tests {
 
     #[test]
     fn gla_dimension_rules() {
-        assert_err(
-            check(gla(), |c| gla_mut(c).num_heads = 3),
-            "model.num_heads = 3: key_dim 512 (hidden_size 1024 * expand_k 0.5) is not divisible by it",
-        );
-        assert_err(
-            check(gla(), |c| {
-                let m = gla_mut(c);
-                m.num_heads = 8;
-                // 96 * (1/3) is 32 up to float error: accepted as 32.
-                m.expand_k = 1.0 / 3.0;
-                m.expand_v = 0.625;
-                m.hidden_size = 96;
-            }),
-            "model.num_heads = 8: value_dim 60 (hidden_size 96 * expand_v 0.625) is not divisible by it",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).expand_k = 0.3),
-            "model.expand_k = 0.3: key_dim = hidden_size 1024 * 0.3 = 307.2 is not an integer",
-        );
-        assert_err(
-            check(gla(), |c| {
-                gla_mut(c).hidden_size = 2;
-                gla_mut(c).expand_k = 0.2;
-            }),
-            "model.expand_k = 0.2: key_dim = hidden_size 2 * 0.2 = 0.4 rounds to 0",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).expand_k = 0.0),
-            "model.expand_k = 0: must be a finite number > 0",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).expand_v = -1.0),
-            "model.expand_v = -1: must be a finite number > 0",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).hidden_size = 0),
-            "model.hidden_size = 0: must be at least 1",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).num_heads = 0),
-            "model.num_heads = 0: must be at least 1",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).num_layers = 0),
-            "model.num_layers = 0: must be at least 1",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).conv_size = 0),
-            "model.conv_size = 0: must be at least 1",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).intermediate_size = Some(0)),
-            "model.intermediate_size = 0: must be at least 1",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).gate_low_rank_dim = 0),
-            "model.gate_low_rank_dim = 0",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).norm_eps = 0.0),
-            "model.norm_eps = 0",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).expand_k = f64::NAN),
-            "model.expand_k = NaN",
+        rejected(
+            gla,
+            &[
+                (
+                    |c| gla_mut(c).num_heads = 3,
+                    "model.num_heads = 3: key_dim 512 (hidden_size 1024 * expand_k 0.5) is not divisible by it",
+                ),
+                (
+                    |c| {
+                        let m = gla_mut(c);
+                        m.num_heads = 8;
+                        // 96 * (1/3) is 32 up to float error: accepted as 32.
+                        m.expand_k = 1.0 / 3.0;
+                        m.expand_v = 0.625;
+                        m.hidden_size = 96;
+                    },
+                    "model.num_heads = 8: value_dim 60 (hidden_size 96 * expand_v 0.625) is not divisible by it",
+                ),
+                (
+                    |c| gla_mut(c).expand_k = 0.3,
+                    "model.expand_k = 0.3: key_dim = hidden_size 1024 * 0.3 = 307.2 is not an integer",
+                ),
+                (
+                    |c| {
+                        gla_mut(c).hidden_size = 2;
+                        gla_mut(c).expand_k = 0.2;
+                    },
+                    "model.expand_k = 0.2: key_dim = hidden_size 2 * 0.2 = 0.4 rounds to 0",
+                ),
+                (|c| gla_mut(c).expand_k = 0.0, "model.expand_k = 0: must be a finite number > 0"),
+                (
+                    |c| gla_mut(c).expand_v = -1.0,
+                    "model.expand_v = -1: must be a finite number > 0",
+                ),
+                (|c| gla_mut(c).hidden_size = 0, "model.hidden_size = 0: must be at least 1"),
+                (|c| gla_mut(c).num_heads = 0, "model.num_heads = 0: must be at least 1"),
+                (|c| gla_mut(c).num_layers = 0, "model.num_layers = 0: must be at least 1"),
+                (|c| gla_mut(c).conv_size = 0, "model.conv_size = 0: must be at least 1"),
+                (
+                    |c| gla_mut(c).intermediate_size = Some(0),
+                    "model.intermediate_size = 0: must be at least 1",
+                ),
+                (|c| gla_mut(c).gate_low_rank_dim = 0, "model.gate_low_rank_dim = 0"),
+                (|c| gla_mut(c).norm_eps = 0.0, "model.norm_eps = 0"),
+                (|c| gla_mut(c).expand_k = f64::NAN, "model.expand_k = NaN"),
+            ],
         );
     }
 
     #[test]
     fn transformer_head_rules() {
-        assert_err(
-            check(transformer(), |c| transformer_mut(c).num_heads = 3),
-            "model.num_heads = 3: hidden_size 1024 is not divisible by it",
-        );
-        assert_err(
-            check(transformer(), |c| {
-                let m = transformer_mut(c);
-                m.hidden_size = 96;
-                m.num_heads = 32;
-            }),
-            "model.num_heads = 32: head_dim = hidden_size 96 / num_heads = 3 is odd",
-        );
-        assert_err(
-            check(transformer(), |c| transformer_mut(c).num_kv_heads = Some(3)),
-            "model.num_kv_heads = 3: num_heads 16 is not divisible by it",
-        );
-        assert_err(
-            check(transformer(), |c| transformer_mut(c).num_kv_heads = Some(0)),
-            "model.num_kv_heads = 0: must be at least 1",
+        rejected(
+            transformer,
+            &[
+                (
+                    |c| transformer_mut(c).num_heads = 3,
+                    "model.num_heads = 3: hidden_size 1024 is not divisible by it",
+                ),
+                (
+                    |c| {
+                        let m = transformer_mut(c);
+                        m.hidden_size = 96;
+                        m.num_heads = 32;
+                    },
+                    "model.num_heads = 32: head_dim = hidden_size 96 / num_heads = 3 is odd",
+                ),
+                (
+                    |c| transformer_mut(c).num_kv_heads = Some(3),
+                    "model.num_kv_heads = 3: num_heads 16 is not divisible by it",
+                ),
+                (
+                    |c| transformer_mut(c).num_kv_heads = Some(0),
+                    "model.num_kv_heads = 0: must be at least 1",
+                ),
+            ],
         );
         assert_eq!(
             check(transformer(), |c| transformer_mut(c).num_kv_heads = Some(4)),
@@ -673,45 +670,46 @@ mod tests {
 
     #[test]
     fn mamba_rules() {
-        assert_err(
-            check(mamba(), |c| mamba_mut(c).dt_min = 0.1),
-            "model.dt_min = 0.1: must be below model.dt_max = 0.1",
-        );
-        assert_err(
-            check(mamba(), |c| mamba_mut(c).conv_size = 0),
-            "model.conv_size = 0: must be at least 1",
-        );
-        assert_err(
-            check(mamba(), |c| mamba_mut(c).d_state = 0),
-            "model.d_state = 0",
-        );
-        assert_err(
-            check(mamba(), |c| mamba_mut(c).expand = 0),
-            "model.expand = 0",
-        );
-        assert_err(
-            check(mamba(), |c| mamba_mut(c).dt_rank = Some(0)),
-            "model.dt_rank = 0: must be at least 1",
-        );
-        assert_err(
-            check(mamba(), |c| mamba_mut(c).dt_min = -1.0),
-            "model.dt_min = -1",
+        rejected(
+            mamba,
+            &[
+                (
+                    |c| mamba_mut(c).dt_min = 0.1,
+                    "model.dt_min = 0.1: must be below model.dt_max = 0.1",
+                ),
+                (
+                    |c| mamba_mut(c).conv_size = 0,
+                    "model.conv_size = 0: must be at least 1",
+                ),
+                (|c| mamba_mut(c).d_state = 0, "model.d_state = 0"),
+                (|c| mamba_mut(c).expand = 0, "model.expand = 0"),
+                (
+                    |c| mamba_mut(c).dt_rank = Some(0),
+                    "model.dt_rank = 0: must be at least 1",
+                ),
+                (|c| mamba_mut(c).dt_min = -1.0, "model.dt_min = -1"),
+            ],
         );
     }
 
     #[test]
     fn data_rules() {
-        assert_err(
-            check(gla(), |c| c.data.seq_len = 0),
-            "data.seq_len = 0: must be at least 1",
-        );
-        assert_err(
-            check(gla(), |c| c.data.train = String::new()),
-            "data.train = \"\": must not be empty",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).vocab_size = 100),
-            "model.vocab_size = 100: the byte tokenizer",
+        rejected(
+            gla,
+            &[
+                (
+                    |c| c.data.seq_len = 0,
+                    "data.seq_len = 0: must be at least 1",
+                ),
+                (
+                    |c| c.data.train = String::new(),
+                    "data.train = \"\": must not be empty",
+                ),
+                (
+                    |c| gla_mut(c).vocab_size = 100,
+                    "model.vocab_size = 100: the byte tokenizer",
+                ),
+            ],
         );
         assert_eq!(
             check(gla(), |c| {
@@ -724,33 +722,35 @@ mod tests {
 
     #[test]
     fn batch_rules() {
-        assert_err(
-            check(gla(), |c| c.train.micro_batch_size = 0),
-            "train.micro_batch_size = 0: must be at least 1",
-        );
-        assert_err(
-            check(gla(), |c| c.train.batch_size = Some(12)),
-            "train.batch_size = 12: is not a multiple of train.micro_batch_size = 8",
-        );
-        assert_err(
-            check(gla(), |c| c.train.batch_size = Some(0)),
-            "train.batch_size = 0: must be at least 1",
-        );
-        assert_err(
-            check(gla(), |c| c.train.batch_size = Some(1 << 60)),
-            "times data.seq_len 2048 does not fit in 64 bits",
-        );
-        assert_err(
-            check(gla(), |c| c.train.batch_tokens = Some(100_000)),
-            "train.batch_tokens = 100000: is not a multiple of data.seq_len 2048 * \
+        rejected(
+            gla,
+            &[
+                (
+                    |c| c.train.micro_batch_size = 0,
+                    "train.micro_batch_size = 0: must be at least 1",
+                ),
+                (
+                    |c| c.train.batch_size = Some(12),
+                    "train.batch_size = 12: is not a multiple of train.micro_batch_size = 8",
+                ),
+                (|c| c.train.batch_size = Some(0), "train.batch_size = 0: must be at least 1"),
+                (
+                    |c| c.train.batch_size = Some(1 << 60),
+                    "times data.seq_len 2048 does not fit in 64 bits",
+                ),
+                (
+                    |c| c.train.batch_tokens = Some(100_000),
+                    "train.batch_tokens = 100000: is not a multiple of data.seq_len 2048 * \
              train.micro_batch_size 8 = 16384",
-        );
-        assert_err(
-            check(gla(), |c| {
-                c.train.batch_tokens = Some(32768);
-                c.train.batch_size = Some(8);
-            }),
-            "train.batch_tokens = 32768: disagrees with train.batch_size 8 * data.seq_len 2048 = 16384",
+                ),
+                (
+                    |c| {
+                        c.train.batch_tokens = Some(32768);
+                        c.train.batch_size = Some(8);
+                    },
+                    "train.batch_tokens = 32768: disagrees with train.batch_size 8 * data.seq_len 2048 = 16384",
+                ),
+            ],
         );
         assert_eq!(
             check(gla(), |c| {
@@ -763,21 +763,23 @@ mod tests {
 
     #[test]
     fn optimizer_and_schedule_rules() {
-        assert_err(
-            check(gla(), |c| c.train.lr = -1e-3),
-            "train.lr = -0.001: must be a finite number >= 0",
-        );
-        assert_err(
-            check(gla(), |c| c.train.min_lr = 1e-3),
-            "train.min_lr = 0.001: must not exceed train.lr = 0.0003",
-        );
-        assert_err(
-            check(gla(), |c| c.train.warmup_steps = 2000),
-            "train.warmup_steps = 2000: exceeds train.max_steps = 1000",
-        );
-        assert_err(
-            check(gla(), |c| c.train.max_steps = 0),
-            "train.max_steps = 0",
+        rejected(
+            gla,
+            &[
+                (
+                    |c| c.train.lr = -1e-3,
+                    "train.lr = -0.001: must be a finite number >= 0",
+                ),
+                (
+                    |c| c.train.min_lr = 1e-3,
+                    "train.min_lr = 0.001: must not exceed train.lr = 0.0003",
+                ),
+                (
+                    |c| c.train.warmup_steps = 2000,
+                    "train.warmup_steps = 2000: exceeds train.max_steps = 1000",
+                ),
+                (|c| c.train.max_steps = 0, "train.max_steps = 0"),
+            ],
         );
         for bad in [0.0, 1.5, -0.1] {
             assert_err(
@@ -786,13 +788,18 @@ mod tests {
             );
         }
         assert_eq!(check(gla(), |c| c.train.decay_fraction = 1.0), None);
-        assert_err(
-            check(gla(), |c| c.train.beta1 = 1.0),
-            "train.beta1 = 1: must be in [0, 1)",
-        );
-        assert_err(
-            check(gla(), |c| c.train.beta2 = -0.5),
-            "train.beta2 = -0.5: must be in [0, 1)",
+        rejected(
+            gla,
+            &[
+                (
+                    |c| c.train.beta1 = 1.0,
+                    "train.beta1 = 1: must be in [0, 1)",
+                ),
+                (
+                    |c| c.train.beta2 = -0.5,
+                    "train.beta2 = -0.5: must be in [0, 1)",
+                ),
+            ],
         );
         assert_eq!(check(gla(), |c| c.train.beta1 = 0.0), None);
         assert_err(
@@ -800,42 +807,46 @@ mod tests {
             "train.grad_clip = -1: must be a finite number >= 0",
         );
         assert_eq!(check(gla(), |c| c.train.grad_clip = 0.0), None);
-        assert_err(check(gla(), |c| c.train.eps = 0.0), "train.eps = 0");
-        assert_err(
-            check(gla(), |c| c.train.weight_decay = -0.1),
-            "train.weight_decay = -0.1",
-        );
-        assert_err(
-            check(gla(), |c| c.train.keep_checkpoints = 0),
-            "train.keep_checkpoints = 0: must be at least 1",
-        );
-        assert_err(
-            check(gla(), |c| c.train.max_consecutive_skips = 0),
-            "train.max_consecutive_skips = 0",
+        rejected(
+            gla,
+            &[
+                (|c| c.train.eps = 0.0, "train.eps = 0"),
+                (|c| c.train.weight_decay = -0.1, "train.weight_decay = -0.1"),
+                (
+                    |c| c.train.keep_checkpoints = 0,
+                    "train.keep_checkpoints = 0: must be at least 1",
+                ),
+                (
+                    |c| c.train.max_consecutive_skips = 0,
+                    "train.max_consecutive_skips = 0",
+                ),
+            ],
         );
     }
 
     #[test]
     fn loss_scale_rules() {
-        assert_err(
-            check(gla(), |c| c.train.loss_scale.backoff_factor = 1.0),
-            "train.loss_scale.backoff_factor = 1: must be in (0, 1)",
-        );
-        assert_err(
-            check(gla(), |c| c.train.loss_scale.growth_factor = 0.5),
-            "train.loss_scale.growth_factor = 0.5: must be a finite number >= 1",
-        );
-        assert_err(
-            check(gla(), |c| c.train.loss_scale.init = 0.0),
-            "train.loss_scale.init = 0",
-        );
-        assert_err(
-            check(gla(), |c| c.train.loss_scale.growth_interval = 0),
-            "train.loss_scale.growth_interval = 0",
-        );
-        assert_err(
-            check(gla(), |c| c.train.loss_scale.min_scale = 1e6),
-            "train.loss_scale.min_scale = 1000000: must not exceed train.loss_scale.init = 65536",
+        rejected(
+            gla,
+            &[
+                (
+                    |c| c.train.loss_scale.backoff_factor = 1.0,
+                    "train.loss_scale.backoff_factor = 1: must be in (0, 1)",
+                ),
+                (
+                    |c| c.train.loss_scale.growth_factor = 0.5,
+                    "train.loss_scale.growth_factor = 0.5: must be a finite number >= 1",
+                ),
+                (|c| c.train.loss_scale.init = 0.0, "train.loss_scale.init = 0"),
+                (
+                    |c| c.train.loss_scale.growth_interval = 0,
+                    "train.loss_scale.growth_interval = 0",
+                ),
+                (
+                    |c| c.train.loss_scale.min_scale = 1e6,
+                    "train.loss_scale.min_scale = 1000000: must not exceed train.loss_scale.init = 65536",
+                ),
+            ],
         );
     }
 
@@ -859,21 +870,23 @@ mod tests {
         for good in ["auto", "cpu", "cuda", "cuda:0", "cuda:7"] {
             assert_eq!(check(gla(), |c| c.run.device = good.into()), None, "{good}");
         }
-        assert_err(
-            check(gla(), |c| c.run.name = String::new()),
-            "run.name = \"\": must not be empty",
-        );
-        assert_err(
-            check(gla(), |c| c.run.name = "a/b".into()),
-            "run.name = \"a/b\": must be a plain directory name",
-        );
-        assert_err(
-            check(gla(), |c| c.run.name = "..".into()),
-            "run.name = \"..\"",
-        );
-        assert_err(
-            check(gla(), |c| c.run.out_dir = " ".into()),
-            "run.out_dir = \" \": must not be empty",
+        rejected(
+            gla,
+            &[
+                (
+                    |c| c.run.name = String::new(),
+                    "run.name = \"\": must not be empty",
+                ),
+                (
+                    |c| c.run.name = "a/b".into(),
+                    "run.name = \"a/b\": must be a plain directory name",
+                ),
+                (|c| c.run.name = "..".into(), "run.name = \"..\""),
+                (
+                    |c| c.run.out_dir = " ".into(),
+                    "run.out_dir = \" \": must not be empty",
+                ),
+            ],
         );
     }
 
@@ -919,26 +932,36 @@ mod tests {
             check(gla(), |c| gla_mut(c).intermediate_size = Some(huge)),
             &format!("model.intermediate_size = {huge}: the MLP projection"),
         );
-        assert_err(
-            check(gla(), |c| gla_mut(c).expand_k = 1e15),
-            "model.expand_k = 1000000000000000: the query/key projection",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).expand_v = 1e18),
-            "model.expand_v = 1000000000000000000: value_dim = hidden_size 1024 * \
+        rejected(
+            gla,
+            &[
+                (
+                    |c| gla_mut(c).expand_k = 1e15,
+                    "model.expand_k = 1000000000000000: the query/key projection",
+                ),
+                (
+                    |c| gla_mut(c).expand_v = 1e18,
+                    "model.expand_v = 1000000000000000000: value_dim = hidden_size 1024 * \
              1000000000000000000 = 1024000000000000000000 does not fit 64 bits",
+                ),
+            ],
         );
         assert_err(
             check(mamba(), |c| mamba_mut(c).expand = 1 << 60),
             "model.expand = 1152921504606846976: the input/output projection",
         );
-        assert_err(
-            check(gla(), |c| c.train.micro_batch_size = 1 << 50),
-            "train.micro_batch_size = 1125899906842624: one micro-batch's logits",
-        );
-        assert_err(
-            check(gla(), |c| gla_mut(c).num_layers = 1 << 40),
-            "model.num_layers = 1099511627776: the model would have",
+        rejected(
+            gla,
+            &[
+                (
+                    |c| c.train.micro_batch_size = 1 << 50,
+                    "train.micro_batch_size = 1125899906842624: one micro-batch's logits",
+                ),
+                (
+                    |c| gla_mut(c).num_layers = 1 << 40,
+                    "model.num_layers = 1099511627776: the model would have",
+                ),
+            ],
         );
         // Large but countable: the preflight's business, not validation's.
         assert_eq!(

@@ -305,13 +305,20 @@ mod tests {
         assert!(tok.decode(&[65, 256]).is_err());
     }
 
-    #[test]
-    fn bpe_training_gives_a_working_tokenizer() {
+    /// A BPE tokenizer of 320 tokens trained on five embedded documents, and the tokenizer.json
+    /// it was saved to (in the returned temporary directory).
+    fn small_bpe() -> (tempfile::TempDir, PathBuf, Tokenizer) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.json");
         let text = crate::embedded::valid_text().unwrap();
         let docs = crate::documents::split_documents(&text);
         let tok = train_bpe(docs.iter().take(5), 320, &path).unwrap();
+        (dir, path, tok)
+    }
+
+    #[test]
+    fn bpe_training_gives_a_working_tokenizer() {
+        let (_dir, path, tok) = small_bpe();
         assert!(path.exists());
         assert_eq!(tok.vocab_size(), 320);
         let sample = "The jury said, \"It is well operated.\"\nNew paragraph: 3-to-3 ü";
@@ -333,13 +340,8 @@ mod tests {
 
     #[test]
     fn truncation_in_the_file_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokenizer.json");
-        let text = crate::embedded::valid_text().unwrap();
-        let docs = crate::documents::split_documents(&text);
-        let Tokenizer::HuggingFace { mut inner, .. } =
-            train_bpe(docs.iter().take(5), 320, &path).unwrap()
-        else {
+        let (_dir, path, tok) = small_bpe();
+        let Tokenizer::HuggingFace { mut inner, .. } = tok else {
             panic!("train_bpe returns a Hugging Face tokenizer");
         };
         inner
@@ -350,7 +352,9 @@ mod tests {
             .unwrap();
         inner.save(&path, false).unwrap();
         let tok = Tokenizer::from_file(&path).unwrap();
-        assert!(tok.encode(&docs[0]).unwrap().len() > 100);
+        let text = crate::embedded::valid_text().unwrap();
+        let first = &crate::documents::split_documents(&text)[0];
+        assert!(tok.encode(first).unwrap().len() > 100);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use glatrain_dist::{DataParallel, WorldEnv};
 use glatrain_shim::process_group::{ProcessGroup, StoreServer};
-use glatrain_testing::Rng;
+use glatrain_testing::{cuda_or_skip, Rng};
 use tch::{Device, Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -73,8 +73,7 @@ fn relative_error(a: &[f64], b: &[f64]) -> f64 {
 
 #[test]
 fn all_reduce_sums_and_broadcast_copies_on_each_rank_s_device() {
-    if !tch::Cuda::is_available() {
-        println!("skipped: no CUDA device");
+    if cuda_or_skip().is_none() {
         return;
     }
     // fp32 sums of a few terms round once per term; bf16 keeps 8 bits.
@@ -122,8 +121,7 @@ fn all_reduce_sums_and_broadcast_copies_on_each_rank_s_device() {
 
 #[test]
 fn gradients_and_scalars_are_averaged_on_each_rank_s_device() {
-    if !tch::Cuda::is_available() {
-        println!("skipped: no CUDA device");
+    if cuda_or_skip().is_none() {
         return;
     }
     let shapes: [&[i64]; 3] = [&[3, 5], &[1], &[257, 3]];

@@ -116,15 +116,7 @@ pub fn publish_dir(tmp: &Path, dst: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn names(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
+    use crate::sorted_names;
 
     #[test]
     fn writes_replace_the_file_and_leave_no_temporary() {
@@ -133,11 +125,11 @@ mod tests {
         write_atomic(&path, b"one").unwrap();
         write_atomic(&path, b"two").unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "two");
-        assert_eq!(names(&dir.path().join("sub")), ["x.json"]);
+        assert_eq!(sorted_names(&dir.path().join("sub")).unwrap(), ["x.json"]);
         // A directory in the way: an error, nothing left behind.
         fs::create_dir(dir.path().join("blocked")).unwrap();
         assert!(write_atomic(&dir.path().join("blocked"), b"x").is_err());
-        assert_eq!(names(dir.path()), ["blocked", "sub"]);
+        assert_eq!(sorted_names(dir.path()).unwrap(), ["blocked", "sub"]);
     }
 
     #[test]
@@ -176,7 +168,7 @@ mod tests {
         let mut expected = vec![tmp_dir, tmp_file];
         expected.sort();
         assert_eq!(removed, expected);
-        assert_eq!(names(dir.path()).len(), 6);
+        assert_eq!(sorted_names(dir.path()).unwrap().len(), 6);
         assert!(remove_temporaries(&dir.path().join("missing"))
             .unwrap()
             .is_empty());
@@ -193,6 +185,6 @@ mod tests {
             publish_dir(&tmp, &dst).unwrap();
             assert_eq!(fs::read_to_string(dst.join("f")).unwrap(), content);
         }
-        assert_eq!(names(dir.path()), ["out"]);
+        assert_eq!(sorted_names(dir.path()).unwrap(), ["out"]);
     }
 }

@@ -7,14 +7,17 @@
 //! - [`temporary_name`]: the temporaries of both, named by process so that writers never touch
 //!   each other's, and [`remove_temporaries`] for the leftovers of writers that died;
 //! - [`DirLock`]: one writer per directory (a run directory);
-//! - [`cache_dir`]: where per-user caches live (compiled kernels, measured preflight decisions).
+//! - [`cache_dir`]: where per-user caches live (compiled kernels, measured preflight decisions);
+//! - [`sorted_names`]: a directory's entries in a fixed order.
 
 mod atomic;
 mod cache;
+mod listing;
 mod lock;
 
 pub use atomic::{
     fsync_dir, is_temporary_name, publish_dir, remove_temporaries, temporary_name, write_atomic,
 };
 pub use cache::{cache_dir, cache_root};
+pub use listing::sorted_names;
 pub use lock::{DirLock, Holder, LockError, LOCK_FILE};

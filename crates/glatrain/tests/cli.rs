@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use glatrain_testing::process::{assert_exit, text};
+
 fn glatrain(args: &[&str], dir: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_glatrain"))
         .args(args)
@@ -16,10 +18,6 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 #[test]
 fn help_succeeds_and_missing_config_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -27,20 +25,14 @@ fn help_succeeds_and_missing_config_is_a_usage_error() {
     assert_eq!(help.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&help.stdout).contains("--config <FILE|NAME>"));
     let bare = glatrain(&[], dir.path());
-    assert_eq!(bare.status.code(), Some(2));
-    assert!(stderr(&bare).contains("--config"), "{}", stderr(&bare));
+    assert_exit(&bare, 2, "--config");
 }
 
 #[test]
 fn config_errors_exit_2_and_name_file_key_and_value() {
     let dir = tempfile::tempdir().unwrap();
     let missing = glatrain(&["--config", "nope.toml"], dir.path());
-    assert_eq!(missing.status.code(), Some(2));
-    assert!(
-        stderr(&missing).contains("nope.toml"),
-        "{}",
-        stderr(&missing)
-    );
+    assert_exit(&missing, 2, "nope.toml");
 
     std::fs::write(
         dir.path().join("bad.toml"),
@@ -49,18 +41,13 @@ fn config_errors_exit_2_and_name_file_key_and_value() {
     .unwrap();
     let bad = glatrain(&["--config", "bad.toml"], dir.path());
     assert_eq!(bad.status.code(), Some(2));
-    let msg = stderr(&bad);
+    let msg = text(&bad.stderr);
     assert!(msg.contains("bad.toml: model.num_heads = 3"), "{msg}");
 
     let config = repo().join("configs/gla-tiny.toml");
     let config = config.to_str().unwrap();
     let unknown = glatrain(&["--config", config, "--set", "train.lrr=1"], dir.path());
-    assert_eq!(unknown.status.code(), Some(2));
-    assert!(
-        stderr(&unknown).contains("train.lrr"),
-        "{}",
-        stderr(&unknown)
-    );
+    assert_exit(&unknown, 2, "train.lrr");
     // Nothing was written for any of these.
     assert!(!dir.path().join("runs").exists());
 }
@@ -73,7 +60,7 @@ fn preflight_explains_the_cpu_choice() {
         &["preflight", "--config", config.to_str().unwrap()],
         dir.path(),
     );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("reference"), "{table}");
     assert!(
@@ -104,8 +91,17 @@ fn bench_arguments_are_checked_before_any_gpu_work() {
         ),
     ] {
         let out = glatrain(args, dir.path());
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(words), "{args:?}: {}", stderr(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(words),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
     }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
@@ -118,13 +114,11 @@ fn bad_data_and_checkpoints_exit_2_and_write_nothing() {
         &["prepare", "--input", "empty", "--out", "tokens"],
         dir.path(),
     );
-    assert_eq!(prepare.status.code(), Some(2), "{}", stderr(&prepare));
-    assert!(stderr(&prepare).contains("empty"), "{}", stderr(&prepare));
+    assert_exit(&prepare, 2, "empty");
     assert!(!dir.path().join("tokens").exists());
 
     let eval = glatrain(&["eval", "--checkpoint", "runs/none"], dir.path());
-    assert_eq!(eval.status.code(), Some(2), "{}", stderr(&eval));
-    assert!(stderr(&eval).contains("runs/none"), "{}", stderr(&eval));
+    assert_exit(&eval, 2, "runs/none");
 }
 
 #[test]
@@ -132,7 +126,7 @@ fn shipped_configs_run_by_name_from_any_directory() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["gla-tiny", "gla-tiny.toml"] {
         let out = glatrain(&["preflight", "--config", name], dir.path());
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
         let table = String::from_utf8_lossy(&out.stdout);
         assert!(table.contains("gla-tiny.toml (built in)"), "{table}");
     }
@@ -143,7 +137,7 @@ fn shipped_configs_run_by_name_from_any_directory() {
     )
     .unwrap();
     let own = glatrain(&["preflight", "--config", "gla-tiny.toml"], dir.path());
-    assert_eq!(own.status.code(), Some(0), "{}", stderr(&own));
+    assert_eq!(own.status.code(), Some(0), "{}", text(&own.stderr));
     let table = String::from_utf8_lossy(&own.stdout);
     assert!(!table.contains("(built in)"), "{table}");
 
@@ -162,23 +156,18 @@ fn shipped_configs_run_by_name_from_any_directory() {
         ],
         other.path(),
     );
-    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
     assert!(other.path().join("runs/gla-tiny/config.toml").exists());
 
     let unknown = glatrain(&["--config", "gla-341m"], dir.path());
-    assert_eq!(unknown.status.code(), Some(2));
-    assert!(
-        stderr(&unknown).contains("no such config file; the shipped configs"),
-        "{}",
-        stderr(&unknown)
-    );
+    assert_exit(&unknown, 2, "no such config file; the shipped configs");
 }
 
 #[test]
 fn configs_lists_the_shipped_configs_and_prints_one() {
     let dir = tempfile::tempdir().unwrap();
     let out = glatrain(&["configs"], dir.path());
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let table = String::from_utf8_lossy(&out.stdout);
     let rows: Vec<Vec<&str>> = table
         .lines()
@@ -209,8 +198,8 @@ fn configs_lists_the_shipped_configs_and_prints_one() {
 fn missing_data_fails_at_once_saying_how_to_make_it() {
     let dir = tempfile::tempdir().unwrap();
     let out = glatrain(&["--config", "gla-340m"], dir.path());
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    let msg = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let msg = text(&out.stderr);
     assert!(
         msg.starts_with(
             "error: gla-340m.toml (built in): data.train = \"data/slimpajama-tokens\": no such \
@@ -248,11 +237,11 @@ fn prepare_reads_json_lines_and_stops_at_a_bad_record() {
         &["prepare", "--input", "docs.jsonl", "--out", "tokens"],
         dir.path(),
     );
-    assert_eq!(stop.status.code(), Some(2), "{}", stderr(&stop));
+    assert_eq!(stop.status.code(), Some(2), "{}", text(&stop.stderr));
     assert!(
-        stderr(&stop).starts_with("error: docs.jsonl: line 3: no field \"text\""),
+        text(&stop.stderr).starts_with("error: docs.jsonl: line 3: no field \"text\""),
         "{}",
-        stderr(&stop)
+        text(&stop.stderr)
     );
     assert!(!dir.path().join("tokens").exists());
 
@@ -270,7 +259,7 @@ fn prepare_reads_json_lines_and_stops_at_a_bad_record() {
         ],
         dir.path(),
     );
-    assert_eq!(skip.status.code(), Some(0), "{}", stderr(&skip));
+    assert_eq!(skip.status.code(), Some(0), "{}", text(&skip.stderr));
     let stdout = String::from_utf8_lossy(&skip.stdout);
     assert!(stdout.contains("train: 2 documents"), "{stdout}");
     assert!(
@@ -278,9 +267,9 @@ fn prepare_reads_json_lines_and_stops_at_a_bad_record() {
         "{stdout}"
     );
     assert!(
-        stderr(&skip).contains("skipped bad record: docs.jsonl: line 3"),
+        text(&skip.stderr).contains("skipped bad record: docs.jsonl: line 3"),
         "{}",
-        stderr(&skip)
+        text(&skip.stderr)
     );
 }
 
@@ -301,7 +290,7 @@ fn export_and_text_evaluation_from_the_command_line() {
         ],
         dir.path(),
     );
-    assert_eq!(trained.status.code(), Some(0), "{}", stderr(&trained));
+    assert_eq!(trained.status.code(), Some(0), "{}", text(&trained.stderr));
 
     let run = "runs/transformer-tiny";
     let export = glatrain(
@@ -316,20 +305,19 @@ fn export_and_text_evaluation_from_the_command_line() {
         ],
         dir.path(),
     );
-    assert_eq!(export.status.code(), Some(0), "{}", stderr(&export));
+    assert_eq!(export.status.code(), Some(0), "{}", text(&export.stderr));
     let said = String::from_utf8_lossy(&export.stdout);
     assert!(said.contains("LlamaForCausalLM (bf16 weights)"), "{said}");
     for file in ["config.json", "generation_config.json", "model.safetensors"] {
         assert!(dir.path().join("hf").join(file).is_file(), "{file}");
     }
     let again = glatrain(&["export", "--checkpoint", run, "--out", "hf"], dir.path());
-    assert_eq!(again.status.code(), Some(2), "{}", stderr(&again));
-    assert!(stderr(&again).contains("--force"), "{}", stderr(&again));
+    assert_exit(&again, 2, "--force");
     let forced = glatrain(
         &["export", "--checkpoint", run, "--out", "hf", "--force"],
         dir.path(),
     );
-    assert_eq!(forced.status.code(), Some(0), "{}", stderr(&forced));
+    assert_eq!(forced.status.code(), Some(0), "{}", text(&forced.stderr));
 
     std::fs::write(
         dir.path().join("wiki.txt"),
@@ -348,7 +336,7 @@ fn export_and_text_evaluation_from_the_command_line() {
         ],
         dir.path(),
     );
-    assert_eq!(eval.status.code(), Some(0), "{}", stderr(&eval));
+    assert_eq!(eval.status.code(), Some(0), "{}", text(&eval.stderr));
     let table = String::from_utf8_lossy(&eval.stdout);
     assert!(
         table.contains("4 non-overlapping windows of up to 128 predicted tokens"),
@@ -370,7 +358,12 @@ fn export_and_text_evaluation_from_the_command_line() {
         Ok(check) => {
             let said = String::from_utf8_lossy(&check.stdout);
             println!("{said}");
-            assert_eq!(check.status.code(), Some(0), "{said}{}", stderr(&check));
+            assert_eq!(
+                check.status.code(),
+                Some(0),
+                "{said}{}",
+                text(&check.stderr)
+            );
         }
         Err(e) => println!("check-hf-export.py skipped: cannot run {python}: {e}"),
     }
@@ -383,12 +376,7 @@ fn export_and_text_evaluation_refuse_bad_input_with_exit_2() {
         &["export", "--checkpoint", "runs/none", "--out", "hf"],
         dir.path(),
     );
-    assert_eq!(missing.status.code(), Some(2), "{}", stderr(&missing));
-    assert!(
-        stderr(&missing).contains("runs/none"),
-        "{}",
-        stderr(&missing)
-    );
+    assert_exit(&missing, 2, "runs/none");
     let dtype = glatrain(
         &[
             "export",
@@ -401,8 +389,7 @@ fn export_and_text_evaluation_refuse_bad_input_with_exit_2() {
         ],
         dir.path(),
     );
-    assert_eq!(dtype.status.code(), Some(2));
-    assert!(stderr(&dtype).contains("fp8"), "{}", stderr(&dtype));
+    assert_exit(&dtype, 2, "fp8");
     let both = glatrain(
         &[
             "eval",
@@ -415,7 +402,6 @@ fn export_and_text_evaluation_refuse_bad_input_with_exit_2() {
         ],
         dir.path(),
     );
-    assert_eq!(both.status.code(), Some(2));
-    assert!(stderr(&both).contains("--data"), "{}", stderr(&both));
+    assert_exit(&both, 2, "--data");
     assert!(!dir.path().join("hf").exists());
 }

@@ -5,8 +5,11 @@
 //! seconds.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
+
+use glatrain_fs::sorted_names;
+use glatrain_testing::process::{dir_with, logged_series, send_signal, start, text, wait_until};
 
 /// A micro GLA model, fp32, one libtorch thread per rank, a checkpoint every 5 steps.
 const CONFIG: &str = r#"
@@ -42,10 +45,11 @@ tensorboard = false
 progress = "lines"
 "#;
 
+/// The launch of most tests: two ranks, each with micro-batches of 4 (one rank's 8).
+const TWO_RANKS_OF_4: [&str; 4] = ["--nproc-per-node", "2", "--set", "train.micro_batch_size=4"];
+
 fn workdir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("r.toml"), CONFIG).unwrap();
-    dir
+    dir_with("r.toml", CONFIG)
 }
 
 fn glatrain(dir: &Path, args: &[&str]) -> Command {
@@ -63,10 +67,6 @@ fn run(dir: &Path, args: &[&str]) -> Output {
     glatrain(dir, args).output().unwrap()
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 fn check_success(out: &Output) {
     assert!(
         out.status.success(),
@@ -76,18 +76,8 @@ fn check_success(out: &Output) {
     );
 }
 
-/// The `step` and `key` of every record of a run's metrics.jsonl that has `key`.
-fn scalars(run_dir: &Path, key: &str) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_u64()?, v[key].as_f64()?)))
-        .collect()
-}
-
 fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
-    scalars(run_dir, "train/loss")
+    logged_series(run_dir, "train/loss")
 }
 
 fn max_relative_difference(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
@@ -101,32 +91,33 @@ fn max_relative_difference(a: &[(u64, f64)], b: &[(u64, f64)]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-fn names(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
+/// Trains run `one` on one rank with micro-batches of `2 * micro` and run `two` on two ranks with
+/// `micro` each, both with `extra` arguments; checks that both succeed and returns two's output.
+fn one_rank_and_two(dir: &Path, extra: &[&str], micro: u32) -> Output {
+    let one_micro = format!("train.micro_batch_size={}", 2 * micro);
+    let one = run(
+        dir,
+        &[extra, &["--set", "run.name=one", "--set", &one_micro]].concat(),
+    );
+    check_success(&one);
+    let two_micro = format!("train.micro_batch_size={micro}");
+    let two_ranks = [
+        "--nproc-per-node",
+        "2",
+        "--set",
+        "run.name=two",
+        "--set",
+        &two_micro,
+    ];
+    let two = run(dir, &[extra, &two_ranks].concat());
+    check_success(&two);
+    two
 }
 
 #[test]
 fn two_ranks_train_as_one_rank_with_twice_the_micro_batch() {
     let dir = workdir();
-    let one = run(dir.path(), &["--set", "run.name=one"]);
-    check_success(&one);
-    let two = run(
-        dir.path(),
-        &[
-            "--nproc-per-node",
-            "2",
-            "--set",
-            "run.name=two",
-            "--set",
-            "train.micro_batch_size=4",
-        ],
-    );
-    check_success(&two);
+    let two = one_rank_and_two(dir.path(), &[], 4);
     let err = text(&two.stderr);
     assert!(err.contains("launching 2 ranks"), "{err}");
     assert!(
@@ -140,7 +131,10 @@ fn two_ranks_train_as_one_rank_with_twice_the_micro_batch() {
         .count();
     assert_eq!(summaries, 1, "{}", text(&two.stdout));
     let runs = dir.path().join("runs");
-    assert_eq!(names(&runs.join("one")), names(&runs.join("two")));
+    assert_eq!(
+        sorted_names(&runs.join("one")).unwrap(),
+        sorted_names(&runs.join("two")).unwrap()
+    );
     let (l1, l2) = (losses(&runs.join("one")), losses(&runs.join("two")));
     assert_eq!(l1.len(), 20);
     let diff = max_relative_difference(&l2, &l1);
@@ -148,8 +142,8 @@ fn two_ranks_train_as_one_rank_with_twice_the_micro_batch() {
     assert!(diff <= 1e-6, "{diff}");
     // Rank 0 evaluates the sequences one rank with the global micro-batch would.
     let (e1, e2) = (
-        scalars(&runs.join("one"), "eval/loss"),
-        scalars(&runs.join("two"), "eval/loss"),
+        logged_series(&runs.join("one"), "eval/loss"),
+        logged_series(&runs.join("two"), "eval/loss"),
     );
     assert_eq!(e1.len(), 1);
     let diff = max_relative_difference(&e2, &e1);
@@ -165,28 +159,7 @@ fn two_ranks_on_two_gpus_train_as_one_rank_with_twice_the_micro_batch() {
         return;
     }
     let dir = workdir();
-    let cuda = ["--set", "run.device=\"cuda\""];
-    let one = run(
-        dir.path(),
-        &[&cuda[..], &["--set", "run.name=one"]].concat(),
-    );
-    check_success(&one);
-    let two = run(
-        dir.path(),
-        &[
-            &cuda[..],
-            &[
-                "--nproc-per-node",
-                "2",
-                "--set",
-                "run.name=two",
-                "--set",
-                "train.micro_batch_size=4",
-            ],
-        ]
-        .concat(),
-    );
-    check_success(&two);
+    one_rank_and_two(dir.path(), &["--set", "run.device=\"cuda\""], 4);
     let runs = dir.path().join("runs");
     let (l1, l2) = (losses(&runs.join("one")), losses(&runs.join("two")));
     assert_eq!(l1.len(), 20);
@@ -207,31 +180,7 @@ fn accumulation_and_activation_checkpointing_keep_two_ranks_equal_to_one() {
         "--set",
         "train.activation_checkpointing=\"full\"",
     ];
-    let one = run(
-        dir.path(),
-        &[
-            &common[..],
-            &["--set", "run.name=one", "--set", "train.micro_batch_size=4"],
-        ]
-        .concat(),
-    );
-    check_success(&one);
-    let two = run(
-        dir.path(),
-        &[
-            &common[..],
-            &[
-                "--nproc-per-node",
-                "2",
-                "--set",
-                "run.name=two",
-                "--set",
-                "train.micro_batch_size=2",
-            ],
-        ]
-        .concat(),
-    );
-    check_success(&two);
+    let two = one_rank_and_two(dir.path(), &common, 2);
     assert!(
         text(&two.stderr).contains("2 micro-batches of 2 on each of 2 ranks"),
         "{}",
@@ -272,19 +221,17 @@ fn ranks_of(launcher: u32) -> Vec<(u32, String)> {
 
 /// Waits until `done`, while `launcher` runs.
 fn wait_for(launcher: &mut Child, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
+    wait_until(what, || {
+        if done() {
+            return true;
+        }
         if let Some(status) = launcher.try_wait().unwrap() {
             let mut err = String::new();
             std::io::Read::read_to_string(launcher.stderr.as_mut().unwrap(), &mut err).unwrap();
             panic!("the launcher ended ({status}) before {what}:\n{err}");
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "waited for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        false
+    });
 }
 
 fn newest_checkpoint(run_dir: &Path) -> Option<u64> {
@@ -308,36 +255,24 @@ fn a_killed_rank_stops_the_run_and_the_run_resumes_exactly() {
     // A constant learning rate: the killed run may train up to any step without changing the
     // steps it shares with the uninterrupted one.
     let common = [
-        "--nproc-per-node",
-        "2",
-        "--set",
-        "train.micro_batch_size=4",
-        "--set",
-        "train.schedule=\"constant\"",
-    ];
+        &TWO_RANKS_OF_4[..],
+        &["--set", "train.schedule=\"constant\""],
+    ]
+    .concat();
     let killed_dir: PathBuf = dir.path().join("runs/killed");
-    let mut launcher: Child = glatrain(dir.path(), &common)
-        .args([
-            "--set",
-            "run.name=killed",
-            "--set",
-            "train.max_steps=100000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut launcher = start(glatrain(dir.path(), &common).args([
+        "--set",
+        "run.name=killed",
+        "--set",
+        "train.max_steps=100000",
+    ]));
     wait_for(&mut launcher, "the first checkpoint", || {
         newest_checkpoint(&killed_dir).is_some()
     });
     let ranks = ranks_of(launcher.id());
     let rank1 = ranks.iter().find(|(_, r)| r == "1").expect("rank 1 runs").0;
     let killed_at = Instant::now();
-    let status = Command::new("kill")
-        .args(["-KILL", &rank1.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(rank1, "KILL");
     let out = launcher.wait_with_output().unwrap();
     let took = killed_at.elapsed();
     let err = text(&out.stderr);
@@ -387,18 +322,15 @@ fn a_sharded_optimizer_state_trains_and_resumes_as_the_replicated_one() {
             format!("run.name={name}"),
             format!("train.max_steps={steps}"),
         );
-        let mut args = vec![
-            "--nproc-per-node",
-            "2",
-            "--set",
-            "train.micro_batch_size=4",
+        let mut args = TWO_RANKS_OF_4.to_vec();
+        args.extend([
             "--set",
             "train.schedule=\"constant\"",
             "--set",
             &name,
             "--set",
             &steps,
-        ];
+        ]);
         args.extend_from_slice(extra);
         let out = run(dir.path(), &args);
         check_success(&out);
@@ -448,29 +380,21 @@ fn a_sharded_optimizer_state_trains_and_resumes_as_the_replicated_one() {
 fn a_signal_to_the_launcher_stops_every_rank_after_the_same_step() {
     let dir = workdir();
     let run_dir = dir.path().join("runs/r");
-    let mut launcher = glatrain(
+    let mut launcher = start(&mut glatrain(
         dir.path(),
         &[
-            "--nproc-per-node",
-            "2",
-            "--set",
-            "train.micro_batch_size=4",
-            "--set",
-            "train.max_steps=100000",
-            "--set",
-            "train.checkpoint_every=0",
-        ],
-    )
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+            &TWO_RANKS_OF_4[..],
+            &[
+                "--set",
+                "train.max_steps=100000",
+                "--set",
+                "train.checkpoint_every=0",
+            ],
+        ]
+        .concat(),
+    ));
     wait_for(&mut launcher, "three steps", || losses(&run_dir).len() >= 3);
-    let status = Command::new("kill")
-        .args(["-INT", &launcher.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    send_signal(launcher.id(), "INT");
     let out = launcher.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
@@ -500,7 +424,7 @@ fn bad_launches_are_exit_2_with_the_reason() {
             "MASTER_ADDR",
         ),
         (
-            vec!["--nproc-per-node", "2", "--set", "train.micro_batch_size=4"],
+            TWO_RANKS_OF_4.to_vec(),
             vec![("RANK", "0"), ("WORLD_SIZE", "2")],
             "WORLD_SIZE=2 is set",
         ),
@@ -517,14 +441,7 @@ fn bad_launches_are_exit_2_with_the_reason() {
             "multiple of 4 x 2 = 8",
         ),
         (
-            vec![
-                "--nproc-per-node",
-                "2",
-                "--set",
-                "train.micro_batch_size=4",
-                "--set",
-                "run.device=\"cuda:0\"",
-            ],
+            [&TWO_RANKS_OF_4[..], &["--set", "run.device=\"cuda:0\""]].concat(),
             vec![],
             "names one device for all WORLD_SIZE=2 ranks",
         ),

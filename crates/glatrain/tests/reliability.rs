@@ -3,8 +3,12 @@
 //! Tiny models on the CPU; every test takes seconds.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::time::Duration;
+
+use glatrain_testing::process::{
+    assert_exit, dir_with, logged_series, send_signal, start, text, wait_until,
+};
 
 /// A micro Transformer++ whose steps take milliseconds, checkpointing every 5 steps.
 const CONFIG: &str = r#"
@@ -46,9 +50,7 @@ fn binary() -> Command {
 
 /// A directory with `r.toml`, the config above.
 fn workdir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("r.toml"), CONFIG).unwrap();
-    dir
+    dir_with("r.toml", CONFIG)
 }
 
 fn run(dir: &Path, args: &[&str]) -> Output {
@@ -74,57 +76,23 @@ fn run_limited(dir: &Path, limits: &str, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn start(dir: &Path, args: &[&str]) -> Child {
-    binary()
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the glatrain binary starts")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+fn start_in(dir: &Path, args: &[&str]) -> Child {
+    start(binary().args(args).current_dir(dir))
 }
 
 /// The `step` and `train/loss` of every training line of a run's metrics.jsonl.
 fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v["step"].as_u64()?, v["train/loss"].as_f64()?)))
-        .collect()
+    logged_series(run_dir, "train/loss")
 }
 
 /// Waits until the run has logged `steps` steps.
 fn wait_for_steps(run_dir: &Path, steps: usize) {
-    let start = Instant::now();
-    while losses(run_dir).len() < steps {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "training never started"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-fn signal(child: &Child, name: &str) {
-    // The shell's builtin `kill`: no procps needed.
-    let status = Command::new("sh")
-        .args(["-c", &format!("kill -{name} {}", child.id())])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    wait_until("the training steps", || losses(run_dir).len() >= steps);
 }
 
 fn finish(child: Child) -> (ExitStatus, String) {
     let out = child.wait_with_output().unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status, text(&out.stderr))
 }
 
 /// Temporary entries (`.NAME.tmp-PID-N`) directly in `dir`.
@@ -158,24 +126,29 @@ fn one_writer_per_run_and_an_interrupted_run_resumes_exactly() {
     let mut straight = vec!["--config", "r.toml", "--set", "run.name=straight"];
     straight.extend(short);
     let straight = run(d, &straight);
-    assert_eq!(straight.status.code(), Some(0), "{}", stderr(&straight));
+    assert_eq!(
+        straight.status.code(),
+        Some(0),
+        "{}",
+        text(&straight.stderr)
+    );
 
     let mut args = vec!["--config", "r.toml"];
     args.extend(short);
-    let first = start(d, &args);
+    let first = start_in(d, &args);
     let run_dir = d.join("runs/r");
     wait_for_steps(&run_dir, 3);
     let mut second_args = args.clone();
     second_args.push("--resume");
     let second = run(d, &second_args);
-    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
-    let msg = stderr(&second);
+    assert_eq!(second.status.code(), Some(2), "{}", text(&second.stderr));
+    let msg = text(&second.stderr);
     assert!(
         msg.contains(&format!("in use by process {}", first.id())) && msg.contains("runs/r/lock"),
         "{msg}"
     );
     let logged = losses(&run_dir).len();
-    signal(&first, "INT");
+    send_signal(first.id(), "INT");
     let (status, err) = finish(first);
     assert_eq!(status.code(), Some(130), "{err}");
     assert!(
@@ -193,7 +166,7 @@ fn one_writer_per_run_and_an_interrupted_run_resumes_exactly() {
     );
 
     let resumed = run(d, &second_args);
-    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));
     let bits = |l: Vec<(u64, f64)>| {
         l.into_iter()
             .map(|(s, x)| (s, x.to_bits()))
@@ -219,11 +192,11 @@ fn a_second_signal_exits_at_once_and_the_run_resumes() {
         if trial > 0 {
             trial_args.push("--resume");
         }
-        let child = start(d, &trial_args);
+        let child = start_in(d, &trial_args);
         wait_for_steps(&run_dir, 5 * (trial + 1) + 2);
-        signal(&child, "TERM");
+        send_signal(child.id(), "TERM");
         std::thread::sleep(Duration::from_millis(15));
-        signal(&child, "TERM");
+        send_signal(child.id(), "TERM");
         let (status, err) = finish(child);
         assert_eq!(status.code(), Some(143), "trial {trial}: {status:?}\n{err}");
     }
@@ -237,7 +210,7 @@ fn a_second_signal_exits_at_once_and_the_run_resumes() {
             "train.max_steps=60",
         ],
     );
-    let msg = stderr(&done);
+    let msg = text(&done.stderr);
     assert_eq!(done.status.code(), Some(0), "{msg}");
     assert!(temporaries(&run_dir.join("checkpoints")).is_empty());
 }
@@ -249,7 +222,7 @@ fn a_failed_checkpoint_write_leaves_nothing_and_resume_works() {
     let dir = workdir();
     let d = dir.path();
     let first = run(d, &["--config", "r.toml", "--set", "train.max_steps=5"]);
-    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
     // The weights file is about 400 KB; the limit is 64 KiB (dash counts 512-byte blocks) and
     // SIGXFSZ is ignored, so writes past it fail with EFBIG.
     let again = [
@@ -260,7 +233,7 @@ fn a_failed_checkpoint_write_leaves_nothing_and_resume_works() {
         "train.max_steps=10",
     ];
     let full = run_limited(d, "ulimit -f 128; trap '' XFSZ", &again);
-    let msg = stderr(&full);
+    let msg = text(&full.stderr);
     assert_eq!(full.status.code(), Some(1), "{msg}");
     assert!(
         msg.contains("runs/r/checkpoints/.step-10.tmp-") && msg.contains("weights.safetensors"),
@@ -273,7 +246,7 @@ fn a_failed_checkpoint_write_leaves_nothing_and_resume_works() {
         temporaries(&checkpoints)
     );
     let resumed = run(d, &again);
-    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));
     assert!(checkpoints.join("step-10/manifest.json").exists());
 }
 
@@ -302,7 +275,7 @@ fn an_allocation_failure_is_an_error_not_a_panic() {
             "model.num_heads=4",
         ],
     );
-    let msg = stderr(&out);
+    let msg = text(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{msg}");
     assert!(
         msg.contains("the forward and backward pass ran out of memory")
@@ -325,7 +298,7 @@ fn limits_are_refused_before_anything_is_written() {
     let d = dir.path();
     let refused = |set: &str, expected: &str| {
         let out = run(d, &["--config", "r.toml", "--set", set]);
-        let msg = stderr(&out);
+        let msg = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{set}: {msg}");
         assert!(msg.contains(expected), "{set}: {msg}");
         assert!(!d.join("runs").exists(), "{set} wrote something");
@@ -369,21 +342,19 @@ fn eval_and_sample_check_their_arguments() {
     let dir = workdir();
     let d = dir.path();
     let trained = run(d, &["--config", "r.toml", "--set", "train.max_steps=2"]);
-    assert_eq!(trained.status.code(), Some(0), "{}", stderr(&trained));
+    assert_eq!(trained.status.code(), Some(0), "{}", text(&trained.stderr));
     let out = run(d, &["eval", "--checkpoint", "runs/r", "--plot", "/tmp"]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("/tmp: cannot write the chart there: it is a directory"));
+    assert_exit(
+        &out,
+        2,
+        "/tmp: cannot write the chart there: it is a directory",
+    );
     for cmd in [
         &["eval", "--checkpoint", "runs/none"][..],
         &["sample", "--checkpoint", "runs/none", "--prompt", "a"],
     ] {
         let out = run(d, cmd);
-        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-        assert!(
-            stderr(&out).contains("runs/none: no such checkpoint or run directory"),
-            "{}",
-            stderr(&out)
-        );
+        assert_exit(&out, 2, "runs/none: no such checkpoint or run directory");
     }
     std::fs::write(d.join("prompt.txt"), "The jury said").unwrap();
     let args = [
@@ -398,13 +369,13 @@ fn eval_and_sample_check_their_arguments() {
     let mut from_file = args.to_vec();
     from_file.extend(["--prompt-file", "prompt.txt"]);
     let out = run(d, &from_file);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(text.starts_with("The jury said"), "{text}");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let sample = text(&out.stdout);
+    assert!(sample.starts_with("The jury said"), "{sample}");
     assert!(
-        stderr(&out).contains("past the 64 the model was trained on"),
+        text(&out.stderr).contains("past the 64 the model was trained on"),
         "{}",
-        stderr(&out)
+        text(&out.stderr)
     );
     let mut inline = args.to_vec();
     inline.extend(["--prompt", "The jury said"]);
@@ -412,6 +383,5 @@ fn eval_and_sample_check_their_arguments() {
     let mut missing = args.to_vec();
     missing.extend(["--prompt-file", "none.txt"]);
     let out = run(d, &missing);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("none.txt: cannot read the prompt"));
+    assert_exit(&out, 2, "none.txt: cannot read the prompt");
 }

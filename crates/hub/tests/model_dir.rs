@@ -2,6 +2,7 @@
 //! same weights bit for bit, and every way a directory can disagree with the model is refused
 //! with the key or tensor and both values.
 
+use glatrain_fs::sorted_names;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -99,15 +100,6 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
 #[test]
 fn export_then_import_gives_the_same_weights_bit_for_bit() {
     for model in models() {
@@ -119,7 +111,11 @@ fn export_then_import_gives_the_same_weights_bit_for_bit() {
             files,
             ["config.json", "generation_config.json", "model.safetensors"]
         );
-        assert_eq!(entries(tmp.path()), ["hf"], "nothing temporary is left");
+        assert_eq!(
+            sorted_names(tmp.path()).unwrap(),
+            ["hf"],
+            "nothing temporary is left"
+        );
         let dst = build(&model);
         let (a, b) = (weights(&src), weights(&dst));
         assert!(
@@ -431,7 +427,7 @@ fn the_target_is_never_overwritten_by_accident() {
     let err = write_model_dir(&tmp.path().join("never"), &refused, false).unwrap_err();
     assert!(err.is_bad_input(), "{err}");
     assert_eq!(
-        entries(tmp.path()),
+        sorted_names(tmp.path()).unwrap(),
         ["notes", "out", "tokenizer.json"],
         "a refused export writes nothing"
     );

@@ -1,7 +1,7 @@
 //! Why an op refused its inputs or failed.
 
 use glatrain_cuda::CudaError;
-use tch::{Device, Kind, TchError, Tensor};
+use tch::{Device, Kind, TchError};
 
 /// Why an op refused its inputs or failed. Messages start with the op's name.
 #[derive(Debug, thiserror::Error)]
@@ -109,13 +109,4 @@ pub(crate) fn is_float(kind: Kind) -> bool {
         kind,
         Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
     )
-}
-
-/// The tensor the autograd bridge hands `op` back as `what`, or a message naming it.
-pub(crate) fn bridged<'a>(
-    op: &str,
-    t: Option<&'a Tensor>,
-    what: &str,
-) -> Result<&'a Tensor, String> {
-    t.ok_or_else(|| format!("{op}: {what} missing in the autograd bridge"))
 }

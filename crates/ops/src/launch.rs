@@ -22,6 +22,23 @@ pub fn kernel_dtype(kind: Kind) -> Option<KernelDtype> {
     }
 }
 
+/// The kernel dtype of `t`, argument `tensor` of `op`, or the error that the kernels take f32,
+/// bf16 or f16 only.
+pub(crate) fn kernel_dtype_of(
+    op: &'static str,
+    tensor: &'static str,
+    t: &Tensor,
+) -> Result<KernelDtype, OpError> {
+    kernel_dtype(t.kind()).ok_or_else(|| {
+        OpError::dtype(
+            op,
+            tensor,
+            "the CUDA kernels take f32, bf16 or f16".into(),
+            t.kind(),
+        )
+    })
+}
+
 /// The CUDA device `t` lives on, bound to the calling thread (autograd's backward runs on a
 /// thread of its own).
 pub fn device_of(t: &Tensor) -> Result<Arc<Gpu>, OpError> {

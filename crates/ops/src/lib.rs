@@ -7,6 +7,7 @@
 //! - [`loss`]: the output projection and cross-entropy chunk by chunk, never the full logits;
 //! - [`fused`]: RMSNorm (with an optional swish gate) and SwiGLU, one kernel per direction.
 
+mod bridge;
 mod error;
 pub mod fused;
 pub mod gla;

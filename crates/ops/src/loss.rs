@@ -10,10 +10,10 @@
 //! The forward keeps only each row's logsumexp; the backward computes each chunk's logits again,
 //! turns them into `softmax - onehot`, and accumulates dh and dW chunk by chunk.
 
-use glatrain_shim::autograd::{self, CustomOp, Forward};
+use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Kind, Tensor};
 
-use crate::error::bridged;
+use crate::bridge::{self, bridged, bridged_list};
 use crate::OpError;
 
 /// Rows per chunk unless the caller says otherwise: 4096 x 32000 fp32 logits are 500 MiB.
@@ -70,10 +70,8 @@ pub fn linear_cross_entropy(
         compute,
         chunk_rows,
     };
-    let mut outs = autograd::apply(Box::new(op), &[Some(hidden), Some(weight), Some(targets)])
-        .map_err(OpError::Autograd)?;
-    outs.pop()
-        .ok_or_else(|| OpError::Autograd(format!("{OP}: no output")))
+    let [loss] = bridge::apply(OP, op, &[Some(hidden), Some(weight), Some(targets)])?;
+    Ok(loss)
 }
 
 /// The op as the autograd bridge runs it: inputs (hidden, weight, targets), one output (the
@@ -166,24 +164,18 @@ impl LinearCrossEntropy {
 
 impl CustomOp for LinearCrossEntropy {
     fn forward(&self, inputs: &[Option<&Tensor>]) -> Result<Forward, String> {
-        let [h, w, t] = inputs else {
-            return Err(format!("{OP}: 3 inputs expected, got {}", inputs.len()));
-        };
+        let [h, w, t] = bridged_list(OP, "inputs", inputs)?;
         let (h, w, t) = (
             bridged(OP, *h, "hidden")?,
             bridged(OP, *w, "weight")?,
             bridged(OP, *t, "targets")?,
         );
         let (loss, lse) = self.forward(h, w, t).map_err(|e| e.to_string())?;
-        let saved = [h, w, t]
-            .into_iter()
-            .map(|x| Some(x.shallow_clone()))
-            .chain([Some(lse)])
-            .collect();
-        Ok(Forward {
-            outputs: vec![loss],
-            saved,
-        })
+        Ok(Forward::saving(
+            vec![loss],
+            &[Some(h), Some(w), Some(t)],
+            [Some(lse)],
+        ))
     }
 
     fn backward(
@@ -191,12 +183,7 @@ impl CustomOp for LinearCrossEntropy {
         saved: &[Option<&Tensor>],
         grads: &[Option<&Tensor>],
     ) -> Result<Vec<Option<Tensor>>, String> {
-        let [h, w, t, lse] = saved else {
-            return Err(format!(
-                "{OP}: 4 saved tensors expected, got {}",
-                saved.len()
-            ));
-        };
+        let [h, w, t, lse] = bridged_list(OP, "saved tensors", saved)?;
         let saved = (
             bridged(OP, *h, "hidden")?,
             bridged(OP, *w, "weight")?,

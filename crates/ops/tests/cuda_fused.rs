@@ -9,25 +9,17 @@
 //! is off by percents). Kernel output buffers are poisoned with NaN first, so an unwritten
 //! element fails. Skips on machines without CUDA.
 
-use glatrain_ops::launch::set_poison_outputs;
+mod common;
+
+use common::cuda;
 use glatrain_ops::{rms_norm, swiglu};
 use glatrain_shim::autograd::grad;
-use glatrain_testing::{rel_rms, Rng};
+use glatrain_testing::{assert_all_passed, compare, Rng};
 use tch::{Device, Kind, Tensor};
 
 const EPS: f64 = 1e-6;
 const FLOOR: f64 = 1e-5;
 const KINDS: [Kind; 3] = [Kind::Float, Kind::BFloat16, Kind::Half];
-
-fn cuda() -> Option<Device> {
-    if tch::Cuda::is_available() {
-        set_poison_outputs(true);
-        Some(Device::Cuda(0))
-    } else {
-        println!("skipped: no CUDA device");
-        None
-    }
-}
 
 /// `values` (any dtype) as a contiguous CUDA tensor of `kind` whose data starts `offset`
 /// elements past its allocation (offset 1: not 16-byte aligned), a leaf requiring grad.
@@ -48,21 +40,30 @@ fn run(f: impl Fn(&[Tensor]) -> Tensor, inputs: &[Tensor], dy: &Tensor) -> Vec<T
     out
 }
 
-/// Failures of `got` against `exact`, with the bound from `naive` (both against `exact`).
-fn compare(label: &str, names: &[&str], got: &[Tensor], naive: &[Tensor], exact: &[Tensor]) {
-    let mut failures = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        assert_eq!(got[i].size(), exact[i].size(), "{label} {name}");
-        let err = rel_rms(&got[i], &exact[i]);
-        let bound = FLOOR.max(2.0 * rel_rms(&naive[i], &exact[i]));
-        // NaN (an element no kernel wrote) fails too.
-        if err.is_nan() || err > bound {
-            failures.push(format!(
-                "{label}: {name} error {err:.2e} > bound {bound:.2e}"
-            ));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+/// `got` against `exact`, with the bound from `naive` (both against `exact`), the results named
+/// `names` in order.
+fn assert_close(
+    label: &str,
+    names: &[&'static str],
+    got: &[Tensor],
+    naive: &[Tensor],
+    exact: &[Tensor],
+) {
+    let named = |r: &[Tensor]| -> Vec<(&str, Tensor)> {
+        names
+            .iter()
+            .copied()
+            .zip(r.iter().map(Tensor::shallow_clone))
+            .collect()
+    };
+    let compared = compare(
+        label,
+        &named(got),
+        &named(exact),
+        Some(&named(naive)),
+        FLOOR,
+    );
+    assert_all_passed(&compared);
 }
 
 /// The RMSNorm formula in elementwise ops, in the inputs' dtype.
@@ -134,7 +135,7 @@ fn norm_case(kind: Kind, c: NormCase, seed: u64) {
     let naive = run(|t| norm_formula(t, eps), &in_kind(kind), &dy);
     assert_eq!(got[0].kind(), kind);
     let names = ["y", "dx", "dw", "dg"];
-    compare(
+    assert_close(
         &format!("rms_norm {kind:?} {c:?}"),
         &names[..n_inputs + 1],
         &got,
@@ -248,7 +249,7 @@ fn swiglu_matches_the_reference() {
             let naive = run(formula, &inputs(kind, 0), &dy);
             assert_eq!(got[0].kind(), kind);
             let label = format!("swiglu {kind:?} {shape:?} offset {offset} scale {scale}");
-            compare(&label, &["y", "da", "db"], &got, &naive, &exact);
+            assert_close(&label, &["y", "da", "db"], &got, &naive, &exact);
         }
     }
 }

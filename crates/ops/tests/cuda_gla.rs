@@ -6,22 +6,14 @@
 //! than the fp32 bound (where the naive error happens to be ~0, e.g. a single token). Kernel output buffers are
 //! poisoned with NaN first, so an unwritten element fails. Skips on machines without CUDA.
 
+mod common;
+
+use common::cuda;
 use glatrain_ops::gla::kernels::{self, BackwardInputs};
-use glatrain_ops::launch::set_poison_outputs;
 use glatrain_ops::reference::gla::{gla_chunked, DEFAULT_CHUNK};
 use glatrain_ops::{gla, GlaMode};
-use glatrain_testing::{rel_rms, Rng};
+use glatrain_testing::{assert_all_passed, compare, normal_f64_on, Compared, Rng};
 use tch::{Device, Kind, Tensor};
-
-fn cuda() -> Option<Device> {
-    if tch::Cuda::is_available() {
-        set_poison_outputs(true);
-        Some(Device::Cuda(0))
-    } else {
-        println!("skipped: no CUDA device");
-        None
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -61,8 +53,7 @@ struct Inputs {
 }
 
 fn inputs(c: &Case, seed: u64, dev: Device) -> Inputs {
-    let mut rng = Rng::new(seed);
-    let mut r = |shape: &[i64]| rng.randn(shape, Kind::Double).to_device(dev);
+    let mut r = normal_f64_on(seed, dev);
     let qk = [c.b, c.t, c.h, c.k];
     let vs = [c.b, c.t, c.h, c.v];
     let st = [c.b, c.h, c.k, c.v];
@@ -145,13 +136,6 @@ fn kernel(x: &Inputs, kind: Kind, scale: f64, mode: GlaMode) -> Results {
 
 const FP32_TOLERANCE: f64 = 1e-4;
 
-/// One compared tensor: its error as a fraction of its tolerance (NaN stays NaN) and a line for
-/// the log.
-struct Compared {
-    ratio: f64,
-    line: String,
-}
-
 /// Compares one case's outputs, final state and gradients for one mode and dtype.
 fn check(c: &Case, mode: GlaMode, kind: Kind, seed: u64, dev: Device) -> Vec<Compared> {
     let x = inputs(c, seed, dev);
@@ -159,34 +143,16 @@ fn check(c: &Case, mode: GlaMode, kind: Kind, seed: u64, dev: Device) -> Vec<Com
     let exact = reference(&x, Kind::Double, scale);
     let got = kernel(&x, kind, scale, mode);
     let naive = (kind != Kind::Float).then(|| reference(&x, kind, scale));
-    exact
-        .iter()
-        .enumerate()
-        .map(|(i, (name, want))| {
-            let err = rel_rms(&got[i].1, want);
-            let tol = match &naive {
-                None => FP32_TOLERANCE,
-                Some(n) => (2.0 * rel_rms(&n[i].1, want)).max(FP32_TOLERANCE),
-            };
-            Compared {
-                ratio: err / tol,
-                line: format!(
-                    "{mode:?} {kind:?} {c:?}: {name} rel RMS {err:.3e}, tolerance {tol:.3e}"
-                ),
-            }
-        })
-        .collect()
+    compare(
+        &format!("{mode:?} {kind:?} {c:?}"),
+        &got,
+        &exact,
+        naive.as_deref(),
+        FP32_TOLERANCE,
+    )
 }
 
-/// The lines of the compared tensors over their tolerance.
-fn failures(compared: &[Compared]) -> Vec<&str> {
-    compared
-        .iter()
-        .filter(|x| x.ratio.is_nan() || x.ratio > 1.0)
-        .map(|x| x.line.as_str())
-        .collect()
-}
-
+/// Checks every case in every mode and dtype; fails with every comparison over its tolerance.
 fn run(cases: &[Case], modes: &[GlaMode], kinds: &[Kind]) {
     let Some(dev) = cuda() else { return };
     let mut compared = Vec::new();
@@ -199,15 +165,7 @@ fn run(cases: &[Case], modes: &[GlaMode], kinds: &[Kind]) {
             }
         }
     }
-    // The headroom, for the log: the comparison closest to its tolerance.
-    if let Some(worst) = compared.iter().max_by(|a, b| a.ratio.total_cmp(&b.ratio)) {
-        eprintln!(
-            "closest to its tolerance ({:.2} of it): {}",
-            worst.ratio, worst.line
-        );
-    }
-    let failures = failures(&compared);
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    assert_all_passed(&compared);
 }
 
 const KERNEL_MODES: [GlaMode; 3] = [GlaMode::Chunk, GlaMode::FusedChunk, GlaMode::FusedRecurrent];
@@ -287,8 +245,7 @@ fn prepared_kernels_serve_the_first_call() {
     let c = case(1, 130, 2, 64, 32, true, false);
     let compared = check(&c, GlaMode::Chunk, Kind::Half, 5, dev);
     prepare.join().unwrap().unwrap();
-    let failures = failures(&compared);
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    assert_all_passed(&compared);
 }
 
 #[test]

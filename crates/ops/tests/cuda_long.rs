@@ -3,21 +3,13 @@
 //! after the first one runs on reused memory), and a sequence split in two with the state carried
 //! across the split. Skips on machines without CUDA.
 
-use glatrain_ops::launch::set_poison_outputs;
+mod common;
+
+use common::cuda;
 use glatrain_ops::reference::gla::{gla_chunked, DEFAULT_CHUNK};
 use glatrain_ops::{gla, GlaMode};
-use glatrain_testing::{rel_rms, Rng};
+use glatrain_testing::{assert_all_passed, compare, normal_f64_on, Compared};
 use tch::{Device, Kind, Tensor};
-
-fn cuda() -> Option<Device> {
-    if tch::Cuda::is_available() {
-        set_poison_outputs(true);
-        Some(Device::Cuda(0))
-    } else {
-        println!("skipped: no CUDA device");
-        None
-    }
-}
 
 /// f64 inputs on the device and the output gradient.
 struct Inputs {
@@ -30,8 +22,7 @@ struct Inputs {
 
 fn inputs(shape: [i64; 5], seed: u64, dev: Device) -> Inputs {
     let [b, t, h, k, v] = shape;
-    let mut rng = Rng::new(seed);
-    let mut r = |s: &[i64]| rng.randn(s, Kind::Double).to_device(dev);
+    let mut r = normal_f64_on(seed, dev);
     Inputs {
         q: r(&[b, t, h, k]),
         k: r(&[b, t, h, k]),
@@ -80,36 +71,37 @@ fn reference(x: &Inputs, kind: Kind, scale: f64) -> Vec<Tensor> {
     })
 }
 
-/// The compared tensors over their tolerance (fp32 1e-4 relative RMS; bf16/fp16 twice the error
-/// of the reference run in that precision).
-fn over_tolerance(
+/// Results named in order, from the first of `names`.
+fn named(names: &[&'static str], r: &[Tensor]) -> Vec<(&'static str, Tensor)> {
+    names
+        .iter()
+        .copied()
+        .zip(r.iter().map(Tensor::shallow_clone))
+        .collect()
+}
+
+/// `got` against `exact` (fp32: within 1e-4 relative RMS; bf16/fp16: twice the error of `naive`,
+/// the reference run in that precision).
+fn compared(
     label: &str,
     got: &[Tensor],
     exact: &[Tensor],
     naive: Option<&[Tensor]>,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for i in 0..NAMES.len() {
-        let err = rel_rms(&got[i], &exact[i]);
-        let tol = naive.map_or(1e-4, |n| (2.0 * rel_rms(&n[i], &exact[i])).max(1e-4));
-        println!(
-            "{label}: {} rel RMS {err:.3e}, tolerance {tol:.3e}",
-            NAMES[i]
-        );
-        if err.is_nan() || err > tol {
-            out.push(format!(
-                "{label}: {} rel RMS {err:.3e} > {tol:.3e}",
-                NAMES[i]
-            ));
-        }
-    }
-    out
+) -> Vec<Compared> {
+    let naive = naive.map(|n| named(&NAMES, n));
+    compare(
+        label,
+        &named(&NAMES, got),
+        &named(&NAMES, exact),
+        naive.as_deref(),
+        1e-4,
+    )
 }
 
 #[test]
 fn every_mode_and_dtype_up_to_262144_tokens_twice_in_a_row() {
     let Some(dev) = cuda() else { return };
-    let mut failures = Vec::new();
+    let mut all = Vec::new();
     for (t, seed) in [(32_768, 1), (262_144, 2)] {
         let shape = [1, t, 1, 32, 32];
         let x = inputs(shape, seed, dev);
@@ -124,12 +116,12 @@ fn every_mode_and_dtype_up_to_262144_tokens_twice_in_a_row() {
                         (o, ht.unwrap())
                     });
                     let label = format!("T {t} {mode:?} {kind:?} call {call}");
-                    failures.extend(over_tolerance(&label, &got, &exact, naive.as_deref()));
+                    all.extend(compared(&label, &got, &exact, naive.as_deref()));
                 }
             }
         }
     }
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    assert_all_passed(&all);
 }
 
 #[test]
@@ -140,16 +132,16 @@ fn model_head_dims_at_32768_tokens_twice_in_a_row() {
     let scale = 128f64.powf(-0.5);
     let exact = reference(&x, Kind::Double, scale);
     let naive = reference(&x, Kind::BFloat16, scale);
-    let mut failures = Vec::new();
+    let mut all = Vec::new();
     for call in 1..=2 {
         let got = run(&x, Kind::BFloat16, |q, k, v, g| {
             let (o, ht) = gla(q, k, v, g, None, Some(scale), GlaMode::Chunk, true).unwrap();
             (o, ht.unwrap())
         });
         let label = format!("GLA-340M layer T 32768 call {call}");
-        failures.extend(over_tolerance(&label, &got, &exact, Some(&naive)));
+        all.extend(compared(&label, &got, &exact, Some(&naive)));
     }
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    assert_all_passed(&all);
 }
 
 #[test]
@@ -182,7 +174,9 @@ fn a_split_sequence_carries_its_state() {
     let exact = forward(Kind::Double, &reference);
     let naive = forward(Kind::BFloat16, &reference);
     let part = |t: &Tensor, i: i64| t.narrow(1, i * half, half);
-    let mut failures = Vec::new();
+    let outputs = ["o", "final state"];
+    let (exact, naive) = (named(&outputs, &exact), named(&outputs, &naive));
+    let mut all = Vec::new();
     for mode in [GlaMode::Chunk, GlaMode::FusedChunk, GlaMode::FusedRecurrent] {
         let split = |q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor| {
             let run = |i, h0: Option<&Tensor>| {
@@ -203,17 +197,9 @@ fn a_split_sequence_carries_its_state() {
             let (second, ht) = run(1, Some(&mid));
             (Tensor::cat(&[first, second], 1), ht)
         };
-        let got = forward(Kind::BFloat16, &split);
-        for (i, name) in ["o", "final state"].iter().enumerate() {
-            let err = rel_rms(&got[i], &exact[i]);
-            let tol = (2.0 * rel_rms(&naive[i], &exact[i])).max(1e-4);
-            println!("{mode:?} split at {half}: {name} rel RMS {err:.3e}, tolerance {tol:.3e}");
-            if err.is_nan() || err > tol {
-                failures.push(format!(
-                    "{mode:?} split: {name} rel RMS {err:.3e} > {tol:.3e}"
-                ));
-            }
-        }
+        let got = named(&outputs, &forward(Kind::BFloat16, &split));
+        let label = format!("{mode:?} split at {half}");
+        all.extend(compare(&label, &got, &exact, Some(&naive), 1e-4));
     }
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    assert_all_passed(&all);
 }

@@ -8,21 +8,13 @@
 //! fp32 bound. Kernel output buffers are poisoned with NaN first, so an unwritten element fails.
 //! Skips on machines without CUDA.
 
-use glatrain_ops::launch::set_poison_outputs;
+mod common;
+
+use common::cuda;
 use glatrain_ops::selective_scan::{prepare, Segments};
 use glatrain_ops::{selective_scan, ScanInputs, ScanMode, ScanOptions};
-use glatrain_testing::{rel_rms, Rng};
+use glatrain_testing::{assert_all_passed, compare, normal_f64_on, rel_rms, Compared};
 use tch::{Device, Kind, Tensor};
-
-fn cuda() -> Option<Device> {
-    if tch::Cuda::is_available() {
-        set_poison_outputs(true);
-        Some(Device::Cuda(0))
-    } else {
-        println!("skipped: no CUDA device");
-        None
-    }
-}
 
 /// Segments forced on every launch: one chunk each (the most segments), or one segment.
 const MOST_SEGMENTS: Segments = Segments::ChunksPerSegment {
@@ -84,8 +76,7 @@ struct Inputs {
 }
 
 fn inputs(c: &Case, seed: u64, dev: Device) -> Inputs {
-    let mut rng = Rng::new(seed);
-    let mut r = |shape: &[i64]| rng.randn(shape, Kind::Double).to_device(dev);
+    let mut r = normal_f64_on(seed, dev);
     let (btd, btn, bdn) = ([c.b, c.t, c.d], [c.b, c.t, c.n], [c.b, c.d, c.n]);
     Inputs {
         u: r(&btd),
@@ -201,13 +192,6 @@ fn evaluate(x: &Inputs, c: &Case, kind: Kind, param_kind: Kind, mode: ScanMode) 
 
 const FP32_TOLERANCE: f64 = 1e-4;
 
-/// One compared tensor: its error as a fraction of its tolerance (NaN stays NaN) and a line for
-/// the log.
-struct Compared {
-    ratio: f64,
-    line: String,
-}
-
 /// Compares one case's output, final state and gradients in one dtype.
 fn check(c: &Case, kind: Kind, seed: u64, dev: Device) -> Vec<Compared> {
     let x = inputs(c, seed, dev);
@@ -215,22 +199,13 @@ fn check(c: &Case, kind: Kind, seed: u64, dev: Device) -> Vec<Compared> {
     let got = evaluate(&x, c, kind, Kind::Float, ScanMode::Kernels);
     let naive =
         (kind != Kind::Float).then(|| evaluate(&x, c, kind, Kind::Float, ScanMode::Reference));
-    exact
-        .iter()
-        .enumerate()
-        .map(|(i, (name, want))| {
-            assert_eq!(got[i].0, *name);
-            let err = rel_rms(&got[i].1, want);
-            let tol = match &naive {
-                None => FP32_TOLERANCE,
-                Some(n) => (2.0 * rel_rms(&n[i].1, want)).max(FP32_TOLERANCE),
-            };
-            Compared {
-                ratio: err / tol,
-                line: format!("{kind:?} {c:?}: {name} rel RMS {err:.3e}, tolerance {tol:.3e}"),
-            }
-        })
-        .collect()
+    compare(
+        &format!("{kind:?} {c:?}"),
+        &got,
+        &exact,
+        naive.as_deref(),
+        FP32_TOLERANCE,
+    )
 }
 
 /// Checks every case in every dtype it lists; fails with every comparison over its tolerance.
@@ -242,18 +217,7 @@ fn run(cases: &[(Case, &[Kind])]) {
             compared.extend(check(c, kind, 100 * i as u64 + j as u64, dev));
         }
     }
-    if let Some(worst) = compared.iter().max_by(|a, b| a.ratio.total_cmp(&b.ratio)) {
-        eprintln!(
-            "closest to its tolerance ({:.2} of it): {}",
-            worst.ratio, worst.line
-        );
-    }
-    let failures: Vec<&str> = compared
-        .iter()
-        .filter(|x| x.ratio.is_nan() || x.ratio > 1.0)
-        .map(|x| x.line.as_str())
-        .collect();
-    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    assert_all_passed(&compared);
 }
 
 const ALL_KINDS: &[Kind] = &[Kind::Float, Kind::BFloat16, Kind::Half];
@@ -442,7 +406,7 @@ fn prepared_kernels_serve_the_first_call() {
     let prepare = std::thread::spawn(|| prepare(0, Kind::Half, false));
     let compared = check(&case(1, 130, 33, 16), Kind::Half, 5, dev);
     prepare.join().unwrap().unwrap();
-    assert!(compared.iter().all(|x| x.ratio <= 1.0));
+    assert!(compared.iter().all(Compared::passed));
 }
 
 #[test]

@@ -4,16 +4,14 @@
 
 use glatrain_ops::sdpa::{causal_sdpa, chosen_backend, naive_causal_attention as naive};
 use glatrain_shim::sdp::{OnlyBackend, SdpaBackend};
-use glatrain_testing::rel_rms;
-use tch::{Device, Kind, Tensor};
+use glatrain_testing::{cuda_or_skip, rel_rms};
+use tch::{Kind, Tensor};
 
 #[test]
 fn each_backend_runs_when_chosen_alone_and_computes_attention() {
-    if !tch::Cuda::is_available() {
-        println!("skipped: no CUDA device");
+    let Some(dev) = cuda_or_skip() else {
         return;
-    }
-    let dev = Device::Cuda(0);
+    };
     tch::manual_seed(7);
     let [q, k, v] = [0, 1, 2].map(|_| Tensor::randn([2, 200, 4, 64], (Kind::BFloat16, dev)));
     let exact = naive(&q, &k, &v, Kind::Double);

@@ -18,17 +18,23 @@ use tch::{Device, Kind, Tensor};
 /// One shape: batch, length, heads, key and value head dims.
 type Shape = (i64, i64, i64, i64, i64);
 
-/// o, the final state and the gradients of q, k, v, gk and the initial state, for random inputs
-/// (q, k, v, do in `kind`; gates, states f32).
-fn run(shape: Shape, kind: Kind, mode: GlaMode) -> Vec<(&'static str, Tensor)> {
-    let (b, t, h, k, v) = shape;
-    let mut rng = Rng::new(5);
-    let mut leaf = |size: &[i64], kind: Kind| {
+/// A source of random leaves on the GPU: standard normal samples (drawn in f32 from `seed`'s
+/// stream) of a shape and dtype, requiring grad.
+fn leaves(seed: u64) -> impl FnMut(&[i64], Kind) -> Tensor {
+    let mut rng = Rng::new(seed);
+    move |size, kind| {
         rng.randn(size, Kind::Float)
             .to_kind(kind)
             .to_device(Device::Cuda(0))
             .set_requires_grad(true)
-    };
+    }
+}
+
+/// o, the final state and the gradients of q, k, v, gk and the initial state, for random inputs
+/// (q, k, v, do in `kind`; gates, states f32).
+fn run(shape: Shape, kind: Kind, mode: GlaMode) -> Vec<(&'static str, Tensor)> {
+    let (b, t, h, k, v) = shape;
+    let mut leaf = leaves(5);
     let (q, kk) = (leaf(&[b, t, h, k], kind), leaf(&[b, t, h, k], kind));
     let vv = leaf(&[b, t, h, v], kind);
     let g = leaf(&[b, t, h, k], Kind::Float);
@@ -51,13 +57,7 @@ fn run(shape: Shape, kind: Kind, mode: GlaMode) -> Vec<(&'static str, Tensor)> {
 /// RMSNorm with and without its gate on rows that take the vector path (256, 1000, 4096) and
 /// the element path (7), and SwiGLU.
 fn run_fused(kind: Kind) -> Vec<(&'static str, Tensor)> {
-    let mut rng = Rng::new(7);
-    let mut leaf = |size: &[i64], kind: Kind| {
-        rng.randn(size, Kind::Float)
-            .to_kind(kind)
-            .to_device(Device::Cuda(0))
-            .set_requires_grad(true)
-    };
+    let mut leaf = leaves(7);
     let mut out = Vec::new();
     for (rows, n, gated) in [
         (70, 256, true),
@@ -97,13 +97,7 @@ fn run_fused(kind: Kind) -> Vec<(&'static str, Tensor)> {
 /// The selective scan's output, final state and every gradient for random inputs of
 /// `[b, t, d, n]` (u, delta, z, B, C in `kind`; the rest f32), every option on, with `segments`.
 fn run_scan([b, t, d, n]: [i64; 4], kind: Kind, segments: Segments) -> Vec<(&'static str, Tensor)> {
-    let mut rng = Rng::new(9);
-    let mut leaf = |size: &[i64], kind: Kind| {
-        rng.randn(size, Kind::Float)
-            .to_kind(kind)
-            .to_device(Device::Cuda(0))
-            .set_requires_grad(true)
-    };
+    let mut leaf = leaves(9);
     let (u, delta, z) = (
         leaf(&[b, t, d], kind),
         leaf(&[b, t, d], kind),
@@ -182,8 +176,7 @@ fn identical(a: &Tensor, b: &Tensor) -> bool {
 
 #[test]
 fn quick_code_first_then_the_optimised_code_with_identical_results() {
-    if !tch::Cuda::is_available() {
-        println!("skipped: no CUDA device");
+    if glatrain_testing::cuda_or_skip().is_none() {
         return;
     }
     let cache = tempfile::tempdir().unwrap();

@@ -35,6 +35,16 @@ pub struct PlotError {
     pub message: String,
 }
 
+impl PlotError {
+    /// A failure to draw the chart of `path`, saying why.
+    pub fn at(path: &Path, message: String) -> Self {
+        Self {
+            path: path.display().to_string(),
+            message,
+        }
+    }
+}
+
 /// One named line: its points `(x, y)`, drawn in order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Series {
@@ -128,10 +138,7 @@ pub fn draw_line_charts(
     charts: &[LineChart],
     panel: (u32, u32),
 ) -> Result<(), PlotError> {
-    let err = |message: String| PlotError {
-        path: path.display().to_string(),
-        message,
-    };
+    let err = |message: String| PlotError::at(path, message);
     if charts.is_empty() {
         return Err(err("no charts to draw".into()));
     }

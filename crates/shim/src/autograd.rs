@@ -60,6 +60,23 @@ pub struct Forward {
     pub saved: Vec<Option<Tensor>>,
 }
 
+impl Forward {
+    /// `outputs`, saving shallow copies of `kept` (inputs the backward reads again, `None` where
+    /// absent) followed by `computed` (tensors the forward made for the backward).
+    pub fn saving(
+        outputs: Vec<Tensor>,
+        kept: &[Option<&Tensor>],
+        computed: impl IntoIterator<Item = Option<Tensor>>,
+    ) -> Self {
+        let saved = kept
+            .iter()
+            .map(|t| t.map(Tensor::shallow_clone))
+            .chain(computed)
+            .collect();
+        Self { outputs, saved }
+    }
+}
+
 /// The most outputs, and the most saved tensors, of one op (the shim's fixed arrays).
 pub const MAX_TENSORS: usize = 16;
 

@@ -64,8 +64,7 @@ mod tests {
 
     #[test]
     fn peaks_follow_allocations() {
-        if !tch::Cuda::is_available() {
-            println!("skipped: no CUDA device");
+        if glatrain_testing::cuda_or_skip().is_none() {
             return;
         }
         let before = stats(0).unwrap();

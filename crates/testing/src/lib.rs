@@ -1,10 +1,27 @@
-//! Helpers for testing tensor ops: relative error, a seeded random source, and a finite-difference
-//! gradient check (tch has no `gradcheck`). The ops' tests compare fast ops against their
-//! references with them.
+//! Helpers for testing tensor ops: relative error, a seeded random source, a finite-difference
+//! gradient check (tch has no `gradcheck`), the tolerance rule that compares fast results with
+//! their reference, and the CUDA device of tests that skip without one;
+//! and, in [`process`], for tests that run training processes.
+
+mod compare;
+pub mod process;
 
 use std::collections::BTreeSet;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+
+pub use compare::{assert_all_passed, compare, Compared};
+
+/// The first CUDA device, or `None` after printing that the calling test is skipped (on machines
+/// without CUDA, where GPU tests pass without running).
+pub fn cuda_or_skip() -> Option<Device> {
+    if tch::Cuda::is_available() {
+        Some(Device::Cuda(0))
+    } else {
+        println!("skipped: no CUDA device");
+        None
+    }
+}
 
 /// Relative root-mean-square error `||a - b|| / ||b||`, computed in f64.
 ///
@@ -85,6 +102,13 @@ impl Rng {
         assert!(n > 0, "Rng::below: n must be positive, got 0");
         self.next_u64() % n
     }
+}
+
+/// Standard normal f64 tensors of the requested shapes on `device`, drawn in turn from `seed`'s
+/// stream.
+pub fn normal_f64_on(seed: u64, device: Device) -> impl FnMut(&[i64]) -> Tensor {
+    let mut rng = Rng::new(seed);
+    move |shape| rng.randn(shape, Kind::Double).to_device(device)
 }
 
 /// Settings of [`gradcheck`].

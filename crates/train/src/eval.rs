@@ -5,10 +5,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use glatrain_config::Precision;
-use glatrain_data::{EvalBatches, TokenSource};
+use glatrain_data::{Batch, EvalBatches, TokenSource};
 use glatrain_models::CausalLm;
 use serde::Serialize;
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::{Device, Kind, Reduction, TchError, Tensor};
 
 use crate::boundary::catch_torch;
 use crate::checkpoint;
@@ -115,6 +115,18 @@ pub fn bucket_bounds(seq_len: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// A batch's inputs `[rows, seq_len]` and targets, flattened to `[rows * seq_len]`, on `device`.
+pub(crate) fn batch_tensors(batch: &Batch, device: Device) -> Result<(Tensor, Tensor), TchError> {
+    let shape = [batch.rows as i64, batch.seq_len as i64];
+    let inputs = Tensor::f_from_slice(&batch.inputs)?
+        .f_view(shape)?
+        .f_to_device(device)?;
+    let targets = Tensor::f_from_slice(&batch.targets)?
+        .f_view([-1])?
+        .f_to_device(device)?;
+    Ok((inputs, targets))
+}
+
 /// Runs `model` over up to `max_batches` batches of `source` (`None`: all of it) and reports.
 /// No gradients are kept. `stop` is asked before every batch: when it names a signal the
 /// evaluation ends there with [`TrainError::Stopped`].
@@ -142,12 +154,7 @@ pub fn evaluate_model(
         let rows = batch.rows as i64;
         let t = seq_len as i64;
         let per_position = catch_torch("the evaluation's forward pass", || {
-            let inputs = Tensor::f_from_slice(&batch.inputs)?
-                .f_view([rows, t])?
-                .f_to_device(device)?;
-            let targets = Tensor::f_from_slice(&batch.targets)?
-                .f_view([-1])?
-                .f_to_device(device)?;
+            let (inputs, targets) = batch_tensors(&batch, device)?;
             let logits = precision.run(|| model.forward(&inputs)); // [rows, T, V]
             let losses = logits
                 .f_to_kind(Kind::Float)?

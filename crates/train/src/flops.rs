@@ -208,24 +208,16 @@ mod tests {
 
     #[test]
     fn peak_table() {
-        assert_eq!(
-            peak_flops("NVIDIA H100 80GB HBM3", Precision::Bf16),
-            Some(989e12)
-        );
-        assert_eq!(
-            peak_flops("NVIDIA H100 PCIe", Precision::Bf16),
-            Some(756e12)
-        );
-        assert_eq!(peak_flops("NVIDIA H200", Precision::Fp16), Some(989e12));
-        assert_eq!(
-            peak_flops("NVIDIA A100-SXM4-80GB", Precision::Bf16),
-            Some(312e12)
-        );
-        assert_eq!(
-            peak_flops("NVIDIA A100-SXM4-80GB", Precision::Fp32),
-            Some(19.5e12)
-        );
-        assert_eq!(peak_flops("NVIDIA GeForce RTX 4090", Precision::Bf16), None);
+        for (gpu, precision, peak) in [
+            ("NVIDIA H100 80GB HBM3", Precision::Bf16, Some(989e12)),
+            ("NVIDIA H100 PCIe", Precision::Bf16, Some(756e12)),
+            ("NVIDIA H200", Precision::Fp16, Some(989e12)),
+            ("NVIDIA A100-SXM4-80GB", Precision::Bf16, Some(312e12)),
+            ("NVIDIA A100-SXM4-80GB", Precision::Fp32, Some(19.5e12)),
+            ("NVIDIA GeForce RTX 4090", Precision::Bf16, None),
+        ] {
+            assert_eq!(peak_flops(gpu, precision), peak, "{gpu} {precision:?}");
+        }
         let m = mfu(1_000_000_000, 100_000.0, 989e12);
         assert!((m - 1e14 / 989e12).abs() < 1e-12);
     }

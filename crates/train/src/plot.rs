@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+pub use glatrain_plot::PlotError;
 use glatrain_plot::{register_font, FONT_FAMILY};
 use plotters::prelude::*;
 
@@ -14,24 +15,13 @@ pub struct BucketPoint {
     pub perplexity: f64,
 }
 
-/// A failure to draw or save the chart.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: cannot draw the chart: {message}")]
-pub struct PlotError {
-    pub path: String,
-    pub message: String,
-}
-
 /// Draws perplexity against position (the middle of each bucket) and saves it as PNG at `path`.
 pub fn draw_ppl_by_position(
     path: &Path,
     title: &str,
     points: &[BucketPoint],
 ) -> Result<(), PlotError> {
-    let err = |message: String| PlotError {
-        path: path.display().to_string(),
-        message,
-    };
+    let err = |message: String| PlotError::at(path, message);
     if points.is_empty() {
         return Err(err("no buckets to draw".into()));
     }

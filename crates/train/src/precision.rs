@@ -141,11 +141,9 @@ mod tests {
 
     #[test]
     fn bf16_autocast_on_cuda() {
-        if !tch::Cuda::is_available() {
-            eprintln!("skipped: no CUDA device");
+        let Some(dev) = glatrain_testing::cuda_or_skip() else {
             return;
-        }
-        let dev = Device::Cuda(0);
+        };
         let mp = MixedPrecision::new(Precision::Bf16, dev, "x").unwrap();
         let a = tch::Tensor::ones([4, 4], (Kind::Float, dev));
         let out = mp.run(|| a.matmul(&a));

@@ -224,16 +224,19 @@ mod tests {
         glatrain_config::from_str(&text, "tiny.toml", &[]).unwrap()
     }
 
+    /// On the CPU the preflight chooses the reference op, and its table says `says`.
+    #[track_caller]
+    fn assert_cpu_reference(cfg: &ResolvedConfig, measure: bool, says: &str) {
+        let report = report(cfg, Device::Cpu, measure).unwrap();
+        assert_eq!(chosen_mode(&report), GlaMode::Reference);
+        let table = report.render_table();
+        assert!(table.contains(says), "{table}");
+    }
+
     #[test]
     fn cpu_runs_the_reference_op_whatever_the_policy() {
         let cfg = tiny("auto");
-        let report = report(&cfg, Device::Cpu, true).unwrap();
-        assert_eq!(chosen_mode(&report), GlaMode::Reference);
-        assert!(
-            report.render_table().contains("reference"),
-            "{}",
-            report.render_table()
-        );
+        assert_cpu_reference(&cfg, true, "reference");
     }
 
     #[test]
@@ -257,12 +260,6 @@ mod tests {
     #[test]
     fn a_forced_mode_is_reported_as_forced() {
         let cfg = tiny("reference");
-        let report = report(&cfg, Device::Cpu, false).unwrap();
-        assert_eq!(chosen_mode(&report), GlaMode::Reference);
-        assert!(
-            report.render_table().contains("forced"),
-            "{}",
-            report.render_table()
-        );
+        assert_cpu_reference(&cfg, false, "forced");
     }
 }

@@ -119,8 +119,7 @@ mod tests {
 
     #[test]
     fn gpu_reading_on_cuda() {
-        if !tch::Cuda::is_available() {
-            eprintln!("skipped: no CUDA device");
+        if glatrain_testing::cuda_or_skip().is_none() {
             return;
         }
         let name = gpu_name(Device::Cuda(0)).expect("driver name");

@@ -38,7 +38,9 @@ use crate::boundary::{catch_torch, is_out_of_memory, torch_error};
 use crate::checkpoint::{self, CheckpointContents, CheckpointError};
 use crate::datasets::{open_tokenizer_for_model, SourceOpener};
 use crate::error::TrainError;
-use crate::eval::{check_chart_path, draw_report, evaluate_model, EvalReport, PLOT_FILE};
+use crate::eval::{
+    batch_tensors, check_chart_path, draw_report, evaluate_model, EvalReport, PLOT_FILE,
+};
 use crate::flops;
 use crate::interrupt::{self, StopSignal};
 use crate::metrics::MetricsLogger;
@@ -966,7 +968,6 @@ impl Run<'_> {
     /// the ranks, then the update (or a skip).
     fn optimizer_step(&mut self, lr: f64) -> Result<StepResult, TrainError> {
         let accum = self.shard.accum;
-        let seq_len = self.cfg.config.data.seq_len as i64;
         let scale = self.state.loss_scaler.scale();
         let device = self.device;
         self.opt.zero_grad();
@@ -980,16 +981,10 @@ impl Run<'_> {
                 }
             }
             let batch = self.shard.own_rows(self.loader.next_batch());
-            let rows = batch.rows as i64;
             let (model, precision) = (self.model.as_ref(), &self.precision);
             let compute = precision.autocast_kind().unwrap_or(Kind::Float);
             let pass = catch_torch("the forward and backward pass", || {
-                let inputs = Tensor::f_from_slice(&batch.inputs)?
-                    .f_view([rows, seq_len])?
-                    .f_to_device(device)?;
-                let targets = Tensor::f_from_slice(&batch.targets)?
-                    .f_view([-1])?
-                    .f_to_device(device)?;
+                let (inputs, targets) = batch_tensors(&batch, device)?;
                 // The mean cross-entropy over B*T tokens, the logits never held whole.
                 let loss = precision.run(|| {
                     let hidden = model.hidden_states(&inputs); // [B, T, hidden]

@@ -95,12 +95,18 @@ fn a_run_started_from_an_export_has_the_exported_weights_bit_for_bit() {
     }
 }
 
-#[test]
-fn a_directory_that_does_not_fit_is_refused_before_the_run_writes_anything() {
+/// A trained micro GLA run (`source/` of the returned directory) and its export, `hf/`.
+fn exported_gla_run() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     run(config(tmp.path(), GLA, &[])).unwrap();
     let hf = tmp.path().join("hf");
     export(&tmp.path().join("source"), &hf, Dtype::Fp32, false).unwrap();
+    (tmp, hf)
+}
+
+#[test]
+fn a_directory_that_does_not_fit_is_refused_before_the_run_writes_anything() {
+    let (tmp, hf) = exported_gla_run();
     let init_from = format!("model.init_from={:?}", hf.display().to_string());
     let wider = config(
         tmp.path(),
@@ -225,10 +231,7 @@ fn a_hugging_face_tokenizer_goes_along_with_the_export() {
 
 #[test]
 fn a_resumed_run_never_reads_init_from() {
-    let tmp = tempfile::tempdir().unwrap();
-    run(config(tmp.path(), GLA, &[])).unwrap();
-    let hf = tmp.path().join("hf");
-    export(&tmp.path().join("source"), &hf, Dtype::Fp32, false).unwrap();
+    let (tmp, hf) = exported_gla_run();
     let started = || {
         config(
             tmp.path(),

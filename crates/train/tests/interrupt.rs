@@ -1,80 +1,23 @@
 //! SIGTERM during training: the step finishes, a checkpoint is written, `train` returns normally,
 //! and `--resume` finishes the run. Its own test binary, because the signal flag is per process.
 
-use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+mod common;
 
 use glatrain_train::checkpoint;
-use glatrain_train::metrics::JSONL_FILE;
 use glatrain_train::{train, TrainOptions};
-
-const CONFIG: &str = r#"
-[run]
-name = "sig"
-device = "cpu"
-cpu_threads = 1
-
-[model]
-type = "gla"
-vocab_size = 256
-hidden_size = 16
-num_layers = 1
-num_heads = 2
-
-[data]
-seq_len = 16
-
-[train]
-batch_size = 2
-micro_batch_size = 2
-max_steps = 100000
-warmup_steps = 2
-precision = "fp32"
-eval_every = 0
-eval_batches = 1
-checkpoint_every = 0
-
-[logging]
-log_every = 1
-tensorboard = false
-progress = "lines"
-"#;
-
-/// Steps logged so far in `metrics.jsonl` (0 while the file does not exist).
-fn logged_steps(run_dir: &Path) -> usize {
-    std::fs::read_to_string(run_dir.join(JSONL_FILE)).map_or(0, |t| t.lines().count())
-}
 
 #[test]
 fn sigterm_checkpoints_and_resume_finishes() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().display().to_string();
-    let cfg = |overrides: &[String]| {
-        let mut all = vec![format!("run.out_dir={out:?}")];
-        all.extend_from_slice(overrides);
-        glatrain_config::from_str(CONFIG, "sig.toml", &all).unwrap()
-    };
+    let cfg = |overrides: &[String]| common::config(tmp.path(), overrides);
     let run_dir = tmp.path().join("sig");
 
     let signaller = {
         let run_dir = run_dir.clone();
         std::thread::spawn(move || {
             // Training has started (and the handler is installed) once steps are logged.
-            let start = Instant::now();
-            while logged_steps(&run_dir) < 3 {
-                assert!(
-                    start.elapsed() < Duration::from_secs(120),
-                    "training never started"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            // The shell's builtin `kill`: no procps needed.
-            let status = Command::new("sh")
-                .args(["-c", &format!("kill -TERM {}", std::process::id())])
-                .status()
-                .unwrap();
-            assert!(status.success());
+            common::wait_for(&run_dir, |records| records.len() >= 3);
+            common::sigterm_self();
         })
     };
     let first = train(cfg(&[]), &TrainOptions::default()).unwrap();

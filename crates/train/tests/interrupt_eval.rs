@@ -2,80 +2,33 @@
 //! over the validation set takes seconds here, minutes on real data) and the run checkpoints
 //! its last step and returns. Its own test binary, because the signal flag is per process.
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::logged;
 use glatrain_train::checkpoint;
-use glatrain_train::metrics::JSONL_FILE;
 use glatrain_train::{train, TrainOptions};
-
-const CONFIG: &str = r#"
-[run]
-name = "sig-eval"
-device = "cpu"
-cpu_threads = 1
-
-[model]
-type = "gla"
-vocab_size = 256
-hidden_size = 16
-num_layers = 1
-num_heads = 2
-
-[data]
-seq_len = 16
-
-[train]
-batch_size = 2
-micro_batch_size = 2
-max_steps = 100
-warmup_steps = 2
-precision = "fp32"
-# An evaluation after step 2, over the whole embedded validation set.
-eval_every = 2
-eval_batches = 0
-checkpoint_every = 0
-
-[logging]
-log_every = 1
-tensorboard = false
-progress = "lines"
-"#;
-
-fn logged(run_dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run_dir.join(JSONL_FILE)).map_or_else(
-        |_| Vec::new(),
-        |t| {
-            t.lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect()
-        },
-    )
-}
 
 #[test]
 fn sigterm_during_an_evaluation_stops_it_at_the_next_batch() {
     let tmp = tempfile::tempdir().unwrap();
-    let out = format!("run.out_dir={:?}", tmp.path().display().to_string());
-    let cfg = glatrain_config::from_str(CONFIG, "sig-eval.toml", &[out]).unwrap();
+    // An evaluation after step 2, over the whole embedded validation set.
+    let overrides = [
+        "run.name=sig-eval",
+        "train.max_steps=100",
+        "train.eval_every=2",
+        "train.eval_batches=0",
+    ];
+    let cfg = common::config(tmp.path(), &overrides.map(String::from));
     let run_dir = tmp.path().join("sig-eval");
     let signaller = {
         let run_dir = run_dir.clone();
         std::thread::spawn(move || {
             // Step 2 is logged just before its evaluation starts.
-            let start = Instant::now();
-            while !logged(&run_dir).iter().any(|v| v["step"] == 2) {
-                assert!(start.elapsed() < Duration::from_secs(120), "no step 2");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            common::wait_for(&run_dir, |records| records.iter().any(|v| v["step"] == 2));
             std::thread::sleep(Duration::from_millis(200));
-            let status = Command::new("sh")
-                .args(["-c", &format!("kill -TERM {}", std::process::id())])
-                .status()
-                .unwrap();
-            assert!(status.success());
-            Instant::now()
+            common::sigterm_self()
         })
     };
     let summary = train(cfg, &TrainOptions::default()).unwrap();

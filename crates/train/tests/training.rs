@@ -1,6 +1,7 @@
 //! End-to-end trainer tests on micro models (CPU, seq_len 16, one or two layers): exact resume,
 //! refused checkpoints, skipped steps, logs, evaluation and sampling.
 
+use glatrain_fs::sorted_names;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -548,15 +549,7 @@ fn resumed_settings_are_recorded_beside_the_runs_config() {
     assert_eq!(session.config.train.lr, 2e-3);
     assert_eq!(session.config.train.max_steps, 6);
     // An unchanged resume writes no new file.
-    let names = |dir: &Path| -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
-    let before = names(&run_dir);
+    let before = sorted_names(&run_dir).unwrap();
     let manifest = fs::read(run_dir.join("checkpoints/step-6/manifest.json")).unwrap();
     let s = resume(config(
         tmp.path(),
@@ -566,7 +559,7 @@ fn resumed_settings_are_recorded_beside_the_runs_config() {
     .unwrap();
     assert_eq!((s.start_step, s.final_step), (6, 6));
     assert!(s.losses.is_empty() && s.eval.is_some() && !s.stopped_early);
-    assert_eq!(names(&run_dir), before);
+    assert_eq!(sorted_names(&run_dir).unwrap(), before);
     assert_eq!(
         fs::read(run_dir.join("checkpoints/step-6/manifest.json")).unwrap(),
         manifest,

@@ -1,7 +1,6 @@
 //! JSON Lines files: one JSON object per line; the document is one of its string fields.
 
 use std::fmt;
-use std::io::{BufRead, BufReader};
 use std::ops::ControlFlow;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -16,19 +15,7 @@ pub(super) fn read(
     stream: Stream,
     emit: &mut dyn FnMut(Location, Raw) -> ControlFlow<()>,
 ) -> Result<ControlFlow<()>> {
-    let Stream { reader, errors } = stream;
-    let mut reader = BufReader::with_capacity(1 << 20, reader);
-    let mut number = 0u64;
-    loop {
-        let mut line = Vec::new();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) => return Ok(ControlFlow::Continue(())),
-            Ok(_) => number += 1,
-            Err(e) => {
-                let problem = errors.classify(e, super::REST_SKIPPED)?;
-                return Ok(emit(Location::Line(number + 1), Raw::Bad(problem)));
-            }
-        }
+    let stopped = stream.for_each_line(emit, |number, line| {
         if line.last() == Some(&b'\n') {
             line.pop();
             if line.last() == Some(&b'\r') {
@@ -36,12 +23,11 @@ pub(super) fn read(
             }
         }
         if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
+            return None;
         }
-        if emit(Location::Line(number), Raw::JsonLine(line)).is_break() {
-            return Ok(ControlFlow::Break(()));
-        }
-    }
+        Some((Location::Line(number), Raw::JsonLine(std::mem::take(line))))
+    })?;
+    Ok(stopped.unwrap_or(ControlFlow::Continue(())))
 }
 
 /// The string in field `field` of the JSON object on `line`. Other fields are skipped without
@@ -83,18 +69,54 @@ enum Found {
     NotAnObject(&'static str),
 }
 
+/// A seed that deserializes itself as its own visitor of `$value`, through `$method`.
+macro_rules! seed_visits_itself {
+    ($seed:ty, $value:ty, $method:ident) => {
+        impl<'de> DeserializeSeed<'de> for $seed {
+            type Value = $value;
+
+            fn deserialize<D: de::Deserializer<'de>>(
+                self,
+                d: D,
+            ) -> std::result::Result<$value, D::Error> {
+                d.$method(self)
+            }
+        }
+    };
+}
+
+/// The visit methods of JSON's booleans, numbers and null, each giving `$found(kind)` with the
+/// kind of value in words ("a number", ...).
+macro_rules! visit_scalars {
+    ($found:path) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> std::result::Result<Found, E> {
+            Ok($found("a boolean"))
+        }
+
+        fn visit_i64<E: de::Error>(self, _: i64) -> std::result::Result<Found, E> {
+            Ok($found("a number"))
+        }
+
+        fn visit_u64<E: de::Error>(self, _: u64) -> std::result::Result<Found, E> {
+            Ok($found("a number"))
+        }
+
+        fn visit_f64<E: de::Error>(self, _: f64) -> std::result::Result<Found, E> {
+            Ok($found("a number"))
+        }
+
+        fn visit_unit<E: de::Error>(self) -> std::result::Result<Found, E> {
+            Ok($found("null"))
+        }
+    };
+}
+
 /// Visits the top-level object, keeping only field `field`.
 struct FieldOf<'f> {
     field: &'f str,
 }
 
-impl<'de> DeserializeSeed<'de> for FieldOf<'_> {
-    type Value = Found;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<Found, D::Error> {
-        d.deserialize_any(self)
-    }
-}
+seed_visits_itself!(FieldOf<'_>, Found, deserialize_any);
 
 impl<'de> Visitor<'de> for FieldOf<'_> {
     type Value = Found;
@@ -124,37 +146,13 @@ impl<'de> Visitor<'de> for FieldOf<'_> {
         Ok(Found::NotAnObject("a string"))
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> std::result::Result<Found, E> {
-        Ok(Found::NotAnObject("a boolean"))
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> std::result::Result<Found, E> {
-        Ok(Found::NotAnObject("a number"))
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> std::result::Result<Found, E> {
-        Ok(Found::NotAnObject("a number"))
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> std::result::Result<Found, E> {
-        Ok(Found::NotAnObject("a number"))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> std::result::Result<Found, E> {
-        Ok(Found::NotAnObject("null"))
-    }
+    visit_scalars!(Found::NotAnObject);
 }
 
 /// Whether a key is the text field's name, compared without building the key.
 struct KeyIs<'f>(&'f str);
 
-impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
-    type Value = bool;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<bool, D::Error> {
-        d.deserialize_str(self)
-    }
-}
+seed_visits_itself!(KeyIs<'_>, bool, deserialize_str);
 
 impl<'de> Visitor<'de> for KeyIs<'_> {
     type Value = bool;
@@ -171,13 +169,7 @@ impl<'de> Visitor<'de> for KeyIs<'_> {
 /// The text field's value: the string, or what kind of value it is instead.
 struct TextValue;
 
-impl<'de> DeserializeSeed<'de> for TextValue {
-    type Value = Found;
-
-    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> std::result::Result<Found, D::Error> {
-        d.deserialize_any(self)
-    }
-}
+seed_visits_itself!(TextValue, Found, deserialize_any);
 
 impl<'de> Visitor<'de> for TextValue {
     type Value = Found;
@@ -194,25 +186,7 @@ impl<'de> Visitor<'de> for TextValue {
         Ok(Found::Text(text))
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> std::result::Result<Found, E> {
-        Ok(Found::Other("a boolean"))
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> std::result::Result<Found, E> {
-        Ok(Found::Other("a number"))
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> std::result::Result<Found, E> {
-        Ok(Found::Other("a number"))
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> std::result::Result<Found, E> {
-        Ok(Found::Other("a number"))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> std::result::Result<Found, E> {
-        Ok(Found::Other("null"))
-    }
+    visit_scalars!(Found::Other);
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Found, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}

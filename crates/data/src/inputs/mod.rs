@@ -17,7 +17,7 @@ mod text;
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -351,6 +351,37 @@ impl Stream {
                 path: file.path.clone(),
             },
         })
+    }
+
+    /// Hands each line (numbered from 1, with its line ending) to `record` and emits the record
+    /// it makes of it, if any. `None` at the end of the stream; otherwise how the reading stopped
+    /// early: `emit` broke, or the stream stopped decompressing (a bad record at the line being
+    /// read ends the file).
+    fn for_each_line(
+        self,
+        emit: &mut dyn FnMut(Location, Raw) -> ControlFlow<()>,
+        mut record: impl FnMut(u64, &mut Vec<u8>) -> Option<(Location, Raw)>,
+    ) -> Result<Option<ControlFlow<()>>> {
+        let Stream { reader, errors } = self;
+        let mut reader = BufReader::with_capacity(1 << 20, reader);
+        let mut line = Vec::new();
+        let mut number = 0u64;
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => return Ok(None),
+                Ok(_) => number += 1,
+                Err(e) => {
+                    let problem = errors.classify(e, REST_SKIPPED)?;
+                    return Ok(Some(emit(Location::Line(number + 1), Raw::Bad(problem))));
+                }
+            }
+            if let Some((location, raw)) = record(number, &mut line) {
+                if emit(location, raw).is_break() {
+                    return Ok(Some(ControlFlow::Break(())));
+                }
+            }
+        }
     }
 }
 

@@ -1,6 +1,5 @@
 //! Text files: documents separated by blank (empty or whitespace-only) lines.
 
-use std::io::{BufRead, BufReader};
 use std::ops::ControlFlow;
 
 use super::{Location, Problem, Raw, Stream};
@@ -14,28 +13,14 @@ pub(super) fn read(
     stream: Stream,
     emit: &mut dyn FnMut(Location, Raw) -> ControlFlow<()>,
 ) -> Result<ControlFlow<()>> {
-    let Stream { reader, errors } = stream;
-    let mut reader = BufReader::with_capacity(1 << 20, reader);
     let mut document = Pending::default();
-    let mut line = Vec::new();
-    let mut number = 0u64;
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) => break,
-            Ok(_) => number += 1,
-            Err(e) => {
-                let problem = errors.classify(e, super::REST_SKIPPED)?;
-                return Ok(emit(Location::Line(number + 1), Raw::Bad(problem)));
-            }
-        }
-        let bytes = line.strip_suffix(b"\n").unwrap_or(&line);
+    let stopped = stream.for_each_line(emit, |number, line| {
+        let bytes = line.strip_suffix(b"\n").unwrap_or(line);
         let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
-        if let Some((location, raw)) = document.push(number, bytes) {
-            if emit(location, raw).is_break() {
-                return Ok(ControlFlow::Break(()));
-            }
-        }
+        document.push(number, bytes)
+    })?;
+    if let Some(flow) = stopped {
+        return Ok(flow);
     }
     Ok(match document.finish() {
         Some((location, raw)) => emit(location, raw),

@@ -1,6 +1,7 @@
 //! `prepare` end to end: formats, splits, shards, tokenizers, bad records, threads, and that a
 //! failed or stopped run leaves nothing behind.
 
+use glatrain_fs::sorted_names;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -36,16 +37,6 @@ fn prep(
     .map(|r| r.manifest)
 }
 
-/// Names in `dir`, sorted.
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
 /// Three small files: 12 documents in all.
 fn write_inputs(dir: &Path) -> PathBuf {
     let input = dir.join("input");
@@ -64,6 +55,15 @@ fn write_inputs(dir: &Path) -> PathBuf {
     input
 }
 
+/// The inputs of [`write_inputs`] prepared with the byte tokenizer into `ds/` of the returned
+/// directory, in shards of `shard_tokens`, a quarter of the documents for validation.
+fn byte_dataset(shard_tokens: u64) -> (tempfile::TempDir, Manifest) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_inputs(dir.path());
+    let manifest = prep(&[input], "byte", &dir.path().join("ds"), shard_tokens, 0.25).unwrap();
+    (dir, manifest)
+}
+
 fn read_all(source: &crate::source::TokenSource) -> Vec<u32> {
     let mut out = vec![0i64; source.len() as usize];
     source.read(0, &mut out);
@@ -72,10 +72,8 @@ fn read_all(source: &crate::source::TokenSource) -> Vec<u32> {
 
 #[test]
 fn byte_prepare_round_trips_the_text() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = write_inputs(dir.path());
+    let (dir, manifest) = byte_dataset(100);
     let out = dir.path().join("ds");
-    let manifest = prep(&[input], "byte", &out, 100, 0.25).unwrap();
     assert_eq!(manifest.vocab_size, 256);
     assert_eq!(manifest.train.documents, 9);
     let valid = manifest.valid.as_ref().unwrap();
@@ -232,7 +230,7 @@ fn failures_leave_nothing_behind() {
         )),
         "{err}"
     );
-    assert_eq!(listing(dir.path()), ["in"]);
+    assert_eq!(sorted_names(dir.path()).unwrap(), ["in"]);
 
     let err = prep(
         std::slice::from_ref(&input),
@@ -260,10 +258,8 @@ fn failures_leave_nothing_behind() {
 
 #[test]
 fn corrupted_datasets_are_refused_on_open() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = write_inputs(dir.path());
+    let (dir, manifest) = byte_dataset(50);
     let out = dir.path().join("ds");
-    let manifest = prep(&[input], "byte", &out, 50, 0.25).unwrap();
     let shard = out.join(&manifest.train.shards[1].file);
     let mut bytes = fs::read(&shard).unwrap();
     bytes[70] ^= 1;
@@ -286,7 +282,7 @@ fn corrupted_datasets_are_refused_on_open() {
 /// Every file of a dataset directory with its bytes, for comparing two runs.
 fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    for name in listing(dir) {
+    for name in sorted_names(dir).unwrap() {
         let path = dir.join(&name);
         if path.is_dir() {
             for (inner, bytes) in contents(&path) {
@@ -525,7 +521,7 @@ fn a_bad_record_stops_the_run_and_leaves_nothing() {
             ),
             "{tokenizer}"
         );
-        assert_eq!(listing(dir.path()), ["corpus"], "{tokenizer}");
+        assert_eq!(sorted_names(dir.path()).unwrap(), ["corpus"], "{tokenizer}");
     }
 
     // A parquet file without the text column stops whatever the policy.
@@ -540,7 +536,7 @@ fn a_bad_record_stops_the_run_and_leaves_nothing() {
     )
     .unwrap_err();
     assert!(matches!(err, DataError::ParquetColumn { .. }), "{err}");
-    assert_eq!(listing(dir.path()), ["corpus"]);
+    assert_eq!(sorted_names(dir.path()).unwrap(), ["corpus"]);
 }
 
 #[test]
@@ -560,5 +556,5 @@ fn an_interrupted_run_leaves_nothing() {
     .unwrap_err();
     assert!(matches!(err, DataError::Interrupted { .. }), "{err}");
     assert!(!err.is_bad_input());
-    assert_eq!(listing(dir.path()), ["input"]);
+    assert_eq!(sorted_names(dir.path()).unwrap(), ["input"]);
 }

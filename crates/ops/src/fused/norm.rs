@@ -1,13 +1,14 @@
 //! [`rms_norm`]: RMSNorm over the last dimension with an optional swish gate, and the launchers
 //! of its kernels (`rms_norm_fwd`, `rms_norm_bwd`, `rms_norm_dw` in `kernels/fused.cu`).
 
-use glatrain_cuda::{launch, CudaError, KernelDtype};
-use glatrain_shim::autograd::{self, CustomOp, Forward};
+use glatrain_cuda::{launch, CudaError};
+use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
 use super::{aligned, contiguous, int32, vec_width, FUSED};
-use crate::error::{bridged, is_float};
-use crate::launch::{buffer, device_of, kernel_dtype, opt_ptr, ptr, tiles};
+use crate::bridge::{self, bridged, bridged_list};
+use crate::error::is_float;
+use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, opt_ptr, ptr, tiles};
 use crate::reference::norm as reference;
 use crate::OpError;
 
@@ -139,9 +140,8 @@ pub fn rms_norm(
             let gate = gate.map(|g| contiguous(g, g.kind())).transpose()?;
             let op = RmsNormOp { eps };
             let inputs = [Some(&x), Some(weight), gate.as_ref()];
-            let mut outs = autograd::apply(Box::new(op), &inputs).map_err(OpError::Autograd)?;
-            outs.pop()
-                .ok_or_else(|| OpError::Autograd(format!("{OP}: no output")))
+            let [y] = bridge::apply(OP, op, &inputs)?;
+            Ok(y)
         }
         _ => Ok(reference::rms_norm(x, weight, eps, gate)?),
     }
@@ -155,20 +155,14 @@ struct RmsNormOp {
 
 impl CustomOp for RmsNormOp {
     fn forward(&self, inputs: &[Option<&Tensor>]) -> Result<Forward, String> {
-        let [x, w, g] = inputs else {
-            return Err(format!("{OP}: 3 inputs expected, got {}", inputs.len()));
-        };
+        let [x, w, g] = bridged_list(OP, "inputs", inputs)?;
         let (x, w) = (bridged(OP, *x, "x")?, bridged(OP, *w, "weight")?);
         let (y, rstd) = forward(x, w, *g, self.eps).map_err(|e| e.to_string())?;
-        let saved = [Some(x), Some(w), *g]
-            .map(|t| t.map(Tensor::shallow_clone))
-            .into_iter()
-            .chain([Some(rstd)])
-            .collect();
-        Ok(Forward {
-            outputs: vec![y],
-            saved,
-        })
+        Ok(Forward::saving(
+            vec![y],
+            &[Some(x), Some(w), *g],
+            [Some(rstd)],
+        ))
     }
 
     fn backward(
@@ -176,12 +170,7 @@ impl CustomOp for RmsNormOp {
         saved: &[Option<&Tensor>],
         grads: &[Option<&Tensor>],
     ) -> Result<Vec<Option<Tensor>>, String> {
-        let [x, w, g, rstd] = saved else {
-            return Err(format!(
-                "{OP}: 4 saved tensors expected, got {}",
-                saved.len()
-            ));
-        };
+        let [x, w, g, rstd] = bridged_list(OP, "saved tensors", saved)?;
         let (x, w) = (bridged(OP, *x, "x")?, bridged(OP, *w, "weight")?);
         let rstd = bridged(OP, *rstd, "rstd")?;
         let Some(dy) = grads.first().copied().flatten() else {
@@ -198,15 +187,6 @@ fn rows_of(x: &Tensor) -> (i64, i64) {
     (x.numel() as i64 / n, n)
 }
 
-fn dtype(x: &Tensor) -> Result<KernelDtype, OpError> {
-    kernel_dtype(x.kind()).ok_or_else(|| OpError::Dtype {
-        op: OP,
-        tensor: "x",
-        expected: "the CUDA kernels take f32, bf16 or f16".into(),
-        actual: x.kind(),
-    })
-}
-
 /// y and rstd (`[rows]` fp32) from contiguous CUDA x and gate.
 fn forward(
     x: &Tensor,
@@ -220,7 +200,7 @@ fn forward(
     if rows == 0 {
         return Ok((y, rstd));
     }
-    let (dev, dt) = (device_of(x)?, dtype(x)?);
+    let (dev, dt) = (device_of(x)?, kernel_dtype_of(OP, "x", x)?);
     let w32 = contiguous(w, Kind::Float)?;
     let vec = i32::from(n % vec_width(dt) == 0 && aligned(&[Some(x), g, Some(&y), Some(&w32)]));
     let (rows32, n32) = (int32(OP, "rows", rows)?, int32(OP, "n", n)?);
@@ -249,7 +229,7 @@ fn backward(
     if rows == 0 {
         return Ok((dx, w.f_zeros_like()?, dg));
     }
-    let (dev, dt) = (device_of(x)?, dtype(x)?);
+    let (dev, dt) = (device_of(x)?, kernel_dtype_of(OP, "x", x)?);
     let w32 = contiguous(w, Kind::Float)?;
     let vec = n % vec_width(dt) == 0
         && aligned(&[Some(x), g, Some(&dy), Some(&dx), dg.as_ref(), Some(&w32)]);

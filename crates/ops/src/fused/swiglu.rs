@@ -2,12 +2,13 @@
 //! `kernels/fused.cu`).
 
 use glatrain_cuda::{launch, KernelDtype};
-use glatrain_shim::autograd::{self, CustomOp, Forward};
+use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Tensor};
 
 use super::{aligned, contiguous, vec_width, FUSED};
-use crate::error::{bridged, is_float};
-use crate::launch::{buffer, device_of, kernel_dtype, ptr, tiles};
+use crate::bridge::{self, bridged, bridged_list};
+use crate::error::is_float;
+use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, ptr, tiles};
 use crate::reference::swiglu as reference;
 use crate::OpError;
 
@@ -21,28 +22,16 @@ const MAX_BLOCKS: i64 = 4096;
 
 fn check(a: &Tensor, b: &Tensor) -> Result<(), OpError> {
     if b.size() != a.size() {
-        return Err(OpError::Shape {
-            op: OP,
-            tensor: "b",
-            expected: format!("a's shape {:?}", a.size()),
-            actual: b.size(),
-        });
+        let expected = format!("a's shape {:?}", a.size());
+        return Err(OpError::shape(OP, "b", expected, b.size()));
     }
     if !is_float(a.kind()) {
-        return Err(OpError::Dtype {
-            op: OP,
-            tensor: "a",
-            expected: "expected a floating-point dtype".into(),
-            actual: a.kind(),
-        });
+        let expected = "expected a floating-point dtype".into();
+        return Err(OpError::dtype(OP, "a", expected, a.kind()));
     }
     if b.kind() != a.kind() {
-        return Err(OpError::Dtype {
-            op: OP,
-            tensor: "b",
-            expected: format!("expected a's dtype {:?}", a.kind()),
-            actual: b.kind(),
-        });
+        let expected = format!("expected a's dtype {:?}", a.kind());
+        return Err(OpError::dtype(OP, "b", expected, b.kind()));
     }
     if b.device() != a.device() {
         return Err(OpError::Device {
@@ -70,10 +59,8 @@ pub fn swiglu(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
         (Device::Cuda(_), Some(_)) => {
             let a = contiguous(a, a.kind())?;
             let b = contiguous(b, b.kind())?;
-            let mut outs = autograd::apply(Box::new(SwiGluOp), &[Some(&a), Some(&b)])
-                .map_err(OpError::Autograd)?;
-            outs.pop()
-                .ok_or_else(|| OpError::Autograd(format!("{OP}: no output")))
+            let [y] = bridge::apply(OP, SwiGluOp, &[Some(&a), Some(&b)])?;
+            Ok(y)
         }
         _ => Ok(reference::swiglu(a, b)?),
     }
@@ -84,15 +71,10 @@ struct SwiGluOp;
 
 impl CustomOp for SwiGluOp {
     fn forward(&self, inputs: &[Option<&Tensor>]) -> Result<Forward, String> {
-        let [a, b] = inputs else {
-            return Err(format!("{OP}: 2 inputs expected, got {}", inputs.len()));
-        };
+        let [a, b] = bridged_list(OP, "inputs", inputs)?;
         let (a, b) = (bridged(OP, *a, "a")?, bridged(OP, *b, "b")?);
         let y = forward(a, b).map_err(|e| e.to_string())?;
-        Ok(Forward {
-            outputs: vec![y],
-            saved: vec![Some(a.shallow_clone()), Some(b.shallow_clone())],
-        })
+        Ok(Forward::saving(vec![y], &[Some(a), Some(b)], []))
     }
 
     fn backward(
@@ -100,12 +82,7 @@ impl CustomOp for SwiGluOp {
         saved: &[Option<&Tensor>],
         grads: &[Option<&Tensor>],
     ) -> Result<Vec<Option<Tensor>>, String> {
-        let [a, b] = saved else {
-            return Err(format!(
-                "{OP}: 2 saved tensors expected, got {}",
-                saved.len()
-            ));
-        };
+        let [a, b] = bridged_list(OP, "saved tensors", saved)?;
         let (a, b) = (bridged(OP, *a, "a")?, bridged(OP, *b, "b")?);
         let Some(dy) = grads.first().copied().flatten() else {
             return Ok(vec![None, None]);
@@ -113,15 +90,6 @@ impl CustomOp for SwiGluOp {
         let (da, db) = backward(a, b, dy).map_err(|e| e.to_string())?;
         Ok(vec![Some(da), Some(db)])
     }
-}
-
-fn dtype(a: &Tensor) -> Result<KernelDtype, OpError> {
-    kernel_dtype(a.kind()).ok_or_else(|| OpError::Dtype {
-        op: OP,
-        tensor: "a",
-        expected: "the CUDA kernels take f32, bf16 or f16".into(),
-        actual: a.kind(),
-    })
 }
 
 /// Blocks and the `vec` flag of a launch over `n` elements of `dt`: 16-byte chunks where every
@@ -138,7 +106,7 @@ fn forward(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
     if n == 0 {
         return Ok(y);
     }
-    let (dev, dt) = (device_of(a)?, dtype(a)?);
+    let (dev, dt) = (device_of(a)?, kernel_dtype_of(OP, "a", a)?);
     let (blocks, vec) = geometry(n, dt, &[Some(a), Some(b), Some(&y)]);
     let (ap, bp, yp) = (ptr(a), ptr(b), ptr(&y));
     let f = dev.kernel(&FUSED, dt, "swiglu_fwd")?;
@@ -154,7 +122,7 @@ fn backward(a: &Tensor, b: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor), OpE
     if n == 0 {
         return Ok((da, db));
     }
-    let (dev, dt) = (device_of(a)?, dtype(a)?);
+    let (dev, dt) = (device_of(a)?, kernel_dtype_of(OP, "a", a)?);
     let tensors = [Some(a), Some(b), Some(&dy), Some(&da), Some(&db)];
     let (blocks, vec) = geometry(n, dt, &tensors);
     let (ap, bp, dyp, dap, dbp) = (ptr(a), ptr(b), ptr(&dy), ptr(&da), ptr(&db));

@@ -11,7 +11,7 @@ use glatrain_config::GlaMode;
 use glatrain_cuda::{launch, Gpu, KernelDtype, KernelSource};
 use tch::{Kind, Tensor};
 
-use crate::launch::{buffer, device_of, kernel_dtype, opt_ptr, ptr, tiles};
+use crate::launch::{buffer, device_of, kernel_dtype_of, opt_ptr, ptr, tiles};
 use crate::OpError;
 
 use super::tensor_core;
@@ -168,15 +168,6 @@ fn reduce_parts(parts: Tensor, kind: Kind) -> Result<Tensor, OpError> {
     Ok(full.f_to_kind(kind)?)
 }
 
-fn dtype(t: &Tensor) -> Result<KernelDtype, OpError> {
-    kernel_dtype(t.kind()).ok_or_else(|| OpError::Dtype {
-        op: "gla",
-        tensor: "q",
-        expected: "the CUDA kernels take f32, bf16 or f16".into(),
-        actual: t.kind(),
-    })
-}
-
 fn reference_has_no_kernels() -> OpError {
     OpError::Autograd("gla: the reference mode has no CUDA kernels".into())
 }
@@ -249,7 +240,7 @@ pub fn forward(x: &Inputs, scale: f64, mode: GlaMode) -> Result<Forward, OpError
         });
     }
     let dev = device_of(q)?;
-    let dt = dtype(q)?;
+    let dt = kernel_dtype_of("gla", "q", q)?;
     if source_of(mode, dt) == &GLA_TC {
         return tensor_core::forward(&dev, dt, d, x, scale);
     }
@@ -362,7 +353,7 @@ pub fn backward(inputs: &BackwardInputs, scale: f64, mode: GlaMode) -> Result<Ba
         });
     }
     let dev = device_of(q)?;
-    let dt = dtype(q)?;
+    let dt = kernel_dtype_of("gla", "q", q)?;
     if source_of(mode, dt) == &GLA_TC {
         return tensor_core::backward(&dev, dt, d, inputs, scale);
     }

@@ -13,10 +13,11 @@ mod tensor_core;
 pub use glatrain_config::GlaMode;
 pub use kernels::geometry;
 
-use glatrain_shim::autograd::{self, CustomOp, Forward};
+use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{bridged, is_float};
+use crate::bridge::{self, bridged, bridged_list};
+use crate::error::is_float;
 use crate::launch::kernel_dtype;
 use crate::reference::gla::{gla_chunked, gla_recurrent, DEFAULT_CHUNK};
 use crate::OpError;
@@ -188,9 +189,7 @@ struct GlaOp {
 
 impl CustomOp for GlaOp {
     fn forward(&self, inputs: &[Option<&Tensor>]) -> Result<Forward, String> {
-        let [q, k, v, g, h0] = inputs else {
-            return Err(format!("gla: 5 inputs expected, got {}", inputs.len()));
-        };
+        let [q, k, v, g, h0] = bridged_list(OP, "inputs", inputs)?;
         let (q, k, v, g) = (
             bridged(OP, *q, "q")?,
             bridged(OP, *k, "k")?,
@@ -209,15 +208,12 @@ impl CustomOp for GlaOp {
             self.mode,
         )
         .map_err(|e| e.to_string())?;
-        let saved = [Some(q), Some(k), Some(v), Some(g), *h0]
-            .map(|t| t.map(Tensor::shallow_clone))
-            .into_iter()
-            .chain([Some(out.final_state.shallow_clone()), out.saved])
-            .collect();
-        Ok(Forward {
-            outputs: vec![out.o, out.final_state],
-            saved,
-        })
+        let computed = [Some(out.final_state.shallow_clone()), out.saved];
+        Ok(Forward::saving(
+            vec![out.o, out.final_state],
+            &[Some(q), Some(k), Some(v), Some(g), *h0],
+            computed,
+        ))
     }
 
     fn backward(
@@ -225,12 +221,7 @@ impl CustomOp for GlaOp {
         saved: &[Option<&Tensor>],
         grads: &[Option<&Tensor>],
     ) -> Result<Vec<Option<Tensor>>, String> {
-        let [q, k, v, g, h0, ht, kept] = saved else {
-            return Err(format!(
-                "gla: 7 saved tensors expected, got {}",
-                saved.len()
-            ));
-        };
+        let [q, k, v, g, h0, ht, kept] = bridged_list(OP, "saved tensors", saved)?;
         let (q, k, v, g, ht) = (
             bridged(OP, *q, "q")?,
             bridged(OP, *k, "k")?,
@@ -244,10 +235,7 @@ impl CustomOp for GlaOp {
                 Some(d) => d.f_to_kind(v.kind())?.f_contiguous()?,
                 None => v.f_zeros_like()?,
             };
-            let dht = match grads.get(1).copied().flatten() {
-                Some(d) => Some(d.f_to_kind(Kind::Float)?.f_contiguous()?),
-                None => None,
-            };
+            let dht = bridge::state_grad(grads.get(1).copied().flatten())?;
             let inputs = kernels::BackwardInputs {
                 x: kernels::Inputs {
                     q,
@@ -302,13 +290,7 @@ fn apply(
         .transpose()?;
     let op = GlaOp { scale, mode };
     let inputs = [Some(&q), Some(&k), Some(&v), Some(&g), h0.as_ref()];
-    let mut outs = autograd::apply(Box::new(op), &inputs).map_err(OpError::Autograd)?;
-    let ht = outs
-        .pop()
-        .ok_or_else(|| OpError::Autograd("gla: no final state".into()))?;
-    let o = outs
-        .pop()
-        .ok_or_else(|| OpError::Autograd("gla: no output".into()))?;
+    let [o, ht] = bridge::apply(OP, op, &inputs)?;
     Ok((o, ht))
 }
 

@@ -571,11 +571,9 @@ mod tests {
     /// f64 recurrence on the CPU, and its gradients are finite.
     #[test]
     fn chunked_on_cuda_matches_cpu_recurrence() {
-        if !tch::Cuda::is_available() {
-            println!("skipped: no CUDA device");
+        let Some(cuda) = glatrain_testing::cuda_or_skip() else {
             return;
-        }
-        let cuda = Device::Cuda(0);
+        };
         let x = inputs(61, [2, 130, 3, 60, 8], Gates::Strong, Kind::Double);
         let (o_ref, s_ref) = gla_recurrent(&x.q, &x.k, &x.v, &x.gk, Some(&x.s0), 0.2);
         for (kind, tol) in [(Kind::Double, 1e-10), (Kind::Float, 1e-5)] {

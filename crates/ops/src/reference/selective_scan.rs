@@ -306,6 +306,23 @@ mod tests {
         }
     }
 
+    impl Inputs {
+        /// u, delta, A, B, C and D, in the order of the forms' arguments.
+        fn list(&self) -> [Tensor; 6] {
+            [&self.u, &self.delta, &self.a, &self.b, &self.c, &self.d].map(Tensor::shallow_clone)
+        }
+    }
+
+    /// The sequential form on `[u, delta, A, B, C, D, ..]`.
+    fn sequential(x: &[Tensor], h0: Option<&Tensor>) -> (Tensor, Tensor) {
+        selective_scan_sequential(&x[0], &x[1], &x[2], &x[3], &x[4], Some(&x[5]), h0)
+    }
+
+    /// The chunked form on `[u, delta, A, B, C, D, ..]`.
+    fn chunked(x: &[Tensor], h0: Option<&Tensor>, chunk: i64) -> (Tensor, Tensor) {
+        selective_scan_chunked(&x[0], &x[1], &x[2], &x[3], &x[4], Some(&x[5]), h0, chunk)
+    }
+
     fn all_finite(x: &Tensor) -> bool {
         x.isfinite().all().int64_value(&[]) == 1
     }
@@ -321,25 +338,8 @@ mod tests {
                             let x = inputs(seed, [2, t, dd, n], steps, kind);
                             let h0 = with_state.then_some(&x.h0);
                             let what = format!("{kind:?} T {t} D {dd} N {n} chunk {chunk} {steps:?} state {with_state}");
-                            let (y_s, h_s) = selective_scan_sequential(
-                                &x.u,
-                                &x.delta,
-                                &x.a,
-                                &x.b,
-                                &x.c,
-                                Some(&x.d),
-                                h0,
-                            );
-                            let (y_c, h_c) = selective_scan_chunked(
-                                &x.u,
-                                &x.delta,
-                                &x.a,
-                                &x.b,
-                                &x.c,
-                                Some(&x.d),
-                                h0,
-                                chunk,
-                            );
+                            let (y_s, h_s) = sequential(&x.list(), h0);
+                            let (y_c, h_c) = chunked(&x.list(), h0, chunk);
                             assert!(
                                 all_finite(&y_c) && all_finite(&h_c),
                                 "{what}: chunked not finite"
@@ -370,8 +370,7 @@ mod tests {
     #[test]
     fn sequential_matches_the_recurrence_by_hand() {
         let x = inputs(5, [1, 3, 1, 2], Steps::Mild, Kind::Double);
-        let (y, h) =
-            selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
+        let (y, h) = sequential(&x.list(), Some(&x.h0));
         let at = |t: &Tensor, idx: &[i64]| t.double_value(idx);
         let mut state = [at(&x.h0, &[0, 0, 0]), at(&x.h0, &[0, 0, 1])];
         for t in 0..3 {
@@ -393,21 +392,8 @@ mod tests {
         let x = inputs(7, [2, t, 5, 4], Steps::Mild, Kind::Double);
         type Form = fn(&[Tensor], Option<&Tensor>) -> (Tensor, Tensor);
         let forms: [(&str, Form); 2] = [
-            ("sequential", |a, h| {
-                selective_scan_sequential(&a[0], &a[1], &a[2], &a[3], &a[4], Some(&a[5]), h)
-            }),
-            ("chunked", |a, h| {
-                selective_scan_chunked(
-                    &a[0],
-                    &a[1],
-                    &a[2],
-                    &a[3],
-                    &a[4],
-                    Some(&a[5]),
-                    h,
-                    DEFAULT_CHUNK,
-                )
-            }),
+            ("sequential", sequential),
+            ("chunked", |a, h| chunked(a, h, DEFAULT_CHUNK)),
         ];
         // A and D have no time axis; the others are cut along time.
         let part = |start, len| {
@@ -439,40 +425,10 @@ mod tests {
         let w_h = rng.randn(&[1, 3, 4], Kind::Double);
         type Form = fn(&[Tensor]) -> (Tensor, Tensor);
         let forms: [(&str, Form); 3] = [
-            ("sequential", |a| {
-                selective_scan_sequential(
-                    &a[0],
-                    &a[1],
-                    &a[2],
-                    &a[3],
-                    &a[4],
-                    Some(&a[5]),
-                    Some(&a[6]),
-                )
-            }),
-            ("chunked 4", |a| {
-                selective_scan_chunked(
-                    &a[0],
-                    &a[1],
-                    &a[2],
-                    &a[3],
-                    &a[4],
-                    Some(&a[5]),
-                    Some(&a[6]),
-                    4,
-                )
-            }),
+            ("sequential", |a| sequential(a, Some(&a[6]))),
+            ("chunked 4", |a| chunked(a, Some(&a[6]), 4)),
             ("chunked default", |a| {
-                selective_scan_chunked(
-                    &a[0],
-                    &a[1],
-                    &a[2],
-                    &a[3],
-                    &a[4],
-                    Some(&a[5]),
-                    Some(&a[6]),
-                    DEFAULT_CHUNK,
-                )
+                chunked(a, Some(&a[6]), DEFAULT_CHUNK)
             }),
         ];
         let named = [
@@ -505,16 +461,7 @@ mod tests {
             .map(|t| t.detach().set_requires_grad(true))
             .collect();
         let l = &leaves;
-        let (y, h) = selective_scan_chunked(
-            &l[0],
-            &l[1],
-            &l[2],
-            &l[3],
-            &l[4],
-            Some(&l[5]),
-            Some(&l[6]),
-            64,
-        );
+        let (y, h) = chunked(l, Some(&l[6]), 64);
         let loss = y.sum(Kind::Float) + h.sum(Kind::Float);
         for (grad, name) in Tensor::run_backward(&[loss], l, false, false)
             .iter()
@@ -528,30 +475,18 @@ mod tests {
     /// f64 sequential scan on the CPU, and its gradients are finite.
     #[test]
     fn chunked_on_cuda_matches_cpu_sequential() {
-        if !tch::Cuda::is_available() {
-            println!("skipped: no CUDA device");
+        let Some(cuda) = glatrain_testing::cuda_or_skip() else {
             return;
-        }
-        let cuda = Device::Cuda(0);
+        };
         let x = inputs(61, [2, 130, 5, 16], Steps::Strong, Kind::Double);
-        let (y_ref, h_ref) =
-            selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
+        let (y_ref, h_ref) = sequential(&x.list(), Some(&x.h0));
         for (kind, tol) in [(Kind::Double, 1e-10), (Kind::Float, 1e-5)] {
             let leaves: Vec<Tensor> = [&x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, &x.h0]
                 .iter()
                 .map(|t| t.to_device(cuda).to_kind(kind).set_requires_grad(true))
                 .collect();
             let l = &leaves;
-            let (y, h) = selective_scan_chunked(
-                &l[0],
-                &l[1],
-                &l[2],
-                &l[3],
-                &l[4],
-                Some(&l[5]),
-                Some(&l[6]),
-                DEFAULT_CHUNK,
-            );
+            let (y, h) = chunked(l, Some(&l[6]), DEFAULT_CHUNK);
             assert_eq!((y.device(), h.device()), (cuda, cuda));
             let (ey, eh) = (rel_rms(&y, &y_ref), rel_rms(&h, &h_ref));
             assert!(ey <= tol && eh <= tol, "{kind:?}: y {ey:e}, state {eh:e}");
@@ -565,35 +500,16 @@ mod tests {
     #[test]
     fn dtypes_output_follows_u_and_state_is_at_least_f32() {
         let x = inputs(31, [1, 9, 2, 3], Steps::Mild, Kind::BFloat16);
-        let (y, h) = selective_scan_chunked(
-            &x.u,
-            &x.delta,
-            &x.a,
-            &x.b,
-            &x.c,
-            Some(&x.d),
-            None,
-            DEFAULT_CHUNK,
-        );
+        let (y, h) = chunked(&x.list(), None, DEFAULT_CHUNK);
         assert_eq!((y.kind(), h.kind()), (Kind::BFloat16, Kind::Float));
-        let (y, h) =
-            selective_scan_sequential(&x.u, &x.delta, &x.a, &x.b, &x.c, Some(&x.d), Some(&x.h0));
+        let (y, h) = sequential(&x.list(), Some(&x.h0));
         assert_eq!((y.kind(), h.kind()), (Kind::BFloat16, Kind::Float));
     }
 
     #[test]
     fn empty_sequence_returns_the_initial_state() {
         let x = inputs(41, [1, 0, 2, 3], Steps::Mild, Kind::Float);
-        let (y, h) = selective_scan_chunked(
-            &x.u,
-            &x.delta,
-            &x.a,
-            &x.b,
-            &x.c,
-            Some(&x.d),
-            Some(&x.h0),
-            DEFAULT_CHUNK,
-        );
+        let (y, h) = chunked(&x.list(), Some(&x.h0), DEFAULT_CHUNK);
         assert_eq!(y.size(), [1, 0, 2]);
         assert_eq!(rel_rms(&h, &x.h0), 0.0);
     }

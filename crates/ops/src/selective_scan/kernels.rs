@@ -13,7 +13,7 @@ use glatrain_cuda::cudarc::driver::DeviceRepr;
 use glatrain_cuda::{launch, CudaError, Gpu, KernelDtype, KernelSource};
 use tch::{Kind, Tensor};
 
-use crate::launch::{buffer, device_of, kernel_dtype, opt_ptr, ptr, tiles};
+use crate::launch::{buffer, device_of, kernel_dtype_of, opt_ptr, ptr, tiles};
 use crate::OpError;
 
 /// `kernels/selective_scan.cu`. Entry points in the order of their `KERNEL_INDEX`.
@@ -262,15 +262,6 @@ impl Dims {
     }
 }
 
-fn dtype(u: &Tensor) -> Result<KernelDtype, OpError> {
-    kernel_dtype(u.kind()).ok_or_else(|| OpError::Dtype {
-        op: "selective_scan",
-        tensor: "u",
-        expected: "the CUDA kernels take f32, bf16 or f16".into(),
-        actual: u.kind(),
-    })
-}
-
 /// Compiles (or reads from the disk cache) and loads the scan kernels for inputs of `dt` on CUDA
 /// device `ordinal`, so that their first call does not wait for NVRTC; with `optimised`, also
 /// waits for the Full tier.
@@ -339,7 +330,7 @@ pub fn forward(
         });
     }
     let dev = device_of(x.u)?;
-    let dt = dtype(x.u)?;
+    let dt = kernel_dtype_of("selective_scan", "u", x.u)?;
     let out = buffer(&[b, t, d], x.u.kind(), x.u)?;
     let final_state = buffer(&[b, d, n], Kind::Float, x.u)?;
     let checkpoints = keep
@@ -461,7 +452,7 @@ pub fn backward(
         });
     }
     let dev = device_of(x.u)?;
-    let dt = dtype(x.u)?;
+    let dt = kernel_dtype_of("selective_scan", "u", x.u)?;
     let u = x.u;
     let du = buffer(&[b, t, d], dt_kind, u)?;
     let ddelta = buffer(&[b, t, d], dt_kind, u)?;

@@ -13,10 +13,11 @@ pub mod kernels;
 
 pub use kernels::{Dims, Segments};
 
-use glatrain_shim::autograd::{self, CustomOp, Forward};
+use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{bridged, is_float};
+use crate::bridge::{self, bridged, bridged_list};
+use crate::error::is_float;
 use crate::launch::kernel_dtype;
 use crate::reference::selective_scan::{
     selective_scan_chunked, selective_scan_sequential, DEFAULT_CHUNK,
@@ -275,12 +276,7 @@ struct ScanOp {
 
 /// The kernels' inputs from the bridge's list (u, delta, A, B, C, D, z, delta_bias, h0).
 fn kernel_inputs<'a>(list: &[Option<&'a Tensor>]) -> Result<kernels::Inputs<'a>, String> {
-    let [u, delta, a, b, c, d, z, bias, h0] = list else {
-        return Err(format!(
-            "selective_scan: 9 inputs expected, got {}",
-            list.len()
-        ));
-    };
+    let [u, delta, a, b, c, d, z, bias, h0] = bridged_list(OP, "inputs", list)?;
     Ok(kernels::Inputs {
         u: bridged(OP, *u, "u")?,
         delta: bridged(OP, *delta, "delta")?,
@@ -299,15 +295,11 @@ impl CustomOp for ScanOp {
         let x = kernel_inputs(inputs)?;
         let out =
             kernels::forward(&x, self.softplus, self.segments, true).map_err(|e| e.to_string())?;
-        let saved = inputs
-            .iter()
-            .map(|t| t.map(Tensor::shallow_clone))
-            .chain([out.checkpoints, out.ypre])
-            .collect();
-        Ok(Forward {
-            outputs: vec![out.out, out.final_state],
-            saved,
-        })
+        Ok(Forward::saving(
+            vec![out.out, out.final_state],
+            inputs,
+            [out.checkpoints, out.ypre],
+        ))
     }
 
     fn backward(
@@ -326,10 +318,7 @@ impl CustomOp for ScanOp {
                 Some(g) => rows_of_kind(g, x.u.kind())?,
                 None => x.u.f_zeros_like()?,
             };
-            let dht = match grads.get(1).copied().flatten() {
-                Some(g) => Some(g.f_to_kind(Kind::Float)?.f_contiguous()?),
-                None => None,
-            };
+            let dht = bridge::state_grad(grads.get(1).copied().flatten())?;
             let inputs = kernels::BackwardInputs {
                 x,
                 checkpoints,
@@ -419,13 +408,7 @@ fn apply(x: &ScanInputs, options: &ScanOptions) -> Result<(Tensor, Tensor), OpEr
         softplus: options.delta_softplus,
         segments: options.segments,
     };
-    let mut outs = autograd::apply(Box::new(op), &list).map_err(OpError::Autograd)?;
-    let state = outs
-        .pop()
-        .ok_or_else(|| OpError::Autograd("selective_scan: no final state".into()))?;
-    let out = outs
-        .pop()
-        .ok_or_else(|| OpError::Autograd("selective_scan: no output".into()))?;
+    let [out, state] = bridge::apply(OP, op, &list)?;
     Ok((out, state))
 }
 
