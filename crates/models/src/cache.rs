@@ -1,9 +1,9 @@
 //! The decoding cache shared by every model: per-layer recurrent / convolution / key-value
 //! states plus the number of tokens already consumed.
 
-use crate::gla::GlaLayerCache;
-use crate::mamba::MambaLayerCache;
-use crate::transformer::KvCache;
+use std::any::Any;
+use std::fmt;
+
 use tch::Tensor;
 
 /// What a model remembers between decoding calls. Made by [`crate::CausalLm::new_cache`] and
@@ -16,21 +16,31 @@ pub struct DecodeCache {
     pub(crate) layers: LayerCaches,
 }
 
-/// One entry per layer, by model family.
-#[derive(Debug)]
-pub enum LayerCaches {
-    Gla(Vec<GlaLayerCache>),
-    Transformer(Vec<KvCache>),
-    Mamba(Vec<MambaLayerCache>),
+/// One entry per layer, of the type its family's blocks carry
+/// ([`crate::language_model::Block::Cache`]).
+pub struct LayerCaches {
+    family: &'static str,
+    caches: Box<dyn Any + Send>,
 }
 
 impl LayerCaches {
-    fn family(&self) -> &'static str {
-        match self {
-            LayerCaches::Gla(_) => "gla",
-            LayerCaches::Transformer(_) => "transformer",
-            LayerCaches::Mamba(_) => "mamba",
+    /// The entries of a `family` model.
+    pub(crate) fn new<C: Send + 'static>(family: &'static str, caches: Vec<C>) -> Self {
+        Self {
+            family,
+            caches: Box::new(caches),
         }
+    }
+
+    /// The entries, if they are `C`s (the cache was made by a model of that family).
+    pub(crate) fn get<C: 'static>(&mut self) -> Option<&mut Vec<C>> {
+        self.caches.downcast_mut()
+    }
+}
+
+impl fmt::Debug for LayerCaches {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LayerCaches({})", self.family)
     }
 }
 
@@ -79,7 +89,7 @@ impl DecodeCache {
     pub(crate) fn wrong_family(&self, model: &str) -> String {
         format!(
             "a {} decode cache was passed to a {model} model",
-            self.layers.family()
+            self.layers.family
         )
     }
 }

@@ -49,15 +49,17 @@ pub(crate) fn require_positive(key: &'static str, value: usize) -> Result<(), Mo
     Ok(())
 }
 
+/// `value` of `key` must be finite and above zero.
+pub(crate) fn require_positive_number(key: &'static str, value: f64) -> Result<(), ModelError> {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(ModelError::bad(key, value, "must be a positive number"));
+    }
+    Ok(())
+}
+
 /// `norm_eps > 0` and `initializer_range >= 0`, shared by every model family.
 pub(crate) fn check_norm_and_init(norm_eps: f64, init_range: f64) -> Result<(), ModelError> {
-    if !(norm_eps.is_finite() && norm_eps > 0.0) {
-        return Err(ModelError::bad(
-            "norm_eps",
-            norm_eps,
-            "must be a positive number",
-        ));
-    }
+    require_positive_number("norm_eps", norm_eps)?;
     if !(init_range.is_finite() && init_range >= 0.0) {
         return Err(ModelError::bad(
             "initializer_range",

@@ -24,9 +24,8 @@
 //! current default applies no depth rescaling of `o_proj` / `down_proj`
 //! (`prenorm_residual_strategy = None`), so neither does this.
 
-use crate::cache::LayerCaches;
 use crate::conv::CausalConv;
-use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
 use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{autocast_input, Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
@@ -71,13 +70,7 @@ pub fn validate(cfg: &GlaConfig) -> Result<(), ModelError> {
             ));
         }
     }
-    if !(cfg.gate_logit_normalizer.is_finite() && cfg.gate_logit_normalizer > 0.0) {
-        return Err(ModelError::bad(
-            "gate_logit_normalizer",
-            cfg.gate_logit_normalizer,
-            "must be a positive number",
-        ));
-    }
+    require_positive_number("gate_logit_normalizer", cfg.gate_logit_normalizer)?;
     check_norm_and_init(cfg.norm_eps, cfg.initializer_range)
 }
 
@@ -242,7 +235,6 @@ pub struct GlaBlock {
 impl Block for GlaBlock {
     const FAMILY: &'static str = "gla";
     type Cache = GlaLayerCache;
-    type Context = ();
     type Settings = ();
 
     fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut GlaLayerCache>) -> Tensor {
@@ -251,21 +243,6 @@ impl Block for GlaBlock {
         &x + self
             .mlp
             .forward(&autocast_input(&self.mlp_norm.forward(&x)))
-    }
-
-    fn context(_: &(), _: &Tensor, _: i64) {}
-
-    fn share(_: &()) {}
-
-    fn wrap_caches(caches: Vec<GlaLayerCache>) -> LayerCaches {
-        LayerCaches::Gla(caches)
-    }
-
-    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<GlaLayerCache>> {
-        match layers {
-            LayerCaches::Gla(caches) => Some(caches),
-            _ => None,
-        }
     }
 }
 

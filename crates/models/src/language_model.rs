@@ -13,38 +13,48 @@ use crate::linear::{Embedding, LmHead};
 use crate::norm::RmsNorm;
 use crate::CausalLm;
 
+/// What every block of one forward shares (the Transformer's rotary table and position;
+/// nothing for the recurrent families), made from what the model keeps.
+pub trait ContextSettings: fmt::Debug + Send {
+    /// The shared part of one forward.
+    type Context: Send + 'static;
+
+    /// The context of a forward over `tokens` (`[B, T]`) whose first position is `past`.
+    fn context(&self, tokens: &Tensor, past: i64) -> Self::Context;
+
+    /// Another handle on `context` (tensors shallow-cloned) for a checkpointed block, which
+    /// runs again in the backward.
+    fn share(context: &Self::Context) -> Self::Context;
+}
+
+/// The recurrent families' blocks share nothing.
+impl ContextSettings for () {
+    type Context = ();
+
+    fn context(&self, _: &Tensor, _: i64) {}
+
+    fn share(_: &()) {}
+}
+
+/// A forward's shared context for blocks `B`.
+pub type Context<B> = <<B as Block>::Settings as ContextSettings>::Context;
+
 /// A residual block of one model family, as [`LanguageModel`] runs it.
 pub trait Block: fmt::Debug + Send + 'static {
     /// The family's name in messages ("gla", "transformer", "mamba").
     const FAMILY: &'static str;
     /// What the block carries from one decoding call to the next.
-    type Cache: Default;
-    /// What every block of one forward shares (the Transformer's rotary table and position;
-    /// nothing for the recurrent families).
-    type Context: Send + 'static;
-    /// What the model keeps to make a forward's [`Block::Context`].
-    type Settings: fmt::Debug + Send;
+    type Cache: Default + Send + 'static;
+    /// What the model keeps to make a forward's [`Context`].
+    type Settings: ContextSettings;
 
     /// The block on `x`; `cache` is given when decoding.
     fn forward(
         &self,
         x: &Tensor,
-        context: &Self::Context,
+        context: &Context<Self>,
         cache: Option<&mut Self::Cache>,
     ) -> Tensor;
-
-    /// The context of a forward over `tokens` (`[B, T]`) whose first position is `past`.
-    fn context(settings: &Self::Settings, tokens: &Tensor, past: i64) -> Self::Context;
-
-    /// Another handle on `context` (tensors shallow-cloned) for a checkpointed block, which
-    /// runs again in the backward.
-    fn share(context: &Self::Context) -> Self::Context;
-
-    /// A decoding cache's entries for this family's blocks.
-    fn wrap_caches(caches: Vec<Self::Cache>) -> LayerCaches;
-
-    /// This family's entries of a decoding cache; `None` for another family's.
-    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<Self::Cache>>;
 }
 
 /// The causal language model of blocks `B` ([`crate::gla::GlaModel`], ...).
@@ -86,7 +96,7 @@ impl<B: Block> LanguageModel<B> {
     /// The final hidden states of `tokens` at positions from `past` on, continuing from (and
     /// updating) `caches` when given.
     fn hidden(&self, tokens: &Tensor, past: i64, caches: Option<&mut [B::Cache]>) -> Tensor {
-        let context = B::context(&self.settings, tokens, past);
+        let context = self.settings.context(tokens, past);
         let mut x = self.embeddings.forward(tokens);
         match caches {
             Some(caches) => {
@@ -96,7 +106,7 @@ impl<B: Block> LanguageModel<B> {
             }
             None => {
                 for layer in &self.layers {
-                    let (layer, context) = (layer.clone(), B::share(&context));
+                    let (layer, context) = (layer.clone(), B::Settings::share(&context));
                     x = checkpoint::forward(self.checkpointing, &x, move |x| {
                         layer.lock().forward(x, &context, None)
                     });
@@ -126,12 +136,12 @@ impl<B: Block> CausalLm for LanguageModel<B> {
 
     fn new_cache(&self, batch: i64) -> DecodeCache {
         let caches = self.layers.iter().map(|_| B::Cache::default()).collect();
-        DecodeCache::new(batch, B::wrap_caches(caches))
+        DecodeCache::new(batch, LayerCaches::new(B::FAMILY, caches))
     }
 
     fn forward_cached(&self, tokens: &Tensor, cache: &mut DecodeCache) -> Tensor {
         let past = cache.advance(tokens);
-        let caches = match B::caches(&mut cache.layers) {
+        let caches = match cache.layers.get::<B::Cache>() {
             Some(caches) => caches,
             None => panic!("{}", cache.wrong_family(B::FAMILY)),
         };

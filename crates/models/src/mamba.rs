@@ -11,9 +11,8 @@
 //! channel; `D = 1`; embeddings `N(0, initializer_range)` (the only use of that key, as in
 //! `mamba_ssm`); norms one.
 
-use crate::cache::LayerCaches;
 use crate::conv::CausalConv;
-use crate::error::{check_norm_and_init, require_positive, ModelError};
+use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
 use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
 use crate::norm::RmsNorm;
@@ -31,13 +30,7 @@ pub fn validate(cfg: &MambaConfig) -> Result<(), ModelError> {
     require_positive("expand", cfg.expand)?;
     require_positive("conv_size", cfg.conv_size)?;
     require_positive("dt_rank", cfg.dt_rank())?;
-    if !(cfg.dt_min.is_finite() && cfg.dt_min > 0.0) {
-        return Err(ModelError::bad(
-            "dt_min",
-            cfg.dt_min,
-            "must be a positive number",
-        ));
-    }
+    require_positive_number("dt_min", cfg.dt_min)?;
     if !(cfg.dt_max.is_finite() && cfg.dt_max >= cfg.dt_min) {
         return Err(ModelError::bad(
             "dt_max",
@@ -45,13 +38,7 @@ pub fn validate(cfg: &MambaConfig) -> Result<(), ModelError> {
             format!("must be a number >= dt_min {}", cfg.dt_min),
         ));
     }
-    if !(cfg.dt_init_floor.is_finite() && cfg.dt_init_floor > 0.0) {
-        return Err(ModelError::bad(
-            "dt_init_floor",
-            cfg.dt_init_floor,
-            "must be a positive number",
-        ));
-    }
+    require_positive_number("dt_init_floor", cfg.dt_init_floor)?;
     check_norm_and_init(cfg.norm_eps, cfg.initializer_range)
 }
 
@@ -224,26 +211,10 @@ pub struct MambaBlock {
 impl Block for MambaBlock {
     const FAMILY: &'static str = "mamba";
     type Cache = MambaLayerCache;
-    type Context = ();
     type Settings = ();
 
     fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut MambaLayerCache>) -> Tensor {
         x + self.mixer.forward(&self.norm.forward(x), cache)
-    }
-
-    fn context(_: &(), _: &Tensor, _: i64) {}
-
-    fn share(_: &()) {}
-
-    fn wrap_caches(caches: Vec<MambaLayerCache>) -> LayerCaches {
-        LayerCaches::Mamba(caches)
-    }
-
-    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<MambaLayerCache>> {
-        match layers {
-            LayerCaches::Mamba(caches) => Some(caches),
-            _ => None,
-        }
     }
 }
 

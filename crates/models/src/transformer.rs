@@ -7,9 +7,8 @@
 //! Initialisation as Hugging Face LLaMA and FLA: every linear and embedding weight
 //! `N(0, initializer_range)`, norms one, no depth rescaling.
 
-use crate::cache::LayerCaches;
-use crate::error::{check_norm_and_init, require_positive, ModelError};
-use crate::language_model::{Block, LanguageModel, Parts};
+use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
+use crate::language_model::{Block, ContextSettings, LanguageModel, Parts};
 use crate::linear::{autocast_input, Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
@@ -50,13 +49,7 @@ pub fn validate(cfg: &TransformerConfig) -> Result<(), ModelError> {
             format!("num_heads {} is not divisible by it", cfg.num_heads),
         ));
     }
-    if !(cfg.rope_theta.is_finite() && cfg.rope_theta > 0.0) {
-        return Err(ModelError::bad(
-            "rope_theta",
-            cfg.rope_theta,
-            "must be a positive number",
-        ));
-    }
+    require_positive_number("rope_theta", cfg.rope_theta)?;
     check_norm_and_init(cfg.norm_eps, cfg.initializer_range)
 }
 
@@ -176,7 +169,6 @@ pub struct Positions {
 impl Block for TransformerBlock {
     const FAMILY: &'static str = "transformer";
     type Cache = KvCache;
-    type Context = Positions;
     type Settings = RotarySettings;
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
@@ -186,10 +178,14 @@ impl Block for TransformerBlock {
             .mlp
             .forward(&autocast_input(&self.mlp_norm.forward(&x)))
     }
+}
 
-    fn context(settings: &RotarySettings, tokens: &Tensor, past: i64) -> Positions {
+impl ContextSettings for RotarySettings {
+    type Context = Positions;
+
+    fn context(&self, tokens: &Tensor, past: i64) -> Positions {
         let t = tokens.size()[1];
-        let rope = Rotary::new(settings.head_dim, settings.theta, past, t, tokens.device());
+        let rope = Rotary::new(self.head_dim, self.theta, past, t, tokens.device());
         Positions { rope, past }
     }
 
@@ -197,17 +193,6 @@ impl Block for TransformerBlock {
         Positions {
             rope: at.rope.shallow_clone(),
             past: at.past,
-        }
-    }
-
-    fn wrap_caches(caches: Vec<KvCache>) -> LayerCaches {
-        LayerCaches::Transformer(caches)
-    }
-
-    fn caches(layers: &mut LayerCaches) -> Option<&mut Vec<KvCache>> {
-        match layers {
-            LayerCaches::Transformer(caches) => Some(caches),
-            _ => None,
         }
     }
 }
