@@ -28,7 +28,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cmd=${1:-all}
-DIR=${2:-$ROOT/.device/ops}
+DIR=$(realpath -m "${2:-$ROOT/.device/ops}")
 START=$SECONDS
 
 # Seconds left before $DEADLINE (seconds from the start; unset: no limit).
@@ -44,24 +44,30 @@ device_env() {
   export GLATRAIN_CACHE_DIR=${GLATRAIN_CACHE_DIR:-/tmp/glatrain-kernel-cache}
 }
 
-build() {
-  # shellcheck source=env.sh
-  source "$ROOT/scripts/env.sh"
-  cd "$ROOT"
-  rm -rf "$DIR" && mkdir -p "$DIR/tests" "$DIR/kernels"
-  cargo build --release -p glatrain
-  cargo test --release -p glatrain-cuda -p glatrain-shim -p glatrain-dist -p glatrain-ops -p glatrain-models \
-    --no-run --message-format=json 2>/dev/null |
+# The test executables of the packages given (cargo's -p arguments), built in release.
+test_binaries() {
+  cargo test --release "$@" --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
-        print(m["executable"])' |
+        print(m["executable"])'
+}
+
+build() {
+  # shellcheck source=env.sh
+  source "$ROOT/scripts/env.sh"
+  cd "$ROOT"
+  rm -rf "$DIR" && mkdir -p "$DIR/tests" "$DIR/cli-tests" "$DIR/kernels"
+  cargo build --release -p glatrain
+  test_binaries -p glatrain-cuda -p glatrain-shim -p glatrain-dist -p glatrain-ops -p glatrain-models |
     while read -r exe; do cp "$exe" "$DIR/tests/"; done
+  # The CLI's tests run the binary; on the GPU machine only their GPU tests run (see cli_tests).
+  test_binaries -p glatrain | while read -r exe; do cp "$exe" "$DIR/cli-tests/"; done
   cp target/release/glatrain "$DIR/"
   cp kernels/*.cu kernels/*.cuh "$DIR/kernels/"
-  strip --strip-debug "$DIR"/tests/* "$DIR/glatrain"
+  strip --strip-debug "$DIR"/tests/* "$DIR"/cli-tests/* "$DIR/glatrain"
   du -sh "$DIR"
 }
 
@@ -93,6 +99,7 @@ run() {
       tail -n 25 "$log"
     done
   done
+  cli_tests "$out" 300
   local bench_status=ok
   timeout 300 "$DIR/glatrain" bench --json "$out/bench.json" 2>&1 | tee "$out/bench.log" || { bench_status=FAILED; failed=1; }
   echo "== summary =="
@@ -232,6 +239,21 @@ bench() {
   tail -n 40 "$out/$name.log"
 }
 
+# The GPU tests of the CLI's test binaries (names with "gpu": data parallel on two GPUs, an
+# out-of-memory step), one binary after another, on the CLI built beside them.
+cli_tests() {
+  local out=$1 limit=$2
+  for t in "$DIR"/cli-tests/*; do
+    [[ -x $t ]] || continue
+    local name start=$SECONDS status=ok
+    name=$(basename "$t")
+    GLATRAIN_BIN=$DIR/glatrain timeout "$limit" "$t" gpu --test-threads=1 >"$out/test-$name.log" 2>&1 ||
+      status="FAILED (exit $?)"
+    printf '%-48s %-16s %4d s  %s\n' "$name (gpu)" "$status" $((SECONDS - start)) \
+      "$(grep -E '^test result' "$out/test-$name.log" | tail -n 1)" >>"$out/tests.txt"
+  done
+}
+
 # The test binaries side by side (each at both tiers where it tests kernels), bounded by the
 # deadline; a line per binary in $out/tests.txt.
 parallel_tests() {
@@ -251,6 +273,7 @@ parallel_tests() {
       ) &
     done
   done
+  cli_tests "$out" "$limit" &
   wait
   cat "$out/tests.txt"
   grep -h -B2 -A12 'panicked' "$out"/test-*.log | head -n 80 || true

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use glatrain_testing::process::{assert_exit, text};
+use glatrain_testing::process::{assert_exit, cli_path, text};
 
 fn glatrain(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_glatrain"))
+    Command::new(cli_path(env!("CARGO_BIN_EXE_glatrain")))
         .args(args)
         .current_dir(dir)
         .output()
@@ -351,7 +351,9 @@ fn export_and_text_evaluation_from_the_command_line() {
     let script = repo().join("scripts/check-hf-export.py");
     match Command::new(&python)
         .arg(&script)
-        .args(["--glatrain", env!("CARGO_BIN_EXE_glatrain"), run])
+        .arg("--glatrain")
+        .arg(cli_path(env!("CARGO_BIN_EXE_glatrain")))
+        .arg(run)
         .current_dir(dir.path())
         .output()
     {

@@ -9,7 +9,9 @@ use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use glatrain_fs::sorted_names;
-use glatrain_testing::process::{dir_with, logged_series, send_signal, start, text, wait_until};
+use glatrain_testing::process::{
+    cli_path, dir_with, logged_series, send_signal, start, text, wait_until,
+};
 
 /// A micro GLA model, fp32, one libtorch thread per rank, a checkpoint every 5 steps.
 const CONFIG: &str = r#"
@@ -53,7 +55,7 @@ fn workdir() -> tempfile::TempDir {
 }
 
 fn glatrain(dir: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_glatrain"));
+    let mut cmd = Command::new(cli_path(env!("CARGO_BIN_EXE_glatrain")));
     cmd.args(["--config", "r.toml"])
         .args(args)
         .current_dir(dir)

@@ -7,7 +7,7 @@ use std::process::{Child, Command, ExitStatus, Output};
 use std::time::Duration;
 
 use glatrain_testing::process::{
-    assert_exit, dir_with, logged_series, send_signal, start, text, wait_until,
+    assert_exit, cli_path, dir_with, logged_series, send_signal, start, text, wait_until,
 };
 
 /// A micro Transformer++ whose steps take milliseconds, checkpointing every 5 steps.
@@ -45,7 +45,7 @@ progress = "lines"
 "#;
 
 fn binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_glatrain"))
+    Command::new(cli_path(env!("CARGO_BIN_EXE_glatrain")))
 }
 
 /// A directory with `r.toml`, the config above.
@@ -66,7 +66,7 @@ fn run_limited(dir: &Path, limits: &str, args: &[&str]) -> Output {
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     let script = format!(
         "{limits}; exec '{}' {}",
-        env!("CARGO_BIN_EXE_glatrain"),
+        cli_path(env!("CARGO_BIN_EXE_glatrain")).display(),
         quoted.join(" ")
     );
     Command::new("sh")
@@ -288,6 +288,85 @@ fn an_allocation_failure_is_an_error_not_a_panic() {
         !msg.contains("panicked") && !msg.contains("frame #") && !msg.contains("RUST_BACKTRACE"),
         "{msg}"
     );
+}
+
+/// Holds all but 4 GiB of CUDA device 0 until killed; says "held" once it does.
+const HOLD_GPU_MEMORY: &str = "import time, torch\n\
+free, _ = torch.cuda.mem_get_info(0)\n\
+held = torch.empty(free - (4 << 30), dtype=torch.uint8, device='cuda:0')\n\
+print('held', flush=True)\n\
+time.sleep(600)\n";
+
+/// On a GPU, memory that runs out at run time (another process holds all but 4 GiB, which the
+/// preflight, counting the device's memory, cannot know): a resumed run's first step is exit 1
+/// with what was being allocated, the peak so far and the advice, the checkpoint it resumed from
+/// stays, and no panic or C++ trace reaches the user. Needs python3 with torch (the GPU
+/// machine's); skipped without a CUDA device.
+#[test]
+fn running_out_of_gpu_memory_is_exit_1_and_keeps_the_checkpoint() {
+    if !tch::Cuda::is_available() {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let dir = workdir();
+    let d = dir.path();
+    // A step of 16 x 2048 tokens through 8 layers 1024 wide keeps about 10 GB for its backward;
+    // the weights and AdamW state (1.6 GB) fit the 4 GiB left.
+    let gpu = [
+        "--config",
+        "r.toml",
+        "--set",
+        "run.device=\"cuda\"",
+        "--set",
+        "train.precision=\"bf16\"",
+        "--set",
+        "model.hidden_size=1024",
+        "--set",
+        "model.num_heads=8",
+        "--set",
+        "model.num_layers=8",
+        "--set",
+        "data.seq_len=2048",
+        "--set",
+        "train.micro_batch_size=16",
+        "--set",
+        "train.batch_size=16",
+        "--set",
+        "train.checkpoint_every=2",
+    ];
+    let first = run(d, &[&gpu[..], &["--set", "train.max_steps=2"]].concat());
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let mut holder = Command::new("python3")
+        .args(["-c", HOLD_GPU_MEMORY])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut said = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut said,
+    )
+    .unwrap();
+    assert_eq!(said.trim(), "held", "the memory holder did not start");
+    let out = run(
+        d,
+        &[&gpu[..], &["--resume", "--set", "train.max_steps=4"]].concat(),
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let msg = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("ran out of memory")
+            && msg.contains("held at the peak so far")
+            && msg.contains("to fit"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("panicked") && !msg.contains("frame #") && !msg.contains("RUST_BACKTRACE"),
+        "{msg}"
+    );
+    assert!(d.join("runs/r/checkpoints/step-2/manifest.json").exists());
 }
 
 /// Sizes that do not fit 64 bits, more threads than cores, an overlong run.name: exit 2 before

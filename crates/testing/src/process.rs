@@ -2,9 +2,16 @@
 //! deadline, signals, a process's output as text and its exit status, a run directory to start
 //! from and the metrics a run logged.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+/// The CLI a test runs: `$GLATRAIN_BIN` where the test binary runs away from its build (the GPU
+/// machine of `scripts/gpu-check.sh`), else `built`, the one cargo built
+/// (`env!("CARGO_BIN_EXE_glatrain")`).
+pub fn cli_path(built: &str) -> PathBuf {
+    std::env::var_os("GLATRAIN_BIN").map_or_else(|| PathBuf::from(built), PathBuf::from)
+}
 
 /// Waits (polling every 5 ms, two minutes at most) until `done`.
 ///
