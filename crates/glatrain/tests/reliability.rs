@@ -304,8 +304,7 @@ time.sleep(600)\n";
 /// machine's); skipped without a CUDA device.
 #[test]
 fn running_out_of_gpu_memory_is_exit_1_and_keeps_the_checkpoint() {
-    if !tch::Cuda::is_available() {
-        println!("skipped: no CUDA device");
+    if glatrain_testing::cuda_or_skip().is_none() {
         return;
     }
     let dir = workdir();

@@ -52,12 +52,10 @@ fn zoo() -> Vec<(&'static str, ModelConfig)> {
 
 #[test]
 fn bf16_autocast_on_cuda_stays_close_to_fp32_and_trains() {
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
+    let Some(device) = glatrain_testing::cuda_or_skip() else {
         return;
-    }
+    };
     glatrain_shim::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
-    let device = Device::Cuda(0);
     for (name, cfg) in zoo() {
         tch::manual_seed(7);
         let vs = nn::VarStore::new(device);
@@ -93,11 +91,9 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
     // The CUDA kernels on both paths: the whole sequence at once (GLA chunk, the scan over 100
     // tokens) and one token per call with the carried states (GLA fused_recurrent, the scan with
     // T = 1), in fp32; then a prefill followed by single steps.
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
+    let Some(device) = glatrain_testing::cuda_or_skip() else {
         return;
-    }
-    let device = Device::Cuda(0);
+    };
     let seq = 100;
     for (name, cfg) in zoo() {
         tch::manual_seed(11);
@@ -140,27 +136,25 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
     }
 }
 
-/// The bf16-autocast cross-entropy gradients of every parameter (sorted by name) of `model` on
-/// `x` keeping what `mode` says, and the step's peak allocated bytes above what was held before.
-fn checkpointed_step(
-    vs: &nn::VarStore,
-    model: &mut dyn CausalLm,
-    mode: ActivationCheckpointing,
-    x: &Tensor,
-) -> (Vec<(String, Tensor)>, u64) {
-    model.set_activation_checkpointing(mode);
+/// The mean next-token cross-entropy of `model` on `x` (fp32), under bf16 autocast if
+/// `autocast`.
+fn next_token_loss(model: &dyn CausalLm, x: &Tensor, autocast: bool) -> Tensor {
     let (b, t) = x.size2().unwrap();
-    tch::Cuda::synchronize(0);
-    let before = glatrain_shim::memory::stats(0).unwrap().allocated;
-    glatrain_shim::memory::reset_peak(0).unwrap();
-    let logits = glatrain_shim::autocast::autocast(|| model.forward(&x.narrow(1, 0, t - 1)));
+    let forward = || model.forward(&x.narrow(1, 0, t - 1));
+    let logits = if autocast {
+        glatrain_shim::autocast::autocast(forward)
+    } else {
+        forward()
+    };
     logits
+        .to_kind(Kind::Float)
         .reshape([b * (t - 1), -1])
         .cross_entropy_for_logits(&x.narrow(1, 1, t - 1).reshape([-1]))
-        .backward();
-    drop(logits);
-    tch::Cuda::synchronize(0);
-    let peak = glatrain_shim::memory::stats(0).unwrap().peak_allocated - before;
+}
+
+/// Every parameter's gradient (sorted by name), taken out: the parameters' gradients are zero
+/// afterwards.
+fn take_gradients(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     let mut grads: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
@@ -171,17 +165,33 @@ fn checkpointed_step(
         })
         .collect();
     grads.sort_by(|a, b| a.0.cmp(&b.0));
-    (grads, peak)
+    grads
+}
+
+/// The bf16-autocast cross-entropy gradients of every parameter (sorted by name) of `model` on
+/// `x` keeping what `mode` says, and the step's peak allocated bytes above what was held before.
+fn checkpointed_step(
+    vs: &nn::VarStore,
+    model: &mut dyn CausalLm,
+    mode: ActivationCheckpointing,
+    x: &Tensor,
+) -> (Vec<(String, Tensor)>, u64) {
+    model.set_activation_checkpointing(mode);
+    tch::Cuda::synchronize(0);
+    let before = glatrain_shim::memory::stats(0).unwrap().allocated;
+    glatrain_shim::memory::reset_peak(0).unwrap();
+    next_token_loss(&*model, x, true).backward();
+    tch::Cuda::synchronize(0);
+    let peak = glatrain_shim::memory::stats(0).unwrap().peak_allocated - before;
+    (take_gradients(vs), peak)
 }
 
 #[test]
 fn checkpointing_on_cuda_keeps_the_gradients_and_less_memory() {
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
+    let Some(device) = glatrain_testing::cuda_or_skip() else {
         return;
-    }
+    };
     glatrain_shim::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
-    let device = Device::Cuda(0);
     for (name, cfg) in zoo() {
         tch::manual_seed(11);
         let vs = nn::VarStore::new(device);
@@ -220,33 +230,16 @@ fn checkpointing_on_cuda_keeps_the_gradients_and_less_memory() {
     }
 }
 
-/// The mean next-token cross-entropy of `model` on `x`, under bf16 autocast if `autocast`, and
-/// every parameter's gradient (sorted by name), on the CPU.
+/// [`next_token_loss`] and the gradients it leaves ([`take_gradients`]).
 fn loss_and_gradients(
     vs: &nn::VarStore,
     model: &dyn CausalLm,
     x: &Tensor,
     autocast: bool,
 ) -> (f64, Vec<(String, Tensor)>) {
-    let (b, t) = x.size2().unwrap();
-    let forward = || model.forward(&x.narrow(1, 0, t - 1));
-    let logits = if autocast {
-        glatrain_shim::autocast::autocast(forward)
-    } else {
-        forward()
-    };
-    let loss = logits
-        .to_kind(Kind::Float)
-        .reshape([b * (t - 1), -1])
-        .cross_entropy_for_logits(&x.narrow(1, 1, t - 1).reshape([-1]));
+    let loss = next_token_loss(model, x, autocast);
     loss.backward();
-    let mut grads: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(name, v)| (name, v.grad().to_device(Device::Cpu)))
-        .collect();
-    grads.sort_by(|a, b| a.0.cmp(&b.0));
-    (loss.double_value(&[]), grads)
+    (loss.double_value(&[]), take_gradients(vs))
 }
 
 #[test]
@@ -256,10 +249,9 @@ fn cuda_gradients_equal_the_cpu_reference_model() {
     // parameter's gradient, in fp32 (1e-4 relative RMS, the kernels' fp32 bound), and under bf16
     // autocast (within 3e-2: a few bf16 roundings of each product, far below what a wrong or
     // missing gradient term gives).
-    if !tch::Cuda::is_available() {
-        eprintln!("skipped: no CUDA device");
+    let Some(device) = glatrain_testing::cuda_or_skip() else {
         return;
-    }
+    };
     glatrain_shim::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
     for (name, cfg) in zoo() {
         tch::manual_seed(5);
@@ -267,20 +259,17 @@ fn cuda_gradients_equal_the_cpu_reference_model() {
         let cpu_model = build(&cpu.root(), &cfg, GlaMode::Chunk).unwrap();
         let x = Tensor::randint(VOCAB, [2, 300], (Kind::Int64, Device::Cpu));
         let (want_loss, want) = loss_and_gradients(&cpu, cpu_model.as_ref(), &x, false);
-        let mut gpu = nn::VarStore::new(Device::Cuda(0));
+        let mut gpu = nn::VarStore::new(device);
         let gpu_model = build(&gpu.root(), &cfg, GlaMode::Chunk).unwrap();
         gpu.copy(&cpu).unwrap();
-        let xg = x.to_device(Device::Cuda(0));
+        let xg = x.to_device(device);
         for (autocast, bound) in [(false, 1e-4), (true, 3e-2)] {
-            for (_, mut v) in gpu.variables() {
-                v.zero_grad();
-            }
             let (loss, got) = loss_and_gradients(&gpu, gpu_model.as_ref(), &xg, autocast);
             let loss_err = (loss - want_loss).abs() / want_loss;
             println!("{name} (autocast {autocast}): loss {loss:.6} vs {want_loss:.6} on the CPU");
             assert!(loss_err <= bound, "{name}: loss off by {loss_err:.2e}");
             for ((param, g), (_, w)) in got.iter().zip(&want) {
-                let err = glatrain_testing::rel_rms(g, w);
+                let err = glatrain_testing::rel_rms(&g.to_device(Device::Cpu), w);
                 println!("  {param}: relative RMS {err:.2e}");
                 assert!(
                     err <= bound,
