@@ -5,7 +5,6 @@ use glatrain_config::{ActivationCheckpointing, ResolvedConfig};
 
 use crate::device::DeviceProfile;
 use crate::report::{activation_bytes, human_bytes, loss_bytes, MemoryEstimate, Row};
-use crate::rules::choose_mode;
 use crate::shape::LayerShape;
 
 /// The checkpointing modes in order of memory kept (most first).
@@ -41,10 +40,7 @@ fn total_with(
                 batch: micro_batch_size,
                 ..r.shape.clone()
             };
-            Row {
-                decision: choose_mode(&shape, device, cfg.config.kernels.mode),
-                shape,
-            }
+            Row::by_rules(shape, device, cfg.config.kernels.mode)
         })
         .collect();
     let tokens = (micro_batch_size * cfg.config.data.seq_len) as u64;

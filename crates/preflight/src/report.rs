@@ -76,6 +76,16 @@ pub struct Row {
     pub decision: Decision,
 }
 
+impl Row {
+    /// `shape` with the op the rules choose for it on `device` (`forced` where it is fixed).
+    pub(crate) fn by_rules(shape: LayerShape, device: &DeviceProfile, forced: ModeChoice) -> Self {
+        Self {
+            decision: choose_mode(&shape, device, forced),
+            shape,
+        }
+    }
+}
+
 /// The memory a training step needs, estimated.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MemoryEstimate {
@@ -120,10 +130,7 @@ impl Report {
         let forced = cfg.config.kernels.mode;
         let rows = layer_shapes(cfg, device)
             .into_iter()
-            .map(|shape| Row {
-                decision: choose_mode(&shape, device, forced),
-                shape,
-            })
+            .map(|shape| Row::by_rules(shape, device, forced))
             .collect();
         Report::assemble(cfg, device, rows)
     }
