@@ -11,7 +11,7 @@ use crate::cache::{DecodeCache, LayerCaches};
 use crate::checkpoint::{self, Shared};
 use crate::linear::{Embedding, LmHead};
 use crate::norm::RmsNorm;
-use crate::CausalLm;
+use crate::{CausalLm, Documents};
 
 /// What every block of one forward shares (the Transformer's rotary table and position;
 /// nothing for the recurrent families), made from what the model keeps.
@@ -19,8 +19,9 @@ pub trait ContextSettings: fmt::Debug + Send {
     /// The shared part of one forward.
     type Context: Send + 'static;
 
-    /// The context of a forward over `tokens` (`[B, T]`) whose first position is `past`.
-    fn context(&self, tokens: &Tensor, past: i64) -> Self::Context;
+    /// The context of a forward over `tokens` (`[B, T]`) whose first position is `past`, made
+    /// of the `documents` in its rows when given.
+    fn context(&self, tokens: &Tensor, past: i64, documents: Option<&Documents>) -> Self::Context;
 
     /// Another handle on `context` (tensors shallow-cloned) for a checkpointed block, which
     /// runs again in the backward.
@@ -31,7 +32,7 @@ pub trait ContextSettings: fmt::Debug + Send {
 impl ContextSettings for () {
     type Context = ();
 
-    fn context(&self, _: &Tensor, _: i64) {}
+    fn context(&self, _: &Tensor, _: i64, _: Option<&Documents>) {}
 
     fn share(_: &()) {}
 }
@@ -94,9 +95,15 @@ impl<B: Block> LanguageModel<B> {
     }
 
     /// The final hidden states of `tokens` at positions from `past` on, continuing from (and
-    /// updating) `caches` when given.
-    fn hidden(&self, tokens: &Tensor, past: i64, caches: Option<&mut [B::Cache]>) -> Tensor {
-        let context = self.settings.context(tokens, past);
+    /// updating) `caches` when given, or made of `documents`.
+    fn hidden(
+        &self,
+        tokens: &Tensor,
+        past: i64,
+        caches: Option<&mut [B::Cache]>,
+        documents: Option<&Documents>,
+    ) -> Tensor {
+        let context = self.settings.context(tokens, past, documents);
         let mut x = self.embeddings.forward(tokens);
         match caches {
             Some(caches) => {
@@ -122,8 +129,8 @@ impl<B: Block> CausalLm for LanguageModel<B> {
         &self.config
     }
 
-    fn hidden_states(&self, tokens: &Tensor) -> Tensor {
-        self.hidden(tokens, 0, None)
+    fn hidden_states(&self, tokens: &Tensor, documents: Option<&Documents>) -> Tensor {
+        self.hidden(tokens, 0, None, documents)
     }
 
     fn output_weight(&self) -> &Tensor {
@@ -145,7 +152,7 @@ impl<B: Block> CausalLm for LanguageModel<B> {
             Some(caches) => caches,
             None => panic!("{}", cache.wrong_family(B::FAMILY)),
         };
-        let hidden = self.hidden(tokens, past, Some(caches));
+        let hidden = self.hidden(tokens, past, Some(caches), None);
         self.lm_head.forward(&hidden, &self.embeddings)
     }
 }

@@ -28,6 +28,7 @@ pub use error::ModelError;
 pub use params::{count_parameters, no_weight_decay};
 
 use glatrain_config::{ActivationCheckpointing, GlaMode, ModelConfig};
+pub use glatrain_ops::Documents;
 use tch::{nn, Tensor};
 
 /// A causal language model.
@@ -39,9 +40,12 @@ pub trait CausalLm: Send {
     /// projection turns into logits. Training computes its loss from them without the full
     /// logits (`glatrain_ops::loss`).
     ///
+    /// With `documents`, each document of a row is computed as if it were alone (no state,
+    /// attention or convolution crosses a boundary); without, each row is one sequence.
+    ///
     /// # Shapes
-    /// `tokens: [B, T]` (i64) -> `[B, T, hidden]`.
-    fn hidden_states(&self, tokens: &Tensor) -> Tensor;
+    /// `tokens: [B, T]` (i64) -> `[B, T, hidden]`; `documents` of `B` rows of `T` tokens.
+    fn hidden_states(&self, tokens: &Tensor, documents: Option<&Documents>) -> Tensor;
 
     /// The output projection's weight, `[vocab, hidden]`: `lm_head.weight`, or the embedding
     /// table when tied.
@@ -56,7 +60,7 @@ pub trait CausalLm: Send {
     /// # Shapes
     /// `tokens: [B, T]` (i64) -> `[B, T, vocab]` fp32.
     fn forward(&self, tokens: &Tensor) -> Tensor {
-        logits(&self.hidden_states(tokens), self.output_weight())
+        logits(&self.hidden_states(tokens, None), self.output_weight())
     }
 
     /// An empty decoding cache for `batch` sequences.

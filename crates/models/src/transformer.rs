@@ -13,6 +13,7 @@ use crate::linear::{autocast_input, Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use crate::rope::Rotary;
+use crate::Documents;
 use glatrain_config::{ModelConfig, TransformerConfig};
 use tch::{nn, Kind, Tensor};
 
@@ -183,7 +184,7 @@ impl Block for TransformerBlock {
 impl ContextSettings for RotarySettings {
     type Context = Positions;
 
-    fn context(&self, tokens: &Tensor, past: i64) -> Positions {
+    fn context(&self, tokens: &Tensor, past: i64, _: Option<&Documents>) -> Positions {
         let t = tokens.size()[1];
         let rope = Rotary::new(self.head_dim, self.theta, past, t, tokens.device());
         Positions { rope, past }

@@ -58,6 +58,9 @@ pub enum OpError {
     /// libtorch failed (an allocation, a tensor op, the autograd engine).
     #[error("{0}")]
     Torch(#[from] TchError),
+    /// Document boundaries that do not fit their batch.
+    #[error("{0}")]
+    Documents(String),
     /// The autograd bridge reported a failure inside the op (its forward or backward).
     #[error("{0}")]
     Autograd(String),
@@ -96,7 +99,8 @@ impl OpError {
             OpError::Shape { .. }
             | OpError::Dtype { .. }
             | OpError::Device { .. }
-            | OpError::Scalar { .. } => true,
+            | OpError::Scalar { .. }
+            | OpError::Documents(_) => true,
             OpError::Cuda(e) => e.is_bad_input(),
             OpError::Torch(_) | OpError::Autograd(_) => false,
         }

@@ -8,6 +8,7 @@
 //! - [`fused`]: RMSNorm (with an optional swish gate) and SwiGLU, one kernel per direction.
 
 mod bridge;
+pub mod documents;
 mod error;
 pub mod fused;
 pub mod gla;
@@ -17,6 +18,7 @@ pub mod reference;
 pub mod sdpa;
 pub mod selective_scan;
 
+pub use documents::Documents;
 pub use error::OpError;
 pub use fused::{rms_norm, swiglu};
 pub use gla::{gla, GlaMode};

@@ -987,7 +987,7 @@ impl Run<'_> {
                 let (inputs, targets) = batch_tensors(&batch, device)?;
                 // The mean cross-entropy over B*T tokens, the logits never held whole.
                 let loss = precision.run(|| {
-                    let hidden = model.hidden_states(&inputs); // [B, T, hidden]
+                    let hidden = model.hidden_states(&inputs, None); // [B, T, hidden]
                     let width = hidden.size().last().copied().unwrap_or(1);
                     glatrain_ops::loss::linear_cross_entropy(
                         &hidden.f_view([-1, width])?,
