@@ -32,6 +32,13 @@
 // start. The backward does the same for the adjoint in reverse. Segmenting costs one more ex2
 // per element (the local walk), so the launcher segments only what one segment cannot fill.
 //
+// Restarts (documents packed into one row). Where `reset` marks step t, the state restarts from
+// zero: h_t = delta'_t u_t B_t. The prep stages SS_RESTART in place of delta' as that step's
+// decay exponent (exp2 of it times A2 is 0), so the walks, the segment sums of delta' and the
+// adjoint (mu_{t-1} = 0) need no test per step; x = delta' u keeps the true delta', and the
+// backward's assembly takes delta' again from delta at those steps. g_t = mu_{t-1} h_{t-1} is then
+// 0, so nothing reaches delta, A or the earlier steps through the restart's decay.
+//
 // Backward. With mu_t = exp(delta'_{t+1} A) lambda_{t+1} the adjoint flowing into step t from
 // the future (mu_{T-1} = dL/dh_T) and lambda_t = dL/dh_t = C_t dy_t + mu_t (dy = dL/dy_t =
 // dout_t silu(z_t)):
@@ -83,6 +90,7 @@
 #define SS_BWD_GROUPS 32      // channel pairs per backward block
 #define SS_BWD_LANES 4        // most state lanes per backward channel pair (16 states per pass)
 #define SS_SOFTPLUS_LINEAR 20.f
+#define SS_RESTART 1e30f      // the decay exponent of a restart: exp2(SS_RESTART A2) = 0 for A <= -1e-28
 #define LN2 0.69314718f
 
 // A [B, T, W] tensor of input_t: element (b, t, i) at p + b * sb + t * st + i (null: absent).
@@ -116,6 +124,7 @@ struct ScanParams {
   float* dA;                 // [D, N]
   float* dD;                 // [D] or null
   float* dbias;              // [D] or null
+  const bool* reset;         // [B, T] or null: true where the state restarts from zero
   int B, T, D, N;
   int segments;    // S
   int seg_chunks;  // chunks per segment (the last may have fewer)
@@ -123,7 +132,7 @@ struct ScanParams {
   int reverse;     // selective_scan_carry: 0 states forward, 1 adjoints backward
 };
 static_assert(sizeof(Rows) == 24, "Rows layout");
-static_assert(sizeof(ScanParams) == 13 * 24 + 17 * 8 + 8 * 4, "ScanParams layout");
+static_assert(sizeof(ScanParams) == 13 * 24 + 18 * 8 + 8 * 4, "ScanParams layout");
 
 // ---------------------------------------------------------------------------------------------
 // Math
@@ -183,6 +192,11 @@ __device__ __forceinline__ int padded_states(int n) {
 }
 
 __device__ __forceinline__ int chunks_of(int T) { return (T + SS_CHUNK - 1) / SS_CHUNK; }
+
+// Whether the state restarts from zero at step t of row b (a document begins there).
+__device__ __forceinline__ bool restarts(const ScanParams& p, int b, int t) {
+  return p.reset != nullptr && t < p.T && p.reset[(long long)b * p.T + t];
+}
 
 // ---------------------------------------------------------------------------------------------
 // Row access: 8 consecutive elements of a row, one 16-byte access where the address allows
@@ -328,9 +342,10 @@ __device__ __forceinline__ void fwd_body(const ScanParams& p) {
         for (int k = 0; k < 8; ++k) uv[k] = dv[k] = 0.f;
       }
       delta_prime(p, step_ok, d0 + cc, dv, dp);
+      const bool restart = restarts(p, b, tt);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        dpx[t * DC + cc + k] = make_float2(dp[k], dp[k] * uv[k]);
+        dpx[t * DC + cc + k] = make_float2(restart ? SS_RESTART : dp[k], dp[k] * uv[k]);
         if (OUTPUTS) us[t * DC + cc + k] = uv[k];
       }
     }
@@ -503,11 +518,13 @@ __device__ __forceinline__ void bwd_body(const ScanParams& p) {
         }
         if (FULL) store8(row_out(p.dz, b, tt), dd, D, dzv);
       }
+      const bool restart = restarts(p, b, tt);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        dpx[t * SS_BWD_TILE + cc + k] = make_float2(dp[k], dp[k] * uv[k]);
+        const float decay_exponent = restart ? SS_RESTART : dp[k];
+        dpx[t * SS_BWD_TILE + cc + k] = make_float2(decay_exponent, dp[k] * uv[k]);
         dys[t * SS_BWD_TILE + cc + k] = go[k];
-        if (!FULL) col[0][k] += dp[k];
+        if (!FULL) col[0][k] += decay_exponent;
       }
     }
 
@@ -693,12 +710,21 @@ __device__ __forceinline__ void bwd_body(const ScanParams& p) {
         const int t = e / (SS_BWD_TILE / 8), cc = (e % (SS_BWD_TILE / 8)) * 8;
         const int tt = t0 + t, dd = d0 + cc;
         if (tt >= T || dd >= D) continue;
-        float uv[8], du[8], ddl[8];
+        float uv[8], du[8], ddl[8], dpv[8];
         load8(row_of(p.u, b, tt), dd, D, uv);
+        if (restarts(p, b, tt)) {
+          // dpx holds the restart's decay exponent here: delta' again from delta.
+          float dv[8];
+          load8(row_of(p.delta, b, tt), dd, D, dv);
+          delta_prime(p, true, dd, dv, dpv);
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) dpv[k] = dpx[t * SS_BWD_TILE + cc + k].x;
+        }
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
           const float2 sa = *reinterpret_cast<const float2*>(acc + (t * SS_BWD_TILE + cc + k) * 2);
-          const float dp = dpx[t * SS_BWD_TILE + cc + k].x, dy = dys[t * SS_BWD_TILE + cc + k];
+          const float dp = dpv[k], dy = dys[t * SS_BWD_TILE + cc + k];
           const bool ok = dd + k < D;
           const float dsk = ok ? opt(p.Dskip, dd + k) : 0.f;
           du[k] = fmaf(dp, sa.x, dsk * dy);

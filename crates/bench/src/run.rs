@@ -99,6 +99,7 @@ impl ScanRowInputs {
             z: Some(&l[6]),
             delta_bias: Some(&l[7]),
             initial_state: None,
+            resets: None,
         };
         tch::with_grad(|| Ok(selective_scan(&inputs, &ScanOptions::default())?.0))
     }

@@ -25,12 +25,14 @@
 //! (`prenorm_residual_strategy = None`), so neither does this.
 
 use crate::conv::CausalConv;
+use crate::documents::{PackedDocuments, RecurrentSettings};
 use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
 use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{autocast_input, Embedding, Linear, LmHead};
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use glatrain_config::{GlaConfig, GlaMode, ModelConfig};
+use glatrain_ops::gla::gla_documents;
 use glatrain_ops::reference::gla::default_scale;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -166,11 +168,17 @@ impl GlaAttention {
         logits.to_kind(Kind::Float).log_sigmoid() / self.gate_logit_normalizer
     }
 
-    /// Mixes the sequence; with a cache, continues from (and updates) its states.
+    /// Mixes the sequence; with a cache, continues from (and updates) its states; over
+    /// `documents`, each as if it were alone.
     ///
     /// # Shapes
     /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
-    pub fn forward(&self, x: &Tensor, mut cache: Option<&mut GlaLayerCache>) -> Tensor {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mut cache: Option<&mut GlaLayerCache>,
+        documents: Option<&PackedDocuments>,
+    ) -> Tensor {
         let (b, t, _) = x.size3().expect("GLA layer input must be [B, T, hidden]");
         let (h, dk, dv) = (self.num_heads, self.head_k_dim, self.head_v_dim);
         let (mut q, mut k, mut v) = (
@@ -178,7 +186,13 @@ impl GlaAttention {
             self.k_proj.forward(x),
             self.v_proj.forward(x),
         );
-        if let Some(conv) = &self.conv {
+        if let (Some(conv), Some(taps)) = (&self.conv, documents.and_then(|d| d.taps.as_ref())) {
+            (q, k, v) = (
+                conv.q.forward_documents(&q, taps),
+                conv.k.forward_documents(&k, taps),
+                conv.v.forward_documents(&v, taps),
+            );
+        } else if let Some(conv) = &self.conv {
             let prev = cache.as_mut().and_then(|c| c.conv.take());
             let [pq, pk, pv] =
                 prev.map_or([None, None, None], |[a, b, c]| [Some(a), Some(b), Some(c)]);
@@ -198,16 +212,21 @@ impl GlaAttention {
         let scale = default_scale(dk);
         let want_state = cache.is_some();
         // The op runs the reference on the CPU and single tokens (decoding) token by token.
-        let (o, state) = glatrain_ops::gla(
-            &q,
-            &k,
-            &v,
-            &gk,
-            initial_state.as_ref(),
-            Some(scale),
-            self.mode,
-            want_state,
-        )
+        let (o, state) = match documents.and_then(|d| d.gla.as_ref()) {
+            Some(laid) => {
+                gla_documents(&q, &k, &v, &gk, laid, Some(scale), self.mode).map(|o| (o, None))
+            }
+            None => glatrain_ops::gla(
+                &q,
+                &k,
+                &v,
+                &gk,
+                initial_state.as_ref(),
+                Some(scale),
+                self.mode,
+                want_state,
+            ),
+        }
         .unwrap_or_else(|e| panic!("GLA op failed on the layer's own inputs: {e}"));
         if let Some(c) = cache {
             c.state = state;
@@ -235,11 +254,16 @@ pub struct GlaBlock {
 impl Block for GlaBlock {
     const FAMILY: &'static str = "gla";
     type Cache = GlaLayerCache;
-    type Settings = ();
+    type Settings = RecurrentSettings;
 
-    fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut GlaLayerCache>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        documents: &Option<PackedDocuments>,
+        cache: Option<&mut GlaLayerCache>,
+    ) -> Tensor {
         let h = autocast_input(&self.attn_norm.forward(x));
-        let x = x + self.attn.forward(&h, cache);
+        let x = x + self.attn.forward(&h, cache, documents.as_ref());
         &x + self
             .mlp
             .forward(&autocast_input(&self.mlp_norm.forward(&x)))
@@ -278,7 +302,11 @@ impl GlaModel {
             layers,
             norm: RmsNorm::new(&(&model / "norm"), hidden, cfg.norm_eps),
             lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            settings: (),
+            settings: RecurrentSettings {
+                gla: true,
+                resets: false,
+                conv_width: cfg.use_short_conv.then_some(cfg.conv_size as i64),
+            },
         }))
     }
 }
@@ -366,12 +394,12 @@ mod tests {
         };
         let attn = GlaAttention::new(&vs.root(), &cfg, GlaMode::Chunk);
         let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
-        let full = attn.forward(&x, None);
+        let full = attn.forward(&x, None, None);
         let mut cache = GlaLayerCache::default();
-        let first = attn.forward(&x.narrow(1, 0, 3), Some(&mut cache));
+        let first = attn.forward(&x.narrow(1, 0, 3), Some(&mut cache), None);
         let mut pieces = vec![first];
         for t in 3..5 {
-            pieces.push(attn.forward(&x.narrow(1, t, 1), Some(&mut cache)));
+            pieces.push(attn.forward(&x.narrow(1, t, 1), Some(&mut cache), None));
         }
         let pieces = Tensor::cat(&pieces, 1);
         assert!(pieces.allclose(&full, 1e-4, 1e-6, false));

@@ -28,15 +28,6 @@ pub trait ContextSettings: fmt::Debug + Send {
     fn share(context: &Self::Context) -> Self::Context;
 }
 
-/// The recurrent families' blocks share nothing.
-impl ContextSettings for () {
-    type Context = ();
-
-    fn context(&self, _: &Tensor, _: i64, _: Option<&Documents>) {}
-
-    fn share(_: &()) {}
-}
-
 /// A forward's shared context for blocks `B`.
 pub type Context<B> = <<B as Block>::Settings as ContextSettings>::Context;
 

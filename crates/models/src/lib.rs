@@ -12,6 +12,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod conv;
+pub mod documents;
 pub mod error;
 pub mod gla;
 pub mod language_model;

@@ -12,6 +12,7 @@
 //! `mamba_ssm`); norms one.
 
 use crate::conv::CausalConv;
+use crate::documents::{PackedDocuments, RecurrentSettings};
 use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
 use crate::language_model::{Block, LanguageModel, Parts};
 use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
@@ -147,11 +148,25 @@ impl MambaMixer {
     ///
     /// # Shapes
     /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
-    pub fn forward(&self, x: &Tensor, mut cache: Option<&mut MambaLayerCache>) -> Tensor {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mut cache: Option<&mut MambaLayerCache>,
+        documents: Option<&PackedDocuments>,
+    ) -> Tensor {
         let (e, n, r) = (self.d_inner, self.d_state, self.dt_rank);
         let xz = self.in_proj.forward(x); // [B, T, 2E]
         let prev_conv = cache.as_mut().and_then(|c| c.conv.take());
-        let (u, conv_state) = self.conv1d.forward(&xz.narrow(2, 0, e), prev_conv.as_ref());
+        let (u, conv_state) = match documents.and_then(|d| d.taps.as_ref()) {
+            Some(taps) => (
+                self.conv1d.forward_documents(&xz.narrow(2, 0, e), taps),
+                None,
+            ),
+            None => {
+                let (u, state) = self.conv1d.forward(&xz.narrow(2, 0, e), prev_conv.as_ref());
+                (u, Some(state))
+            }
+        };
         // Time-major rows for the scan and x_proj (the convolution runs channel-major).
         let u = u.contiguous();
         let x_dbl = self.x_proj.forward(&u); // [B, T, R + 2N]
@@ -175,6 +190,7 @@ impl MambaMixer {
             z: Some(&z),
             delta_bias: self.dt_proj.bias.as_ref(),
             initial_state: prev_ssm.as_ref(),
+            resets: documents.and_then(|d| d.resets.as_ref()),
         };
         let options = ScanOptions {
             output_final_state: cache.is_some(),
@@ -184,7 +200,7 @@ impl MambaMixer {
         let (y, ssm_state) = selective_scan(&inputs, &options)
             .unwrap_or_else(|e| panic!("selective scan failed on the layer's own inputs: {e}"));
         if let Some(c) = cache {
-            c.conv = Some(conv_state);
+            c.conv = conv_state;
             c.ssm = ssm_state;
         }
         self.out_proj.forward(&y)
@@ -211,10 +227,17 @@ pub struct MambaBlock {
 impl Block for MambaBlock {
     const FAMILY: &'static str = "mamba";
     type Cache = MambaLayerCache;
-    type Settings = ();
+    type Settings = RecurrentSettings;
 
-    fn forward(&self, x: &Tensor, _: &(), cache: Option<&mut MambaLayerCache>) -> Tensor {
-        x + self.mixer.forward(&self.norm.forward(x), cache)
+    fn forward(
+        &self,
+        x: &Tensor,
+        documents: &Option<PackedDocuments>,
+        cache: Option<&mut MambaLayerCache>,
+    ) -> Tensor {
+        x + self
+            .mixer
+            .forward(&self.norm.forward(x), cache, documents.as_ref())
     }
 }
 
@@ -248,7 +271,11 @@ impl MambaModel {
             layers,
             norm: RmsNorm::new(&(&backbone / "norm_f"), hidden, cfg.norm_eps),
             lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
-            settings: (),
+            settings: RecurrentSettings {
+                gla: false,
+                resets: true,
+                conv_width: Some(cfg.conv_size as i64),
+            },
         }))
     }
 }

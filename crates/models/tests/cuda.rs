@@ -2,53 +2,13 @@
 //! token by token on the CUDA kernels against the full sequence, and activation checkpointing
 //! (gradients and peak memory). Skipped without a CUDA device.
 
-use glatrain_config::{
-    ActivationCheckpointing, GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig,
-};
+use glatrain_config::{ActivationCheckpointing, GlaMode};
 use glatrain_models::{build, CausalLm};
 use tch::{nn, Device, Kind, Tensor};
 
-const VOCAB: i64 = 37;
+mod common;
 
-fn zoo() -> Vec<(&'static str, ModelConfig)> {
-    let gla = GlaConfig {
-        vocab_size: VOCAB as usize,
-        hidden_size: 64,
-        num_layers: 2,
-        num_heads: 4,
-        ..GlaConfig::default()
-    };
-    vec![
-        ("gla", ModelConfig::Gla(gla.clone())),
-        (
-            "gla+short_conv",
-            ModelConfig::Gla(GlaConfig {
-                use_short_conv: true,
-                ..gla
-            }),
-        ),
-        (
-            "transformer-gqa",
-            ModelConfig::Transformer(TransformerConfig {
-                vocab_size: VOCAB as usize,
-                hidden_size: 64,
-                num_layers: 2,
-                num_heads: 4,
-                num_kv_heads: Some(2),
-                ..TransformerConfig::default()
-            }),
-        ),
-        (
-            "mamba",
-            ModelConfig::Mamba(MambaConfig {
-                vocab_size: VOCAB as usize,
-                hidden_size: 32,
-                num_layers: 2,
-                ..MambaConfig::default()
-            }),
-        ),
-    ]
-}
+use common::{take_gradients, zoo, VOCAB};
 
 #[test]
 fn bf16_autocast_on_cuda_stays_close_to_fp32_and_trains() {
@@ -150,22 +110,6 @@ fn next_token_loss(model: &dyn CausalLm, x: &Tensor, autocast: bool) -> Tensor {
         .to_kind(Kind::Float)
         .reshape([b * (t - 1), -1])
         .cross_entropy_for_logits(&x.narrow(1, 1, t - 1).reshape([-1]))
-}
-
-/// Every parameter's gradient (sorted by name), taken out: the parameters' gradients are zero
-/// afterwards.
-fn take_gradients(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut grads: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(name, mut v)| {
-            let g = v.grad().copy();
-            v.zero_grad();
-            (name, g)
-        })
-        .collect();
-    grads.sort_by(|a, b| a.0.cmp(&b.0));
-    grads
 }
 
 /// The bf16-autocast cross-entropy gradients of every parameter (sorted by name) of `model` on

@@ -41,6 +41,8 @@ struct Case {
     /// 16-byte aligned).
     strided: bool,
     segments: Segments,
+    /// Restarts (documents) at steps around the chunk and segment edges, in every row.
+    documents: bool,
 }
 
 /// A case with every option on, contiguous, segmented by the launchers' rule.
@@ -57,6 +59,7 @@ const fn case(b: i64, t: i64, d: i64, n: i64) -> Case {
         final_state_grad: true,
         strided: false,
         segments: Segments::Auto,
+        documents: false,
     }
 }
 
@@ -73,6 +76,21 @@ struct Inputs {
     h0: Option<Tensor>,
     dout: Tensor,
     dht: Option<Tensor>,
+    resets: Option<Tensor>,
+}
+
+/// `[B, T]` restarts: steps 1, 31, 32, 33 and 64 (around the 32-step chunks' edges), a step
+/// that moves with the row, and the last step.
+fn restarts(c: &Case, dev: Device) -> Tensor {
+    let mut flags = vec![false; (c.b * c.t) as usize];
+    for row in 0..c.b {
+        for step in [1, 31, 32, 33, 64, 100 + 7 * row, c.t - 1] {
+            if step > 0 && step < c.t {
+                flags[(row * c.t + step) as usize] = true;
+            }
+        }
+    }
+    Tensor::from_slice(&flags).view([c.b, c.t]).to_device(dev)
 }
 
 fn inputs(c: &Case, seed: u64, dev: Device) -> Inputs {
@@ -92,6 +110,7 @@ fn inputs(c: &Case, seed: u64, dev: Device) -> Inputs {
         h0: c.initial_state.then(|| r(&bdn)),
         dout: r(&btd),
         dht: c.final_state_grad.then(|| r(&bdn)),
+        resets: c.documents.then(|| restarts(c, dev)),
     }
 }
 
@@ -139,6 +158,7 @@ fn evaluate(x: &Inputs, c: &Case, kind: Kind, param_kind: Kind, mode: ScanMode) 
         z: z.as_ref().map(|(_, v)| v),
         delta_bias: bias.as_ref(),
         initial_state: h0.as_ref(),
+        resets: x.resets.as_ref(),
     };
     let options = ScanOptions {
         output_final_state: true,
@@ -245,6 +265,7 @@ fn grid(ts: &[i64]) -> Vec<(Case, &'static [Kind])> {
                 final_state_grad: !bit(4) || t == 1,
                 strided: i % 3 == 1,
                 segments: [Segments::Auto, MOST_SEGMENTS, ONE_SEGMENT][(i / 2) % 3],
+                documents: i % 4 == 3,
                 ..case(b, t, d, n)
             };
             let kinds: &'static [Kind] = if t <= 65 {
@@ -302,7 +323,8 @@ fn every_option_combination() {
 #[test]
 fn segmented_and_unsegmented_launches_agree_with_the_reference() {
     // Channel counts around the block widths (32 forward channels at N = 16, 64 backward), and
-    // segment splits that leave a short last segment.
+    // segment splits that leave a short last segment; with and without restarts, which then
+    // fall inside segments and on their edges.
     let mut cases = Vec::new();
     for (i, d) in [1, 31, 64, 65, 129].into_iter().enumerate() {
         for segments in [
@@ -314,12 +336,15 @@ fn segmented_and_unsegmented_launches_agree_with_the_reference() {
             },
             Segments::Auto,
         ] {
-            let c = Case {
-                segments,
-                strided: i % 2 == 0,
-                ..case(1, 300, d, [16, 4, 64, 1, 32][i])
-            };
-            cases.push((c, &[Kind::Float][..]));
+            for documents in [false, true] {
+                let c = Case {
+                    segments,
+                    strided: i % 2 == 0,
+                    documents,
+                    ..case(1, 300, d, [16, 4, 64, 1, 32][i])
+                };
+                cases.push((c, &[Kind::Float][..]));
+            }
         }
     }
     run(&cases);
@@ -358,6 +383,7 @@ fn decoding_token_by_token_continues_the_whole_sequence() {
             z: z.as_ref(),
             delta_bias: bias.as_ref(),
             initial_state: h0,
+            resets: None,
         };
         let (out, h) = selective_scan(&inputs, &with_state).unwrap();
         (out, h.unwrap())
@@ -436,6 +462,7 @@ fn only_the_final_state_used() {
         z: z.as_ref(),
         delta_bias: bias.as_ref(),
         initial_state: h0.as_ref(),
+        resets: None,
     };
     let options = ScanOptions {
         output_final_state: true,
@@ -464,6 +491,7 @@ fn bad_inputs_on_cuda_name_the_tensor() {
         z: None,
         delta_bias: None,
         initial_state: None,
+        resets: None,
     };
     let err = selective_scan(&inputs, &ScanOptions::default()).unwrap_err();
     assert!(

@@ -123,6 +123,7 @@ fn run_scan([b, t, d, n]: [i64; 4], kind: Kind, segments: Segments) -> Vec<(&'st
         z: Some(&z),
         delta_bias: Some(&bias),
         initial_state: Some(&h0),
+        resets: None,
     };
     let options = ScanOptions {
         output_final_state: true,

@@ -7,9 +7,11 @@
 //! S_t = diag(exp(gk_t)) S_{t-1} + k_t^T v_t,   o_t = scale * q_t S_t,   S_0 = initial_state or 0
 //! ```
 
+mod documents;
 pub mod kernels;
 mod tensor_core;
 
+pub use documents::{gla_documents, GlaDocuments, RESTART_LOG_GATE};
 pub use glatrain_config::GlaMode;
 pub use kernels::geometry;
 

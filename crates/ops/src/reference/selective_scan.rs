@@ -104,14 +104,17 @@ fn start_state(initial_state: Option<&Tensor>, dims: Dims, kind: Kind, device: D
     )
 }
 
-/// Token-by-token scan with the state in fp32 (f64 for f64 inputs).
+/// Token-by-token scan with the state in fp32 (f64 for f64 inputs). Where `resets` is true the
+/// step's decay is zero: the state restarts from `delta u B` as at a sequence's start.
 ///
 /// # Shapes
-/// u, delta: `[B, T, D]`; a: `[D, N]`; b, c: `[B, T, N]`; d: `[D]`; initial_state: `[B, D, N]`.
+/// u, delta: `[B, T, D]`; a: `[D, N]`; b, c: `[B, T, N]`; d: `[D]`; initial_state: `[B, D, N]`;
+/// resets: `[B, T]` bool.
 /// Returns (y `[B, T, D]` in u's dtype, final state `[B, D, N]` in the compute dtype).
 ///
 /// # Panics
 /// On mismatched shapes.
+#[allow(clippy::too_many_arguments)]
 pub fn selective_scan_sequential(
     u: &Tensor,
     delta: &Tensor,
@@ -120,6 +123,7 @@ pub fn selective_scan_sequential(
     c: &Tensor,
     d: Option<&Tensor>,
     initial_state: Option<&Tensor>,
+    resets: Option<&Tensor>,
 ) -> (Tensor, Tensor) {
     let dims = check_inputs(
         "selective_scan_sequential",
@@ -144,6 +148,16 @@ pub fn selective_scan_sequential(
     );
     // Every step's decay and input at once; only the two-op update walks the tokens.
     let decay = (delta.unsqueeze(-1) * a).exp(); // [B, T, D, N]
+                                                 // A restart's decay is zero (out of place: exp's backward reads its output).
+    let decay = match resets {
+        Some(r) => {
+            decay
+                * r.logical_not()
+                    .to_kind(kind)
+                    .view([dims.batch, dims.seq, 1, 1])
+        }
+        None => decay,
+    };
     let drive = (&delta * &u_c).unsqueeze(-1) * b.unsqueeze(2); // [B, T, D, N]
     let mut states = Vec::with_capacity(dims.seq as usize);
     // unbind, not select: select's backward would allocate a full [B, T, D, N] gradient per step.
@@ -315,7 +329,7 @@ mod tests {
 
     /// The sequential form on `[u, delta, A, B, C, D, ..]`.
     fn sequential(x: &[Tensor], h0: Option<&Tensor>) -> (Tensor, Tensor) {
-        selective_scan_sequential(&x[0], &x[1], &x[2], &x[3], &x[4], Some(&x[5]), h0)
+        selective_scan_sequential(&x[0], &x[1], &x[2], &x[3], &x[4], Some(&x[5]), h0, None)
     }
 
     /// The chunked form on `[u, delta, A, B, C, D, ..]`.
@@ -521,6 +535,6 @@ mod tests {
     fn mismatched_a_is_reported_with_shapes() {
         let x = inputs(51, [1, 4, 2, 3], Steps::Mild, Kind::Float);
         let a = Tensor::zeros([3, 3], (Kind::Float, Device::Cpu));
-        let _ = selective_scan_sequential(&x.u, &x.delta, &a, &x.b, &x.c, Some(&x.d), None);
+        let _ = selective_scan_sequential(&x.u, &x.delta, &a, &x.b, &x.c, Some(&x.d), None, None);
     }
 }

@@ -123,6 +123,7 @@ pub struct ScanParams {
     da: u64,
     dd: u64,
     dbias: u64,
+    reset: u64,
     b: i32,
     t: i32,
     d: i32,
@@ -134,10 +135,10 @@ pub struct ScanParams {
 }
 
 // The kernel source static_asserts the same size.
-const _: () = assert!(std::mem::size_of::<ScanParams>() == 13 * 24 + 17 * 8 + 8 * 4);
+const _: () = assert!(std::mem::size_of::<ScanParams>() == 13 * 24 + 18 * 8 + 8 * 4);
 const _: () = assert!(std::mem::align_of::<ScanParams>() == 8);
 
-// SAFETY: ScanParams is #[repr(C)], made of u64, i64 and i32 fields only (no padding: 480 bytes,
+// SAFETY: ScanParams is #[repr(C)], made of u64, i64 and i32 fields only (no padding: 488 bytes,
 // asserted above), laid out as the kernels' `ScanParams` struct, which they take by value. The
 // device addresses in it are never dereferenced on the host.
 unsafe impl DeviceRepr for ScanParams {}
@@ -290,6 +291,8 @@ pub struct Inputs<'a> {
     pub z: Option<&'a Tensor>,
     pub bias: Option<&'a Tensor>,
     pub h0: Option<&'a Tensor>,
+    /// `[B, T]` bool, contiguous: where the state restarts from zero.
+    pub resets: Option<&'a Tensor>,
 }
 
 /// Outputs of [`forward`].
@@ -346,6 +349,7 @@ pub fn forward(
     (p.bm, p.cm) = (Rows::of(x.b), Rows::of(x.c));
     (p.out, p.ypre) = (Rows::of(&out), Rows::of_opt(ypre.as_ref()));
     (p.a, p.dskip, p.bias, p.h0) = (ptr(x.a), opt_ptr(x.d), opt_ptr(x.bias), opt_ptr(x.h0));
+    p.reset = opt_ptr(x.resets);
     (p.ht, p.ckpt) = (ptr(&final_state), opt_ptr(checkpoints.as_ref()));
 
     let (threads, channels) = forward_block(n);
@@ -473,6 +477,7 @@ pub fn backward(
     (p.du, p.ddelta, p.dz) = (Rows::of(&du), Rows::of(&ddelta), Rows::of_opt(dz.as_ref()));
     (p.db, p.dc) = (Rows::of(&db), Rows::of(&dc));
     (p.a, p.dskip, p.bias, p.h0) = (ptr(x.a), opt_ptr(x.d), opt_ptr(x.bias), opt_ptr(x.h0));
+    p.reset = opt_ptr(x.resets);
     (p.dht, p.ckpt) = (opt_ptr(inputs.dht), ptr(inputs.checkpoints));
     (p.da, p.dd, p.dbias, p.dh0) = (
         ptr(&da),
@@ -617,14 +622,14 @@ mod tests {
     #[test]
     fn params_match_the_kernel_struct() {
         // Same fields in the same order (the kernel's names lower-cased: Bm -> bm, dhT -> dht);
-        // the kernel source static_asserts the same 480 bytes.
+        // the kernel source static_asserts the same 488 bytes.
         let kernel = kernel_fields();
-        assert_eq!(kernel.len(), 13 + 17 + 8, "{kernel:?}");
+        assert_eq!(kernel.len(), 13 + 18 + 8, "{kernel:?}");
         assert_eq!(rust_fields(), kernel);
         assert!(SELECTIVE_SCAN
             .embedded
-            .contains("sizeof(ScanParams) == 13 * 24 + 17 * 8 + 8 * 4"));
-        assert_eq!(std::mem::size_of::<ScanParams>(), 480);
+            .contains("sizeof(ScanParams) == 13 * 24 + 18 * 8 + 8 * 4"));
+        assert_eq!(std::mem::size_of::<ScanParams>(), 488);
     }
 
     #[test]
@@ -669,6 +674,7 @@ mod tests {
             z: None,
             bias: None,
             h0: None,
+            resets: None,
         };
         let err = forward(&x, true, Segments::Auto, true).unwrap_err();
         assert!(err.to_string().contains("Cpu"), "{err}");

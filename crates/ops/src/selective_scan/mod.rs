@@ -43,7 +43,7 @@ pub enum ScanMode {
 ///
 /// # Shapes
 /// u, delta, z: `[B, T, D]`; a: `[D, N]`; b, c: `[B, T, N]`; d, delta_bias: `[D]`;
-/// initial_state: `[B, D, N]`.
+/// initial_state: `[B, D, N]`; resets: `[B, T]`.
 #[derive(Debug, Clone, Copy)]
 pub struct ScanInputs<'a> {
     pub u: &'a Tensor,
@@ -59,6 +59,9 @@ pub struct ScanInputs<'a> {
     /// Added to delta before the softplus.
     pub delta_bias: Option<&'a Tensor>,
     pub initial_state: Option<&'a Tensor>,
+    /// `[B, T]` bool: where the state restarts from zero (a document begins), as if the steps
+    /// before were another sequence ([`crate::Documents::resets`]).
+    pub resets: Option<&'a Tensor>,
 }
 
 /// How to run one scan.
@@ -142,6 +145,23 @@ impl ScanInputs<'_> {
             vec![b, d, n],
             "[B, D, N]",
         )?;
+        if let Some(r) = self.resets {
+            if r.size() != [b, t] {
+                let expected = format!("[B, T] = {:?}", [b, t]);
+                return Err(OpError::shape(OP, "resets", expected, r.size()));
+            }
+            if r.kind() != Kind::Bool {
+                let expected = "expected Bool".into();
+                return Err(OpError::dtype(OP, "resets", expected, r.kind()));
+            }
+            if r.device() != self.u.device() {
+                return Err(OpError::Device {
+                    tensor: "resets",
+                    expected: self.u.device(),
+                    actual: r.device(),
+                });
+            }
+        }
         for (name, x) in self.named() {
             if !is_float(x.kind()) {
                 let expected = "expected a floating-point dtype".into();
@@ -227,7 +247,7 @@ pub fn selective_scan(
 }
 
 /// The reference: delta' in the compute dtype (f64 for f64 inputs, else f32), the sequential scan
-/// on the CPU and for one token, the chunked one otherwise, the gate in the compute dtype; out
+/// on the CPU, for one token and with restarts, the chunked one otherwise, the gate in the compute dtype; out
 /// cast to u's dtype once.
 fn reference(x: &ScanInputs, softplus: bool) -> Result<(Tensor, Tensor), OpError> {
     let kind = if x.named().iter().any(|(_, t)| t.kind() == Kind::Double) {
@@ -246,8 +266,9 @@ fn reference(x: &ScanInputs, softplus: bool) -> Result<(Tensor, Tensor), OpError
     let (u, a, b, c) = (u?, a?, b?, c?);
     let d = x.d.map(|d| d.f_to_kind(kind)).transpose()?;
     let h0 = x.initial_state.map(|h| h.f_to_kind(kind)).transpose()?;
-    let (y, state) = if x.u.device() == Device::Cpu || x.u.size()[1] == 1 {
-        selective_scan_sequential(&u, &delta, &a, &b, &c, d.as_ref(), h0.as_ref())
+    let sequential = x.u.device() == Device::Cpu || x.u.size()[1] == 1 || x.resets.is_some();
+    let (y, state) = if sequential {
+        selective_scan_sequential(&u, &delta, &a, &b, &c, d.as_ref(), h0.as_ref(), x.resets)
     } else {
         selective_scan_chunked(
             &u,
@@ -267,16 +288,16 @@ fn reference(x: &ScanInputs, softplus: bool) -> Result<(Tensor, Tensor), OpError
     Ok((out.f_to_kind(x.u.kind())?, state))
 }
 
-/// The kernels as an autograd op: inputs (u, delta, A, B, C, D, z, delta_bias, h0), outputs
+/// The kernels as an autograd op: inputs (u, delta, A, B, C, D, z, delta_bias, h0, resets), outputs
 /// (out, final state), saved (the inputs, the chunk-start states, the pre-gate output).
 struct ScanOp {
     softplus: bool,
     segments: Segments,
 }
 
-/// The kernels' inputs from the bridge's list (u, delta, A, B, C, D, z, delta_bias, h0).
+/// The kernels' inputs from the bridge's list (u, delta, A, B, C, D, z, delta_bias, h0, resets).
 fn kernel_inputs<'a>(list: &[Option<&'a Tensor>]) -> Result<kernels::Inputs<'a>, String> {
-    let [u, delta, a, b, c, d, z, bias, h0] = bridged_list(OP, "inputs", list)?;
+    let [u, delta, a, b, c, d, z, bias, h0, resets] = bridged_list(OP, "inputs", list)?;
     Ok(kernels::Inputs {
         u: bridged(OP, *u, "u")?,
         delta: bridged(OP, *delta, "delta")?,
@@ -287,6 +308,7 @@ fn kernel_inputs<'a>(list: &[Option<&'a Tensor>]) -> Result<kernels::Inputs<'a>,
         z: *z,
         bias: *bias,
         h0: *h0,
+        resets: *resets,
     })
 }
 
@@ -339,6 +361,7 @@ impl CustomOp for ScanOp {
             g.dz,
             g.dbias,
             g.dh0,
+            None,
         ])
     }
 }
@@ -387,6 +410,7 @@ fn apply(x: &ScanInputs, options: &ScanOptions) -> Result<(Tensor, Tensor), OpEr
     let [d, bias, h0] =
         [x.d, x.delta_bias, x.initial_state].map(|t| t.map(contiguous_f32).transpose());
     let (d, bias, h0) = (d?, bias?, h0?);
+    let resets = x.resets.map(Tensor::f_contiguous).transpose()?;
     let list = [
         Some(&u),
         Some(&delta),
@@ -397,6 +421,7 @@ fn apply(x: &ScanInputs, options: &ScanOptions) -> Result<(Tensor, Tensor), OpEr
         z.as_ref(),
         bias.as_ref(),
         h0.as_ref(),
+        resets.as_ref(),
     ];
     if !grad_mode() || !list.iter().flatten().any(|t| t.requires_grad()) {
         // Nothing to differentiate (inference, decoding): keep nothing for a backward.
@@ -458,6 +483,7 @@ mod tests {
                 z: Some(&self.z),
                 delta_bias: Some(&self.bias),
                 initial_state: Some(&self.h0),
+                resets: None,
             }
         }
     }
@@ -509,6 +535,84 @@ mod tests {
         let state = state.unwrap();
         assert_eq!(state.kind(), Kind::Double);
         assert!((v(&state, &[0, 0, 1]) - h[1]).abs() < 1e-12);
+    }
+
+    #[test]
+    fn restarts_compute_each_document_as_if_alone() {
+        // Row 0 holds documents [0, 3), [3, 7), [7, 9); row 1 [0, 5), [5, 9). Outputs and every
+        // gradient equal those of the five documents scanned apart.
+        let x = Owned::new(17, [2, 9, 3, 4]);
+        let docs = crate::Documents::new(9, vec![vec![3, 7], vec![5]]).unwrap();
+        let resets = docs.resets(Device::Cpu).unwrap();
+        let leaves: Vec<Tensor> = [&x.u, &x.delta, &x.a, &x.b, &x.c, &x.d, &x.z, &x.bias]
+            .iter()
+            .map(|t| t.detach().set_requires_grad(true))
+            .collect();
+        let inputs = |l: &[Tensor], resets: Option<&'_ Tensor>| -> (Tensor, Tensor) {
+            let x = ScanInputs {
+                u: &l[0],
+                delta: &l[1],
+                a: &l[2],
+                b: &l[3],
+                c: &l[4],
+                d: Some(&l[5]),
+                z: Some(&l[6]),
+                delta_bias: Some(&l[7]),
+                initial_state: None,
+                resets,
+            };
+            let (out, _) = selective_scan(&x, &with_state()).unwrap();
+            let loss = (&out * out.ones_like().cumsum(1, Kind::Double)).sum(Kind::Double);
+            (out, loss)
+        };
+        let (together, loss) = inputs(&leaves, Some(&resets));
+        let grads = Tensor::run_backward(&[&loss], &leaves, false, false);
+
+        let apart: Vec<Tensor> = leaves
+            .iter()
+            .map(|t| t.detach().set_requires_grad(true))
+            .collect();
+        let mut outs = Vec::new();
+        let mut losses = Vec::new();
+        for (row, begin, len) in docs.spans() {
+            let piece = |t: &Tensor| {
+                t.narrow(0, row as i64, 1)
+                    .narrow(1, begin as i64, len as i64)
+            };
+            let per_token = [0, 1, 3, 4, 6];
+            let l: Vec<Tensor> = apart
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    if per_token.contains(&i) {
+                        piece(t)
+                    } else {
+                        t.shallow_clone()
+                    }
+                })
+                .collect();
+            let (out, _) = inputs(&l, None);
+            // The same weights as the together run's loss: position within the row.
+            let weights = Tensor::arange_start(
+                begin as i64 + 1,
+                (begin + len) as i64 + 1,
+                (Kind::Double, Device::Cpu),
+            );
+            losses.push((&out * weights.view([1, -1, 1])).sum(Kind::Double));
+            outs.push((row, begin, out));
+        }
+        for (row, begin, out) in &outs {
+            let len = out.size()[1];
+            let part = together
+                .narrow(0, *row as i64, 1)
+                .narrow(1, *begin as i64, len);
+            assert!(rel_rms(&part, out) < 1e-13, "row {row} from {begin}");
+        }
+        let total = losses.into_iter().reduce(|a, b| a + b).unwrap();
+        let apart_grads = Tensor::run_backward(&[&total], &apart, false, false);
+        for (i, (g, h)) in grads.iter().zip(&apart_grads).enumerate() {
+            assert!(rel_rms(g, h) < 1e-12, "gradient {i}: {}", rel_rms(g, h));
+        }
     }
 
     #[test]
@@ -611,6 +715,7 @@ mod tests {
             z: Some(&z),
             delta_bias: None,
             initial_state: None,
+            resets: None,
         };
         let (out, state) = selective_scan(&inputs, &with_state()).unwrap();
         assert_eq!(

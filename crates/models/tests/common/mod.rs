@@ -1,0 +1,65 @@
+//! What the models' integration tests share: one small model of each family.
+
+use glatrain_config::{GlaConfig, MambaConfig, ModelConfig, TransformerConfig};
+use tch::{nn, Tensor};
+
+/// The vocabulary of every test model.
+pub const VOCAB: i64 = 37;
+
+/// One small model of each family (GLA with and without short convolutions; Transformer++ with
+/// grouped-query attention), named.
+pub fn zoo() -> Vec<(&'static str, ModelConfig)> {
+    let gla = GlaConfig {
+        vocab_size: VOCAB as usize,
+        hidden_size: 64,
+        num_layers: 2,
+        num_heads: 4,
+        ..GlaConfig::default()
+    };
+    vec![
+        ("gla", ModelConfig::Gla(gla.clone())),
+        (
+            "gla+short_conv",
+            ModelConfig::Gla(GlaConfig {
+                use_short_conv: true,
+                ..gla
+            }),
+        ),
+        (
+            "transformer-gqa",
+            ModelConfig::Transformer(TransformerConfig {
+                vocab_size: VOCAB as usize,
+                hidden_size: 64,
+                num_layers: 2,
+                num_heads: 4,
+                num_kv_heads: Some(2),
+                ..TransformerConfig::default()
+            }),
+        ),
+        (
+            "mamba",
+            ModelConfig::Mamba(MambaConfig {
+                vocab_size: VOCAB as usize,
+                hidden_size: 32,
+                num_layers: 2,
+                ..MambaConfig::default()
+            }),
+        ),
+    ]
+}
+
+/// Every parameter's gradient (sorted by name), taken out: the parameters' gradients are zero
+/// afterwards.
+pub fn take_gradients(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut grads: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, mut v)| {
+            let g = v.grad().copy();
+            v.zero_grad();
+            (name, g)
+        })
+        .collect();
+    grads.sort_by(|a, b| a.0.cmp(&b.0));
+    grads
+}
