@@ -1,10 +1,15 @@
 // Fused training ops on activations, forward and backward: RMSNorm with an optional swish gate,
-// and SwiGLU. Inputs and outputs in the activation dtype (input_t: fp32, bf16 or fp16); row
+// SwiGLU, and the causal depthwise convolution with silu. Inputs and outputs in the activation dtype (input_t: fp32, bf16 or fp16); row
 // statistics and all math in fp32. Launchers: crates/ops/src/fused/ (norm.rs, swiglu.rs).
 //
 //   rms_norm  y = x * rstd * w [* silu(g)],   rstd = 1 / sqrt(mean(x^2) + eps) per row
 //             x, g, y, dy, dx, dg: [rows, n] input dtype   w, dw: [n] fp32   rstd: [rows] fp32
 //   swiglu    y = silu(a) * b                 a, b, y, dy, da, db: any shape, input dtype
+//   causal_conv  y_t = silu(pre_t),  pre_t = bias + sum_{j<K} w_j x_{t-K+1+j} over taps with
+//             t-K+1+j >= max(0, s(t)), s(t) the row's latest restart (document start) <= t
+//             x: [B, T, D] rows (channels contiguous, any batch and step strides), y, dy, dx:
+//             [B, T, D] contiguous, input dtype   w: [D, K] fp32 (K <= CONV_MAX_K)   bias: [D]
+//             fp32   reset: [B, T] bool (restarts; null: none)
 //
 //   silu(g) = g * sigmoid(g),   silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
 //
@@ -12,7 +17,9 @@
 //   dx = rstd * (dxh - xh * mean(dxh * xh)),   dw = sum over rows of dyh * xh,
 //   dg = dy * xh * w * silu'(g);
 // of swiglu: da = dy * b * silu'(a), db = dy * silu(a). The forward keeps nothing but rstd (the
-// op keeps its inputs); the backward computes the gate's silu again.
+// op keeps its inputs); the backward computes the gate's silu again. Of causal_conv, with
+// dpre_t = dy_t silu'(pre_t) (pre computed again): dx_s = sum over the valid taps (t, j) reading
+// s of w_j dpre_t, dw_j = sum_{b,t} dpre_t x_{t-K+1+j} (valid taps), dbias = sum_{b,t} dpre_t.
 //
 // Entry points, in KERNEL_INDEX order (grid x, block):
 //   rms_norm_fwd  (ceil(rows / 8), 256 threads): one warp per row; y and rstd.
@@ -22,10 +29,19 @@
 //                 terms in order in its own n floats (padded to 32 W) of dynamic shared memory,
 //                 each lane the columns of its chunks, then the block adds the warps' sums in
 //                 warp order.
-//   rms_norm_dw   (ceil(n / 8), 256 threads): dw = the sum of the blocks' partials, 32 strided
-//                 sums per column and then those 32 in order. No atomics.
+//   column_sums   (ceil(n / 8), 256 threads): the sums over slots of [slots, n] fp32 partials
+//                 (rms_norm's dw, causal_conv's dw and dbias), 32 strided sums per column and
+//                 then those 32 in order. No atomics.
 //   swiglu_fwd / swiglu_bwd   (any, 256 threads): grid-stride over 16-byte chunks, then the
 //                 elements of the tail.
+//   causal_conv_fwd / causal_conv_bwd   (ceil(D / (32 W)), ceil(T / (CONV_RUNS CONV_STEPS)), B),
+//                 32 CONV_RUNS threads: lane = W adjacent channels (a 16-byte chunk when `vec`),
+//                 warp = a run of CONV_STEPS steps walked in order with the last K inputs in
+//                 registers, so each x is read about once. The backward computes dpre for its run
+//                 and the K - 1 steps after it, writes dx for its run, and its block's partial dw
+//                 and dbias over its runs' steps (each step in exactly one run), summed in warp
+//                 order into [slots, D (K + 1)] (slot = the block's (b, run group)); column_sums
+//                 adds the slots.
 //
 // Rows: lane l of a row's warp takes the row's chunks l, l + 32, l + 64, ... of W elements:
 // W = VEC (16 bytes) where the launcher found every row 16-byte aligned (`vec`), else 1. Both
@@ -39,8 +55,8 @@
 //   - NVRTC's Quick and Full tiers (crates/cuda/src/compile.rs) must give bit-identical results
 //     (crates/ops/tests/cuda_tiers.rs): every multiply-add that has a choice of products is an
 //     explicit fmaf.
-//   - dw's grouping into partial sums depends only on the launch geometry, which the launcher
-//     derives from rows and n alone (not from the tier or the GPU): dw is the same bit for bit
+//   - dw's grouping into partial sums depends only on the launch geometry, which the launchers
+//     derive from the shapes alone (not from the tier or the GPU): dw is the same bit for bit
 //     on every GPU and tier.
 //   - rms_norm_bwd is given at least warps * padded_columns(n, W) * 4 bytes of dynamic shared
 //     memory (it traps otherwise).
@@ -283,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #define DW_COLS 8   // columns per block
 #define DW_SUMS 32  // strided partial sums per column
 extern "C" __global__ void __launch_bounds__(DW_COLS * DW_SUMS)
-    ENTRY(rms_norm_dw)(const float* __restrict__ dw_part, float* __restrict__ dw, int slots,
+    ENTRY(column_sums)(const float* __restrict__ dw_part, float* __restrict__ dw, int slots,
                        int n) {
   __shared__ float sums[DW_SUMS][DW_COLS];
   const int col = blockIdx.x * DW_COLS + threadIdx.x % DW_COLS;
@@ -368,5 +384,268 @@ extern "C" __global__ void __launch_bounds__(256)
                       const input_t* __restrict__ dy, input_t* __restrict__ da,
                       input_t* __restrict__ db, long long n, int vec) {
   for_each_chunk(n, vec, SwigluBwd{a, b, dy, da, db});
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Causal depthwise convolution + silu
+// ---------------------------------------------------------------------------------------------
+// Windows are aligned at their end: slot CONV_MAX_K - 1 holds step t, slot CONV_MAX_K - 1 - m
+// step t - m; the weights likewise (wa[CONV_MAX_K - K + j] = w_j, zero below), so every loop
+// runs over CONV_MAX_K slots, unrolled, and a narrower kernel only has zero weights in front.
+
+#define CONV_MAX_K 4   // the widest kernel (Mamba's and flash-linear-attention's default width)
+#define CONV_STEPS 16  // steps per warp
+#define CONV_RUNS 4    // warps per block
+
+struct ConvArgs {
+  const input_t* x;
+  long long sb, st;  // x's batch and step strides
+  const float* w;    // [D, K]
+  const float* bias;  // [D] or null
+  const bool* reset;  // [B, T] or null
+  int T, D, K;
+};
+
+// The lane's W channels from d: weights end-aligned in wa, the bias in b.
+template <int W>
+__device__ __forceinline__ void conv_weights(const ConvArgs& a, int d, float wa[CONV_MAX_K][W],
+                                             float b[W]) {
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    const bool ok = d + k < a.D;
+    b[k] = ok && a.bias != nullptr ? a.bias[d + k] : 0.f;
+#pragma unroll
+    for (int i = 0; i < CONV_MAX_K; ++i) {
+      const int j = i - (CONV_MAX_K - a.K);
+      wa[i][k] = ok && j >= 0 ? a.w[(long long)(d + k) * a.K + j] : 0.f;
+    }
+  }
+}
+
+// x at (b, t) for the lane's W channels from d, as fp32; zero outside the tensor.
+template <int W>
+__device__ __forceinline__ void conv_load(const ConvArgs& a, int b, int t, int d, float v[W]) {
+  if (t < 0 || t >= a.T || d >= a.D) {
+#pragma unroll
+    for (int k = 0; k < W; ++k) v[k] = 0.f;
+    return;
+  }
+  const input_t* p = a.x + (long long)b * a.sb + (long long)t * a.st + d;
+  if constexpr (W == 1) {
+    v[0] = to_f32(p[0]);
+  } else {
+    const Chunk<W> c = load_chunk<W>(p);
+#pragma unroll
+    for (int k = 0; k < W; ++k) v[k] = to_f32(c.e[k]);
+  }
+}
+
+__device__ __forceinline__ bool conv_restarts(const ConvArgs& a, int b, int t) {
+  return a.reset != nullptr && t >= 0 && t < a.T && a.reset[(long long)b * a.T + t];
+}
+
+// The latest restart in [t - K + 1, t] of row b (or INT_MIN: none reaches back to t).
+__device__ __forceinline__ int conv_start_before(const ConvArgs& a, int b, int t) {
+  int start = -2147483647 - 1;
+  for (int m = a.K - 1; m >= 0; --m)
+    if (conv_restarts(a, b, t - m)) start = t - m;
+  return start;
+}
+
+// Slides the window by one step: slot i takes slot i + 1, the last slot takes v.
+template <int W>
+__device__ __forceinline__ void conv_shift(float win[CONV_MAX_K][W], const float v[W]) {
+#pragma unroll
+  for (int i = 0; i + 1 < CONV_MAX_K; ++i)
+#pragma unroll
+    for (int k = 0; k < W; ++k) win[i][k] = win[i + 1][k];
+#pragma unroll
+  for (int k = 0; k < W; ++k) win[CONV_MAX_K - 1][k] = v[k];
+}
+
+// pre_t from the window ending at t, over the taps at or after max(start, 0).
+template <int W>
+__device__ __forceinline__ void conv_pre(const float wa[CONV_MAX_K][W], const float bias[W],
+                                         const float win[CONV_MAX_K][W], int t, int start,
+                                         float pre[W]) {
+  const int first = max(start, 0);
+#pragma unroll
+  for (int k = 0; k < W; ++k) pre[k] = bias[k];
+#pragma unroll
+  for (int i = 0; i < CONV_MAX_K; ++i) {
+    if (t - (CONV_MAX_K - 1 - i) < first) continue;
+#pragma unroll
+    for (int k = 0; k < W; ++k) pre[k] = fmaf(wa[i][k], win[i][k], pre[k]);
+  }
+}
+
+template <int W>
+__device__ __forceinline__ void conv_fwd_body(const ConvArgs& a, input_t* y) {
+  const int lane = threadIdx.x & 31, run = threadIdx.x >> 5;
+  const int d = (blockIdx.x * 32 + lane) * W, b = blockIdx.z;
+  const int t0 = (blockIdx.y * CONV_RUNS + run) * CONV_STEPS;
+  if (d >= a.D || t0 >= a.T) return;
+  float wa[CONV_MAX_K][W], bias[W], win[CONV_MAX_K][W], v[W], pre[W];
+  conv_weights<W>(a, d, wa, bias);
+  int start = conv_start_before(a, b, t0 - 1);
+  // win[i] = x_{t0 - CONV_MAX_K + i}: the steps before the run.
+#pragma unroll
+  for (int i = 0; i < CONV_MAX_K; ++i) conv_load<W>(a, b, t0 - CONV_MAX_K + i, d, win[i]);
+  for (int t = t0; t < min(t0 + CONV_STEPS, a.T); ++t) {
+    if (conv_restarts(a, b, t)) start = t;
+    conv_load<W>(a, b, t, d, v);
+    conv_shift<W>(win, v);
+    conv_pre<W>(wa, bias, win, t, start, pre);
+    float out[W];
+#pragma unroll
+    for (int k = 0; k < W; ++k) out[k] = silu(pre[k]).value;
+    store_chunk<W>(y + ((long long)b * a.T + t) * a.D + d, out);
+  }
+}
+
+// The block's dw and dbias partial: each warp's sums over its run, added in warp order.
+// sums: CONV_RUNS * 32 * W * (CONV_MAX_K + 1) floats of shared memory.
+template <int W>
+__device__ __forceinline__ void conv_block_sums(const ConvArgs& a, int d,
+                                                const float dw[CONV_MAX_K][W], const float db[W],
+                                                float* sums, float* part) {
+  constexpr int VALUES = W * (CONV_MAX_K + 1);
+  const int lane = threadIdx.x & 31, run = threadIdx.x >> 5;
+  float* mine = sums + (run * 32 + lane) * VALUES;
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+#pragma unroll
+    for (int i = 0; i < CONV_MAX_K; ++i) mine[k * (CONV_MAX_K + 1) + i] = dw[i][k];
+    mine[k * (CONV_MAX_K + 1) + CONV_MAX_K] = db[k];
+  }
+  __syncthreads();
+  if (run != 0 || d >= a.D) return;
+  const long long slot = (long long)blockIdx.z * gridDim.y + blockIdx.y;
+  const long long width = (long long)a.D * (a.K + 1);
+  for (int e = 0; e < VALUES; ++e) {
+    float total = 0.f;
+    for (int r = 0; r < CONV_RUNS; ++r) total += sums[(r * 32 + lane) * VALUES + e];
+    const int k = e / (CONV_MAX_K + 1), i = e % (CONV_MAX_K + 1);
+    const int j = i - (CONV_MAX_K - a.K);
+    if (d + k >= a.D) continue;
+    if (i == CONV_MAX_K)
+      part[slot * width + (long long)a.D * a.K + d + k] = total;
+    else if (j >= 0)
+      part[slot * width + (long long)(d + k) * a.K + j] = total;
+  }
+}
+
+// Backward of one run: dpre over [t0, t0 + CONV_STEPS + K - 1), dx over the run, and the dw and
+// dbias terms of the run's steps. Threads past D or T still reach the block's sums (zeros).
+template <int W>
+__device__ __forceinline__ void conv_bwd_body(const ConvArgs& a, const input_t* dy, input_t* dx,
+                                              float* sums, float* part) {
+  const int lane = threadIdx.x & 31, run = threadIdx.x >> 5;
+  const int d = (blockIdx.x * 32 + lane) * W, b = blockIdx.z;
+  const int t0 = (blockIdx.y * CONV_RUNS + run) * CONV_STEPS;
+  float dw[CONV_MAX_K][W], db[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    db[k] = 0.f;
+#pragma unroll
+    for (int i = 0; i < CONV_MAX_K; ++i) dw[i][k] = 0.f;
+  }
+  if (d < a.D && t0 < a.T) {
+    float wa[CONV_MAX_K][W], bias[W], win[CONV_MAX_K][W], dwin[CONV_MAX_K][W], v[W], pre[W];
+    bool rwin[CONV_MAX_K];  // restart at the window's steps
+    conv_weights<W>(a, d, wa, bias);
+    int start = conv_start_before(a, b, t0 - 1);
+#pragma unroll
+    for (int i = 0; i < CONV_MAX_K; ++i) {
+      conv_load<W>(a, b, t0 - CONV_MAX_K + i, d, win[i]);
+      rwin[i] = false;
+#pragma unroll
+      for (int k = 0; k < W; ++k) dwin[i][k] = 0.f;
+    }
+    const int end = min(t0 + CONV_STEPS, a.T);
+    for (int t = t0; t < end + a.K - 1; ++t) {
+      const bool restart = conv_restarts(a, b, t);
+      if (restart) start = t;
+      conv_load<W>(a, b, t, d, v);
+      conv_shift<W>(win, v);
+      float g[W];
+      if (t < a.T) {
+        conv_pre<W>(wa, bias, win, t, start, pre);
+        const input_t* p = dy + ((long long)b * a.T + t) * a.D + d;
+        const Chunk<W> c = load_chunk<W>(p);
+#pragma unroll
+        for (int k = 0; k < W; ++k) g[k] = to_f32(c.e[k]) * silu(pre[k]).slope;
+      } else {
+#pragma unroll
+        for (int k = 0; k < W; ++k) g[k] = 0.f;
+      }
+      conv_shift<W>(dwin, g);
+#pragma unroll
+      for (int i = 0; i + 1 < CONV_MAX_K; ++i) rwin[i] = rwin[i + 1];
+      rwin[CONV_MAX_K - 1] = restart;
+      if (t < end) {
+        // dw and dbias: the taps of step t.
+        const int first = max(start, 0);
+#pragma unroll
+        for (int i = 0; i < CONV_MAX_K; ++i) {
+          if (t - (CONV_MAX_K - 1 - i) < first) continue;
+#pragma unroll
+          for (int k = 0; k < W; ++k) dw[i][k] = fmaf(g[k], win[i][k], dw[i][k]);
+        }
+#pragma unroll
+        for (int k = 0; k < W; ++k) db[k] += g[k];
+      }
+      // dx at s = t - K + 1: the steps t' = s + m of its document that read it (no restart in
+      // (s, t']), each through weight w_{K-1-m}, in slot CONV_MAX_K - K + m.
+      const int s = t - (a.K - 1);
+      if (s >= t0 && s < end) {
+        float acc[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) acc[k] = 0.f;
+        bool reached = true;
+#pragma unroll
+        for (int m = 0; m < CONV_MAX_K; ++m) {
+          if (m >= a.K) continue;
+          const int slot = CONV_MAX_K - a.K + m;
+          if (m > 0 && rwin[slot]) reached = false;
+          if (!reached) continue;
+#pragma unroll
+          for (int k = 0; k < W; ++k) acc[k] = fmaf(wa[CONV_MAX_K - 1 - m][k], dwin[slot][k], acc[k]);
+        }
+        store_chunk<W>(dx + ((long long)b * a.T + s) * a.D + d, acc);
+      }
+    }
+  }
+  conv_block_sums<W>(a, d, dw, db, sums, part);
+}
+
+#if WANT_KERNEL(5)
+extern "C" __global__ void __launch_bounds__(32 * CONV_RUNS)
+    ENTRY(causal_conv_fwd)(const input_t* __restrict__ x, long long sb, long long st,
+                           const float* __restrict__ w, const float* __restrict__ bias,
+                           const bool* __restrict__ reset, input_t* __restrict__ y, int T, int D,
+                           int K, int vec) {
+  const ConvArgs a{x, sb, st, w, bias, reset, T, D, K};
+  if (vec)
+    conv_fwd_body<VEC>(a, y);
+  else
+    conv_fwd_body<1>(a, y);
+}
+#endif
+
+#if WANT_KERNEL(6)
+extern "C" __global__ void __launch_bounds__(32 * CONV_RUNS)
+    ENTRY(causal_conv_bwd)(const input_t* __restrict__ x, long long sb, long long st,
+                           const float* __restrict__ w, const float* __restrict__ bias,
+                           const bool* __restrict__ reset, const input_t* __restrict__ dy,
+                           input_t* __restrict__ dx, float* __restrict__ part, int T, int D, int K,
+                           int vec) {
+  __shared__ float sums[CONV_RUNS * 32 * VEC * (CONV_MAX_K + 1)];
+  const ConvArgs a{x, sb, st, w, bias, reset, T, D, K};
+  if (vec)
+    conv_bwd_body<VEC>(a, dy, dx, sums, part);
+  else
+    conv_bwd_body<1>(a, dy, dx, sums, part);
 }
 #endif

@@ -19,7 +19,8 @@
 #                                        one device call's worth (DEADLINE seconds, default 560):
 #                                        the phases in PHASES (default "tests speed bench long
 #                                        memory article"): the test binaries side by side (TESTS:
-#                                        a glob of their names, default all), the speed runs, the
+#                                        a glob of their names, default all), the speed runs
+#                                        ("mamba": Mamba-370M's alone, beside BEFORE), the
 #                                        benchmark, the long-context runs, the memory-estimate
 #                                        runs, the article's comparison; "losses": 200 steps
 #                                        against BEFORE and one NCCL rank. Each step is skipped
@@ -152,6 +153,15 @@ speed_runs() {
   train_run "$new" gla-1.3b configs/gla-1.3b.toml "${SHORT[@]}" --set train.max_steps=8
   train_run "$new" gla-340m-t32768 configs/gla-340m.toml --set data.seq_len=32768 \
     --set train.batch_tokens=32768 "${LONG[@]}"
+}
+
+# Mamba-370M as shipped, and beside $BEFORE when given.
+mamba_runs() {
+  local steps=("${SHORT[@]}" --set train.max_steps=10 --set logging.profile_steps=[9,10])
+  train_run "$DIR/glatrain" mamba-370m configs/mamba-370m.toml "${steps[@]}"
+  if [[ -n ${BEFORE:-} ]]; then
+    train_run "$BEFORE" mamba-370m-before configs/mamba-370m.toml "${steps[@]}"
+  fi
 }
 
 # Long context: GLA at 64K and 128K tokens (checkpointed to fit), Transformer++ at 32K.
@@ -295,6 +305,7 @@ session() {
     case $phase in
       tests) parallel_tests "$out" ;;
       speed) speed_runs ;;
+      mamba) mamba_runs ;;
       bench) bench bench || true ;;
       long) long_runs ;;
       memory) memory_runs ;;

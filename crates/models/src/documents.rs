@@ -4,7 +4,6 @@
 use glatrain_ops::gla::GlaDocuments;
 use tch::Tensor;
 
-use crate::conv::DocumentTaps;
 use crate::language_model::ContextSettings;
 use crate::Documents;
 
@@ -14,10 +13,9 @@ use crate::Documents;
 pub struct PackedDocuments {
     /// GLA's laid-out sequence.
     pub gla: Option<GlaDocuments>,
-    /// The selective scan's restarts, `[B, T]` bool.
+    /// Where documents begin, `[B, T]` bool: the selective scan's and the convolutions'
+    /// restarts.
     pub resets: Option<Tensor>,
-    /// The short convolutions' taps.
-    pub taps: Option<DocumentTaps>,
 }
 
 impl PackedDocuments {
@@ -25,7 +23,6 @@ impl PackedDocuments {
         PackedDocuments {
             gla: self.gla.as_ref().map(GlaDocuments::shallow_clone),
             resets: self.resets.as_ref().map(Tensor::shallow_clone),
-            taps: self.taps.as_ref().map(DocumentTaps::shallow_clone),
         }
     }
 }
@@ -35,10 +32,8 @@ impl PackedDocuments {
 pub struct RecurrentSettings {
     /// GLA's layout.
     pub gla: bool,
-    /// The scan's restarts.
+    /// The restarts (the scan's, the convolutions').
     pub resets: bool,
-    /// The width of the family's convolutions, when it has them.
-    pub conv_width: Option<i64>,
 }
 
 impl ContextSettings for RecurrentSettings {
@@ -70,9 +65,6 @@ impl ContextSettings for RecurrentSettings {
             resets: self
                 .resets
                 .then(|| documents.resets(device).unwrap_or_else(|e| failed(&e))),
-            taps: self.conv_width.map(|width| {
-                DocumentTaps::new(documents, width, device).unwrap_or_else(|e| failed(&e))
-            }),
         })
     }
 

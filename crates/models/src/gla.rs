@@ -186,11 +186,12 @@ impl GlaAttention {
             self.k_proj.forward(x),
             self.v_proj.forward(x),
         );
-        if let (Some(conv), Some(taps)) = (&self.conv, documents.and_then(|d| d.taps.as_ref())) {
+        if let (Some(conv), Some(resets)) = (&self.conv, documents.and_then(|d| d.resets.as_ref()))
+        {
             (q, k, v) = (
-                conv.q.forward_documents(&q, taps),
-                conv.k.forward_documents(&k, taps),
-                conv.v.forward_documents(&v, taps),
+                conv.q.forward_sequences(&q, Some(resets)),
+                conv.k.forward_sequences(&k, Some(resets)),
+                conv.v.forward_sequences(&v, Some(resets)),
             );
         } else if let Some(conv) = &self.conv {
             let prev = cache.as_mut().and_then(|c| c.conv.take());
@@ -304,8 +305,7 @@ impl GlaModel {
             lm_head: LmHead::new(&(root / "lm_head"), cfg.tie_embeddings, vocab, hidden, std),
             settings: RecurrentSettings {
                 gla: true,
-                resets: false,
-                conv_width: cfg.use_short_conv.then_some(cfg.conv_size as i64),
+                resets: cfg.use_short_conv,
             },
         }))
     }

@@ -157,17 +157,20 @@ impl MambaMixer {
         let (e, n, r) = (self.d_inner, self.d_state, self.dt_rank);
         let xz = self.in_proj.forward(x); // [B, T, 2E]
         let prev_conv = cache.as_mut().and_then(|c| c.conv.take());
-        let (u, conv_state) = match documents.and_then(|d| d.taps.as_ref()) {
-            Some(taps) => (
-                self.conv1d.forward_documents(&xz.narrow(2, 0, e), taps),
-                None,
-            ),
+        let resets = documents.and_then(|d| d.resets.as_ref());
+        let (u, conv_state) = match resets {
+            Some(resets) => {
+                let u = self
+                    .conv1d
+                    .forward_sequences(&xz.narrow(2, 0, e), Some(resets));
+                (u, None)
+            }
             None => {
                 let (u, state) = self.conv1d.forward(&xz.narrow(2, 0, e), prev_conv.as_ref());
                 (u, Some(state))
             }
         };
-        // Time-major rows for the scan and x_proj (the convolution runs channel-major).
+        // Time-major rows for the scan and x_proj (decoding's convolution returns channel-major).
         let u = u.contiguous();
         let x_dbl = self.x_proj.forward(&u); // [B, T, R + 2N]
         let delta = x_dbl
@@ -190,7 +193,7 @@ impl MambaMixer {
             z: Some(&z),
             delta_bias: self.dt_proj.bias.as_ref(),
             initial_state: prev_ssm.as_ref(),
-            resets: documents.and_then(|d| d.resets.as_ref()),
+            resets,
         };
         let options = ScanOptions {
             output_final_state: cache.is_some(),
@@ -274,7 +277,6 @@ impl MambaModel {
             settings: RecurrentSettings {
                 gla: false,
                 resets: true,
-                conv_width: Some(cfg.conv_size as i64),
             },
         }))
     }

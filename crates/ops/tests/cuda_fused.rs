@@ -1,5 +1,5 @@
-//! The fused CUDA kernels (RMSNorm with and without its swish gate, SwiGLU) against the f64
-//! reference: outputs and every gradient, in each dtype, at odd row lengths and counts, with
+//! The fused CUDA kernels (RMSNorm with and without its swish gate, SwiGLU, the causal
+//! convolution with silu over rows and packed documents) against the f64 reference: outputs and every gradient, in each dtype, at odd row lengths and counts, with
 //! unaligned tensors (the kernels' element-wise path), large and small values, and at GLA-340M's
 //! shapes.
 //!
@@ -12,7 +12,8 @@
 mod common;
 
 use common::cuda;
-use glatrain_ops::{rms_norm, swiglu};
+use glatrain_ops::reference::conv::causal_conv as conv_reference;
+use glatrain_ops::{causal_conv, rms_norm, swiglu};
 use glatrain_shim::autograd::grad;
 use glatrain_testing::{assert_all_passed, compare, Rng};
 use tch::{Device, Kind, Tensor};
@@ -250,6 +251,106 @@ fn swiglu_matches_the_reference() {
             assert_eq!(got[0].kind(), kind);
             let label = format!("swiglu {kind:?} {shape:?} offset {offset} scale {scale}");
             assert_close(&label, &["y", "da", "db"], &got, &naive, &exact);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ConvCase {
+    b: i64,
+    t: i64,
+    d: i64,
+    k: i64,
+    bias: bool,
+    documents: bool,
+    /// x as columns 3.. of a wider tensor (rows neither contiguous nor 16-byte aligned), or
+    /// columns 0.. of one twice as wide (Mamba's x and z halves: aligned rows).
+    slice: Option<i64>,
+}
+
+/// Restarts at steps 1 and 2 (a one-step document), 17, one that moves with the row, and the
+/// last step.
+fn conv_restarts(c: &ConvCase) -> Tensor {
+    let mut flags = vec![false; (c.b * c.t) as usize];
+    for row in 0..c.b {
+        for step in [1, 2, 17, 5 + 16 * row, c.t - 1] {
+            if step > 0 && step < c.t {
+                flags[(row * c.t + step) as usize] = true;
+            }
+        }
+    }
+    Tensor::from_slice(&flags)
+        .view([c.b, c.t])
+        .to_device(Device::Cuda(0))
+}
+
+fn conv_case(kind: Kind, c: ConvCase, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let (start, width) = match c.slice {
+        Some(start) => (start, c.d + start.max(c.d)),
+        None => (0, c.d),
+    };
+    let x = rng.randn(&[c.b, c.t, width], Kind::Double);
+    let w = rng.randn(&[c.d, c.k], Kind::Double) * 0.5;
+    let bias = rng.randn(&[c.d], Kind::Double);
+    let dy = cuda_randn(&mut rng, &[c.b, c.t, c.d], kind);
+    let resets = c.documents.then(|| conv_restarts(&c));
+    let columns = |x: &Tensor| x.narrow(2, start, c.d);
+    let op = |t: &[Tensor]| causal_conv(&columns(&t[0]), &t[1], t.get(2), resets.as_ref()).unwrap();
+    let reference =
+        |t: &[Tensor]| conv_reference(&columns(&t[0]), &t[1], t.get(2), resets.as_ref()).unwrap();
+    // The weights in fp32 next to activations of any dtype but f64, as the models keep them.
+    let inputs = |k: Kind| -> Vec<Tensor> {
+        let wk = if k == Kind::Double { k } else { Kind::Float };
+        let mut v = vec![leaf(&x, k, 0), leaf(&w, wk, 0)];
+        if c.bias {
+            v.push(leaf(&bias, wk, 0));
+        }
+        v
+    };
+    let got = run(op, &inputs(kind), &dy);
+    let exact = run(op, &inputs(Kind::Double), &dy);
+    let naive = run(reference, &inputs(kind), &dy);
+    assert_eq!(got[0].kind(), kind);
+    let names = ["y", "dx", "dw", "dbias"];
+    let n = if c.bias { 4 } else { 3 };
+    assert_close(
+        &format!("causal_conv {kind:?} {c:?}"),
+        &names[..n],
+        &got,
+        &naive,
+        &exact,
+    );
+}
+
+#[test]
+fn causal_conv_matches_the_reference() {
+    let Some(_) = cuda() else { return };
+    let case = |b, t, d, k, bias, documents, slice| ConvCase {
+        b,
+        t,
+        d,
+        k,
+        bias,
+        documents,
+        slice,
+    };
+    let cases = [
+        case(1, 1, 8, 4, true, false, None),
+        case(2, 5, 3, 4, false, true, None),
+        case(3, 100, 64, 4, true, true, None),
+        case(2, 257, 136, 3, true, true, None),
+        case(2, 77, 40, 2, false, true, Some(3)),
+        case(2, 50, 24, 1, true, true, None),
+        // Wider than the kernels take: the reference runs.
+        case(1, 30, 16, 5, true, true, None),
+        // Mamba-370M's convolution: x the first half of the input projection's rows.
+        case(1, 1000, 2048, 4, true, true, Some(0)),
+        case(8, 2048, 2048, 4, true, false, Some(0)),
+    ];
+    for (i, c) in cases.into_iter().enumerate() {
+        for kind in KINDS {
+            conv_case(kind, c, 40 + i as u64);
         }
     }
 }

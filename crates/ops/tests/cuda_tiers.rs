@@ -11,7 +11,9 @@ use glatrain_ops::gla::kernels::{source_of, GLA_TC};
 use glatrain_ops::launch::kernel_dtype;
 use glatrain_ops::selective_scan::kernels::SELECTIVE_SCAN;
 use glatrain_ops::selective_scan::Segments;
-use glatrain_ops::{gla, rms_norm, selective_scan, swiglu, GlaMode, ScanInputs, ScanOptions};
+use glatrain_ops::{
+    causal_conv, gla, rms_norm, selective_scan, swiglu, GlaMode, ScanInputs, ScanOptions,
+};
 use glatrain_testing::Rng;
 use tch::{Device, Kind, Tensor};
 
@@ -55,7 +57,8 @@ fn run(shape: Shape, kind: Kind, mode: GlaMode) -> Vec<(&'static str, Tensor)> {
 
 /// The outputs and gradients of the fused ops (kernels/fused.cu) for random inputs in `kind`:
 /// RMSNorm with and without its gate on rows that take the vector path (256, 1000, 4096) and
-/// the element path (7), and SwiGLU.
+/// the element path (7), SwiGLU, and the causal convolution over documents (vector and element
+/// paths).
 fn run_fused(kind: Kind) -> Vec<(&'static str, Tensor)> {
     let mut leaf = leaves(7);
     let mut out = Vec::new();
@@ -91,6 +94,26 @@ fn run_fused(kind: Kind) -> Vec<(&'static str, Tensor)> {
     let grads = glatrain_shim::autograd::grad(&y, &dy, &[&a, &b]).unwrap();
     out.push(("swiglu y", y));
     out.extend(["swiglu da", "swiglu db"].into_iter().zip(grads));
+    for d in [256, 37] {
+        let (x, w, bias) = (
+            leaf(&[2, 300, d], kind),
+            leaf(&[d, 4], Kind::Float),
+            leaf(&[d], Kind::Float),
+        );
+        let dy = leaf(&[2, 300, d], kind).detach();
+        let resets = Tensor::arange(600, (Kind::Int64, Device::Cuda(0)))
+            .remainder(97)
+            .eq(3)
+            .view([2, 300]);
+        let y = causal_conv(&x, &w, Some(&bias), Some(&resets)).unwrap();
+        let grads = glatrain_shim::autograd::grad(&y, &dy, &[&x, &w, &bias]).unwrap();
+        out.push(("causal_conv y", y));
+        out.extend(
+            ["causal_conv dx", "causal_conv dw", "causal_conv dbias"]
+                .into_iter()
+                .zip(grads),
+        );
+    }
     out
 }
 

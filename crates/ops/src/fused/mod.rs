@@ -3,15 +3,19 @@
 //!
 //! - [`rms_norm`]: RMSNorm with an optional swish gate, `x * rstd * w [* silu(g)]`
 //!   (flash-linear-attention's `RMSNorm` and `FusedRMSNormGated`);
-//! - [`swiglu`]: `silu(a) * b`, the SwiGLU feed-forward block's activation.
+//! - [`swiglu`]: `silu(a) * b`, the SwiGLU feed-forward block's activation;
+//! - [`causal_conv`]: the causal depthwise convolution with silu (Mamba's `conv1d`, GLA's short
+//!   convolutions), over whole rows or packed documents.
 //!
 //! On CUDA each runs as one autograd op whose backward keeps only its inputs (and RMSNorm's fp32
 //! statistic per row), in their own dtypes, where the unfused tensor ops kept fp32 copies and
 //! intermediates. The math is fp32 and the outputs are rounded once, to the activation dtype.
 
+pub mod conv;
 pub mod norm;
 pub mod swiglu;
 
+pub use conv::causal_conv;
 pub use norm::rms_norm;
 pub use swiglu::swiglu;
 
@@ -28,9 +32,11 @@ pub static FUSED: KernelSource = KernelSource {
     kernels: &[
         "rms_norm_fwd",
         "rms_norm_bwd",
-        "rms_norm_dw",
+        "column_sums",
         "swiglu_fwd",
         "swiglu_bwd",
+        "causal_conv_fwd",
+        "causal_conv_bwd",
     ],
     dtypes: &KernelDtype::ALL,
 };

@@ -1,5 +1,5 @@
 //! [`rms_norm`]: RMSNorm over the last dimension with an optional swish gate, and the launchers
-//! of its kernels (`rms_norm_fwd`, `rms_norm_bwd`, `rms_norm_dw` in `kernels/fused.cu`).
+//! of its kernels (`rms_norm_fwd`, `rms_norm_bwd`, `column_sums` in `kernels/fused.cu`).
 
 use glatrain_cuda::{launch, CudaError};
 use glatrain_shim::autograd::{CustomOp, Forward};
@@ -22,7 +22,7 @@ const BWD_MAX_WARPS: i64 = 8;
 const BWD_SMEM_TARGET: i64 = 32 * 1024;
 /// `rms_norm_bwd` blocks aimed at: enough to fill a GPU, and that many partial sums of dw.
 const BWD_TARGET_BLOCKS: i64 = 1024;
-/// Columns per 256-thread block of `rms_norm_dw` (`DW_COLS` in fused.cu).
+/// Columns per 256-thread block of `column_sums` (`DW_COLS` in fused.cu).
 const DW_COLUMNS: i64 = 8;
 
 /// The geometry of `rms_norm_bwd` for `rows` (>= 1) rows of `n` elements: `blocks` blocks of
@@ -259,7 +259,7 @@ fn backward(
     let (dxp, dgp, partp, dwp) = (ptr(&dx), opt_ptr(dg.as_ref()), ptr(&parts), ptr(&dw));
     launch!(bwd, (plan.blocks, 1, 1), (32 * plan.warps) as u32, smem as u32;
         xp, wp, gp, rp, dyp, dxp, dgp, partp, rows32, n32, warp_rows, vec)?;
-    let sum = dev.kernel(&FUSED, dt, "rms_norm_dw")?;
+    let sum = dev.kernel(&FUSED, dt, "column_sums")?;
     launch!(sum, (tiles(n, DW_COLUMNS), 1, 1), 256, 0; partp, dwp, blocks, n32)?;
     Ok((dx, dw.f_to_kind(w.kind())?, dg))
 }

@@ -10,6 +10,7 @@
 //!
 //! All layouts are sequence-first (`[B, T, ...]`), as in flash-linear-attention.
 
+pub mod conv;
 pub mod gla;
 pub mod norm;
 pub mod selective_scan;
