@@ -75,6 +75,7 @@ class Inputs:
     bias: Optional[Tensor] = None  # [D]
     h0: Optional[Tensor] = None  # [B, D, N]
     softplus: bool = True
+    resets: Optional[Tensor] = None  # [B, T] bool: the state restarts from zero there
 
 
 def softplus(v: Tensor) -> Tensor:
@@ -365,7 +366,10 @@ def reference(x: Inputs, dout: Tensor, dhT: Optional[Tensor]):
     h = leaves["h0"] if "h0" in leaves else u.new_zeros(u.shape[0], u.shape[2], A.shape[1])
     ys = []
     for t in range(u.shape[1]):
-        h = torch.exp(dp[:, t, :, None] * A) * h + (dp * u)[:, t, :, None] * Bm[:, t, None, :]
+        decay = torch.exp(dp[:, t, :, None] * A)
+        if x.resets is not None:
+            decay = decay * (~x.resets[:, t, None, None]).to(decay.dtype)
+        h = decay * h + (dp * u)[:, t, :, None] * Bm[:, t, None, :]
         ys.append((h * Cm[:, t, None, :]).sum(-1))
     y = torch.stack(ys, 1)
     if "D" in leaves:
@@ -397,6 +401,21 @@ class Case:
     h0: bool
     dhT: bool
     cps: int  # chunks per segment (>= chunks: one segment)
+    # Restarts (documents) around the chunk edges; the reference alone takes them (the
+    # schedule model here does not: kernels/selective_scan.cu is run with them by
+    # scripts/selective-scan-emu/run.py).
+    restarts: bool = False
+
+
+def restart_flags(B: int, T: int) -> Tensor:
+    """[B, T] restarts at steps 1, 31, 32, 33 and 64 (around the chunk edges), one that moves
+    with the row, and the last step."""
+    flags = torch.zeros(B, T, dtype=torch.bool)
+    for row in range(B):
+        for step in (1, 31, 32, 33, 64, 100 + 7 * row, T - 1):
+            if 0 < step < T:
+                flags[row, step] = True
+    return flags
 
 
 def make(case: Case, seed: int):
@@ -421,6 +440,7 @@ def make(case: Case, seed: int):
         bias=(0.5 * r(D) if case.softplus else 0.5 * u01(D)) if case.bias else None,
         h0=r(B, D, N) if case.h0 else None,
         softplus=case.softplus,
+        resets=restart_flags(B, T) if case.restarts else None,
     )
     dout = r(B, T, D)
     dhT = r(B, D, N) if case.dhT else None

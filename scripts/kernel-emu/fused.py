@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Runs kernels/fused.cu on the CPU (emu.py) through the launch sequence of its launchers
-(crates/ops/src/fused/norm.rs and swiglu.rs: the plans below restate theirs) and checks every
-output and gradient against float64 autograd of the formulas:
+(crates/ops/src/fused/norm.rs, swiglu.rs and conv.rs: the plans below restate theirs) and checks
+every output and gradient against float64 autograd of the formulas:
 
-    rms_norm   y = x * rsqrt(mean(x^2) + eps) * w [* silu(g)]
-    swiglu     y = silu(a) * b
+    rms_norm     y = x * rsqrt(mean(x^2) + eps) * w [* silu(g)]
+    swiglu       y = silu(a) * b
+    causal_conv  y_t = silu(bias + sum_j w_j x_{t-K+1+j}), taps inside t's document only
 
 Inputs are rounded to the dtype first and the float64 reference runs on the rounded values.
 Tolerance (relative RMS against float64): max(1e-5, 2x the error of the same formulas run in
@@ -42,6 +43,8 @@ BWD_TARGET_BLOCKS = 1024
 DW_COLUMNS = 8
 SWIGLU_THREADS = 256
 SWIGLU_MAX_BLOCKS = 4096
+CONV_STEPS = 16
+CONV_RUNS = 4
 
 
 def cdiv(a, b):
@@ -126,7 +129,7 @@ def run_norm(k, dt, rows, n, gated, offset, scale, target_blocks, seed):
     k.launch("rms_norm_bwd", (blocks, 1, 1), 32 * warps, warps * per_warp * 4,
              [xb.t, wb.t, gb.t if gated else 0, rb.t, dyb.t, dxb.t, dgb.t if gated else 0,
               partb.t, rows, n, warp_rows, vec_b])
-    k.launch("rms_norm_dw", (cdiv(n, DW_COLUMNS), 1, 1), 256, 0, [partb.t, dwb.t, blocks, n])
+    k.launch("column_sums", (cdiv(n, DW_COLUMNS), 1, 1), 256, 0, [partb.t, dwb.t, blocks, n])
 
     def grads(kind_):
         xs = x.to(kind_).requires_grad_()
@@ -182,6 +185,80 @@ def run_swiglu(k, dt, numel, offset, scale, max_blocks, seed):
                  got, grads(torch.float64), grads(kind), [ab, bb, yb, dyb, dab, dbb])
 
 
+def conv_formula(x, w, bias, resets):
+    """The causal convolution with silu as shifted, masked sums, in x's dtype."""
+    t, k = x.shape[1], w.shape[1]
+    ids = (resets.long().cumsum(1) + 1) if resets is not None else torch.ones(x.shape[:2])
+    pre = bias.expand_as(x) if bias is not None else torch.zeros_like(x)
+    for j in range(k):
+        shift = k - 1 - j
+        if shift >= t:
+            continue
+        src = torch.nn.functional.pad(x[:, : t - shift], (0, 0, shift, 0))
+        src_ids = torch.nn.functional.pad(ids[:, : t - shift], (shift, 0))
+        pre = pre + src * w[:, j] * (src_ids == ids).unsqueeze(-1).to(x.dtype)
+    return torch.nn.functional.silu(pre)
+
+
+def run_conv(k, dt, b, t, d, kk, with_bias, documents, columns, seed):
+    """x as columns [columns, columns + d) of rows `columns + d + columns` wide (0: contiguous)."""
+    kind = DTYPES[dt]
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    width = d + 2 * columns
+    xfull = rnd(b, t, width).to(kind)
+    w = (0.5 * rnd(d, kk)).float()
+    bias = rnd(d).float() if with_bias else None
+    dy = rnd(b, t, d).to(kind)
+    resets = None
+    if documents:
+        resets = torch.zeros(b, t, dtype=torch.bool)
+        for row in range(b):
+            for step in (1, 2, 17, 5 + 16 * row, t - 1):
+                if 0 < step < t:
+                    resets[row, step] = True
+    xb = Buffer((b, t, width), kind, 0, xfull)
+    xv = xb.t[:, :, columns : columns + d]
+    wb = Buffer((d, kk), torch.float32, 0, w)
+    bb = Buffer((d,), torch.float32, 0, bias) if with_bias else None
+    yb, dyb, dxb = Buffer((b, t, d), kind), Buffer((b, t, d), kind, 0, dy), Buffer((b, t, d), kind)
+    vw = vec_width(kind)
+    sb, st = t * width, width
+    base = d % vw == 0 and sb % vw == 0 and st % vw == 0 and xv.data_ptr() % 16 == 0
+    vec = int(base and aligned(yb))
+    vec_b = int(base and aligned(dyb, dxb))
+    r = resets if resets is not None else 0
+    grid = lambda v: (cdiv(d, 32 * (vw if v else 1)), cdiv(t, CONV_RUNS * CONV_STEPS), b)
+    k.launch("causal_conv_fwd", grid(vec), 32 * CONV_RUNS, 0,
+             [xv, sb, st, wb.t, bb.t if bb else 0, r, yb.t, t, d, kk, vec])
+    g = grid(vec_b)
+    slots, cols = g[1] * g[2], d * (kk + 1)
+    partb, sumb = Buffer((slots, cols), torch.float32), Buffer((cols,), torch.float32)
+    k.launch("causal_conv_bwd", g, 32 * CONV_RUNS, 0,
+             [xv, sb, st, wb.t, bb.t if bb else 0, r, dyb.t, dxb.t, partb.t, t, d, kk, vec_b])
+    k.launch("column_sums", (cdiv(cols, DW_COLUMNS), 1, 1), 256, 0, [partb.t, sumb.t, slots, cols])
+
+    def grads(kind_):
+        xs = xfull[:, :, columns : columns + d].to(kind_).requires_grad_()
+        # The weights in fp32 beside half-precision activations, as the models keep them.
+        pk = torch.float64 if kind_ == torch.float64 else torch.float32
+        ws = w.to(pk).requires_grad_()
+        bs = bias.to(pk).requires_grad_() if with_bias else None
+        y = conv_formula(xs.to(pk), ws, bs, resets).to(kind_)
+        y.backward(dy.to(kind_))
+        out = {"y": y.detach(), "dx": xs.grad, "dw": ws.grad}
+        if with_bias:
+            out["dbias"] = bs.grad
+        return out
+
+    got = {"y": yb.t, "dx": dxb.t, "dw": sumb.t[: d * kk].view(d, kk)}
+    if with_bias:
+        got["dbias"] = sumb.t[d * kk :]
+    return check(f"conv     {dt:<4} B {b} T {t:<4} D {d:<4} K {kk} bias {int(with_bias)} "
+                 f"documents {int(documents)} columns {columns} vec {vec}/{vec_b}",
+                 got, grads(torch.float64), grads(kind), [xb, wb, bb, yb, dyb, dxb, partb, sumb])
+
+
 def check(label, got, exact, naive, bufs):
     errs, bounds = {}, {}
     for name, ref in exact.items():
@@ -220,6 +297,15 @@ def cases(quick):
                                                  (2816 * 3, 0, 1.0, 4096), (5003, 0, 4.0, 3),
                                                  (4096, 1, 1.0, 4096), (999, 2, 30.0, 2)]:
             out.append(("swiglu", dt, (numel, offset, scale, max_blocks, numel)))
+        # Widths 1 to 4, T below K and across runs and blocks, odd D (the element path), x as
+        # columns of a wider row (unaligned: 3; aligned: Mamba's x half), with and without
+        # documents.
+        for i, (b, t, d, kk, bias, documents, columns) in enumerate([
+            (1, 1, 8, 4, True, False, 0), (2, 5, 3, 4, False, True, 0),
+            (3, 100, 64, 4, True, True, 0), (2, 130, 136, 3, True, True, 0),
+            (2, 77, 40, 2, False, True, 3), (2, 50, 24, 1, True, True, 0),
+            (1, 300, 256, 4, True, True, 256), (2, 70, 256, 4, True, False, 8)]):
+            out.append(("conv", dt, (b, t, d, kk, bias, documents, columns, 20 + i)))
     if quick:
         out = [c for c in out if c[1] == "bf16"][::4]
     return out
@@ -235,7 +321,7 @@ def main():
     t0 = time.time()
     results = []
     for kind, dt, a in cases(args.quick):
-        run = run_norm if kind == "norm" else run_swiglu
+        run = {"norm": run_norm, "swiglu": run_swiglu, "conv": run_conv}[kind]
         results.append(run(kernels[dt], dt, *a))
     bad = results.count(False)
     print(f"{len(results) - bad} of {len(results)} cases pass ({time.time() - t0:.0f} s)")

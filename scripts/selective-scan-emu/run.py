@@ -79,7 +79,7 @@ def run(bins: Path, case, seed: int, dt: str, fwd_chunks: int, bwd_chunks: int, 
     x = model.Inputs(
         u=rnd(x.u), delta=rnd(x.delta), A=rnd(x.A, torch.float32), Bm=rnd(x.Bm), Cm=rnd(x.Cm),
         z=rnd(x.z), Dv=rnd(x.Dv, torch.float32), bias=rnd(x.bias, torch.float32),
-        h0=rnd(x.h0, torch.float32), softplus=x.softplus,
+        h0=rnd(x.h0, torch.float32), softplus=x.softplus, resets=x.resets,
     )
     dout, dhT = rnd(dout), rnd(dhT, torch.float32)
     B, T, D = x.u.shape
@@ -89,13 +89,14 @@ def run(bins: Path, case, seed: int, dt: str, fwd_chunks: int, bwd_chunks: int, 
         files = {"u": (x.u, kind), "delta": (x.delta, kind), "dout": (dout, kind),
                  "B": (x.Bm, kind), "C": (x.Cm, kind), "A": (x.A, torch.float32),
                  "z": (x.z, kind), "D": (x.Dv, torch.float32), "bias": (x.bias, torch.float32),
-                 "h0": (x.h0, torch.float32), "dhT": (dhT, torch.float32)}
+                 "h0": (x.h0, torch.float32), "dhT": (dhT, torch.float32),
+                 "reset": (x.resets, torch.bool)}
         for name, (t, k) in files.items():
             if t is not None:
                 (d / f"{name}.bin").write_bytes(raw(t.to(k)))
         flags = [x.z, x.Dv, x.bias, x.h0, dhT]
         config = [B, T, D, N, *(int(f is not None) for f in flags), int(x.softplus),
-                  fwd_chunks, bwd_chunks, R]
+                  fwd_chunks, bwd_chunks, R, int(x.resets is not None)]
         (d / "config.txt").write_text(" ".join(map(str, config)))
         t0 = time.time()
         r = subprocess.run([str(bins / f"emu_{dt}"), str(d)], capture_output=True, text=True)
@@ -124,6 +125,7 @@ def run(bins: Path, case, seed: int, dt: str, fwd_chunks: int, bwd_chunks: int, 
     ok = errs[worst] <= tol and all(torch.isfinite(out[k]).all() for k in ref)
     print(
         f"{'ok  ' if ok else 'FAIL'} {dt:<4} B{B} T{T:<5} D{D:<3} N{N:<3} R{R} "
+        f"restarts {int(x.resets is not None)} "
         f"chunks per segment {fwd_chunks}/{bwd_chunks}  worst {errs[worst]:.1e} ({worst}) "
         f"{secs:.1f}s" + ("" if ok else "  " + " ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     )
@@ -156,10 +158,18 @@ def cases(quick: bool):
     # Channel counts around the tile widths.
     for D in [1, 8, 31, 64, 65, 129]:
         widths.append((C(1, 100, D, 16, True, True, True, True, True, True, cps=0), "BF16", 2, 1, 8))
+    # Restarts inside chunks, on chunk and segment edges, at every segmenting; more states than
+    # one backward pass holds; an initial state and the final state's gradient.
+    restarts = []
+    for i, (T, N, seg) in enumerate([(130, 16, (1000, 1000)), (130, 16, (1, 1)), (200, 16, (2, 3)),
+                                     (100, 64, (1, 1000)), (65, 4, (1000, 1)), (33, 1, (1, 1))]):
+        case = C(2, T, 70, N, True, True, True, True, True, True, cps=0, restarts=True)
+        for dt in ["F32", "BF16"] if i < 2 else ["F32"]:
+            restarts.append((case, dt, *seg, [8, 3][i % 2]))
     if quick:
         return (combos[:4] + [c for c in grid if c[0].T in (63, 65)]
-                + [c for c in widths if c[0].D in (65, 129)])
-    return combos + grid + widths
+                + [c for c in widths if c[0].D in (65, 129)] + restarts[:3])
+    return combos + grid + widths + restarts
 
 
 def main():

@@ -1,8 +1,9 @@
 // Runs kernels/selective_scan.cu's forward and backward on the CPU through the launch sequence
 // the launcher follows (grids, block sizes, shared memory, buffers, order), for one case that
 // run.py wrote to a directory: config.txt ("B T D N z D bias h0 dhT softplus fwd_chunks
-// bwd_chunks R": sizes, 0/1 presence flags, chunks per segment for each direction, and the
-// column offset R of B in its x_proj-like row) and the inputs as raw files. z and dz live in
+// bwd_chunks R reset": sizes, 0/1 presence flags, chunks per segment for each direction, the
+// column offset R of B in its x_proj-like row, and whether restarts are given) and the inputs
+// as raw files. z and dz live in
 // the second half of [B, T, 2D] rows, B and C in [B, T, R + 2N] rows (R odd: rows not 16-byte
 // aligned), as in the Mamba model. Workspaces start as NaN, so a read of anything the kernels
 // did not write shows. Writes the outputs and gradients back as raw files.
@@ -53,11 +54,12 @@ static Rows rows(void* p, long long sb, long long st) {
 int main(int argc, char** argv) {
   if (argc != 2) return 2;
   dir = argv[1];
-  int B, T, D, N, has_z, has_D, has_bias, has_h0, has_dhT, softplus, fwd_chunks, bwd_chunks, R;
+  int B, T, D, N, has_z, has_D, has_bias, has_h0, has_dhT, softplus, fwd_chunks, bwd_chunks, R,
+      has_reset;
   {
     std::ifstream cf(dir + "/config.txt");
     cf >> B >> T >> D >> N >> has_z >> has_D >> has_bias >> has_h0 >> has_dhT >> softplus >>
-        fwd_chunks >> bwd_chunks >> R;
+        fwd_chunks >> bwd_chunks >> R >> has_reset;
     if (!cf) return 2;
   }
   const long long BTD = (long long)B * T * D, BTN = (long long)B * T * N;
@@ -71,6 +73,8 @@ int main(int argc, char** argv) {
   if (has_bias) bias = read<float>("bias.bin", D);
   if (has_h0) h0 = read<float>("h0.bin", BDN);
   if (has_dhT) dhT = read<float>("dhT.bin", BDN);
+  std::vector<char> reset;  // bool bytes
+  if (has_reset) reset = read<char>("reset.bin", BT);
   std::vector<input_t> xz(BT * 2 * D), xp(BT * (R + 2 * N));
   if (has_z) {
     auto z = read<input_t>("z.bin", BTD);
@@ -104,6 +108,7 @@ int main(int argc, char** argv) {
   p.h0 = has_h0 ? h0.data() : nullptr;
   p.hT = hT.data();
   p.ckpt = ckpt.data();
+  p.reset = has_reset ? reinterpret_cast<const bool*>(reset.data()) : nullptr;
   p.B = B, p.T = T, p.D = D, p.N = N, p.softplus = softplus;
 
   {  // Forward.
