@@ -13,6 +13,9 @@
 //   `checkpoint(use_reentrant=True)` does).
 // - `glatrain_sdp_backends` / `glatrain_set_sdp_backends`: which SDPA backends libtorch may pick
 //   (what torch.nn.attention.sdpa_kernel sets; tch has no binding).
+// - `glatrain_flash_supports` / `glatrain_flash_varlen_causal`: libtorch's FlashAttention over
+//   sequences packed end to end (flash_attn_varlen_func with causal=True), and libtorch's own
+//   check of whether its flash backend takes given inputs; tch binds neither.
 // - `glatrain_fused_adamw`, `glatrain_global_norm`, `glatrain_scale_all`, `glatrain_clear_grads`:
 //   the optimizer step over all parameters in libtorch's multi-tensor kernels (torch.optim.AdamW
 //   with fused=True, the _foreach ops, zero_grad(set_to_none=True)); tch binds none of them, and
@@ -26,22 +29,20 @@
 // borrowed for the duration of the call; tensors either side returns are `new at::Tensor` that
 // the receiver takes ownership of.
 
+#include "guarded.h"
+
 #include <ATen/autocast_mode.h>
+#include <ATen/native/transformers/cuda/sdp_utils.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
 
-#include <cstring>
 #include <string>
 
-namespace {
+using glatrain::guarded;
+using glatrain::write_error;
 
-// Fills a caller buffer with a NUL-terminated message (truncated to fit).
-void write_error(char* buf, size_t len, const char* msg) {
-  if (buf == nullptr || len == 0) return;
-  std::strncpy(buf, msg, len - 1);
-  buf[len - 1] = '\0';
-}
+namespace {
 
 // The Rust side of a custom op (glatrain_shim::autograd). Each callback returns 0, or non-zero
 // with a NUL-terminated message in `err`.
@@ -254,6 +255,36 @@ void glatrain_set_sdp_backends(int mask) {
   ctx.setSDPUseFlash(on(at::SDPBackend::flash_attention));
   ctx.setSDPUseMemEfficient(on(at::SDPBackend::efficient_attention));
   ctx.setSDPUseCuDNN(on(at::SDPBackend::cudnn_attention));
+}
+
+// Whether libtorch's flash backend takes causal attention of `q`, `k`, `v` as SDPA sees them
+// ([B, H, T, D]; `gqa` when k and v have fewer heads than q): its build, the GPU's architecture,
+// the dtypes, head dims and strides, and the backend being enabled. Returns 0 and sets
+// `*supported` to 1 or 0, or returns 1 with a message (without a C++ backtrace).
+int glatrain_flash_supports(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int gqa,
+                            int* supported, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    const sdp::sdp_params params{*q, *k, *v, /*attn_mask=*/std::nullopt, /*dropout=*/0.0,
+                                 /*is_causal=*/true, /*enable_gqa=*/gqa != 0};
+    *supported = sdp::can_use_flash_attention(params, /*debug=*/false) ? 1 : 0;
+  });
+}
+
+// Causal attention with scale 1/sqrt(D) inside each sequence of `q` [total, H, D], `k` and `v`
+// [total, H_kv, D], the sequences laid end to end: sequence i spans rows cu_seqlens[i] ..
+// cu_seqlens[i + 1] (`cu_seqlens` int32 on the device, `max_seqlen` the longest). libtorch's
+// varlen FlashAttention; autograd records it (its backward is _flash_attention_backward). On
+// success returns 0 and sets `*out` to a new [total, H, D] tensor owned by the caller; else
+// returns 1 with a message in `err` (without a C++ backtrace).
+int glatrain_flash_varlen_causal(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                                 const at::Tensor* cu_seqlens, int64_t max_seqlen, at::Tensor** out,
+                                 char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    auto result = at::_flash_attention_forward(*q, *k, *v, *cu_seqlens, *cu_seqlens, max_seqlen,
+                                               max_seqlen, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                               /*return_debug_mask=*/false);
+    *out = new at::Tensor(std::get<0>(result));
+  });
 }
 
 }  // extern "C"
