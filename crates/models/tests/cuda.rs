@@ -2,6 +2,9 @@
 //! token by token on the CUDA kernels against the full sequence, and activation checkpointing
 //! (gradients and peak memory). Skipped without a CUDA device.
 
+mod common;
+
+use common::take_gradients;
 use glatrain_config::{
     ActivationCheckpointing, GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig,
 };
@@ -150,22 +153,6 @@ fn next_token_loss(model: &dyn CausalLm, x: &Tensor, autocast: bool) -> Tensor {
         .to_kind(Kind::Float)
         .reshape([b * (t - 1), -1])
         .cross_entropy_for_logits(&x.narrow(1, 1, t - 1).reshape([-1]))
-}
-
-/// Every parameter's gradient (sorted by name), taken out: the parameters' gradients are zero
-/// afterwards.
-fn take_gradients(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut grads: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(name, mut v)| {
-            let g = v.grad().copy();
-            v.zero_grad();
-            (name, g)
-        })
-        .collect();
-    grads.sort_by(|a, b| a.0.cmp(&b.0));
-    grads
 }
 
 /// The bf16-autocast cross-entropy gradients of every parameter (sorted by name) of `model` on
