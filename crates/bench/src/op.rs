@@ -11,9 +11,15 @@ pub enum Op {
     Gla(GlaMode),
     /// libtorch's causal SDPA on one backend alone, or (`None`) on the backend it picks.
     Sdpa(Option<SdpaBackend>),
+    /// Block-causal SDPA over [`DOCUMENTS_PER_ROW`] equal documents in each row
+    /// (`glatrain_ops::sdpa::block_causal_sdpa`, as packed training runs the Transformer).
+    DocumentSdpa,
     /// Mamba's selective scan (the CUDA kernels), at a [`ScanShape`].
     SelectiveScan,
 }
+
+/// How many documents of equal length a [`Op::DocumentSdpa`] row packs into each row.
+pub const DOCUMENTS_PER_ROW: usize = 4;
 
 /// The SDPA backends a row can pin, with their names.
 const SDPA_BACKENDS: [SdpaBackend; 4] = [
@@ -30,18 +36,19 @@ impl Op {
         let sdpa = SDPA_BACKENDS.map(|b| Op::Sdpa(Some(b)));
         gla.into_iter()
             .chain(sdpa)
-            .chain([Op::Sdpa(None), Op::SelectiveScan])
+            .chain([Op::Sdpa(None), Op::DocumentSdpa, Op::SelectiveScan])
             .collect()
     }
 
     /// The name on the command line and in the report: a GLA mode's config name (`chunk`,
     /// `fused_chunk`, `fused_recurrent`), `sdpa_<backend>` for one SDPA backend alone, `sdpa`
-    /// for libtorch's own choice, `selective_scan`.
+    /// for libtorch's own choice, `sdpa_documents` for block-causal SDPA, `selective_scan`.
     pub fn name(self) -> String {
         match self {
             Op::Gla(mode) => mode.name().to_string(),
             Op::Sdpa(Some(backend)) => format!("sdpa_{}", backend.name()),
             Op::Sdpa(None) => "sdpa".to_string(),
+            Op::DocumentSdpa => "sdpa_documents".to_string(),
             Op::SelectiveScan => "selective_scan".to_string(),
         }
     }
@@ -184,6 +191,7 @@ mod tests {
             Some(Op::Sdpa(Some(SdpaBackend::Flash)))
         );
         assert_eq!(Op::parse("sdpa"), Some(Op::Sdpa(None)));
+        assert_eq!(Op::parse("sdpa_documents"), Some(Op::DocumentSdpa));
         assert_eq!(Op::parse("selective_scan"), Some(Op::SelectiveScan));
         assert!(Op::SelectiveScan.is_scan() && !Op::Sdpa(None).is_scan());
         assert_eq!(Op::parse("reference"), None);

@@ -8,7 +8,7 @@ use crate::anchors::Anchor;
 use crate::article;
 use crate::first_call::FirstCall;
 use crate::floor::{Floor, Rates};
-use crate::op::RowShape;
+use crate::op::{Op, RowShape};
 use crate::plan::{dtype_name, Preset, RowSpec};
 use crate::BenchError;
 
@@ -32,7 +32,7 @@ pub struct RowResult {
 /// Column titles of [`RowResult::table_line`].
 pub fn table_header() -> String {
     format!(
-        "{:<24} {:<16} {:<5} {:>9} {:>11} {:>9} {:>8} {:>10}",
+        "{:<24} {:<23} {:<5} {:>9} {:>11} {:>9} {:>8} {:>10}",
         "shape", "op", "dtype", "fwd ms", "fwd+bwd ms", "floor ms", "x floor", "vs anchor"
     )
 }
@@ -41,7 +41,9 @@ impl RowResult {
     /// The row under [`table_header`]: forward+backward against its floor and its anchor.
     pub fn table_line(&self) -> String {
         let op = match self.sdpa_backend {
-            Some(backend) if self.spec.op.name() == "sdpa" => format!("sdpa ({backend})"),
+            Some(backend) if matches!(self.spec.op, Op::Sdpa(None) | Op::DocumentSdpa) => {
+                format!("{} ({backend})", self.spec.op.name())
+            }
             _ => self.spec.op.name(),
         };
         let (floor, times_floor) = match &self.floor {
@@ -55,7 +57,7 @@ impl RowResult {
             format!("{:.2}", self.fwd_bwd_ms / a.fwd_bwd_ms)
         });
         format!(
-            "{:<24} {:<16} {:<5} {:>9.3} {:>11.3} {:>9} {:>8} {:>10}",
+            "{:<24} {:<23} {:<5} {:>9.3} {:>11.3} {:>9} {:>8} {:>10}",
             self.spec.shape.describe(),
             op,
             dtype_name(self.spec.dtype),

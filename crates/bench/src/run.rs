@@ -3,8 +3,10 @@
 use std::path::Path;
 
 use glatrain_cuda::{CudaTimer, Gpu, GpuSpec, TIMING_ROUNDS};
-use glatrain_ops::sdpa::{causal_sdpa, chosen_backend};
-use glatrain_ops::{gla, selective_scan, ScanInputs, ScanOptions};
+use glatrain_ops::sdpa::{
+    block_causal_sdpa, causal_sdpa, chosen_backend, flash_takes, BlockCausal,
+};
+use glatrain_ops::{gla, selective_scan, Documents, ScanInputs, ScanOptions};
 use glatrain_shim::autograd;
 use glatrain_shim::sdp::{OnlyBackend, SdpaBackend};
 use tch::{Kind, TchError, Tensor};
@@ -13,7 +15,7 @@ use crate::anchors::Anchors;
 use crate::article;
 use crate::first_call;
 use crate::floor::{self, Rates};
-use crate::op::{Op, RowShape, ScanShape, Shape};
+use crate::op::{Op, RowShape, ScanShape, Shape, DOCUMENTS_PER_ROW};
 use crate::plan::{Plan, Preset, RowSpec};
 use crate::report::{table_header, today, Report, RowResult};
 use crate::BenchError;
@@ -25,24 +27,33 @@ pub(crate) fn log_gates(shape: &[i64], dev: tch::Device) -> Result<Tensor, TchEr
         .f_div_scalar(16.0)
 }
 
-/// Random inputs of one attention-like row.
+/// Random inputs of one attention-like row, and the documents of its `sdpa_documents` rows.
 struct Inputs {
     q: Tensor,
     k: Tensor,
     v: Tensor,
     g: Tensor,
     d_o: Tensor,
+    documents: BlockCausal,
 }
 
 impl Inputs {
-    fn new(s: &Shape, dtype: Kind, dev: tch::Device) -> Result<Self, TchError> {
+    fn new(s: &Shape, dtype: Kind, dev: tch::Device) -> Result<Self, BenchError> {
         let (qk, v) = ([s.b, s.t, s.h, s.k], [s.b, s.t, s.h, s.v]);
+        let t = s.t as usize;
+        let mut starts: Vec<usize> = (1..DOCUMENTS_PER_ROW)
+            .map(|i| i * t / DOCUMENTS_PER_ROW)
+            .filter(|&p| p > 0)
+            .collect();
+        starts.dedup();
+        let documents = Documents::new(t, vec![starts; s.b as usize])?;
         Ok(Inputs {
             q: Tensor::f_randn(qk, (dtype, dev))?,
             k: Tensor::f_randn(qk, (dtype, dev))?,
             v: Tensor::f_randn(v, (dtype, dev))?,
             g: log_gates(&qk, dev)?,
             d_o: Tensor::f_randn(v, (dtype, dev))?,
+            documents: BlockCausal::new(&documents, dev)?,
         })
     }
 }
@@ -112,7 +123,7 @@ enum RowInputs {
 }
 
 impl RowInputs {
-    fn new(shape: &RowShape, dtype: Kind, dev: tch::Device) -> Result<Self, TchError> {
+    fn new(shape: &RowShape, dtype: Kind, dev: tch::Device) -> Result<Self, BenchError> {
         Ok(match shape {
             RowShape::Attention(s) => RowInputs::Attention(Inputs::new(s, dtype, dev)?),
             RowShape::Scan(s) => RowInputs::Scan(ScanRowInputs::new(s, dtype, dev)?),
@@ -121,11 +132,16 @@ impl RowInputs {
 }
 
 /// The op of an attention-like row on q, k, v and the log gates (SDPA ignores them; its backend
-/// is set by the caller).
-fn attention(op: Op, q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor) -> Result<Tensor, BenchError> {
+/// is set by the caller) or the documents (for block-causal SDPA).
+fn attention(
+    op: Op,
+    [q, k, v, g]: [&Tensor; 4],
+    documents: &BlockCausal,
+) -> Result<Tensor, BenchError> {
     match op {
         Op::Gla(mode) => Ok(gla(q, k, v, g, None, None, mode, false)?.0),
         Op::Sdpa(_) => Ok(causal_sdpa(q, k, v)?),
+        Op::DocumentSdpa => Ok(block_causal_sdpa(q, k, v, documents)?),
         Op::SelectiveScan => Err(BenchError::Arg {
             flag: "--op",
             value: op.name(),
@@ -143,7 +159,8 @@ fn iterations(tokens: i64) -> usize {
     }
 }
 
-/// Times an attention-like row: (forward, forward + backward) ms, and the SDPA backend that ran.
+/// Times an attention-like row: (forward, forward + backward) ms, and the SDPA backend that ran
+/// (for block-causal SDPA, its path: varlen `flash` or `masked`).
 fn time_attention(
     timer: &CudaTimer,
     spec: &RowSpec,
@@ -157,6 +174,8 @@ fn time_attention(
     };
     let sdpa_backend = match op {
         Op::Sdpa(_) => chosen_backend(&x.q, &x.k, &x.v)?.map(SdpaBackend::name),
+        Op::DocumentSdpa if flash_takes(&x.q, &x.k, &x.v)? => Some("flash"),
+        Op::DocumentSdpa => Some("masked"),
         Op::Gla(mode) => {
             glatrain_ops::gla::prepare(0, spec.dtype, mode, true)?;
             None
@@ -165,7 +184,7 @@ fn time_attention(
     };
     let iters = iterations(s.t * s.b);
     let fwd_ms = timer.fastest_median_ms(TIMING_ROUNDS, 3, iters, || {
-        attention(op, &x.q, &x.k, &x.v, &x.g).map(drop)
+        attention(op, [&x.q, &x.k, &x.v, &x.g], &x.documents).map(drop)
     })?;
     let leaves = [&x.q, &x.k, &x.v, &x.g]
         .iter()
@@ -174,7 +193,8 @@ fn time_attention(
     let inputs: Vec<&Tensor> = leaves.iter().collect();
     let fwd_bwd_ms = timer.fastest_median_ms(TIMING_ROUNDS, 2, iters, || {
         tch::with_grad(|| -> Result<(), BenchError> {
-            let o = attention(op, &leaves[0], &leaves[1], &leaves[2], &leaves[3])?;
+            let qkvg = [&leaves[0], &leaves[1], &leaves[2], &leaves[3]];
+            let o = attention(op, qkvg, &x.documents)?;
             // o.backward(do), the gradients returned instead of accumulated.
             autograd::grad(&o, &x.d_o, &inputs).map_err(BenchError::Backward)?;
             Ok(())

@@ -216,8 +216,9 @@ pub enum BadRecordArg {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// An op to time: chunk, fused_chunk, fused_recurrent (GLA modes), sdpa_flash, sdpa_cudnn,
-    /// sdpa_efficient, sdpa_math (one SDPA backend alone), sdpa (libtorch's own choice) or
-    /// selective_scan (Mamba's scan); repeatable. Default: every GLA mode, sdpa_flash and sdpa
+    /// sdpa_efficient, sdpa_math (one SDPA backend alone), sdpa (libtorch's own choice),
+    /// sdpa_documents (block-causal over 4 documents a row) or selective_scan (Mamba's scan);
+    /// repeatable. Default: every GLA mode, sdpa_flash and sdpa
     /// at the --shape shapes, selective_scan at the --scan-shape shapes.
     #[arg(long = "op", value_name = "OP")]
     pub ops: Vec<String>,

@@ -3,26 +3,42 @@
 
 use tch::{Device, Kind, Tensor};
 
-/// The cos/sin tables for positions `offset .. offset + len`, in fp32.
+/// The cos/sin tables of a forward's positions, in fp32.
 #[derive(Debug)]
 pub struct Rotary {
-    /// `[T, head_dim]`.
+    /// `[T, head_dim]`, or `[B, 1, T, head_dim]` for positions per row.
     cos: Tensor,
-    /// `[T, head_dim]`.
+    /// As `cos`.
     sin: Tensor,
 }
 
 impl Rotary {
-    /// `theta^(-2i/head_dim)` frequencies for `i < head_dim/2`, duplicated over both halves.
-    /// `head_dim` must be even (the Transformer's config check guarantees it).
+    /// The tables for positions `offset .. offset + len`. `head_dim` must be even (the
+    /// Transformer's config check guarantees it).
     pub fn new(head_dim: i64, theta: f64, offset: i64, len: i64, device: Device) -> Self {
+        let positions = Tensor::arange_start(offset, offset + len, (Kind::Float, device));
+        Self::at(head_dim, theta, &positions)
+    }
+
+    /// The tables for each token's own position, `positions` `[B, T]` (integers), as
+    /// `[B, 1, T, head_dim]` for all heads.
+    pub fn per_token(head_dim: i64, theta: f64, positions: &Tensor) -> Self {
+        Self::at(
+            head_dim,
+            theta,
+            &positions.to_kind(Kind::Float).unsqueeze(1),
+        )
+    }
+
+    /// `theta^(-2i/head_dim)` frequencies for `i < head_dim/2`, duplicated over both halves, at
+    /// fp32 `positions` `[..., T]`: tables `[..., T, head_dim]`.
+    fn at(head_dim: i64, theta: f64, positions: &Tensor) -> Self {
         let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64) as f32)
             .collect();
-        let inv_freq = Tensor::from_slice(&inv_freq).to_device(device);
-        let pos = Tensor::arange_start(offset, offset + len, (Kind::Float, device));
-        let freqs = pos.outer(&inv_freq); // [T, head_dim/2]
-        let emb = Tensor::cat(&[&freqs, &freqs], -1); // [T, head_dim]
+        let inv_freq = Tensor::from_slice(&inv_freq).to_device(positions.device());
+        let freqs = positions.unsqueeze(-1) * inv_freq; // [..., T, head_dim/2]
+        let emb = Tensor::cat(&[&freqs, &freqs], -1); // [..., T, head_dim]
         Self {
             cos: emb.cos(),
             sin: emb.sin(),
@@ -72,6 +88,22 @@ mod tests {
             at0.allclose(&q, 1e-6, 1e-6, false),
             "position 0 is the identity"
         );
+    }
+
+    #[test]
+    fn per_token_tables_rotate_each_token_by_its_own_position() {
+        let x = Tensor::randn([2, 3, 4, 6], (Kind::Float, Device::Cpu));
+        let positions = Tensor::from_slice(&[0i64, 1, 0, 1, 5, 6, 7, 8]).view([2, 4]);
+        let got = Rotary::per_token(6, 500.0, &positions).apply(&x);
+        for (row, col, pos) in [(0, 2, 0), (0, 3, 1), (1, 0, 5), (1, 3, 8)] {
+            let token = x.narrow(0, row, 1).narrow(2, col, 1);
+            let want = Rotary::new(6, 500.0, pos, 1, Device::Cpu).apply(&token);
+            let got = got.narrow(0, row, 1).narrow(2, col, 1);
+            assert!(
+                got.allclose(&want, 1e-6, 1e-6, false),
+                "row {row}, token {col}"
+            );
+        }
     }
 
     #[test]

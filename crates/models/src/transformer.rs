@@ -2,7 +2,8 @@
 //! `model.embeddings`, `model.layers.N.{attn_norm, attn.{q,k,v,o}_proj, mlp_norm,
 //! mlp.{gate,up,down}_proj}`, `model.norm`, `lm_head`. RMSNorm, RoPE, SwiGLU, no biases,
 //! grouped-query attention through `num_kv_heads`, causal `scaled_dot_product_attention`
-//! (libtorch picks a flash kernel for bf16/fp16 on CUDA).
+//! (libtorch picks a flash kernel for bf16/fp16 on CUDA). Over packed documents, attention is
+//! block-causal (`glatrain_ops::sdpa::block_causal_sdpa`) and positions restart at each document.
 //!
 //! Initialisation as Hugging Face LLaMA and FLA: every linear and embedding weight
 //! `N(0, initializer_range)`, norms one, no depth rescaling.
@@ -15,6 +16,7 @@ use crate::norm::RmsNorm;
 use crate::rope::Rotary;
 use crate::Documents;
 use glatrain_config::{ModelConfig, TransformerConfig};
+use glatrain_ops::sdpa::{block_causal_sdpa, BlockCausal};
 use tch::{nn, Kind, Tensor};
 
 /// Checks that `cfg` describes a buildable model; errors name the offending key.
@@ -95,24 +97,27 @@ impl Attention {
     }
 
     /// Attends causally over the cached keys (positions `0 .. past`) and `x` (positions
-    /// `past .. past + T`); `rope` must cover the latter. With a cache, appends `x`'s keys and
-    /// values to it.
+    /// `past .. past + T`); `at.rope` must cover the latter. With a cache, appends `x`'s keys and
+    /// values to it. With `at.documents` (whole sequences, no cache), attends within each document
+    /// only.
     ///
     /// # Shapes
     /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rotary,
-        past: i64,
-        cache: Option<&mut KvCache>,
-    ) -> Tensor {
+    pub fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
         let (b, t, _) = x.size3().expect("attention input must be [B, T, hidden]");
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2); // [B, n, T, d]
-        let q = rope.apply(&heads(self.q_proj.forward(x), h));
-        let mut k = rope.apply(&heads(self.k_proj.forward(x), hkv));
+        let q = at.rope.apply(&heads(self.q_proj.forward(x), h));
+        let mut k = at.rope.apply(&heads(self.k_proj.forward(x), hkv));
         let mut v = heads(self.v_proj.forward(x), hkv);
+        if let Some(blocks) = &at.documents {
+            let [q, k, v] = [q, k, v].map(|y| y.transpose(1, 2)); // [B, T, n, d]
+            let o = block_causal_sdpa(&q, &k, &v, blocks).unwrap_or_else(|e| {
+                panic!("block-causal attention failed on the layer's own inputs: {e}")
+            });
+            return self.o_proj.forward(&o.reshape([b, t, h * d]));
+        }
+        let past = at.past;
         if let Some(cache) = cache {
             if let (Some(pk), Some(pv)) = (cache.k.take(), cache.v.take()) {
                 k = Tensor::cat(&[pk, k], 2);
@@ -161,10 +166,12 @@ pub struct RotarySettings {
     theta: f64,
 }
 
-/// The rotary table of one forward and the position of its first token.
+/// The rotary table of one forward and the position of its first token; with documents, their
+/// block-causal pattern (the table then has each token's position inside its document).
 pub struct Positions {
     rope: Rotary,
     past: i64,
+    documents: Option<BlockCausal>,
 }
 
 impl Block for TransformerBlock {
@@ -174,7 +181,7 @@ impl Block for TransformerBlock {
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
         let h = autocast_input(&self.attn_norm.forward(x));
-        let x = x + self.attn.forward(&h, &at.rope, at.past, cache);
+        let x = x + self.attn.forward(&h, at, cache);
         &x + self
             .mlp
             .forward(&autocast_input(&self.mlp_norm.forward(&x)))
@@ -184,16 +191,38 @@ impl Block for TransformerBlock {
 impl ContextSettings for RotarySettings {
     type Context = Positions;
 
-    fn context(&self, tokens: &Tensor, past: i64, _: Option<&Documents>) -> Positions {
-        let t = tokens.size()[1];
-        let rope = Rotary::new(self.head_dim, self.theta, past, t, tokens.device());
-        Positions { rope, past }
+    fn context(&self, tokens: &Tensor, past: i64, documents: Option<&Documents>) -> Positions {
+        let device = tokens.device();
+        match documents.filter(|d| d.has_boundaries()) {
+            // Positions restart at each document, as packed-sequence training with flash-attn
+            // or Hugging Face's position_ids does: a document's rotations are then exactly those
+            // it has alone, while absolute positions would match it only up to the rounding of
+            // the larger angles.
+            Some(documents) => {
+                let built = documents
+                    .check_batch("transformer", "tokens", tokens)
+                    .and_then(|()| documents.positions(device))
+                    .and_then(|p| Ok((p, BlockCausal::new(documents, device)?)));
+                let (positions, blocks) = built.unwrap_or_else(|e| panic!("{e}"));
+                Positions {
+                    rope: Rotary::per_token(self.head_dim, self.theta, &positions),
+                    past,
+                    documents: Some(blocks),
+                }
+            }
+            None => Positions {
+                rope: Rotary::new(self.head_dim, self.theta, past, tokens.size()[1], device),
+                past,
+                documents: None,
+            },
+        }
     }
 
     fn share(at: &Positions) -> Positions {
         Positions {
             rope: at.rope.shallow_clone(),
             past: at.past,
+            documents: at.documents.as_ref().map(BlockCausal::shallow_clone),
         }
     }
 }
@@ -263,7 +292,12 @@ mod tests {
         let attn = Attention::new(&vs.root(), &cfg);
         let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
         let rope = Rotary::new(4, cfg.rope_theta, 0, 5, Device::Cpu);
-        let got = attn.forward(&x, &rope, 0, None);
+        let at = Positions {
+            rope: rope.shallow_clone(),
+            past: 0,
+            documents: None,
+        };
+        let got = attn.forward(&x, &at, None);
         let heads = |y: Tensor, n: i64| y.reshape([2, 5, n, 4]).transpose(1, 2);
         let q = rope.apply(&heads(attn.q_proj.forward(&x), 4));
         let k = rope.apply(&heads(attn.k_proj.forward(&x), 2));

@@ -55,17 +55,9 @@ fn check(name: &str, cfg: &ModelConfig, device: Device, bound: f64) {
     assert!(model.hidden_states(&tokens, Some(&whole)).equal(&plain));
 }
 
-/// The families that honour document boundaries.
-fn families() -> Vec<(&'static str, ModelConfig)> {
-    zoo()
-        .into_iter()
-        .filter(|(_, cfg)| !matches!(cfg, ModelConfig::Transformer(_)))
-        .collect()
-}
-
 #[test]
 fn documents_in_a_row_equal_documents_alone_on_the_cpu() {
-    for (name, cfg) in families() {
+    for (name, cfg) in zoo() {
         check(name, &cfg, Device::Cpu, 1e-5);
     }
 }
@@ -76,7 +68,7 @@ fn documents_in_a_row_equal_documents_alone_on_cuda() {
     let Some(device) = glatrain_testing::cuda_or_skip() else {
         return;
     };
-    for (name, cfg) in families() {
+    for (name, cfg) in zoo() {
         check(name, &cfg, device, 1e-4);
     }
 }

@@ -1,6 +1,9 @@
 //! Model-level properties on tiny CPU configs: causality, full-sequence logits == cached
 //! decoding, finite gradients for every parameter, parameter counts, config errors, dtypes.
 
+mod common;
+
+use common::take_gradients;
 use glatrain_config::{
     ActivationCheckpointing, GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig,
 };
@@ -445,17 +448,7 @@ fn gradients(
         .reshape([-1, VOCAB as i64])
         .cross_entropy_for_logits(&targets)
         .backward();
-    let mut grads: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(name, mut t)| {
-            let g = t.grad().copy();
-            t.zero_grad();
-            (name, g)
-        })
-        .collect();
-    grads.sort_by(|a, b| a.0.cmp(&b.0));
-    grads
+    take_gradients(vs)
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Document boundaries inside packed windows, and the forms the sequence-mixing ops take them in:
 //! flash-linear-attention's `cu_seqlens` (offsets over the rows laid end to end), per-token resets
-//! (where a recurrent state starts again from zero) and per-token document indices (for masks).
+//! (where a recurrent state starts again from zero), per-token document indices (for masks) and
+//! positions inside the documents (for rotary embeddings).
 
 use tch::{Device, Tensor};
 
@@ -123,6 +124,19 @@ impl Documents {
         self.per_token(Tensor::f_from_slice(&ids)?, device)
     }
 
+    /// `[rows, seq_len]` i64: each token's position inside its document (0 where a document
+    /// begins), the positions a document run alone has.
+    pub fn positions(&self, device: Device) -> Result<Tensor, OpError> {
+        let mut positions = vec![0i64; self.rows() * self.seq_len];
+        for (row, begin, len) in self.spans() {
+            let first = row * self.seq_len + begin;
+            for (i, p) in positions[first..first + len].iter_mut().enumerate() {
+                *p = i as i64;
+            }
+        }
+        self.per_token(Tensor::f_from_slice(&positions)?, device)
+    }
+
     /// A flat per-token tensor shaped `[rows, seq_len]` on `device`.
     fn per_token(&self, flat: Tensor, device: Device) -> Result<Tensor, OpError> {
         let shape = [self.rows() as i64, self.seq_len as i64];
@@ -178,6 +192,10 @@ mod tests {
         let expected =
             Tensor::from_slice(&[0i64, 0, 1, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]).view([3, 5]);
         assert!(ids.equal(&expected));
+        let positions = docs.positions(Device::Cpu).unwrap();
+        let expected =
+            Tensor::from_slice(&[0i64, 1, 0, 0, 1, 0, 1, 2, 3, 4, 0, 1, 2, 3, 0]).view([3, 5]);
+        assert!(positions.equal(&expected));
     }
 
     #[test]

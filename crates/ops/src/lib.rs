@@ -3,7 +3,8 @@
 //!
 //! - [`gla`]: gated linear attention, every [`GlaMode`];
 //! - [`selective_scan`]: Mamba's selective scan ([`ScanMode`]);
-//! - [`sdpa`]: libtorch's causal softmax attention on the same `[B, T, H, D]` layout;
+//! - [`sdpa`]: libtorch's causal softmax attention on the same `[B, T, H, D]` layout, and
+//!   block-causal attention over the documents packed into a batch's rows;
 //! - [`loss`]: the output projection and cross-entropy chunk by chunk, never the full logits;
 //! - [`fused`]: RMSNorm (with an optional swish gate) and SwiGLU, one kernel per direction.
 

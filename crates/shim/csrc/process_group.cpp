@@ -6,6 +6,8 @@
 // Every entry point catches what libtorch throws and returns it as a message (for c10::Error
 // without its C++ backtrace).
 
+#include "guarded.h"
+
 #include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
@@ -21,32 +23,12 @@
 #include <string>
 #include <vector>
 
+using glatrain::guarded;
+
 namespace {
 
 // c10's log level that lets only fatal messages through.
 constexpr int kQuietLogLevel = 3;
-
-void write_message(char* buf, size_t len, const char* msg) {
-  if (buf == nullptr || len == 0) return;
-  std::strncpy(buf, msg, len - 1);
-  buf[len - 1] = '\0';
-}
-
-// Runs `body`; returns 0, or 1 with what it threw in `err`.
-template <typename F>
-int guarded(char* err, size_t err_len, F body) {
-  try {
-    body();
-    return 0;
-  } catch (const c10::Error& e) {
-    write_message(err, err_len, e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    write_message(err, err_len, e.what());
-  } catch (...) {
-    write_message(err, err_len, "an unknown C++ exception");
-  }
-  return 1;
-}
 
 }  // namespace
 

@@ -13,6 +13,9 @@
 //   `checkpoint(use_reentrant=True)` does).
 // - `glatrain_sdp_backends` / `glatrain_set_sdp_backends`: which SDPA backends libtorch may pick
 //   (what torch.nn.attention.sdpa_kernel sets; tch has no binding).
+// - `glatrain_flash_supports` / `glatrain_flash_varlen_causal`: libtorch's FlashAttention over
+//   sequences packed end to end (flash_attn_varlen_func with causal=True), and libtorch's own
+//   check of whether its flash backend takes given inputs; tch binds neither.
 // - `glatrain_fused_adamw`, `glatrain_global_norm`, `glatrain_scale_all`, `glatrain_clear_grads`:
 //   the optimizer step over all parameters in libtorch's multi-tensor kernels (torch.optim.AdamW
 //   with fused=True, the _foreach ops, zero_grad(set_to_none=True)); tch binds none of them, and
@@ -24,24 +27,22 @@
 //
 // Tensors cross the boundary as `at::Tensor*` (tch's C_tensor). Tensors handed to Rust are
 // borrowed for the duration of the call; tensors either side returns are `new at::Tensor` that
-// the receiver takes ownership of.
+// the receiver takes ownership of. Entry points that can fail return 0, or 1 with libtorch's
+// message (without its C++ backtrace) in a caller buffer (guarded.h).
+
+#include "guarded.h"
 
 #include <ATen/autocast_mode.h>
+#include <ATen/native/transformers/cuda/sdp_utils.h>
 #include <c10/core/CachingDeviceAllocator.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
 
-#include <cstring>
 #include <string>
 
-namespace {
+using glatrain::guarded;
 
-// Fills a caller buffer with a NUL-terminated message (truncated to fit).
-void write_error(char* buf, size_t len, const char* msg) {
-  if (buf == nullptr || len == 0) return;
-  std::strncpy(buf, msg, len - 1);
-  buf[len - 1] = '\0';
-}
+namespace {
 
 // The Rust side of a custom op (glatrain_shim::autograd). Each callback returns 0, or non-zero
 // with a NUL-terminated message in `err`.
@@ -143,13 +144,9 @@ extern "C" {
 
 // Sets the dtype CUDA autocast casts to (at::ScalarType as int). Returns 0, or 1 with a message.
 int glatrain_set_autocast_dtype(int scalar_type, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     at::autocast::set_autocast_dtype(at::kCUDA, static_cast<at::ScalarType>(scalar_type));
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // Enters a CUDA autocast region (what torch.autocast's __enter__ does, with the per-device API
@@ -183,7 +180,7 @@ int glatrain_get_autocast_dtype() {
 int glatrain_custom_op_apply(void* op, CustomForwardFn fwd, CustomBackwardFn bwd,
                              CustomDropFn drop, const at::Tensor* const* inputs, size_t n,
                              at::Tensor** outputs, size_t* n_outputs, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     auto rust = c10::make_intrusive<RustOp>(op, fwd, bwd, drop);
     std::vector<bool> present(n);
     std::vector<at::Tensor> ins(n);
@@ -195,11 +192,7 @@ int glatrain_custom_op_apply(void* op, CustomForwardFn fwd, CustomBackwardFn bwd
     TORCH_CHECK(outs.size() <= kMaxTensors, "a custom op returned more than 16 outputs");
     for (size_t i = 0; i < outs.size(); ++i) outputs[i] = new at::Tensor(outs[i]);
     *n_outputs = outs.size();
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // The gradients of the `n` tensors `inputs` from `out` with the output gradient `grad` (what
@@ -208,30 +201,22 @@ int glatrain_custom_op_apply(void* op, CustomForwardFn fwd, CustomBackwardFn bwd
 // the caller; else returns 1 with a message in `err`.
 int glatrain_grad(const at::Tensor* out, const at::Tensor* grad, const at::Tensor* const* inputs,
                   size_t n, at::Tensor** grads, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     std::vector<at::Tensor> ins;
     ins.reserve(n);
     for (size_t i = 0; i < n; ++i) ins.push_back(*inputs[i]);
     auto gs = torch::autograd::grad({*out}, ins, {*grad}, /*retain_graph=*/false,
                                     /*create_graph=*/false, /*allow_unused=*/true);
     for (size_t i = 0; i < n; ++i) grads[i] = new at::Tensor(gs[i]);
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // `out.backward(grad)`: accumulates the gradients of the leaves `out` depends on into their
 // `.grad`. Callable from inside another backward. Returns 0, or 1 with a message in `err`.
 int glatrain_backward(const at::Tensor* out, const at::Tensor* grad, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     torch::autograd::backward({*out}, {*grad});
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // The SDPA backends libtorch may choose from, one bit per at::SDPBackend value (math 0, flash 1,
@@ -254,6 +239,36 @@ void glatrain_set_sdp_backends(int mask) {
   ctx.setSDPUseFlash(on(at::SDPBackend::flash_attention));
   ctx.setSDPUseMemEfficient(on(at::SDPBackend::efficient_attention));
   ctx.setSDPUseCuDNN(on(at::SDPBackend::cudnn_attention));
+}
+
+// Whether libtorch's flash backend takes causal attention of `q`, `k`, `v` as SDPA sees them
+// ([B, H, T, D]; `gqa` when k and v have fewer heads than q): its build, the GPU's architecture,
+// the dtypes, head dims and strides, and the backend being enabled. Returns 0 and sets
+// `*supported` to 1 or 0, or returns 1 with a message (without a C++ backtrace).
+int glatrain_flash_supports(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v, int gqa,
+                            int* supported, char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    const sdp::sdp_params params{*q, *k, *v, /*attn_mask=*/std::nullopt, /*dropout=*/0.0,
+                                 /*is_causal=*/true, /*enable_gqa=*/gqa != 0};
+    *supported = sdp::can_use_flash_attention(params, /*debug=*/false) ? 1 : 0;
+  });
+}
+
+// Causal attention with scale 1/sqrt(D) inside each sequence of `q` [total, H, D], `k` and `v`
+// [total, H_kv, D], the sequences laid end to end: sequence i spans rows cu_seqlens[i] ..
+// cu_seqlens[i + 1] (`cu_seqlens` int32 on the device, `max_seqlen` the longest). libtorch's
+// varlen FlashAttention; autograd records it (its backward is _flash_attention_backward). On
+// success returns 0 and sets `*out` to a new [total, H, D] tensor owned by the caller; else
+// returns 1 with a message in `err` (without a C++ backtrace).
+int glatrain_flash_varlen_causal(const at::Tensor* q, const at::Tensor* k, const at::Tensor* v,
+                                 const at::Tensor* cu_seqlens, int64_t max_seqlen, at::Tensor** out,
+                                 char* err, size_t err_len) {
+  return guarded(err, err_len, [&] {
+    auto result = at::_flash_attention_forward(*q, *k, *v, *cu_seqlens, *cu_seqlens, max_seqlen,
+                                               max_seqlen, /*dropout_p=*/0.0, /*is_causal=*/true,
+                                               /*return_debug_mask=*/false);
+    *out = new at::Tensor(std::get<0>(result));
+  });
 }
 
 }  // extern "C"
@@ -279,17 +294,13 @@ int glatrain_fused_adamw(const at::Tensor* const* params, const at::Tensor* cons
                          const at::Tensor* const* exp_avgs, const at::Tensor* const* exp_avg_sqs,
                          size_t n, const at::Tensor* step, double lr, double beta1, double beta2,
                          double weight_decay, double eps, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     const std::vector<at::Tensor> steps(n, *step);
     at::_fused_adamw_(tensors(params, n), tensors(grads, n), tensors(exp_avgs, n),
                       tensors(exp_avg_sqs, n), /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2,
                       weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false,
                       /*grad_scale=*/std::nullopt, /*found_inf=*/std::nullopt);
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // The L2 norm of all `n` tensors together (the norm of their norms, in fp32, as
@@ -297,26 +308,18 @@ int glatrain_fused_adamw(const at::Tensor* const* params, const at::Tensor* cons
 // to a new fp32 scalar owned by the caller; else returns 1 with a message in `err`.
 int glatrain_global_norm(const at::Tensor* const* xs, size_t n, at::Tensor** out, char* err,
                          size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     const auto norms = at::_foreach_norm(tensors(xs, n), 2, at::kFloat);
     *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // Multiplies each of `n` tensors in place by `factor`. Returns 0, or 1 with a message in `err`.
 int glatrain_scale_all(const at::Tensor* const* xs, size_t n, double factor, char* err,
                        size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     at::_foreach_mul_(tensors(xs, n), factor);
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // Drops the gradients of `n` tensors (zero_grad(set_to_none=True)): the next backward writes
@@ -332,7 +335,7 @@ extern "C" {
 // The CUDA caching allocator's byte counters of `device`, over all pools: out[0] allocated now,
 // out[1] its peak, out[2] reserved now, out[3] its peak. Returns 0, or 1 with a message.
 int glatrain_cuda_memory_stats(int device, int64_t* out, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     const auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)
                            ->getDeviceStats(static_cast<c10::DeviceIndex>(device));
     const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
@@ -340,40 +343,28 @@ int glatrain_cuda_memory_stats(int device, int64_t* out, char* err, size_t err_l
     out[1] = stats.allocated_bytes[all].peak;
     out[2] = stats.reserved_bytes[all].current;
     out[3] = stats.reserved_bytes[all].peak;
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // Starts the peaks of glatrain_cuda_memory_stats afresh. Returns 0, or 1 with a message.
 int glatrain_cuda_reset_peak(int device, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     c10::getDeviceAllocator(c10::DeviceType::CUDA)
         ->resetPeakStats(static_cast<c10::DeviceIndex>(device));
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // Starts libtorch's Kineto profiler on this thread's CPU ops and, with `cuda`, CUDA kernels.
 // Returns 0, or 1 with a message.
 int glatrain_profiler_start(int cuda, char* err, size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     using torch::profiler::impl::ActivityType;
     std::set<ActivityType> activities{ActivityType::CPU};
     if (cuda != 0) activities.insert(ActivityType::CUDA);
     const torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
     torch::autograd::profiler::prepareProfiler(config, activities);
     torch::autograd::profiler::enableProfiler(config, activities);
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 // One recorded event for the Rust side: its name, whether it ran on a GPU, start and duration.
@@ -384,22 +375,15 @@ using ProfilerEventFn = void (*)(void* ctx, const char* name, int on_gpu, uint64
 // event to `each`. Returns 0, or 1 with a message.
 int glatrain_profiler_stop(const char* trace_path, ProfilerEventFn each, void* ctx, char* err,
                            size_t err_len) {
-  try {
+  return guarded(err, err_len, [&] {
     auto result = torch::autograd::profiler::disableProfiler();
-    if (!result) {
-      write_error(err, err_len, "the profiler was not running");
-      return 1;
-    }
+    TORCH_CHECK(result, "the profiler was not running");
     for (const auto& e : result->events()) {
       const int on_gpu = e.deviceType() == c10::DeviceType::CUDA ? 1 : 0;
       each(ctx, e.name().c_str(), on_gpu, e.startNs(), e.durationNs());
     }
     if (trace_path != nullptr) result->save(trace_path);
-    return 0;
-  } catch (const std::exception& e) {
-    write_error(err, err_len, e.what());
-    return 1;
-  }
+  });
 }
 
 }  // extern "C"

@@ -1,4 +1,6 @@
-//! What the models' integration tests share: one small model of each family.
+//! What the models' integration tests share: one small model of each family, and the
+//! parameters' gradients. Each test binary compiles this module and uses a part of it.
+#![allow(dead_code)]
 
 use glatrain_config::{GlaConfig, MambaConfig, ModelConfig, TransformerConfig};
 use tch::{nn, Tensor};
