@@ -70,8 +70,10 @@ impl Layout {
     fn spread(&self, x: &Tensor) -> Result<Tensor, OpError> {
         let s = x.size();
         let flat = x.f_reshape([1, s[0] * s[1], s[2], s[3]])?;
-        let zeros = Tensor::f_zeros([1, self.length, s[2], s[3]], (x.kind(), x.device()))?;
-        Ok(zeros.f_index_copy(1, &self.positions, &flat)?)
+        // In place into a fresh tensor: one pass over x, and autograd still reaches x.
+        let mut laid = Tensor::f_zeros([1, self.length, s[2], s[3]], (x.kind(), x.device()))?;
+        laid.f_index_copy_(1, &self.positions, &flat)?;
+        Ok(laid)
     }
 }
 
@@ -250,6 +252,57 @@ mod tests {
         let o = gla_documents(&q, &k, &v, &g, &one, None, GlaMode::Chunk).unwrap();
         let (want, _) = gla(&q, &k, &v, &g, None, None, GlaMode::Chunk, false).unwrap();
         assert!(rel_rms(&o, &want) < 1e-12);
+    }
+
+    #[test]
+    fn the_laid_out_sequence_with_restart_gates_equals_the_documents_apart() {
+        // The kernels' path with the references in place of the kernels (token by token, and
+        // chunked as the chunk kernels are, 64-token chunks in 16-token sub-chunks): outputs and
+        // gradients through the layout (index_copy_ in, index_select out) equal the documents
+        // run apart.
+        type Form = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor;
+        let forms: [(&str, Form); 2] = [
+            ("recurrent", |q, k, v, g| {
+                crate::reference::gla::gla_recurrent(q, k, v, g, None, 0.5).0
+            }),
+            ("chunked", |q, k, v, g| {
+                crate::reference::gla::gla_chunked(q, k, v, g, None, 0.5, CHUNK_LEN).0
+            }),
+        ];
+        let mut rng = Rng::new(9);
+        let kd = Kind::Double;
+        let (b, t, h, dk, dv) = (2, 70, 1, 3, 4);
+        let gates = -rng.randn(&[b, t, h, dk], kd).exp();
+        let leaves: Vec<Tensor> = [dk, dk, dv]
+            .iter()
+            .map(|&d| rng.randn(&[b, t, h, d], kd))
+            .chain([gates])
+            .map(|x| x.set_requires_grad(true))
+            .collect();
+        let weights = rng.randn(&[b, t, h, dv], kd);
+        let docs = Documents::new(70, vec![vec![1, 64, 65], vec![30]]).unwrap();
+        let apart = GlaDocuments::new(&docs, Device::Cpu).unwrap();
+        let (q, k, v, g) = (&leaves[0], &leaves[1], &leaves[2], &leaves[3]);
+        let want = gla_documents(q, k, v, g, &apart, Some(0.5), GlaMode::Chunk).unwrap();
+        let want_grads = Tensor::run_backward(&[(&want * &weights).sum(kd)], &leaves, false, false);
+
+        let layout = Layout::new(&docs, Device::Cpu).unwrap();
+        for (name, form) in forms {
+            let laid: Vec<Tensor> = leaves.iter().map(|x| layout.spread(x).unwrap()).collect();
+            let gates = laid[3].index_fill(1, &layout.restarts, RESTART_LOG_GATE);
+            let o = form(&laid[0], &laid[1], &laid[2], &gates);
+            let together = o.index_select(1, &layout.positions).view([b, t, h, dv]);
+            assert!(rel_rms(&together, &want) < 1e-12, "{name}");
+            let loss = (&together * &weights).sum(kd);
+            let grads = Tensor::run_backward(&[loss], &leaves, false, false);
+            for (i, (g, w)) in grads.iter().zip(&want_grads).enumerate() {
+                assert!(
+                    rel_rms(g, w) < 1e-12,
+                    "{name}: gradient {i}: {}",
+                    rel_rms(g, w)
+                );
+            }
+        }
     }
 
     #[test]
