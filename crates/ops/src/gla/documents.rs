@@ -72,8 +72,7 @@ impl Layout {
         let flat = x.f_reshape([1, s[0] * s[1], s[2], s[3]])?;
         // In place into a fresh tensor: one pass over x, and autograd still reaches x.
         let mut laid = Tensor::f_zeros([1, self.length, s[2], s[3]], (x.kind(), x.device()))?;
-        laid.f_index_copy_(1, &self.positions, &flat)?;
-        Ok(laid)
+        Ok(laid.f_index_copy_(1, &self.positions, &flat)?)
     }
 }
 
