@@ -258,6 +258,46 @@ mod tests {
     }
 
     #[test]
+    fn document_boundaries_is_off_unless_set_and_must_be_a_bool() {
+        let text = "[model]\ntype = \"gla\"\n";
+        assert!(
+            !from_str(text, "x.toml", &[])
+                .unwrap()
+                .config
+                .data
+                .document_boundaries
+        );
+        let on = from_str(text, "x.toml", &s(&["data.document_boundaries=true"])).unwrap();
+        assert!(on.config.data.document_boundaries);
+        let resolved = on.to_toml_string().unwrap();
+        assert!(
+            resolved.contains("document_boundaries = true"),
+            "{resolved}"
+        );
+        let reloaded = from_str(&resolved, "resolved", &[]).unwrap();
+        assert_eq!(reloaded.config, on.config);
+
+        let msg = rejection(
+            &format!("{text}[data]\ndocument_boundaries = \"yes\"\n"),
+            "x.toml",
+            &[],
+        );
+        assert!(
+            msg.starts_with("x.toml: data.document_boundaries = \"yes\": invalid type: string"),
+            "{msg}"
+        );
+        assert!(msg.contains("expected a boolean"), "{msg}");
+        let msg = rejection(text, "x.toml", &["data.document_boundaries=1"]);
+        assert!(
+            msg.starts_with(
+                "x.toml (--set data.document_boundaries=1): data.document_boundaries = 1: \
+                 invalid type: integer"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn missing_file_names_the_path_and_the_shipped_configs() {
         let err = load("configs/does-not-exist.toml", &[]).unwrap_err();
         assert!(err.is_bad_input());

@@ -234,7 +234,7 @@ impl Default for MambaConfig {
     }
 }
 
-/// `[data]`: corpora, tokenizer, sequence length.
+/// `[data]`: corpora, tokenizer, sequence length, document boundaries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
@@ -248,6 +248,11 @@ pub struct DataConfig {
     pub tokenizer: String,
     /// Tokens per training sequence (the context length).
     pub seq_len: usize,
+    /// Compute each document of a packed sequence as if it were alone (no state, attention or
+    /// convolution crosses a document boundary), in training and evaluation. Needs data that
+    /// records where documents begin: the embedded corpus, or a dataset `glatrain prepare`
+    /// wrote (manifest format version 2).
+    pub document_boundaries: bool,
 }
 
 impl Default for DataConfig {
@@ -257,6 +262,7 @@ impl Default for DataConfig {
             valid: "embedded".into(),
             tokenizer: "byte".into(),
             seq_len: 2048,
+            document_boundaries: false,
         }
     }
 }

@@ -38,8 +38,9 @@ pub enum DataError {
     )]
     BadMagic { path: PathBuf, found: Vec<u8> },
 
-    /// A shard or manifest written by a format version this build cannot read.
-    #[error("{}: format version {found} is not supported (this build reads version {supported})", path.display())]
+    /// A shard, document-starts file or manifest written by a format version this build cannot
+    /// read; `supported` is the newest it reads.
+    #[error("{}: format version {found} is not supported (this build reads versions up to {supported})", path.display())]
     UnsupportedVersion {
         path: PathBuf,
         found: u32,
@@ -50,16 +51,18 @@ pub enum DataError {
     #[error("{}: bad header: {what}", path.display())]
     BadHeader { path: PathBuf, what: String },
 
-    /// The file size does not match the token count in its header (truncated or padded).
+    /// The file size does not match the count in its header (truncated or padded).
     #[error(
         "{}: size {actual} bytes does not match its header: {header_bytes} header bytes + \
-         {tokens} tokens x {width} bytes = {expected} bytes (truncated or corrupted)",
+         {count} {unit} x {width} bytes = {expected} bytes (truncated or corrupted)",
         path.display()
     )]
     SizeMismatch {
         path: PathBuf,
         header_bytes: u64,
-        tokens: u64,
+        /// Items the header counts, of `width` bytes each: `unit` (tokens, starts).
+        count: u64,
+        unit: &'static str,
         width: u64,
         expected: u64,
         actual: u64,
@@ -81,6 +84,11 @@ pub enum DataError {
         token: u32,
         vocab_size: u32,
     },
+
+    /// A document-starts file that is not one, is truncated, or whose starts are out of order or
+    /// outside its shard.
+    #[error("{}: bad document starts: {what}", path.display())]
+    BadDocumentStarts { path: PathBuf, what: String },
 
     /// A file, split or corpus with no tokens (or no text).
     #[error("{}: empty: {what}", path.display())]
@@ -171,6 +179,7 @@ impl DataError {
             | DataError::BadMagic { .. }
             | DataError::UnsupportedVersion { .. }
             | DataError::BadHeader { .. }
+            | DataError::BadDocumentStarts { .. }
             | DataError::SizeMismatch { .. }
             | DataError::ChecksumMismatch { .. }
             | DataError::TokenOutOfRange { .. }

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod byte_level_bpe;
+pub mod document_starts;
 pub mod documents;
 pub mod embedded;
 pub mod error;
@@ -39,6 +40,7 @@ pub mod shard;
 pub mod source;
 pub mod tokenizer;
 
+pub use document_starts::DocumentStarts;
 pub use error::{DataError, Result};
 pub use inputs::{BadRecord, Location, Problem};
 pub use loader::{Batch, BatchLoader, EvalBatches, LoaderState};

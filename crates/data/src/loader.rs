@@ -8,6 +8,10 @@
 //! integers resumes it exactly. Epochs follow each other without end.
 //!
 //! Evaluation: [`EvalBatches`] walks the same kind of windows in order from offset 0.
+//!
+//! Either, asked for document starts (`with_document_starts`), also gives each row the positions
+//! where its input tokens begin documents, found in the source's record for the row's window: a
+//! pure function of the window, so resuming stays exact and the state does not change.
 
 use std::sync::Arc;
 
@@ -34,24 +38,37 @@ pub struct Batch {
     pub rows: usize,
     /// Tokens per sequence.
     pub seq_len: usize,
+    /// Per row, the positions in `1..seq_len` where an input token begins a document, increasing
+    /// (position 0 is taken to begin one, whatever came before the window); `None` unless the
+    /// loader was asked for document starts.
+    pub document_starts: Option<Vec<Vec<usize>>>,
 }
 
 impl Batch {
-    fn with_capacity(rows: usize, seq_len: usize) -> Self {
+    fn with_capacity(rows: usize, seq_len: usize, document_starts: bool) -> Self {
         Batch {
             inputs: Vec::with_capacity(rows * seq_len),
             targets: Vec::with_capacity(rows * seq_len),
             rows: 0,
             seq_len,
+            document_starts: document_starts.then(|| Vec::with_capacity(rows)),
         }
     }
 
-    /// Appends the window of `seq_len + 1` tokens starting at `start`.
+    /// Appends the window of `seq_len + 1` tokens starting at `start` (and its document starts,
+    /// when the batch has them).
     fn push_window(&mut self, source: &TokenSource, start: u64, window: &mut [i64]) {
         source.read(start, window);
         self.inputs.extend_from_slice(&window[..self.seq_len]);
         self.targets.extend_from_slice(&window[1..]);
         self.rows += 1;
+        if let Some(rows) = &mut self.document_starts {
+            let inner = start + 1..start + self.seq_len as u64;
+            let starts = source
+                .document_starts(inner)
+                .expect("asked for document starts only where the source has them");
+            rows.push(starts.into_iter().map(|p| (p - start) as usize).collect());
+        }
     }
 
     /// Number of target tokens (`rows * seq_len`).
@@ -108,6 +125,7 @@ pub struct BatchLoader {
     batches: u64,
     epoch: Epoch,
     window: Vec<i64>,
+    document_starts: bool,
 }
 
 impl std::fmt::Debug for BatchLoader {
@@ -139,6 +157,19 @@ fn check_shape(source: &TokenSource, micro_batch: usize, seq_len: usize) -> Resu
         )));
     }
     Ok(())
+}
+
+/// Errors unless `source` records where its documents begin.
+fn check_document_starts(source: &TokenSource) -> Result<()> {
+    if source.has_document_starts() {
+        return Ok(());
+    }
+    Err(DataError::Loader {
+        source_name: source.name().to_string(),
+        what: "records no document starts (a dataset directory that `glatrain prepare` writes \
+               has them)"
+            .into(),
+    })
 }
 
 impl BatchLoader {
@@ -198,7 +229,16 @@ impl BatchLoader {
             epoch,
             window: vec![0; state.seq_len + 1],
             source,
+            document_starts: false,
         })
+    }
+
+    /// This loader with each batch's document starts ([`Batch::document_starts`]); errors when
+    /// the source does not record them.
+    pub fn with_document_starts(mut self) -> Result<Self> {
+        check_document_starts(&self.source)?;
+        self.document_starts = true;
+        Ok(self)
     }
 
     /// The position to save in a checkpoint.
@@ -225,7 +265,7 @@ impl BatchLoader {
 
     /// The next `micro_batch` windows, moving to the next epoch when one is used up.
     pub fn next_batch(&mut self) -> Batch {
-        let mut batch = Batch::with_capacity(self.micro_batch, self.seq_len);
+        let mut batch = Batch::with_capacity(self.micro_batch, self.seq_len, self.document_starts);
         for _ in 0..self.micro_batch {
             let window = self.epoch.order[self.cursor as usize];
             let start = self.epoch.offset + window * self.seq_len as u64;
@@ -260,6 +300,7 @@ pub struct EvalBatches<'a> {
     next_window: u64,
     end_window: u64,
     window: Vec<i64>,
+    document_starts: bool,
 }
 
 impl<'a> EvalBatches<'a> {
@@ -283,12 +324,31 @@ impl<'a> EvalBatches<'a> {
             next_window: 0,
             end_window,
             window: vec![0; seq_len + 1],
+            document_starts: false,
         })
+    }
+
+    /// These batches with their document starts ([`Batch::document_starts`]); errors when the
+    /// source does not record them.
+    pub fn with_document_starts(mut self) -> Result<Self> {
+        check_document_starts(self.source)?;
+        self.document_starts = true;
+        Ok(self)
     }
 
     /// Target tokens over all batches (for weighting and bits per byte).
     pub fn total_tokens(&self) -> u64 {
         self.end_window * self.seq_len as u64
+    }
+
+    /// The source the batches come from.
+    pub fn source(&self) -> &'a TokenSource {
+        self.source
+    }
+
+    /// Tokens per sequence.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
     }
 }
 
@@ -300,7 +360,7 @@ impl Iterator for EvalBatches<'_> {
             return None;
         }
         let rows = (self.end_window - self.next_window).min(self.micro_batch as u64) as usize;
-        let mut batch = Batch::with_capacity(rows, self.seq_len);
+        let mut batch = Batch::with_capacity(rows, self.seq_len, self.document_starts);
         for _ in 0..rows {
             let start = self.next_window * self.seq_len as u64;
             batch.push_window(self.source, start, &mut self.window);
@@ -320,6 +380,7 @@ impl ExactSizeIterator for EvalBatches<'_> {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::tests::positions_with_documents;
 
     /// A source whose token at position i is i (so windows reveal where they came from).
     fn positions(len: u32) -> Arc<TokenSource> {
@@ -471,5 +532,111 @@ mod tests {
                 .total_tokens(),
             240
         );
+    }
+
+    /// 3000 positions in shards of 700 tokens, with documents of 1 to 150 tokens (some beginning
+    /// at shard boundaries, some running over them), and those documents' starts.
+    fn documents_source() -> (Arc<TokenSource>, Vec<u64>) {
+        let mut documents = vec![0u64];
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        loop {
+            let next = documents.last().unwrap() + rng.random_range(1..=150);
+            if next >= 3000 {
+                break;
+            }
+            documents.push(next);
+        }
+        documents.extend([700, 1400]);
+        documents.sort();
+        documents.dedup();
+        let source = positions_with_documents(&[700, 700, 700, 700, 200], &documents);
+        (Arc::new(source), documents)
+    }
+
+    /// Each row's document starts, found from scratch: the positions after the first whose input
+    /// (a source position, in these sources) begins a document.
+    fn expected_starts(batch: &Batch, documents: &[u64]) -> Vec<Vec<usize>> {
+        batch
+            .inputs
+            .chunks(batch.seq_len)
+            .map(|row| {
+                (1..batch.seq_len)
+                    .filter(|&t| documents.contains(&(row[t] as u64)))
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_carry_the_document_starts_of_their_rows() {
+        let (source, documents) = documents_source();
+        let mut loader = BatchLoader::new(source.clone(), 4, 64, 9)
+            .unwrap()
+            .with_document_starts()
+            .unwrap();
+        let mut plain = BatchLoader::new(source.clone(), 4, 64, 9).unwrap();
+        let mut inner_starts = 0;
+        for _ in 0..30 {
+            let batch = loader.next_batch();
+            let starts = batch.document_starts.clone().unwrap();
+            assert_eq!(starts, expected_starts(&batch, &documents));
+            inner_starts += starts.iter().map(Vec::len).sum::<usize>();
+            // The same tokens as without them.
+            let without = plain.next_batch();
+            assert_eq!(without.document_starts, None);
+            assert_eq!(
+                (&batch.inputs, &batch.targets),
+                (&without.inputs, &without.targets)
+            );
+        }
+        // Documents of 75 tokens on average: about 0.84 starts after position 0 a window.
+        assert!(inner_starts > 60, "{inner_starts} starts in 120 windows");
+
+        for batch in EvalBatches::new(&source, 5, 64, None)
+            .unwrap()
+            .with_document_starts()
+            .unwrap()
+        {
+            let starts = batch.document_starts.clone().unwrap();
+            assert_eq!(starts.len(), batch.rows);
+            assert_eq!(starts, expected_starts(&batch, &documents));
+        }
+
+        let err = BatchLoader::new(positions(100), 1, 8, 0)
+            .unwrap()
+            .with_document_starts()
+            .unwrap_err();
+        assert!(err.is_bad_input());
+        assert!(
+            err.to_string()
+                .starts_with("positions: records no document starts"),
+            "{err}"
+        );
+        assert!(EvalBatches::new(&positions(100), 1, 8, None)
+            .unwrap()
+            .with_document_starts()
+            .is_err());
+    }
+
+    #[test]
+    fn resumed_document_starts_are_the_uninterrupted_ones() {
+        let (source, _) = documents_source();
+        let loader = |state: Option<&LoaderState>| {
+            match state {
+                None => BatchLoader::new(source.clone(), 3, 64, 11),
+                Some(state) => BatchLoader::with_state(source.clone(), 3, state),
+            }
+            .unwrap()
+            .with_document_starts()
+            .unwrap()
+        };
+        // 45 or 46 windows of 64 per epoch: 40 batches of 3 cross two epoch boundaries.
+        let straight = take(&mut loader(None), 40);
+        for k in [1, 16, 39] {
+            let mut first = loader(None);
+            let mut got = take(&mut first, k);
+            got.extend(take(&mut loader(Some(&first.state())), 40 - k));
+            assert_eq!(got, straight, "resume after {k} batches");
+        }
     }
 }

@@ -1,5 +1,9 @@
 //! `manifest.json`: what a prepared dataset directory holds (tokenizer, vocab, shards with their
-//! token counts and sha256, source bytes per split for bits per byte).
+//! token counts and sha256, each shard's document starts, source bytes per split for bits per
+//! byte).
+//!
+//! Format version 2 lists a document-starts file per shard (see [`crate::document_starts`]);
+//! version 1, written before those existed, lists none and is still read.
 
 use std::fs;
 use std::path::{Component, Path, PathBuf};
@@ -13,8 +17,10 @@ use crate::shard::TokenDtype;
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Value of the manifest's `format` field.
 pub const MANIFEST_FORMAT: &str = "glatrain-token-shards";
-/// Manifest format version this build writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest format version this build writes; it reads this one and every one before.
+pub const MANIFEST_VERSION: u32 = 2;
+/// The first format version whose shards have document starts.
+const FIRST_WITH_DOCUMENT_STARTS: u32 = 2;
 
 /// A prepared dataset. Paths inside are relative to the manifest's directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,7 +55,7 @@ pub struct TokenizerRecord {
 /// One split: its shards and the size of the text they came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SplitRecord {
-    /// Documents in this split.
+    /// Documents in this split (from version 2 on, the sum of its shards' document starts).
     pub documents: u64,
     /// UTF-8 bytes of the text that was tokenized (documents plus their separators).
     pub source_bytes: u64,
@@ -66,6 +72,20 @@ pub struct ShardRecord {
     pub file: String,
     /// Tokens in the file (must equal its header's count).
     pub tokens: u64,
+    /// Hex sha256 of the whole file.
+    pub sha256: String,
+    /// Where documents begin in the shard (from format version 2 on; `None` before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document_starts: Option<DocumentStartsRecord>,
+}
+
+/// One shard's document-starts file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocumentStartsRecord {
+    /// Path relative to the manifest's directory, e.g. `train/train-000000.docs`.
+    pub file: String,
+    /// Documents that begin in the shard (must equal its header's count).
+    pub starts: u64,
     /// Hex sha256 of the whole file.
     pub sha256: String,
 }
@@ -87,7 +107,7 @@ impl Manifest {
                 manifest.format
             )));
         }
-        if manifest.format_version != MANIFEST_VERSION {
+        if !(1..=MANIFEST_VERSION).contains(&manifest.format_version) {
             return Err(DataError::UnsupportedVersion {
                 path,
                 found: manifest.format_version,
@@ -111,19 +131,57 @@ impl Manifest {
                     split.tokens
                 )));
             }
-            for shard in &split.shards {
-                let relative = Path::new(&shard.file)
+            let inside = |what: &str, file: &str| {
+                let relative = Path::new(file)
                     .components()
                     .all(|c| matches!(c, Component::Normal(_)));
-                if !relative || shard.file.is_empty() {
-                    return Err(bad(format!(
-                        "{name} shard file {:?} must be a path inside the dataset directory",
-                        shard.file
-                    )));
+                if relative && !file.is_empty() {
+                    return Ok(());
                 }
+                Err(bad(format!(
+                    "{name} {what} file {file:?} must be a path inside the dataset directory"
+                )))
+            };
+            for shard in &split.shards {
+                inside("shard", &shard.file)?;
+                match (&shard.document_starts, manifest.has_document_starts()) {
+                    (Some(starts), true) => inside("document starts", &starts.file)?,
+                    (None, false) => {}
+                    (None, true) => {
+                        return Err(bad(format!(
+                            "{name} shard {:?} has no document_starts (every shard of format \
+                             version {} has them)",
+                            shard.file, manifest.format_version
+                        )))
+                    }
+                    (Some(_), false) => {
+                        return Err(bad(format!(
+                            "{name} shard {:?} has document_starts, which format version {} \
+                             does not have",
+                            shard.file, manifest.format_version
+                        )))
+                    }
+                }
+            }
+            let starts: u64 = split
+                .shards
+                .iter()
+                .filter_map(|s| s.document_starts.as_ref())
+                .map(|d| d.starts)
+                .sum();
+            if manifest.has_document_starts() && starts != split.documents {
+                return Err(bad(format!(
+                    "{name}.documents = {} but its shards' document starts count {starts}",
+                    split.documents
+                )));
             }
         }
         Ok(manifest)
+    }
+
+    /// Whether the shards list where their documents begin (format version 2 on).
+    pub fn has_document_starts(&self) -> bool {
+        self.format_version >= FIRST_WITH_DOCUMENT_STARTS
     }
 
     /// Writes `dir/manifest.json` (pretty-printed), atomically.
@@ -168,17 +226,43 @@ mod tests {
                     file: "train/train-000000.tokens".into(),
                     tokens: 10,
                     sha256: "00".into(),
+                    document_starts: Some(DocumentStartsRecord {
+                        file: "train/train-000000.docs".into(),
+                        starts: 2,
+                        sha256: "11".into(),
+                    }),
                 }],
             },
             valid: None,
         }
     }
 
+    /// [`sample`] as format version 1 wrote it: no document starts.
+    fn version_1() -> Manifest {
+        let mut m = sample();
+        m.format_version = 1;
+        m.train.shards[0].document_starts = None;
+        m
+    }
+
     #[test]
     fn save_load_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         sample().save(dir.path()).unwrap();
-        assert_eq!(Manifest::load(dir.path()).unwrap(), sample());
+        let loaded = Manifest::load(dir.path()).unwrap();
+        assert_eq!(loaded, sample());
+        assert!(loaded.has_document_starts());
+    }
+
+    #[test]
+    fn version_1_manifests_load_without_document_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        version_1().save(dir.path()).unwrap();
+        let text = fs::read_to_string(dir.path().join(MANIFEST_FILE)).unwrap();
+        assert!(!text.contains("document_starts"), "{text}");
+        let loaded = Manifest::load(dir.path()).unwrap();
+        assert_eq!(loaded, version_1());
+        assert!(!loaded.has_document_starts());
     }
 
     #[test]
@@ -225,6 +309,37 @@ mod tests {
                     m
                 },
                 "must be a path inside",
+            ),
+            (
+                {
+                    let mut m = sample();
+                    m.train.shards[0].document_starts.as_mut().unwrap().file = "/x.docs".into();
+                    m
+                },
+                "train document starts file \"/x.docs\" must be a path inside",
+            ),
+            (
+                {
+                    let mut m = sample();
+                    m.train.shards[0].document_starts = None;
+                    m
+                },
+                "has no document_starts (every shard of format version 2 has them)",
+            ),
+            (
+                Manifest {
+                    format_version: 1,
+                    ..sample()
+                },
+                "has document_starts, which format version 1 does not have",
+            ),
+            (
+                {
+                    let mut m = sample();
+                    m.train.documents = 3;
+                    m
+                },
+                "train.documents = 3 but its shards' document starts count 2",
             ),
         ];
         for (manifest, needle) in cases {

@@ -84,13 +84,40 @@ pub enum ShardFormat {
     InMemory,
 }
 
-enum Storage {
+/// The bytes of a file: memory-mapped, or built in memory.
+pub(crate) enum Storage {
     Mapped(Mmap),
     Owned(Vec<u8>),
 }
 
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = match self {
+            Storage::Mapped(_) => "mapped",
+            Storage::Owned(_) => "in memory",
+        };
+        write!(f, "{} bytes {how}", self.bytes().len())
+    }
+}
+
 impl Storage {
-    fn bytes(&self) -> &[u8] {
+    /// Maps the file at `path` read-only.
+    pub(crate) fn map(path: &Path) -> Result<Self> {
+        let file = fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+        if file.metadata().map_err(|e| DataError::io(path, e))?.len() == 0 {
+            // Nothing to map (and some platforms refuse empty maps).
+            return Ok(Storage::Owned(Vec::new()));
+        }
+        // SAFETY: the map is read-only and private to this process. Dataset files are written
+        // once by `prepare` (into a temporary directory that is then renamed) and never modified
+        // in place; a file changed by another program while mapped would show changed contents
+        // (or SIGBUS if truncated), which is why the documentation asks not to edit datasets
+        // during training.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
+        Ok(Storage::Mapped(map))
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Storage::Mapped(m) => m,
             Storage::Owned(v) => v,
@@ -127,20 +154,15 @@ impl Shard {
     /// magic, llm.c shards by theirs, and any other file ending in `.bin` is read as headerless
     /// u16 tokens; everything else is [`DataError::BadMagic`].
     pub fn open(path: &Path) -> Result<Self> {
-        let file = fs::File::open(path).map_err(|e| DataError::io(path, e))?;
-        let size = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+        let storage = Storage::map(path)?;
+        let bytes = storage.bytes();
+        let size = bytes.len() as u64;
         if size == 0 {
             return Err(DataError::Empty {
                 path: path.to_path_buf(),
                 what: "the file is 0 bytes".into(),
             });
         }
-        // SAFETY: the map is read-only and private to this process. Shards are written once by
-        // `prepare` (into a temporary directory that is then renamed) and never modified in place;
-        // a file changed by another program while mapped would show changed tokens (or SIGBUS if
-        // truncated), which is why the documentation asks not to edit datasets during training.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| DataError::io(path, e))?;
-        let bytes: &[u8] = &map;
         let layout = if bytes.starts_with(&MAGIC) {
             parse_glatrain_header(path, bytes)?
         } else if bytes.len() >= 12 && read_u32(bytes, 0) == LLMC_MAGIC {
@@ -161,7 +183,7 @@ impl Shard {
         }
         Ok(Shard {
             path: path.to_path_buf(),
-            storage: Storage::Mapped(map),
+            storage,
             offset: layout.offset,
             dtype: layout.dtype,
             len: layout.len,
@@ -292,11 +314,11 @@ fn decode(dtype: TokenDtype, b: &[u8]) -> u32 {
     }
 }
 
-fn read_u32(bytes: &[u8], at: usize) -> u32 {
+pub(crate) fn read_u32(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn read_u64(bytes: &[u8], at: usize) -> u64 {
+pub(crate) fn read_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
 }
 
@@ -315,58 +337,79 @@ fn bad_header(path: &Path, what: String) -> DataError {
     }
 }
 
-fn check_size(path: &Path, header: u64, tokens: u64, width: u64, actual: u64) -> Result<()> {
-    let expected = tokens
-        .checked_mul(width)
-        .and_then(|b| b.checked_add(header));
+/// Errors unless the file's `actual` size is `header` bytes plus `count` items (`unit`) of
+/// `width` bytes.
+pub(crate) fn check_size(
+    path: &Path,
+    header: u64,
+    count: u64,
+    unit: &'static str,
+    width: u64,
+    actual: u64,
+) -> Result<()> {
+    let expected = count.checked_mul(width).and_then(|b| b.checked_add(header));
     if expected == Some(actual) {
         return Ok(());
     }
     Err(DataError::SizeMismatch {
         path: path.to_path_buf(),
         header_bytes: header,
-        tokens,
+        count,
+        unit,
         width,
         expected: expected.unwrap_or(u64::MAX),
         actual,
     })
 }
 
-fn parse_glatrain_header(path: &Path, bytes: &[u8]) -> Result<Layout> {
-    // Version first: a future version may have a different header, so nothing else is trusted.
+/// The header size of a file in one of glatrain's formats with a header (shards, document
+/// starts), whose magic the caller has checked: bytes 8..12 hold its format version, which must
+/// be `version` (checked first: another version may lay out the rest differently), and 12..16
+/// the header size, at least `header_bytes` (the size this build writes).
+pub(crate) fn header_size(
+    path: &Path,
+    bytes: &[u8],
+    version: u32,
+    header_bytes: usize,
+) -> Result<usize> {
     if bytes.len() < 12 {
         return Err(bad_header(
             path,
             format!("the file is {} bytes, shorter than the header", bytes.len()),
         ));
     }
-    let version = read_u32(bytes, 8);
-    if version != FORMAT_VERSION {
+    let found = read_u32(bytes, 8);
+    if found != version {
         return Err(DataError::UnsupportedVersion {
             path: path.to_path_buf(),
-            found: version,
-            supported: FORMAT_VERSION,
+            found,
+            supported: version,
         });
     }
-    if bytes.len() < HEADER_BYTES {
+    if bytes.len() < header_bytes {
         return Err(bad_header(
             path,
             format!(
-                "the file is {} bytes, shorter than the {HEADER_BYTES}-byte header",
+                "the file is {} bytes, shorter than the {header_bytes}-byte header",
                 bytes.len()
             ),
         ));
     }
-    let header = read_u32(bytes, 12);
+    let header = read_u32(bytes, 12) as usize;
+    if header < header_bytes {
+        return Err(bad_header(
+            path,
+            format!("header size {header} is below {header_bytes}"),
+        ));
+    }
+    Ok(header)
+}
+
+fn parse_glatrain_header(path: &Path, bytes: &[u8]) -> Result<Layout> {
+    let header = header_size(path, bytes, FORMAT_VERSION, HEADER_BYTES)?;
     let width = read_u32(bytes, 16);
     let vocab = read_u32(bytes, 20);
     let tokens = read_u64(bytes, 24);
-    if (header as usize) < HEADER_BYTES {
-        return Err(bad_header(
-            path,
-            format!("header size {header} is below {HEADER_BYTES}"),
-        ));
-    }
     let dtype = TokenDtype::from_width(width)
         .ok_or_else(|| bad_header(path, format!("bytes per token = {width}, expected 2 or 4")))?;
     if vocab == 0 || (dtype == TokenDtype::U16 && vocab > 1 << 16) {
@@ -377,13 +420,14 @@ fn parse_glatrain_header(path: &Path, bytes: &[u8]) -> Result<Layout> {
     }
     check_size(
         path,
-        u64::from(header),
+        header as u64,
         tokens,
+        "tokens",
         u64::from(width),
         bytes.len() as u64,
     )?;
     Ok(Layout {
-        offset: header as usize,
+        offset: header,
         dtype,
         len: tokens,
         vocab_size: Some(vocab),
@@ -418,6 +462,7 @@ fn parse_llmc_header(path: &Path, bytes: &[u8]) -> Result<Layout> {
         path,
         LLMC_HEADER_BYTES,
         tokens,
+        "tokens",
         dtype.width() as u64,
         bytes.len() as u64,
     )?;
@@ -431,7 +476,7 @@ fn parse_llmc_header(path: &Path, bytes: &[u8]) -> Result<Layout> {
 }
 
 fn headerless_layout(path: &Path, size: u64) -> Result<Layout> {
-    check_size(path, 0, size / 2, 2, size)?;
+    check_size(path, 0, size / 2, "tokens", 2, size)?;
     Ok(Layout {
         offset: 0,
         dtype: TokenDtype::U16,
@@ -491,12 +536,57 @@ pub(crate) struct WrittenShard {
     pub sha256: String,
 }
 
-/// A shard written to disk as its tokens arrive: a placeholder header, the tokens through a
-/// buffer, then the real header. The sha256 is computed by reading the finished file back, so
-/// memory stays at the write buffer however large the shard is.
-pub(crate) struct ShardWriter {
+/// A file written behind a placeholder header that [`HeaderedWriter::finish`] replaces with the
+/// real one: the body goes through a buffer, and the sha256 is computed by reading the finished
+/// file back, so memory stays at the buffer however large the file is.
+pub(crate) struct HeaderedWriter {
     path: PathBuf,
     file: BufWriter<fs::File>,
+}
+
+impl HeaderedWriter {
+    /// Creates the file at `path` (which must not be read until [`HeaderedWriter::finish`]),
+    /// starting with `placeholder`.
+    pub(crate) fn create(path: &Path, placeholder: &[u8]) -> Result<Self> {
+        let file = fs::File::create(path).map_err(|e| DataError::io(path, e))?;
+        let mut writer = HeaderedWriter {
+            path: path.to_path_buf(),
+            file: BufWriter::with_capacity(1 << 20, file),
+        };
+        writer.write(placeholder)?;
+        Ok(writer)
+    }
+
+    /// The file being written.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `bytes` to the body.
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file
+            .write_all(bytes)
+            .map_err(|e| DataError::io(&self.path, e))
+    }
+
+    /// Writes `header` over the placeholder, flushes the file to disk and returns its hex sha256.
+    pub(crate) fn finish(self, header: &[u8]) -> Result<String> {
+        let path = &self.path;
+        let io = |e| DataError::io(path, e);
+        let mut file = self.file.into_inner().map_err(|e| io(e.into_error()))?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        file.write_all(header).map_err(io)?;
+        file.sync_all().map_err(io)?;
+        let mut hasher = Sha256::new();
+        let mut reader = fs::File::open(path).map_err(io)?;
+        std::io::copy(&mut reader, &mut hasher).map_err(io)?;
+        Ok(hex::encode(hasher.finalize()))
+    }
+}
+
+/// A shard written to disk as its tokens arrive.
+pub(crate) struct ShardWriter {
+    file: HeaderedWriter,
     dtype: TokenDtype,
     vocab_size: u32,
     len: u64,
@@ -506,14 +596,9 @@ pub(crate) struct ShardWriter {
 impl ShardWriter {
     /// Creates the file at `path` (which must not be read until [`ShardWriter::finish`]).
     pub(crate) fn create(path: &Path, vocab_size: u32) -> Result<Self> {
-        let file = fs::File::create(path).map_err(|e| DataError::io(path, e))?;
-        let mut file = BufWriter::with_capacity(1 << 20, file);
         let dtype = TokenDtype::for_vocab(vocab_size);
-        file.write_all(&header(dtype, vocab_size, 0))
-            .map_err(|e| DataError::io(path, e))?;
         Ok(ShardWriter {
-            path: path.to_path_buf(),
-            file,
+            file: HeaderedWriter::create(path, &header(dtype, vocab_size, 0))?,
             dtype,
             vocab_size,
             len: 0,
@@ -528,31 +613,20 @@ impl ShardWriter {
 
     /// Appends tokens (each must be below the vocab size).
     pub(crate) fn push(&mut self, tokens: &[u32]) -> Result<()> {
-        check_tokens(&self.path, self.len, tokens, self.vocab_size)?;
+        check_tokens(self.file.path(), self.len, tokens, self.vocab_size)?;
         self.encoded.clear();
         encode_tokens(&mut self.encoded, self.dtype, tokens);
-        self.file
-            .write_all(&self.encoded)
-            .map_err(|e| DataError::io(&self.path, e))?;
+        self.file.write(&self.encoded)?;
         self.len += tokens.len() as u64;
         Ok(())
     }
 
     /// Writes the header, flushes the file to disk and returns its token count and sha256.
     pub(crate) fn finish(self) -> Result<WrittenShard> {
-        let path = self.path;
-        let io = |e| DataError::io(&path, e);
-        let mut file = self.file.into_inner().map_err(|e| io(e.into_error()))?;
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        file.write_all(&header(self.dtype, self.vocab_size, self.len))
-            .map_err(io)?;
-        file.sync_all().map_err(io)?;
-        let mut hasher = Sha256::new();
-        let mut reader = fs::File::open(&path).map_err(io)?;
-        std::io::copy(&mut reader, &mut hasher).map_err(io)?;
+        let header = header(self.dtype, self.vocab_size, self.len);
         Ok(WrittenShard {
             tokens: self.len,
-            sha256: hex::encode(hasher.finalize()),
+            sha256: self.file.finish(&header)?,
         })
     }
 }

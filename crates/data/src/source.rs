@@ -1,10 +1,13 @@
-//! Token sources: the shards of one split presented as one token sequence, and datasets (a train
-//! source plus an optional validation source) opened from disk or built from the embedded corpus.
+//! Token sources: the shards of one split presented as one token sequence (with where its
+//! documents begin, when recorded), and datasets (a train source plus an optional validation
+//! source) opened from disk or built from the embedded corpus.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use crate::document_starts::DocumentStarts;
 use crate::documents::split_documents;
 use crate::embedded;
 use crate::error::{DataError, Result};
@@ -23,6 +26,8 @@ pub struct TokenSource {
     shards: Vec<Shard>,
     /// `starts[i]` = index of shard i's first token in the whole sequence.
     starts: Vec<u64>,
+    /// Each shard's document starts, when the data records them.
+    document_starts: Option<Vec<DocumentStarts>>,
     len: u64,
     vocab_size: Option<u32>,
     source_bytes: Option<u64>,
@@ -55,10 +60,41 @@ impl TokenSource {
             name,
             shards,
             starts,
+            document_starts: None,
             len,
             vocab_size,
             source_bytes,
         })
+    }
+
+    /// This source with where its documents begin: `starts[i]` belongs to shard `i` and must
+    /// be for its token count.
+    pub fn with_document_starts(mut self, starts: Vec<DocumentStarts>) -> Result<Self> {
+        if starts.len() != self.shards.len() {
+            return Err(DataError::Loader {
+                source_name: self.name,
+                what: format!(
+                    "{} document-starts files for {} shards",
+                    starts.len(),
+                    self.shards.len()
+                ),
+            });
+        }
+        for (shard, starts) in self.shards.iter().zip(&starts) {
+            if starts.shard_tokens() != shard.len() {
+                return Err(DataError::BadDocumentStarts {
+                    path: starts.path().to_path_buf(),
+                    what: format!(
+                        "they are for a shard of {} tokens, but {} holds {}",
+                        starts.shard_tokens(),
+                        shard.path().display(),
+                        shard.len()
+                    ),
+                });
+            }
+        }
+        self.document_starts = Some(starts);
+        Ok(self)
     }
 
     /// An in-memory source of `tokens` (each `< vocab_size`).
@@ -131,6 +167,52 @@ impl TokenSource {
             pos += take as u64;
             shard += 1;
         }
+    }
+
+    /// Whether the source records where its documents begin.
+    pub fn has_document_starts(&self) -> bool {
+        self.document_starts.is_some()
+    }
+
+    /// How many documents begin in the source, when it records that.
+    pub fn documents(&self) -> Option<u64> {
+        let starts = self.document_starts.as_ref()?;
+        Some(starts.iter().map(DocumentStarts::len).sum())
+    }
+
+    /// How many documents a window of `seq_len` tokens holds on average, when the source records
+    /// its documents: the one the window begins in, plus those beginning at its other
+    /// `seq_len - 1` positions (`documents / len` a position).
+    pub fn documents_per_window(&self, seq_len: usize) -> Option<f64> {
+        let per_position = self.documents()? as f64 / self.len as f64;
+        Some(1.0 + seq_len.saturating_sub(1) as f64 * per_position)
+    }
+
+    /// Where documents begin inside tokens `range`, as positions in the whole sequence, in order,
+    /// across shard boundaries (which are not document boundaries unless a start says so);
+    /// `None` when the source does not record document starts.
+    ///
+    /// # Panics
+    /// If the range runs past `len()`.
+    pub fn document_starts(&self, range: Range<u64>) -> Option<Vec<u64>> {
+        let starts = self.document_starts.as_ref()?;
+        assert!(
+            range.end <= self.len,
+            "{}: document starts in {range:?} past {} tokens",
+            self.name,
+            self.len
+        );
+        let mut found = Vec::new();
+        if range.is_empty() {
+            return Some(found);
+        }
+        let first = self.starts.partition_point(|&s| s <= range.start) - 1;
+        let shards = self.starts.iter().zip(starts).skip(first);
+        for (&offset, shard_starts) in shards.take_while(|(&offset, _)| offset < range.end) {
+            let local = range.start.saturating_sub(offset)..range.end - offset;
+            found.extend(shard_starts.in_range(local).map(|s| s + offset));
+        }
+        Some(found)
     }
 
     /// Checks that every token id fits a model with `model_vocab` embeddings. Free when the
@@ -252,7 +334,8 @@ impl Dataset {
     }
 
     /// The embedded Brown corpus tokenized in memory with `tokenizer`, each document followed by
-    /// [`DOCUMENT_SEPARATOR`] as in `prepare`; nothing is read from disk.
+    /// [`DOCUMENT_SEPARATOR`] as in `prepare`, with its document starts; nothing is read from
+    /// disk.
     pub fn embedded(tokenizer: &Tokenizer) -> Result<Self> {
         let train = embedded_source("train", &embedded::train_text()?, tokenizer)?;
         let valid = embedded_source("valid", &embedded::valid_text()?, tokenizer)?;
@@ -283,9 +366,19 @@ fn embedded_source(split: &str, text: &str, tokenizer: &Tokenizer) -> Result<Tok
         .map(|d| d + DOCUMENT_SEPARATOR)
         .collect();
     let bytes: u64 = docs.iter().map(|d| d.len() as u64).sum();
-    let tokens: Vec<u32> = tokenizer.encode_batch(&docs)?.concat();
+    let encoded = tokenizer.encode_batch(&docs)?;
+    // As in `prepare`, a document without tokens begins nowhere.
+    let mut starts = Vec::with_capacity(encoded.len());
+    let mut position = 0u64;
+    for doc in encoded.iter().filter(|d| !d.is_empty()) {
+        starts.push(position);
+        position += doc.len() as u64;
+    }
+    let tokens: Vec<u32> = encoded.concat();
     let name = format!("embedded:{}/{split}", embedded::NAME);
-    TokenSource::from_tokens(&name, &tokens, tokenizer.vocab_size(), Some(bytes))
+    let starts = DocumentStarts::from_starts(&name, &starts, tokens.len() as u64)?;
+    TokenSource::from_tokens(&name, &tokens, tokenizer.vocab_size(), Some(bytes))?
+        .with_document_starts(vec![starts])
 }
 
 fn open_split(
@@ -302,14 +395,16 @@ fn open_split(
             what: format!("the {name} split has no tokens"),
         });
     }
+    let disagree_at = |path: &Path, what: String| DataError::Manifest {
+        path: path.to_path_buf(),
+        what: format!("{what} (manifest {})", manifest_path.display()),
+    };
     let mut shards = Vec::with_capacity(split.shards.len());
+    let mut document_starts = Vec::with_capacity(split.shards.len());
     for record in &split.shards {
         let path = dir.join(&record.file);
         let shard = Shard::open(&path)?;
-        let disagree = |what: String| DataError::Manifest {
-            path: path.clone(),
-            what: format!("{what} (manifest {})", manifest_path.display()),
-        };
+        let disagree = |what: String| disagree_at(&path, what);
         if shard.len() != record.tokens {
             return Err(disagree(format!(
                 "header says {} tokens, the manifest says {}",
@@ -325,27 +420,60 @@ fn open_split(
             )));
         }
         shards.push(shard);
+        if let Some(starts_record) = &record.document_starts {
+            let path = dir.join(&starts_record.file);
+            let starts = DocumentStarts::open(&path)?;
+            if starts.len() != starts_record.starts {
+                return Err(disagree_at(
+                    &path,
+                    format!(
+                        "header says {} document starts, the manifest says {}",
+                        starts.len(),
+                        starts_record.starts
+                    ),
+                ));
+            }
+            document_starts.push(starts);
+        }
     }
     if options.verify {
         let records = &split.shards;
         for_each_parallel(&shards, |index, shard| {
-            let actual = shard.sha256();
-            if actual != records[index].sha256 {
-                return Err(DataError::ChecksumMismatch {
-                    path: shard.path().to_path_buf(),
-                    expected: records[index].sha256.clone(),
-                    actual,
-                });
+            check_sha256(shard.path(), &records[index].sha256, || shard.sha256())?;
+            shard.check_range(manifest.vocab_size)?;
+            match (document_starts.get(index), &records[index].document_starts) {
+                (Some(starts), Some(record)) => {
+                    check_sha256(starts.path(), &record.sha256, || starts.sha256())?;
+                    starts.check_order()
+                }
+                _ => Ok(()),
             }
-            shard.check_range(manifest.vocab_size)
         })?;
     }
-    TokenSource::new(
+    let source = TokenSource::new(
         format!("{}/{name}", dir.display()),
         shards,
         Some(manifest.vocab_size),
         Some(split.source_bytes),
-    )
+    )?;
+    if manifest.has_document_starts() {
+        source.with_document_starts(document_starts)
+    } else {
+        Ok(source)
+    }
+}
+
+/// Errors unless the file at `path` hashes (`actual`) to the manifest's `expected` sha256.
+fn check_sha256(path: &Path, expected: &str, actual: impl FnOnce() -> String) -> Result<()> {
+    let actual = actual();
+    if actual == expected {
+        return Ok(());
+    }
+    Err(DataError::ChecksumMismatch {
+        path: path.to_path_buf(),
+        expected: expected.to_string(),
+        actual,
+    })
 }
 
 /// Bits per byte from a mean loss in nats per token: `nats * tokens / bytes / ln 2`, with
@@ -355,9 +483,95 @@ pub fn bits_per_byte(nats_per_token: f64, bytes_per_token: f64) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::shard::write_shard;
+
+    /// An in-memory source whose token at position i is i, in shards of the given lengths, with
+    /// documents beginning at `documents` (positions in the whole source, increasing).
+    pub(crate) fn positions_with_documents(shard_lens: &[u64], documents: &[u64]) -> TokenSource {
+        let len: u64 = shard_lens.iter().sum();
+        let (mut shards, mut starts) = (Vec::new(), Vec::new());
+        let mut offset = 0;
+        for (i, &n) in shard_lens.iter().enumerate() {
+            let tokens: Vec<u32> = (offset..offset + n).map(|t| t as u32).collect();
+            let name = format!("shard{i}");
+            shards.push(Shard::from_tokens(&name, &tokens, len as u32).unwrap());
+            let inside: Vec<u64> = documents
+                .iter()
+                .filter(|&&d| (offset..offset + n).contains(&d))
+                .map(|d| d - offset)
+                .collect();
+            starts.push(DocumentStarts::from_starts(&name, &inside, n).unwrap());
+            offset += n;
+        }
+        TokenSource::new("positions", shards, Some(len as u32), None)
+            .unwrap()
+            .with_document_starts(starts)
+            .unwrap()
+    }
+
+    #[test]
+    fn document_starts_of_any_range_across_shards() {
+        // Shards of 5, 1 and 7 tokens (offsets 0, 5, 6); the document from 3 runs over the first
+        // shard boundary, one begins at the second, and the last token begins the last document.
+        let documents = [0, 3, 6, 9, 12];
+        let source = positions_with_documents(&[5, 1, 7], &documents);
+        assert_eq!(source.documents(), Some(5));
+        for begin in 0..=13u64 {
+            for end in begin..=13u64 {
+                let want: Vec<u64> = documents
+                    .iter()
+                    .copied()
+                    .filter(|d| (begin..end).contains(d))
+                    .collect();
+                assert_eq!(
+                    source.document_starts(begin..end),
+                    Some(want),
+                    "{begin}..{end}"
+                );
+            }
+        }
+        let bare = TokenSource::from_tokens("bare", &[1, 2, 3], 4, None).unwrap();
+        assert!(!bare.has_document_starts());
+        assert_eq!((bare.document_starts(0..3), bare.documents()), (None, None));
+        assert_eq!(bare.documents_per_window(2), None);
+    }
+
+    #[test]
+    fn documents_per_window_is_the_mean_over_windows() {
+        // Documents of 10 tokens: a window of 64 holds 1 + 63 / 10 of them on average.
+        let documents: Vec<u64> = (0..100).map(|d| d * 10).collect();
+        let source = positions_with_documents(&[400, 600], &documents);
+        let mean = source.documents_per_window(64).unwrap();
+        assert!((mean - 7.3).abs() < 1e-12, "{mean}");
+        let windows = 0..=1000 - 64;
+        let counted: usize = windows
+            .clone()
+            .map(|t| 1 + source.document_starts(t + 1..t + 64).unwrap().len())
+            .sum();
+        let measured = counted as f64 / windows.count() as f64;
+        assert!((measured - mean).abs() < 0.01, "{measured} vs {mean}");
+        assert_eq!(source.documents_per_window(1), Some(1.0));
+    }
+
+    #[test]
+    fn document_starts_must_fit_their_shards() {
+        let shard = || vec![Shard::from_tokens("s", &[1, 2, 3], 4).unwrap()];
+        let source = || TokenSource::new("x", shard(), Some(4), None).unwrap();
+        let starts = DocumentStarts::from_starts("s.docs", &[0], 4).unwrap();
+        let err = source().with_document_starts(vec![starts]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "s.docs: bad document starts: they are for a shard of 4 tokens, but s holds 3"
+        );
+        let err = source().with_document_starts(Vec::new()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("0 document-starts files for 1 shards"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn reads_windows_across_shards() {
@@ -426,6 +640,14 @@ mod tests {
         let ds = Dataset::embedded(&Tokenizer::Byte).unwrap();
         let valid = ds.valid.as_ref().unwrap();
         let text = embedded::valid_text().unwrap();
+        // Each document begins where the one before it and its separator end.
+        let mut expected = vec![0u64];
+        for doc in split_documents(&text) {
+            expected.push(expected.last().unwrap() + (doc.len() + DOCUMENT_SEPARATOR.len()) as u64);
+        }
+        assert_eq!(expected.pop(), Some(valid.len()));
+        assert_eq!(valid.document_starts(0..valid.len()), Some(expected));
+        assert_eq!(ds.train.documents(), Some(475));
         // Documents are re-joined with "\n\n": the same bytes as the file up to the final newline.
         assert_eq!(valid.len(), text.len() as u64 + 1);
         assert_eq!(valid.source_bytes(), Some(valid.len()));

@@ -407,3 +407,106 @@ fn export_and_text_evaluation_refuse_bad_input_with_exit_2() {
     assert_exit(&both, 2, "--data");
     assert!(!dir.path().join("hf").exists());
 }
+
+#[test]
+fn document_boundaries_train_on_prepared_data_and_refuse_a_version_1_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus: Vec<String> = (0..60)
+        .map(|d| format!("Document {d} says{}.", " more".repeat(d % 9 + 2)))
+        .collect();
+    std::fs::write(dir.path().join("corpus.txt"), corpus.join("\n\n")).unwrap();
+    let prepare = glatrain(
+        &[
+            "prepare",
+            "--input",
+            "corpus.txt",
+            "--out",
+            "tokens",
+            "--valid-fraction",
+            "0.2",
+            "--shard-tokens",
+            "500",
+        ],
+        dir.path(),
+    );
+    assert_eq!(prepare.status.code(), Some(0), "{}", text(&prepare.stderr));
+    let train = |name: &str| {
+        let name = format!("run.name={name}");
+        glatrain(
+            &[
+                "--config",
+                "gla-tiny",
+                "--set",
+                &name,
+                "--set",
+                "data.train=tokens",
+                "--set",
+                "data.valid=tokens",
+                "--set",
+                "data.seq_len=32",
+                "--set",
+                "data.document_boundaries=true",
+                "--set",
+                "train.batch_size=4",
+                "--set",
+                "train.micro_batch_size=4",
+                "--set",
+                "train.max_steps=2",
+                "--set",
+                "train.warmup_steps=0",
+                "--set",
+                "train.eval_batches=1",
+            ],
+            dir.path(),
+        )
+    };
+    let run = train("boundaries");
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    assert!(
+        text(&run.stderr).contains(
+            "documents per window of 32 tokens on average, each computed alone \
+             (data.document_boundaries)"
+        ),
+        "{}",
+        text(&run.stderr)
+    );
+    let eval = glatrain(
+        &["eval", "--checkpoint", "runs/boundaries", "--batches", "1"],
+        dir.path(),
+    );
+    assert_eq!(eval.status.code(), Some(0), "{}", text(&eval.stderr));
+
+    // The same dataset as format version 1 wrote it: no document starts.
+    let tokens = dir.path().join("tokens");
+    let mut manifest = glatrain_data::Manifest::load(&tokens).unwrap();
+    manifest.format_version = 1;
+    for split in [&mut manifest.train, manifest.valid.as_mut().unwrap()] {
+        for shard in &mut split.shards {
+            let starts = shard.document_starts.take().unwrap();
+            std::fs::remove_file(tokens.join(starts.file)).unwrap();
+        }
+    }
+    manifest.save(&tokens).unwrap();
+    let says = "data.document_boundaries = true: data.train = \"tokens\" has no document \
+                boundaries: tokens/manifest.json is format version 1, from before `glatrain \
+                prepare` recorded where documents begin; re-run `glatrain prepare` on its corpus \
+                (source: corpus.txt) to write the dataset with them (format version 2), or set \
+                data.document_boundaries = false";
+    assert_exit(&train("version-1"), 2, says);
+    assert!(!dir.path().join("runs/version-1").exists());
+    let eval = glatrain(
+        &[
+            "eval",
+            "--checkpoint",
+            "runs/boundaries",
+            "--data",
+            "tokens",
+        ],
+        dir.path(),
+    );
+    assert_exit(
+        &eval,
+        2,
+        "data.valid = \"tokens\" has no document boundaries",
+    );
+}

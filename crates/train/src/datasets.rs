@@ -1,12 +1,14 @@
 //! Opening the token sources a run reads: `data.train` / `data.valid` ("embedded" or a path to a
 //! prepared directory or shard), tokenized with `data.tokenizer` where text is involved. A
 //! prepared directory must have been tokenized by `data.tokenizer` (its manifest says by which),
-//! so that what `sample` and `eval` decode and encode means what the model learned.
+//! so that what `sample` and `eval` decode and encode means what the model learned. With
+//! `data.document_boundaries`, the data must record where its documents begin.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use glatrain_config::ResolvedConfig;
+use glatrain_data::manifest::{MANIFEST_FILE, MANIFEST_VERSION};
 use glatrain_data::{Dataset, OpenOptions, TokenSource, Tokenizer, TokenizerSpec};
 
 use crate::error::TrainError;
@@ -61,11 +63,54 @@ impl<'a> SourceOpener<'a> {
     }
 
     /// The prepared dataset at `spec` (the value of config key `key`), checked to have been
-    /// tokenized by `data.tokenizer`.
+    /// tokenized by `data.tokenizer` and, with `data.document_boundaries`, to record where its
+    /// documents begin.
     fn open(&self, key: &'static str, spec: &str) -> Result<Dataset, TrainError> {
         let data = Dataset::open(Path::new(spec), OpenOptions::default())?;
         self.check_tokenizer(key, spec, &data)?;
+        self.check_document_starts(key, spec, &data)?;
         Ok(data)
+    }
+
+    /// With `data.document_boundaries`, refuses data that does not record where its documents
+    /// begin (a dataset's splits record them alike: the train split answers for both).
+    fn check_document_starts(
+        &self,
+        key: &str,
+        spec: &str,
+        data: &Dataset,
+    ) -> Result<(), TrainError> {
+        if !self.cfg.config.data.document_boundaries || data.train.has_document_starts() {
+            return Ok(());
+        }
+        let (what, remedy) = match (&data.manifest, &data.root) {
+            (Some(manifest), Some(root)) => (
+                format!(
+                    "{} is format version {}, from before `glatrain prepare` recorded where \
+                     documents begin",
+                    root.join(MANIFEST_FILE).display(),
+                    manifest.format_version
+                ),
+                format!(
+                    "re-run `glatrain prepare` on its corpus (source: {}) to write the dataset \
+                     with them (format version {MANIFEST_VERSION})",
+                    manifest.source
+                ),
+            ),
+            _ => (
+                "a single shard file does not record where documents begin".to_string(),
+                "point it at a dataset directory that `glatrain prepare` writes".to_string(),
+            ),
+        };
+        Err(TrainError::BadValue {
+            source_name: self.cfg.source.clone(),
+            key: "data.document_boundaries",
+            value: "true".into(),
+            reason: format!(
+                "{key} = {spec:?} has no document boundaries: {what}; {remedy}, or set \
+                 data.document_boundaries = false"
+            ),
+        })
     }
 
     /// The training source of `spec`.

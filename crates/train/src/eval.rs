@@ -4,9 +4,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use glatrain_config::Precision;
+use glatrain_config::{Precision, ResolvedConfig};
 use glatrain_data::{Batch, EvalBatches, TokenSource};
-use glatrain_models::CausalLm;
+use glatrain_models::{CausalLm, Documents};
 use serde::Serialize;
 use tch::{Device, Kind, Reduction, TchError, Tensor};
 
@@ -127,21 +127,42 @@ pub(crate) fn batch_tensors(batch: &Batch, device: Device) -> Result<(Tensor, Te
     Ok((inputs, targets))
 }
 
-/// Runs `model` over up to `max_batches` batches of `source` (`None`: all of it) and reports.
-/// No gradients are kept. `stop` is asked before every batch: when it names a signal the
-/// evaluation ends there with [`TrainError::Stopped`].
-#[allow(clippy::too_many_arguments)]
+/// A batch's document starts as the models take them; `None` when the batch has none.
+pub(crate) fn batch_documents(batch: &Batch) -> Result<Option<Documents>, TchError> {
+    let Some(starts) = &batch.document_starts else {
+        return Ok(None);
+    };
+    Documents::new(batch.seq_len, starts.clone())
+        .map(Some)
+        .map_err(|e| TchError::Torch(e.to_string()))
+}
+
+/// The evaluation batches of `source` for a run of `cfg`: `train.micro_batch_size` sequences of
+/// `data.seq_len`, at most `max_batches` of them (`None`: all), with their document starts when
+/// `data.document_boundaries` is on.
+pub fn eval_batches<'a>(
+    cfg: &ResolvedConfig,
+    source: &'a TokenSource,
+    max_batches: Option<usize>,
+) -> Result<EvalBatches<'a>, TrainError> {
+    let (micro_batch, seq_len) = (cfg.config.train.micro_batch_size, cfg.config.data.seq_len);
+    let batches = EvalBatches::new(source, micro_batch, seq_len, max_batches)?;
+    if cfg.config.data.document_boundaries {
+        return Ok(batches.with_document_starts()?);
+    }
+    Ok(batches)
+}
+
+/// Runs `model` over `batches` and reports. No gradients are kept. `stop` is asked before every
+/// batch: when it names a signal the evaluation ends there with [`TrainError::Stopped`].
 pub fn evaluate_model(
     model: &dyn CausalLm,
     precision: &MixedPrecision,
     device: Device,
-    source: &TokenSource,
-    micro_batch: usize,
-    seq_len: usize,
-    max_batches: Option<usize>,
+    batches: EvalBatches<'_>,
     stop: &dyn Fn() -> Option<StopSignal>,
 ) -> Result<EvalReport, TrainError> {
-    let batches = EvalBatches::new(source, micro_batch, seq_len, max_batches)?;
+    let (source, seq_len) = (batches.source(), batches.seq_len());
     let vocab = model.config().vocab_size() as i64;
     // Per-position sums of the loss in f64 on the host, so long evaluations do not lose digits.
     let mut position_sums = vec![0f64; seq_len];
@@ -155,7 +176,11 @@ pub fn evaluate_model(
         let t = seq_len as i64;
         let per_position = catch_torch("the evaluation's forward pass", || {
             let (inputs, targets) = batch_tensors(&batch, device)?;
-            let logits = precision.run(|| model.forward(&inputs)); // [rows, T, V]
+            let documents = batch_documents(&batch)?;
+            let logits = precision.run(|| {
+                let hidden = model.hidden_states(&inputs, documents.as_ref());
+                glatrain_models::logits(&hidden, model.output_weight())
+            }); // [rows, T, V]
             let losses = logits
                 .f_to_kind(Kind::Float)?
                 .f_view([-1, vocab])?
@@ -363,14 +388,12 @@ pub fn evaluate(
     let spec = data.unwrap_or(&m.cfg.config.data.valid).to_string();
     let source = crate::datasets::SourceOpener::new(&m.cfg).valid(&spec)?;
     let batches = batches.unwrap_or(m.cfg.config.train.eval_batches);
+    let batches = eval_batches(&m.cfg, &source, (batches > 0).then_some(batches))?;
     let mut report = evaluate_model(
         m.built.model.as_ref(),
         &m.precision,
         m.device,
-        &source,
-        m.cfg.config.train.micro_batch_size,
-        m.cfg.config.data.seq_len,
-        (batches > 0).then_some(batches),
+        batches,
         &|| None,
     )?;
     report.step = Some(m.state.step);
@@ -410,6 +433,28 @@ mod tests {
         assert_eq!(b.len(), 8);
         assert_eq!((b[0].0, b[7].1), (0, 100));
         assert!(b.windows(2).all(|w| w[0].1 == w[1].0));
+    }
+
+    #[test]
+    fn batch_documents_follow_the_batch_rows() {
+        let batch = Batch {
+            inputs: vec![0; 8],
+            targets: vec![0; 8],
+            rows: 2,
+            seq_len: 4,
+            document_starts: Some(vec![vec![1, 3], vec![]]),
+        };
+        let documents = batch_documents(&batch).unwrap().unwrap();
+        assert_eq!((documents.rows(), documents.seq_len()), (2, 4));
+        assert_eq!(
+            (documents.starts(0), documents.starts(1)),
+            (&[1, 3][..], &[][..])
+        );
+        let plain = Batch {
+            document_starts: None,
+            ..batch
+        };
+        assert!(batch_documents(&plain).unwrap().is_none());
     }
 
     #[test]

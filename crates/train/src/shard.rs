@@ -54,18 +54,19 @@ impl Shard {
         self.rows * self.ranks
     }
 
-    /// This rank's rows of a global micro-batch.
+    /// This rank's rows of a global micro-batch, with their document starts.
     pub fn own_rows(&self, global: Batch) -> Batch {
         if self.ranks == 1 {
             return global;
         }
-        let width = global.seq_len * self.rows;
-        let range = self.rank * width..(self.rank + 1) * width;
+        let rows = self.rank * self.rows..(self.rank + 1) * self.rows;
+        let tokens = rows.start * global.seq_len..rows.end * global.seq_len;
         Batch {
-            inputs: global.inputs[range.clone()].to_vec(),
-            targets: global.targets[range].to_vec(),
+            inputs: global.inputs[tokens.clone()].to_vec(),
+            targets: global.targets[tokens].to_vec(),
             rows: self.rows,
             seq_len: global.seq_len,
+            document_starts: global.document_starts.map(|starts| starts[rows].to_vec()),
         }
     }
 }
@@ -92,17 +93,26 @@ mod tests {
         let cfg = config(16, 4);
         let shards: Vec<Shard> = (0..2).map(|r| Shard::new(&cfg, r, 2).unwrap()).collect();
         assert_eq!((shards[0].accum, shards[0].global_rows()), (2, 8));
+        let starts: Vec<Vec<usize>> = (0..8).map(|r| (1..=r % 4).collect()).collect();
         let global = Batch {
             inputs: (0..32).collect(),
             targets: (100..132).collect(),
             rows: 8,
             seq_len: 4,
+            document_starts: Some(starts.clone()),
         };
         let own: Vec<Batch> = shards.iter().map(|s| s.own_rows(global.clone())).collect();
         assert_eq!(own[0].inputs, (0..16).collect::<Vec<_>>());
         assert_eq!(own[1].inputs, (16..32).collect::<Vec<_>>());
         assert_eq!(own[1].targets, (116..132).collect::<Vec<_>>());
         assert_eq!((own[1].rows, own[1].seq_len), (4, 4));
+        assert_eq!(own[0].document_starts.as_deref(), Some(&starts[..4]));
+        assert_eq!(own[1].document_starts.as_deref(), Some(&starts[4..]));
+        let plain = Batch {
+            document_starts: None,
+            ..global.clone()
+        };
+        assert_eq!(shards[1].own_rows(plain).document_starts, None);
         assert_eq!(
             Shard::new(&cfg, 0, 1).unwrap().own_rows(global.clone()),
             global

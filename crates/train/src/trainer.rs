@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use glatrain_config::ResolvedConfig;
-use glatrain_data::{BatchLoader, EvalBatches, TokenSource};
+use glatrain_data::{BatchLoader, TokenSource};
 use glatrain_dist::{DataParallel, WorldEnv};
 use glatrain_fs::DirLock;
 use tch::{Device, Kind, TchError, Tensor};
@@ -39,7 +39,8 @@ use crate::checkpoint::{self, CheckpointContents, CheckpointError};
 use crate::datasets::{open_tokenizer_for_model, SourceOpener};
 use crate::error::TrainError;
 use crate::eval::{
-    batch_tensors, check_chart_path, draw_report, evaluate_model, EvalReport, PLOT_FILE,
+    batch_documents, batch_tensors, check_chart_path, draw_report, eval_batches, evaluate_model,
+    EvalReport, PLOT_FILE,
 };
 use crate::flops;
 use crate::interrupt::{self, StopSignal};
@@ -232,6 +233,7 @@ fn train_locked(
                 cfg.config.data.seq_len,
                 cfg.config.run.seed,
             )?;
+            let loader = with_document_starts(cfg, loader)?;
             let state = TrainState::fresh(cfg, &loader, &precision, threads, parameters);
             if writer {
                 cfg.write_resolved(&run_dir)?;
@@ -264,6 +266,7 @@ fn train_locked(
             resume_dir.as_ref().map(|_| state.step),
         )?;
         announce(cfg, device, parameters, &run_dir, &shard);
+        announce_data(cfg, &train_source);
         let progress = Progress::new(cfg.config.logging.progress, state.step, tc.max_steps);
         let profile = ProfileWindow::from_config(&cfg.config.logging, &run_dir, device);
         (Some(logger), progress, profile)
@@ -474,12 +477,7 @@ fn build(
     let mut sources = SourceOpener::new(cfg);
     let train_source = sources.train(&cfg.config.data.train)?;
     let valid = sources.valid(&cfg.config.data.valid)?;
-    EvalBatches::new(
-        &valid,
-        tc.micro_batch_size,
-        cfg.config.data.seq_len,
-        Some(1),
-    )?;
+    eval_batches(cfg, &valid, Some(1))?;
     Ok(Built {
         vs,
         model,
@@ -524,6 +522,40 @@ fn announce(cfg: &ResolvedConfig, device: Device, parameters: i64, run_dir: &Pat
     let peak = sysinfo::gpu_name(device)
         .and_then(|name| flops::peak_flops(&name, tc.precision).map(|p| (name, p)));
     eprintln!("{}", flops::describe(&cfg.config.model, seq_len, peak));
+}
+
+/// The training data's line: its size and, where it records them, its documents and how many
+/// a window holds on average.
+fn announce_data(cfg: &ResolvedConfig, source: &TokenSource) {
+    let seq_len = cfg.config.data.seq_len;
+    let mut line = format!("data: {} ({} tokens", source.name(), source.len());
+    if let (Some(documents), Some(per_window)) =
+        (source.documents(), source.documents_per_window(seq_len))
+    {
+        let how = if cfg.config.data.document_boundaries {
+            "each computed alone (data.document_boundaries)"
+        } else {
+            "computed as one sequence (data.document_boundaries = false)"
+        };
+        line.push_str(&format!(
+            " in {documents} documents): {per_window:.2} documents per window of {seq_len} \
+             tokens on average, {how}"
+        ));
+    } else {
+        line.push(')');
+    }
+    eprintln!("{line}");
+}
+
+/// `loader`, giving each batch's document starts when `data.document_boundaries` is on.
+fn with_document_starts(
+    cfg: &ResolvedConfig,
+    loader: BatchLoader,
+) -> Result<BatchLoader, TrainError> {
+    if cfg.config.data.document_boundaries {
+        return Ok(loader.with_document_starts()?);
+    }
+    Ok(loader)
 }
 
 /// The checkpoint to resume from (`--resume`), with the newer ones that were refused; refuses
@@ -603,6 +635,7 @@ fn restore(
         shard.global_rows(),
         &ck.state.loader,
     )?;
+    let loader = with_document_starts(cfg, loader)?;
     let mut state = ck.state;
     state.torch_threads = threads;
     Ok((loader, state, ck.config_toml))
@@ -985,9 +1018,10 @@ impl Run<'_> {
             let compute = precision.autocast_kind().unwrap_or(Kind::Float);
             let pass = catch_torch("the forward and backward pass", || {
                 let (inputs, targets) = batch_tensors(&batch, device)?;
+                let documents = batch_documents(&batch)?;
                 // The mean cross-entropy over B*T tokens, the logits never held whole.
                 let loss = precision.run(|| {
-                    let hidden = model.hidden_states(&inputs, None); // [B, T, hidden]
+                    let hidden = model.hidden_states(&inputs, documents.as_ref()); // [B, T, hidden]
                     let width = hidden.size().last().copied().unwrap_or(1);
                     glatrain_ops::loss::linear_cross_entropy(
                         &hidden.f_view([-1, width])?,
@@ -1097,14 +1131,12 @@ impl Run<'_> {
     fn evaluate(&mut self) -> Result<EvalReport, TrainError> {
         let cfg = self.cfg;
         let tc = &cfg.config.train;
+        let batches = (tc.eval_batches > 0).then_some(tc.eval_batches * self.shard.ranks);
         let mut report = evaluate_model(
             self.model.as_ref(),
             &self.precision,
             self.device,
-            &self.valid,
-            tc.micro_batch_size,
-            self.cfg.config.data.seq_len,
-            (tc.eval_batches > 0).then_some(tc.eval_batches * self.shard.ranks),
+            eval_batches(cfg, &self.valid, batches)?,
             &interrupt::requested,
         )?;
         report.step = Some(self.state.step);

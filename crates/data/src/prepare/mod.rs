@@ -6,8 +6,12 @@
 //! manifest.json                 format version, tokenizer, vocab, per split: shards + sha256, bytes
 //! tokenizer.json                copy of the tokenizer used (absent for "byte")
 //! train/train-000000.tokens     glatrain shards (see the `shard` module), shard_tokens each
-//! valid/valid-000000.tokens     the validation split, when it has documents
+//! train/train-000000.docs       where documents begin in that shard (the `document_starts` module)
+//! valid/valid-000000.tokens     the validation split, when it has documents (and its .docs)
 //! ```
+//!
+//! Shards are cut every `shard_tokens` tokens, not at documents: a document may run on from one
+//! shard into the next.
 //!
 //! Everything is written into a hidden sibling directory that is renamed to `out_dir` at the end
 //! (`glatrain_fs::publish_dir`); on any error or interruption it is removed, so `out_dir` is

@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use super::{OnBadRecord, PrepareOptions, PrepareStats, BPE_TRAIN_MAX_BYTES};
+use crate::document_starts::{self, DocumentStartsWriter};
 use crate::documents::ValidSelector;
 use crate::error::{DataError, Result};
 use crate::inputs::{parse, read_file, BadRecord, InputFile, Location, Problem, Raw, RawRecord};
-use crate::manifest::{ShardRecord, SplitRecord};
+use crate::manifest::{DocumentStartsRecord, ShardRecord, SplitRecord};
 use crate::progress::Progress;
 use crate::shard::{ShardWriter, SHARD_EXTENSION};
 use crate::source::DOCUMENT_SEPARATOR;
@@ -328,8 +329,8 @@ impl<'a> Tokenizing<'a> {
     }
 }
 
-/// A record's document and tokens (the document followed by [`DOCUMENT_SEPARATOR`]); an error
-/// only when the tokenizer fails.
+/// A record's document and tokens (the document followed by [`DOCUMENT_SEPARATOR`]; a document
+/// without tokens is empty); an error only when the tokenizer fails.
 fn tokenize(raw: Raw, field: &str, tokenizer: &Tokenizer) -> Result<Outcome> {
     let mut text = match parse(raw, field) {
         Ok(text) => text,
@@ -341,20 +342,32 @@ fn tokenize(raw: Raw, field: &str, tokenizer: &Tokenizer) -> Result<Outcome> {
     text.push_str(DOCUMENT_SEPARATOR);
     let mut tokens = Vec::with_capacity(text.len() / 3);
     tokenizer.encode_into(&text, &mut tokens)?;
+    if tokens.is_empty() {
+        return Ok(Outcome::Empty);
+    }
     Ok(Outcome::Document {
         bytes: text.len() as u64,
         tokens,
     })
 }
 
-/// Cuts one split's tokens into shard files of `shard_tokens` each.
+/// Cuts one split's tokens into shard files of `shard_tokens` each, each with the file of the
+/// documents that begin in it (a document runs on into the next shard where one is full).
 struct SplitWriter {
     root: PathBuf,
     split: Split,
     vocab_size: u32,
     shard_tokens: u64,
-    shard: Option<(String, ShardWriter)>,
+    shard: Option<OpenShard>,
     record: SplitRecord,
+}
+
+/// The shard being written and its document starts, with their paths inside the dataset.
+struct OpenShard {
+    file: String,
+    tokens: ShardWriter,
+    starts_file: String,
+    starts: DocumentStartsWriter,
 }
 
 impl SplitWriter {
@@ -376,40 +389,57 @@ impl SplitWriter {
         })
     }
 
-    /// Adds one document: `bytes` of text, tokenized as `tokens`.
+    /// Adds one document: `bytes` of text, tokenized as `tokens` (at least one).
     fn add(&mut self, bytes: u64, mut tokens: &[u32]) -> Result<()> {
         self.record.documents += 1;
         self.record.source_bytes += bytes;
+        let shard_tokens = self.shard_tokens;
+        let shard = self.open_shard()?;
+        shard.starts.push(shard.tokens.len())?;
         while !tokens.is_empty() {
-            if self.shard.is_none() {
-                let name = self.split.name();
-                let file = format!(
-                    "{name}/{name}-{:06}.{SHARD_EXTENSION}",
-                    self.record.shards.len()
-                );
-                let writer = ShardWriter::create(&self.root.join(&file), self.vocab_size)?;
-                self.shard = Some((file, writer));
-            }
-            let (_, writer) = self.shard.as_mut().expect("opened above");
-            let room = (self.shard_tokens - writer.len()) as usize;
+            let shard = self.open_shard()?;
+            let room = (shard_tokens - shard.tokens.len()) as usize;
             let (now, later) = tokens.split_at(room.min(tokens.len()));
-            writer.push(now)?;
+            shard.tokens.push(now)?;
             tokens = later;
-            if writer.len() == self.shard_tokens {
+            if shard.tokens.len() == shard_tokens {
                 self.close_shard()?;
             }
         }
         Ok(())
     }
 
+    /// The shard being written, opened when there is none (the last one is full).
+    fn open_shard(&mut self) -> Result<&mut OpenShard> {
+        if self.shard.is_none() {
+            let name = self.split.name();
+            let stem = format!("{name}/{name}-{:06}", self.record.shards.len());
+            let file = format!("{stem}.{SHARD_EXTENSION}");
+            let starts_file = format!("{stem}.{}", document_starts::EXTENSION);
+            self.shard = Some(OpenShard {
+                tokens: ShardWriter::create(&self.root.join(&file), self.vocab_size)?,
+                starts: DocumentStartsWriter::create(&self.root.join(&starts_file))?,
+                file,
+                starts_file,
+            });
+        }
+        Ok(self.shard.as_mut().expect("opened above"))
+    }
+
     fn close_shard(&mut self) -> Result<()> {
-        if let Some((file, writer)) = self.shard.take() {
-            let written = writer.finish()?;
+        if let Some(shard) = self.shard.take() {
+            let written = shard.tokens.finish()?;
+            let starts = shard.starts.finish(written.tokens)?;
             self.record.tokens += written.tokens;
             self.record.shards.push(ShardRecord {
-                file,
+                file: shard.file,
                 tokens: written.tokens,
                 sha256: written.sha256,
+                document_starts: Some(DocumentStartsRecord {
+                    file: shard.starts_file,
+                    starts: starts.starts,
+                    sha256: starts.sha256,
+                }),
             });
         }
         Ok(())

@@ -6,6 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::document_starts;
 use crate::documents::{split_documents, ValidSelector};
 use crate::inputs::tests::{gzip, jsonl_text, sample_documents, write_parquet, zstd};
 use crate::manifest::Manifest;
@@ -138,6 +139,11 @@ fn embedded_prepare_keeps_the_corpus_split() {
     let embedded = Dataset::embedded(&Tokenizer::Byte).unwrap();
     assert_eq!(ds.train.len(), embedded.train.len());
     assert_eq!(ds.train.source_bytes(), embedded.train.source_bytes());
+    let all = 0..ds.train.len();
+    assert_eq!(
+        ds.train.document_starts(all.clone()),
+        embedded.train.document_starts(all)
+    );
 }
 
 #[test]
@@ -164,15 +170,26 @@ fn bpe_prepare_copies_the_tokenizer_and_reopens() {
     let tokenizer = ds.tokenizer().unwrap().unwrap();
     assert_eq!(tokenizer.vocab_size(), 300);
     let valid = ds.valid.as_ref().unwrap();
-    let decoded = tokenizer.decode(&read_all(valid)).unwrap();
     let mut selector = ValidSelector::new(0.2);
-    let expected: String = split_documents(&embedded::valid_text().unwrap())
+    let expected: Vec<String> = split_documents(&embedded::valid_text().unwrap())
         .into_iter()
         .filter(|_| selector.next_is_valid())
         .map(|d| d + DOCUMENT_SEPARATOR)
         .collect();
+    // Cut at the recorded starts, the tokens decode to the documents one by one.
+    let tokens = read_all(valid);
+    let mut bounds = valid.document_starts(0..valid.len()).unwrap();
+    bounds.push(valid.len());
+    let decoded: Vec<String> = bounds
+        .windows(2)
+        .map(|w| {
+            tokenizer
+                .decode(&tokens[w[0] as usize..w[1] as usize])
+                .unwrap()
+        })
+        .collect();
     assert_eq!(decoded, expected);
-    assert_eq!(valid.source_bytes(), Some(expected.len() as u64));
+    assert_eq!(valid.source_bytes(), Some(expected.concat().len() as u64));
 }
 
 #[test]
@@ -279,6 +296,89 @@ fn corrupted_datasets_are_refused_on_open() {
     assert!(err.to_string().contains("train-000001.tokens"), "{err}");
 }
 
+#[test]
+fn corrupted_document_starts_are_refused_on_open() {
+    let (dir, manifest) = byte_dataset(50);
+    let out = dir.path().join("ds");
+    let record = manifest.train.shards[2].document_starts.clone().unwrap();
+    assert!(record.starts > 0);
+    let path = out.join(&record.file);
+    let good = fs::read(&path).unwrap();
+    let refused = |bytes: &[u8], verify: bool| {
+        fs::write(&path, bytes).unwrap();
+        let err = Dataset::open(&out, OpenOptions { verify }).unwrap_err();
+        assert!(err.is_bad_input(), "{err}");
+        let msg = err.to_string();
+        assert!(msg.starts_with(&path.display().to_string()), "{msg}");
+        msg
+    };
+    // A start moved past its shard: the checksum finds it, and the order check does once the
+    // manifest agrees with the file.
+    let mut past = good.clone();
+    let at = document_starts::HEADER_BYTES;
+    past[at..at + 8].copy_from_slice(&50u64.to_le_bytes());
+    let msg = refused(&past, true);
+    assert!(msg.contains("does not match the manifest's"), "{msg}");
+    let mut agreeing = manifest.clone();
+    agreeing.train.shards[2]
+        .document_starts
+        .as_mut()
+        .unwrap()
+        .sha256 = document_starts::DocumentStarts::open(&path)
+        .unwrap()
+        .sha256();
+    agreeing.save(&out).unwrap();
+    let msg = refused(&past, true);
+    assert!(
+        msg.contains("bad document starts: start 0 is 50, past the shard's 50 tokens"),
+        "{msg}"
+    );
+    manifest.save(&out).unwrap();
+
+    let msg = refused(&good[..good.len() - 3], false);
+    assert!(
+        msg.contains("size 37 bytes does not match its header"),
+        "{msg}"
+    );
+    let mut count = good.clone();
+    count[16..24].copy_from_slice(&(record.starts - 1).to_le_bytes());
+    count.truncate(count.len() - 8);
+    let msg = refused(&count, false);
+    assert!(
+        msg.contains(&format!(
+            "header says {} document starts, the manifest says {}",
+            record.starts - 1,
+            record.starts
+        )),
+        "{msg}"
+    );
+
+    fs::remove_file(&path).unwrap();
+    let err = Dataset::open(&out, OpenOptions { verify: false }).unwrap_err();
+    assert!(matches!(err, DataError::Missing { .. }), "{err}");
+    assert!(err.to_string().contains(&record.file), "{err}");
+}
+
+#[test]
+fn version_1_datasets_load_without_document_starts() {
+    let (dir, manifest) = byte_dataset(100);
+    let out = dir.path().join("ds");
+    let mut old = manifest.clone();
+    old.format_version = 1;
+    for split in [&mut old.train, old.valid.as_mut().unwrap()] {
+        for shard in &mut split.shards {
+            let starts = shard.document_starts.take().unwrap();
+            fs::remove_file(out.join(starts.file)).unwrap();
+        }
+    }
+    old.save(&out).unwrap();
+    let ds = Dataset::open(&out, OpenOptions::default()).unwrap();
+    assert_eq!(ds.manifest.as_ref().unwrap().format_version, 1);
+    assert!(!ds.train.has_document_starts());
+    assert_eq!(ds.train.documents(), None);
+    assert_eq!(ds.train.len(), manifest.train.tokens);
+}
+
 /// Every file of a dataset directory with its bytes, for comparing two runs.
 fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
@@ -366,19 +466,28 @@ fn every_format_prepares_the_same_shards() {
         assert_eq!(manifest.train, reference.train, "{input}");
     }
 
-    // And the shards hold exactly the documents, each followed by the separator.
+    // And the shards hold exactly the documents, each followed by the separator, and record
+    // where each begins (a byte a token), across the shard files.
     let ds = Dataset::open(&root.join("out-txt"), OpenOptions::default()).unwrap();
     let mut selector = ValidSelector::new(0.1);
     let (valid, train): (Vec<&String>, Vec<&String>) =
         docs.iter().partition(|_| selector.next_is_valid());
-    for (source, expected) in [(&ds.train, train), (ds.valid.as_ref().unwrap(), valid)] {
+    for (source, documents) in [(&ds.train, train), (ds.valid.as_ref().unwrap(), valid)] {
         let bytes: Vec<u8> = read_all(source).iter().map(|&t| t as u8).collect();
-        let expected: String = expected
+        let texts: Vec<String> = documents
             .iter()
             .map(|d| format!("{d}{DOCUMENT_SEPARATOR}"))
             .collect();
-        assert_eq!(String::from_utf8(bytes).unwrap(), expected);
+        assert_eq!(String::from_utf8(bytes).unwrap(), texts.concat());
+        let mut starts = vec![0u64];
+        for text in &texts {
+            starts.push(starts.last().unwrap() + text.len() as u64);
+        }
+        assert_eq!(starts.pop(), Some(source.len()));
+        assert_eq!(source.document_starts(0..source.len()), Some(starts));
+        assert_eq!(source.documents(), Some(documents.len() as u64));
     }
+    assert!(ds.train.shards().len() > 3);
 }
 
 #[test]
