@@ -304,8 +304,9 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "configs/does-not-exist.toml: no such config file; the shipped configs, which any \
-             directory can name, are gla-1.3b, gla-340m, gla-tiny, mamba-370m, mamba-tiny, \
-             transformer-340m, transformer-tiny (`glatrain configs` describes them)"
+             directory can name, are gla-1.3b, gla-340m, gla-340m-128k, gla-340m-64k, gla-tiny, \
+             mamba-370m, mamba-tiny, transformer-340m, transformer-tiny (`glatrain configs` \
+             describes them)"
         );
         let err = load("elsewhere/gla-340m.toml", &[]).unwrap_err();
         assert_eq!(

@@ -40,6 +40,8 @@ macro_rules! shipped {
 pub const SHIPPED: &[ShippedConfig] = shipped![
     "gla-1.3b",
     "gla-340m",
+    "gla-340m-128k",
+    "gla-340m-64k",
     "gla-tiny",
     "mamba-370m",
     "mamba-tiny",

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use glatrain_testing::process::{assert_exit, cli_path, text};
+use glatrain_testing::process::{assert_exit, cli_path, logged_series, text};
 
 fn glatrain(args: &[&str], dir: &Path) -> Output {
     Command::new(cli_path(env!("CARGO_BIN_EXE_glatrain")))
@@ -430,8 +430,9 @@ fn document_boundaries_train_on_prepared_data_and_refuse_a_version_1_dataset() {
         dir.path(),
     );
     assert_eq!(prepare.status.code(), Some(0), "{}", text(&prepare.stderr));
-    let train = |name: &str| {
+    let train = |name: &str, boundaries: bool| {
         let name = format!("run.name={name}");
+        let boundaries = format!("data.document_boundaries={boundaries}");
         glatrain(
             &[
                 "--config",
@@ -445,7 +446,7 @@ fn document_boundaries_train_on_prepared_data_and_refuse_a_version_1_dataset() {
                 "--set",
                 "data.seq_len=32",
                 "--set",
-                "data.document_boundaries=true",
+                &boundaries,
                 "--set",
                 "train.batch_size=4",
                 "--set",
@@ -460,8 +461,21 @@ fn document_boundaries_train_on_prepared_data_and_refuse_a_version_1_dataset() {
             dir.path(),
         )
     };
-    let run = train("boundaries");
+    let run = train("boundaries", true);
     assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    // The same batches without boundaries: the states cross documents, so the losses differ.
+    let plain = train("plain", false);
+    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain.stderr));
+    let losses = |name: &str| logged_series(&dir.path().join("runs").join(name), "train/loss");
+    let (with, without) = (losses("boundaries"), losses("plain"));
+    assert_eq!(with.len(), without.len());
+    assert!(!with.is_empty());
+    for ((step, a), (_, b)) in with.iter().zip(&without) {
+        assert!(
+            (a - b).abs() > 1e-6,
+            "step {step}: loss {a} with boundaries, {b} without"
+        );
+    }
     assert!(
         text(&run.stderr).contains(
             "documents per window of 32 tokens on average, each computed alone \
@@ -492,7 +506,7 @@ fn document_boundaries_train_on_prepared_data_and_refuse_a_version_1_dataset() {
                 prepare` recorded where documents begin; re-run `glatrain prepare` on its corpus \
                 (source: corpus.txt) to write the dataset with them (format version 2), or set \
                 data.document_boundaries = false";
-    assert_exit(&train("version-1"), 2, says);
+    assert_exit(&train("version-1", true), 2, says);
     assert!(!dir.path().join("runs/version-1").exists());
     let eval = glatrain(
         &[
