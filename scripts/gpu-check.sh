@@ -20,7 +20,9 @@
 #                                        the phases in PHASES (default "tests speed bench long
 #                                        memory article"): the test binaries side by side (TESTS:
 #                                        a glob of their names, default all), the speed runs
-#                                        ("mamba": Mamba-370M's alone, beside BEFORE), the
+#                                        ("mamba": Mamba-370M's alone, beside BEFORE;
+#                                        "documents": with data.document_boundaries, and the
+#                                        long-context configs as shipped), the
 #                                        benchmark, the long-context runs, the memory-estimate
 #                                        runs, the article's comparison; "losses": 200 steps
 #                                        against BEFORE and one NCCL rank. Each step is skipped
@@ -162,6 +164,17 @@ mamba_runs() {
   if [[ -n ${BEFORE:-} ]]; then
     train_run "$BEFORE" mamba-370m-before configs/mamba-370m.toml "${steps[@]}"
   fi
+}
+
+# Document boundaries: GLA-340M and Transformer++-340M as in speed_runs with
+# data.document_boundaries (their cost against the speed runs), and the long-context configs as
+# shipped.
+document_runs() {
+  local new=$DIR/glatrain steps=("${SHORT[@]}" --set train.max_steps=16 --set data.document_boundaries=true)
+  train_run "$new" gla-340m-documents configs/gla-340m.toml "${steps[@]}"
+  train_run "$new" transformer-340m-documents configs/transformer-340m.toml "${steps[@]}"
+  train_run "$new" gla-340m-64k configs/gla-340m-64k.toml --set train.max_steps=6 --set logging.log_every=2
+  train_run "$new" gla-340m-128k configs/gla-340m-128k.toml --set train.max_steps=4 --set logging.log_every=1
 }
 
 # Long context: GLA at 64K and 128K tokens (checkpointed to fit), Transformer++ at 32K.
@@ -306,6 +319,7 @@ session() {
       tests) parallel_tests "$out" ;;
       speed) speed_runs ;;
       mamba) mamba_runs ;;
+      documents) document_runs ;;
       bench) bench bench || true ;;
       long) long_runs ;;
       memory) memory_runs ;;
