@@ -175,7 +175,7 @@ fn configs_lists_the_shipped_configs_and_prints_one() {
         .take_while(|l| !l.is_empty())
         .map(|l| l.split_whitespace().take(3).collect())
         .collect();
-    assert_eq!(rows.len(), 7, "{table}");
+    assert_eq!(rows.len(), 9, "{table}");
     assert!(rows.contains(&vec!["gla-340m", "gla", "342M"]), "{table}");
     assert!(rows.contains(&vec!["gla-1.3b", "gla", "1.3B"]), "{table}");
     assert!(rows.contains(&vec!["gla-tiny", "gla", "0.6M"]), "{table}");
