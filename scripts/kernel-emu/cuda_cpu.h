@@ -58,26 +58,18 @@ inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c,
 inline uint2 make_uint2(unsigned a, unsigned b) { return {a, b}; }
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 
-inline float __int_as_float(int i) {
-  float f;
-  memcpy(&f, &i, 4);
-  return f;
+// The bits of `from` read as a `To`.
+template <class To, class From>
+inline To emu_bits(From from) {
+  static_assert(sizeof(To) == sizeof(From), "a reinterpretation keeps the size");
+  To to;
+  memcpy(&to, &from, sizeof to);
+  return to;
 }
-inline int __float_as_int(float f) {
-  int i;
-  memcpy(&i, &f, 4);
-  return i;
-}
-inline float __uint_as_float(unsigned i) {
-  float f;
-  memcpy(&f, &i, 4);
-  return f;
-}
-inline unsigned __float_as_uint(float f) {
-  unsigned i;
-  memcpy(&i, &f, 4);
-  return i;
-}
+inline float __int_as_float(int i) { return emu_bits<float>(i); }
+inline int __float_as_int(float f) { return emu_bits<int>(f); }
+inline float __uint_as_float(unsigned u) { return emu_bits<float>(u); }
+inline unsigned __float_as_uint(float f) { return emu_bits<unsigned>(f); }
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
@@ -99,8 +91,7 @@ inline long long max(long long a, long long b) { return a > b ? a : b; }
 
 // f32 -> bf16 bits, rounded to nearest even (NaN stays NaN), as cvt.rn.bf16.f32.
 inline unsigned short emu_f32_to_bf16(float x) {
-  unsigned u;
-  memcpy(&u, &x, 4);
+  unsigned u = emu_bits<unsigned>(x);
   if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
   u += 0x7fffu + ((u >> 16) & 1u);
   return (unsigned short)(u >> 16);

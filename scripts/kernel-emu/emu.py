@@ -1,7 +1,9 @@
 """Runs a kernel source of kernels/ on the CPU: the source and the prelude are compiled by g++
 against cuda_cpu.h (CUDA's built-ins; each CUDA thread a ucontext), one shared library per
 dtype, and every entry point becomes a function that Python calls through ctypes with a launch
-geometry and the kernel's arguments.
+geometry and the kernel's arguments. A driver in C++ (a source whose entry points take a
+struct, as scripts/selective-scan-emu's) includes `translation_unit`'s text instead and builds
+with `GXX`.
 
     from emu import Kernels
     k = Kernels("kernels/fused.cu", "bf16")
@@ -42,9 +44,20 @@ PTX = {
         "{ const _Float16 h = (_Float16)x; memcpy(&r.bits, &h, 2); }",
     'asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));':
         "y = emu_ftz(exp2f(emu_ftz(x)));",
+    'asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));':
+        "y = emu_ftz(log2f(emu_ftz(x)));",
+    'asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));':
+        "y = emu_ftz(1.f / emu_ftz(x));",
     'asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));':
         "r = (unsigned)emu_dynamic_smem_bytes();",
 }
+
+# g++ and its flags for every build: C++17, cuda_cpu.h on the include path, no fused
+# multiply-adds the GPU code does not ask for, and a misaligned access stops the run.
+GXX = [
+    "g++", "-std=c++17", "-O1", "-g", "-w", "-fno-strict-aliasing", "-ffp-contract=off",
+    "-fsanitize=alignment", "-fno-sanitize-recover=all", f"-I{HERE}",
+]
 
 EXTERN_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;"
@@ -96,13 +109,27 @@ def split_parameter(p: str):
     return C_TYPES[kind], name
 
 
+def translation_unit(source: Path, text: str) -> str:
+    """cuda_cpu.h, the prelude and `text` (the kernel source `source`, rendered) as one C++ text;
+    the includer defines the dtype macro first."""
+    prelude = render((ROOT / "kernels" / "common.cuh").read_text(), "common.cuh")
+    return "\n".join(
+        [
+            '#include "cuda_cpu.h"',
+            '#line 1 "common.cuh"',
+            prelude.replace("#pragma once", ""),
+            f'#line 1 "{source.name}"',
+            text.replace('#include "common.cuh"', ""),
+        ]
+    )
+
+
 class Kernels:
     """The entry points of one kernel source for one dtype, compiled for the CPU."""
 
     def __init__(self, source: str, dtype: str):
         self.source = ROOT / source if not Path(source).is_absolute() else Path(source)
         text = render(self.source.read_text(), self.source.name)
-        prelude = render((ROOT / "kernels" / "common.cuh").read_text(), "common.cuh")
         self.entries = {}
         wrappers = []
         for m in ENTRY.finditer(text):
@@ -121,11 +148,7 @@ class Kernels:
         unit = "\n".join(
             [
                 f"#define {DTYPES[dtype]}",
-                '#include "cuda_cpu.h"',
-                "#line 1 \"common.cuh\"",
-                prelude.replace("#pragma once", ""),
-                f'#line 1 "{self.source.name}"',
-                text.replace('#include "common.cuh"', ""),
+                translation_unit(self.source, text),
                 "// emulator entry points",
                 *wrappers,
             ]
@@ -137,12 +160,7 @@ class Kernels:
         if not lib.exists():
             out.mkdir(parents=True, exist_ok=True)
             (out / "unit.cpp").write_text(unit)
-            cmd = [
-                "g++", "-std=c++17", "-O1", "-g", "-shared", "-fPIC", "-w",
-                "-fno-strict-aliasing", "-ffp-contract=off",
-                "-fsanitize=alignment", "-fno-sanitize-recover=all",
-                f"-I{HERE}", str(out / "unit.cpp"), "-o", str(lib) + ".tmp",
-            ]
+            cmd = [*GXX, "-shared", "-fPIC", str(out / "unit.cpp"), "-o", str(lib) + ".tmp"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise SystemExit(f"g++ failed on {self.source.name} ({dtype}):\n{r.stderr[-4000:]}")

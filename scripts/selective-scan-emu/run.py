@@ -2,13 +2,13 @@
 """Runs kernels/selective_scan.cu on the CPU and checks its outputs and gradients against
 autograd of the plain recurrence (the reference in scripts/selective_scan_model.py).
 
-The kernel source itself is compiled with g++ against cuda_cpu.h (CUDA built-ins and the
-kernels/common.cuh API on the CPU; each CUDA thread a ucontext, __syncthreads a barrier of the
-block's threads), after its two inline-PTX helpers (lg2.approx, rcp.approx) are rewritten in
-C++; selective_scan_emu.cpp launches it as the launcher does. This checks the kernels' indexing,
-shared-memory layouts, barriers, segment logic and launch contract without a GPU; not the GPU's
-rounding (fp32 math on the CPU, exp2f for ex2.approx), nor warp timing, bank conflicts or
-alignment faults.
+The kernel source itself, with kernels/common.cuh, is rendered for the CPU by
+scripts/kernel-emu/emu.py (its inline PTX in C++) and compiled with g++ against that emulator's
+cuda_cpu.h (CUDA's built-ins; each CUDA thread a ucontext, __syncthreads a barrier of the
+block's threads); selective_scan_emu.cpp launches it as the launcher does. This checks the
+kernels' indexing, shared-memory layouts, barriers, segment logic, alignment and launch contract
+without a GPU; not the GPU's rounding (fp32 math on the CPU, exp2f for ex2.approx), nor warp
+timing or bank conflicts.
 
 Inputs are rounded to the dtype and the reference runs on the rounded values in float64.
 Tolerance (relative RMS): 1e-4 for fp32, 3e-2 for bf16 / fp16 (output rounding dominates).
@@ -33,30 +33,22 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "kernel-emu"))
+import emu  # noqa: E402
 import selective_scan_model as model  # noqa: E402
 
 DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-PTX = {
-    'asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = ftz(log2f(x));",
-    'asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));': "y = ftz(1.f / x);",
-}
 
 
 def build(out: Path):
     """The emulator binaries, one per dtype, in `out`."""
-    src = (ROOT / "kernels" / "selective_scan.cu").read_text()
-    for ptx, cpp in PTX.items():
-        if ptx not in src:
-            sys.exit(f"kernels/selective_scan.cu no longer contains {ptx!r}: update run.py")
-        src = src.replace(ptx, cpp)
-    if "asm(" in src:
-        sys.exit("kernels/selective_scan.cu has inline PTX that run.py does not render in C++")
-    (out / "selective_scan_cpu.cu").write_text(src)
-    (out / "common.cuh").write_text('#include "cuda_cpu.h"\n')
+    source = ROOT / "kernels" / "selective_scan.cu"
+    unit = emu.translation_unit(source, emu.render(source.read_text(), source.name))
+    (out / "selective_scan_cpu.cu").write_text(unit)
     jobs = [
         subprocess.Popen(
-            ["g++", "-std=c++17", "-O1", "-w", f"-DKERNEL_DTYPE_{dt}", f"-I{out}", f"-I{HERE}",
-             str(HERE / "selective_scan_emu.cpp"), "-o", str(out / f"emu_{dt}")]
+            [*emu.GXX, f"-DKERNEL_DTYPE_{dt}", f"-I{out}", str(HERE / "selective_scan_emu.cpp"),
+             "-o", str(out / f"emu_{dt}")]
         )
         for dt in DTYPES
     ]

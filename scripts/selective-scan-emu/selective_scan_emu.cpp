@@ -8,10 +8,10 @@
 // aligned), as in the Mamba model. Workspaces start as NaN, so a read of anything the kernels
 // did not write shows. Writes the outputs and gradients back as raw files.
 //
-// Built by run.py with the kernel source as selective_scan_cpu.cu (its two inline-PTX helpers
-// rendered in C++) and one of -DKERNEL_DTYPE_{F32,BF16,F16}.
-#include "cuda_cpu.h"
-alignas(16) float4 ss_smem[256 * 1024 / 16];  // the kernels' extern __shared__ array
+// Built by run.py with the kernel source as selective_scan_cpu.cu (the emulator's header, the
+// prelude and the source, rendered by scripts/kernel-emu/emu.py) and one of
+// -DKERNEL_DTYPE_{F32,BF16,F16}.
+#include <algorithm>
 #include <fstream>
 #include <string>
 

@@ -168,6 +168,7 @@ mod tests {
     use super::*;
 
     use glatrain_shim::process_group::StoreServer;
+    use glatrain_testing::on_threads;
 
     #[test]
     fn owners_balance_the_elements() {
@@ -233,27 +234,21 @@ mod tests {
         let store = StoreServer::serve(0, std::time::Duration::from_secs(30)).unwrap();
         let port = store.port();
         let world_size = 3;
-        let threads: Vec<_> = (0..world_size)
-            .map(|rank| {
-                std::thread::spawn(move || {
-                    let mut dp =
-                        DataParallel::join(&world(port, rank, world_size), Device::Cpu).unwrap();
-                    let params = params_with_grads(&mut dp, rank);
-                    dp.average_gradients().unwrap();
-                    let grads: Vec<Option<Tensor>> = params
-                        .iter()
-                        .map(|p| Some(p.grad()).filter(Tensor::defined))
-                        .collect();
-                    let sums = dp.sum("a test sum", &[rank as f64, 1.0]).unwrap();
-                    let averaged: Vec<Option<Vec<f32>>> = grads
-                        .iter()
-                        .map(|g| g.as_ref().map(|g| Vec::try_from(g.reshape([-1])).unwrap()))
-                        .collect();
-                    (averaged, sums)
-                })
-            })
-            .collect();
-        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let results = on_threads(world_size, |rank| {
+            let mut dp = DataParallel::join(&world(port, rank, world_size), Device::Cpu).unwrap();
+            let params = params_with_grads(&mut dp, rank);
+            dp.average_gradients().unwrap();
+            let grads: Vec<Option<Tensor>> = params
+                .iter()
+                .map(|p| Some(p.grad()).filter(Tensor::defined))
+                .collect();
+            let sums = dp.sum("a test sum", &[rank as f64, 1.0]).unwrap();
+            let averaged: Vec<Option<Vec<f32>>> = grads
+                .iter()
+                .map(|g| g.as_ref().map(|g| Vec::try_from(g.reshape([-1])).unwrap()))
+                .collect();
+            (averaged, sums)
+        });
         let all: Vec<Vec<Option<Tensor>>> = (0..world_size).map(rank_grads).collect();
         for i in 0..4 {
             let expected = all[0][i].as_ref().map(|_| {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use glatrain_dist::{DataParallel, WorldEnv};
 use glatrain_shim::process_group::{ProcessGroup, StoreServer};
-use glatrain_testing::{cuda_or_skip, Rng};
+use glatrain_testing::{cuda_or_skip, on_threads, Rng};
 use tch::{Device, Kind, Tensor};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -33,19 +33,10 @@ fn world(port: u16, rank: usize, world_size: usize) -> WorldEnv {
 
 /// Runs `body(rank, world)` on `world_size` threads, around a store served apart, and returns
 /// their results in rank order.
-fn on_ranks<T: Send + 'static>(
-    world_size: usize,
-    body: impl Fn(usize, WorldEnv) -> T + Send + Sync + Clone + 'static,
-) -> Vec<T> {
+fn on_ranks<T: Send>(world_size: usize, body: impl Fn(usize, WorldEnv) -> T + Sync) -> Vec<T> {
     let store = StoreServer::serve(0, TIMEOUT).unwrap();
     let port = store.port();
-    let threads: Vec<_> = (0..world_size)
-        .map(|rank| {
-            let body = body.clone();
-            std::thread::spawn(move || body(rank, world(port, rank, world_size)))
-        })
-        .collect();
-    let results = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let results = on_threads(world_size, |rank| body(rank, world(port, rank, world_size)));
     drop(store);
     results
 }

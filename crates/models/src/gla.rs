@@ -24,12 +24,12 @@
 //! current default applies no depth rescaling of `o_proj` / `down_proj`
 //! (`prenorm_residual_strategy = None`), so neither does this.
 
+use crate::attention_block::AttentionBlock;
 use crate::conv::CausalConv;
 use crate::documents::{PackedDocuments, RecurrentSettings};
 use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
 use crate::language_model::{Block, LanguageModel, Parts};
-use crate::linear::{autocast_input, Embedding, Linear, LmHead};
-use crate::mlp::SwiGlu;
+use crate::linear::{Embedding, Linear, LmHead};
 use crate::norm::RmsNorm;
 use glatrain_config::{GlaConfig, GlaMode, ModelConfig};
 use glatrain_ops::gla::gla_documents;
@@ -243,14 +243,8 @@ impl GlaAttention {
     }
 }
 
-/// `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`.
-#[derive(Debug)]
-pub struct GlaBlock {
-    attn_norm: RmsNorm,
-    attn: GlaAttention,
-    mlp_norm: RmsNorm,
-    mlp: SwiGlu,
-}
+/// GLA's residual block.
+pub type GlaBlock = AttentionBlock<GlaAttention>;
 
 impl Block for GlaBlock {
     const FAMILY: &'static str = "gla";
@@ -263,11 +257,7 @@ impl Block for GlaBlock {
         documents: &Option<PackedDocuments>,
         cache: Option<&mut GlaLayerCache>,
     ) -> Tensor {
-        let h = autocast_input(&self.attn_norm.forward(x));
-        let x = x + self.attn.forward(&h, cache, documents.as_ref());
-        &x + self
-            .mlp
-            .forward(&autocast_input(&self.mlp_norm.forward(&x)))
+        self.forward_with(x, |attn, h| attn.forward(h, cache, documents.as_ref()))
     }
 }
 
@@ -289,12 +279,10 @@ impl GlaModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &model / "layers" / i;
-                GlaBlock {
-                    attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
-                    attn: GlaAttention::new(&(&p / "attn"), cfg, mode),
-                    mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
-                    mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
-                }
+                let mlp = cfg.mlp_size() as i64;
+                AttentionBlock::new(&p, hidden, cfg.norm_eps, mlp, std, |p| {
+                    GlaAttention::new(p, cfg, mode)
+                })
             })
             .collect();
         Ok(Self::assemble(Parts {

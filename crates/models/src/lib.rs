@@ -9,6 +9,7 @@
 //! the sequence-mixing ops compute in fp32 and cast back to the activation dtype; logits are
 //! always returned in fp32.
 
+pub mod attention_block;
 pub mod cache;
 pub mod checkpoint;
 pub mod conv;

@@ -8,10 +8,10 @@
 //! Initialisation as Hugging Face LLaMA and FLA: every linear and embedding weight
 //! `N(0, initializer_range)`, norms one, no depth rescaling.
 
+use crate::attention_block::AttentionBlock;
 use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
 use crate::language_model::{Block, ContextSettings, LanguageModel, Parts};
-use crate::linear::{autocast_input, Embedding, Linear, LmHead};
-use crate::mlp::SwiGlu;
+use crate::linear::{Embedding, Linear, LmHead};
 use crate::norm::RmsNorm;
 use crate::rope::Rotary;
 use crate::Documents;
@@ -150,14 +150,8 @@ impl Attention {
     }
 }
 
-/// `x + attn(attn_norm(x))`, then `x + mlp(mlp_norm(x))`.
-#[derive(Debug)]
-pub struct TransformerBlock {
-    attn_norm: RmsNorm,
-    attn: Attention,
-    mlp_norm: RmsNorm,
-    mlp: SwiGlu,
-}
+/// Transformer++'s residual block.
+pub type TransformerBlock = AttentionBlock<Attention>;
 
 /// What a forward's rotary table is made from.
 #[derive(Debug)]
@@ -180,11 +174,7 @@ impl Block for TransformerBlock {
     type Settings = RotarySettings;
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
-        let h = autocast_input(&self.attn_norm.forward(x));
-        let x = x + self.attn.forward(&h, at, cache);
-        &x + self
-            .mlp
-            .forward(&autocast_input(&self.mlp_norm.forward(&x)))
+        self.forward_with(x, |attn, h| attn.forward(h, at, cache))
     }
 }
 
@@ -241,12 +231,10 @@ impl TransformerModel {
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let p = &model / "layers" / i;
-                TransformerBlock {
-                    attn_norm: RmsNorm::new(&(&p / "attn_norm"), hidden, cfg.norm_eps),
-                    attn: Attention::new(&(&p / "attn"), cfg),
-                    mlp_norm: RmsNorm::new(&(&p / "mlp_norm"), hidden, cfg.norm_eps),
-                    mlp: SwiGlu::new(&(&p / "mlp"), hidden, cfg.mlp_size() as i64, std),
-                }
+                let mlp = cfg.mlp_size() as i64;
+                AttentionBlock::new(&p, hidden, cfg.norm_eps, mlp, std, |p| {
+                    Attention::new(p, cfg)
+                })
             })
             .collect();
         Ok(Self::assemble(Parts {

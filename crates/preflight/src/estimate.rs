@@ -177,12 +177,16 @@ pub fn block_activation_bytes(shape: &LayerShape) -> u64 {
 /// Neglected: norm statistics, the rank-16 gate projection, Mamba's dt_rank columns of x_proj
 /// and its convolution's K - 1 extra outputs per sequence (< 1%).
 pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
-    let a = shape.act_bytes();
-    let d = shape.hidden_size as u64;
-    let m = shape.mlp_size as u64;
-    let heads = shape.num_heads as u64;
-    let dk = heads * shape.head_k_dim as u64;
-    let dv = heads * shape.head_v_dim as u64;
+    let Widths {
+        a,
+        d,
+        m,
+        dk,
+        dv,
+        kv,
+        e,
+        n,
+    } = Widths::of(shape);
     let per_token: Vec<(&'static str, u64)> = match shape.model_type {
         ModelType::Gla => {
             let mut parts = vec![
@@ -199,29 +203,22 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
             }
             parts
         }
-        ModelType::Transformer => {
-            let kv = shape.num_kv_heads as u64 * shape.head_k_dim as u64;
-            vec![
-                ("residual stream at both norms (fp32)", 2 * 4 * d),
-                ("norm outputs (projection inputs)", a * 2 * d),
-                ("q, attention output", a * 2 * dk),
-                ("k, v", a * 2 * kv),
-                ("MLP gate, up and product", a * 3 * m),
-            ]
-        }
-        ModelType::Mamba => {
-            // num_heads = d_inner, head_k_dim = d_state.
-            let (e, n) = (heads, shape.head_k_dim as u64);
-            vec![
-                ("residual stream (fp32)", 4 * d),
-                ("norm output (in_proj input)", a * d),
-                ("in_proj output x | z", a * 2 * e),
-                ("u (the convolution's output)", a * e),
-                ("B, C (x_proj output)", a * 2 * n),
-                ("delta (dt_proj output)", a * e),
-                ("scan output (out_proj input)", a * e),
-            ]
-        }
+        ModelType::Transformer => vec![
+            ("residual stream at both norms (fp32)", 2 * 4 * d),
+            ("norm outputs (projection inputs)", a * 2 * d),
+            ("q, attention output", a * 2 * dk),
+            ("k, v", a * 2 * kv),
+            ("MLP gate, up and product", a * 3 * m),
+        ],
+        ModelType::Mamba => vec![
+            ("residual stream (fp32)", 4 * d),
+            ("norm output (in_proj input)", a * d),
+            ("in_proj output x | z", a * 2 * e),
+            ("u (the convolution's output)", a * e),
+            ("B, C (x_proj output)", a * 2 * n),
+            ("delta (dt_proj output)", a * e),
+            ("scan output (out_proj input)", a * e),
+        ],
     };
     per_layer(per_token, shape)
 }
@@ -238,12 +235,16 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
 ///   down (2m + d); Mamba in_proj (2E), x_proj (dt_rank + 2N, dt_rank = hidden / 16), out_proj
 ///   (d).
 pub fn checkpointed_parts(shape: &LayerShape, mode: ActivationCheckpointing) -> Vec<MemoryPart> {
-    let a = shape.act_bytes();
-    let d = shape.hidden_size as u64;
-    let m = shape.mlp_size as u64;
-    let heads = shape.num_heads as u64;
-    let dk = heads * shape.head_k_dim as u64;
-    let dv = heads * shape.head_v_dim as u64;
+    let Widths {
+        a,
+        d,
+        m,
+        dk,
+        dv,
+        kv,
+        e,
+        n,
+    } = Widths::of(shape);
     if mode == ActivationCheckpointing::None {
         return Vec::new();
     }
@@ -254,23 +255,54 @@ pub fn checkpointed_parts(shape: &LayerShape, mode: ActivationCheckpointing) -> 
                 "matrix products: q, k, gates, v, g, o_proj, MLP",
                 a * (3 * dk + 16 + 2 * dv + 2 * d + 2 * m),
             ),
-            ModelType::Transformer => {
-                let kv = shape.num_kv_heads as u64 * shape.head_k_dim as u64;
-                (
-                    "matrix products: q, k, v, o_proj, MLP",
-                    a * (dk + 2 * kv + 2 * d + 2 * m),
-                )
-            }
-            ModelType::Mamba => {
-                let (e, n) = (heads, shape.head_k_dim as u64);
-                (
-                    "matrix products: in_proj, x_proj, out_proj",
-                    a * (2 * e + d / 16 + 2 * n + d),
-                )
-            }
+            ModelType::Transformer => (
+                "matrix products: q, k, v, o_proj, MLP",
+                a * (dk + 2 * kv + 2 * d + 2 * m),
+            ),
+            ModelType::Mamba => (
+                "matrix products: in_proj, x_proj, out_proj",
+                a * (2 * e + d / 16 + 2 * n + d),
+            ),
         });
     }
     per_layer(per_token, shape)
+}
+
+/// The widths [`block_parts`] and [`checkpointed_parts`] count per token, in elements.
+struct Widths {
+    /// Bytes of one activation element.
+    a: u64,
+    /// The model's width.
+    d: u64,
+    /// The MLP's.
+    m: u64,
+    /// Keys (and queries) over all heads.
+    dk: u64,
+    /// Values over all heads.
+    dv: u64,
+    /// The Transformer's keys (and values) over its KV heads.
+    kv: u64,
+    /// Mamba's d_inner (its `num_heads`).
+    e: u64,
+    /// Mamba's d_state (its `head_k_dim`).
+    n: u64,
+}
+
+impl Widths {
+    fn of(shape: &LayerShape) -> Self {
+        let heads = shape.num_heads as u64;
+        let head_k = shape.head_k_dim as u64;
+        Self {
+            a: shape.act_bytes(),
+            d: shape.hidden_size as u64,
+            m: shape.mlp_size as u64,
+            dk: heads * head_k,
+            dv: heads * shape.head_v_dim as u64,
+            kv: shape.num_kv_heads as u64 * head_k,
+            e: heads,
+            n: head_k,
+        }
+    }
 }
 
 /// Parts given in bytes per token, as the bytes of one layer and micro-batch of `shape`.

@@ -32,6 +32,17 @@ constexpr int kQuietLogLevel = 3;
 
 }  // namespace
 
+// Where a rank meets the others and how long anything may wait (the Rust side's repr(C)
+// `RawRendezvous`).
+struct GlatrainRendezvous {
+  const char* master_host;
+  int port;
+  int serve_store;
+  int rank;
+  int world;
+  int64_t timeout_ms;
+};
+
 // One process's membership in a group: the store it met the others through and the backend
 // that runs the collectives.
 struct GlatrainProcessGroup {
@@ -107,27 +118,25 @@ struct ReadyHook : torch::autograd::PostAccumulateGradHook {
   }
 };
 
-// Meets the other `world` processes through the store at `master_host`:`port`, served by this
-// process when `serve_store` is true (rank 0), else connected to (retrying until `timeout`).
-// The group's keys go under "glatrain/", apart from those of whoever else uses the store
-// (torchrun's agent).
-c10::intrusive_ptr<c10d::Store> rendezvous_store(const char* master_host, int port,
-                                                 bool serve_store, int world,
-                                                 std::chrono::milliseconds timeout) {
-  TORCH_CHECK(port > 0 && port < 65536, "port ", port, " is not a TCP port");
+// Meets the other `r.world` processes through the store at `r.master_host`:`r.port`, served by
+// this process when `r.serve_store` is nonzero (rank 0), else connected to (retrying until the
+// timeout). The group's keys go under "glatrain/", apart from those of whoever else uses the
+// store (torchrun's agent).
+c10::intrusive_ptr<c10d::Store> rendezvous_store(const GlatrainRendezvous& r) {
+  TORCH_CHECK(r.port > 0 && r.port < 65536, "port ", r.port, " is not a TCP port");
   c10d::TCPStoreOptions store_opts;
-  store_opts.port = static_cast<std::uint16_t>(port);
-  store_opts.isServer = serve_store;
-  store_opts.numWorkers = world;
+  store_opts.port = static_cast<std::uint16_t>(r.port);
+  store_opts.isServer = r.serve_store != 0;
+  store_opts.numWorkers = r.world;
   store_opts.waitWorkers = true;
-  store_opts.timeout = timeout;
+  store_opts.timeout = std::chrono::milliseconds(r.timeout_ms);
   // Ranks that start before rank 0 serves the store retry until the timeout; libtorch logs
   // every failed try (with a C++ backtrace), and only the outcome matters: quiet it meanwhile.
   const int log_level = FLAGS_caffe2_log_level;
   FLAGS_caffe2_log_level = kQuietLogLevel;
   c10::intrusive_ptr<c10d::Store> store;
   try {
-    store = c10::make_intrusive<c10d::TCPStore>(std::string(master_host), store_opts);
+    store = c10::make_intrusive<c10d::TCPStore>(std::string(r.master_host), store_opts);
   } catch (...) {
     FLAGS_caffe2_log_level = log_level;
     throw;
@@ -140,20 +149,18 @@ c10::intrusive_ptr<c10d::Store> rendezvous_store(const char* master_host, int po
 
 extern "C" {
 
-// Joins the group of `world` processes as `rank` (see rendezvous_store), then all build a Gloo
-// group whose collectives fail after `timeout_ms`. Gloo's transport binds to the interface
-// `iface` when it is not empty, else to the address of `hostname` when that is not empty, else
-// to this machine's hostname (loopback if it does not resolve). Returns the group, or null with
-// a message.
-GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, int serve_store,
-                                           int rank, int world, int64_t timeout_ms,
-                                           const char* iface,
+// Joins the group of `r->world` processes as `r->rank` (see rendezvous_store), then all build a
+// Gloo group whose collectives fail after `r->timeout_ms`. Gloo's transport binds to the
+// interface `iface` when it is not empty, else to the address of `hostname` when that is not
+// empty, else to this machine's hostname (loopback if it does not resolve). Returns the group, or
+// null with a message.
+GlatrainProcessGroup* glatrain_pg_gloo_new(const GlatrainRendezvous* r, const char* iface,
                                            const char* hostname, char* err, size_t err_len) {
   GlatrainProcessGroup* out = nullptr;
   guarded(err, err_len, [&] {
-    const std::chrono::milliseconds timeout(timeout_ms);
-    auto store = rendezvous_store(master_host, port, serve_store != 0, world, timeout);
-    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+    auto store = rendezvous_store(*r);
+    auto opts =
+        c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(r->timeout_ms));
     if (iface != nullptr && iface[0] != '\0') {
       opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
     } else if (hostname != nullptr && hostname[0] != '\0') {
@@ -161,29 +168,28 @@ GlatrainProcessGroup* glatrain_pg_gloo_new(const char* master_host, int port, in
     } else {
       opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
-    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+    auto backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, r->rank, r->world, opts);
     out = new GlatrainProcessGroup{store, backend};
   });
   return out;
 }
 
-// Joins the group of `world` processes as `rank` (see rendezvous_store), then all build an NCCL
-// group on CUDA device `cuda_index` (one device per rank), its communicator made now so that a
-// failure shows here rather than in the first collective. A collective not done within
-// `timeout_ms` is ended by libtorch's NCCL watchdog. Returns the group, or null with a message.
-GlatrainProcessGroup* glatrain_pg_nccl_new(const char* master_host, int port, int serve_store,
-                                           int rank, int world, int64_t timeout_ms,
-                                           int cuda_index, char* err, size_t err_len) {
+// Joins the group of `r->world` processes as `r->rank` (see rendezvous_store), then all build an
+// NCCL group on CUDA device `cuda_index` (one device per rank), its communicator made now so that
+// a failure shows here rather than in the first collective. A collective not done within
+// `r->timeout_ms` is ended by libtorch's NCCL watchdog. Returns the group, or null with a
+// message.
+GlatrainProcessGroup* glatrain_pg_nccl_new(const GlatrainRendezvous* r, int cuda_index, char* err,
+                                           size_t err_len) {
   GlatrainProcessGroup* out = nullptr;
   guarded(err, err_len, [&] {
     const int visible = c10::cuda::device_count();
     TORCH_CHECK(cuda_index >= 0 && cuda_index < visible, "CUDA device ", cuda_index,
                 " does not exist (", visible, " visible)");
-    const std::chrono::milliseconds timeout(timeout_ms);
-    auto store = rendezvous_store(master_host, port, serve_store != 0, world, timeout);
+    auto store = rendezvous_store(*r);
     auto opts = c10d::ProcessGroupNCCL::Options::create();
-    opts->timeout = timeout;
-    auto backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+    opts->timeout = std::chrono::milliseconds(r->timeout_ms);
+    auto backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, r->rank, r->world, opts);
     const at::Device device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_index));
     backend->setBoundDeviceId(device);
     backend->eagerConnectSingleDevice(device);

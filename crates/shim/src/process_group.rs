@@ -16,28 +16,28 @@ struct RawGroup {
     _private: [u8; 0],
 }
 
+/// A [`Rendezvous`] as the shim's constructors take it (`GlatrainRendezvous`); `master_host`
+/// borrows the [`CRendezvous`] it is made from.
+#[repr(C)]
+struct RawRendezvous {
+    master_host: *const c_char,
+    port: c_int,
+    serve_store: c_int,
+    rank: c_int,
+    world: c_int,
+    timeout_ms: i64,
+}
+
 extern "C" {
-    #[allow(clippy::too_many_arguments)]
     fn glatrain_pg_gloo_new(
-        master_host: *const c_char,
-        port: c_int,
-        serve_store: c_int,
-        rank: c_int,
-        world: c_int,
-        timeout_ms: i64,
+        rendezvous: *const RawRendezvous,
         iface: *const c_char,
         hostname: *const c_char,
         err: *mut c_char,
         err_len: usize,
     ) -> *mut RawGroup;
-    #[allow(clippy::too_many_arguments)]
     fn glatrain_pg_nccl_new(
-        master_host: *const c_char,
-        port: c_int,
-        serve_store: c_int,
-        rank: c_int,
-        world: c_int,
-        timeout_ms: i64,
+        rendezvous: *const RawRendezvous,
         cuda_index: c_int,
         err: *mut c_char,
         err_len: usize,
@@ -259,26 +259,32 @@ fn as_c_int(what: &str, x: usize) -> Result<c_int, String> {
     c_int::try_from(x).map_err(|_| format!("{what} {x} is too large"))
 }
 
-/// A [`Rendezvous`] as the shim's constructors take it.
+/// A [`Rendezvous`] as the shim takes it, with the host's string it points to.
 struct CRendezvous {
-    host: CString,
-    port: c_int,
-    serve_store: c_int,
-    rank: c_int,
-    world: c_int,
-    timeout_ms: i64,
+    /// What `raw.master_host` points to (its heap buffer stays put when the struct moves).
+    _host: CString,
+    raw: RawRendezvous,
+}
+
+impl CRendezvous {
+    /// The shim's view, valid while `self` lives.
+    fn raw(&self) -> *const RawRendezvous {
+        &self.raw
+    }
 }
 
 impl Rendezvous {
     fn to_c(&self) -> Result<CRendezvous, String> {
-        Ok(CRendezvous {
-            host: c_string("MASTER_ADDR", &self.master_addr)?,
+        let host = c_string("MASTER_ADDR", &self.master_addr)?;
+        let raw = RawRendezvous {
+            master_host: host.as_ptr(),
             port: c_int::from(self.master_port),
             serve_store: c_int::from(self.serve_store),
             rank: as_c_int("rank", self.rank)?,
             world: as_c_int("world size", self.world_size)?,
             timeout_ms: i64::try_from(self.timeout.as_millis()).unwrap_or(i64::MAX),
-        })
+        };
+        Ok(CRendezvous { _host: host, raw })
     }
 }
 
@@ -301,18 +307,7 @@ impl ProcessGroup {
         // SAFETY: the strings outlive the call; the message buffer is the checked helper's.
         checked(|err, len| {
             raw = unsafe {
-                glatrain_pg_gloo_new(
-                    c.host.as_ptr(),
-                    c.port,
-                    c.serve_store,
-                    c.rank,
-                    c.world,
-                    c.timeout_ms,
-                    iface.as_ptr(),
-                    hostname.as_ptr(),
-                    err,
-                    len,
-                )
+                glatrain_pg_gloo_new(c.raw(), iface.as_ptr(), hostname.as_ptr(), err, len)
             };
             c_int::from(raw.is_null())
         })?;
@@ -331,19 +326,7 @@ impl ProcessGroup {
         let mut raw = std::ptr::null_mut();
         // SAFETY: the string outlives the call; the message buffer is the checked helper's.
         checked(|err, len| {
-            raw = unsafe {
-                glatrain_pg_nccl_new(
-                    c.host.as_ptr(),
-                    c.port,
-                    c.serve_store,
-                    c.rank,
-                    c.world,
-                    c.timeout_ms,
-                    cuda_index,
-                    err,
-                    len,
-                )
-            };
+            raw = unsafe { glatrain_pg_nccl_new(c.raw(), cuda_index, err, len) };
             c_int::from(raw.is_null())
         })?;
         Ok(Self::from_raw(raw, rendezvous))
@@ -411,6 +394,7 @@ impl Drop for ProcessGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use glatrain_testing::on_threads;
     use std::time::Instant;
     use tch::Kind;
 
@@ -434,26 +418,20 @@ mod tests {
     /// Runs `body(group)` on `world_size` threads, one rank each, around a store served apart
     /// (its port taken by the bind itself: no race with other tests), and returns their results
     /// in rank order.
-    fn on_ranks<T: Send + 'static>(
+    fn on_ranks<T: Send>(
         world_size: usize,
         timeout: Duration,
-        body: impl Fn(ProcessGroup) -> T + Send + Sync + Clone + 'static,
+        body: impl Fn(ProcessGroup) -> T + Sync,
     ) -> Vec<T> {
         let store = StoreServer::serve(0, timeout).unwrap();
         let port = store.port();
-        let threads: Vec<_> = (0..world_size)
-            .map(|rank| {
-                let body = body.clone();
-                std::thread::spawn(move || {
-                    let rendezvous = Rendezvous {
-                        serve_store: false,
-                        ..rendezvous(port, rank, world_size, timeout)
-                    };
-                    body(ProcessGroup::gloo(&rendezvous).unwrap())
-                })
-            })
-            .collect();
-        let results = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let results = on_threads(world_size, |rank| {
+            let rendezvous = Rendezvous {
+                serve_store: false,
+                ..rendezvous(port, rank, world_size, timeout)
+            };
+            body(ProcessGroup::gloo(&rendezvous).unwrap())
+        });
         drop(store);
         results
     }
@@ -496,21 +474,14 @@ mod tests {
     #[test]
     fn rank_zero_can_serve_the_store() {
         let port = free_port();
-        let threads: Vec<_> = (0..2)
-            .map(|rank| {
-                std::thread::spawn(move || {
-                    let group =
-                        ProcessGroup::gloo(&rendezvous(port, rank, 2, Duration::from_secs(30)))
-                            .unwrap();
-                    let t = Tensor::from_slice(&[rank as f32 + 1.0]);
-                    group.all_reduce_sum(std::slice::from_ref(&t)).unwrap();
-                    t.double_value(&[0])
-                })
-            })
-            .collect();
-        for t in threads {
-            assert_eq!(t.join().unwrap(), 3.0);
-        }
+        let sums = on_threads(2, |rank| {
+            let group =
+                ProcessGroup::gloo(&rendezvous(port, rank, 2, Duration::from_secs(30))).unwrap();
+            let t = Tensor::from_slice(&[rank as f32 + 1.0]);
+            group.all_reduce_sum(std::slice::from_ref(&t)).unwrap();
+            t.double_value(&[0])
+        });
+        assert_eq!(sums, [3.0, 3.0]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Helpers for testing tensor ops: relative error, a seeded random source, a finite-difference
 //! gradient check (tch has no `gradcheck`), the tolerance rule that compares fast results with
-//! their reference, and the CUDA device of tests that skip without one;
-//! and, in [`process`], for tests that run training processes.
+//! their reference, the CUDA device of tests that skip without one, and threads that run
+//! together; and, in [`process`], for tests that run training processes.
 
 mod compare;
 pub mod process;
@@ -109,6 +109,16 @@ impl Rng {
 pub fn normal_f64_on(seed: u64, device: Device) -> impl FnMut(&[i64]) -> Tensor {
     let mut rng = Rng::new(seed);
     move |shape| rng.randn(shape, Kind::Double).to_device(device)
+}
+
+/// `body(i)` for each `i` in `0..n`, each on a thread of its own (as the ranks of a process group,
+/// which wait for each other), and their results in order. Panics if any of them panics.
+pub fn on_threads<T: Send>(n: usize, body: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|scope| {
+        let body = &body;
+        let threads: Vec<_> = (0..n).map(|i| scope.spawn(move || body(i))).collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    })
 }
 
 /// Settings of [`gradcheck`].

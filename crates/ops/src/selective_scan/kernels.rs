@@ -3,16 +3,18 @@
 //! (the same for the adjoint in reverse, then the reductions of dB / dC and of dA, dD and
 //! d(delta_bias) partials).
 //!
-//! Inputs are validated ([`super::selective_scan`] sees to it): u, delta, z `[B, T, D]` and B, C
-//! `[B, T, N]` of one dtype (f32, bf16 or f16), each with its innermost dimension contiguous
-//! (column slices of a larger projection are read in place, through their batch and step
-//! strides); A `[D, N]`, D and delta_bias `[D]`, states `[B, D, N]` contiguous f32; all on one
-//! CUDA device. Every kernel takes one [`ScanParams`] by value.
+//! Inputs ([`ScanInputs`]) are validated ([`super::selective_scan`] sees to it): u, delta, z
+//! `[B, T, D]` and B, C `[B, T, N]` of one dtype (f32, bf16 or f16), each with its innermost
+//! dimension contiguous (column slices of a larger projection are read in place, through their
+//! batch and step strides); A `[D, N]`, D and delta_bias `[D]`, states `[B, D, N]` contiguous
+//! f32; resets `[B, T]` bool contiguous; all on one CUDA device. Every kernel takes one
+//! [`ScanParams`] by value.
 
 use glatrain_cuda::cudarc::driver::DeviceRepr;
 use glatrain_cuda::{launch, CudaError, Gpu, KernelDtype, KernelSource};
 use tch::{Kind, Tensor};
 
+use super::ScanInputs;
 use crate::launch::{buffer, device_of, kernel_dtype_of, opt_ptr, ptr, tiles};
 use crate::OpError;
 
@@ -249,10 +251,21 @@ impl Dims {
         ])
     }
 
-    /// The common fields of every launch of this call.
-    fn params(&self, softplus: bool) -> Result<ScanParams, OpError> {
+    /// The common fields of every launch of this call: the sizes, the inputs `x` and the
+    /// softplus flag.
+    fn params(&self, x: &ScanInputs, softplus: bool) -> Result<ScanParams, OpError> {
         let [b, t, d, n] = self.as_i32()?;
         Ok(ScanParams {
+            u: Rows::of(x.u),
+            delta: Rows::of(x.delta),
+            z: Rows::of_opt(x.z),
+            bm: Rows::of(x.b),
+            cm: Rows::of(x.c),
+            a: ptr(x.a),
+            dskip: opt_ptr(x.d),
+            bias: opt_ptr(x.delta_bias),
+            h0: opt_ptr(x.initial_state),
+            reset: opt_ptr(x.resets),
             b,
             t,
             d,
@@ -275,26 +288,6 @@ pub fn prepare(ordinal: usize, dt: KernelDtype, optimised: bool) -> Result<(), C
     }
 }
 
-/// The inputs of one scan call (see the module docs for layouts).
-///
-/// # Shapes
-/// u, delta, z: `[B, T, D]`; a: `[D, N]` f32; b, c: `[B, T, N]`; d, bias: `[D]` f32;
-/// h0: `[B, D, N]` f32.
-#[derive(Debug, Clone, Copy)]
-pub struct Inputs<'a> {
-    pub u: &'a Tensor,
-    pub delta: &'a Tensor,
-    pub a: &'a Tensor,
-    pub b: &'a Tensor,
-    pub c: &'a Tensor,
-    pub d: Option<&'a Tensor>,
-    pub z: Option<&'a Tensor>,
-    pub bias: Option<&'a Tensor>,
-    pub h0: Option<&'a Tensor>,
-    /// `[B, T]` bool, contiguous: where the state restarts from zero.
-    pub resets: Option<&'a Tensor>,
-}
-
 /// Outputs of [`forward`].
 #[derive(Debug)]
 pub struct Forward {
@@ -311,7 +304,7 @@ pub struct Forward {
 /// Scan forward. With `keep`, also returns what [`backward`] needs (the chunk-start states, and
 /// the pre-gate output when z is given); without, the kernels write neither.
 pub fn forward(
-    x: &Inputs,
+    x: &ScanInputs,
     softplus: bool,
     segments: Segments,
     keep: bool,
@@ -319,7 +312,7 @@ pub fn forward(
     let dims = Dims::of(x.u, x.a);
     let Dims { b, t, d, n } = dims;
     if dims.is_empty() {
-        let final_state = match x.h0 {
+        let final_state = match x.initial_state {
             Some(h) => h.f_detach_copy()?,
             None => Tensor::f_zeros([b, d, n], (Kind::Float, x.u.device()))?,
         };
@@ -344,12 +337,8 @@ pub fn forward(
             .map(|_| buffer(&[b, t, d], x.u.kind(), x.u))
             .transpose()?;
 
-    let mut p = dims.params(softplus)?;
-    (p.u, p.delta, p.z) = (Rows::of(x.u), Rows::of(x.delta), Rows::of_opt(x.z));
-    (p.bm, p.cm) = (Rows::of(x.b), Rows::of(x.c));
+    let mut p = dims.params(x, softplus)?;
     (p.out, p.ypre) = (Rows::of(&out), Rows::of_opt(ypre.as_ref()));
-    (p.a, p.dskip, p.bias, p.h0) = (ptr(x.a), opt_ptr(x.d), opt_ptr(x.bias), opt_ptr(x.h0));
-    p.reset = opt_ptr(x.resets);
     (p.ht, p.ckpt) = (ptr(&final_state), opt_ptr(checkpoints.as_ref()));
 
     let (threads, channels) = forward_block(n);
@@ -412,7 +401,7 @@ pub struct Backward {
 #[derive(Debug, Clone, Copy)]
 pub struct BackwardInputs<'a> {
     /// The forward's inputs.
-    pub x: Inputs<'a>,
+    pub x: ScanInputs<'a>,
     /// [`Forward::checkpoints`] of the same inputs.
     pub checkpoints: &'a Tensor,
     /// [`Forward::ypre`] of the same inputs (when z was given).
@@ -436,7 +425,7 @@ pub fn backward(
     let dt_kind = x.u.kind();
     let zeros = |shape: &[i64], kind: Kind| Tensor::f_zeros(shape, (kind, x.u.device()));
     if dims.is_empty() {
-        let dh0 = match (x.h0, inputs.dht) {
+        let dh0 = match (x.initial_state, inputs.dht) {
             (None, _) => None,
             (Some(_), Some(g)) => Some(g.f_detach_copy()?),
             (Some(_), None) => Some(zeros(&[b, d, n], Kind::Float)?),
@@ -451,7 +440,7 @@ pub fn backward(
             dc: zeros(&[b, t, n], dt_kind)?,
             dd: per_channel(x.d)?,
             dz: x.z.map(|_| zeros(&[b, t, d], dt_kind)).transpose()?,
-            dbias: per_channel(x.bias)?,
+            dbias: per_channel(x.delta_bias)?,
             dh0,
         });
     }
@@ -465,19 +454,19 @@ pub fn backward(
     let da = buffer(&[d, n], Kind::Float, u)?;
     let dd = x.d.map(|_| buffer(&[d], Kind::Float, u)).transpose()?;
     let dz = x.z.map(|_| buffer(&[b, t, d], dt_kind, u)).transpose()?;
-    let dbias = x.bias.map(|_| buffer(&[d], Kind::Float, u)).transpose()?;
-    let dh0 =
-        x.h0.map(|_| buffer(&[b, d, n], Kind::Float, u))
-            .transpose()?;
+    let dbias = x
+        .delta_bias
+        .map(|_| buffer(&[d], Kind::Float, u))
+        .transpose()?;
+    let dh0 = x
+        .initial_state
+        .map(|_| buffer(&[b, d, n], Kind::Float, u))
+        .transpose()?;
 
-    let mut p = dims.params(softplus)?;
-    (p.u, p.delta, p.z) = (Rows::of(x.u), Rows::of(x.delta), Rows::of_opt(x.z));
-    (p.bm, p.cm) = (Rows::of(x.b), Rows::of(x.c));
+    let mut p = dims.params(&x, softplus)?;
     (p.ypre, p.dout) = (Rows::of_opt(inputs.ypre), Rows::of(inputs.dout));
     (p.du, p.ddelta, p.dz) = (Rows::of(&du), Rows::of(&ddelta), Rows::of_opt(dz.as_ref()));
     (p.db, p.dc) = (Rows::of(&db), Rows::of(&dc));
-    (p.a, p.dskip, p.bias, p.h0) = (ptr(x.a), opt_ptr(x.d), opt_ptr(x.bias), opt_ptr(x.h0));
-    p.reset = opt_ptr(x.resets);
     (p.dht, p.ckpt) = (opt_ptr(inputs.dht), ptr(inputs.checkpoints));
     (p.da, p.dd, p.dbias, p.dh0) = (
         ptr(&da),
@@ -664,7 +653,7 @@ mod tests {
     fn cpu_tensors_are_refused_by_the_launchers() {
         let t = Tensor::zeros([1, 2, 4], (Kind::Float, tch::Device::Cpu));
         let a = Tensor::zeros([4, 2], (Kind::Float, tch::Device::Cpu));
-        let x = Inputs {
+        let x = ScanInputs {
             u: &t,
             delta: &t,
             a: &a,
@@ -672,8 +661,8 @@ mod tests {
             c: &t.narrow(2, 0, 2),
             d: None,
             z: None,
-            bias: None,
-            h0: None,
+            delta_bias: None,
+            initial_state: None,
             resets: None,
         };
         let err = forward(&x, true, Segments::Auto, true).unwrap_err();

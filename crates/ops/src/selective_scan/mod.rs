@@ -296,9 +296,9 @@ struct ScanOp {
 }
 
 /// The kernels' inputs from the bridge's list (u, delta, A, B, C, D, z, delta_bias, h0, resets).
-fn kernel_inputs<'a>(list: &[Option<&'a Tensor>]) -> Result<kernels::Inputs<'a>, String> {
+fn kernel_inputs<'a>(list: &[Option<&'a Tensor>]) -> Result<ScanInputs<'a>, String> {
     let [u, delta, a, b, c, d, z, bias, h0, resets] = bridged_list(OP, "inputs", list)?;
-    Ok(kernels::Inputs {
+    Ok(ScanInputs {
         u: bridged(OP, *u, "u")?,
         delta: bridged(OP, *delta, "delta")?,
         a: bridged(OP, *a, "A")?,
@@ -306,8 +306,8 @@ fn kernel_inputs<'a>(list: &[Option<&'a Tensor>]) -> Result<kernels::Inputs<'a>,
         c: bridged(OP, *c, "C")?,
         d: *d,
         z: *z,
-        bias: *bias,
-        h0: *h0,
+        delta_bias: *bias,
+        initial_state: *h0,
         resets: *resets,
     })
 }
