@@ -90,11 +90,6 @@ impl GlaDocuments {
         })
     }
 
-    /// The documents.
-    pub fn documents(&self) -> &Documents {
-        &self.documents
-    }
-
     /// Another handle on the same layout (its tensors shallow-cloned).
     pub fn shallow_clone(&self) -> Self {
         GlaDocuments {
