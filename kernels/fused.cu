@@ -1,6 +1,7 @@
 // Fused training ops on activations, forward and backward: RMSNorm with an optional swish gate,
-// SwiGLU, and the causal depthwise convolution with silu. Inputs and outputs in the activation dtype (input_t: fp32, bf16 or fp16); row
-// statistics and all math in fp32. Launchers: crates/ops/src/fused/ (norm.rs, swiglu.rs).
+// SwiGLU, and the causal depthwise convolution with silu. Inputs and outputs in the activation
+// dtype (input_t: fp32, bf16 or fp16); row statistics and all math in fp32. Launchers:
+// crates/ops/src/fused/ (norm.rs, swiglu.rs, conv.rs, projected.rs).
 //
 //   rms_norm  y = x * rstd * w [* silu(g)],   rstd = 1 / sqrt(mean(x^2) + eps) per row
 //             x, g, y, dy, dx, dg: [rows, n] input dtype   w, dw: [n] fp32   rstd: [rows] fp32
@@ -17,7 +18,10 @@
 //   dx = rstd * (dxh - xh * mean(dxh * xh)),   dw = sum over rows of dyh * xh,
 //   dg = dy * xh * w * silu'(g);
 // of swiglu: da = dy * b * silu'(a), db = dy * silu(a). The forward keeps nothing but rstd (the
-// op keeps its inputs); the backward computes the gate's silu again. Of causal_conv, with
+// op keeps its inputs); the backward computes the gate's silu again. The backwards of rms_norm
+// and swiglu also write the forward's y again, bit for bit, when given a y buffer: an op whose
+// output feeds a matrix product recomputes it there for the weight gradient instead of keeping
+// it (fused/projected.rs). Of causal_conv, with
 // dpre_t = dy_t silu'(pre_t) (pre computed again): dx_s = sum over the valid taps (t, j) reading
 // s of w_j dpre_t, dw_j = sum_{b,t} dpre_t x_{t-K+1+j} (valid taps), dbias = sum_{b,t} dpre_t.
 //
@@ -174,16 +178,19 @@ __device__ __forceinline__ void norm_fwd_row(const input_t* x, const float* w, c
   for (; c < n; c += step) write(load_chunk<W>(x + base + c), c);
 }
 
-// The backward of one element: dx and dg, and its term of dw added to `dw`.
+// The backward of one element: dx and dg, its term of dw added to `dw`, and the forward's
+// output y again (the forward's operations in its order, so the same bits).
 __device__ __forceinline__ void norm_bwd_elem(float xv, float gv, float dyv, float wv, float r,
                                               float mean, bool gated, float& dx, float& dg,
-                                              float& dw) {
+                                              float& dw, float& y) {
   const float xh = xv * r;
   float dyh = dyv;
+  y = xh * wv;
   if (gated) {
     const Silu s = silu(gv);
     dyh = dyv * s.value;
-    dg = dyv * (xh * wv) * s.slope;
+    dg = dyv * y * s.slope;
+    y *= s.value;
   }
   dx = fmaf(-xh, mean, dyh * wv) * r;
   dw = fmaf(dyh, xh, dw);
@@ -200,13 +207,13 @@ __device__ __forceinline__ int padded_columns(int n, int W) {
 }
 
 // One row's backward, by the 32 lanes of a warp; adds the row's dw terms to acc (the warp's
-// sums, at acc_index). Both passes read the row from memory (the second mostly from L1): keeping
+// sums, at acc_index) and writes y again where y is not null. Both passes read the row from memory (the second mostly from L1): keeping
 // it in registers would cost occupancy.
 template <int W>
 __device__ __forceinline__ void norm_bwd_row(const input_t* x, const float* w, const input_t* g,
                                              const float* rstd, const input_t* dy, input_t* dx,
-                                             input_t* dg, float* acc, long long row, int n,
-                                             int lane) {
+                                             input_t* dg, input_t* y, float* acc, long long row,
+                                             int n, int lane) {
   const long long base = row * n;
   const bool gated = g != nullptr;
   const float r = rstd[row];
@@ -227,15 +234,16 @@ __device__ __forceinline__ void norm_bwd_row(const input_t* x, const float* w, c
   for (int j = 0, c = lane * W; c < n; ++j, c += 32 * W) {
     const Chunk<W> xr = load_chunk<W>(x + base + c), dr = load_chunk<W>(dy + base + c);
     const Chunk<W> gr = gated ? load_chunk<W>(g + base + c) : xr;
-    float wv[W], dxv[W], dgv[W];
+    float wv[W], dxv[W], dgv[W], yv[W];
     load_weights<W>(w + c, wv);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       norm_bwd_elem(to_f32(xr.e[k]), to_f32(gr.e[k]), to_f32(dr.e[k]), wv[k], r, mean, gated,
-                    dxv[k], dgv[k], acc[acc_index(j, k, lane, W)]);
+                    dxv[k], dgv[k], acc[acc_index(j, k, lane, W)], yv[k]);
     }
     store_chunk<W>(dx + base + c, dxv);
     if (gated) store_chunk<W>(dg + base + c, dgv);
+    if (y != nullptr) store_chunk<W>(y + base + c, yv);
   }
 }
 
@@ -260,8 +268,8 @@ extern "C" __global__ void __launch_bounds__(256)
     ENTRY(rms_norm_bwd)(const input_t* __restrict__ x, const float* __restrict__ w,
                         const input_t* __restrict__ g, const float* __restrict__ rstd,
                         const input_t* __restrict__ dy, input_t* __restrict__ dx,
-                        input_t* __restrict__ dg, float* __restrict__ dw_part, int rows, int n,
-                        int warp_rows, int vec) {
+                        input_t* __restrict__ dg, input_t* __restrict__ y,
+                        float* __restrict__ dw_part, int rows, int n, int warp_rows, int vec) {
   extern __shared__ float4 dw_smem[];
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int W = vec ? VEC : 1, padded = padded_columns(n, W);
@@ -278,9 +286,9 @@ extern "C" __global__ void __launch_bounds__(256)
                             : (long long)rows;
   for (long long row = first + warp; row < end; row += warps) {
     if (vec) {
-      norm_bwd_row<VEC>(x, w, g, rstd, dy, dx, dg, acc, row, n, lane);
+      norm_bwd_row<VEC>(x, w, g, rstd, dy, dx, dg, y, acc, row, n, lane);
     } else {
-      norm_bwd_row<1>(x, w, g, rstd, dy, dx, dg, acc, row, n, lane);
+      norm_bwd_row<1>(x, w, g, rstd, dy, dx, dg, y, acc, row, n, lane);
     }
   }
   __syncthreads();
@@ -353,20 +361,23 @@ struct SwigluBwd {
   const input_t* dy;
   input_t* da;
   input_t* db;
+  input_t* y;  // the forward's output again, bit for bit (null: not wanted)
   template <int W>
   __device__ __forceinline__ void operator()(long long i) const {
     const Chunk<W> ac = load_chunk<W>(a + i), bc = load_chunk<W>(b + i);
     const Chunk<W> dc = load_chunk<W>(dy + i);
-    float dav[W], dbv[W];
+    float dav[W], dbv[W], yv[W];
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const Silu s = silu(to_f32(ac.e[k]));
       const float d = to_f32(dc.e[k]);
       dav[k] = d * to_f32(bc.e[k]) * s.slope;
       dbv[k] = d * s.value;
+      yv[k] = s.value * to_f32(bc.e[k]);
     }
     store_chunk<W>(da + i, dav);
     store_chunk<W>(db + i, dbv);
+    if (y != nullptr) store_chunk<W>(y + i, yv);
   }
 };
 
@@ -382,8 +393,9 @@ extern "C" __global__ void __launch_bounds__(256)
 extern "C" __global__ void __launch_bounds__(256)
     ENTRY(swiglu_bwd)(const input_t* __restrict__ a, const input_t* __restrict__ b,
                       const input_t* __restrict__ dy, input_t* __restrict__ da,
-                      input_t* __restrict__ db, long long n, int vec) {
-  for_each_chunk(n, vec, SwigluBwd{a, b, dy, da, db});
+                      input_t* __restrict__ db, input_t* __restrict__ y, long long n,
+                      int vec) {
+  for_each_chunk(n, vec, SwigluBwd{a, b, dy, da, db, y});
 }
 #endif
 

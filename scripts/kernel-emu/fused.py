@@ -11,7 +11,9 @@ Inputs are rounded to the dtype first and the float64 reference runs on the roun
 Tolerance (relative RMS against float64): max(1e-5, 2x the error of the same formulas run in
 the dtype itself, by autograd on the CPU). eps is 1e-6, but 0.5 for one-element rows, whose dx
 (dy w eps rstd^3) is ill-conditioned at 1e-6 (crates/ops/tests/cuda_fused.rs does the same).
-Output buffers start as NaN (an element no kernel wrote fails), every buffer sits between NaN
+The backwards of rms_norm and swiglu write y again in the cases that give them a buffer for it
+(`again`); it must equal the forward's y bit for bit. Output buffers start as NaN (an element no
+kernel wrote fails), every buffer sits between NaN
 margins (an out-of-bounds read that reaches a result fails; a write into a margin fails), and
 some cases offset the tensors by one element so that the kernels must take their unaligned
 path.
@@ -98,7 +100,15 @@ def norm_formula(x, w, g, eps):
     return y * torch.nn.functional.silu(g) if g is not None else y
 
 
-def run_norm(k, dt, rows, n, gated, offset, scale, target_blocks, seed):
+def same_bits(again, y):
+    """Whether the y a backward wrote again equals the forward's, bit for bit."""
+    if again is None:
+        return True
+    bits = {2: torch.int16, 4: torch.int32}[y.element_size()]
+    return bool((again.t.view(bits) == y.view(bits)).all())
+
+
+def run_norm(k, dt, rows, n, gated, offset, scale, target_blocks, seed, again):
     kind = DTYPES[dt]
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
@@ -122,13 +132,14 @@ def run_norm(k, dt, rows, n, gated, offset, scale, target_blocks, seed):
     dyb = Buffer((rows, n), kind, offset, dy)
     dxb = Buffer((rows, n), kind, offset)
     dgb = Buffer((rows, n), kind, offset) if gated else None
+    againb = Buffer((rows, n), kind, offset) if again else None
     partb = Buffer((blocks, n), torch.float32)
     dwb = Buffer((n,), torch.float32)
-    vec_b = int(n % vw == 0 and aligned(xb, gb, dyb, dxb, dgb))
+    vec_b = int(n % vw == 0 and aligned(xb, gb, dyb, dxb, dgb, againb))
     per_warp = cdiv(n, 32 * (vw if vec_b else 1)) * 32 * (vw if vec_b else 1)
     k.launch("rms_norm_bwd", (blocks, 1, 1), 32 * warps, warps * per_warp * 4,
              [xb.t, wb.t, gb.t if gated else 0, rb.t, dyb.t, dxb.t, dgb.t if gated else 0,
-              partb.t, rows, n, warp_rows, vec_b])
+              againb.t if again else 0, partb.t, rows, n, warp_rows, vec_b])
     k.launch("column_sums", (cdiv(n, DW_COLUMNS), 1, 1), 256, 0, [partb.t, dwb.t, blocks, n])
 
     def grads(kind_):
@@ -147,13 +158,14 @@ def run_norm(k, dt, rows, n, gated, offset, scale, target_blocks, seed):
     got = {"y": yb.t, "rstd": rb.t, "dx": dxb.t, "dw": dwb.t}
     if gated:
         got["dg"] = dgb.t
-    bufs = [xb, wb, gb, yb, rb, dyb, dxb, dgb, partb, dwb]
+    bufs = [xb, wb, gb, yb, rb, dyb, dxb, dgb, againb, partb, dwb]
     return check(f"rms_norm {dt:<4} rows {rows:<4} n {n:<5} gate {int(gated)} "
-                 f"offset {offset} scale {scale:g} vec {vec}/{vec_b} warp_rows {warp_rows}",
-                 got, exact, naive, bufs)
+                 f"offset {offset} scale {scale:g} vec {vec}/{vec_b} warp_rows {warp_rows} "
+                 f"again {int(again)}",
+                 got, exact, naive, bufs, same_bits(againb, yb.t))
 
 
-def run_swiglu(k, dt, numel, offset, scale, max_blocks, seed):
+def run_swiglu(k, dt, numel, offset, scale, max_blocks, seed, again):
     kind = DTYPES[dt]
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
@@ -167,11 +179,12 @@ def run_swiglu(k, dt, numel, offset, scale, max_blocks, seed):
     work = numel // vw if vec else numel
     blocks = max(1, min(max_blocks, cdiv(work, SWIGLU_THREADS)))
     k.launch("swiglu_fwd", (blocks, 1, 1), SWIGLU_THREADS, 0, [ab.t, bb.t, yb.t, numel, vec])
-    vec_b = int(aligned(ab, bb, dyb, dab, dbb))
+    againb = Buffer((numel,), kind, offset) if again else None
+    vec_b = int(aligned(ab, bb, dyb, dab, dbb, againb))
     work = numel // vw if vec_b else numel
     blocks = max(1, min(max_blocks, cdiv(work, SWIGLU_THREADS)))
     k.launch("swiglu_bwd", (blocks, 1, 1), SWIGLU_THREADS, 0,
-             [ab.t, bb.t, dyb.t, dab.t, dbb.t, numel, vec_b])
+             [ab.t, bb.t, dyb.t, dab.t, dbb.t, againb.t if again else 0, numel, vec_b])
 
     def grads(kind_):
         a_, b_ = a.to(kind_).requires_grad_(), b.to(kind_).requires_grad_()
@@ -181,8 +194,9 @@ def run_swiglu(k, dt, numel, offset, scale, max_blocks, seed):
 
     got = {"y": yb.t, "da": dab.t, "db": dbb.t}
     return check(f"swiglu   {dt:<4} numel {numel:<6} offset {offset} scale {scale:g} "
-                 f"vec {vec}/{vec_b} blocks <= {max_blocks}",
-                 got, grads(torch.float64), grads(kind), [ab, bb, yb, dyb, dab, dbb])
+                 f"vec {vec}/{vec_b} blocks <= {max_blocks} again {int(again)}",
+                 got, grads(torch.float64), grads(kind), [ab, bb, yb, dyb, dab, dbb, againb],
+                 same_bits(againb, yb.t))
 
 
 def conv_formula(x, w, bias, resets):
@@ -259,12 +273,12 @@ def run_conv(k, dt, b, t, d, kk, with_bias, documents, columns, seed):
                  got, grads(torch.float64), grads(kind), [xb, wb, bb, yb, dyb, dxb, partb, sumb])
 
 
-def check(label, got, exact, naive, bufs):
+def check(label, got, exact, naive, bufs, same=True):
     errs, bounds = {}, {}
     for name, ref in exact.items():
         errs[name] = rel_rms(got[name], ref)
         bounds[name] = max(FLOOR, 2 * rel_rms(naive[name], ref))
-    ok = all(errs[k] <= bounds[k] for k in errs) and all(
+    ok = same and all(errs[k] <= bounds[k] for k in errs) and all(
         b.margins_intact() for b in bufs if b is not None
     )
     worst = max(errs, key=lambda k: errs[k] / bounds[k])
@@ -272,7 +286,8 @@ def check(label, got, exact, naive, bufs):
           f"(bound {bounds[worst]:.1e})"
           + ("" if ok else "  " + " ".join(f"{k} {errs[k]:.1e}/{bounds[k]:.1e}" for k in errs)
              + ("" if all(b.margins_intact() for b in bufs if b is not None)
-                else "  a margin was written")))
+                else "  a margin was written")
+             + ("" if same else "  y written again differs from the forward's")))
     return ok
 
 
@@ -284,19 +299,20 @@ def cases(quick):
         for i, (n, rows) in enumerate([(1, 37), (7, 9), (7, 300), (256, 1), (256, 70),
                                        (1000, 13), (4096, 5), (4096, 17)]):
             for gated in (False, True):
-                out.append(("norm", dt, (rows, n, gated, 0, 1.0, BWD_TARGET_BLOCKS, 10 * i)))
+                out.append(("norm", dt, (rows, n, gated, 0, 1.0, BWD_TARGET_BLOCKS, 10 * i,
+                                         i % 2 == 1)))
         # Unaligned tensors, several rows per warp, large and small rows, saturated gates.
-        out.append(("norm", dt, (21, 256, True, 1, 1.0, BWD_TARGET_BLOCKS, 1)))
-        out.append(("norm", dt, (21, 1000, False, 3, 1.0, BWD_TARGET_BLOCKS, 2)))
-        out.append(("norm", dt, (70, 256, True, 0, 1.0, 2, 3)))
-        out.append(("norm", dt, (29, 7, True, 0, 1.0, 1, 4)))
+        out.append(("norm", dt, (21, 256, True, 1, 1.0, BWD_TARGET_BLOCKS, 1, True)))
+        out.append(("norm", dt, (21, 1000, False, 3, 1.0, BWD_TARGET_BLOCKS, 2, True)))
+        out.append(("norm", dt, (70, 256, True, 0, 1.0, 2, 3, True)))
+        out.append(("norm", dt, (29, 7, True, 0, 1.0, 1, 4, False)))
         out.append(("norm", dt, (19, 256, True, 0, 30.0 if dt != "f16" else 8.0,
-                                 BWD_TARGET_BLOCKS, 5)))
-        out.append(("norm", dt, (19, 256, False, 0, 1e-3, BWD_TARGET_BLOCKS, 6)))
-        for numel, offset, scale, max_blocks in [(1, 0, 1.0, 4096), (7, 0, 1.0, 4096),
-                                                 (2816 * 3, 0, 1.0, 4096), (5003, 0, 4.0, 3),
-                                                 (4096, 1, 1.0, 4096), (999, 2, 30.0, 2)]:
-            out.append(("swiglu", dt, (numel, offset, scale, max_blocks, numel)))
+                                 BWD_TARGET_BLOCKS, 5, True)))
+        out.append(("norm", dt, (19, 256, False, 0, 1e-3, BWD_TARGET_BLOCKS, 6, False)))
+        for i, (numel, offset, scale, max_blocks) in enumerate([
+                (1, 0, 1.0, 4096), (7, 0, 1.0, 4096), (2816 * 3, 0, 1.0, 4096),
+                (5003, 0, 4.0, 3), (4096, 1, 1.0, 4096), (999, 2, 30.0, 2)]):
+            out.append(("swiglu", dt, (numel, offset, scale, max_blocks, numel, i % 2 == 0)))
         # Widths 1 to 4, T below K and across runs and blocks, odd D (the element path), x as
         # columns of a wider row (unaligned: 3; aligned: Mamba's x half), with and without
         # documents.

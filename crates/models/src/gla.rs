@@ -232,14 +232,13 @@ impl GlaAttention {
         if let Some(c) = cache {
             c.state = state;
         }
-        let o = match &self.g_proj {
-            Some(g_proj) => {
-                let g = g_proj.forward(x).reshape([b, t, h, dv]);
-                self.out_norm.forward_gated(&o, &g)
-            }
-            None => self.out_norm.forward(&o),
-        };
-        self.o_proj.forward(&o.reshape([b, t, h * dv]))
+        let g = self
+            .g_proj
+            .as_ref()
+            .map(|g| g.forward(x).reshape([b, t, h, dv]));
+        self.out_norm
+            .forward_projected(&o, g.as_ref(), &self.o_proj.weight)
+            .reshape([b, t, -1])
     }
 }
 

@@ -51,6 +51,25 @@ impl Linear {
     }
 }
 
+/// The output of `op`, an op that ends in a product with `weight` (`[out, in]`, no bias) and
+/// computes the product's input itself (`glatrain_ops::swiglu_linear`, `rms_norm_linear`): called
+/// with the weight in the dtype autocast would give it and, when selective checkpointing replays
+/// the block, the recorded product.
+///
+/// # Panics
+/// When the op fails (the model's own tensors: a failure is libtorch's, such as out of memory).
+pub fn fused_product(
+    weight: &Tensor,
+    op: impl FnOnce(&Tensor, Option<&Tensor>) -> Result<Tensor, glatrain_ops::OpError>,
+) -> Tensor {
+    let weight = autocast_input(weight);
+    crate::checkpoint::tape::product(|recorded| {
+        op(&weight, recorded.as_ref()).unwrap_or_else(|e| {
+            panic!("a fused matrix product failed on the model's own tensors: {e}")
+        })
+    })
+}
+
 /// `x` in the dtype autocast gives a matrix product's operands: fp32 CUDA tensors cast to the
 /// autocast dtype, anything else as it is. A block casts a norm's output once with this before
 /// the several projections that read it; left to autocast, each product would cast it again and

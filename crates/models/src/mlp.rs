@@ -1,7 +1,7 @@
 //! The SwiGLU feed-forward block of GLA and Transformer++ (`mlp.gate_proj`, `mlp.up_proj`,
 //! `mlp.down_proj`, no biases).
 
-use crate::linear::Linear;
+use crate::linear::{fused_product, Linear};
 use tch::{nn, Tensor};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -22,15 +22,21 @@ impl SwiGlu {
         }
     }
 
-    /// `silu(gate) * up` by [`glatrain_ops::swiglu`] (on CUDA one kernel each way, keeping only
-    /// the two projections for the backward).
+    /// `down(silu(gate) * up)` by [`glatrain_ops::swiglu_linear`]: on CUDA one kernel each way
+    /// for the activation, and nothing kept for the backward but the two projections (the
+    /// backward computes the activation again for `down_proj`'s weight gradient).
     ///
     /// # Shapes
     /// `x: [..., hidden]` -> `[..., hidden]`.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let h = glatrain_ops::swiglu(&self.gate_proj.forward(x), &self.up_proj.forward(x))
-            .unwrap_or_else(|e| panic!("SwiGLU failed on the model's own tensors: {e}"));
-        self.down_proj.forward(&h)
+        let (gate, up) = (self.gate_proj.forward(x), self.up_proj.forward(x));
+        let y = fused_product(&self.down_proj.weight, |w, product| {
+            glatrain_ops::swiglu_linear(&gate, &up, w, product)
+        });
+        let mut shape = x.size();
+        shape.pop();
+        shape.push(-1);
+        y.reshape(shape)
     }
 }
 

@@ -1,7 +1,9 @@
-//! RMSNorm, plain and gated (flash-linear-attention's `FusedRMSNormGated` with swish), by
-//! [`glatrain_ops::rms_norm`]: fp32 statistics and math, the output in the activation dtype; on
-//! CUDA one kernel each way that keeps only the inputs and a statistic per row for the backward.
+//! RMSNorm, plain, and gated (flash-linear-attention's `FusedRMSNormGated` with swish) before a
+//! projection, by [`glatrain_ops::rms_norm`] and [`glatrain_ops::rms_norm_linear`]: fp32
+//! statistics and math, the output in the activation dtype; on CUDA one kernel each way that
+//! keeps only the inputs and a statistic per row for the backward.
 
+use crate::linear::fused_product;
 use tch::{nn, Tensor};
 
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension; variable `<path>.weight`.
@@ -29,13 +31,23 @@ impl RmsNorm {
             .unwrap_or_else(|e| panic!("RMSNorm failed on the model's own tensors: {e}"))
     }
 
-    /// `rmsnorm(x) * swish(g)`, computed in fp32.
+    /// `rmsnorm(x) [* swish(gate)]` with its rows of `dim` taken together as rows of the
+    /// product's input and multiplied by `proj_weight^T` (a projection without bias), by
+    /// [`glatrain_ops::rms_norm_linear`]: nothing kept for the backward but the norm's own inputs
+    /// (the backward computes the normalised values again for the weight gradient).
     ///
     /// # Shapes
-    /// `x, g: [..., dim]`, one dtype (the activation dtype) -> same shape and dtype.
-    pub fn forward_gated(&self, x: &Tensor, g: &Tensor) -> Tensor {
-        glatrain_ops::rms_norm(x, &self.weight, self.eps, Some(g))
-            .unwrap_or_else(|e| panic!("gated RMSNorm failed on the model's own tensors: {e}"))
+    /// `x, gate: [..., dim]`, one dtype; `proj_weight: [out, in]` with `in` a multiple of `dim`
+    /// -> `[x.numel() / in, out]`.
+    pub fn forward_projected(
+        &self,
+        x: &Tensor,
+        gate: Option<&Tensor>,
+        proj_weight: &Tensor,
+    ) -> Tensor {
+        fused_product(proj_weight, |w, product| {
+            glatrain_ops::rms_norm_linear(x, &self.weight, self.eps, gate, w, product)
+        })
     }
 }
 
@@ -68,14 +80,19 @@ mod tests {
     }
 
     #[test]
-    fn gated_multiplies_by_swish_of_the_gate() {
+    fn projected_gates_by_swish_then_multiplies_rows_of_heads() {
         let vs = nn::VarStore::new(Device::Cpu);
         let norm = RmsNorm::new(&vs.root(), 8, 1e-6);
-        let x = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
-        let g = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
-        let want = norm.forward(&x) * &g * g.sigmoid();
+        let x = Tensor::randn([3, 2, 8], (Kind::Float, Device::Cpu));
+        let g = Tensor::randn([3, 2, 8], (Kind::Float, Device::Cpu));
+        let w = Tensor::randn([5, 16], (Kind::Float, Device::Cpu));
+        let gated = norm.forward(&x) * &g * g.sigmoid();
+        let want = gated.reshape([3, 16]).matmul(&w.tr());
+        let got = norm.forward_projected(&x, Some(&g), &w);
+        assert!(got.allclose(&want, 1e-5, 1e-6, false));
+        let plain = norm.forward(&x).reshape([3, 16]).matmul(&w.tr());
         assert!(norm
-            .forward_gated(&x, &g)
-            .allclose(&want, 1e-5, 1e-6, false));
+            .forward_projected(&x, None, &w)
+            .allclose(&plain, 1e-5, 1e-6, false));
     }
 }

@@ -21,7 +21,7 @@ pub mod selective_scan;
 
 pub use documents::Documents;
 pub use error::OpError;
-pub use fused::{causal_conv, rms_norm, swiglu};
+pub use fused::{causal_conv, rms_norm, rms_norm_linear, swiglu, swiglu_linear};
 pub use gla::{gla, GlaMode};
 pub use selective_scan::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 

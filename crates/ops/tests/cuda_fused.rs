@@ -1,5 +1,7 @@
 //! The fused CUDA kernels (RMSNorm with and without its swish gate, SwiGLU, the causal
-//! convolution with silu over rows and packed documents) against the f64 reference: outputs and every gradient, in each dtype, at odd row lengths and counts, with
+//! convolution with silu over rows and packed documents, SwiGLU and RMSNorm fused with the
+//! matrix product after them) against the f64 reference: outputs and every gradient, in each
+//! dtype, at odd row lengths and counts, with
 //! unaligned tensors (the kernels' element-wise path), large and small values, and at GLA-340M's
 //! shapes.
 //!
@@ -13,7 +15,7 @@ mod common;
 
 use common::cuda;
 use glatrain_ops::reference::conv::causal_conv as conv_reference;
-use glatrain_ops::{causal_conv, rms_norm, swiglu};
+use glatrain_ops::{causal_conv, rms_norm, rms_norm_linear, swiglu, swiglu_linear};
 use glatrain_shim::autograd::grad;
 use glatrain_testing::{assert_all_passed, compare, Rng};
 use tch::{Device, Kind, Tensor};
@@ -251,6 +253,107 @@ fn swiglu_matches_the_reference() {
             assert_eq!(got[0].kind(), kind);
             let label = format!("swiglu {kind:?} {shape:?} offset {offset} scale {scale}");
             assert_close(&label, &["y", "da", "db"], &got, &naive, &exact);
+        }
+    }
+}
+
+/// `swiglu_linear` and `rms_norm_linear` against the f64 reference and the unfused kernels: the
+/// same output bits as the activation's kernel followed by `linear`, and a weight gradient equal
+/// bit for bit to the product of the output gradient with the forward's activation (so the
+/// backward kernels wrote the activation again exactly).
+#[test]
+fn projected_ops_match_the_reference_and_the_unfused_kernels() {
+    let Some(_) = cuda() else { return };
+    type Op = fn(&[Tensor]) -> Tensor;
+    let rows = |y: Tensor, w: &Tensor| y.reshape([-1, w.size()[1]]);
+    // Inputs (a, b, w) and (x, norm weight, gate, w); each: the op, the activation's kernel, the
+    // activation's formula in the inputs' dtype.
+    let swiglu_ops: [Op; 3] = [
+        |t| swiglu_linear(&t[0], &t[1], &t[2], None).unwrap(),
+        |t| swiglu(&t[0], &t[1]).unwrap(),
+        |t| t[0].silu() * &t[1],
+    ];
+    let norm_ops: [Op; 3] = [
+        |t| rms_norm_linear(&t[0], &t[1], EPS, Some(&t[2]), &t[3], None).unwrap(),
+        |t| rms_norm(&t[0], &t[1], EPS, Some(&t[2])).unwrap(),
+        |t| {
+            norm_formula(
+                &[
+                    t[0].shallow_clone(),
+                    t[1].to_kind(t[0].kind()),
+                    t[2].shallow_clone(),
+                ],
+                EPS,
+            )
+        },
+    ];
+    // (rows, heads, n, out): odd sizes, unaligned rows, GLA-340M's o_proj and down_proj.
+    let shapes = [
+        (37, 1, 7, 5),
+        (21, 3, 10, 9),
+        (2048, 4, 256, 1024),
+        (2048, 1, 2816, 1024),
+    ];
+    for kind in KINDS {
+        for (i, &(n_rows, heads, n, out)) in shapes.iter().enumerate() {
+            let mut rng = Rng::new(40 + i as u64);
+            let shape = [n_rows, heads, n];
+            let (a, b) = (
+                rng.randn(&shape, Kind::Double),
+                rng.randn(&shape, Kind::Double),
+            );
+            let nw = rng.randn(&[n], Kind::Double) * 0.5 + 1.0;
+            let w = rng.randn(&[out, heads * n], Kind::Double) / ((heads * n) as f64).sqrt();
+            let dout = cuda_randn(&mut rng, &[n_rows, out], kind);
+            // Norm weights fp32 beside half-precision activations, as the models keep them.
+            let norm_kind = |k: Kind| if k == Kind::Double { k } else { Kind::Float };
+            let cases = [
+                (
+                    "swiglu_linear",
+                    swiglu_ops,
+                    vec![(&a, kind), (&b, kind), (&w, kind)],
+                    &["y", "da", "db", "dw"][..],
+                ),
+                (
+                    "rms_norm_linear",
+                    norm_ops,
+                    vec![(&a, kind), (&nw, norm_kind(kind)), (&b, kind), (&w, kind)],
+                    &["y", "dx", "dnorm_weight", "dgate", "dw"][..],
+                ),
+            ];
+            for (name, [op, kernel, formula], values, names) in cases {
+                let leaves = |as_kind: &dyn Fn(Kind) -> Kind| -> Vec<Tensor> {
+                    values
+                        .iter()
+                        .map(|&(v, k)| leaf(v, as_kind(k), 0))
+                        .collect()
+                };
+                let inputs = leaves(&|k| k);
+                let label = format!("{name} {kind:?} rows {n_rows} heads {heads} n {n} out {out}");
+                let got = run(op, &inputs, &dout);
+                let exact = run(op, &leaves(&|_| Kind::Double), &dout);
+                let naive = run(
+                    |t| {
+                        rows(formula(t), t.last().unwrap())
+                            .linear::<Tensor>(t.last().unwrap(), None)
+                    },
+                    &leaves(&|_| kind),
+                    &dout,
+                );
+                assert_close(&label, names, &got, &naive, &exact);
+                let w_in = inputs.last().unwrap();
+                let activation = kernel(&inputs).detach();
+                let unfused = rows(activation.shallow_clone(), w_in).linear::<Tensor>(w_in, None);
+                assert!(
+                    got[0].equal(&unfused),
+                    "{label}: output differs from the unfused kernels'"
+                );
+                let dw = dout.tr().mm(&rows(activation, w_in));
+                assert!(
+                    got.last().unwrap().equal(&dw),
+                    "{label}: the activation written again differs"
+                );
+            }
         }
     }
 }

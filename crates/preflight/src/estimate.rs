@@ -161,11 +161,13 @@ pub fn block_activation_bytes(shape: &LayerShape) -> u64 {
 /// precision unless noted:
 /// - GLA: the fp32 residual stream at both norms (2 * 4d bytes, kept by the norms) and the two
 ///   norm outputs (2d, cast once for all the projections that read them) + q, k (2 dk) + v, g
-///   (2 dv) + output, its norm and its gate (3 dv) + MLP gate, up, product (3 m) + the gate
-///   logits and gk in fp32 (2 * 4 bytes * dk: logsigmoid keeps its input, the op its output),
-///   and the conv inputs (2 dk + dv) with `short_conv`;
+///   (2 dv) + the output and its gate (2 dv: the gated norm's inputs; the norm and o_proj run as
+///   one op that computes the normalised values again in the backward) + MLP gate and up (2 m:
+///   SwiGLU and down_proj likewise) + the gate logits and gk in fp32 (2 * 4 bytes * dk:
+///   logsigmoid keeps its input, the op its output), and the conv inputs (2 dk + dv) with
+///   `short_conv`;
 /// - Transformer: the residual stream and norm outputs as GLA's + q and o (2 H D) + k, v
-///   (2 H_kv D) + 3m;
+///   (2 H_kv D) + MLP gate and up (2m);
 /// - Mamba (d_inner = E; crates/models/src/mamba.rs): the fp32 residual stream (4d bytes, kept by
 ///   the norm) and the norm's output cast for in_proj (d); in_proj's output x | z (2E: x kept by
 ///   the fused convolution, which reads it in place and computes its silu again in the backward,
@@ -194,8 +196,8 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
                 ("norm outputs (projection inputs)", a * 2 * d),
                 ("q, k", a * 2 * dk),
                 ("v, output gate g", a * 2 * dv),
-                ("attention output, its norm and gate", a * 3 * dv),
-                ("MLP gate, up and product", a * 3 * m),
+                ("attention output and its gate", a * 2 * dv),
+                ("MLP gate and up", a * 2 * m),
                 ("forget-gate logits and log forget gates (fp32)", 2 * 4 * dk),
             ];
             if shape.short_conv {
@@ -208,7 +210,7 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
             ("norm outputs (projection inputs)", a * 2 * d),
             ("q, attention output", a * 2 * dk),
             ("k, v", a * 2 * kv),
-            ("MLP gate, up and product", a * 3 * m),
+            ("MLP gate and up", a * 2 * m),
         ],
         ModelType::Mamba => vec![
             ("residual stream (fp32)", 4 * d),
@@ -748,9 +750,9 @@ pub(crate) mod tests {
                 - block_activation_bytes(s)
         };
         assert_eq!(reference(&s), reference(&fp32(s.clone())));
-        // Per token: the fp32 residual stream at both norms (2 * 4d bytes), then 2d + 2dk + 5dv
+        // Per token: the fp32 residual stream at both norms (2 * 4d bytes), then 2d + 2dk + 4dv
         // at 2 bytes, plus the gate logits and gk in fp32 (d = 1024, no MLP here).
-        let per_token = 2 * 4 * 1024 + 2 * (2 * 1024 + 2 * 512 + 5 * 1024) + 2 * 4 * 512;
+        let per_token = 2 * 4 * 1024 + 2 * (2 * 1024 + 2 * 512 + 4 * 1024) + 2 * 4 * 512;
         assert_eq!(block, per_token * 8 * 2048);
     }
 

@@ -3,7 +3,7 @@
 //!
 //! It lives in a thread-local: the forward records on the thread that runs the model, the
 //! recomputation replays on the libtorch backward thread that runs the checkpointed op's
-//! backward. [`linear`] is where the layers meet it.
+//! backward. [`product`] is where the layers meet it; [`linear`], for a plain product.
 
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -67,20 +67,21 @@ pub fn replay<T>(products: Vec<Tensor>, f: impl FnOnce() -> T) -> Result<T, Stri
     }
 }
 
-/// `x W^T (+ b)`, recorded or replayed when a tape is in place. Under autocast the operands are
-/// cast as autocast casts them, so the replayed product has the recorded one's dtype and its
-/// gradients flow back through the same casts.
+/// A matrix product made by `compute`, recorded or replayed when a tape is in place: recording
+/// (and outside a tape) `compute(None)` multiplies, and its output is recorded; replaying,
+/// `compute(Some(recorded))` must return the recorded output as its own, with the product's
+/// backward.
 ///
 /// # Panics
 /// When replaying and the tape has no product left (the recomputation diverged).
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+pub fn product(compute: impl FnOnce(Option<Tensor>) -> Tensor) -> Tensor {
     let replayed = TAPE.with(|t| match t.borrow_mut().as_mut() {
         Some(Tape::Replaying(products)) => Some(products.next()),
         _ => None,
     });
     match replayed {
         None => {
-            let y = x.linear(w, b);
+            let y = compute(None);
             TAPE.with(|t| {
                 if let Some(Tape::Recording(products)) = t.borrow_mut().as_mut() {
                     products.push(y.shallow_clone());
@@ -88,7 +89,20 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
             });
             y
         }
-        Some(Some(y)) => {
+        Some(Some(y)) => compute(Some(y)),
+        Some(None) => {
+            panic!("the recomputed block made more matrix products than its forward recorded")
+        }
+    }
+}
+
+/// `x W^T (+ b)` through the tape ([`product`]). Under autocast the operands of a replayed
+/// product are cast as autocast casts them, so it has the recorded one's dtype and its gradients
+/// flow back through the same casts.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    product(|recorded| match recorded {
+        None => x.linear(w, b),
+        Some(y) => {
             let (x, w, b) = (autocast_input(x), autocast_input(w), b.map(autocast_input));
             let op = Replayed {
                 product: Mutex::new(y),
@@ -98,10 +112,7 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
                 .map(|mut outputs| outputs.remove(0))
                 .unwrap_or_else(|e| panic!("a replayed matrix product failed: {e}"))
         }
-        Some(None) => {
-            panic!("the recomputed block made more matrix products than its forward recorded")
-        }
-    }
+    })
 }
 
 /// A recorded product `y = x W^T (+ b)` in the recomputed graph: its forward hands `y` back,

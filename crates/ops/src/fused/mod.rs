@@ -5,7 +5,9 @@
 //!   (flash-linear-attention's `RMSNorm` and `FusedRMSNormGated`);
 //! - [`swiglu`]: `silu(a) * b`, the SwiGLU feed-forward block's activation;
 //! - [`causal_conv`]: the causal depthwise convolution with silu (Mamba's `conv1d`, GLA's short
-//!   convolutions), over whole rows or packed documents.
+//!   convolutions), over whole rows or packed documents;
+//! - [`swiglu_linear`] and [`rms_norm_linear`]: SwiGLU or RMSNorm and the matrix product after
+//!   it, whose backward computes the activation again instead of keeping the product's input.
 //!
 //! On CUDA each runs as one autograd op whose backward keeps only its inputs (and RMSNorm's fp32
 //! statistic per row), in their own dtypes, where the unfused tensor ops kept fp32 copies and
@@ -13,10 +15,12 @@
 
 pub mod conv;
 pub mod norm;
+pub mod projected;
 pub mod swiglu;
 
 pub use conv::causal_conv;
 pub use norm::rms_norm;
+pub use projected::{rms_norm_linear, swiglu_linear};
 pub use swiglu::swiglu;
 
 use glatrain_cuda::{CudaError, Gpu, KernelDtype, KernelSource};
@@ -79,6 +83,29 @@ fn contiguous(t: &Tensor, kind: Kind) -> Result<Tensor, OpError> {
     } else {
         t.f_to_kind(kind)?.f_contiguous()?
     })
+}
+
+/// That `t` (the argument `name` of `op`) has the dtype and the device of `like` (named
+/// `like_name` in the message).
+fn require_like(
+    op: &'static str,
+    name: &'static str,
+    t: &Tensor,
+    like_name: &str,
+    like: &Tensor,
+) -> Result<(), OpError> {
+    if t.kind() != like.kind() {
+        let expected = format!("expected {like_name}'s dtype {:?}", like.kind());
+        return Err(OpError::dtype(op, name, expected, t.kind()));
+    }
+    if t.device() != like.device() {
+        return Err(OpError::Device {
+            tensor: name,
+            expected: like.device(),
+            actual: t.device(),
+        });
+    }
+    Ok(())
 }
 
 /// `n` as a kernel's 32-bit `int` argument, or an error naming `what` and the limit.

@@ -53,7 +53,12 @@ impl BackwardPlan {
     }
 }
 
-fn check(x: &Tensor, weight: &Tensor, eps: f64, gate: Option<&Tensor>) -> Result<(), OpError> {
+pub(super) fn check(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    gate: Option<&Tensor>,
+) -> Result<(), OpError> {
     let xs = x.size();
     let Some(&n) = xs.last().filter(|&&n| n >= 1) else {
         return Err(OpError::shape(OP, "x", "[..., n] with n >= 1".into(), xs));
@@ -176,7 +181,7 @@ impl CustomOp for RmsNormOp {
         let Some(dy) = grads.first().copied().flatten() else {
             return Ok(vec![None, None, None]);
         };
-        let (dx, dw, dg) = backward(x, w, *g, rstd, dy).map_err(|e| e.to_string())?;
+        let (dx, dw, dg) = backward(x, w, *g, rstd, dy, None).map_err(|e| e.to_string())?;
         Ok(vec![Some(dx), Some(dw), dg])
     }
 }
@@ -188,7 +193,7 @@ fn rows_of(x: &Tensor) -> (i64, i64) {
 }
 
 /// y and rstd (`[rows]` fp32) from contiguous CUDA x and gate.
-fn forward(
+pub(super) fn forward(
     x: &Tensor,
     w: &Tensor,
     g: Option<&Tensor>,
@@ -214,13 +219,15 @@ fn forward(
 }
 
 /// dx, dweight (in weight's dtype) and dgate from the forward's contiguous inputs, its rstd and
-/// the output gradient.
-fn backward(
+/// the output gradient; where `again` is given (a contiguous buffer of x's shape and dtype), the
+/// forward's y is written into it again, bit for bit.
+pub(super) fn backward(
     x: &Tensor,
     w: &Tensor,
     g: Option<&Tensor>,
     rstd: &Tensor,
     dy: &Tensor,
+    again: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Option<Tensor>), OpError> {
     let (rows, n) = rows_of(x);
     let dy = contiguous(dy, x.kind())?;
@@ -232,7 +239,15 @@ fn backward(
     let (dev, dt) = (device_of(x)?, kernel_dtype_of(OP, "x", x)?);
     let w32 = contiguous(w, Kind::Float)?;
     let vec = n % vec_width(dt) == 0
-        && aligned(&[Some(x), g, Some(&dy), Some(&dx), dg.as_ref(), Some(&w32)]);
+        && aligned(&[
+            Some(x),
+            g,
+            Some(&dy),
+            Some(&dx),
+            dg.as_ref(),
+            again,
+            Some(&w32),
+        ]);
     let plan = BackwardPlan::new(rows, n);
     let smem = plan.smem(n, if vec { vec_width(dt) } else { 1 });
     let bwd = dev.kernel(&FUSED, dt, "rms_norm_bwd")?;
@@ -256,9 +271,10 @@ fn backward(
         plan.blocks as i32,
     );
     let (xp, wp, gp, rp, dyp) = (ptr(x), ptr(&w32), opt_ptr(g), ptr(rstd), ptr(&dy));
-    let (dxp, dgp, partp, dwp) = (ptr(&dx), opt_ptr(dg.as_ref()), ptr(&parts), ptr(&dw));
+    let (dxp, dgp, yp) = (ptr(&dx), opt_ptr(dg.as_ref()), opt_ptr(again));
+    let (partp, dwp) = (ptr(&parts), ptr(&dw));
     launch!(bwd, (plan.blocks, 1, 1), (32 * plan.warps) as u32, smem as u32;
-        xp, wp, gp, rp, dyp, dxp, dgp, partp, rows32, n32, warp_rows, vec)?;
+        xp, wp, gp, rp, dyp, dxp, dgp, yp, partp, rows32, n32, warp_rows, vec)?;
     let sum = dev.kernel(&FUSED, dt, "column_sums")?;
     launch!(sum, (tiles(n, DW_COLUMNS), 1, 1), 256, 0; partp, dwp, blocks, n32)?;
     Ok((dx, dw.f_to_kind(w.kind())?, dg))

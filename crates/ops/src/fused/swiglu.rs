@@ -5,10 +5,10 @@ use glatrain_cuda::{launch, KernelDtype};
 use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Tensor};
 
-use super::{aligned, contiguous, vec_width, FUSED};
+use super::{aligned, contiguous, require_like, vec_width, FUSED};
 use crate::bridge::{self, bridged, bridged_list};
 use crate::error::is_float;
-use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, ptr, tiles};
+use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, opt_ptr, ptr, tiles};
 use crate::reference::swiglu as reference;
 use crate::OpError;
 
@@ -20,7 +20,7 @@ const THREADS: i64 = 256;
 /// GPU's resident blocks.
 const MAX_BLOCKS: i64 = 4096;
 
-fn check(a: &Tensor, b: &Tensor) -> Result<(), OpError> {
+pub(super) fn check(a: &Tensor, b: &Tensor) -> Result<(), OpError> {
     if b.size() != a.size() {
         let expected = format!("a's shape {:?}", a.size());
         return Err(OpError::shape(OP, "b", expected, b.size()));
@@ -29,18 +29,7 @@ fn check(a: &Tensor, b: &Tensor) -> Result<(), OpError> {
         let expected = "expected a floating-point dtype".into();
         return Err(OpError::dtype(OP, "a", expected, a.kind()));
     }
-    if b.kind() != a.kind() {
-        let expected = format!("expected a's dtype {:?}", a.kind());
-        return Err(OpError::dtype(OP, "b", expected, b.kind()));
-    }
-    if b.device() != a.device() {
-        return Err(OpError::Device {
-            tensor: "b",
-            expected: a.device(),
-            actual: b.device(),
-        });
-    }
-    Ok(())
+    require_like(OP, "b", b, "a", a)
 }
 
 /// SwiGLU's activation `silu(a) * b = a * sigmoid(a) * b`, differentiable in a and b (the gate
@@ -87,7 +76,7 @@ impl CustomOp for SwiGluOp {
         let Some(dy) = grads.first().copied().flatten() else {
             return Ok(vec![None, None]);
         };
-        let (da, db) = backward(a, b, dy).map_err(|e| e.to_string())?;
+        let (da, db) = backward(a, b, dy, None).map_err(|e| e.to_string())?;
         Ok(vec![Some(da), Some(db)])
     }
 }
@@ -100,7 +89,8 @@ fn geometry(n: i64, dt: KernelDtype, tensors: &[Option<&Tensor>]) -> (i64, i32) 
     (tiles(work, THREADS).clamp(1, MAX_BLOCKS), i32::from(vec))
 }
 
-fn forward(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
+/// y from contiguous CUDA a and b.
+pub(super) fn forward(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
     let y = buffer(&a.size(), a.kind(), a)?;
     let n = a.numel() as i64;
     if n == 0 {
@@ -114,7 +104,15 @@ fn forward(a: &Tensor, b: &Tensor) -> Result<Tensor, OpError> {
     Ok(y)
 }
 
-fn backward(a: &Tensor, b: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor), OpError> {
+/// da and db from the forward's contiguous inputs and the output gradient; where `again` is
+/// given (a contiguous buffer of a's shape and dtype), the forward's y is written into it again,
+/// bit for bit.
+pub(super) fn backward(
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+    again: Option<&Tensor>,
+) -> Result<(Tensor, Tensor), OpError> {
     let dy = contiguous(dy, a.kind())?;
     let da = buffer(&a.size(), a.kind(), a)?;
     let db = buffer(&b.size(), b.kind(), b)?;
@@ -123,11 +121,12 @@ fn backward(a: &Tensor, b: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor), OpE
         return Ok((da, db));
     }
     let (dev, dt) = (device_of(a)?, kernel_dtype_of(OP, "a", a)?);
-    let tensors = [Some(a), Some(b), Some(&dy), Some(&da), Some(&db)];
+    let tensors = [Some(a), Some(b), Some(&dy), Some(&da), Some(&db), again];
     let (blocks, vec) = geometry(n, dt, &tensors);
     let (ap, bp, dyp, dap, dbp) = (ptr(a), ptr(b), ptr(&dy), ptr(&da), ptr(&db));
+    let yp = opt_ptr(again);
     let f = dev.kernel(&FUSED, dt, "swiglu_bwd")?;
-    launch!(f, (blocks, 1, 1), THREADS as u32, 0; ap, bp, dyp, dap, dbp, n, vec)?;
+    launch!(f, (blocks, 1, 1), THREADS as u32, 0; ap, bp, dyp, dap, dbp, yp, n, vec)?;
     Ok((da, db))
 }
 
