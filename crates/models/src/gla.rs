@@ -34,7 +34,7 @@ use crate::norm::RmsNorm;
 use glatrain_config::{GlaConfig, GlaMode, ModelConfig};
 use glatrain_ops::gla::gla_documents;
 use glatrain_ops::reference::gla::default_scale;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// Checks that `cfg` describes a buildable model; errors name the offending key.
 pub fn validate(cfg: &GlaConfig) -> Result<(), ModelError> {
@@ -159,13 +159,15 @@ impl GlaAttention {
         }
     }
 
-    /// The forget-gate logs `logsigmoid(x W1 W2 + b) / gate_logit_normalizer`, in fp32.
+    /// The forget-gate logs `logsigmoid(x W1 W2 + b) / gate_logit_normalizer`, in fp32, by
+    /// [`glatrain_ops::log_forget_gate`] (the backward keeps the logits in the activation dtype).
     ///
     /// # Shapes
     /// `x: [B, T, hidden]` -> `[B, T, key_dim]` fp32, every entry <= 0.
     pub fn forget_gate(&self, x: &Tensor) -> Tensor {
         let logits = self.gk_up.forward(&self.gk_down.forward(x));
-        logits.to_kind(Kind::Float).log_sigmoid() / self.gate_logit_normalizer
+        glatrain_ops::log_forget_gate(&logits, self.gate_logit_normalizer)
+            .unwrap_or_else(|e| panic!("the forget gate failed on the layer's own logits: {e}"))
     }
 
     /// Mixes the sequence; with a cache, continues from (and updates) its states; over
@@ -301,7 +303,7 @@ impl GlaModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     fn tiny(use_output_gate: bool) -> GlaConfig {
         GlaConfig {

@@ -6,11 +6,14 @@
 //! - [`sdpa`]: libtorch's causal softmax attention on the same `[B, T, H, D]` layout, and
 //!   block-causal attention over the documents packed into a batch's rows;
 //! - [`loss`]: the output projection and cross-entropy chunk by chunk, never the full logits;
-//! - [`fused`]: RMSNorm (with an optional swish gate) and SwiGLU, one kernel per direction.
+//! - [`fused`]: RMSNorm (with an optional swish gate), SwiGLU and the causal convolution, one
+//!   kernel per direction, and the first two fused with the matrix product after them;
+//! - [`forget_gate`]: GLA's log forget gates, keeping their logits in the activation dtype.
 
 mod bridge;
 pub mod documents;
 mod error;
+pub mod forget_gate;
 pub mod fused;
 pub mod gla;
 pub mod launch;
@@ -21,6 +24,7 @@ pub mod selective_scan;
 
 pub use documents::Documents;
 pub use error::OpError;
+pub use forget_gate::log_forget_gate;
 pub use fused::{causal_conv, rms_norm, rms_norm_linear, swiglu, swiglu_linear};
 pub use gla::{gla, GlaMode};
 pub use selective_scan::{selective_scan, ScanInputs, ScanMode, ScanOptions};

@@ -163,9 +163,8 @@ pub fn block_activation_bytes(shape: &LayerShape) -> u64 {
 ///   norm outputs (2d, cast once for all the projections that read them) + q, k (2 dk) + v, g
 ///   (2 dv) + the output and its gate (2 dv: the gated norm's inputs; the norm and o_proj run as
 ///   one op that computes the normalised values again in the backward) + MLP gate and up (2 m:
-///   SwiGLU and down_proj likewise) + the gate logits and gk in fp32 (2 * 4 bytes * dk:
-///   logsigmoid keeps its input, the op its output), and the conv inputs (2 dk + dv) with
-///   `short_conv`;
+///   SwiGLU and down_proj likewise) + the gate logits (dk, kept by the log forget gate) and gk in
+///   fp32 (4 bytes * dk, kept by the GLA op), and the conv inputs (2 dk + dv) with `short_conv`;
 /// - Transformer: the residual stream and norm outputs as GLA's + q and o (2 H D) + k, v
 ///   (2 H_kv D) + MLP gate and up (2m);
 /// - Mamba (d_inner = E; crates/models/src/mamba.rs): the fp32 residual stream (4d bytes, kept by
@@ -198,7 +197,7 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
                 ("v, output gate g", a * 2 * dv),
                 ("attention output and its gate", a * 2 * dv),
                 ("MLP gate and up", a * 2 * m),
-                ("forget-gate logits and log forget gates (fp32)", 2 * 4 * dk),
+                ("forget-gate logits, log forget gates (fp32)", (a + 4) * dk),
             ];
             if shape.short_conv {
                 parts.push(("short-convolution inputs", a * (2 * dk + dv)));
@@ -751,8 +750,8 @@ pub(crate) mod tests {
         };
         assert_eq!(reference(&s), reference(&fp32(s.clone())));
         // Per token: the fp32 residual stream at both norms (2 * 4d bytes), then 2d + 2dk + 4dv
-        // at 2 bytes, plus the gate logits and gk in fp32 (d = 1024, no MLP here).
-        let per_token = 2 * 4 * 1024 + 2 * (2 * 1024 + 2 * 512 + 4 * 1024) + 2 * 4 * 512;
+        // and the gate logits (dk) at 2 bytes, plus gk in fp32 (d = 1024, no MLP here).
+        let per_token = 2 * 4 * 1024 + 2 * (2 * 1024 + 2 * 512 + 4 * 1024 + 512) + 4 * 512;
         assert_eq!(block, per_token * 8 * 2048);
     }
 
