@@ -1,7 +1,8 @@
 //! The residual block of GLA and Transformer++ (`attn_norm`, `attn`, `mlp_norm`, `mlp`): each
-//! family implements [`crate::language_model::Block`] for it with its own attention.
+//! family implements [`crate::language_model::Block`] for it with its own attention. Each norm
+//! runs with the projections that read its output as one op, which keeps no normed copy.
 
-use crate::linear::autocast_input;
+use crate::linear::ProjectedInput;
 use crate::mlp::SwiGlu;
 use crate::norm::RmsNorm;
 use tch::{nn, Tensor};
@@ -34,16 +35,18 @@ impl<A> AttentionBlock<A> {
         }
     }
 
-    /// The block on `x`, `attend` running the attention on the normed input.
+    /// The block on `x`, `attend` running the attention on the outputs of its input
+    /// projections (each computed with the norm, [`RmsNorm::forward_into`]).
     pub(crate) fn forward_with(
         &self,
         x: &Tensor,
-        attend: impl FnOnce(&A, &Tensor) -> Tensor,
-    ) -> Tensor {
-        let h = autocast_input(&self.attn_norm.forward(x));
-        let x = x + attend(&self.attn, &h);
-        &x + self
-            .mlp
-            .forward(&autocast_input(&self.mlp_norm.forward(&x)))
+        attend: impl FnOnce(&A, &[Tensor]) -> Tensor,
+    ) -> Tensor
+    where
+        A: ProjectedInput,
+    {
+        let x = x + attend(&self.attn, &self.attn_norm.forward_into(x, &self.attn));
+        let inputs = self.mlp_norm.forward_into(&x, &self.mlp);
+        &x + self.mlp.forward(&inputs[0], &inputs[1])
     }
 }

@@ -29,7 +29,7 @@ use crate::conv::CausalConv;
 use crate::documents::{PackedDocuments, RecurrentSettings};
 use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
 use crate::language_model::{Block, LanguageModel, Parts};
-use crate::linear::{Embedding, Linear, LmHead};
+use crate::linear::{Embedding, Linear, LmHead, ProjectedInput};
 use crate::norm::RmsNorm;
 use glatrain_config::{GlaConfig, GlaMode, ModelConfig};
 use glatrain_ops::gla::gla_documents;
@@ -159,34 +159,37 @@ impl GlaAttention {
         }
     }
 
-    /// The forget-gate logs `logsigmoid(x W1 W2 + b) / gate_logit_normalizer`, in fp32, by
-    /// [`glatrain_ops::log_forget_gate`] (the backward keeps the logits in the activation dtype).
+    /// The forget-gate logs `logsigmoid(low_rank W2 + b) / gate_logit_normalizer` from
+    /// `low_rank = x W1` (`gk_proj.0`'s output), in fp32, by [`glatrain_ops::log_forget_gate`]
+    /// (the backward keeps the logits in the activation dtype).
     ///
     /// # Shapes
-    /// `x: [B, T, hidden]` -> `[B, T, key_dim]` fp32, every entry <= 0.
-    pub fn forget_gate(&self, x: &Tensor) -> Tensor {
-        let logits = self.gk_up.forward(&self.gk_down.forward(x));
+    /// `low_rank: [B, T, rank]` -> `[B, T, key_dim]` fp32, every entry <= 0.
+    pub fn forget_gate(&self, low_rank: &Tensor) -> Tensor {
+        let logits = self.gk_up.forward(low_rank);
         glatrain_ops::log_forget_gate(&logits, self.gate_logit_normalizer)
             .unwrap_or_else(|e| panic!("the forget gate failed on the layer's own logits: {e}"))
     }
 
-    /// Mixes the sequence; with a cache, continues from (and updates) its states; over
-    /// `documents`, each as if it were alone.
+    /// Mixes the sequence from the outputs of the input projections, in the order of
+    /// [`ProjectedInput::input_weights`] (q, k, v, the forget gate's low rank, and g with the
+    /// output gate); with a cache, continues from (and updates) its states; over `documents`,
+    /// each as if it were alone.
     ///
     /// # Shapes
-    /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
+    /// `inputs: [B, T, out_i]` -> `[B, T, hidden]`.
     pub fn forward(
         &self,
-        x: &Tensor,
+        inputs: &[Tensor],
         mut cache: Option<&mut GlaLayerCache>,
         documents: Option<&PackedDocuments>,
     ) -> Tensor {
-        let (b, t, _) = x.size3().expect("GLA layer input must be [B, T, hidden]");
+        let (b, t, _) = inputs[0].size3().expect("GLA's q must be [B, T, key_dim]");
         let (h, dk, dv) = (self.num_heads, self.head_k_dim, self.head_v_dim);
         let (mut q, mut k, mut v) = (
-            self.q_proj.forward(x),
-            self.k_proj.forward(x),
-            self.v_proj.forward(x),
+            inputs[0].shallow_clone(),
+            inputs[1].shallow_clone(),
+            inputs[2].shallow_clone(),
         );
         if let (Some(conv), Some(resets)) = (&self.conv, documents.and_then(|d| d.resets.as_ref()))
         {
@@ -207,7 +210,7 @@ impl GlaAttention {
                 c.conv = Some([sq, sk, sv]);
             }
         }
-        let gk = self.forget_gate(x).reshape([b, t, h, dk]);
+        let gk = self.forget_gate(&inputs[3]).reshape([b, t, h, dk]);
         let q = q.reshape([b, t, h, dk]);
         let k = k.reshape([b, t, h, dk]);
         let v = v.reshape([b, t, h, dv]);
@@ -234,13 +237,22 @@ impl GlaAttention {
         if let Some(c) = cache {
             c.state = state;
         }
-        let g = self
-            .g_proj
-            .as_ref()
-            .map(|g| g.forward(x).reshape([b, t, h, dv]));
-        self.out_norm
-            .forward_projected(&o, g.as_ref(), &self.o_proj.weight)
-            .reshape([b, t, -1])
+        let g = inputs.get(4).map(|g| g.reshape([b, t, h, dv]));
+        let mut y = self
+            .out_norm
+            .forward_products(&o, g.as_ref(), &[&self.o_proj.weight]);
+        y.remove(0).reshape([b, t, -1])
+    }
+}
+
+impl ProjectedInput for GlaAttention {
+    fn input_weights(&self) -> Vec<&Tensor> {
+        let gate = self.g_proj.as_ref().map(|g| &g.weight);
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.gk_down]
+            .map(|p| &p.weight)
+            .into_iter()
+            .chain(gate)
+            .collect()
     }
 }
 
@@ -258,7 +270,9 @@ impl Block for GlaBlock {
         documents: &Option<PackedDocuments>,
         cache: Option<&mut GlaLayerCache>,
     ) -> Tensor {
-        self.forward_with(x, |attn, h| attn.forward(h, cache, documents.as_ref()))
+        self.forward_with(x, |attn, inputs| {
+            attn.forward(inputs, cache, documents.as_ref())
+        })
     }
 }
 
@@ -322,12 +336,11 @@ mod tests {
         let cfg = tiny(true);
         let attn = GlaAttention::new(&vs.root(), &cfg, GlaMode::Reference);
         let x = Tensor::randn([2, 3, 16], (Kind::Float, Device::Cpu));
-        let gk = attn.forget_gate(&x);
+        let low_rank = x.matmul(&attn.gk_down.weight.tr());
+        let gk = attn.forget_gate(&low_rank);
         assert_eq!(gk.size(), [2, 3, 8]);
         assert!(gk.max().double_value(&[]) <= 0.0);
-        let logits = x
-            .matmul(&attn.gk_down.weight.tr())
-            .matmul(&attn.gk_up.weight.tr());
+        let logits = low_rank.matmul(&attn.gk_up.weight.tr());
         let want = (logits + attn.gk_up.bias.as_ref().unwrap()).log_sigmoid() / 16.0;
         assert!(gk.allclose(&want, 1e-5, 1e-7, false));
     }
@@ -383,12 +396,19 @@ mod tests {
         };
         let attn = GlaAttention::new(&vs.root(), &cfg, GlaMode::Chunk);
         let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
-        let full = attn.forward(&x, None, None);
+        let inputs = |from: i64, len: i64| -> Vec<Tensor> {
+            let x = x.narrow(1, from, len);
+            attn.input_weights()
+                .iter()
+                .map(|w| x.matmul(&w.tr()))
+                .collect()
+        };
+        let full = attn.forward(&inputs(0, 5), None, None);
         let mut cache = GlaLayerCache::default();
-        let first = attn.forward(&x.narrow(1, 0, 3), Some(&mut cache), None);
+        let first = attn.forward(&inputs(0, 3), Some(&mut cache), None);
         let mut pieces = vec![first];
         for t in 3..5 {
-            pieces.push(attn.forward(&x.narrow(1, t, 1), Some(&mut cache), None));
+            pieces.push(attn.forward(&inputs(t, 1), Some(&mut cache), None));
         }
         let pieces = Tensor::cat(&pieces, 1);
         assert!(pieces.allclose(&full, 1e-4, 1e-6, false));

@@ -51,29 +51,36 @@ impl Linear {
     }
 }
 
-/// The output of `op`, an op that ends in a product with `weight` (`[out, in]`, no bias) and
-/// computes the product's input itself (`glatrain_ops::swiglu_linear`, `rms_norm_linear`): called
-/// with the weight in the dtype autocast would give it and, when selective checkpointing replays
-/// the block, the recorded product.
+/// A layer that reads its input only through projections without bias, so that the norm before
+/// it runs with them as one op ([`crate::norm::RmsNorm::forward_into`]).
+pub trait ProjectedInput {
+    /// The projections' weights `[out_i, in]`, in the order the layer takes their outputs.
+    fn input_weights(&self) -> Vec<&Tensor>;
+}
+
+/// The outputs of `op`, an op that ends in products with `weights` (`[out_i, in]`, no biases)
+/// and computes the products' input itself (`glatrain_ops::swiglu_linear`, `rms_norm_linear`):
+/// called with the weights in the dtype autocast would give them and, when selective
+/// checkpointing replays the block, the recorded products.
 ///
 /// # Panics
 /// When the op fails (the model's own tensors: a failure is libtorch's, such as out of memory).
-pub fn fused_product(
-    weight: &Tensor,
-    op: impl FnOnce(&Tensor, Option<&Tensor>) -> Result<Tensor, glatrain_ops::OpError>,
-) -> Tensor {
-    let weight = autocast_input(weight);
-    crate::checkpoint::tape::product(|recorded| {
-        op(&weight, recorded.as_ref()).unwrap_or_else(|e| {
+pub fn fused_products(
+    weights: &[&Tensor],
+    op: impl FnOnce(&[&Tensor], Option<&[Tensor]>) -> Result<Vec<Tensor>, glatrain_ops::OpError>,
+) -> Vec<Tensor> {
+    let cast: Vec<Tensor> = weights.iter().map(|w| autocast_input(w)).collect();
+    let cast: Vec<&Tensor> = cast.iter().collect();
+    crate::checkpoint::tape::products(weights.len(), |recorded| {
+        op(&cast, recorded.as_deref()).unwrap_or_else(|e| {
             panic!("a fused matrix product failed on the model's own tensors: {e}")
         })
     })
 }
 
 /// `x` in the dtype autocast gives a matrix product's operands: fp32 CUDA tensors cast to the
-/// autocast dtype, anything else as it is. A block casts a norm's output once with this before
-/// the several projections that read it; left to autocast, each product would cast it again and
-/// keep its own copy for the backward (five copies for GLA's q, k, v, g and gate projections).
+/// autocast dtype, anything else as it is (the weights of fused products, the operands of a
+/// replayed product).
 pub fn autocast_input(x: &Tensor) -> Tensor {
     if autocast_enabled() && x.kind() == Kind::Float && x.device().is_cuda() {
         x.to_kind(autocast_dtype())

@@ -15,7 +15,7 @@ use crate::conv::CausalConv;
 use crate::documents::{PackedDocuments, RecurrentSettings};
 use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
 use crate::language_model::{Block, LanguageModel, Parts};
-use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead};
+use crate::linear::{torch_default_uniform, Embedding, Linear, LmHead, ProjectedInput};
 use crate::norm::RmsNorm;
 use glatrain_config::{MambaConfig, ModelConfig};
 use glatrain_ops::selective_scan::kernels::geometry::MAX_STATES;
@@ -138,7 +138,8 @@ impl MambaMixer {
         }
     }
 
-    /// Mixes the sequence; with a cache, continues from (and updates) its states.
+    /// Mixes the sequence from `in_proj`'s output (which the block computes with its norm,
+    /// [`ProjectedInput`]); with a cache, continues from (and updates) its states.
     ///
     /// The selective scan is `glatrain_ops::selective_scan` as mamba_ssm's `selective_scan_fn`
     /// gets it: the dt projection's matmul in the compute dtype, its bias and the softplus
@@ -147,15 +148,14 @@ impl MambaMixer {
     /// reference past their d_state of 256), on the CPU the reference (token by token).
     ///
     /// # Shapes
-    /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
+    /// `xz: [B, T, 2 d_inner]` -> `[B, T, hidden]`.
     pub fn forward(
         &self,
-        x: &Tensor,
+        xz: &Tensor,
         mut cache: Option<&mut MambaLayerCache>,
         documents: Option<&PackedDocuments>,
     ) -> Tensor {
         let (e, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        let xz = self.in_proj.forward(x); // [B, T, 2E]
         let prev_conv = cache.as_mut().and_then(|c| c.conv.take());
         let resets = documents.and_then(|d| d.resets.as_ref());
         let (u, conv_state) = match resets {
@@ -210,6 +210,12 @@ impl MambaMixer {
     }
 }
 
+impl ProjectedInput for MambaMixer {
+    fn input_weights(&self) -> Vec<&Tensor> {
+        vec![&self.in_proj.weight]
+    }
+}
+
 /// `dt_proj.bias`: softplus^-1(dt) with dt log-uniform in `[dt_min, dt_max]`, at least `floor`.
 fn inverse_softplus_dt(e: i64, dt_min: f64, dt_max: f64, floor: f64, p: &nn::Path) -> Tensor {
     let u = Tensor::rand([e], (Kind::Float, p.device()));
@@ -238,9 +244,8 @@ impl Block for MambaBlock {
         documents: &Option<PackedDocuments>,
         cache: Option<&mut MambaLayerCache>,
     ) -> Tensor {
-        x + self
-            .mixer
-            .forward(&self.norm.forward(x), cache, documents.as_ref())
+        let xz = self.norm.forward_into(x, &self.mixer);
+        x + self.mixer.forward(&xz[0], cache, documents.as_ref())
     }
 }
 

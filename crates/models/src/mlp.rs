@@ -1,7 +1,7 @@
 //! The SwiGLU feed-forward block of GLA and Transformer++ (`mlp.gate_proj`, `mlp.up_proj`,
 //! `mlp.down_proj`, no biases).
 
-use crate::linear::{fused_product, Linear};
+use crate::linear::{fused_products, Linear, ProjectedInput};
 use tch::{nn, Tensor};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -22,21 +22,29 @@ impl SwiGlu {
         }
     }
 
-    /// `down(silu(gate) * up)` by [`glatrain_ops::swiglu_linear`]: on CUDA one kernel each way
-    /// for the activation, and nothing kept for the backward but the two projections (the
-    /// backward computes the activation again for `down_proj`'s weight gradient).
+    /// `down(silu(gate) * up)` from the outputs of `gate_proj` and `up_proj` (which the block
+    /// computes with its norm, [`ProjectedInput`]), by [`glatrain_ops::swiglu_linear`]: on CUDA
+    /// one kernel each way for the activation, and nothing kept for the backward but the two
+    /// projections (the backward computes the activation again for `down_proj`'s weight
+    /// gradient).
     ///
     /// # Shapes
-    /// `x: [..., hidden]` -> `[..., hidden]`.
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (gate, up) = (self.gate_proj.forward(x), self.up_proj.forward(x));
-        let y = fused_product(&self.down_proj.weight, |w, product| {
-            glatrain_ops::swiglu_linear(&gate, &up, w, product)
+    /// `gate, up: [..., intermediate]` -> `[..., hidden]`.
+    pub fn forward(&self, gate: &Tensor, up: &Tensor) -> Tensor {
+        let mut y = fused_products(&[&self.down_proj.weight], |w, products| {
+            let product = products.map(|p| &p[0]);
+            glatrain_ops::swiglu_linear(gate, up, w[0], product).map(|y| vec![y])
         });
-        let mut shape = x.size();
+        let mut shape = gate.size();
         shape.pop();
         shape.push(-1);
-        y.reshape(shape)
+        y.remove(0).reshape(shape)
+    }
+}
+
+impl ProjectedInput for SwiGlu {
+    fn input_weights(&self) -> Vec<&Tensor> {
+        vec![&self.gate_proj.weight, &self.up_proj.weight]
     }
 }
 
@@ -50,7 +58,10 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let mlp = SwiGlu::new(&(vs.root() / "mlp"), 8, 24, 0.02);
         let x = Tensor::randn([2, 3, 8], (Kind::Float, Device::Cpu));
-        assert_eq!(mlp.forward(&x).size(), [2, 3, 8]);
+        let [gate, up] = [&mlp.gate_proj, &mlp.up_proj].map(|p| x.matmul(&p.weight.tr()));
+        assert_eq!(gate.size(), [2, 3, 24]);
+        let want = (gate.silu() * &up).matmul(&mlp.down_proj.weight.tr());
+        assert!(mlp.forward(&gate, &up).allclose(&want, 1e-5, 1e-6, false));
         let n: i64 = vs
             .trainable_variables()
             .iter()

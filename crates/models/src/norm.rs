@@ -3,7 +3,7 @@
 //! statistics and math, the output in the activation dtype; on CUDA one kernel each way that
 //! keeps only the inputs and a statistic per row for the backward.
 
-use crate::linear::fused_product;
+use crate::linear::{fused_products, ProjectedInput};
 use tch::{nn, Tensor};
 
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension; variable `<path>.weight`.
@@ -31,22 +31,38 @@ impl RmsNorm {
             .unwrap_or_else(|e| panic!("RMSNorm failed on the model's own tensors: {e}"))
     }
 
-    /// `rmsnorm(x) [* swish(gate)]` with its rows of `dim` taken together as rows of the
-    /// product's input and multiplied by `proj_weight^T` (a projection without bias), by
-    /// [`glatrain_ops::rms_norm_linear`]: nothing kept for the backward but the norm's own inputs
-    /// (the backward computes the normalised values again for the weight gradient).
+    /// The input of `layer`, normed, through the layer's projections: `proj_i(rmsnorm(x))` for
+    /// each of [`ProjectedInput::input_weights`], by one [`glatrain_ops::rms_norm_linear`], which
+    /// keeps no normed copy for the backward.
     ///
     /// # Shapes
-    /// `x, gate: [..., dim]`, one dtype; `proj_weight: [out, in]` with `in` a multiple of `dim`
-    /// -> `[x.numel() / in, out]`.
-    pub fn forward_projected(
+    /// `x: [..., dim]` -> `[..., out_i]` per projection, in the activation dtype.
+    pub fn forward_into(&self, x: &Tensor, layer: &impl ProjectedInput) -> Vec<Tensor> {
+        let mut shape = x.size();
+        shape.pop();
+        shape.push(-1);
+        self.forward_products(x, None, &layer.input_weights())
+            .into_iter()
+            .map(|y| y.reshape(shape.as_slice()))
+            .collect()
+    }
+
+    /// `rmsnorm(x) [* swish(gate)]` with its rows of `dim` taken together as rows of the
+    /// products' input and multiplied by each `weights_i^T` (projections without bias), by
+    /// [`glatrain_ops::rms_norm_linear`]: nothing kept for the backward but the norm's own inputs
+    /// (the backward computes the normalised values again for the weight gradients).
+    ///
+    /// # Shapes
+    /// `x, gate: [..., dim]`, one dtype; `weights: [out_i, in]` with `in` a multiple of `dim`
+    /// -> `[x.numel() / in, out_i]` per weight.
+    pub fn forward_products(
         &self,
         x: &Tensor,
         gate: Option<&Tensor>,
-        proj_weight: &Tensor,
-    ) -> Tensor {
-        fused_product(proj_weight, |w, product| {
-            glatrain_ops::rms_norm_linear(x, &self.weight, self.eps, gate, w, product)
+        weights: &[&Tensor],
+    ) -> Vec<Tensor> {
+        fused_products(weights, |w, products| {
+            glatrain_ops::rms_norm_linear(x, &self.weight, self.eps, gate, w, products)
         })
     }
 }
@@ -80,19 +96,18 @@ mod tests {
     }
 
     #[test]
-    fn projected_gates_by_swish_then_multiplies_rows_of_heads() {
+    fn products_gate_by_swish_then_multiply_rows_of_heads() {
         let vs = nn::VarStore::new(Device::Cpu);
         let norm = RmsNorm::new(&vs.root(), 8, 1e-6);
         let x = Tensor::randn([3, 2, 8], (Kind::Float, Device::Cpu));
         let g = Tensor::randn([3, 2, 8], (Kind::Float, Device::Cpu));
         let w = Tensor::randn([5, 16], (Kind::Float, Device::Cpu));
-        let gated = norm.forward(&x) * &g * g.sigmoid();
-        let want = gated.reshape([3, 16]).matmul(&w.tr());
-        let got = norm.forward_projected(&x, Some(&g), &w);
-        assert!(got.allclose(&want, 1e-5, 1e-6, false));
+        let w2 = Tensor::randn([2, 16], (Kind::Float, Device::Cpu));
+        let gated = (norm.forward(&x) * &g * g.sigmoid()).reshape([3, 16]);
+        let got = norm.forward_products(&x, Some(&g), &[&w, &w2]);
+        assert!(got[0].allclose(&gated.matmul(&w.tr()), 1e-5, 1e-6, false));
+        assert!(got[1].allclose(&gated.matmul(&w2.tr()), 1e-5, 1e-6, false));
         let plain = norm.forward(&x).reshape([3, 16]).matmul(&w.tr());
-        assert!(norm
-            .forward_projected(&x, None, &w)
-            .allclose(&plain, 1e-5, 1e-6, false));
+        assert!(norm.forward_products(&x, None, &[&w])[0].allclose(&plain, 1e-5, 1e-6, false));
     }
 }

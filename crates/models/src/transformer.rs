@@ -11,7 +11,7 @@
 use crate::attention_block::AttentionBlock;
 use crate::error::{check_norm_and_init, require_positive, require_positive_number, ModelError};
 use crate::language_model::{Block, ContextSettings, LanguageModel, Parts};
-use crate::linear::{Embedding, Linear, LmHead};
+use crate::linear::{Embedding, Linear, LmHead, ProjectedInput};
 use crate::norm::RmsNorm;
 use crate::rope::Rotary;
 use crate::Documents;
@@ -96,20 +96,28 @@ impl Attention {
         }
     }
 
-    /// Attends causally over the cached keys (positions `0 .. past`) and `x` (positions
-    /// `past .. past + T`); `at.rope` must cover the latter. With a cache, appends `x`'s keys and
-    /// values to it. With `at.documents` (whole sequences, no cache), attends within each document
-    /// only.
+    /// Attends causally over the cached keys (positions `0 .. past`) and the new tokens
+    /// (positions `past .. past + T`), from the outputs of the q, k and v projections (in the
+    /// order of [`ProjectedInput::input_weights`]); `at.rope` must cover the new tokens. With a
+    /// cache, appends their keys and values to it. With `at.documents` (whole sequences, no
+    /// cache), attends within each document only.
     ///
     /// # Shapes
-    /// `x: [B, T, hidden]` -> `[B, T, hidden]`.
-    pub fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
-        let (b, t, _) = x.size3().expect("attention input must be [B, T, hidden]");
+    /// `inputs: [B, T, out_i]` -> `[B, T, hidden]`.
+    pub fn forward(
+        &self,
+        inputs: &[Tensor],
+        at: &Positions,
+        cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let (b, t, _) = inputs[0]
+            .size3()
+            .expect("attention's q must be [B, T, H D]");
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2); // [B, n, T, d]
-        let q = at.rope.apply(&heads(self.q_proj.forward(x), h));
-        let mut k = at.rope.apply(&heads(self.k_proj.forward(x), hkv));
-        let mut v = heads(self.v_proj.forward(x), hkv);
+        let heads = |y: &Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2); // [B, n, T, d]
+        let q = at.rope.apply(&heads(&inputs[0], h));
+        let mut k = at.rope.apply(&heads(&inputs[1], hkv));
+        let mut v = heads(&inputs[2], hkv);
         if let Some(blocks) = &at.documents {
             let [q, k, v] = [q, k, v].map(|y| y.transpose(1, 2)); // [B, T, n, d]
             let o = block_causal_sdpa(&q, &k, &v, blocks).unwrap_or_else(|e| {
@@ -129,7 +137,7 @@ impl Attention {
         // SDPA's is_causal aligns the mask top-left, which is right only without a past; a
         // single query sees every key; a block after a past needs the explicit offset mask.
         let mask = (past > 0 && t > 1).then(|| {
-            let opts = (Kind::Int64, x.device());
+            let opts = (Kind::Int64, inputs[0].device());
             let q_pos = Tensor::arange_start(past, past + t, opts).unsqueeze(1);
             let k_pos = Tensor::arange(past + t, opts).unsqueeze(0);
             k_pos.le_tensor(&q_pos) // [T, past + T], true = attend
@@ -147,6 +155,16 @@ impl Attention {
         ); // [B, H, T, d]
         self.o_proj
             .forward(&o.transpose(1, 2).reshape([b, t, h * d]))
+    }
+}
+
+impl ProjectedInput for Attention {
+    fn input_weights(&self) -> Vec<&Tensor> {
+        vec![
+            &self.q_proj.weight,
+            &self.k_proj.weight,
+            &self.v_proj.weight,
+        ]
     }
 }
 
@@ -174,7 +192,7 @@ impl Block for TransformerBlock {
     type Settings = RotarySettings;
 
     fn forward(&self, x: &Tensor, at: &Positions, cache: Option<&mut KvCache>) -> Tensor {
-        self.forward_with(x, |attn, h| attn.forward(h, at, cache))
+        self.forward_with(x, |attn, inputs| attn.forward(inputs, at, cache))
     }
 }
 
@@ -285,7 +303,12 @@ mod tests {
             past: 0,
             documents: None,
         };
-        let got = attn.forward(&x, &at, None);
+        let inputs: Vec<Tensor> = attn
+            .input_weights()
+            .iter()
+            .map(|w| x.matmul(&w.tr()))
+            .collect();
+        let got = attn.forward(&inputs, &at, None);
         let heads = |y: Tensor, n: i64| y.reshape([2, 5, n, 4]).transpose(1, 2);
         let q = rope.apply(&heads(attn.q_proj.forward(&x), 4));
         let k = rope.apply(&heads(attn.k_proj.forward(&x), 2));

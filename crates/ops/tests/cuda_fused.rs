@@ -274,7 +274,10 @@ fn projected_ops_match_the_reference_and_the_unfused_kernels() {
         |t| t[0].silu() * &t[1],
     ];
     let norm_ops: [Op; 3] = [
-        |t| rms_norm_linear(&t[0], &t[1], EPS, Some(&t[2]), &t[3], None).unwrap(),
+        |t| {
+            rms_norm_linear(&t[0], &t[1], EPS, Some(&t[2]), &[&t[3]], None).unwrap()[0]
+                .shallow_clone()
+        },
         |t| rms_norm(&t[0], &t[1], EPS, Some(&t[2])).unwrap(),
         |t| {
             norm_formula(
@@ -355,6 +358,81 @@ fn projected_ops_match_the_reference_and_the_unfused_kernels() {
                 );
             }
         }
+    }
+}
+
+/// A block's norm on the fp32 residual stream and the bf16 projections that read it, as one
+/// `rms_norm_linear` (the models' attention and MLP inputs): outputs bit for bit the unfused
+/// kernels' (norm, one cast, a product per weight), gradients within twice the unfused path's
+/// error against f64.
+#[test]
+fn a_norm_and_its_projections_match_the_unfused_path() {
+    let Some(_) = cuda() else { return };
+    // (rows, hidden, outs): odd sizes, GLA-340M's attention (q, k, v, gk_down, g) and MLP.
+    let cases = [
+        (37, 24, vec![8, 3, 16]),
+        (2048, 1024, vec![512, 512, 1024, 16, 1024]),
+        (2048, 1024, vec![2816, 2816]),
+    ];
+    for (i, (rows, hidden, outs)) in cases.into_iter().enumerate() {
+        let mut rng = Rng::new(60 + i as u64);
+        let x = rng.randn(&[rows, hidden], Kind::Double);
+        let nw = rng.randn(&[hidden], Kind::Double) * 0.5 + 1.0;
+        let ws: Vec<Tensor> = outs
+            .iter()
+            .map(|&o| rng.randn(&[o, hidden], Kind::Double) / (hidden as f64).sqrt())
+            .collect();
+        let douts: Vec<Tensor> = outs
+            .iter()
+            .map(|&o| cuda_randn(&mut rng, &[rows, o], Kind::BFloat16))
+            .collect();
+        // x and the norm weight fp32, the projections' weights bf16 (autocast's copies).
+        let leaves = |act: Kind, proj: Kind| -> Vec<Tensor> {
+            [leaf(&x, act, 0), leaf(&nw, act, 0)]
+                .into_iter()
+                .chain(ws.iter().map(|w| leaf(w, proj, 0)))
+                .collect()
+        };
+        let fused = |t: &[Tensor]| {
+            let w: Vec<&Tensor> = t[2..].iter().collect();
+            rms_norm_linear(&t[0], &t[1], EPS, None, &w, None).unwrap()
+        };
+        let unfused = |t: &[Tensor]| -> Vec<Tensor> {
+            let y = rms_norm(&t[0], &t[1], EPS, None).unwrap();
+            let y = y.to_kind(t[2].kind());
+            t[2..].iter().map(|w| y.linear::<Tensor>(w, None)).collect()
+        };
+        let run_all = |f: &dyn Fn(&[Tensor]) -> Vec<Tensor>, inputs: &[Tensor]| -> Vec<Tensor> {
+            let outs = f(inputs);
+            let loss = outs
+                .iter()
+                .zip(&douts)
+                .map(|(o, d)| (o.to_kind(Kind::Double) * d.to_kind(Kind::Double)).sum(Kind::Double))
+                .fold(Tensor::from(0.0).to_device(Device::Cuda(0)), |a, b| a + b);
+            let refs: Vec<&Tensor> = inputs.iter().collect();
+            let one = Tensor::from(1.0).to_device(Device::Cuda(0));
+            let mut all: Vec<Tensor> = outs.iter().map(Tensor::detach).collect();
+            all.extend(grad(&loss, &one, &refs).unwrap());
+            all
+        };
+        let inputs = leaves(Kind::Float, Kind::BFloat16);
+        let got = run_all(&fused, &inputs);
+        let naive = run_all(&unfused, &inputs);
+        let exact = run_all(&fused, &leaves(Kind::Double, Kind::Double));
+        let label = format!("rms_norm_linear rows {rows} hidden {hidden} outs {outs:?}");
+        for (o, (g, n)) in got.iter().zip(&naive).take(outs.len()).enumerate() {
+            assert!(
+                g.equal(n),
+                "{label}: output {o} differs from the unfused kernels'"
+            );
+        }
+        let names: Vec<&str> = ["y"; 5][..outs.len()]
+            .iter()
+            .copied()
+            .chain(["dx", "dnorm_weight"])
+            .chain(["dw"; 5][..outs.len()].iter().copied())
+            .collect();
+        assert_close(&label, &names, &got, &naive, &exact);
     }
 }
 

@@ -159,16 +159,16 @@ pub fn block_activation_bytes(shape: &LayerShape) -> u64 {
 
 /// The block's activations kept for backward, per layer. Counted per token, in activation
 /// precision unless noted:
-/// - GLA: the fp32 residual stream at both norms (2 * 4d bytes, kept by the norms) and the two
-///   norm outputs (2d, cast once for all the projections that read them) + q, k (2 dk) + v, g
-///   (2 dv) + the output and its gate (2 dv: the gated norm's inputs; the norm and o_proj run as
+/// - GLA: the fp32 residual stream at both norms (2 * 4d bytes, kept by the norms; each norm runs
+///   with the projections that read it as one op, which computes the normed values again in the
+///   backward instead of keeping them) + q, k (2 dk) + v, g (2 dv) + the output and its gate (2 dv: the gated norm's inputs; the norm and o_proj run as
 ///   one op that computes the normalised values again in the backward) + MLP gate and up (2 m:
 ///   SwiGLU and down_proj likewise) + the gate logits (dk, kept by the log forget gate) and gk in
 ///   fp32 (4 bytes * dk, kept by the GLA op), and the conv inputs (2 dk + dv) with `short_conv`;
-/// - Transformer: the residual stream and norm outputs as GLA's + q and o (2 H D) + k, v
-///   (2 H_kv D) + MLP gate and up (2m);
+/// - Transformer: the residual stream as GLA's + q and o (2 H D) + k, v (2 H_kv D) + MLP gate and
+///   up (2m);
 /// - Mamba (d_inner = E; crates/models/src/mamba.rs): the fp32 residual stream (4d bytes, kept by
-///   the norm) and the norm's output cast for in_proj (d); in_proj's output x | z (2E: x kept by
+///   the norm, which runs with in_proj as one op); in_proj's output x | z (2E: x kept by
 ///   the fused convolution, which reads it in place and computes its silu again in the backward,
 ///   z by the scan's gate); u (E, the convolution's time-major output, kept by x_proj and the
 ///   scan); B and C (2N, x_proj's columns, read in place by the scan); delta (E, dt_proj's
@@ -192,7 +192,6 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
         ModelType::Gla => {
             let mut parts = vec![
                 ("residual stream at both norms (fp32)", 2 * 4 * d),
-                ("norm outputs (projection inputs)", a * 2 * d),
                 ("q, k", a * 2 * dk),
                 ("v, output gate g", a * 2 * dv),
                 ("attention output and its gate", a * 2 * dv),
@@ -206,14 +205,12 @@ pub fn block_parts(shape: &LayerShape) -> Vec<MemoryPart> {
         }
         ModelType::Transformer => vec![
             ("residual stream at both norms (fp32)", 2 * 4 * d),
-            ("norm outputs (projection inputs)", a * 2 * d),
             ("q, attention output", a * 2 * dk),
             ("k, v", a * 2 * kv),
             ("MLP gate and up", a * 2 * m),
         ],
         ModelType::Mamba => vec![
             ("residual stream (fp32)", 4 * d),
-            ("norm output (in_proj input)", a * d),
             ("in_proj output x | z", a * 2 * e),
             ("u (the convolution's output)", a * e),
             ("B, C (x_proj output)", a * 2 * n),
@@ -568,9 +565,9 @@ pub(crate) mod tests {
 
     #[test]
     fn mamba_370m_layer_memory_item_by_item() {
-        // d 1024, E 2048, N 16, 8 x 2048 tokens in bf16. Per token: the fp32 residual (4d), the
-        // norm output (2d), x | z (4E), u, delta, scan output (2E each), B and C (4N); the scan adds fp32 states every 32 steps (N E / 8 bytes per token) and the
-        // pre-gate output (2E).
+        // d 1024, E 2048, N 16, 8 x 2048 tokens in bf16. Per token: the fp32 residual (4d),
+        // x | z (4E), u, delta, scan output (2E each), B and C (4N); the scan adds fp32 states
+        // every 32 steps (N E / 8 bytes per token) and the pre-gate output (2E).
         let s = mamba(8, 2048, 1024, 2048, 16);
         let parts = memory_parts(&s, LayerOp::SelectiveScan);
         let bytes = |what: &str| parts.iter().find(|p| p.what == what).unwrap().bytes;
@@ -583,7 +580,7 @@ pub(crate) mod tests {
             8 * 64 * 2048 * 16 * 4
         );
         assert_eq!(bytes("scan output before the gate"), tokens * 2 * 2048);
-        let per_token = 4 * 1024 + 2 * (1024 + 5 * 2048 + 2 * 16);
+        let per_token = 4 * 1024 + 2 * (5 * 2048 + 2 * 16);
         let total = tokens * per_token + 2 * 8 * 64 * 2048 * 16 * 4;
         let h100 = DeviceProfile::h100_sxm();
         assert_eq!(
@@ -591,8 +588,8 @@ pub(crate) mod tests {
             total
         );
         assert_eq!(block_activation_bytes(&s), tokens * per_token);
-        // 545 MiB per layer: 25.5 GiB for Mamba-370M's 48 layers.
-        assert_eq!(total / (1 << 20), 545);
+        // 513 MiB per layer: 24.1 GiB for Mamba-370M's 48 layers.
+        assert_eq!(total / (1 << 20), 513);
     }
 
     #[test]
@@ -749,9 +746,9 @@ pub(crate) mod tests {
                 - block_activation_bytes(s)
         };
         assert_eq!(reference(&s), reference(&fp32(s.clone())));
-        // Per token: the fp32 residual stream at both norms (2 * 4d bytes), then 2d + 2dk + 4dv
-        // and the gate logits (dk) at 2 bytes, plus gk in fp32 (d = 1024, no MLP here).
-        let per_token = 2 * 4 * 1024 + 2 * (2 * 1024 + 2 * 512 + 4 * 1024 + 512) + 4 * 512;
+        // Per token: the fp32 residual stream at both norms (2 * 4d bytes), then 2dk + 4dv and
+        // the gate logits (dk) at 2 bytes, plus gk in fp32 (d = 1024, no MLP here).
+        let per_token = 2 * 4 * 1024 + 2 * (2 * 512 + 4 * 1024 + 512) + 4 * 512;
         assert_eq!(block, per_token * 8 * 2048);
     }
 

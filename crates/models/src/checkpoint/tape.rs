@@ -3,7 +3,7 @@
 //!
 //! It lives in a thread-local: the forward records on the thread that runs the model, the
 //! recomputation replays on the libtorch backward thread that runs the checkpointed op's
-//! backward. [`product`] is where the layers meet it; [`linear`], for a plain product.
+//! backward. [`products`] is where the layers meet it; [`linear`], for a plain product.
 
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -67,41 +67,45 @@ pub fn replay<T>(products: Vec<Tensor>, f: impl FnOnce() -> T) -> Result<T, Stri
     }
 }
 
-/// A matrix product made by `compute`, recorded or replayed when a tape is in place: recording
-/// (and outside a tape) `compute(None)` multiplies, and its output is recorded; replaying,
-/// `compute(Some(recorded))` must return the recorded output as its own, with the product's
-/// backward.
+/// The `count` matrix products made by `compute`, recorded or replayed when a tape is in place:
+/// recording (and outside a tape) `compute(None)` multiplies, and its outputs are recorded;
+/// replaying, `compute(Some(recorded))` must return the recorded outputs as its own, with the
+/// products' backward.
 ///
 /// # Panics
-/// When replaying and the tape has no product left (the recomputation diverged).
-pub fn product(compute: impl FnOnce(Option<Tensor>) -> Tensor) -> Tensor {
+/// When replaying and the tape has fewer than `count` products left (the recomputation
+/// diverged).
+pub fn products(
+    count: usize,
+    compute: impl FnOnce(Option<Vec<Tensor>>) -> Vec<Tensor>,
+) -> Vec<Tensor> {
     let replayed = TAPE.with(|t| match t.borrow_mut().as_mut() {
-        Some(Tape::Replaying(products)) => Some(products.next()),
+        Some(Tape::Replaying(products)) => Some(products.by_ref().take(count).collect::<Vec<_>>()),
         _ => None,
     });
     match replayed {
         None => {
-            let y = compute(None);
+            let outputs = compute(None);
             TAPE.with(|t| {
                 if let Some(Tape::Recording(products)) = t.borrow_mut().as_mut() {
-                    products.push(y.shallow_clone());
+                    products.extend(outputs.iter().map(Tensor::shallow_clone));
                 }
             });
-            y
+            outputs
         }
-        Some(Some(y)) => compute(Some(y)),
-        Some(None) => {
+        Some(recorded) if recorded.len() == count => compute(Some(recorded)),
+        Some(_) => {
             panic!("the recomputed block made more matrix products than its forward recorded")
         }
     }
 }
 
-/// `x W^T (+ b)` through the tape ([`product`]). Under autocast the operands of a replayed
+/// `x W^T (+ b)` through the tape ([`products`]). Under autocast the operands of a replayed
 /// product are cast as autocast casts them, so it has the recorded one's dtype and its gradients
 /// flow back through the same casts.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
-    product(|recorded| match recorded {
-        None => x.linear(w, b),
+    let mut outputs = products(1, |recorded| match recorded.and_then(|mut r| r.pop()) {
+        None => vec![x.linear(w, b)],
         Some(y) => {
             let (x, w, b) = (autocast_input(x), autocast_input(w), b.map(autocast_input));
             let op = Replayed {
@@ -109,10 +113,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
                 has_bias: b.is_some(),
             };
             apply(Box::new(op), &[Some(&x), Some(&w), b.as_ref()])
-                .map(|mut outputs| outputs.remove(0))
                 .unwrap_or_else(|e| panic!("a replayed matrix product failed: {e}"))
         }
-    })
+    });
+    outputs.remove(0)
 }
 
 /// A recorded product `y = x W^T (+ b)` in the recomputed graph: its forward hands `y` back,
