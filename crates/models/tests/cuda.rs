@@ -8,7 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 mod common;
 
-use common::{take_gradients, zoo, VOCAB};
+use common::{step_through, take_gradients, zoo, VOCAB};
 
 #[test]
 fn bf16_autocast_on_cuda_stays_close_to_fp32_and_trains() {
@@ -62,11 +62,7 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
         let x = Tensor::randint(VOCAB, [2, seq], (Kind::Int64, device));
         tch::no_grad(|| {
             let full = model.forward(&x);
-            let mut cache = model.new_cache(2);
-            let steps: Vec<Tensor> = (0..seq)
-                .map(|t| model.step(&x.select(1, t), &mut cache))
-                .collect();
-            let stepped = Tensor::stack(&steps, 1);
+            let stepped = step_through(&*model, &x, &mut model.new_cache(2));
             let err = (&stepped - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
             println!("{name}: token by token vs full sequence on CUDA: relative RMS {err:.2e}");
             assert!(err <= 1e-4, "{name}: relative RMS {err:.2e}");
@@ -85,7 +81,11 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
 
             let mut cache = model.new_cache(2);
             let mut pieces = vec![model.forward_cached(&x.narrow(1, 0, 70), &mut cache)];
-            pieces.extend((70..seq).map(|t| model.step(&x.select(1, t), &mut cache).unsqueeze(1)));
+            pieces.push(step_through(
+                &*model,
+                &x.narrow(1, 70, seq - 70),
+                &mut cache,
+            ));
             let pieces = Tensor::cat(&pieces, 1);
             let err = (&pieces - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
             assert!(

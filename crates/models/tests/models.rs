@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::take_gradients;
+use common::{step_through, take_gradients};
 use glatrain_config::{
     ActivationCheckpointing, GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig,
 };
@@ -148,11 +148,8 @@ fn cached_decoding_matches_the_full_sequence() {
 
             // Token by token from an empty cache.
             let mut cache = model.new_cache(2);
-            let steps: Vec<Tensor> = (0..SEQ)
-                .map(|t| model.step(&x.select(1, t), &mut cache))
-                .collect();
+            let stepped = step_through(&*model, &x, &mut cache);
             assert_eq!(cache.len(), SEQ);
-            let stepped = Tensor::stack(&steps, 1);
             let err = rel_rms(&stepped, &full);
             assert!(
                 err <= 1e-4,

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use glatrain_config::{GlaConfig, MambaConfig, ModelConfig, TransformerConfig};
+use glatrain_models::{CausalLm, DecodeCache};
 use tch::{nn, Tensor};
 
 /// The vocabulary of every test model.
@@ -48,6 +49,15 @@ pub fn zoo() -> Vec<(&'static str, ModelConfig)> {
             }),
         ),
     ]
+}
+
+/// `x` (`[B, T]` tokens) decoded one token per call, carrying `cache`: the logits of each,
+/// `[B, T, vocab]`.
+pub fn step_through(model: &dyn CausalLm, x: &Tensor, cache: &mut DecodeCache) -> Tensor {
+    let steps: Vec<Tensor> = (0..x.size()[1])
+        .map(|t| model.step(&x.select(1, t), cache))
+        .collect();
+    Tensor::stack(&steps, 1)
 }
 
 /// Every parameter's gradient (sorted by name), taken out: the parameters' gradients are zero
