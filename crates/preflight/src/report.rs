@@ -588,11 +588,8 @@ mod tests {
         ]);
         let d = &report.rows[0].decision;
         assert_eq!((d.padding.k_padded, d.padding.v_padded), (16, 16));
-        assert!(
-            report.render_table().contains("K 8->16 50%"),
-            "{}",
-            report.render_table()
-        );
+        let table = report.render_table();
+        assert!(table.contains("K 8->16 50%"), "{table}");
     }
 
     #[test]
@@ -733,11 +730,8 @@ mod tests {
         let report = Report::rules(&tiny, &cpu);
         assert_eq!(report.rows[0].decision.op, LayerOp::Gla(GlaMode::Reference));
         assert_eq!(report.memory.runtime_bytes, 0);
-        assert!(
-            report.render_table().contains("(cpu, "),
-            "{}",
-            report.render_table()
-        );
+        let table = report.render_table();
+        assert!(table.contains("(cpu, "), "{table}");
     }
 
     #[test]
@@ -835,12 +829,10 @@ mod tests {
             (d.op, d.source, d.est_time_ms),
             (LayerOp::Gla(GlaMode::Chunk), Source::Measured, 0.5)
         );
+        let table = report.render_table();
         assert!(
-            report
-                .render_table()
-                .contains("chunk  measured  -          0.500 ms"),
-            "{}",
-            report.render_table()
+            table.contains("chunk  measured  -          0.500 ms"),
+            "{table}"
         );
         let again =
             Report::measured(&resolved(GLA_340M, &[]), &h100, &mut timer, dir.path()).unwrap();
