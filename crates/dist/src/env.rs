@@ -130,8 +130,8 @@ impl WorldEnv {
         }))
     }
 
-    /// Rank `rank` of `world_size` ranks on this host, which meet through a store that another
-    /// process (a launcher) serves at `127.0.0.1:port`: the world of a single-host launch.
+    /// Rank `rank` of `world_size` ranks on this host that meet through a store served apart
+    /// from them at `127.0.0.1:port`, as a single-host launcher serves it.
     pub fn on_this_host(rank: usize, world_size: usize, port: u16, timeout: Duration) -> Self {
         WorldEnv {
             rank,
