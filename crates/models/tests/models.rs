@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{step_through, take_gradients};
+use common::{seeded_model, step_through, take_gradients};
 use glatrain_config::{
     ActivationCheckpointing, GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig,
 };
@@ -91,10 +91,7 @@ fn zoo() -> Vec<(&'static str, ModelConfig)> {
 }
 
 fn make(cfg: &ModelConfig, mode: GlaMode) -> (nn::VarStore, Box<dyn CausalLm>) {
-    tch::manual_seed(7);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = build(&vs.root(), cfg, mode).unwrap();
-    (vs, model)
+    seeded_model(cfg, mode, Device::Cpu, 7)
 }
 
 fn tokens(batch: i64, len: i64) -> Tensor {

@@ -2,9 +2,9 @@
 //! parameters' gradients. Each test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
 
-use glatrain_config::{GlaConfig, MambaConfig, ModelConfig, TransformerConfig};
-use glatrain_models::{CausalLm, DecodeCache};
-use tch::{nn, Tensor};
+use glatrain_config::{GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig};
+use glatrain_models::{build, CausalLm, DecodeCache};
+use tch::{nn, Device, Tensor};
 
 /// The vocabulary of every test model.
 pub const VOCAB: i64 = 37;
@@ -49,6 +49,20 @@ pub fn zoo() -> Vec<(&'static str, ModelConfig)> {
             }),
         ),
     ]
+}
+
+/// `cfg` built on `device`, its GLA layers in `mode`, after seeding the global generator with
+/// `seed`: its variables and the model.
+pub fn seeded_model(
+    cfg: &ModelConfig,
+    mode: GlaMode,
+    device: Device,
+    seed: i64,
+) -> (nn::VarStore, Box<dyn CausalLm>) {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(device);
+    let model = build(&vs.root(), cfg, mode).unwrap();
+    (vs, model)
 }
 
 /// `x` (`[B, T]` tokens) decoded one token per call, carrying `cache`: the logits of each,
