@@ -180,9 +180,13 @@ mod tests {
 
     #[test]
     fn civil_dates() {
-        assert_eq!(civil_date(0), "1970-01-01");
-        assert_eq!(civil_date(20_417), "2025-11-25");
-        assert_eq!(civil_date(11_016), "2000-02-29");
+        for (days, date) in [
+            (0, "1970-01-01"),
+            (20_417, "2025-11-25"),
+            (11_016, "2000-02-29"),
+        ] {
+            assert_eq!(civil_date(days), date);
+        }
     }
 
     #[test]

@@ -187,24 +187,21 @@ mod tests {
 
     #[test]
     fn batch_tokens_and_batch_size_give_the_step_shape() {
-        let text = format!(
-            "{GLA}[data]\nseq_len = 128\n[train]\nbatch_tokens = 8192\nmicro_batch_size = 16\n"
-        );
-        let r = from_str(&text, "gla", &[]).unwrap();
-        assert_eq!(
-            (r.batch_size, r.grad_accum_steps, r.tokens_per_step),
-            (64, 4, 8192)
-        );
-
-        let text = format!(
-            "{GLA}[data]\nseq_len = 128\n[train]\nbatch_size = 48\nmicro_batch_size = 16\n"
-        );
-        let r = from_str(&text, "gla", &[]).unwrap();
-        assert_eq!(
-            (r.batch_size, r.grad_accum_steps, r.tokens_per_step),
-            (48, 3, 6144)
-        );
-        assert_eq!(r.config.train.batch_tokens, Some(6144));
+        // (the [train] key that sizes the batch; batch size, accumulation steps, tokens per step)
+        for (size, step) in [
+            ("batch_tokens = 8192", (64, 4, 8192)),
+            ("batch_size = 48", (48, 3, 6144)),
+        ] {
+            let text =
+                format!("{GLA}[data]\nseq_len = 128\n[train]\n{size}\nmicro_batch_size = 16\n");
+            let r = from_str(&text, "gla", &[]).unwrap();
+            assert_eq!(
+                (r.batch_size, r.grad_accum_steps, r.tokens_per_step),
+                step,
+                "{size}"
+            );
+            assert_eq!(r.config.train.batch_tokens, Some(step.2), "{size}");
+        }
     }
 
     #[test]

@@ -184,20 +184,6 @@ mod tests {
         assert!(max - min <= *sizes.iter().max().unwrap(), "{held:?}");
     }
 
-    /// Rank `rank` of a run whose store a launcher serves on `port`.
-    fn world(port: u16, rank: usize, world_size: usize) -> WorldEnv {
-        WorldEnv {
-            rank,
-            local_rank: rank,
-            world_size,
-            master_addr: "127.0.0.1".into(),
-            master_port: port,
-            timeout: std::time::Duration::from_secs(30),
-            interface: None,
-            agent_store: true,
-        }
-    }
-
     /// Rank `rank`'s data for parameters of odd sizes (the second gets no gradient).
     fn rank_grads(rank: usize) -> Vec<Option<Tensor>> {
         let mut rng = glatrain_testing::Rng::new(rank as u64 + 7);
@@ -231,11 +217,13 @@ mod tests {
 
     #[test]
     fn gradients_become_their_mean_over_the_ranks() {
-        let store = StoreServer::serve(0, std::time::Duration::from_secs(30)).unwrap();
+        let timeout = std::time::Duration::from_secs(30);
+        let store = StoreServer::serve(0, timeout).unwrap();
         let port = store.port();
         let world_size = 3;
         let results = on_threads(world_size, |rank| {
-            let mut dp = DataParallel::join(&world(port, rank, world_size), Device::Cpu).unwrap();
+            let world = WorldEnv::on_this_host(rank, world_size, port, timeout);
+            let mut dp = DataParallel::join(&world, Device::Cpu).unwrap();
             let params = params_with_grads(&mut dp, rank);
             dp.average_gradients().unwrap();
             let grads: Vec<Option<Tensor>> = params

@@ -130,6 +130,21 @@ impl WorldEnv {
         }))
     }
 
+    /// Rank `rank` of `world_size` ranks on this host that meet through a store served apart
+    /// from them at `127.0.0.1:port`, as a single-host launcher serves it.
+    pub fn on_this_host(rank: usize, world_size: usize, port: u16, timeout: Duration) -> Self {
+        WorldEnv {
+            rank,
+            local_rank: rank,
+            world_size,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+            timeout,
+            interface: None,
+            agent_store: true,
+        }
+    }
+
     /// Whether this rank writes the run directory (logs, checkpoints, evaluations).
     pub fn is_writer(&self) -> bool {
         self.rank == 0

@@ -17,26 +17,17 @@ fn world_sizes() -> Vec<usize> {
     (1..=devices.min(2)).collect()
 }
 
-/// Rank `rank` of a run whose store this test serves on `port`, on `cuda:rank`.
-fn world(port: u16, rank: usize, world_size: usize) -> WorldEnv {
-    WorldEnv {
-        rank,
-        local_rank: rank,
-        world_size,
-        master_addr: "127.0.0.1".into(),
-        master_port: port,
-        timeout: TIMEOUT,
-        interface: None,
-        agent_store: true,
-    }
-}
-
 /// Runs `body(rank, world)` on `world_size` threads, around a store served apart, and returns
 /// their results in rank order.
 fn on_ranks<T: Send>(world_size: usize, body: impl Fn(usize, WorldEnv) -> T + Sync) -> Vec<T> {
     let store = StoreServer::serve(0, TIMEOUT).unwrap();
     let port = store.port();
-    let results = on_threads(world_size, |rank| body(rank, world(port, rank, world_size)));
+    let results = on_threads(world_size, |rank| {
+        body(
+            rank,
+            WorldEnv::on_this_host(rank, world_size, port, TIMEOUT),
+        )
+    });
     drop(store);
     results
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use glatrain_testing::process::{assert_exit, cli_path, logged_series, text};
+use glatrain_testing::process::{assert_exit, assert_success, cli_path, logged_series, text};
 
 fn glatrain(args: &[&str], dir: &Path) -> Output {
     Command::new(cli_path(env!("CARGO_BIN_EXE_glatrain")))
@@ -60,7 +60,7 @@ fn preflight_explains_the_cpu_choice() {
         &["preflight", "--config", config.to_str().unwrap()],
         dir.path(),
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_success(&out);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("reference"), "{table}");
     assert!(
@@ -126,7 +126,7 @@ fn shipped_configs_run_by_name_from_any_directory() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["gla-tiny", "gla-tiny.toml"] {
         let out = glatrain(&["preflight", "--config", name], dir.path());
-        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        assert_success(&out);
         let table = String::from_utf8_lossy(&out.stdout);
         assert!(table.contains("gla-tiny.toml (built in)"), "{table}");
     }
@@ -137,7 +137,7 @@ fn shipped_configs_run_by_name_from_any_directory() {
     )
     .unwrap();
     let own = glatrain(&["preflight", "--config", "gla-tiny.toml"], dir.path());
-    assert_eq!(own.status.code(), Some(0), "{}", text(&own.stderr));
+    assert_success(&own);
     let table = String::from_utf8_lossy(&own.stdout);
     assert!(!table.contains("(built in)"), "{table}");
 
@@ -156,7 +156,7 @@ fn shipped_configs_run_by_name_from_any_directory() {
         ],
         other.path(),
     );
-    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    assert_success(&run);
     assert!(other.path().join("runs/gla-tiny/config.toml").exists());
 
     let unknown = glatrain(&["--config", "gla-341m"], dir.path());
@@ -167,7 +167,7 @@ fn shipped_configs_run_by_name_from_any_directory() {
 fn configs_lists_the_shipped_configs_and_prints_one() {
     let dir = tempfile::tempdir().unwrap();
     let out = glatrain(&["configs"], dir.path());
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_success(&out);
     let table = String::from_utf8_lossy(&out.stdout);
     let rows: Vec<Vec<&str>> = table
         .lines()
@@ -259,7 +259,7 @@ fn prepare_reads_json_lines_and_stops_at_a_bad_record() {
         ],
         dir.path(),
     );
-    assert_eq!(skip.status.code(), Some(0), "{}", text(&skip.stderr));
+    assert_success(&skip);
     let stdout = String::from_utf8_lossy(&skip.stdout);
     assert!(stdout.contains("train: 2 documents"), "{stdout}");
     assert!(
@@ -290,7 +290,7 @@ fn export_and_text_evaluation_from_the_command_line() {
         ],
         dir.path(),
     );
-    assert_eq!(trained.status.code(), Some(0), "{}", text(&trained.stderr));
+    assert_success(&trained);
 
     let run = "runs/transformer-tiny";
     let export = glatrain(
@@ -305,7 +305,7 @@ fn export_and_text_evaluation_from_the_command_line() {
         ],
         dir.path(),
     );
-    assert_eq!(export.status.code(), Some(0), "{}", text(&export.stderr));
+    assert_success(&export);
     let said = String::from_utf8_lossy(&export.stdout);
     assert!(said.contains("LlamaForCausalLM (bf16 weights)"), "{said}");
     for file in ["config.json", "generation_config.json", "model.safetensors"] {
@@ -317,7 +317,7 @@ fn export_and_text_evaluation_from_the_command_line() {
         &["export", "--checkpoint", run, "--out", "hf", "--force"],
         dir.path(),
     );
-    assert_eq!(forced.status.code(), Some(0), "{}", text(&forced.stderr));
+    assert_success(&forced);
 
     std::fs::write(
         dir.path().join("wiki.txt"),
@@ -336,7 +336,7 @@ fn export_and_text_evaluation_from_the_command_line() {
         ],
         dir.path(),
     );
-    assert_eq!(eval.status.code(), Some(0), "{}", text(&eval.stderr));
+    assert_success(&eval);
     let table = String::from_utf8_lossy(&eval.stdout);
     assert!(
         table.contains("4 non-overlapping windows of up to 128 predicted tokens"),
@@ -429,7 +429,7 @@ fn document_boundaries_train_on_prepared_data_and_refuse_a_version_1_dataset() {
         ],
         dir.path(),
     );
-    assert_eq!(prepare.status.code(), Some(0), "{}", text(&prepare.stderr));
+    assert_success(&prepare);
     let train = |name: &str, boundaries: bool| {
         let name = format!("run.name={name}");
         let boundaries = format!("data.document_boundaries={boundaries}");
@@ -462,10 +462,10 @@ fn document_boundaries_train_on_prepared_data_and_refuse_a_version_1_dataset() {
         )
     };
     let run = train("boundaries", true);
-    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    assert_success(&run);
     // The same batches without boundaries: the states cross documents, so the losses differ.
     let plain = train("plain", false);
-    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain.stderr));
+    assert_success(&plain);
     let losses = |name: &str| logged_series(&dir.path().join("runs").join(name), "train/loss");
     let (with, without) = (losses("boundaries"), losses("plain"));
     assert_eq!(with.len(), without.len());
@@ -488,7 +488,7 @@ fn document_boundaries_train_on_prepared_data_and_refuse_a_version_1_dataset() {
         &["eval", "--checkpoint", "runs/boundaries", "--batches", "1"],
         dir.path(),
     );
-    assert_eq!(eval.status.code(), Some(0), "{}", text(&eval.stderr));
+    assert_success(&eval);
 
     // The same dataset as format version 1 wrote it: no document starts.
     let tokens = dir.path().join("tokens");

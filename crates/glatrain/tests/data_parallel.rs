@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use glatrain_fs::sorted_names;
 use glatrain_testing::process::{
-    cli_path, dir_with, logged_series, send_signal, start, text, wait_until,
+    assert_success, cli_path, dir_with, logged_series, send_signal, start, text, wait_until,
 };
 
 /// A micro GLA model, fp32, one libtorch thread per rank, a checkpoint every 5 steps.
@@ -69,15 +69,6 @@ fn run(dir: &Path, args: &[&str]) -> Output {
     glatrain(dir, args).output().unwrap()
 }
 
-fn check_success(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{:?}\n{}",
-        out.status,
-        text(&out.stderr)
-    );
-}
-
 fn losses(run_dir: &Path) -> Vec<(u64, f64)> {
     logged_series(run_dir, "train/loss")
 }
@@ -101,7 +92,7 @@ fn one_rank_and_two(dir: &Path, extra: &[&str], micro: u32) -> Output {
         dir,
         &[extra, &["--set", "run.name=one", "--set", &one_micro]].concat(),
     );
-    check_success(&one);
+    assert_success(&one);
     let two_micro = format!("train.micro_batch_size={micro}");
     let two_ranks = [
         "--nproc-per-node",
@@ -112,7 +103,7 @@ fn one_rank_and_two(dir: &Path, extra: &[&str], micro: u32) -> Output {
         &two_micro,
     ];
     let two = run(dir, &[extra, &two_ranks].concat());
-    check_success(&two);
+    assert_success(&two);
     two
 }
 
@@ -303,12 +294,12 @@ fn a_killed_rank_stops_the_run_and_the_run_resumes_exactly() {
         ]
         .concat(),
     );
-    check_success(&resumed);
+    assert_success(&resumed);
     let whole = run(
         dir.path(),
         &[&common[..], &["--set", "run.name=whole", "--set", &steps]].concat(),
     );
-    check_success(&whole);
+    assert_success(&whole);
     let runs = dir.path().join("runs");
     let (a, b) = (losses(&runs.join("killed")), losses(&runs.join("whole")));
     assert_eq!(a.len() as u64, resumed_at + 3);
@@ -335,7 +326,7 @@ fn a_sharded_optimizer_state_trains_and_resumes_as_the_replicated_one() {
         ]);
         args.extend_from_slice(extra);
         let out = run(dir.path(), &args);
-        check_success(&out);
+        assert_success(&out);
         text(&out.stderr)
     };
     let shard = ["--set", "train.shard_optimizer_state=true"];
@@ -374,7 +365,7 @@ fn a_sharded_optimizer_state_trains_and_resumes_as_the_replicated_one() {
             "--resume",
         ],
     );
-    check_success(&one);
+    assert_success(&one);
     assert_eq!(losses(&runs.join("sharded")).len(), 14);
 }
 

@@ -7,7 +7,8 @@ use std::process::{Child, Command, ExitStatus, Output};
 use std::time::Duration;
 
 use glatrain_testing::process::{
-    assert_exit, cli_path, dir_with, logged_series, send_signal, start, text, wait_until,
+    assert_exit, assert_success, cli_path, dir_with, logged_series, send_signal, start, text,
+    wait_until,
 };
 
 /// A micro Transformer++ whose steps take milliseconds, checkpointing every 5 steps.
@@ -166,7 +167,7 @@ fn one_writer_per_run_and_an_interrupted_run_resumes_exactly() {
     );
 
     let resumed = run(d, &second_args);
-    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));
+    assert_success(&resumed);
     let bits = |l: Vec<(u64, f64)>| {
         l.into_iter()
             .map(|(s, x)| (s, x.to_bits()))
@@ -222,7 +223,7 @@ fn a_failed_checkpoint_write_leaves_nothing_and_resume_works() {
     let dir = workdir();
     let d = dir.path();
     let first = run(d, &["--config", "r.toml", "--set", "train.max_steps=5"]);
-    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    assert_success(&first);
     // The weights file is about 400 KB; the limit is 64 KiB (dash counts 512-byte blocks) and
     // SIGXFSZ is ignored, so writes past it fail with EFBIG.
     let again = [
@@ -246,7 +247,7 @@ fn a_failed_checkpoint_write_leaves_nothing_and_resume_works() {
         temporaries(&checkpoints)
     );
     let resumed = run(d, &again);
-    assert_eq!(resumed.status.code(), Some(0), "{}", text(&resumed.stderr));
+    assert_success(&resumed);
     assert!(checkpoints.join("step-10/manifest.json").exists());
 }
 
@@ -420,7 +421,7 @@ fn eval_and_sample_check_their_arguments() {
     let dir = workdir();
     let d = dir.path();
     let trained = run(d, &["--config", "r.toml", "--set", "train.max_steps=2"]);
-    assert_eq!(trained.status.code(), Some(0), "{}", text(&trained.stderr));
+    assert_success(&trained);
     let out = run(d, &["eval", "--checkpoint", "runs/r", "--plot", "/tmp"]);
     assert_exit(
         &out,
@@ -447,7 +448,7 @@ fn eval_and_sample_check_their_arguments() {
     let mut from_file = args.to_vec();
     from_file.extend(["--prompt-file", "prompt.txt"]);
     let out = run(d, &from_file);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_success(&out);
     let sample = text(&out.stdout);
     assert!(sample.starts_with("The jury said"), "{sample}");
     assert!(

@@ -62,8 +62,10 @@ fn weights(vs: &VarStore) -> BTreeMap<String, Tensor> {
     vs.variables().into_iter().collect()
 }
 
-fn export(model: &ModelConfig, vs: &VarStore, out: &Path, dtype: Dtype) -> Vec<&'static str> {
-    let w = weights(vs);
+/// Exports a freshly initialised `model` to `out` as `dtype`: its weights and the files written.
+fn export(model: &ModelConfig, out: &Path, dtype: Dtype) -> (VarStore, Vec<&'static str>) {
+    let vs = build(model);
+    let w = weights(&vs);
     let e = Export {
         model,
         seq_len: 64,
@@ -71,7 +73,8 @@ fn export(model: &ModelConfig, vs: &VarStore, out: &Path, dtype: Dtype) -> Vec<&
         dtype,
         tokenizer: None,
     };
-    write_model_dir(out, &e, false).unwrap()
+    let files = write_model_dir(out, &e, false).unwrap();
+    (vs, files)
 }
 
 fn import(model: &ModelConfig, dir: &Path) -> Result<VarStore, HubError> {
@@ -105,8 +108,7 @@ fn export_then_import_gives_the_same_weights_bit_for_bit() {
     for model in models() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("hf");
-        let src = build(&model);
-        let files = export(&model, &src, &out, Dtype::Fp32);
+        let (src, files) = export(&model, &out, Dtype::Fp32);
         assert_eq!(
             files,
             ["config.json", "generation_config.json", "model.safetensors"]
@@ -177,7 +179,7 @@ fn files_carry_the_class_names() {
     ];
     for (model, architecture, present, absent) in cases {
         let out = tmp.path().join(model.type_name());
-        export(model, &build(model), &out, Dtype::Fp32);
+        export(model, &out, Dtype::Fp32);
         let config = read_json(&out.join("config.json"));
         assert_eq!(config["architectures"][0], architecture);
         let names = names_in(&out.join("model.safetensors"));
@@ -197,8 +199,7 @@ fn half_precision_exports_round_the_master_weights() {
     let model = gla();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bf16");
-    let src = build(&model);
-    export(&model, &src, &out, Dtype::Bf16);
+    let (src, _) = export(&model, &out, Dtype::Bf16);
     assert_eq!(read_json(&out.join("config.json"))["dtype"], "bfloat16");
     let stored = Tensor::read_safetensors(out.join("model.safetensors")).unwrap();
     assert!(stored.iter().all(|(_, t)| t.kind() == Kind::BFloat16));
@@ -213,7 +214,7 @@ fn half_precision_exports_round_the_master_weights() {
 /// Exports the tiny GLA model and returns the directory.
 fn exported_gla(tmp: &Path) -> PathBuf {
     let out = tmp.join("hf");
-    export(&gla(), &build(&gla()), &out, Dtype::Fp32);
+    export(&gla(), &out, Dtype::Fp32);
     out
 }
 
@@ -300,7 +301,7 @@ fn missing_and_unexpected_tensors_are_named() {
         &["model.safetensors: no tensor `model.norm.weight` (shape [32]), which the model needs"],
     );
     let dir = tmp.path().join("extra");
-    export(&gla(), &build(&gla()), &dir, Dtype::Fp32);
+    export(&gla(), &dir, Dtype::Fp32);
     edit_weights(&dir, |w| {
         w.insert(
             "model.layers.0.attn.extra.weight".into(),
@@ -318,8 +319,7 @@ fn a_tied_head_stored_anyway_must_equal_the_embedding() {
     let model = models().remove(1); // tied
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("hf");
-    let src = build(&model);
-    export(&model, &src, &dir, Dtype::Fp32);
+    let (src, _) = export(&model, &dir, Dtype::Fp32);
     edit_weights(&dir, |w| {
         let head = w["model.embed_tokens.weight"].copy();
         w.insert("lm_head.weight".into(), head);
@@ -346,8 +346,7 @@ fn split_weights_and_flas_unfused_norm_names_are_read() {
     let model = gla();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("hf");
-    let src = build(&model);
-    export(&model, &src, &dir, Dtype::Fp32);
+    let (src, _) = export(&model, &dir, Dtype::Fp32);
     // Two files and an index, as large published models come; the unfused norm's name.
     let all: Vec<(String, Tensor)> = Tensor::read_safetensors(dir.join("model.safetensors"))
         .unwrap()

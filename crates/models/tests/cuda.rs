@@ -8,7 +8,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 mod common;
 
-use common::{take_gradients, zoo, VOCAB};
+use common::{seeded_model, step_through, take_gradients, zoo, VOCAB};
 
 #[test]
 fn bf16_autocast_on_cuda_stays_close_to_fp32_and_trains() {
@@ -17,9 +17,7 @@ fn bf16_autocast_on_cuda_stays_close_to_fp32_and_trains() {
     };
     glatrain_shim::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
     for (name, cfg) in zoo() {
-        tch::manual_seed(7);
-        let vs = nn::VarStore::new(device);
-        let model = build(&vs.root(), &cfg, GlaMode::Chunk).unwrap();
+        let (vs, model) = seeded_model(&cfg, GlaMode::Chunk, device, 7);
         let x = Tensor::randint(VOCAB, [2, 100], (Kind::Int64, device));
         let reference = tch::no_grad(|| model.forward(&x));
         let logits = glatrain_shim::autocast::autocast(|| model.forward(&x));
@@ -56,17 +54,11 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
     };
     let seq = 100;
     for (name, cfg) in zoo() {
-        tch::manual_seed(11);
-        let vs = nn::VarStore::new(device);
-        let model = build(&vs.root(), &cfg, GlaMode::Chunk).unwrap();
+        let (_vs, model) = seeded_model(&cfg, GlaMode::Chunk, device, 11);
         let x = Tensor::randint(VOCAB, [2, seq], (Kind::Int64, device));
         tch::no_grad(|| {
             let full = model.forward(&x);
-            let mut cache = model.new_cache(2);
-            let steps: Vec<Tensor> = (0..seq)
-                .map(|t| model.step(&x.select(1, t), &mut cache))
-                .collect();
-            let stepped = Tensor::stack(&steps, 1);
+            let stepped = step_through(&*model, &x, &mut model.new_cache(2));
             let err = (&stepped - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
             println!("{name}: token by token vs full sequence on CUDA: relative RMS {err:.2e}");
             assert!(err <= 1e-4, "{name}: relative RMS {err:.2e}");
@@ -85,7 +77,11 @@ fn decoding_token_by_token_on_cuda_matches_the_full_sequence() {
 
             let mut cache = model.new_cache(2);
             let mut pieces = vec![model.forward_cached(&x.narrow(1, 0, 70), &mut cache)];
-            pieces.extend((70..seq).map(|t| model.step(&x.select(1, t), &mut cache).unsqueeze(1)));
+            pieces.push(step_through(
+                &*model,
+                &x.narrow(1, 70, seq - 70),
+                &mut cache,
+            ));
             let pieces = Tensor::cat(&pieces, 1);
             let err = (&pieces - &full).norm().double_value(&[]) / full.norm().double_value(&[]);
             assert!(
@@ -137,9 +133,7 @@ fn checkpointing_on_cuda_keeps_the_gradients_and_less_memory() {
     };
     glatrain_shim::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
     for (name, cfg) in zoo() {
-        tch::manual_seed(11);
-        let vs = nn::VarStore::new(device);
-        let mut model = build(&vs.root(), &cfg, GlaMode::Chunk).unwrap();
+        let (vs, mut model) = seeded_model(&cfg, GlaMode::Chunk, device, 11);
         let x = Tensor::randint(VOCAB, [4, 1000], (Kind::Int64, device));
         let (plain, plain_peak) =
             checkpointed_step(&vs, model.as_mut(), ActivationCheckpointing::None, &x);
@@ -198,9 +192,7 @@ fn cuda_gradients_equal_the_cpu_reference_model() {
     };
     glatrain_shim::autocast::set_autocast_dtype(Kind::BFloat16).unwrap();
     for (name, cfg) in zoo() {
-        tch::manual_seed(5);
-        let cpu = nn::VarStore::new(Device::Cpu);
-        let cpu_model = build(&cpu.root(), &cfg, GlaMode::Chunk).unwrap();
+        let (cpu, cpu_model) = seeded_model(&cfg, GlaMode::Chunk, Device::Cpu, 5);
         let x = Tensor::randint(VOCAB, [2, 300], (Kind::Int64, Device::Cpu));
         let (want_loss, want) = loss_and_gradients(&cpu, cpu_model.as_ref(), &x, false);
         let mut gpu = nn::VarStore::new(device);

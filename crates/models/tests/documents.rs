@@ -4,18 +4,16 @@
 
 mod common;
 
-use common::{take_gradients, zoo, VOCAB};
+use common::{seeded_model, take_gradients, zoo, VOCAB};
 use glatrain_config::{GlaMode, ModelConfig};
-use glatrain_models::{build, CausalLm, Documents};
+use glatrain_models::Documents;
 use glatrain_testing::rel_rms;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Compares the documents packed in rows with the documents run one by one: hidden states
 /// within `bound` relative RMS per document, every parameter's gradient within `bound`.
 fn check(name: &str, cfg: &ModelConfig, device: Device, bound: f64) {
-    tch::manual_seed(11);
-    let vs = nn::VarStore::new(device);
-    let model: Box<dyn CausalLm> = build(&vs.root(), cfg, GlaMode::Chunk).unwrap();
+    let (vs, model) = seeded_model(cfg, GlaMode::Chunk, device, 11);
     // Row 0: documents of 5, 1, 11 and 83 tokens (one reaching past a 64-token chunk); row 1:
     // 70 and 30.
     let t = 100;

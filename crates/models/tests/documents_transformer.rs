@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::take_gradients;
+use common::{seeded_model, take_gradients};
 use glatrain_config::{GlaMode, ModelConfig, TransformerConfig};
-use glatrain_models::{build, CausalLm, Documents};
+use glatrain_models::{CausalLm, Documents};
 use glatrain_ops::sdpa::flash_takes;
 use glatrain_testing::{rel_rms, Rng};
 use tch::{nn, Device, Kind, Tensor};
@@ -22,7 +22,6 @@ const SPANS: [(i64, i64, i64); 3] = [(0, 0, FIRST), (0, FIRST, WINDOW - FIRST), 
 
 /// Four heads of 16 (a head dim FlashAttention takes), two key/value heads.
 fn model(device: Device) -> (nn::VarStore, Box<dyn CausalLm>) {
-    tch::manual_seed(7);
     let cfg = ModelConfig::Transformer(TransformerConfig {
         vocab_size: VOCAB,
         hidden_size: HIDDEN as usize,
@@ -31,9 +30,7 @@ fn model(device: Device) -> (nn::VarStore, Box<dyn CausalLm>) {
         num_kv_heads: Some(2),
         ..TransformerConfig::default()
     });
-    let vs = nn::VarStore::new(device);
-    let model = build(&vs.root(), &cfg, GlaMode::Chunk).unwrap();
-    (vs, model)
+    seeded_model(&cfg, GlaMode::Chunk, device, 7)
 }
 
 /// Rows `[2, WINDOW]` of tokens, fixed random weights of the hidden states (the loss whose

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::take_gradients;
+use common::{seeded_model, step_through, take_gradients};
 use glatrain_config::{
     ActivationCheckpointing, GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig,
 };
@@ -91,10 +91,7 @@ fn zoo() -> Vec<(&'static str, ModelConfig)> {
 }
 
 fn make(cfg: &ModelConfig, mode: GlaMode) -> (nn::VarStore, Box<dyn CausalLm>) {
-    tch::manual_seed(7);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = build(&vs.root(), cfg, mode).unwrap();
-    (vs, model)
+    seeded_model(cfg, mode, Device::Cpu, 7)
 }
 
 fn tokens(batch: i64, len: i64) -> Tensor {
@@ -148,11 +145,8 @@ fn cached_decoding_matches_the_full_sequence() {
 
             // Token by token from an empty cache.
             let mut cache = model.new_cache(2);
-            let steps: Vec<Tensor> = (0..SEQ)
-                .map(|t| model.step(&x.select(1, t), &mut cache))
-                .collect();
+            let stepped = step_through(&*model, &x, &mut cache);
             assert_eq!(cache.len(), SEQ);
-            let stepped = Tensor::stack(&steps, 1);
             let err = rel_rms(&stepped, &full);
             assert!(
                 err <= 1e-4,

@@ -494,9 +494,14 @@ mod tests {
         glatrain_config::from_str(text, "configs/gla-340m.toml", &overrides).unwrap()
     }
 
+    /// The rules' report for GLA-340M with `overrides` on an H100.
+    fn gla_340m_on_h100(overrides: &[&str]) -> Report {
+        Report::rules(&resolved(GLA_340M, overrides), &DeviceProfile::h100_sxm())
+    }
+
     #[test]
     fn gla_340m_renders_on_the_h100() {
-        let report = Report::rules(&resolved(GLA_340M, &[]), &DeviceProfile::h100_sxm());
+        let report = gla_340m_on_h100(&[]);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         report.check().unwrap();
         assert_eq!(report.rows.len(), 1);
@@ -560,10 +565,7 @@ mod tests {
         );
         // In fp32 the waves rule takes fused_chunk, which keeps no chunk states: the layer's
         // memory is its block activations.
-        let fp32 = Report::rules(
-            &resolved(GLA_340M, &["train.precision=fp32"]),
-            &DeviceProfile::h100_sxm(),
-        );
+        let fp32 = gla_340m_on_h100(&["train.precision=fp32"]);
         let row = &fp32.rows[0];
         assert_eq!(
             row.decision.op,
@@ -579,32 +581,21 @@ mod tests {
 
     #[test]
     fn tiny_head_dims_show_their_padding() {
-        let cfg = resolved(
-            GLA_340M,
-            &[
-                "model.hidden_size=32",
-                "model.num_heads=2",
-                "model.num_layers=2",
-            ],
-        );
-        let report = Report::rules(&cfg, &DeviceProfile::h100_sxm());
+        let report = gla_340m_on_h100(&[
+            "model.hidden_size=32",
+            "model.num_heads=2",
+            "model.num_layers=2",
+        ]);
         let d = &report.rows[0].decision;
         assert_eq!((d.padding.k_padded, d.padding.v_padded), (16, 16));
-        assert!(
-            report.render_table().contains("K 8->16 50%"),
-            "{}",
-            report.render_table()
-        );
+        let table = report.render_table();
+        assert!(table.contains("K 8->16 50%"), "{table}");
     }
 
     #[test]
     fn checkpointing_keeps_less_and_the_recomputed_layer_is_counted_once() {
         let activations = |mode: &str| {
-            let cfg = resolved(
-                GLA_340M,
-                &[&format!("train.activation_checkpointing={mode}")],
-            );
-            Report::rules(&cfg, &DeviceProfile::h100_sxm())
+            gla_340m_on_h100(&[&format!("train.activation_checkpointing={mode}")])
                 .memory
                 .activation_bytes
         };
@@ -618,7 +609,7 @@ mod tests {
             "{full} {selective} {none}"
         );
         // Full: 24 layers keep their fp32 input (4 x 1024 bytes per token), one layer its all.
-        let report = Report::rules(&resolved(GLA_340M, &[]), &DeviceProfile::h100_sxm());
+        let report = gla_340m_on_h100(&[]);
         let one_layer = report.rows[0].decision.est_memory_bytes;
         assert_eq!(full, 24 * 4 * 1024 * 8 * 2048 + one_layer);
         assert!(2 * full < none, "at least 2x less: {full} vs {none}");
@@ -626,11 +617,7 @@ mod tests {
 
     #[test]
     fn a_config_that_does_not_fit_names_its_keys() {
-        let cfg = resolved(
-            GLA_340M,
-            &["train.micro_batch_size=64", "data.seq_len=16384"],
-        );
-        let report = Report::rules(&cfg, &DeviceProfile::h100_sxm());
+        let report = gla_340m_on_h100(&["train.micro_batch_size=64", "data.seq_len=16384"]);
         assert_eq!(report.errors.len(), 1);
         let err = report.check().unwrap_err();
         assert!(err.is_bad_input());
@@ -654,7 +641,7 @@ mod tests {
             assert!(!sets.is_empty(), "{option}");
             let mut overrides = vec!["train.micro_batch_size=64", "data.seq_len=16384"];
             overrides.extend(sets);
-            let fixed = Report::rules(&resolved(GLA_340M, &overrides), &DeviceProfile::h100_sxm());
+            let fixed = gla_340m_on_h100(&overrides);
             assert!(fixed.errors.is_empty(), "{option}: {:?}", fixed.errors);
         }
         assert!(
@@ -667,13 +654,11 @@ mod tests {
             "reported once, by check()"
         );
         // The same config fits with a smaller micro-batch.
-        let cfg = resolved(
-            GLA_340M,
-            &["train.micro_batch_size=1", "data.seq_len=16384"],
+        assert!(
+            gla_340m_on_h100(&["train.micro_batch_size=1", "data.seq_len=16384"])
+                .errors
+                .is_empty()
         );
-        assert!(Report::rules(&cfg, &DeviceProfile::h100_sxm())
-            .errors
-            .is_empty());
         // Unknown memory: a warning, no check.
         let unknown = DeviceProfile::h100_sxm().with_memory_bytes(0);
         let cfg = resolved(
@@ -719,15 +704,11 @@ mod tests {
 
     #[test]
     fn forced_and_cpu_decisions_are_reported() {
-        let forced = resolved(
-            GLA_340M,
-            &[
-                "kernels.mode=fused_recurrent",
-                "data.seq_len=8192",
-                "train.micro_batch_size=2",
-            ],
-        );
-        let report = Report::rules(&forced, &DeviceProfile::h100_sxm());
+        let report = gla_340m_on_h100(&[
+            "kernels.mode=fused_recurrent",
+            "data.seq_len=8192",
+            "train.micro_batch_size=2",
+        ]);
         assert_eq!(report.rows[0].decision.source, Source::Forced);
         let table = report.render_table();
         assert!(table.contains("fused_recurrent  forced"), "{table}");
@@ -749,23 +730,14 @@ mod tests {
         let report = Report::rules(&tiny, &cpu);
         assert_eq!(report.rows[0].decision.op, LayerOp::Gla(GlaMode::Reference));
         assert_eq!(report.memory.runtime_bytes, 0);
-        assert!(
-            report.render_table().contains("(cpu, "),
-            "{}",
-            report.render_table()
-        );
+        let table = report.render_table();
+        assert!(table.contains("(cpu, "), "{table}");
     }
 
     #[test]
     fn json_report_is_written_atomically_and_parses() {
         let dir = tempfile::tempdir().unwrap();
-        let report = Report::rules(
-            &resolved(
-                GLA_340M,
-                &["train.micro_batch_size=64", "data.seq_len=16384"],
-            ),
-            &DeviceProfile::h100_sxm(),
-        );
+        let report = gla_340m_on_h100(&["train.micro_batch_size=64", "data.seq_len=16384"]);
         let path = report.write_json(dir.path()).unwrap();
         assert_eq!(path, dir.path().join("preflight.json"));
         let json: serde_json::Value =
@@ -857,12 +829,10 @@ mod tests {
             (d.op, d.source, d.est_time_ms),
             (LayerOp::Gla(GlaMode::Chunk), Source::Measured, 0.5)
         );
+        let table = report.render_table();
         assert!(
-            report
-                .render_table()
-                .contains("chunk  measured  -          0.500 ms"),
-            "{}",
-            report.render_table()
+            table.contains("chunk  measured  -          0.500 ms"),
+            "{table}"
         );
         let again =
             Report::measured(&resolved(GLA_340M, &[]), &h100, &mut timer, dir.path()).unwrap();

@@ -534,6 +534,13 @@ mod tests {
     const TENSOR_CORE_CHUNK: &str =
         "the tensor-core chunk schedule, measured faster than fused_chunk at every benchmark shape";
 
+    /// `d` runs bf16 GLA as `chunk`, for the tensor-core schedule's reason.
+    #[track_caller]
+    fn assert_tensor_core_chunk(d: &Decision) {
+        assert_eq!(d.op, LayerOp::Gla(GlaMode::Chunk), "{}", d.reason);
+        assert_eq!(d.reason, format!("bf16: {TENSOR_CORE_CHUNK}"));
+    }
+
     #[test]
     fn half_precision_runs_the_tensor_core_chunk_schedule_whatever_the_grid() {
         let h100 = DeviceProfile::h100_sxm();
@@ -572,9 +579,7 @@ mod tests {
             (from_hidden(32, 16, 1, 4096), h100.clone()),
             (gla_shape(1, 4096, 2, 1024, 1024), h100.clone()),
         ] {
-            let d = auto(&s, &device);
-            assert_eq!(d.op, LayerOp::Gla(GlaMode::Chunk), "{}", d.reason);
-            assert_eq!(d.reason, format!("bf16: {TENSOR_CORE_CHUNK}"));
+            assert_tensor_core_chunk(&auto(&s, &device));
         }
     }
 
@@ -791,9 +796,7 @@ mod tests {
             auto(&fp32(s.clone()), &h100).op,
             LayerOp::Gla(GlaMode::FusedChunk)
         );
-        let d = auto(&s, &h100);
-        assert_eq!(d.op, LayerOp::Gla(GlaMode::Chunk), "{}", d.reason);
-        assert_eq!(d.reason, format!("bf16: {TENSOR_CORE_CHUNK}"));
+        assert_tensor_core_chunk(&auto(&s, &h100));
     }
 
     #[test]

@@ -145,6 +145,18 @@ c10::intrusive_ptr<c10d::Store> rendezvous_store(const GlatrainRendezvous& r) {
   return c10::make_intrusive<c10d::PrefixStore>("glatrain", store);
 }
 
+// Runs `collective` on each of the `n` tensors alone, queuing all of them before the first wait.
+template <typename Collective>
+void each_then_wait(const at::Tensor* const* tensors, size_t n, Collective collective) {
+  std::vector<c10::intrusive_ptr<c10d::Work>> pending;
+  pending.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<at::Tensor> one{*tensors[i]};
+    pending.push_back(collective(one));
+  }
+  for (auto& work : pending) work->wait();
+}
+
 }  // namespace
 
 extern "C" {
@@ -237,13 +249,9 @@ int glatrain_pg_all_reduce_sum(GlatrainProcessGroup* pg, const at::Tensor* const
   return guarded(err, err_len, [&] {
     c10d::AllreduceOptions opts;
     opts.reduceOp = c10d::ReduceOp::SUM;
-    std::vector<c10::intrusive_ptr<c10d::Work>> pending;
-    pending.reserve(n);
-    for (size_t i = 0; i < n; ++i) {
-      std::vector<at::Tensor> one{*tensors[i]};
-      pending.push_back(pg->backend->allreduce(one, opts));
-    }
-    for (auto& work : pending) work->wait();
+    each_then_wait(tensors, n, [&](std::vector<at::Tensor>& one) {
+      return pg->backend->allreduce(one, opts);
+    });
   });
 }
 
@@ -253,13 +261,9 @@ int glatrain_pg_broadcast(GlatrainProcessGroup* pg, const at::Tensor* const* ten
   return guarded(err, err_len, [&] {
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
-    std::vector<c10::intrusive_ptr<c10d::Work>> pending;
-    pending.reserve(n);
-    for (size_t i = 0; i < n; ++i) {
-      std::vector<at::Tensor> one{*tensors[i]};
-      pending.push_back(pg->backend->broadcast(one, opts));
-    }
-    for (auto& work : pending) work->wait();
+    each_then_wait(tensors, n, [&](std::vector<at::Tensor>& one) {
+      return pg->backend->broadcast(one, opts);
+    });
   });
 }
 

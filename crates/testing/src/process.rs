@@ -69,6 +69,15 @@ pub fn assert_exit(out: &Output, code: i32, says: &str) {
     assert!(err.contains(says), "{says:?} is not in its stderr:\n{err}");
 }
 
+/// Asserts that a finished process exited with 0.
+///
+/// # Panics
+/// Otherwise, showing its stderr.
+#[track_caller]
+pub fn assert_success(out: &Output) {
+    assert_exit(out, 0, "");
+}
+
 /// A temporary directory holding one file, `name` with `contents` (a config to run from it).
 ///
 /// # Panics

@@ -179,12 +179,16 @@ mod tests {
 
     #[test]
     fn formats() {
-        assert_eq!(format_rate(950.0), "950 tok/s");
-        assert_eq!(format_rate(12_345.0), "12.3K tok/s");
-        assert_eq!(format_rate(2_500_000.0), "2.50M tok/s");
-        assert_eq!(format_duration(Duration::from_secs(3723)), "1h02m03s");
-        assert_eq!(format_duration(Duration::from_secs(245)), "4m05s");
-        assert_eq!(format_duration(Duration::from_secs(6)), "6s");
+        for (rate, text) in [
+            (950.0, "950 tok/s"),
+            (12_345.0, "12.3K tok/s"),
+            (2_500_000.0, "2.50M tok/s"),
+        ] {
+            assert_eq!(format_rate(rate), text);
+        }
+        for (secs, text) in [(3723, "1h02m03s"), (245, "4m05s"), (6, "6s")] {
+            assert_eq!(format_duration(Duration::from_secs(secs)), text);
+        }
     }
 
     #[test]

@@ -278,16 +278,12 @@ mod tests {
     }
 
     fn world(local_rank: usize, world_size: usize) -> glatrain_dist::WorldEnv {
-        glatrain_dist::WorldEnv {
-            rank: local_rank,
+        glatrain_dist::WorldEnv::on_this_host(
             local_rank,
             world_size,
-            master_addr: "127.0.0.1".into(),
-            master_port: 29500,
-            timeout: std::time::Duration::from_secs(30),
-            interface: None,
-            agent_store: false,
-        }
+            29500,
+            std::time::Duration::from_secs(30),
+        )
     }
 
     #[test]

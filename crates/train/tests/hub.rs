@@ -4,6 +4,8 @@
 //! run does not read it, and `evaluate_text` computes the same loss as the validation path on
 //! the same tokens.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -45,10 +47,7 @@ const MAMBA: &str =
     "[model]\ntype = \"mamba\"\nvocab_size = 256\nhidden_size = 32\nnum_layers = 1\nd_state = 4\n";
 
 fn config(out: &Path, model: &str, overrides: &[String]) -> ResolvedConfig {
-    let text = format!("{MICRO}\n{model}");
-    let mut all = vec![format!("run.out_dir={:?}", out.display().to_string())];
-    all.extend(overrides.iter().cloned());
-    glatrain_config::from_str(&text, "micro.toml", &all).unwrap_or_else(|e| panic!("{e}"))
+    common::resolve_under(out, &format!("{MICRO}\n{model}"), "micro.toml", overrides)
 }
 
 /// Trains `cfg` and returns its final checkpoint.

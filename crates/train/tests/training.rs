@@ -1,6 +1,8 @@
 //! End-to-end trainer tests on micro models (CPU, seq_len 16, one or two layers): exact resume,
 //! refused checkpoints, skipped steps, logs, evaluation and sampling.
 
+mod common;
+
 use glatrain_fs::sorted_names;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -74,9 +76,7 @@ fn config(out_dir: &Path, model: Option<&str>, overrides: &[&str]) -> ResolvedCo
             format!("{}{}\n{}", &GLA[..start], m.trim(), &GLA[end..])
         }
     };
-    let mut all = vec![format!("run.out_dir={:?}", out_dir.display().to_string())];
-    all.extend(overrides.iter().map(|s| s.to_string()));
-    glatrain_config::from_str(&text, "micro.toml", &all).unwrap_or_else(|e| panic!("{e}"))
+    common::resolve_under(out_dir, &text, "micro.toml", overrides)
 }
 
 fn run(cfg: ResolvedConfig, resume: bool, stop_after: Option<u64>) -> TrainSummary {

@@ -103,29 +103,31 @@ pub(super) fn thousands(n: u64) -> String {
 
 /// `2.31M`, `850K`, `12`
 pub(super) fn si(x: f64) -> String {
-    if x >= 1e9 {
-        format!("{:.2}G", x / 1e9)
-    } else if x >= 1e6 {
-        format!("{:.2}M", x / 1e6)
-    } else if x >= 1e3 {
-        format!("{:.0}K", x / 1e3)
-    } else {
-        format!("{x:.0}")
-    }
+    scaled(
+        x,
+        &[(1e9, 2, "G"), (1e6, 2, "M"), (1e3, 0, "K"), (1.0, 0, "")],
+    )
 }
 
 /// `5.00 GB`, `12.3 MB`, `512 bytes` (decimal units, as MB/s is)
 fn bytes(n: u64) -> String {
-    let x = n as f64;
-    if x >= 1e9 {
-        format!("{:.2} GB", x / 1e9)
-    } else if x >= 1e6 {
-        format!("{:.1} MB", x / 1e6)
-    } else if x >= 1e3 {
-        format!("{:.1} KB", x / 1e3)
-    } else {
-        format!("{n} bytes")
-    }
+    let units = [
+        (1e9, 2, " GB"),
+        (1e6, 1, " MB"),
+        (1e3, 1, " KB"),
+        (1.0, 0, " bytes"),
+    ];
+    scaled(n as f64, &units)
+}
+
+/// `x` in the first of `units` (size, decimals, suffix; largest first, the last of size 1) that
+/// it reaches, else in the last.
+fn scaled(x: f64, units: &[(f64, usize, &str)]) -> String {
+    let &(size, decimals, suffix) = units
+        .iter()
+        .find(|(size, ..)| x >= *size)
+        .unwrap_or(&units[units.len() - 1]);
+    format!("{:.*}{suffix}", decimals, x / size)
 }
 
 /// `8m 12s`, `3.4s`
@@ -149,7 +151,9 @@ mod tests {
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(si(2_310_000.0), "2.31M");
         assert_eq!(si(850_400.0), "850K");
+        assert_eq!(si(12.4), "12");
         assert_eq!(bytes(5_000_000_000), "5.00 GB");
+        assert_eq!(bytes(12_345_678), "12.3 MB");
         assert_eq!(bytes(512), "512 bytes");
         assert_eq!(duration(Duration::from_secs(492)), "8m 12s");
         assert_eq!(duration(Duration::from_millis(3400)), "3.4s");

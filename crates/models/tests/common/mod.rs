@@ -2,8 +2,9 @@
 //! parameters' gradients. Each test binary compiles this module and uses a part of it.
 #![allow(dead_code)]
 
-use glatrain_config::{GlaConfig, MambaConfig, ModelConfig, TransformerConfig};
-use tch::{nn, Tensor};
+use glatrain_config::{GlaConfig, GlaMode, MambaConfig, ModelConfig, TransformerConfig};
+use glatrain_models::{build, CausalLm, DecodeCache};
+use tch::{nn, Device, Tensor};
 
 /// The vocabulary of every test model.
 pub const VOCAB: i64 = 37;
@@ -48,6 +49,29 @@ pub fn zoo() -> Vec<(&'static str, ModelConfig)> {
             }),
         ),
     ]
+}
+
+/// `cfg` built on `device`, its GLA layers in `mode`, after seeding the global generator with
+/// `seed`: its variables and the model.
+pub fn seeded_model(
+    cfg: &ModelConfig,
+    mode: GlaMode,
+    device: Device,
+    seed: i64,
+) -> (nn::VarStore, Box<dyn CausalLm>) {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(device);
+    let model = build(&vs.root(), cfg, mode).unwrap();
+    (vs, model)
+}
+
+/// `x` (`[B, T]` tokens) decoded one token per call, carrying `cache`: the logits of each,
+/// `[B, T, vocab]`.
+pub fn step_through(model: &dyn CausalLm, x: &Tensor, cache: &mut DecodeCache) -> Tensor {
+    let steps: Vec<Tensor> = (0..x.size()[1])
+        .map(|t| model.step(&x.select(1, t), cache))
+        .collect();
+    Tensor::stack(&steps, 1)
 }
 
 /// Every parameter's gradient (sorted by name), taken out: the parameters' gradients are zero

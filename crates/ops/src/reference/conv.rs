@@ -70,15 +70,19 @@ mod tests {
     use glatrain_testing::{gradcheck, rel_rms, GradcheckOptions, Rng};
     use tch::Device;
 
-    #[test]
-    fn rows_as_one_document_match_the_direct_sum_and_the_masked_form() {
-        let mut rng = Rng::new(4);
+    /// f64 inputs of `t` steps: x `[2, t, 3]`, a width-4 weight `[3, 4]`, bias `[3]`.
+    fn inputs(rng: &mut Rng, t: i64) -> (Tensor, Tensor, Tensor) {
         let kd = Kind::Double;
-        let (x, w, b) = (
-            rng.randn(&[2, 6, 3], kd),
+        (
+            rng.randn(&[2, t, 3], kd),
             rng.randn(&[3, 4], kd),
             rng.randn(&[3], kd),
-        );
+        )
+    }
+
+    #[test]
+    fn rows_as_one_document_match_the_direct_sum_and_the_masked_form() {
+        let (x, w, b) = inputs(&mut Rng::new(4), 6);
         let y = causal_conv(&x, &w, Some(&b), None).unwrap();
         for t in 0..6 {
             let mut acc = b.expand([2, 3], false).copy();
@@ -98,12 +102,7 @@ mod tests {
     #[test]
     fn documents_are_convolved_apart_with_their_gradients() {
         let mut rng = Rng::new(6);
-        let kd = Kind::Double;
-        let (x, w, b) = (
-            rng.randn(&[2, 9, 3], kd),
-            rng.randn(&[3, 4], kd),
-            rng.randn(&[3], kd),
-        );
+        let (x, w, b) = inputs(&mut rng, 9);
         let mut flags = vec![false; 18];
         for p in [2, 3, 9 + 8] {
             flags[p] = true;
@@ -116,6 +115,7 @@ mod tests {
             let got = y.narrow(0, row, 1).narrow(1, begin, len);
             assert!(rel_rms(&got, &want) < 1e-14, "row {row} from {begin}");
         }
+        let kd = Kind::Double;
         let dy = rng.randn(&[2, 9, 3], kd);
         let loss = |t: &[Tensor]| {
             (causal_conv(&t[0], &t[1], Some(&t[2]), Some(&resets)).unwrap() * &dy).sum(kd)

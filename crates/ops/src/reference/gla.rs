@@ -43,7 +43,7 @@ struct Dims {
     dv: i64,
 }
 
-/// Checks the input shapes and returns their sizes.
+/// Checks the input shapes and returns their sizes and the compute dtype.
 ///
 /// # Panics
 /// On any shape mismatch, naming the tensor and its shape.
@@ -54,7 +54,7 @@ fn check_inputs(
     v: &Tensor,
     gk: &Tensor,
     initial_state: Option<&Tensor>,
-) -> Dims {
+) -> (Dims, Kind) {
     let qs = q.size();
     assert!(
         qs.len() == 4,
@@ -93,7 +93,7 @@ fn check_inputs(
             s.size()
         );
     }
-    dims
+    (dims, compute_kind(&[q, k, v, gk], initial_state))
 }
 
 /// The initial state in the compute dtype, or zeros.
@@ -123,8 +123,7 @@ pub fn gla_recurrent(
     initial_state: Option<&Tensor>,
     scale: f64,
 ) -> (Tensor, Tensor) {
-    let d = check_inputs("gla_recurrent", q, k, v, gk, initial_state);
-    let kind = compute_kind(&[q, k, v, gk], initial_state);
+    let (d, kind) = check_inputs("gla_recurrent", q, k, v, gk, initial_state);
     let mut state = start_state(initial_state, d, kind, q.device());
     if d.seq == 0 {
         return (v.zeros_like(), state);
@@ -196,8 +195,7 @@ fn chunked(
         chunk_size >= 1,
         "gla_chunked: chunk_size must be >= 1, got {chunk_size}"
     );
-    let d = check_inputs("gla_chunked", q, k, v, gk, initial_state);
-    let kind = compute_kind(&[q, k, v, gk], initial_state);
+    let (d, kind) = check_inputs("gla_chunked", q, k, v, gk, initial_state);
     let device = q.device();
     let mut state = start_state(initial_state, d, kind, device);
     if d.seq == 0 {
@@ -310,8 +308,7 @@ pub fn gla_naive(
     initial_state: Option<&Tensor>,
     scale: f64,
 ) -> (Tensor, Tensor) {
-    let d = check_inputs("gla_naive", q, k, v, gk, initial_state);
-    let kind = compute_kind(&[q, k, v, gk], initial_state);
+    let (d, kind) = check_inputs("gla_naive", q, k, v, gk, initial_state);
     let device = q.device();
     if d.seq == 0 {
         return (v.zeros_like(), start_state(initial_state, d, kind, device));

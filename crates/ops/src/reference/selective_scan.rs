@@ -30,7 +30,7 @@ struct Dims {
     states: i64,
 }
 
-/// Checks the input shapes and returns their sizes.
+/// Checks the input shapes and returns their sizes and the compute dtype.
 ///
 /// # Panics
 /// On any shape mismatch, naming the tensor and its shape.
@@ -39,7 +39,7 @@ fn check_inputs(
     inputs: [&Tensor; 5],
     d: Option<&Tensor>,
     initial_state: Option<&Tensor>,
-) -> Dims {
+) -> (Dims, Kind) {
     let [u, delta, a, b, c] = inputs;
     let us = u.size();
     assert!(
@@ -90,7 +90,8 @@ fn check_inputs(
             h.size()
         );
     }
-    dims
+    let all: Vec<&Tensor> = inputs.into_iter().chain(d).collect();
+    (dims, compute_kind(&all, initial_state))
 }
 
 /// The initial state in the compute dtype, or zeros.
@@ -125,14 +126,10 @@ pub fn selective_scan_sequential(
     initial_state: Option<&Tensor>,
     resets: Option<&Tensor>,
 ) -> (Tensor, Tensor) {
-    let dims = check_inputs(
+    let (dims, kind) = check_inputs(
         "selective_scan_sequential",
         [u, delta, a, b, c],
         d,
-        initial_state,
-    );
-    let kind = compute_kind(
-        &[u, delta, a, b, c].into_iter().chain(d).collect::<Vec<_>>(),
         initial_state,
     );
     let mut h = start_state(initial_state, dims, kind, u.device());
@@ -209,14 +206,10 @@ pub fn selective_scan_chunked(
         chunk_size >= 1,
         "selective_scan_chunked: chunk_size must be >= 1, got {chunk_size}"
     );
-    let dims = check_inputs(
+    let (dims, kind) = check_inputs(
         "selective_scan_chunked",
         [u, delta, a, b, c],
         d,
-        initial_state,
-    );
-    let kind = compute_kind(
-        &[u, delta, a, b, c].into_iter().chain(d).collect::<Vec<_>>(),
         initial_state,
     );
     let device = u.device();

@@ -1,4 +1,8 @@
-//! What the SIGTERM tests share (each is its own test binary: the signal flag is per process).
+//! What the trainer's integration tests share: resolving a config whose runs go under a
+//! directory, and for the SIGTERM tests (each its own test binary: the signal flag is per
+//! process) a micro run and its records. Each test binary compiles this module and uses a part
+//! of it.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::time::Instant;
@@ -41,11 +45,21 @@ tensorboard = false
 progress = "lines"
 "#;
 
+/// Config `text` (named `origin` in messages) with `overrides`, writing its runs under `out`.
+pub fn resolve_under(
+    out: &Path,
+    text: &str,
+    origin: &str,
+    overrides: &[impl AsRef<str>],
+) -> ResolvedConfig {
+    let mut all = vec![format!("run.out_dir={:?}", out.display().to_string())];
+    all.extend(overrides.iter().map(|o| o.as_ref().to_owned()));
+    glatrain_config::from_str(text, origin, &all).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// [`CONFIG`] with `overrides`, writing its run under `out`.
 pub fn config(out: &Path, overrides: &[String]) -> ResolvedConfig {
-    let mut all = vec![format!("run.out_dir={:?}", out.display().to_string())];
-    all.extend_from_slice(overrides);
-    glatrain_config::from_str(CONFIG, "sig.toml", &all).unwrap()
+    resolve_under(out, CONFIG, "sig.toml", overrides)
 }
 
 /// The records of the run's `metrics.jsonl` so far (none while the file does not exist).
