@@ -1,7 +1,8 @@
 // Fused training ops on activations, forward and backward: RMSNorm with an optional swish gate,
-// SwiGLU, and the causal depthwise convolution with silu. Inputs and outputs in the activation
-// dtype (input_t: fp32, bf16 or fp16); row statistics and all math in fp32. Launchers:
-// crates/ops/src/fused/ (norm.rs, swiglu.rs, conv.rs, projected.rs).
+// SwiGLU, the causal depthwise convolution with silu, and the rotary position embedding. Inputs
+// and outputs in the activation dtype (input_t: fp32, bf16 or fp16); row statistics and all math
+// in fp32. Launchers: crates/ops/src/fused/ (norm.rs, swiglu.rs, conv.rs, projected.rs,
+// rotary.rs).
 //
 //   rms_norm  y = x * rstd * w [* silu(g)],   rstd = 1 / sqrt(mean(x^2) + eps) per row
 //             x, g, y, dy, dx, dg: [rows, n] input dtype   w, dw: [n] fp32   rstd: [rows] fp32
@@ -11,6 +12,9 @@
 //             x: [B, T, D] rows (channels contiguous, any batch and step strides), y, dy, dx:
 //             [B, T, D] contiguous, input dtype   w: [D, K] fp32 (K <= CONV_MAX_K)   bias: [D]
 //             fp32   reset: [B, T] bool (restarts; null: none)
+//   rotary    (y_i, y_{i+h}) = (x_i c - x_{i+h} s, x_{i+h} c + x_i s) for i < h = D / 2, with
+//             c, s the cos and sin of the token's angle i;   x, y: [B, T, H, D] contiguous, input
+//             dtype   cos, sin: [T, h] or [B, T, h] fp32
 //
 //   silu(g) = g * sigmoid(g),   silu'(g) = sigmoid(g) * (1 + g * (1 - sigmoid(g)))
 //
@@ -21,9 +25,10 @@
 // op keeps its inputs); the backward computes the gate's silu again. The backwards of rms_norm
 // and swiglu also write the forward's y again, bit for bit, when given a y buffer: an op whose
 // output feeds a matrix product recomputes it there for the weight gradient instead of keeping
-// it (fused/projected.rs). Of causal_conv, with
-// dpre_t = dy_t silu'(pre_t) (pre computed again): dx_s = sum over the valid taps (t, j) reading
-// s of w_j dpre_t, dw_j = sum_{b,t} dpre_t x_{t-K+1+j} (valid taps), dbias = sum_{b,t} dpre_t.
+// it (fused/projected.rs). Of causal_conv, with dpre_t = dy_t silu'(pre_t) (pre computed
+// again): dx_s = sum over the valid taps (t, j) reading s of w_j dpre_t, dw_j = sum_{b,t} dpre_t
+// x_{t-K+1+j} (valid taps), dbias = sum_{b,t} dpre_t. Of rotary: the rotation by the negative
+// angle (its transpose).
 //
 // Entry points, in KERNEL_INDEX order (grid x, block):
 //   rms_norm_fwd  (ceil(rows / 8), 256 threads): one warp per row; y and rstd.
@@ -46,6 +51,9 @@
 //                 and dbias over its runs' steps (each step in exactly one run), summed in warp
 //                 order into [slots, D (K + 1)] (slot = the block's (b, run group)); column_sums
 //                 adds the slots.
+//   rotary        (any, 256 threads): grid-stride over chunks of W pairs of one head (W = VEC
+//                 where half is a multiple of VEC and every tensor 16-byte aligned, else 1); the
+//                 backward is the same kernel with sign = -1.
 //
 // Rows: lane l of a row's warp takes the row's chunks l, l + 32, l + 64, ... of W elements:
 // W = VEC (16 bytes) where the launcher found every row 16-byte aligned (`vec`), else 1. Both
@@ -659,5 +667,63 @@ extern "C" __global__ void __launch_bounds__(32 * CONV_RUNS)
     conv_bwd_body<VEC>(a, dy, dx, sums, part);
   else
     conv_bwd_body<1>(a, dy, dx, sums, part);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding
+// ---------------------------------------------------------------------------------------------
+// x, y: [tokens, H, D] contiguous (tokens = B T, rows of D = 2 half), rotated pair by pair:
+// (x_i, x_{i+half}) for i < half, by angle theta_{row, i} with cos and sin from fp32 tables
+// [rows, half]; a token's row is its step t, or b T + t with per-row tables (positions that
+// restart at each document). sign = +1 rotates by the angle (the forward), -1 by its negative
+// (the backward: a rotation's gradient is its transpose).
+
+struct RotaryArgs {
+  const input_t* x;
+  const float* cos;
+  const float* sin;
+  input_t* y;
+  long long tokens;
+  int T, H, half, per_row;
+  float sign;
+};
+
+template <int W>
+__device__ __forceinline__ void rotary_body(const RotaryArgs& a) {
+  const int per_head = a.half / W;  // chunks of W pairs per head
+  const long long chunks = a.tokens * a.H * per_head;
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < chunks; c += stride) {
+    const long long head = c / per_head;  // token * H + h
+    const int i = (int)(c - head * per_head) * W;
+    const long long token = head / a.H;
+    const long long row = a.per_row ? token : token % a.T;
+    const long long base = head * 2 * a.half + i;
+    const Chunk<W> x1 = load_chunk<W>(a.x + base), x2 = load_chunk<W>(a.x + base + a.half);
+    float cv[W], sv[W], y1[W], y2[W];
+    load_weights<W>(a.cos + row * a.half + i, cv);
+    load_weights<W>(a.sin + row * a.half + i, sv);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+      const float u = to_f32(x1.e[k]), v = to_f32(x2.e[k]), s = a.sign * sv[k];
+      y1[k] = fmaf(u, cv[k], -(s * v));
+      y2[k] = fmaf(v, cv[k], s * u);
+    }
+    store_chunk<W>(a.y + base, y1);
+    store_chunk<W>(a.y + base + a.half, y2);
+  }
+}
+
+#if WANT_KERNEL(7)
+extern "C" __global__ void __launch_bounds__(256)
+    ENTRY(rotary)(const input_t* __restrict__ x, const float* __restrict__ cos_table,
+                  const float* __restrict__ sin_table, input_t* __restrict__ y, long long tokens,
+                  int T, int H, int half, int per_row, float sign, int vec) {
+  const RotaryArgs a{x, cos_table, sin_table, y, tokens, T, H, half, per_row, sign};
+  if (vec)
+    rotary_body<VEC>(a);
+  else
+    rotary_body<1>(a);
 }
 #endif

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Runs kernels/fused.cu on the CPU (emu.py) through the launch sequence of its launchers
-(crates/ops/src/fused/norm.rs, swiglu.rs and conv.rs: the plans below restate theirs) and checks
+(crates/ops/src/fused/norm.rs, swiglu.rs, conv.rs and rotary.rs: the plans below restate theirs) and checks
 every output and gradient against float64 autograd of the formulas:
 
     rms_norm     y = x * rsqrt(mean(x^2) + eps) * w [* silu(g)]
     swiglu       y = silu(a) * b
     causal_conv  y_t = silu(bias + sum_j w_j x_{t-K+1+j}), taps inside t's document only
+    rotary       (y_i, y_{i+h}) = (x_i c - x_{i+h} s, x_{i+h} c + x_i s), h = D / 2
 
 Inputs are rounded to the dtype first and the float64 reference runs on the rounded values.
 Tolerance (relative RMS against float64): max(1e-5, 2x the error of the same formulas run in
@@ -45,6 +46,7 @@ BWD_TARGET_BLOCKS = 1024
 DW_COLUMNS = 8
 SWIGLU_THREADS = 256
 SWIGLU_MAX_BLOCKS = 4096
+ROTARY_THREADS = 256
 CONV_STEPS = 16
 CONV_RUNS = 4
 
@@ -273,6 +275,47 @@ def run_conv(k, dt, b, t, d, kk, with_bias, documents, columns, seed):
                  got, grads(torch.float64), grads(kind), [xb, wb, bb, yb, dyb, dxb, partb, sumb])
 
 
+def run_rotary(k, dt, b, t, h, d, per_row, offset, max_blocks, seed):
+    """x [b, t, h, d] `offset` elements off alignment; tables [t, d/2] or [b, t, d/2]."""
+    kind = DTYPES[dt]
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    half = d // 2
+    x, dy = rnd(b, t, h, d).to(kind), rnd(b, t, h, d).to(kind)
+    angles = rnd(*((b, t, half) if per_row else (t, half))) * 3
+    cos, sin = angles.cos().float(), angles.sin().float()
+    xb, yb = Buffer((b, t, h, d), kind, offset, x), Buffer((b, t, h, d), kind, offset)
+    dyb, dxb = Buffer((b, t, h, d), kind, offset, dy), Buffer((b, t, h, d), kind, offset)
+    cb, sb = Buffer(cos.shape, torch.float32, 0, cos), Buffer(sin.shape, torch.float32, 0, sin)
+    vw = vec_width(kind)
+    pairs = b * t * h * half
+
+    def launch(src, dst):
+        vec = int(half % vw == 0 and aligned(src, dst, cb, sb))
+        blocks = max(1, min(max_blocks, cdiv(pairs // vw if vec else pairs, ROTARY_THREADS)))
+        sign = 1.0 if dst is yb else -1.0
+        k.launch("rotary", (blocks, 1, 1), ROTARY_THREADS, 0,
+                 [src.t, cb.t, sb.t, dst.t, b * t, t, h, half, int(per_row), sign, vec])
+        return vec
+
+    vec = launch(xb, yb)
+    vec_b = launch(dyb, dxb)
+
+    def grads(kind_):
+        xs = x.to(kind_).requires_grad_()
+        shape = (b, t, 1, half) if per_row else (t, 1, half)
+        c, s_ = cos.to(kind_).view(shape), sin.to(kind_).view(shape)
+        x1, x2 = xs[..., :half], xs[..., half:]
+        y = torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], -1)
+        y.backward(dy.to(kind_))
+        return {"y": y.detach(), "dx": xs.grad}
+
+    return check(f"rotary   {dt:<4} B {b} T {t:<4} H {h} D {d:<4} per_row {int(per_row)} "
+                 f"offset {offset} vec {vec}/{vec_b} blocks <= {max_blocks}",
+                 {"y": yb.t, "dx": dxb.t}, grads(torch.float64), grads(kind),
+                 [xb, yb, dyb, dxb, cb, sb])
+
+
 def check(label, got, exact, naive, bufs, same=True):
     errs, bounds = {}, {}
     for name, ref in exact.items():
@@ -322,6 +365,13 @@ def cases(quick):
             (2, 77, 40, 2, False, True, 3), (2, 50, 24, 1, True, True, 0),
             (1, 300, 256, 4, True, True, 256), (2, 70, 256, 4, True, False, 8)]):
             out.append(("conv", dt, (b, t, d, kk, bias, documents, columns, 20 + i)))
+        # Head dims 2 (one pair), odd halves (the pair-by-pair path), Transformer++'s 64 and
+        # 128, shared and per-row tables, unaligned x, a grid smaller than the work.
+        for i, (b, t, h, d, per_row, offset, max_blocks) in enumerate([
+            (1, 3, 1, 2, False, 0, 4096), (2, 5, 3, 6, True, 0, 4096),
+            (2, 17, 4, 64, False, 0, 4096), (2, 9, 2, 128, True, 0, 4096),
+            (1, 7, 3, 64, True, 1, 4096), (2, 33, 4, 64, False, 0, 2)]):
+            out.append(("rotary", dt, (b, t, h, d, per_row, offset, max_blocks, 40 + i)))
     if quick:
         out = [c for c in out if c[1] == "bf16"][::4]
     return out
@@ -337,7 +387,8 @@ def main():
     t0 = time.time()
     results = []
     for kind, dt, a in cases(args.quick):
-        run = {"norm": run_norm, "swiglu": run_swiglu, "conv": run_conv}[kind]
+        run = {"norm": run_norm, "swiglu": run_swiglu, "conv": run_conv,
+               "rotary": run_rotary}[kind]
         results.append(run(kernels[dt], dt, *a))
     bad = results.count(False)
     print(f"{len(results) - bad} of {len(results)} cases pass ({time.time() - t0:.0f} s)")

@@ -3,10 +3,10 @@
 
 use tch::{Device, Kind, Tensor};
 
-/// The cos/sin tables of a forward's positions, in fp32.
+/// The cos/sin tables of a forward's positions, in fp32: one angle per token and pair of a head.
 #[derive(Debug)]
 pub struct Rotary {
-    /// `[T, head_dim]`, or `[B, 1, T, head_dim]` for positions per row.
+    /// `[T, head_dim / 2]`, or `[B, T, head_dim / 2]` for positions per row.
     cos: Tensor,
     /// As `cos`.
     sin: Tensor,
@@ -20,28 +20,22 @@ impl Rotary {
         Self::at(head_dim, theta, &positions)
     }
 
-    /// The tables for each token's own position, `positions` `[B, T]` (integers), as
-    /// `[B, 1, T, head_dim]` for all heads.
+    /// The tables for each token's own position, `positions` `[B, T]` (integers).
     pub fn per_token(head_dim: i64, theta: f64, positions: &Tensor) -> Self {
-        Self::at(
-            head_dim,
-            theta,
-            &positions.to_kind(Kind::Float).unsqueeze(1),
-        )
+        Self::at(head_dim, theta, &positions.to_kind(Kind::Float))
     }
 
-    /// `theta^(-2i/head_dim)` frequencies for `i < head_dim/2`, duplicated over both halves, at
-    /// fp32 `positions` `[..., T]`: tables `[..., T, head_dim]`.
+    /// Angles `position * theta^(-2i/head_dim)` for `i < head_dim/2` at fp32 `positions`
+    /// `[..., T]`: tables `[..., T, head_dim/2]`.
     fn at(head_dim: i64, theta: f64, positions: &Tensor) -> Self {
         let inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64) as f32)
             .collect();
         let inv_freq = Tensor::from_slice(&inv_freq).to_device(positions.device());
-        let freqs = positions.unsqueeze(-1) * inv_freq; // [..., T, head_dim/2]
-        let emb = Tensor::cat(&[&freqs, &freqs], -1); // [..., T, head_dim]
+        let angles = positions.unsqueeze(-1) * inv_freq;
         Self {
-            cos: emb.cos(),
-            sin: emb.sin(),
+            cos: angles.cos(),
+            sin: angles.sin(),
         }
     }
 
@@ -53,15 +47,14 @@ impl Rotary {
         }
     }
 
-    /// Rotates query or key heads; computes in fp32 and casts back.
+    /// Rotates query or key heads by [`glatrain_ops::rotary`] (fp32 math, x's dtype out; on
+    /// CUDA one kernel each way).
     ///
     /// # Shapes
-    /// `x: [B, H, T, head_dim]` -> same.
+    /// `x: [B, T, H, head_dim]` -> same.
     pub fn apply(&self, x: &Tensor) -> Tensor {
-        let half = x.size()[3] / 2;
-        let xf = x.to_kind(Kind::Float);
-        let rotated = Tensor::cat(&[-xf.narrow(3, half, half), xf.narrow(3, 0, half)], 3);
-        (xf * &self.cos + rotated * &self.sin).to_kind(x.kind())
+        glatrain_ops::rotary(x, &self.cos, &self.sin)
+            .unwrap_or_else(|e| panic!("the rotary embedding failed on the layer's own heads: {e}"))
     }
 }
 
@@ -92,13 +85,13 @@ mod tests {
 
     #[test]
     fn per_token_tables_rotate_each_token_by_its_own_position() {
-        let x = Tensor::randn([2, 3, 4, 6], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 4, 3, 6], (Kind::Float, Device::Cpu));
         let positions = Tensor::from_slice(&[0i64, 1, 0, 1, 5, 6, 7, 8]).view([2, 4]);
         let got = Rotary::per_token(6, 500.0, &positions).apply(&x);
         for (row, col, pos) in [(0, 2, 0), (0, 3, 1), (1, 0, 5), (1, 3, 8)] {
-            let token = x.narrow(0, row, 1).narrow(2, col, 1);
+            let token = x.narrow(0, row, 1).narrow(1, col, 1);
             let want = Rotary::new(6, 500.0, pos, 1, Device::Cpu).apply(&token);
-            let got = got.narrow(0, row, 1).narrow(2, col, 1);
+            let got = got.narrow(0, row, 1).narrow(1, col, 1);
             assert!(
                 got.allclose(&want, 1e-6, 1e-6, false),
                 "row {row}, token {col}"
@@ -108,9 +101,9 @@ mod tests {
 
     #[test]
     fn table_at_an_offset_is_a_slice_of_the_full_table() {
-        let x = Tensor::randn([2, 3, 6, 4], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 6, 3, 4], (Kind::Float, Device::Cpu));
         let full = Rotary::new(4, 500.0, 0, 6, Device::Cpu).apply(&x);
-        let tail = Rotary::new(4, 500.0, 4, 2, Device::Cpu).apply(&x.narrow(2, 4, 2));
-        assert!(full.narrow(2, 4, 2).allclose(&tail, 1e-6, 1e-6, false));
+        let tail = Rotary::new(4, 500.0, 4, 2, Device::Cpu).apply(&x.narrow(1, 4, 2));
+        assert!(full.narrow(1, 4, 2).allclose(&tail, 1e-6, 1e-6, false));
     }
 }

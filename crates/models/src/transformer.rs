@@ -114,10 +114,11 @@ impl Attention {
             .size3()
             .expect("attention's q must be [B, T, H D]");
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: &Tensor, n: i64| y.reshape([b, t, n, d]).transpose(1, 2); // [B, n, T, d]
-        let q = at.rope.apply(&heads(&inputs[0], h));
-        let mut k = at.rope.apply(&heads(&inputs[1], hkv));
-        let mut v = heads(&inputs[2], hkv);
+        // Heads rotated on the projections' [B, T, n, d] layout, then seen as [B, n, T, d].
+        let heads = |y: &Tensor, n: i64| y.reshape([b, t, n, d]);
+        let q = at.rope.apply(&heads(&inputs[0], h)).transpose(1, 2);
+        let mut k = at.rope.apply(&heads(&inputs[1], hkv)).transpose(1, 2);
+        let mut v = heads(&inputs[2], hkv).transpose(1, 2);
         if let Some(blocks) = &at.documents {
             let [q, k, v] = [q, k, v].map(|y| y.transpose(1, 2)); // [B, T, n, d]
             let o = block_causal_sdpa(&q, &k, &v, blocks).unwrap_or_else(|e| {
@@ -309,10 +310,14 @@ mod tests {
             .map(|w| x.matmul(&w.tr()))
             .collect();
         let got = attn.forward(&inputs, &at, None);
-        let heads = |y: Tensor, n: i64| y.reshape([2, 5, n, 4]).transpose(1, 2);
-        let q = rope.apply(&heads(attn.q_proj.forward(&x), 4));
-        let k = rope.apply(&heads(attn.k_proj.forward(&x), 2));
-        let v = heads(attn.v_proj.forward(&x), 2);
+        let heads = |y: Tensor, n: i64| y.reshape([2, 5, n, 4]);
+        let q = rope
+            .apply(&heads(attn.q_proj.forward(&x), 4))
+            .transpose(1, 2);
+        let k = rope
+            .apply(&heads(attn.k_proj.forward(&x), 2))
+            .transpose(1, 2);
+        let v = heads(attn.v_proj.forward(&x), 2).transpose(1, 2);
         let k = k.repeat_interleave_self_int(2, 1, None);
         let v = v.repeat_interleave_self_int(2, 1, None);
         let o = slow_causal_attention(&q, &k, &v)

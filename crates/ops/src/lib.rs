@@ -6,8 +6,9 @@
 //! - [`sdpa`]: libtorch's causal softmax attention on the same `[B, T, H, D]` layout, and
 //!   block-causal attention over the documents packed into a batch's rows;
 //! - [`loss`]: the output projection and cross-entropy chunk by chunk, never the full logits;
-//! - [`fused`]: RMSNorm (with an optional swish gate), SwiGLU and the causal convolution, one
-//!   kernel per direction, and the first two fused with the matrix product after them;
+//! - [`fused`]: RMSNorm (with an optional swish gate), SwiGLU, the causal convolution and the
+//!   rotary embedding, one kernel per direction, and the first two fused with the matrix
+//!   products after them;
 //! - [`forget_gate`]: GLA's log forget gates, keeping their logits in the activation dtype.
 
 mod bridge;
@@ -25,7 +26,7 @@ pub mod selective_scan;
 pub use documents::Documents;
 pub use error::OpError;
 pub use forget_gate::log_forget_gate;
-pub use fused::{causal_conv, rms_norm, rms_norm_linear, swiglu, swiglu_linear};
+pub use fused::{causal_conv, rms_norm, rms_norm_linear, rotary, swiglu, swiglu_linear};
 pub use gla::{gla, GlaMode};
 pub use selective_scan::{selective_scan, ScanInputs, ScanMode, ScanOptions};
 

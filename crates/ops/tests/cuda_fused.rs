@@ -1,9 +1,8 @@
 //! The fused CUDA kernels (RMSNorm with and without its swish gate, SwiGLU, the causal
 //! convolution with silu over rows and packed documents, SwiGLU and RMSNorm fused with the
-//! matrix product after them) against the f64 reference: outputs and every gradient, in each
-//! dtype, at odd row lengths and counts, with
-//! unaligned tensors (the kernels' element-wise path), large and small values, and at GLA-340M's
-//! shapes.
+//! matrix products after them, the rotary embedding) against the f64 reference: outputs and
+//! every gradient, in each dtype, at odd row lengths and counts, with unaligned tensors (the
+//! kernels' element-wise path), large and small values, and at the 340M models' shapes.
 //!
 //! Each result must be within max(1e-5, 2x the error of the same formula run in that dtype by
 //! libtorch's ops) relative RMS of the f64 reference: 1e-5 for fp32. One-element rows are tested
@@ -15,7 +14,7 @@ mod common;
 
 use common::cuda;
 use glatrain_ops::reference::conv::causal_conv as conv_reference;
-use glatrain_ops::{causal_conv, rms_norm, rms_norm_linear, swiglu, swiglu_linear};
+use glatrain_ops::{causal_conv, rms_norm, rms_norm_linear, rotary, swiglu, swiglu_linear};
 use glatrain_shim::autograd::grad;
 use glatrain_testing::{assert_all_passed, compare, Rng};
 use tch::{Device, Kind, Tensor};
@@ -433,6 +432,53 @@ fn a_norm_and_its_projections_match_the_unfused_path() {
             .chain(["dw"; 5][..outs.len()].iter().copied())
             .collect();
         assert_close(&label, &names, &got, &naive, &exact);
+    }
+}
+
+/// The rotary embedding against the f64 reference: shared and per-row tables, one pair, odd
+/// halves (the pair-by-pair path), unaligned x, and Transformer++-340M's heads.
+#[test]
+fn rotary_matches_the_reference() {
+    let Some(_) = cuda() else { return };
+    let formula = |t: &[Tensor], cos: &Tensor, sin: &Tensor| {
+        let half = t[0].size()[3] / 2;
+        let table = |x: &Tensor| x.unsqueeze(-2).to_kind(t[0].kind());
+        let (c, s) = (table(cos), table(sin));
+        let (x1, x2) = (t[0].narrow(3, 0, half), t[0].narrow(3, half, half));
+        Tensor::cat(&[&x1 * &c - &x2 * &s, &x2 * &c + &x1 * &s], 3)
+    };
+    for kind in KINDS {
+        for (i, (shape, per_row, offset)) in [
+            ([1, 3, 1, 2], false, 0),
+            ([2, 5, 3, 6], true, 0),
+            ([2, 17, 4, 64], false, 0),
+            ([2, 9, 2, 128], true, 0),
+            ([1, 7, 3, 64], true, 1),
+            ([8, 2048, 16, 64], false, 0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut rng = Rng::new(70 + i as u64);
+            let x = rng.randn(&shape, Kind::Double);
+            let [b, t, _, d] = shape;
+            let table_shape = if per_row {
+                vec![b, t, d / 2]
+            } else {
+                vec![t, d / 2]
+            };
+            let angles = cuda_randn(&mut rng, &table_shape, Kind::Double) * 3.0;
+            let (cos, sin) = (angles.cos(), angles.sin());
+            let dy = cuda_randn(&mut rng, &shape, kind);
+            let (c32, s32) = (cos.to_kind(Kind::Float), sin.to_kind(Kind::Float));
+            let op = |t: &[Tensor], c: &Tensor, s: &Tensor| rotary(&t[0], c, s).unwrap();
+            let got = run(|t| op(t, &c32, &s32), &[leaf(&x, kind, offset)], &dy);
+            let exact = run(|t| op(t, &cos, &sin), &[leaf(&x, Kind::Double, 0)], &dy);
+            let naive = run(|t| formula(t, &c32, &s32), &[leaf(&x, kind, 0)], &dy);
+            assert_eq!(got[0].kind(), kind);
+            let label = format!("rotary {kind:?} {shape:?} per_row {per_row} offset {offset}");
+            assert_close(&label, &["y", "dx"], &got, &naive, &exact);
+        }
     }
 }
 

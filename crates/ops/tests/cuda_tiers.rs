@@ -12,7 +12,7 @@ use glatrain_ops::launch::kernel_dtype;
 use glatrain_ops::selective_scan::kernels::SELECTIVE_SCAN;
 use glatrain_ops::selective_scan::Segments;
 use glatrain_ops::{
-    causal_conv, gla, rms_norm, selective_scan, swiglu, GlaMode, ScanInputs, ScanOptions,
+    causal_conv, gla, rms_norm, rotary, selective_scan, swiglu, GlaMode, ScanInputs, ScanOptions,
 };
 use glatrain_testing::Rng;
 use tch::{Device, Kind, Tensor};
@@ -57,8 +57,8 @@ fn run(shape: Shape, kind: Kind, mode: GlaMode) -> Vec<(&'static str, Tensor)> {
 
 /// The outputs and gradients of the fused ops (kernels/fused.cu) for random inputs in `kind`:
 /// RMSNorm with and without its gate on rows that take the vector path (256, 1000, 4096) and
-/// the element path (7), SwiGLU, and the causal convolution over documents (vector and element
-/// paths).
+/// the element path (7), SwiGLU, the causal convolution over documents (vector and element
+/// paths), and the rotary embedding (vector and pair-by-pair paths).
 fn run_fused(kind: Kind) -> Vec<(&'static str, Tensor)> {
     let mut leaf = leaves(7);
     let mut out = Vec::new();
@@ -113,6 +113,18 @@ fn run_fused(kind: Kind) -> Vec<(&'static str, Tensor)> {
                 .into_iter()
                 .zip(grads),
         );
+    }
+    for (h, d) in [(4, 64), (3, 6)] {
+        let x = leaf(&[2, 33, h, d], kind);
+        let (cos, sin) = (
+            leaf(&[33, d / 2], Kind::Float),
+            leaf(&[33, d / 2], Kind::Float),
+        );
+        let dy = leaf(&[2, 33, h, d], kind).detach();
+        let y = rotary(&x, &cos.detach(), &sin.detach()).unwrap();
+        let grads = glatrain_shim::autograd::grad(&y, &dy, &[&x]).unwrap();
+        out.push(("rotary y", y));
+        out.extend(["rotary dx"].into_iter().zip(grads));
     }
     out
 }

@@ -6,8 +6,10 @@
 //! - [`swiglu`]: `silu(a) * b`, the SwiGLU feed-forward block's activation;
 //! - [`causal_conv`]: the causal depthwise convolution with silu (Mamba's `conv1d`, GLA's short
 //!   convolutions), over whole rows or packed documents;
-//! - [`swiglu_linear`] and [`rms_norm_linear`]: SwiGLU or RMSNorm and the matrix product after
-//!   it, whose backward computes the activation again instead of keeping the product's input.
+//! - [`swiglu_linear`] and [`rms_norm_linear`]: SwiGLU or RMSNorm and the matrix products after
+//!   it, whose backward computes the activation again instead of keeping the products' input;
+//! - [`rotary`]: the rotary position embedding of queries and keys, on their `[B, T, H, D]`
+//!   layout.
 //!
 //! On CUDA each runs as one autograd op whose backward keeps only its inputs (and RMSNorm's fp32
 //! statistic per row), in their own dtypes, where the unfused tensor ops kept fp32 copies and
@@ -16,11 +18,13 @@
 pub mod conv;
 pub mod norm;
 pub mod projected;
+pub mod rotary;
 pub mod swiglu;
 
 pub use conv::causal_conv;
 pub use norm::rms_norm;
 pub use projected::{rms_norm_linear, swiglu_linear};
+pub use rotary::rotary;
 pub use swiglu::swiglu;
 
 use glatrain_cuda::{CudaError, Gpu, KernelDtype, KernelSource};
@@ -41,6 +45,7 @@ pub static FUSED: KernelSource = KernelSource {
         "swiglu_bwd",
         "causal_conv_fwd",
         "causal_conv_bwd",
+        "rotary",
     ],
     dtypes: &KernelDtype::ALL,
 };
@@ -98,6 +103,11 @@ fn require_like(
         let expected = format!("expected {like_name}'s dtype {:?}", like.kind());
         return Err(OpError::dtype(op, name, expected, t.kind()));
     }
+    require_device(name, t, like)
+}
+
+/// That `t` (the argument `name`) is on the device of `like`.
+fn require_device(name: &'static str, t: &Tensor, like: &Tensor) -> Result<(), OpError> {
     if t.device() != like.device() {
         return Err(OpError::Device {
             tensor: name,

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use glatrain_shim::autograd::{self, CustomOp, Forward, MAX_TENSORS};
 use tch::{Device, Tensor};
 
-use super::{contiguous, norm, swiglu};
+use super::{contiguous, norm, require_device, swiglu};
 use crate::error::is_float;
 use crate::launch::{buffer, kernel_dtype};
 use crate::reference;
@@ -131,13 +131,7 @@ fn check_products(
             let expected = format!("expected one floating-point dtype, {:?}", first.kind());
             return Err(OpError::dtype(op, "weight", expected, w.kind()));
         }
-        if w.device() != x.device() {
-            return Err(OpError::Device {
-                tensor: "weight",
-                expected: x.device(),
-                actual: w.device(),
-            });
-        }
+        require_device("weight", w, x)?;
     }
     let Some(products) = products else {
         return Ok(());

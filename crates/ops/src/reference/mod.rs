@@ -13,6 +13,7 @@
 pub mod conv;
 pub mod gla;
 pub mod norm;
+pub mod rotary;
 pub mod selective_scan;
 pub mod swiglu;
 
