@@ -25,7 +25,8 @@
 #                                        long-context configs as shipped), the
 #                                        benchmark, the long-context runs, the memory-estimate
 #                                        runs, the article's comparison; "losses": 200 steps
-#                                        against BEFORE and one NCCL rank. Each step is skipped
+#                                        against BEFORE (and ALTERNATIVE=path/to/glatrain, a
+#                                        third build, when set) and one NCCL rank. Each step is skipped
 #                                        when its time limit no longer fits; everything lands in
 #                                        OUT/session.tar.gz
 set -euo pipefail
@@ -213,6 +214,9 @@ loss_runs() {
     train_run "$new" "$model-200" "configs/$model.toml" "${run[@]}"
     if [[ -n ${BEFORE:-} ]]; then
       train_run "$BEFORE" "$model-200-before" "configs/$model.toml" "${run[@]}"
+    fi
+    if [[ -n ${ALTERNATIVE:-} ]]; then
+      train_run "$ALTERNATIVE" "$model-200-alternative" "configs/$model.toml" "${run[@]}"
     fi
   done
   local few=("${SHORT[@]}" --set train.max_steps=6 --set train.warmup_steps=1)
