@@ -114,18 +114,19 @@ impl Attention {
             .size3()
             .expect("attention's q must be [B, T, H D]");
         let (h, hkv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        // Heads rotated on the projections' [B, T, n, d] layout, then seen as [B, n, T, d].
+        // Heads rotated on the projections' [B, T, n, d] layout.
         let heads = |y: &Tensor, n: i64| y.reshape([b, t, n, d]);
-        let q = at.rope.apply(&heads(&inputs[0], h)).transpose(1, 2);
-        let mut k = at.rope.apply(&heads(&inputs[1], hkv)).transpose(1, 2);
-        let mut v = heads(&inputs[2], hkv).transpose(1, 2);
+        let q = at.rope.apply(&heads(&inputs[0], h));
+        let k = at.rope.apply(&heads(&inputs[1], hkv));
+        let v = heads(&inputs[2], hkv);
         if let Some(blocks) = &at.documents {
-            let [q, k, v] = [q, k, v].map(|y| y.transpose(1, 2)); // [B, T, n, d]
             let o = block_causal_sdpa(&q, &k, &v, blocks).unwrap_or_else(|e| {
                 panic!("block-causal attention failed on the layer's own inputs: {e}")
             });
             return self.o_proj.forward(&o.reshape([b, t, h * d]));
         }
+        // SDPA's [B, n, T, d] views.
+        let [q, mut k, mut v] = [q, k, v].map(|y| y.transpose(1, 2));
         let past = at.past;
         if let Some(cache) = cache {
             if let (Some(pk), Some(pv)) = (cache.k.take(), cache.v.take()) {
