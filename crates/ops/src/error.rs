@@ -1,7 +1,7 @@
 //! Why an op refused its inputs or failed.
 
 use glatrain_cuda::CudaError;
-use tch::{Device, Kind, TchError};
+use tch::{Device, Kind, TchError, Tensor};
 
 /// Why an op refused its inputs or failed. Messages start with the op's name.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,18 @@ impl OpError {
             OpError::Torch(_) | OpError::Autograd(_) => false,
         }
     }
+}
+
+/// That `t` (the argument `name`) is on the device of `like`.
+pub(crate) fn require_device(name: &'static str, t: &Tensor, like: &Tensor) -> Result<(), OpError> {
+    if t.device() != like.device() {
+        return Err(OpError::Device {
+            tensor: name,
+            expected: like.device(),
+            actual: t.device(),
+        });
+    }
+    Ok(())
 }
 
 /// Whether an op takes tensors of `kind` as floating-point inputs.

@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::bridge::{self, bridged, bridged_list};
 use crate::error::is_float;
+use crate::reference::common::compute_kind;
 use crate::OpError;
 
 const OP: &str = "log_forget_gate";
@@ -37,13 +38,9 @@ pub fn log_forget_gate(logits: &Tensor, normalizer: f64) -> Result<Tensor, OpErr
     Ok(gates)
 }
 
-/// The dtype the gates are computed and returned in.
-fn compute_kind(logits: &Tensor) -> Kind {
-    if logits.kind() == Kind::Double {
-        Kind::Double
-    } else {
-        Kind::Float
-    }
+/// The dtype the gates are computed and returned in: the references' (f64 for f64, else fp32).
+fn gate_kind(logits: &Tensor) -> Kind {
+    compute_kind(&[logits], None)
 }
 
 /// The op: input the logits, output the gates, saved the logits.
@@ -57,7 +54,7 @@ impl CustomOp for LogForgetGate {
         let logits = bridged(OP, *logits, "logits")?;
         let gates = (|| {
             logits
-                .f_to_kind(compute_kind(logits))?
+                .f_to_kind(gate_kind(logits))?
                 .f_log_sigmoid()?
                 .f_div_scalar(self.normalizer)
         })()
@@ -77,10 +74,7 @@ impl CustomOp for LogForgetGate {
         };
         // d logsigmoid(x) / dx = 1 - sigmoid(x) = sigmoid(-x).
         let dlogits = (|| {
-            let slope = logits
-                .f_to_kind(compute_kind(logits))?
-                .f_neg()?
-                .f_sigmoid()?;
+            let slope = logits.f_to_kind(gate_kind(logits))?.f_neg()?.f_sigmoid()?;
             dgates
                 .f_div_scalar(self.normalizer)?
                 .f_mul(&slope)?
@@ -99,7 +93,7 @@ mod tests {
 
     /// The unfused ops the op replaces.
     fn unfused(logits: &Tensor, normalizer: f64) -> Tensor {
-        logits.to_kind(compute_kind(logits)).log_sigmoid() / normalizer
+        logits.to_kind(gate_kind(logits)).log_sigmoid() / normalizer
     }
 
     /// Values bit for bit and the logits' gradient against autograd through the unfused ops, in
@@ -116,10 +110,10 @@ mod tests {
             let logits = (rng.randn(&[3, 7, 10], Kind::Double) * 6.0)
                 .to_kind(kind)
                 .set_requires_grad(true);
-            let dgates = rng.randn(&[3, 7, 10], compute_kind(&logits));
+            let dgates = rng.randn(&[3, 7, 10], gate_kind(&logits));
             let got = log_forget_gate(&logits, 16.0).unwrap();
             let want = unfused(&logits, 16.0);
-            assert_eq!(got.kind(), compute_kind(&logits));
+            assert_eq!(got.kind(), gate_kind(&logits));
             assert!(got.equal(&want), "{kind:?}");
             let g_got = grad(&got, &dgates, &[&logits]).unwrap();
             let g_want = grad(&want, &dgates, &[&logits]).unwrap();

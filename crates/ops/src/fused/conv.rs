@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{aligned, contiguous, int32, vec_width, FUSED};
 use crate::bridge::{self, bridged, bridged_list};
-use crate::error::is_float;
+use crate::error::{is_float, require_device};
 use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, opt_ptr, ptr, tiles};
 use crate::reference::conv as reference;
 use crate::OpError;
@@ -63,12 +63,8 @@ fn check(
         }
     }
     for (name, t) in [("weight", Some(w)), ("bias", bias), ("resets", resets)] {
-        if let Some(t) = t.filter(|t| t.device() != x.device()) {
-            return Err(OpError::Device {
-                tensor: name,
-                expected: x.device(),
-                actual: t.device(),
-            });
+        if let Some(t) = t {
+            require_device(name, t, x)?;
         }
     }
     Ok(())

@@ -90,34 +90,6 @@ fn contiguous(t: &Tensor, kind: Kind) -> Result<Tensor, OpError> {
     })
 }
 
-/// That `t` (the argument `name` of `op`) has the dtype and the device of `like` (named
-/// `like_name` in the message).
-fn require_like(
-    op: &'static str,
-    name: &'static str,
-    t: &Tensor,
-    like_name: &str,
-    like: &Tensor,
-) -> Result<(), OpError> {
-    if t.kind() != like.kind() {
-        let expected = format!("expected {like_name}'s dtype {:?}", like.kind());
-        return Err(OpError::dtype(op, name, expected, t.kind()));
-    }
-    require_device(name, t, like)
-}
-
-/// That `t` (the argument `name`) is on the device of `like`.
-fn require_device(name: &'static str, t: &Tensor, like: &Tensor) -> Result<(), OpError> {
-    if t.device() != like.device() {
-        return Err(OpError::Device {
-            tensor: name,
-            expected: like.device(),
-            actual: t.device(),
-        });
-    }
-    Ok(())
-}
-
 /// `n` as a kernel's 32-bit `int` argument, or an error naming `what` and the limit.
 fn int32(kernel: &str, what: &str, n: i64) -> Result<i32, OpError> {
     i32::try_from(n).map_err(|_| {

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{aligned, contiguous, int32, vec_width, FUSED};
 use crate::bridge::{self, bridged, bridged_list};
-use crate::error::is_float;
+use crate::error::{is_float, require_device};
 use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, opt_ptr, ptr, tiles};
 use crate::reference::norm as reference;
 use crate::OpError;
@@ -98,12 +98,8 @@ pub(super) fn check(
         });
     }
     for (name, t) in [("weight", Some(weight)), ("gate", gate)] {
-        if let Some(t) = t.filter(|t| t.device() != x.device()) {
-            return Err(OpError::Device {
-                tensor: name,
-                expected: x.device(),
-                actual: t.device(),
-            });
+        if let Some(t) = t {
+            require_device(name, t, x)?;
         }
     }
     if !(eps.is_finite() && eps >= 0.0) {

@@ -24,8 +24,8 @@ use std::sync::Mutex;
 use glatrain_shim::autograd::{self, CustomOp, Forward, MAX_TENSORS};
 use tch::{Device, Tensor};
 
-use super::{contiguous, norm, require_device, swiglu};
-use crate::error::is_float;
+use super::{contiguous, norm, swiglu};
+use crate::error::{is_float, require_device};
 use crate::launch::{buffer, kernel_dtype};
 use crate::reference;
 use crate::OpError;

@@ -5,9 +5,9 @@ use glatrain_cuda::launch;
 use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
-use super::{aligned, contiguous, int32, require_device, vec_width, FUSED};
+use super::{aligned, contiguous, int32, vec_width, FUSED};
 use crate::bridge::{self, bridged, bridged_list};
-use crate::error::is_float;
+use crate::error::{is_float, require_device};
 use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, ptr, tiles};
 use crate::reference::rotary as reference;
 use crate::OpError;

@@ -5,9 +5,9 @@ use glatrain_cuda::{launch, KernelDtype};
 use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Tensor};
 
-use super::{aligned, contiguous, require_like, vec_width, FUSED};
+use super::{aligned, contiguous, vec_width, FUSED};
 use crate::bridge::{self, bridged, bridged_list};
-use crate::error::is_float;
+use crate::error::{is_float, require_device};
 use crate::launch::{buffer, device_of, kernel_dtype, kernel_dtype_of, opt_ptr, ptr, tiles};
 use crate::reference::swiglu as reference;
 use crate::OpError;
@@ -29,7 +29,11 @@ pub(super) fn check(a: &Tensor, b: &Tensor) -> Result<(), OpError> {
         let expected = "expected a floating-point dtype".into();
         return Err(OpError::dtype(OP, "a", expected, a.kind()));
     }
-    require_like(OP, "b", b, "a", a)
+    if b.kind() != a.kind() {
+        let expected = format!("expected a's dtype {:?}", a.kind());
+        return Err(OpError::dtype(OP, "b", expected, b.kind()));
+    }
+    require_device("b", b, a)
 }
 
 /// SwiGLU's activation `silu(a) * b = a * sigmoid(a) * b`, differentiable in a and b (the gate

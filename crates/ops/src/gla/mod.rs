@@ -19,7 +19,7 @@ use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
 use crate::bridge::{self, bridged, bridged_list};
-use crate::error::is_float;
+use crate::error::{is_float, require_device};
 use crate::launch::kernel_dtype;
 use crate::reference::gla::{gla_chunked, gla_recurrent, DEFAULT_CHUNK};
 use crate::OpError;
@@ -84,12 +84,8 @@ fn check(
         ("gk", Some(gk)),
         ("initial_state", initial_state),
     ] {
-        if let Some(t) = t.filter(|t| t.device() != q.device()) {
-            return Err(OpError::Device {
-                tensor: name,
-                expected: q.device(),
-                actual: t.device(),
-            });
+        if let Some(t) = t {
+            require_device(name, t, q)?;
         }
     }
     if !scale.is_finite() {

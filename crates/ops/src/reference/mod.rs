@@ -17,4 +17,4 @@ pub mod rotary;
 pub mod selective_scan;
 pub mod swiglu;
 
-mod common;
+pub(crate) mod common;

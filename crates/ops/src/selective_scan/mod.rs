@@ -17,7 +17,7 @@ use glatrain_shim::autograd::{CustomOp, Forward};
 use tch::{Device, Kind, Tensor};
 
 use crate::bridge::{self, bridged, bridged_list};
-use crate::error::is_float;
+use crate::error::{is_float, require_device};
 use crate::launch::kernel_dtype;
 use crate::reference::selective_scan::{
     selective_scan_chunked, selective_scan_sequential, DEFAULT_CHUNK,
@@ -154,26 +154,14 @@ impl ScanInputs<'_> {
                 let expected = "expected Bool".into();
                 return Err(OpError::dtype(OP, "resets", expected, r.kind()));
             }
-            if r.device() != self.u.device() {
-                return Err(OpError::Device {
-                    tensor: "resets",
-                    expected: self.u.device(),
-                    actual: r.device(),
-                });
-            }
+            require_device("resets", r, self.u)?;
         }
         for (name, x) in self.named() {
             if !is_float(x.kind()) {
                 let expected = "expected a floating-point dtype".into();
                 return Err(OpError::dtype(OP, name, expected, x.kind()));
             }
-            if x.device() != self.u.device() {
-                return Err(OpError::Device {
-                    tensor: name,
-                    expected: self.u.device(),
-                    actual: x.device(),
-                });
-            }
+            require_device(name, x, self.u)?;
         }
         let same_dtype = [
             ("delta", Some(self.delta)),
